@@ -1,0 +1,77 @@
+"""Concept presets: the prompts that name a concept, generate it, anchor it, and what to retain.
+
+A preset is one JSON file in ``prompts/presets/<name>.json``::
+
+    {"name": "nudity", "description": "...", "category": "nsfw|style|object|place|digit",
+     "forget_prompts": [...],      # text conditions the concept is erased from (c_forget)
+     "generation_prompts": [...],  # prompts the base model draws the forget images from
+     "anchor_prompt": "...",       # what a forget prompt is redirected to
+     "retain_prompts": [...]}      # prompts whose generations must stay as they were
+
+``generation_prompts`` defaults to ``forget_prompts`` when absent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class Concept:
+    name: str
+    forget_prompts: list[str]
+    anchor_prompt: str = ""
+    retain_prompts: list[str] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
+    description: str = ""
+    category: str = "custom"
+
+    def __post_init__(self):
+        self.forget_prompts = _clean(self.forget_prompts)
+        self.retain_prompts = _clean(self.retain_prompts)
+        self.generation_prompts = _clean(self.generation_prompts) or list(self.forget_prompts)
+        if not self.forget_prompts:
+            raise ValueError(f"concept {self.name!r} has no forget prompts")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _clean(prompts) -> list[str]:
+    return [p.strip() for p in (prompts or []) if isinstance(p, str) and p.strip()]
+
+
+def list_concepts() -> list[str]:
+    """Names of the shipped presets, sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_concept(name: str) -> Concept:
+    """Load a shipped preset by name; an unknown name raises ``KeyError`` listing the presets."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise KeyError(f"unknown concept {name!r}; presets: {', '.join(list_concepts())}")
+    data = json.loads(path.read_text())
+    data.setdefault("name", name)
+    return Concept(**data)
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line (blank lines and ``#`` comments skipped); an empty file raises ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
+    return prompts
+
+
+def custom_concept(name: str, forget_prompts, anchor_prompt: str = "", retain_prompts=None) -> Concept:
+    """A free-form concept (``--concept "X" --forget_prompts FILE --anchor_prompt ...``)."""
+    return Concept(name=name, forget_prompts=list(forget_prompts), anchor_prompt=anchor_prompt,
+                   retain_prompts=list(retain_prompts or []), category="custom")
