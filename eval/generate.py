@@ -1,0 +1,243 @@
+"""Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "eval/generate.py").
+
+Protocol defaults are the ones ESD, SalUn, Scissorhands and MACE report with: one image per prompt, the row's
+seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 px for SD v1.4), no safety
+checker.
+
+Determinism: image k of a row gets its own CPU generator seeded with `row.seed + seed_offset + k`, so its
+initial latents never depend on batching. Batches are cut from the whole table in a fixed order and dealt
+round-robin to processes, and a batch with any missing image is recomputed whole; so the computation that
+produces an image is the same whatever the process count or interruption. (Different `batch_size` values
+run different batched kernels; the float difference is ~1e-6 and vanishes in 8-bit PNGs in our tests.)
+
+Resume: every PNG carries its settings key in iTXt metadata; a file whose key matches is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from eval.common import UserError, atomic_write_bytes, atomic_write_json, settings_hash
+from eval.prompts_table import PromptRow  # noqa: F401  (part of this module's contract)
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "lms": "LMSDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+META_PREFIX = "eval:"
+
+
+@dataclass
+class GenerationConfig:
+    model: str
+    steps: int = 50
+    guidance: float | str = 7.5  # a number, or "row" for each row's own guidance
+    scheduler: str = "lms"
+    resolution: int | None = None  # None = unet sample_size * vae scale factor
+    batch_size: int = 4
+    images_per_prompt: int = 1
+    dtype: str = "auto"  # auto = fp16 on CUDA, fp32 elsewhere
+    seed_offset: int = 0  # image k of a row uses seed + seed_offset + k
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; choose one of: auto, {', '.join(DTYPES)}")
+        if isinstance(self.guidance, str) and self.guidance != "row":
+            try:
+                self.guidance = float(self.guidance)
+            except ValueError:
+                raise UserError(f"--guidance must be a number or 'row', got {self.guidance!r}") from None
+        for name in ("steps", "batch_size", "images_per_prompt"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def model_fingerprint(model: str) -> dict:
+    """Identity of a model for resume keys: the hub id, or the names, sizes and mtimes of a folder's weights."""
+    path = Path(model)
+    if not path.is_dir():
+        return {"model": model}
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return {"model": str(path.resolve()), "files": settings_hash({"files": stats})}
+
+
+def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
+    """A StableDiffusionPipeline from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
+    import diffusers
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if isinstance(dtype, str) or dtype is None:
+        dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
+    path = Path(model)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
+    unet = None
+    if path.is_dir() and not (path / "model_index.json").exists():
+        config_path = path / "erase_config.json"
+        if not config_path.exists():
+            raise UserError(f"{model} is neither a diffusers pipeline folder (model_index.json) nor an erase/sd.py output (erase_config.json)")
+        base = json.loads(config_path.read_text()).get("pretrained_model_name_or_path")
+        if not base:
+            raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
+        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
+        model = base
+        kwargs["unet"] = unet
+    elif not path.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
+        raise UserError(f"model not found: {model} (give a pipeline folder, an erase/sd.py output or a hub id)")
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load the pipeline {model!r}: {str(e).strip().splitlines()[0]}") from None
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def image_name(index: int, k: int) -> str:
+    return f"{index:05d}_{k}.png"
+
+
+@dataclass
+class _Item:
+    row: PromptRow
+    k: int
+    seed: int
+    guidance: float
+    key: str = field(default="")
+
+    @property
+    def name(self) -> str:
+        return image_name(self.row.index, self.k)
+
+
+def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
+    items = []
+    for row in rows:
+        guidance = row.guidance if cfg.guidance == "row" else float(cfg.guidance)
+        if guidance is None:
+            raise UserError(f"--guidance row needs a guidance column; row {row.index} has none")
+        for k in range(cfg.images_per_prompt):
+            item = _Item(row=row, k=k, seed=int(row.seed) + cfg.seed_offset + k, guidance=float(guidance))
+            item.key = settings_hash({"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance})
+            items.append(item)
+    return items
+
+
+def read_image_meta(path: str | os.PathLike) -> dict:
+    """The eval:* metadata a generated PNG carries ({} for any other file)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}) or {}
+    except Exception:
+        return {}
+    return {k[len(META_PREFIX):]: v for k, v in text.items() if k.startswith(META_PREFIX)}
+
+
+def _is_done(path: Path, key: str) -> bool:
+    return path.exists() and read_image_meta(path).get("key") == key
+
+
+def _save_png(image, path: Path, item: _Item, settings: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    meta = {"key": item.key, "settings": settings, "row": item.row.index, "k": item.k, "seed": item.seed,
+            "guidance": item.guidance, "prompt": item.row.prompt}
+    for k, v in meta.items():
+        info.add_itxt(META_PREFIX + k, str(v))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def describe(cfg: GenerationConfig, pipe=None) -> dict:
+    """The recorded generation settings (resolution resolved when a pipeline is given)."""
+    out = asdict(cfg)
+    if pipe is not None and cfg.resolution is None:
+        out["resolution"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out.pop("batch_size")  # does not change images
+    out["safety_checker"] = None
+    return out
+
+
+def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) -> list[dict]:
+    """Generate the images of `rows` into `out_dir`; returns one record per image of the whole table."""
+    from tqdm.auto import tqdm
+
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if pipe is None:
+        pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
+    settings = describe(cfg, pipe)
+    resolution = settings["resolution"]
+    settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
+    items = _items(rows, cfg, settings_key)
+    if rank == 0:
+        atomic_write_json(out_dir / "generation.json", {"settings": settings, "settings_key": settings_key})
+
+    batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    mine = batches[rank::world]
+    todo = [b for b in mine if not all(_is_done(out_dir / it.name, it.key) for it in b)]
+    skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
+    if skipped:
+        logger.info("process %d: %d image(s) already generated with these settings, skipped", rank, skipped)
+    bar = tqdm(total=sum(len(b) for b in todo), desc="generate", unit="img",
+               disable=accelerator is not None and not accelerator.is_local_main_process)
+    for batch in todo:
+        for guidance in dict.fromkeys(it.guidance for it in batch):  # one pipeline call per guidance value
+            group = [it for it in batch if it.guidance == guidance]
+            with torch.no_grad():
+                images = pipe(
+                    prompt=[it.row.prompt for it in group],
+                    num_inference_steps=cfg.steps,
+                    guidance_scale=guidance,
+                    height=resolution,
+                    width=resolution,
+                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in group],
+                    output_type="pil",
+                ).images
+            for it, image in zip(group, images):
+                if not _is_done(out_dir / it.name, it.key):
+                    _save_png(image, out_dir / it.name, it, settings_key)
+            bar.update(len(group))
+    bar.close()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return [
+        {"file": it.name, "row": it.row.index, "k": it.k, "seed": it.seed, "guidance": it.guidance, "prompt": it.row.prompt}
+        for it in items
+    ]
