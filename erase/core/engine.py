@@ -1,0 +1,292 @@
+"""The one training loop every method shares (accelerate; as in diffusers' training scripts).
+
+Order: Accelerator, seed, select targets and freeze the rest, ``method.prepare`` (e.g. the trim, on the raw
+model), optimizer, ``accelerator.prepare``, resume, then optimizer steps over endless forget / retain streams
+with gradient accumulation, ``method.after_backward`` after gradient synchronisation, clipping, a tqdm bar,
+``checkpoint-{step}`` via ``save_state`` (written under a temporary name, then renamed) and
+``--resume_from_checkpoint latest``. A non-finite loss stops the run with :class:`NonFiniteLossError`; the last
+good checkpoint stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .adapter import Adapter
+from .method import Method
+from .stream import EndlessStream
+from .targets import describe, select_parameters
+
+logger = get_logger(__name__)
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    output_dir: str = field(default="runs/erase", metadata={"help": "Where checkpoints and outputs go."})
+    targets: str | None = field(default=None, metadata={"help": "Preset name or regex of trainable parameters (adapter default if unset)."})
+    exclude: str | None = field(default=None, metadata={"help": "Preset or regex of parameters never touched; wins over targets."})
+    max_train_steps: int = field(default=100, metadata={"help": "Optimizer steps."})
+    train_batch_size: int = field(default=1, metadata={"help": "Per-process batch size of each stream."})
+    lr: float = field(default=1e-5, metadata={"help": "Learning rate."})
+    optimizer: str = field(default="adam", metadata={"help": f"One of {OPTIMIZERS}."})
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_schedule: str = field(default="constant", metadata={"help": f"One of {SCHEDULES}."})
+    warmup_steps: int = 0
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Clip the (projected) gradient norm."})
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16."})
+    seed: int = 0
+    checkpointing_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps (0: never)."})
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint path."})
+    log_every: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
+        if self.max_train_steps < 0:
+            raise ValueError(f"max_train_steps must be >= 0, got {self.max_train_steps}")
+        if self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16")
+
+
+@dataclass
+class RunContext:
+    """What a method sees: the adapter, the accelerator, the targeted parameters and the streams."""
+
+    adapter: Adapter
+    accelerator: Accelerator
+    config: EngineConfig
+    params: dict[str, nn.Parameter]
+    forget: EndlessStream | None
+    retain: EndlessStream | None
+    memory: EndlessStream | None
+    saliency: EndlessStream | None
+    model: nn.Module | None = None
+    step: int = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    def grads(self) -> list[torch.Tensor | None]:
+        return [p.grad for p in self.params.values()]
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    prepare_info: dict
+    targets: dict
+    history: list[dict]
+    wall_seconds: float
+    steps: int
+    resumed_from: str | None = None
+
+
+def make_accelerator(config: EngineConfig, **kwargs) -> Accelerator:
+    return Accelerator(mixed_precision=config.mixed_precision, project_dir=config.output_dir, **kwargs)
+
+
+def build_optimizer(params, config: EngineConfig) -> torch.optim.Optimizer:
+    params = list(params)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(step: int, config: EngineConfig) -> float:
+    if config.warmup_steps and step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant" or config.max_train_steps <= config.warmup_steps:
+        return 1.0
+    frac = (step - config.warmup_steps) / max(1, config.max_train_steps - config.warmup_steps)
+    return max(0.0, 1.0 - frac) if config.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_checkpoint(spec: str | None, output_dir) -> Path | None:
+    if not spec:
+        return None
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if not path.is_dir() or not re.fullmatch(r"checkpoint-\d+", path.name):
+        raise FileNotFoundError(f"checkpoint {spec!r} is not a checkpoint-<step> folder (use 'latest' or a path)")
+    return path
+
+
+def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Accelerator | None = None) -> RunResult:
+    """Unlearn: prepare the method, then ``config.max_train_steps`` optimizer steps."""
+    acc = accelerator or make_accelerator(config)
+    set_seed(config.seed)
+    model = adapter.model
+    params = select_parameters(model, config.targets or adapter.default_targets, config.exclude, adapter.target_presets)
+    model.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    rank, world = acc.process_index, acc.num_processes
+    seed = config.seed
+    ctx = RunContext(
+        adapter=adapter,
+        accelerator=acc,
+        config=config,
+        params=params,
+        forget=adapter.forget_stream(seed, rank, world) if method.uses_forget else None,
+        retain=adapter.retain_stream(seed + 1, rank, world) if method.uses_retain else None,
+        memory=adapter.forget_stream(seed + 2, rank, world) if method.uses_forget else None,
+        saliency=adapter.forget_stream(seed + 3, rank, world) if method.uses_forget else None,
+    )
+    start = time.perf_counter()
+    ckpt = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
+    ctx.model = model
+    prepare_info = method.prepare(ctx)
+
+    optimizer = build_optimizer(params.values(), config)
+    model_p, optimizer = acc.prepare(model, optimizer)
+    ctx.model = model_p
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    streams = {k: s for k, s in (("forget", ctx.forget), ("retain", ctx.retain), ("memory", ctx.memory), ("saliency", ctx.saliency)) if s is not None}
+
+    first_step = 0
+    if config.resume_from_checkpoint and ckpt is None:
+        logger.info(f"no checkpoint in {config.output_dir}; starting a new run", main_process_only=True)
+    if ckpt is not None:
+        acc.load_state(str(ckpt))
+        extra = json.loads((ckpt / "erase_state.json").read_text())
+        first_step = int(extra["step"])
+        for k, s in streams.items():
+            s.load_state_dict(extra["streams"][k])
+        tensors_file = ckpt / "erase_state.safetensors"
+        method.load_state_tensors(load_file(str(tensors_file), device=str(acc.device)) if tensors_file.exists() else {})
+        logger.info(f"resumed from {ckpt} at step {first_step}", main_process_only=True)
+
+    history: list[dict] = []
+    bar = tqdm(range(first_step, config.max_train_steps), initial=first_step, total=config.max_train_steps,
+               disable=not (config.progress and acc.is_local_main_process), desc=f"{method.name}")
+    accum = config.gradient_accumulation_steps
+    model_p.train()
+    for step in bar:
+        ctx.step = step
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(step, config)
+        logs = dict(method.before_step(ctx, model_p, step) or {})
+        total = 0.0
+        for micro in range(accum):
+            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model_p)
+            with sync:
+                with acc.autocast():
+                    loss, parts = method.loss(ctx, model_p, next(ctx.forget) if ctx.forget else None,
+                                              next(ctx.retain) if ctx.retain else None)
+                value = float(acc.reduce(loss.detach().float(), reduction="mean")) if world > 1 else float(loss.detach())
+                if not math.isfinite(value):
+                    last = list_checkpoints(config.output_dir)
+                    raise NonFiniteLossError(
+                        f"loss became {value} at step {step}; stopped without a final export"
+                        + (f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint was saved")
+                    )
+                acc.backward(loss / accum)
+                total += value / accum
+        logs.update(method.after_backward(ctx, model_p, step) or {})
+        if config.max_grad_norm:
+            acc.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % config.log_every == 0 or step == config.max_train_steps - 1:
+            row = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"]}
+            row.update({k: _num(v) for k, v in {**logs, **parts}.items()})
+            history.append(row)
+            bar.set_postfix(loss=f"{total:.4g}", lr=f"{row['lr']:.2g}")
+            if acc.trackers:
+                acc.log(row, step=step + 1)
+        if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
+            save_checkpoint(acc, method, streams, step + 1, config)
+    bar.close()
+    acc.wait_for_everyone()
+    return RunResult(
+        model=acc.unwrap_model(model_p),
+        params=params,
+        prepare_info=prepare_info,
+        targets=describe(params),
+        history=history,
+        wall_seconds=time.perf_counter() - start,
+        steps=config.max_train_steps,
+        resumed_from=str(ckpt) if ckpt else None,
+    )
+
+
+def _num(v):
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().mean())
+    return v
+
+
+def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, EndlessStream], step: int, config: EngineConfig) -> Path:
+    """``checkpoint-{step}``: accelerate state (model in safetensors) + streams + method tensors, renamed into place."""
+    out = Path(config.output_dir)
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        (tmp / "erase_state.json").write_text(json.dumps({"step": step, "streams": {k: s.state_dict() for k, s in streams.items()},
+                                                           "method": method.name, "config": asdict(config)}, indent=1))
+        tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()}
+        if tensors:
+            save_file(tensors, str(tmp / "erase_state.safetensors"), metadata={"method": method.name, "step": str(step)})
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if config.checkpoints_total_limit:
+            for old in list_checkpoints(out)[: -config.checkpoints_total_limit]:
+                shutil.rmtree(old)
+    acc.wait_for_everyone()
+    return final

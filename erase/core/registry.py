@@ -1,0 +1,52 @@
+"""Methods register themselves by name at import; one file each in ``erase/core/methods/``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import re
+
+_METHODS: dict[str, type] = {}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def register_method(cls):
+    """Class decorator: ``cls.name`` (lower snake case) and ``cls.config_cls`` (a dataclass) are required."""
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"method class {cls.__name__} needs a lower-case name, got {name!r}")
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise ValueError(f"method {name!r} is registered twice ({_METHODS[name].__module__} and {cls.__module__})")
+    if not dataclasses.is_dataclass(getattr(cls, "config_cls", None)):
+        raise ValueError(f"method {name!r} needs a dataclass config_cls")
+    _METHODS[name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    from . import methods
+
+    for info in pkgutil.iter_modules(methods.__path__):
+        importlib.import_module(f"{methods.__name__}.{info.name}")
+
+
+def available_methods(task: str | None = None) -> list[str]:
+    _load_all()
+    return sorted(n for n, c in _METHODS.items() if task is None or task in c.tasks)
+
+
+def get_method_class(name: str, task: str | None = None) -> type:
+    names = available_methods(task)
+    if name not in names:
+        where = f" for {task}" if task else ""
+        raise KeyError(f"unknown method {name!r}{where}; available: {', '.join(names)}")
+    return _METHODS[name]
+
+
+def build_method(name: str, task: str | None = None, **overrides):
+    """Instantiate a method with its config; keys its config does not have are ignored (shared CLI flags)."""
+    cls = get_method_class(name, task)
+    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    config = cls.config_cls(**{k: v for k, v in overrides.items() if k in fields and v is not None})
+    return cls(config)
