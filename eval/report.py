@@ -1,0 +1,198 @@
+"""Side-by-side reports of nudity audits (base vs. erased models, like Figure 3 of the Scissorhands paper).
+
+    python -m eval.report DIR [DIR ...] --output_dir OUT [--names base,erased] [--grid_images 8] [--no_pixelate]
+
+Each DIR holds an eval.nudity / eval.i2p output (summary.json, detections.jsonl). Writes OUT/report.md (per-class
+detection counts, flagged images and rates, and the settings of every audit), OUT/report.json (the same
+numbers), OUT/counts.png (grouped bar chart) and OUT/grid.png (the same prompt rows for every audit, counted
+regions pixelated unless --no_pixelate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+from pathlib import Path
+
+from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
+
+logger = logging.getLogger(__name__)
+
+SETTING_KEYS = ("nudenet_version", "model_sha256", "threshold", "class_set")
+GENERATION_KEYS = ("model", "prompt_source", "subset", "limit", "steps", "guidance", "scheduler", "resolution",
+                   "images_per_prompt", "seed_offset")
+
+
+def load_audit(directory) -> dict:
+    directory = Path(directory)
+    summary = read_json(directory / "summary.json", "audit summary")
+    for key in ("images", "flagged_images", "counts", "settings"):
+        if key not in summary:
+            raise UserError(f"{directory / 'summary.json'} has no {key!r}; is it an eval.nudity output?")
+    records = []
+    path = directory / "detections.jsonl"
+    if path.exists():
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {"dir": directory, "summary": summary, "records": records}
+
+
+def _names(audits, names):
+    if names:
+        if len(names) != len(audits):
+            raise UserError(f"--names has {len(names)} name(s) for {len(audits)} folder(s)")
+        return names
+    short = [a["dir"].resolve().name for a in audits]
+    return short if len(set(short)) == len(short) else [str(a["dir"]) for a in audits]
+
+
+def markdown_table(audits, names) -> str:
+    classes = list(dict.fromkeys(c for a in audits for c in a["summary"]["counts"]))
+    lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for c in classes:
+        lines.append(f"| {c} | " + " | ".join(str(a["summary"]["counts"].get(c, "-")) for a in audits) + " |")
+    totals = [sum(a["summary"]["counts"].values()) for a in audits]
+    lines.append("| **total detections** | " + " | ".join(str(t) for t in totals) + " |")
+    lines.append("| **flagged images** | " + " | ".join(
+        f"{a['summary']['flagged_images']} / {a['summary']['images']}" for a in audits) + " |")
+    lines.append("| **flagged rate** | " + " | ".join(
+        f"{100 * a['summary']['flagged_images'] / max(1, a['summary']['images']):.2f}%" for a in audits) + " |")
+    return "\n".join(lines)
+
+
+def settings_table(audits, names) -> tuple[str, list[str]]:
+    rows, differ = [], []
+    for key in SETTING_KEYS + GENERATION_KEYS:
+        values = []
+        for a in audits:
+            s = a["summary"]["settings"]
+            v = s.get(key) if key in SETTING_KEYS else (s.get("generation") or {}).get(key)
+            values.append("-" if v is None else str(v)[:16] if key == "model_sha256" else str(v))
+        rows.append(f"| {key} | " + " | ".join(values) + " |")
+        if key != "model" and len(set(values)) > 1:
+            differ.append(key)
+    header = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    return "\n".join(header + rows), differ
+
+
+def bar_chart(audits, names) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    classes = list(dict.fromkeys(c for a in audits for c in a["summary"]["counts"]))
+    x = np.arange(len(classes))
+    width = 0.8 / max(1, len(audits))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(classes)), 4))
+    for i, (a, name) in enumerate(zip(audits, names)):
+        counts = [a["summary"]["counts"].get(c, 0) for c in classes]
+        bars = ax.bar(x + (i - (len(audits) - 1) / 2) * width, counts, width, label=name)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, [c.replace("_EXPOSED", "").replace("_", " ").lower() for c in classes], rotation=30, ha="right")
+    ax.set_ylabel("detections")
+    ax.set_title("NudeNet detections per class")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def pixelate(image, boxes, block: int = 8):
+    """Coarsen each [x, y, w, h] box of a PIL image to blocks of `block` px."""
+    from PIL import Image
+
+    image = image.copy()
+    for x, y, w, h in boxes:
+        if w < 1 or h < 1:
+            continue
+        region = image.crop((x, y, x + w, y + h))
+        small = region.resize((max(1, w // block), max(1, h // block)), Image.BILINEAR)
+        image.paste(small.resize((w, h), Image.NEAREST), (x, y))
+    return image
+
+
+def image_grid(audits, names, n_images: int = 8, tile: int = 128, do_pixelate: bool = True) -> bytes | None:
+    """Rows = audits, columns = the first `n_images` files flagged in any audit (then unflagged ones)."""
+    from PIL import Image, ImageDraw
+
+    flagged = sorted({r["file"] for a in audits for r in a["records"] if r.get("flagged")})
+    others = sorted({r["file"] for a in audits for r in a["records"]} - set(flagged))
+    files = (flagged + others)[:n_images]
+    if not files:
+        return None
+    label_w = 120
+    grid = Image.new("RGB", (label_w + tile * len(files), tile * len(audits)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (a, name) in enumerate(zip(audits, names)):
+        draw.text((4, i * tile + tile // 2), name[:18], fill="black")
+        images_dir = a["dir"] / a["summary"].get("images_dir", "images")
+        by_file = {r["file"]: r for r in a["records"]}
+        for j, f in enumerate(files):
+            try:
+                with Image.open(images_dir / f) as im:
+                    im = im.convert("RGB")
+            except (OSError, ValueError):
+                continue
+            record = by_file.get(f, {})
+            if do_pixelate:
+                im = pixelate(im, [d["box"] for d in record.get("detections", [])], block=max(4, im.width // 32))
+            grid.paste(im.resize((tile, tile)), (label_w + j * tile, i * tile))
+            if record.get("flagged"):
+                draw.rectangle([label_w + j * tile, i * tile, label_w + (j + 1) * tile - 1, (i + 1) * tile - 1],
+                               outline="red", width=2)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate: bool = True) -> dict:
+    audits = [load_audit(d) for d in dirs]
+    names = _names(audits, names)
+    output_dir = Path(output_dir)
+    settings, differ = settings_table(audits, names)
+    md = ["# Nudity audit report", "", markdown_table(audits, names), "", "## Settings", "", settings]
+    if differ:
+        md += ["", f"**Warning:** settings differ between audits: {', '.join(differ)}; the counts are not comparable."]
+    md += ["", "![detections per class](counts.png)", "", "![image grid](grid.png)", ""]
+    numbers = {
+        name: {k: a["summary"][k] for k in ("images", "flagged_images", "counts")} | {
+            "flagged_rate": a["summary"]["flagged_images"] / max(1, a["summary"]["images"]),
+            "total_detections": sum(a["summary"]["counts"].values()),
+            "settings": a["summary"]["settings"],
+        }
+        for name, a in zip(names, audits)
+    }
+    atomic_write_bytes(output_dir / "counts.png", bar_chart(audits, names))
+    grid = image_grid(audits, names, grid_images, do_pixelate=do_pixelate)
+    if grid is not None:
+        atomic_write_bytes(output_dir / "grid.png", grid)
+    atomic_write_json(output_dir / "report.json", numbers)
+    atomic_write_text(output_dir / "report.md", "\n".join(md))
+    logger.info("wrote %s", output_dir / "report.md")
+    return numbers
+
+
+def parse_args(input_args=None):
+    parser = argparse.ArgumentParser(description="Compare nudity audits side by side.")
+    parser.add_argument("dirs", nargs="+", help="Audit folders (each with summary.json and detections.jsonl).")
+    parser.add_argument("--output_dir", required=True, help="Where report.md, report.json, counts.png, grid.png go.")
+    parser.add_argument("--names", default=None, help="Comma-separated column names, one per folder.")
+    parser.add_argument("--grid_images", type=int, default=8, help="Images per row of the grid.")
+    parser.add_argument("--no_pixelate", action="store_true", help="Show detected regions unpixelated in the grid.")
+    args = parser.parse_args(input_args)
+    args.names = [n.strip() for n in args.names.split(",")] if args.names else None
+    return args
+
+
+def main(args):
+    setup_logging()
+    return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
+
+
+if __name__ == "__main__":
+    main(parse_args())
