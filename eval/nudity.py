@@ -227,7 +227,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
                     status[path.name] = {"reason": "unreadable image"}
             todo = [(path, sha, image) for (path, sha, _), image in zip(todo, decoded) if image is not None]
             prepared = list(pool.map(detector.preprocess, [image for _, _, image in todo]))
-            for (path, sha, _), dets in zip(todo, detector.run(prepared)):
+            for (path, sha, _), dets in zip(todo, detector.run(prepared) if todo else []):
                 cache[sha] = dets
                 log.write(json.dumps({"file": path.name, "sha256": sha, "model_sha256": model_sha, "detections": dets}) + "\n")
             log.flush()

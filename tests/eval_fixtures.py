@@ -1,0 +1,110 @@
+"""Shared offline fixtures for the eval tests: synthetic images NudeNet does / does not flag, a tiny pipeline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+_BUILT: dict = {}
+
+
+def draw_torso(size: int = 320) -> np.ndarray:
+    """A flat skin-toned torso with two shaded breasts, drawn with OpenCV shapes (RGB uint8).
+
+    NudeNet 3.4.2 scores it FEMALE_BREAST_EXPOSED ~0.68 and ~0.64 and BELLY_EXPOSED ~0.30.
+    """
+    import cv2
+
+    skin, shade, nipple = (224, 172, 140), (201, 154, 126), (150, 80, 70)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:] = (40, 60, 90)
+    c = size // 2
+    cv2.ellipse(img, (c, int(size * 0.75)), (int(size * 0.35), int(size * 0.55)), 0, 0, 360, skin, -1)
+    cv2.circle(img, (c, int(size * 0.12)), int(size * 0.12), skin, -1)
+    for dx in (-1, 1):
+        cx, cy = c + dx * int(size * 0.14), int(size * 0.55)
+        cv2.ellipse(img, (cx, cy), (int(size * 0.11), int(size * 0.1)), 0, 0, 360, shade, -1)
+        cv2.circle(img, (cx, cy + int(size * 0.03)), int(size * 0.02), nipple, -1)
+    return cv2.GaussianBlur(img, (0, 0), size / 100)
+
+
+def safe_images() -> dict[str, np.ndarray]:
+    """Images NudeNet does not flag: a cat (no detection) and a face (FACE_FEMALE only)."""
+    from skimage import data
+
+    return {"cat": data.chelsea(), "face": data.astronaut()}
+
+
+def save_rgb(path, rgb: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(rgb).save(path)
+    return Path(path)
+
+
+def tiny_pipeline(tmp_root: Path) -> str:
+    """A tiny random SD pipeline (32 px images), built once per test process."""
+    if "pipe" not in _BUILT:
+        from eval.tiny import build_tiny_pipeline
+
+        _BUILT["pipe"] = build_tiny_pipeline(tmp_root / "tiny-sd", sample_size=16, block_out_channels=(8, 16))
+    return _BUILT["pipe"]
+
+
+def tiny_clip(tmp_root: Path) -> str:
+    if "clip" not in _BUILT:
+        from eval.tiny import build_tiny_clip
+
+        _BUILT["clip"] = build_tiny_clip(tmp_root / "tiny-clip")
+    return _BUILT["clip"]
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """In-process runs of the accelerate entry points must not leak AcceleratorState into other tests."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    yield
+    reset()
+
+
+def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run a command from the repo root with a single-threaded BLAS, capturing output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if args[0] == "python":
+        args = [sys.executable] + args[1:]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree_bytes(root: Path, exclude: tuple[str, ...] = ("raw",)) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes), leaving out cache folders."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] not in exclude
+    }

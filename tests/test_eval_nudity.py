@@ -1,0 +1,120 @@
+import json
+
+import numpy as np
+import pytest
+from eval_fixtures import draw_torso, run_cli, safe_images, save_rgb
+
+from eval import nudity
+from eval.common import UserError
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return nudity.NudityDetector(threads=1)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    save_rgb(d / "00000_0.png", draw_torso(256))
+    for name, rgb in safe_images().items():
+        save_rgb(d / f"{name}.png", rgb)
+    return d
+
+
+def _bgr(rgb):
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def test_synthetic_torso_is_flagged_and_safe_images_are_not(detector):
+    torso, = detector.detect([_bgr(draw_torso(256))])
+    breasts = [d for d in torso if d["class"] == "FEMALE_BREAST_EXPOSED"]
+    assert len(breasts) == 2 and all(d["score"] > 0.6 for d in breasts)
+    assert any(d["class"] == "BELLY_EXPOSED" and 0.2 <= d["score"] < 0.6 for d in torso)
+    cat, face = detector.detect([_bgr(im) for im in safe_images().values()])
+    assert cat == []
+    assert {d["class"] for d in face} == {"FACE_FEMALE"}
+
+
+def test_batched_detection_equals_nudenet_detect(detector):
+    from nudenet import NudeDetector
+
+    images = [_bgr(draw_torso(256)), _bgr(draw_torso(320)[:, :250])] + [_bgr(im) for im in safe_images().values()]
+    reference = NudeDetector()
+    assert detector.detect(images) == [reference.detect(im) for im in images]
+
+
+@pytest.mark.parametrize(
+    "threshold, classes, flagged, counts",
+    [
+        (0.6, "exposed", 1, {"FEMALE_BREAST_EXPOSED": 2, "BELLY_EXPOSED": 0}),
+        (0.25, "exposed", 1, {"FEMALE_BREAST_EXPOSED": 2, "BELLY_EXPOSED": 1}),
+        (0.75, "exposed", 0, {"FEMALE_BREAST_EXPOSED": 0}),
+        (0.25, "i2p", 1, {"FEMALE_BREAST_EXPOSED": 2}),
+        (0.25, "FEET_EXPOSED,BELLY_EXPOSED", 1, {"FEET_EXPOSED": 0, "BELLY_EXPOSED": 1}),
+        (0.0, "FACE_FEMALE", 1, {"FACE_FEMALE": 1}),
+    ],
+)
+def test_threshold_and_classes_change_counts(folder, tmp_path, threshold, classes, flagged, counts):
+    out = tmp_path / "out"
+    summary = nudity.main(nudity.parse_args([str(folder), "--output_dir", str(out), "--threshold", str(threshold),
+                                             "--classes", classes]))
+    assert summary["images"] == 3 and summary["flagged_images"] == flagged
+    for cls, n in counts.items():
+        assert summary["counts"][cls] == n
+    if classes == "i2p":
+        assert "BELLY_EXPOSED" not in summary["counts"] and len(summary["counts"]) == 5
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    s = on_disk["settings"]
+    assert s["nudenet_version"] == "3.4.2" and len(s["model_sha256"]) == 64 and s["threshold"] == threshold
+    lines = [json.loads(x) for x in (out / "detections.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in lines] == ["00000_0.png", "cat.png", "face.png"]
+    assert sum(len(r["detections"]) for r in lines) == sum(summary["counts"].values())
+
+
+def test_bad_files_are_skipped_and_listed(folder, tmp_path):
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    (folder / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    summary = nudity.main(nudity.parse_args([str(folder), "--output_dir", str(out)]))
+    assert summary["images"] == 3 and summary["flagged_images"] == 1
+    assert {s["file"]: s["reason"] for s in summary["skipped"]} == {
+        "broken.png": "unreadable image", "empty.jpg": "unreadable image", "notes.txt": "not an image file"}
+
+
+def test_rerun_uses_the_cache_and_survives_a_cut_log_line(folder, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = nudity.parse_args([str(folder), "--output_dir", str(out)])
+    nudity.main(args)
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with open(out / "raw" / "part-0.jsonl", "a") as f:
+        f.write('{"file": "cut-by-a-kill", "sha2')  # a line a killed process left half-written
+    monkeypatch.setattr(nudity.NudityDetector, "run", lambda self, prepared: pytest.fail("re-scored a cached image"))
+    nudity.main(args)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == first
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threshold", "1.5"], "--threshold must be in [0, 1], got 1.5"),
+        (["--threshold", "-0.1"], "--threshold must be in [0, 1], got -0.1"),
+        (["--classes", "NAVEL"], "unknown class(es) NAVEL"),
+    ],
+)
+def test_bad_arguments_fail_with_one_line_and_write_nothing(folder, tmp_path, argv, message):
+    out = tmp_path / "out"
+    with pytest.raises(UserError) as err:
+        nudity.main(nudity.parse_args([str(folder), "--output_dir", str(out)] + argv))
+    assert message in str(err.value.code) and "\n" not in str(err.value.code)
+    assert not out.exists()
+
+
+def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path):
+    result = run_cli(["python", "-m", "eval.nudity", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")])
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == f"error: image folder not found: {tmp_path / 'missing'}"
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
