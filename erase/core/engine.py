@@ -166,6 +166,8 @@ def resolve_checkpoint(spec: str | None, output_dir) -> Path | None:
 def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Accelerator | None = None) -> RunResult:
     """Unlearn: prepare the method, then ``config.max_train_steps`` optimizer steps."""
     acc = accelerator or make_accelerator(config)
+    if accelerator is not None:
+        acc.free_memory()  # forget models / optimizers of an earlier run on a shared Accelerator
     set_seed(config.seed)
     model = adapter.model
     params = select_parameters(model, config.targets or adapter.default_targets, config.exclude, adapter.target_presets)

@@ -1,0 +1,235 @@
+"""Projection, selection, trim, saliency, targets and streams, against explicit computations."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from erase.core.projection import project_, solve_dual
+from erase.core.saliency import saliency_scores
+from erase.core.stream import EndlessStream, stack_collate
+from erase.core.targets import TargetError, describe, select_parameters
+from erase.core.topk import global_topk_masks, num_selected, per_tensor_topk_masks
+from erase.core.trim import summarize, trim_
+
+
+# -- projection -----------------------------------------------------------------------------------------------
+def brute_force_qp(g, G):
+    """min ||x - g||² s.t. G x >= 0, by enumerating active sets (KKT)."""
+    best = None
+    m = G.shape[0]
+    for r in range(m + 1):
+        for active in itertools.combinations(range(m), r):
+            if r == 0:
+                x = g.clone()
+            else:
+                A = G[list(active)]
+                lam = torch.linalg.solve(A @ A.T, -(A @ g))
+                if (lam < -1e-10).any():
+                    continue
+                x = g + A.T @ lam
+            if ((G @ x) >= -1e-9).all():
+                d = float((x - g).norm())
+                if best is None or d < best[0]:
+                    best = (d, x)
+    return best[1]
+
+
+def split(v, sizes=(3, 5, 4)):
+    return [t.clone() for t in torch.split(v, list(sizes))]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projection_matches_brute_force(m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+    g = torch.randn(12, generator=gen, dtype=torch.float64) - 1.5 * G.sum(0)  # violate at least one memory
+    assert (G @ g).min() < 0
+    grads = split(g)
+    info = project_(grads, [split(G[i]) for i in range(m)])
+    out = torch.cat(grads)
+    assert info["projected"]
+    assert (G @ out).min() >= -1e-9 * float(g.norm() * G.norm())
+    assert torch.allclose(out, brute_force_qp(g, G), atol=1e-8)
+
+
+def test_projection_leaves_feasible_gradient_alone():
+    g_o = torch.tensor([1.0, 0.0, 0.0])
+    g = torch.tensor([0.5, -2.0, 3.0])
+    grads = [g.clone()]
+    info = project_(grads, [[g_o]])
+    assert not info["projected"] and torch.equal(grads[0], g)
+
+
+def test_projection_closed_form_and_margin():
+    g_o = torch.tensor([2.0, 0.0])
+    g = torch.tensor([-1.0, 3.0])
+    grads = [g.clone()]
+    project_(grads, [[g_o]])
+    assert torch.allclose(grads[0], torch.tensor([0.0, 3.0]))  # component along g_o removed exactly
+    grads = [g.clone()]
+    project_(grads, [[g_o]], margin=0.5)
+    assert torch.allclose(grads[0], torch.tensor([1.0, 3.0]))  # GEM margin pushes past the boundary
+    assert float(grads[0] @ g_o) > 0
+
+
+def test_dual_solver_against_known_solution():
+    gram = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    v = solve_dual(gram, torch.tensor([-2.0, 4.0], dtype=torch.float64))
+    assert torch.allclose(v, torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+# -- selection ------------------------------------------------------------------------------------------------
+def reference_mask(scores, k):
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices[: num_selected(flat.numel(), k)]
+    mask = torch.zeros(flat.numel(), dtype=torch.bool)
+    mask[order] = True
+    return mask
+
+
+@pytest.mark.parametrize("k", [0.5, 1, 7.5, 33.3, 50, 99.9, 100])
+@pytest.mark.parametrize("ties", [False, True])
+def test_global_topk_equals_full_sort(k, ties):
+    gen = torch.Generator().manual_seed(int(k * 10) + ties)
+    make = (lambda *s: torch.randint(0, 4, s, generator=gen).float()) if ties else (lambda *s: torch.rand(*s, generator=gen))
+    scores = {"a": make(6, 5), "b": make(17), "c": make(2, 3, 4), "d": torch.zeros(3)}
+    masks = global_topk_masks(scores, k)
+    got = torch.cat([masks[n].reshape(-1) for n in scores])
+    assert int(got.sum()) == num_selected(got.numel(), k)
+    assert torch.equal(got, reference_mask(scores, k))
+    assert all(masks[n].shape == scores[n].shape for n in scores)
+
+
+def test_per_tensor_topk_counts():
+    scores = {"a": torch.rand(100), "b": torch.ones(10, 10)}
+    masks = per_tensor_topk_masks(scores, 25)
+    assert int(masks["a"].sum()) == 25 and int(masks["b"].sum()) == 25
+    assert torch.equal(masks["a"], torch.zeros(100, dtype=torch.bool).index_fill_(0, scores["a"].topk(25).indices, True))
+    assert masks["b"].reshape(-1)[:25].all() and not masks["b"].reshape(-1)[25:].any()  # ties: lowest index first
+
+
+@pytest.mark.parametrize("k", [0, -1, 100.5, float("nan")])
+def test_topk_out_of_range(k):
+    with pytest.raises(ValueError, match=r"outside \(0, 100\]"):
+        global_topk_masks({"a": torch.rand(4)}, k)
+
+
+def test_topk_rejects_negative_scores():
+    with pytest.raises(ValueError, match="non-negative"):
+        global_topk_masks({"a": torch.tensor([1.0, -1.0])}, 50)
+
+
+# -- trim -----------------------------------------------------------------------------------------------------
+def test_trim_changes_exactly_the_selected_entries():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20)
+    params = dict(lin.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    masks = {"weight": torch.rand(20, 30) < 0.3, "bias": torch.rand(20) < 0.5}
+    stats = trim_(params, masks, init="default", seed=3)
+    for n, p in params.items():
+        changed = p.detach() != before[n]
+        assert torch.equal(p.detach()[~masks[n]], before[n][~masks[n]])
+        if n == "weight":
+            assert torch.equal(changed, masks[n])  # continuous draws: every selected entry differs
+            assert p.detach()[masks[n]].abs().max() <= 1 / 30 ** 0.5  # kaiming-uniform(a=√5) bound 1/√fan_in
+        else:
+            assert (p.detach()[masks[n]] == 0).all()  # biases are zeroed
+        assert stats[n]["reset"] == int(masks[n].sum())
+    assert summarize(stats)["reset"] == int(masks["weight"].sum() + masks["bias"].sum())
+
+
+def test_trim_is_seeded_and_inits_differ():
+    outs = {}
+    for init in ("default", "uniform", "normal", "zero"):
+        lin = nn.Linear(8, 8)
+        torch.nn.init.constant_(lin.weight, 5.0)
+        trim_({"weight": lin.weight}, {"weight": torch.ones(8, 8, dtype=torch.bool)}, init=init, seed=1)
+        outs[init] = lin.weight.detach().clone()
+    assert (outs["zero"] == 0).all()
+    assert outs["default"].abs().max() <= 8 ** -0.5 and outs["normal"].abs().max() > 0
+    assert not torch.equal(outs["default"], outs["normal"])
+    with pytest.raises(ValueError, match="init"):
+        trim_({"weight": lin.weight}, {"weight": torch.ones(8, 8, dtype=torch.bool)}, init="xavier")
+
+
+# -- saliency -------------------------------------------------------------------------------------------------
+def test_saliency_equals_explicit_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(3)]
+    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])
+    params = {n: p for n, p in model.named_parameters() if n.startswith("0.")}
+    snip = saliency_scores(loss_fn, iter(data), params, num_batches=3, kind="snip", model=model)
+    grad = saliency_scores(loss_fn, iter(data), params, num_batches=3, kind="grad", model=model)
+    sum_abs = {n: torch.zeros_like(p) for n, p in params.items()}
+    sum_g = {n: torch.zeros_like(p) for n, p in params.items()}
+    for b in data:
+        gs = torch.autograd.grad(loss_fn(b), list(params.values()))
+        for n, gg in zip(params, gs):
+            sum_abs[n] += gg.abs()
+            sum_g[n] += gg
+    for n, p in params.items():
+        assert torch.allclose(snip[n], (p.detach() * sum_abs[n]).abs(), atol=1e-7)
+        assert torch.allclose(grad[n], sum_g[n].abs(), atol=1e-7)
+        assert p.grad is None
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_saliency_draws_fresh_batches():
+    stream = EndlessStream(10, 2, lambda idx: idx, seed=0)
+    seen = []
+    saliency_scores(lambda b: (seen.append(tuple(b)) or torch.tensor(1.0, requires_grad=True)) * 1.0, stream, {}, num_batches=5)
+    assert len(set(seen)) == 5 and sorted(i for b in seen for i in b) == list(range(10))
+
+
+# -- targets --------------------------------------------------------------------------------------------------
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn2 = nn.ModuleDict({"to_q": nn.Linear(2, 2), "to_k": nn.Linear(2, 2)})
+        self.ff = nn.Linear(2, 2)
+
+
+def test_targets_presets_regex_and_exclude():
+    model = Toy()
+    presets = {"xattn": r".*attn2\..*"}
+    assert list(select_parameters(model, "xattn", presets=presets)) == ["attn2.to_q.weight", "attn2.to_q.bias", "attn2.to_k.weight", "attn2.to_k.bias"]
+    assert list(select_parameters(model, r"ff\..*")) == ["ff.weight", "ff.bias"]
+    assert list(select_parameters(model, "xattn", exclude=r".*\.bias", presets=presets)) == ["attn2.to_q.weight", "attn2.to_k.weight"]
+    assert list(select_parameters(model, ["xattn", r"ff\.weight"], presets=presets))[-1] == "ff.weight"
+    info = describe(select_parameters(model, "all"))
+    assert info["num_tensors"] == 6 and info["num_parameters"] == 18
+
+
+def test_targets_no_match_names_the_pattern():
+    with pytest.raises(TargetError, match=r"'conv\.\*'"):
+        select_parameters(Toy(), r"conv.*")
+    with pytest.raises(TargetError, match="neither a preset"):
+        select_parameters(Toy(), "attn2.(")
+
+
+# -- streams --------------------------------------------------------------------------------------------------
+def test_stream_reshuffles_and_resumes():
+    x = torch.arange(7)
+    s = EndlessStream(7, 3, stack_collate(x), seed=4)
+    first = [next(s)[0].tolist() for _ in range(5)]
+    flat = [i for b in first for i in b]
+    assert sorted(flat[:7]) == list(range(7))  # the first epoch covers every example once
+    t = EndlessStream(7, 3, stack_collate(x), seed=4)
+    [next(t) for _ in range(2)]
+    u = EndlessStream(7, 3, stack_collate(x), seed=4)
+    u.load_state_dict(t.state_dict())
+    assert [next(u)[0].tolist() for _ in range(3)] == first[2:]
+
+
+def test_stream_shards_one_global_batch():
+    single = EndlessStream(11, 4, lambda i: i, seed=1)
+    ranks = [EndlessStream(11, 2, lambda i: i, seed=1, rank=r, world=2) for r in range(2)]
+    for _ in range(6):
+        assert next(single) == next(ranks[0]) + next(ranks[1])
+    with pytest.raises(ValueError, match="empty"):
+        EndlessStream(0, 2, lambda i: i, name="forget set")
