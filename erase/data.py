@@ -1,0 +1,123 @@
+"""Forget / retain images for erasing a concept from Stable Diffusion, and their cached VAE latents.
+
+Generated sets: image i of a split is drawn by the *base* model from prompt ``prompts[i % len(prompts)]`` with
+seed ``seed + i`` (``eval.generate``: one generator per image, sharded over processes, resumable: finished images
+with identical settings are skipped). ``manifest.json`` in the data folder lists every image with its prompt and
+seed. User folders (``--forget_images`` / ``--retain_images``) are taken as they are; a ``<name>.txt`` beside an
+image gives its prompt. Latents are encoded once and cached as safetensors keyed by the images and the VAE.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eval.common import UserError, atomic_write_json, list_inputs, settings_hash
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageSet:
+    split: str
+    files: list[Path]
+    prompts: list[str]
+    seeds: list[int | None] = field(default_factory=list)
+    source: str = "generated"
+
+    def records(self) -> list[dict]:
+        return [{"file": f.name, "prompt": p, "seed": s} for f, p, s in zip(self.files, self.prompts, self.seeds)]
+
+
+def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *, pipe, model_id: str, seed: int,
+                   steps: int, guidance: float, scheduler: str, resolution: int, batch_size: int, accelerator=None) -> ImageSet:
+    """Generate (or reuse) ``count`` images of ``split`` from ``prompts`` with the base pipeline."""
+    from eval.generate import GenerationConfig, generate, image_name
+    from eval.prompts_table import PromptRow
+
+    if count < 1:
+        raise UserError(f"--num_{split}_images must be >= 1 to generate the {split} set, got {count}")
+    if not prompts:
+        raise UserError(f"the concept has no {split} prompts to generate the {split} set from")
+    rows = [PromptRow(index=i, prompt=prompts[i % len(prompts)], seed=seed + i) for i in range(count)]
+    cfg = GenerationConfig(model=model_id, steps=steps, guidance=guidance, scheduler=scheduler, resolution=resolution,
+                           batch_size=batch_size, dtype="fp32")
+    if pipe is not None:
+        import diffusers
+
+        from eval.generate import SCHEDULERS
+
+        pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    generate(rows, out_dir / split, cfg, accelerator=accelerator, pipe=pipe)
+    return ImageSet(split, [out_dir / split / image_name(r.index, 0) for r in rows], [r.prompt for r in rows],
+                    [r.seed for r in rows], source="generated")
+
+
+def folder_split(split: str, folder: str | Path, default_prompt: str = "") -> ImageSet:
+    """Images of a user folder; the prompt of ``x.png`` is ``x.txt`` when present, else ``default_prompt``."""
+    images, _ = list_inputs(folder)
+    if not images:
+        raise UserError(f"--{split}_images {folder}: no image files (png, jpg, jpeg, webp, bmp) found")
+    prompts = []
+    for p in images:
+        side = p.with_suffix(".txt")
+        prompts.append(side.read_text().strip() if side.is_file() else default_prompt)
+    return ImageSet(split, images, prompts, [None] * len(images), source=str(Path(folder).resolve()))
+
+
+def write_manifest(data_dir: Path, sets: list[ImageSet], settings: dict) -> None:
+    atomic_write_json(data_dir / "manifest.json", {
+        "settings": settings,
+        **{s.split: {"source": s.source, "count": len(s.files), "images": s.records()} for s in sets},
+    })
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """RGB in [-1, 1], shorter side resized to ``resolution`` then centre-cropped (3, r, r)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        w, h = im.size
+        s = resolution / min(w, h)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    return x.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _vae_fingerprint(vae) -> str:
+    sd = vae.state_dict()
+    probe = {k: [list(v.shape), float(v.float().sum())] for k, v in list(sd.items())[:4] + list(sd.items())[-4:]}
+    return settings_hash({"config": {k: str(v) for k, v in dict(vae.config).items()}, "probe": probe})
+
+
+@torch.no_grad()
+def encode_latents(images: ImageSet, vae, resolution: int, cache_dir: Path, device, dtype, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the VAE posterior of every image, float32 on CPU; cached in ``cache_dir``."""
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in images.files]
+    key = settings_hash({"files": stats, "source": images.source, "resolution": resolution, "vae": _vae_fingerprint(vae)})
+    path = cache_dir / f"latents-{images.split}-{key}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["mean"], t["std"]
+    means, stds = [], []
+    for i in range(0, len(images.files), batch_size):
+        x = torch.stack([load_image(f, resolution) for f in images.files[i : i + batch_size]]).to(device, dtype)
+        dist = vae.encode(x).latent_dist
+        means.append(dist.mean.float().cpu())
+        stds.append(dist.std.float().cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp),
+              metadata={"split": images.split, "resolution": str(resolution), "files": json.dumps([f.name for f in images.files])})
+    tmp.replace(path)
+    return mean, std
