@@ -1,0 +1,308 @@
+"""The digits benchmark: a concept erasure anyone can run and check on a laptop CPU.
+
+    python -m eval.digits train --output_dir DIR          # tiny SD-format text-to-image model of digits (cached)
+    python -m eval.digits score --model M --concept three --output_dir OUT
+    python -m eval.digits bench --concept three --methods scissorhands,esd,salun,ga,ft --seeds 0,1,2 --output_dir OUT
+
+``score`` generates images for the erased digit's prompts and for every other digit's prompts through
+``eval.generate`` (the same code as the SD v1.4 audits), asks the judge (``eval.digits_judge``, a CNN trained on
+real digits) which digit each image shows, and writes ``OUT/summary.json``: ``forget_acc`` (share of the erased
+digit's generations the judge calls that digit), ``retain_acc`` (share of the other digits' generations called
+their own digit, pooled), per-digit accuracies, the Fréchet distance of the retain generations to real digits
+in the judge's feature space, the same under held-out phrasings, and every setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+
+from eval.common import UserError, atomic_write_json, read_json
+from eval.digits_model import (
+    DIGIT_WORDS,
+    HELDOUT_TEMPLATES,
+    DigitsModelConfig,
+    default_model_dir,
+    digit_prompts,
+    parse_digit,
+    prompt_digit,
+    read_model_card,
+)
+
+logger = logging.getLogger(__name__)
+
+SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", batch_size=100)
+
+
+# ----------------------------------------------------------------------------------------------- args
+def _add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
+    for f in fields(cls):
+        default = f.default
+        kw = dict(default=default, help=f"{f.metadata.get('help', '')} (default: {default})")
+        if isinstance(default, tuple):
+            kw.update(type=int, nargs="+")
+        else:
+            kw.update(type=type(default))
+        parser.add_argument(f"--{f.name}", **kw)
+
+
+def parse_args(input_args=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m eval.digits", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train the digits text-to-image model (cached by its settings)")
+    p.add_argument("--output_dir", default=None,
+                   help="pipeline folder to write (default: $ERASE_CACHE/digits/model-<settings hash>)")
+    p.add_argument("--force", action="store_true", help="retrain even if a model with these settings exists")
+    _add_dataclass_args(p, DigitsModelConfig)
+
+    p = sub.add_parser("score", help="audit a digits model (base or erase/sd.py output) with the digit judge")
+    p.add_argument("--model", default=None,
+                   help="digits pipeline folder or erase/sd.py output dir (default: the cached default digits model)")
+    p.add_argument("--concept", required=True, help="the erased digit: zero..nine or 0..9")
+    p.add_argument("--forget_prompts", default=None,
+                   help="file of prompts for the erased digit, one a line (default: the preset's forget prompts)")
+    p.add_argument("--retain_prompts", default=None,
+                   help="file of prompts for other digits, one a line, each naming its digit "
+                        "(default: the preset's retain prompts)")
+    p.add_argument("--num_images", type=int, default=SCORE_DEFAULTS["num_images"],
+                   help="images per digit and seed, spread over that digit's prompts")
+    p.add_argument("--seeds", default="0", help="comma-separated base seeds; each adds num_images per digit")
+    p.add_argument("--steps", type=int, default=SCORE_DEFAULTS["steps"], help="sampling steps")
+    p.add_argument("--guidance", type=float, default=SCORE_DEFAULTS["guidance"], help="classifier-free guidance")
+    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampling scheduler (eval.generate names)")
+    p.add_argument("--batch_size", type=int, default=SCORE_DEFAULTS["batch_size"], help="images per pipeline call")
+    p.add_argument("--no_heldout", action="store_true",
+                   help="skip the extra audit under held-out phrasings (only with the preset prompts)")
+    p.add_argument("--output_dir", required=True, help="folder for summary.json, predictions.jsonl and images")
+
+    p = sub.add_parser("bench", help="erase a digit with several methods through erase/sd.py and tabulate")
+    p.add_argument("--concept", required=True, help="the digit to erase: zero..nine or 0..9")
+    p.add_argument("--methods", default="scissorhands,esd,salun,ga,ft", help="comma-separated erase/sd.py methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated erasure seeds")
+    p.add_argument("--output_dir", required=True, help="folder for results.json, results.md, chart and grids")
+    args = parser.parse_args(input_args)
+
+    if args.command in ("score", "bench"):
+        try:
+            args.digit = parse_digit(args.concept)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        try:
+            args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not args.seeds:
+            raise UserError("--seeds is empty")
+    if args.command == "score":
+        for name in ("num_images", "steps", "batch_size"):
+            if getattr(args, name) < 1:
+                raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------- model folders
+def resolve_digits_model(model: str) -> tuple[dict, str, dict | None]:
+    """(model card of the base digits model, base folder, erase_config or None) for a base or erased folder.
+
+    Anything else is a ``UserError``: the digits judge only means something on a digits model.
+    """
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {model}")
+    erase_config = None
+    base = str(path)
+    if (path / "erase_config.json").is_file():
+        erase_config = read_json(path / "erase_config.json", "erase config")
+        base = erase_config.get("pretrained_model_name_or_path") or ""
+        if not (path / "unet").is_dir():
+            raise UserError(f"{model} has an erase_config.json but no unet/ folder")
+    card = read_model_card(base) if base and Path(base).is_dir() else None
+    if card is None:
+        what = f"{model} (base {base!r})" if erase_config is not None else model
+        raise UserError(f"{what} is not a digits model (no digits_model.json); train one with `python -m eval.digits train`")
+    return card, base, erase_config
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+def _prompt_sets(args) -> tuple[list[str], dict[int, list[str]], str]:
+    """Forget prompts, retain prompts grouped by digit, and where they came from. Validates before any work."""
+    from prompts import load_concept, read_prompt_file
+
+    preset = load_concept(DIGIT_WORDS[args.digit])
+    try:
+        forget = read_prompt_file(args.forget_prompts) if args.forget_prompts else preset.forget_prompts
+        retain = read_prompt_file(args.retain_prompts) if args.retain_prompts else preset.retain_prompts
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from None
+    by_digit: dict[int, list[str]] = {}
+    for p in retain:
+        d = prompt_digit(p)
+        if d is None:
+            raise UserError(f"retain prompt {p!r} names no single digit (a digit word like 'seven' or a numeral like '7')")
+        if d == args.digit:
+            raise UserError(f"retain prompt {p!r} names the erased digit {DIGIT_WORDS[args.digit]}")
+        by_digit.setdefault(d, []).append(p)
+    source = "files" if (args.forget_prompts or args.retain_prompts) else "preset"
+    return forget, dict(sorted(by_digit.items())), source
+
+
+def _rows(groups: dict[int, list[str]], n: int, seeds: list[int], start: int = 0):
+    """One PromptRow per image: for each seed s, n images per digit cycling over its prompts.
+    Row seed = 1000 * s + position within the digit, so an image's seed depends only on (s, digit slot)."""
+    from eval.prompts_table import PromptRow
+
+    rows, index = [], start
+    for s in seeds:
+        for d, prompts in groups.items():
+            for i in range(n):
+                rows.append(PromptRow(index=index, prompt=prompts[i % len(prompts)], seed=1000 * s + i,
+                                      meta={"digit": d, "seed_base": s}))
+                index += 1
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digit: int) -> tuple[dict, list[dict], np.ndarray]:
+    from PIL import Image
+
+    from eval.generate import generate
+
+    records = generate(rows, image_dir, gen_cfg, pipe=pipe)
+    images = np.stack([np.asarray(Image.open(image_dir / r["file"]).convert("RGB")) for r in records])
+    pred, feats = judge.predict(images)
+    truth = np.array([row.meta["digit"] for row in rows])
+    per_digit = {str(d): float((pred[truth == d] == d).mean()) for d in sorted(set(truth.tolist()))}
+    forget_mask, retain_mask = truth == forget_digit, truth != forget_digit
+    metrics = {
+        "forget_acc": float((pred[forget_mask] == forget_digit).mean()) if forget_mask.any() else None,
+        "retain_acc": float((pred[retain_mask] == truth[retain_mask]).mean()) if retain_mask.any() else None,
+        "per_digit_acc": per_digit,
+        "n_forget": int(forget_mask.sum()), "n_retain": int(retain_mask.sum()),
+        # what the forget generations were called instead: a histogram over 0..9
+        "forget_predicted_hist": np.bincount(pred[forget_mask], minlength=10).tolist(),
+    }
+    preds = [{**rec, "digit": int(t), "predicted": int(p), "seed_base": row.meta["seed_base"]}
+             for rec, row, t, p in zip(records, rows, truth, pred)]
+    return metrics, preds, feats[retain_mask]
+
+
+def score(args) -> dict:
+    """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
+    import torch
+
+    from eval.digits_judge import frechet_distance, load_judge
+    from eval.generate import GenerationConfig, describe, load_pipeline
+    from eval.digits_model import load_digit_images
+
+    model = args.model or str(default_model_dir())
+    card, base, erase_config = resolve_digits_model(model)
+    forget, retain, source = _prompt_sets(args)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir {args.output_dir} exists and is not a folder")
+    gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                               batch_size=args.batch_size)
+    start = time.time()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    judge = load_judge()
+    pipe = load_pipeline(model, scheduler=args.scheduler, dtype="fp32", device="cpu")
+    real_x, real_y = load_digit_images(judge.config.resolution)
+    _, real_feats = judge.predict(real_x, grey=True)
+    retain_digits = sorted(retain)
+    real_retain = real_feats[np.isin(real_y.numpy(), retain_digits)]
+
+    out.mkdir(parents=True, exist_ok=True)
+    audits = {"main": ({args.digit: forget, **retain})}
+    if source == "preset" and not args.no_heldout:
+        audits["heldout"] = {d: digit_prompts(d, HELDOUT_TEMPLATES) for d in [args.digit] + retain_digits}
+    results, all_preds = {}, []
+    for name, groups in audits.items():
+        rows = _rows(groups, args.num_images, args.seeds)
+        metrics, preds, retain_feats = _audit(pipe, judge, gen_cfg, rows, out / "images" / name, args.digit)
+        metrics["retain_fd"] = frechet_distance(retain_feats, real_retain) if len(retain_feats) > 1 else None
+        metrics["prompts"] = {DIGIT_WORDS[d]: p for d, p in groups.items()}
+        results[name] = metrics
+        all_preds += [{**p, "audit": name} for p in preds]
+
+    main = results.pop("main")
+    summary = {
+        "concept": DIGIT_WORDS[args.digit], "digit": args.digit,
+        "forget_acc": main["forget_acc"], "retain_acc": main["retain_acc"],
+        "per_digit_acc": main["per_digit_acc"], "retain_fd": main["retain_fd"],
+        "n_forget": main["n_forget"], "n_retain": main["n_retain"],
+        "forget_predicted_hist": main["forget_predicted_hist"],
+        "heldout": results.get("heldout"),
+        "settings": {
+            "model": str(model), "base_model": str(base), "erased": erase_config is not None,
+            "erase_config": erase_config, "digits_model_fingerprint": card.get("fingerprint"),
+            "prompt_source": source, "forget_prompts": forget,
+            "retain_prompts": {DIGIT_WORDS[d]: p for d, p in retain.items()},
+            "num_images_per_digit_per_seed": args.num_images, "seeds": args.seeds,
+            "row_seed_rule": "1000 * seed + position of the image within its digit",
+            "generation": describe(gen_cfg, pipe),
+            "judge": {"fingerprint": judge.config.fingerprint(), "test_accuracy": judge.meta["test_accuracy"],
+                      "features": "penultimate layer, 128-d", "fd_reference": "all real sklearn digits of the retain digits"},
+            "retain_acc_definition": "pooled over all retain images (each digit has the same image count with the preset)",
+        },
+        "seconds": round(time.time() - start, 1),
+    }
+    with open(out / "predictions.jsonl.tmp", "w") as f:
+        for p in all_preds:
+            f.write(json.dumps(p) + "\n")
+    (out / "predictions.jsonl.tmp").replace(out / "predictions.jsonl")
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def train(args) -> Path:
+    from eval.digits_model import train_digits_model
+
+    kw = {f.name: getattr(args, f.name) for f in fields(DigitsModelConfig)}
+    try:
+        cfg = DigitsModelConfig(**kw)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    out = Path(args.output_dir) if args.output_dir else default_model_dir(cfg)
+    try:
+        return train_digits_model(cfg, out, force=args.force)
+    except FileExistsError as e:
+        raise UserError(str(e)) from None
+
+
+def main(input_args=None) -> int:
+    from eval.common import setup_logging
+
+    setup_logging()
+    args = parse_args(input_args)
+    if args.command == "train":
+        print(train(args))
+    elif args.command == "score":
+        s = score(args)
+        held = s["heldout"] or {}
+        logger.info("forget_acc %.3f retain_acc %.3f retain_fd %.2f%s", s["forget_acc"], s["retain_acc"],
+                    s["retain_fd"] or float("nan"),
+                    f" | held-out phrasings: forget_acc {held['forget_acc']:.3f} retain_acc {held['retain_acc']:.3f}"
+                    if held else "")
+        print(Path(args.output_dir) / "summary.json")
+    elif args.command == "bench":
+        if not (Path(__file__).resolve().parents[1] / "erase" / "sd.py").is_file():
+            raise UserError("bench needs erase/sd.py, which this checkout does not have yet")
+        from eval.digits_bench import bench
+
+        bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

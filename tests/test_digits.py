@@ -1,0 +1,257 @@
+"""The digits benchmark: model format, judge accuracy, score summary, presets, bad input (eval/digits*.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = dict(vae_steps=4, unet_steps=4, batch_size=8, vae_batch_size=8, unet_channels=(16, 32),
+            vae_channels=(8, 16), text_width=32, text_layers=1)
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory):
+    """A private ERASE_CACHE for the session (the judge is trained once into it)."""
+    import torch
+
+    torch.set_num_threads(1)  # tests share 2 cores with other suites; oversubscribed threads crawl
+    path = tmp_path_factory.mktemp("erase_cache")
+    old = os.environ.get("ERASE_CACHE")
+    os.environ["ERASE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("ERASE_CACHE", None)
+    else:
+        os.environ["ERASE_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_digits_model(digits_cache, tmp_path_factory):
+    from eval.digits_model import DigitsModelConfig, train_digits_model
+
+    out = tmp_path_factory.mktemp("digits") / "model"
+    t0 = time.time()
+    train_digits_model(DigitsModelConfig(**TINY), out, progress=False)
+    return out, time.time() - t0
+
+
+@pytest.fixture(scope="session")
+def judge(digits_cache):
+    from eval.digits_judge import load_judge
+
+    return load_judge()
+
+
+def _score_args(model, out, *extra):
+    return ["score", "--model", str(model), "--concept", "three", "--num_images", "2", "--steps", "2",
+            "--output_dir", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------------------------- model
+def test_tiny_model_folder_is_a_loadable_sd_pipeline(tiny_digits_model):
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from eval.digits_model import DigitsModelConfig, TRAIN_TEMPLATES, train_digits_model
+
+    model, _ = tiny_digits_model
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    card = json.loads((model / "digits_model.json").read_text())
+    cfg = DigitsModelConfig(**TINY)
+    assert card["kind"] == "digits" and card["fingerprint"] == cfg.fingerprint()
+    assert card["train_templates"] == list(TRAIN_TEMPLATES) and card["config"]["unet_steps"] == 4
+    unet_sd = load_file(str(model / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any("attn2.to_k" in k for k in unet_sd), "the UNet must have cross-attention (ESD-x / targets need it)"
+    unet_cfg = json.loads((model / "unet" / "config.json").read_text())
+    te_cfg = json.loads((model / "text_encoder" / "config.json").read_text())
+    assert unet_cfg["cross_attention_dim"] == te_cfg["hidden_size"] == 32
+    vae_cfg = json.loads((model / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] > 0 and vae_cfg["scaling_factor"] != 0.18215  # fitted to the latents
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(model))
+    pipe.set_progress_bar_config(disable=True)
+    tok = pipe.tokenizer
+    assert tok.model_max_length == 16
+    ids = tok("a handwritten digit three").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == ["a</w>", "handwritten</w>", "digit</w>", "three</w>"]
+    out = pipe(["the number 3", "a handwritten seven"], num_inference_steps=2, guidance_scale=3.0,
+               output_type="np", generator=[torch.Generator().manual_seed(i) for i in range(2)])
+    assert out.images.shape == (2, 16, 16, 3) and np.isfinite(out.images).all()
+
+    t0 = time.time()  # cached: same settings return at once, files untouched
+    mtime = (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert train_digits_model(cfg, model, progress=False) == model
+    assert time.time() - t0 < 1.0
+    assert (model / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_training_refuses_to_overwrite_a_foreign_folder(tmp_path, digits_cache):
+    from eval.digits import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="not a digits model folder"):
+        main(["train", "--output_dir", str(tmp_path), "--unet_steps", "1", "--vae_steps", "1"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+# ----------------------------------------------------------------------------------------------- judge
+def test_judge_is_accurate_on_held_out_real_digits(judge):
+    import torch
+
+    from eval.digits_judge import load_judge
+    from eval.digits_model import load_digit_images, split_indices
+
+    assert judge.meta["test_accuracy"] >= 0.9
+    x, y = load_digit_images(16)
+    _, te = split_indices(len(x))
+    pred, feats = judge.predict(x[te], grey=True)
+    assert (pred == y[te].numpy()).mean() == pytest.approx(judge.meta["test_accuracy"], abs=1e-6)
+    assert feats.shape == (len(te), 128)
+    # the pipeline-output path (N, H, W, 3) in [0, 1] gives the same answers
+    rgb = ((x[te] + 1) / 2).permute(0, 2, 3, 1).repeat(1, 1, 1, 3).numpy()
+    assert (judge.predict(rgb)[0] == pred).all()
+    again = load_judge()  # from the cache: safetensors + JSON
+    assert torch.equal(again.net.head.weight, judge.net.head.weight)
+    folder = Path(os.environ["ERASE_CACHE"]) / "digits" / f"judge-{judge.config.fingerprint()}"
+    assert sorted(p.name for p in folder.iterdir()) == ["judge.json", "judge.safetensors"]
+
+
+def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
+    from eval.digits_judge import frechet_distance
+
+    a = np.random.default_rng(0).normal(size=(200, 4))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, a + 1.0) == pytest.approx(4.0, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------- score
+def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
+    from eval.digits import main
+
+    model, _ = tiny_digits_model
+    out = tmp_path / "score"
+    assert main(_score_args(model, out, "--seeds", "0,1")) == 0
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("forget_acc", "retain_acc", "per_digit_acc", "retain_fd", "heldout", "settings", "n_forget"):
+        assert key in s
+    assert s["concept"] == "three" and s["digit"] == 3
+    per = s["per_digit_acc"]
+    assert sorted(per) == [str(d) for d in range(10)]
+    assert s["forget_acc"] == pytest.approx(per["3"])
+    assert s["retain_acc"] == pytest.approx(np.mean([per[str(d)] for d in range(10) if d != 3]))
+    assert s["n_forget"] == 4 and s["n_retain"] == 36  # 2 images x 2 seeds per digit
+    assert sum(s["forget_predicted_hist"]) == 4
+    st = s["settings"]
+    assert st["seeds"] == [0, 1] and st["generation"]["steps"] == 2 and st["generation"]["scheduler"] == "ddim"
+    assert st["generation"]["resolution"] == 16 and st["erased"] is False
+    assert st["forget_prompts"][0] == "a handwritten digit three" and "seven" in st["retain_prompts"]
+    assert st["judge"]["test_accuracy"] >= 0.9
+    held = s["heldout"]
+    assert held["prompts"]["three"][0] == "a picture of the number 3"
+    assert held["forget_acc"] == pytest.approx(held["per_digit_acc"]["3"])
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 80
+    main_preds = [p for p in preds if p["audit"] == "main"]
+    assert np.mean([p["predicted"] == 3 for p in main_preds if p["digit"] == 3]) == pytest.approx(s["forget_acc"])
+    assert {p["seed"] for p in main_preds if p["digit"] == 3} == {0, 1, 1000, 1001}
+    assert all((out / "images" / p["audit"] / p["file"]).is_file() for p in preds)
+
+
+def test_score_accepts_an_erase_sd_output_and_prompt_files(tiny_digits_model, judge, tmp_path):
+    from eval.digits import main
+
+    model, _ = tiny_digits_model
+    erased = tmp_path / "erased"
+    shutil.copytree(model / "unet", erased / "unet")
+    (erased / "erase_config.json").write_text(json.dumps(
+        {"pretrained_model_name_or_path": str(model), "concept": "three", "method": "ft"}))
+    forget = tmp_path / "forget.txt"
+    forget.write_text("# my phrasings\nthree\n\n")
+    retain = tmp_path / "retain.txt"
+    retain.write_text("a 7\nthe number one\n")
+    out = tmp_path / "score"
+    assert main(_score_args(erased, out, "--forget_prompts", str(forget), "--retain_prompts", str(retain))) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["settings"]["erased"] is True and s["settings"]["base_model"] == str(model)
+    assert s["settings"]["erase_config"]["method"] == "ft"
+    assert s["settings"]["forget_prompts"] == ["three"] and s["heldout"] is None
+    assert sorted(s["per_digit_acc"]) == ["1", "3", "7"] and s["n_retain"] == 4
+
+
+@pytest.mark.parametrize("case", ["unknown_concept", "not_digits", "empty_prompts", "no_digit_in_retain",
+                                  "missing_model"])
+def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model, tmp_path, capsys):
+    from eval.digits import main
+
+    model, _ = tiny_digits_model
+    out = tmp_path / "out"
+    args = _score_args(model, out)
+    expected = {"unknown_concept": "unknown digit 'eleven'", "not_digits": "is not a digits model",
+                "empty_prompts": "holds no prompts", "no_digit_in_retain": "names no single digit",
+                "missing_model": "model folder not found"}[case]
+    if case == "unknown_concept":
+        args[args.index("three")] = "eleven"
+    elif case == "not_digits":
+        foreign = tmp_path / "sd"
+        foreign.mkdir()
+        (foreign / "model_index.json").write_text("{}")
+        args[args.index(str(model))] = str(foreign)
+    elif case == "empty_prompts":
+        (tmp_path / "empty.txt").write_text("\n# nothing\n")
+        args += ["--forget_prompts", str(tmp_path / "empty.txt")]
+    elif case == "no_digit_in_retain":
+        (tmp_path / "r.txt").write_text("a cat\n")
+        args += ["--retain_prompts", str(tmp_path / "r.txt")]
+    else:
+        args[args.index(str(model))] = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and expected in msg and "\n" not in msg
+    assert not out.exists()
+
+
+def test_cli_bad_concept_exits_nonzero_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "eval.digits", "score", "--concept", "banana",
+                           "--output_dir", str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "torchvision" not in ln]
+    assert lines == ["error: unknown digit 'banana'; expected one of zero, one, two, three, four, five, six, "
+                     "seven, eight, nine or 0-9"]
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------- presets
+def test_digit_presets_match_the_templates():
+    from eval.digits_model import (DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_tokenizer,
+                                   digit_prompts, preset_dict, prompt_digit)
+    from prompts import load_concept
+
+    tok = build_tokenizer()
+    train = {p for d in range(10) for p in digit_prompts(d)}
+    for d, word in enumerate(DIGIT_WORDS):
+        c = load_concept(word)
+        assert json.loads((ROOT / "prompts" / "presets" / f"{word}.json").read_text()) == preset_dict(d)
+        assert c.category == "digit" and c.forget_prompts == digit_prompts(d)
+        assert len(c.retain_prompts) == 9 * len(TRAIN_TEMPLATES)
+        assert {prompt_digit(p) for p in c.retain_prompts} == set(range(10)) - {d}
+        assert prompt_digit(c.anchor_prompt) == (d + 1) % 10
+        for p in digit_prompts(d, HELDOUT_TEMPLATES):
+            assert p not in train and prompt_digit(p) == d
+            # every held-out word was seen in training: each one is a single vocabulary token
+            assert all(t.endswith("</w>") for t in tok.convert_ids_to_tokens(tok(p).input_ids)[1:-1])
