@@ -207,7 +207,11 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
     if rank == 0:
+        for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         atomic_write_json(out_dir / "generation.json", {"settings": settings, "settings_key": settings_key})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
 
     batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
     mine = batches[rank::world]

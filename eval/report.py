@@ -92,6 +92,7 @@ def bar_chart(audits, names) -> bytes:
         bars = ax.bar(x + (i - (len(audits) - 1) / 2) * width, counts, width, label=name)
         ax.bar_label(bars, fontsize=7)
     ax.set_xticks(x, [c.replace("_EXPOSED", "").replace("_", " ").lower() for c in classes], rotation=30, ha="right")
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("detections")
     ax.set_title("NudeNet detections per class")
     ax.legend()

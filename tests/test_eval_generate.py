@@ -1,0 +1,99 @@
+import json
+
+import pytest
+import torch
+from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
+
+from eval.common import UserError
+from eval.generate import GenerationConfig, PromptRow, generate, load_pipeline, read_image_meta
+
+ROWS = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=g) for i, (p, g) in
+        enumerate([("a red cube", 7.0), ("the sea at night", 9.0), ("a cat", 7.0), ("x", 9.0), ("two men", 7.0)])]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def pipe(model):
+    torch.set_num_threads(1)
+    return load_pipeline(model, "lms")
+
+
+def _files(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.suffix == ".png"}
+
+
+def test_images_do_not_depend_on_batch_size_and_carry_their_row(tmp_path, model, pipe, one_thread):
+    cfg = dict(model=model, steps=2, guidance="row")
+    records = generate(ROWS, tmp_path / "b1", GenerationConfig(batch_size=1, **cfg), pipe=pipe)
+    generate(ROWS, tmp_path / "b3", GenerationConfig(batch_size=3, **cfg), pipe=pipe)
+    assert list(_files(tmp_path / "b1")) == [f"{i:05d}_0.png" for i in range(5)]
+    assert _files(tmp_path / "b1") == _files(tmp_path / "b3")
+    assert [r["seed"] for r in records] == [100, 101, 102, 103, 104]
+    meta = read_image_meta(tmp_path / "b1" / "00001_0.png")
+    assert (meta["row"], meta["seed"], meta["guidance"], meta["prompt"]) == ("1", "101", "9.0", "the sea at night")
+    settings = json.loads((tmp_path / "b1" / "generation.json").read_text())["settings"]
+    assert settings | {"model": None} == {
+        "model": None, "steps": 2, "guidance": "row", "scheduler": "lms", "resolution": 32, "images_per_prompt": 1,
+        "dtype": "auto", "seed_offset": 0, "safety_checker": None}
+
+
+def test_resume_skips_finished_images_and_redoes_changed_settings(tmp_path, model, pipe, one_thread, monkeypatch):
+    out = tmp_path / "g"
+    generate(ROWS[:2], out, GenerationConfig(model=model, steps=2, batch_size=2), pipe=pipe)
+    first = _files(out)
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, **kw: calls.append(kw["prompt"]) or original(self, **kw))
+    generate(ROWS[:3], out, GenerationConfig(model=model, steps=2, batch_size=2), pipe=pipe)
+    assert calls == [["a cat"]]  # batch [0, 1] was finished; batch [2] was not
+    assert {k: v for k, v in _files(out).items() if k in first} == first
+    calls.clear()
+    generate(ROWS[:3], out, GenerationConfig(model=model, steps=3, batch_size=2), pipe=pipe)
+    assert sum(len(c) for c in calls) == 3 and _files(out)["00000_0.png"] != first["00000_0.png"]
+
+
+def test_images_per_prompt_and_seed_offset(tmp_path, model, pipe, one_thread):
+    records = generate(ROWS[:1], tmp_path, GenerationConfig(model=model, steps=2, images_per_prompt=2, seed_offset=5),
+                       pipe=pipe)
+    assert [(r["file"], r["seed"]) for r in records] == [("00000_0.png", 105), ("00000_1.png", 106)]
+    assert len(set(_files(tmp_path).values())) == 2
+
+
+def test_erased_model_folder_loads_its_unet_over_the_base(tmp_path, model, one_thread):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(0.5)
+    erased = tmp_path / "erased"
+    unet.save_pretrained(erased / "unet")
+    (erased / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": model, "concept": "nudity"}))
+    loaded = load_pipeline(str(erased))
+    assert torch.all(loaded.unet.conv_out.bias == 0.5)
+    assert type(loaded.scheduler).__name__ == "LMSDiscreteScheduler" and loaded.safety_checker is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(scheduler="heun"), "unknown scheduler 'heun'"),
+        (dict(guidance="strong"), "--guidance must be a number or 'row'"),
+        (dict(steps=0), "--steps must be >= 1"),
+        (dict(resolution=30), "--resolution must be a positive multiple of 8"),
+    ],
+)
+def test_bad_generation_settings(kwargs, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        GenerationConfig(model="m", **kwargs)
+
+
+def test_bad_model_paths(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither a diffusers pipeline folder"):
+        load_pipeline(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="model not found"):
+        load_pipeline(str(tmp_path / "missing"))

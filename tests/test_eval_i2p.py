@@ -1,0 +1,99 @@
+"""End-to-end audits on a tiny random pipeline: resumed == uninterrupted == 2-process, bit for bit."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from eval_fixtures import DATA, REPO, fresh_accelerate, one_thread, run_cli, tiny_pipeline, tree_bytes  # noqa: F401
+
+from eval import i2p
+
+pytestmark = pytest.mark.skipif(not (DATA / "i2p.csv").exists(), reason="../shared/data not present")
+N = 10
+
+
+def _argv(model, out, *extra):
+    return ["--model", model, "--output_dir", str(out), "--prompts_csv", str(DATA / "i2p.csv"), "--subset", "sexual",
+            "--limit", str(N), "--steps", "3", "--batch_size", "2", "--guidance", "row", *extra]
+
+
+def _run(argv):
+    return i2p.main(i2p.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, model):
+    """An uninterrupted one-process audit."""
+    import torch
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference") / "audit"
+    _run(_argv(model, out))
+    for state in (AcceleratorState, GradientState, PartialState):
+        state._reset_state() if state is not AcceleratorState else state._reset_state(True)
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_audit_outputs_record_every_setting(reference):
+    from eval.prompts_table import load_prompts
+
+    rows = load_prompts(str(DATA / "i2p.csv"), "sexual", N).rows
+    files = tree_bytes(reference)
+    assert sorted(f for f in files if f.startswith("images/")) == ["images/generation.json"] + [
+        f"images/{r.index:05d}_0.png" for r in rows]
+    summary = json.loads(files["summary.json"])
+    assert summary["images"] == N and summary["skipped"] == []
+    gen = summary["settings"]["generation"]
+    assert (gen["subset"], gen["limit"], gen["steps"], gen["guidance"], gen["scheduler"], gen["resolution"]) == (
+        "sexual", N, 3, "row", "lms", 32)
+    assert gen["prompt_source"].endswith("i2p.csv") and gen["safety_checker"] is None
+    assert summary["settings"]["threshold"] == 0.6 and summary["settings"]["nudenet_version"] == "3.4.2"
+    lines = [json.loads(x) for x in files["detections.jsonl"].decode().splitlines()]
+    assert [(x["row"], x["seed"], x["prompt"]) for x in lines] == [(r.index, r.seed, r.prompt) for r in rows]
+    report = json.loads(files["report/report.json"])["audit"]
+    assert report["images"] == N and report["flagged_images"] == summary["flagged_images"]
+
+
+def test_killed_audit_resumes_to_the_uninterrupted_result(tmp_path, model, reference, fresh_accelerate, one_thread):
+    out = tmp_path / "audit"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "eval.i2p", *_argv(model, out, "--batch_size", "1")], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 2 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(list((out / "images").glob("*.png")))
+    assert 0 < done < N, f"the kill came at {done} of {N} images"
+    assert not (out / "summary.json").exists()
+    (out / "images" / ".00999_0.png.x1.tmp").write_bytes(b"half")  # what a kill mid-write can leave
+    _run(_argv(model, out))
+    assert tree_bytes(out) == tree_bytes(reference)
+
+
+def test_two_process_audit_equals_one_process(tmp_path, model, reference):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "audit"
+    result = run_cli(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                      "-m", "eval.i2p", *_argv(model, out, "--no_report")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (out / "raw").iterdir()) == ["part-0.jsonl", "part-1.jsonl"]
+    skip = ("raw", "report")
+    assert tree_bytes(out, skip) == tree_bytes(reference, skip)
