@@ -271,6 +271,10 @@ def main(args):
 
     # Models: only the UNet trains; the VAE and text encoder are frozen and cast to the mixed-precision dtype.
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    try:  # fail before any data work if the targets match nothing
+        targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
+    except TargetError as e:
+        raise UserError(str(e)) from None
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -330,11 +334,7 @@ def main(args):
                                scaling_factor=scaling_factor, device=device, weight_dtype=weight_dtype,
                                negative_guidance=args.negative_guidance, esd_ddim_steps=args.esd_ddim_steps,
                                esd_start_guidance=args.esd_start_guidance, frozen_unet=frozen)
-    try:
-        targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
-    except TargetError as e:
-        raise UserError(str(e)) from None
-    base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}
+    base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
     logger.info(f"{args.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the UNet; "
                 f"{len(forget_set)} forget / {len(retain_set) if retain_set else 0} retain images at {resolution}px")
 

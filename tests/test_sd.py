@@ -1,0 +1,232 @@
+"""erase/sd.py end to end on a tiny random SD pipeline (eval.tiny), through `accelerate launch` on CPU.
+
+One module-scoped run generates the data every other run reuses (--data_dir). Launched runs: the reference run
+(4 steps, checkpoint at 2, full pipeline export), its resume from checkpoint-2, and a 2-process DDP run.
+Method rows and bad inputs run in-process (``main(parse_args([...]))``) to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "erase" / "sd.py")
+SMALL = ["--num_forget_images", "4", "--num_retain_images", "4", "--num_inference_steps", "2", "--generation_batch_size", "4",
+         "--saliency_batches", "2", "--log_every", "1"]
+
+
+def launch(args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc == 1:
+        flags = ["--cpu", "--num_processes", "1"]
+    else:  # CPU DDP (gloo): torchrun launcher + ACCELERATE_USE_CPU, since --cpu and --multi_gpu exclude each other
+        env["ACCELERATE_USE_CPU"] = "true"
+        flags = ["--multi_gpu", "--num_processes", str(nproc)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", SCRIPT, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def in_process(args):
+    from erase.sd import main, parse_args
+
+    return main(parse_args([str(a) for a in args]))
+
+
+def unet_state(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from eval.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny, tmp_path_factory):
+    """Forget / retain images and cached latents, generated once (a 0-step run) and shared by every run here."""
+    data = tmp_path_factory.mktemp("data")
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path_factory.mktemp("prep"),
+                "--data_dir", data, *SMALL, "--max_train_steps", 0, "--method", "ft"])
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, data_dir, tmp_path_factory):
+    """4 steps of Scissorhands with a checkpoint at step 2 and a full pipeline export."""
+    out = tmp_path_factory.mktemp("ref")
+    launch(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", out, "--data_dir", data_dir, *SMALL,
+            "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2, "--lr", "1e-3", "--topk", 20,
+            "--export_pipeline"])
+    return out
+
+
+def test_export_reloads_and_only_targets_change(tiny, reference):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from erase.diffusion import TARGET_PRESETS
+    from erase.core.targets import matches
+
+    unet = UNet2DConditionModel.from_pretrained(str(reference), subfolder="unet")
+    base = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
+    new, old = unet.state_dict(), base.state_dict()
+    assert new.keys() == old.keys()
+    xattn = [TARGET_PRESETS["xattn"]]
+    targeted = [n for n in new if matches(n, xattn)]
+    assert len(targeted) == 20 and all(".attn2." in n for n in targeted)
+    for n in new:
+        if n not in targeted:
+            assert torch.equal(new[n], old[n]), n  # bit-identical outside the targets
+    changed = [n for n in targeted if not torch.equal(new[n], old[n])]
+    assert changed
+    # the delta holds exactly the changed tensors, with the settings in its metadata
+    delta = load_file(str(reference / "unet_delta.safetensors"))
+    assert sorted(delta) == sorted(changed)
+    for n, t in delta.items():
+        assert torch.equal(t, new[n])
+    with safe_open(str(reference / "unet_delta.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["base_model"] == tiny and meta["concept"] == "nudity" and meta["method"] == "scissorhands"
+    assert json.loads(meta["settings"])["topk"] == 20
+    # --export_pipeline: the folder is a full pipeline that generates
+    pipe = StableDiffusionPipeline.from_pretrained(str(reference), safety_checker=None)
+    assert torch.equal(pipe.unet.state_dict()[changed[0]], new[changed[0]])
+    pipe.set_progress_bar_config(disable=True)
+    img = pipe("a photo of a church", num_inference_steps=1, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert img.shape == (1, 32, 32, 3)
+    assert not any(p.name.startswith(".") for p in reference.iterdir())  # no temporary export left
+
+
+def test_config_and_model_card(tiny, reference, data_dir):
+    cfg = json.loads((reference / "erase_config.json").read_text())
+    assert cfg["pretrained_model_name_or_path"] == tiny and cfg["concept"] == "nudity" and cfg["method"] == "scissorhands"
+    assert cfg["settings"]["targets"] == "xattn" and cfg["settings"]["lr"] == 1e-3 and cfg["seed"] == 0
+    assert cfg["targets"]["num_tensors"] == 20
+    trim = cfg["prepare"]["trim"]
+    assert trim["summary"]["reset"] == round(0.2 * cfg["targets"]["num_parameters"])
+    assert sum(s["reset"] for s in trim["per_tensor"].values()) == trim["summary"]["reset"]
+    assert cfg["method_config"]["topk"] == 20 and cfg["method_config"]["forget_loss"] == "ascent"
+    assert cfg["num_processes"] == 1 and cfg["global_batch_size"] == 2
+    assert {"torch", "diffusers", "transformers", "accelerate"} <= set(cfg["versions"])
+    assert cfg["wall_seconds"] > 0 and len(cfg["history"]) == 4
+    assert cfg["concept_prompts"]["anchor_prompt"] == "a photo of a person wearing clothes"
+    assert cfg["data"]["forget"] == {"count": 4, "source": "generated"}
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert [r["seed"] for r in manifest["forget"]["images"]] == [0, 1, 2, 3]
+    assert manifest["forget"]["images"][0]["prompt"] == cfg["concept_prompts"]["generation_prompts"][0]
+    card = (reference / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and f"base_model: {tiny}" in card
+    assert "nudity" in card and "scissorhands" in card and "UNet2DConditionModel.from_pretrained" in card
+    assert "StableDiffusionPipeline.from_pretrained" in card
+    assert f"{trim['summary']['reset']:,} of" in card
+
+
+def test_resume_equals_uninterrupted(tiny, reference, data_dir, tmp_path):
+    """Resume from checkpoint-2 of the reference run: the final weights are bit-identical (same seed, same draws)."""
+    shutil.copytree(reference / "checkpoint-2", tmp_path / "checkpoint-2")
+    launch(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir, *SMALL,
+            "--max_train_steps", 4, "--checkpointing_steps", 2, "--train_batch_size", 2, "--lr", "1e-3", "--topk", 20,
+            "--resume_from_checkpoint", "latest"])
+    a, b = unet_state(reference), unet_state(tmp_path)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    cfg = json.loads((tmp_path / "erase_config.json").read_text())
+    assert cfg["resumed_from"].endswith("checkpoint-2") and [r["step"] for r in cfg["history"]] == [3, 4]
+
+
+def test_two_processes_match_one(tiny, data_dir, tmp_path):
+    """DDP on 2 CPU processes with batch 1 == 1 process with batch 2 (same examples, same per-example noise).
+
+    --topk 100 makes the trim independent of the saliency values (SNIP sums |grad| per process, so the scores
+    themselves depend on the split); SGD keeps tiny float differences of the gradient mean tiny in the weights.
+    """
+    common = ["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--data_dir", data_dir, *SMALL,
+              "--max_train_steps", 3, "--lr", "0.05", "--optimizer", "sgd", "--topk", 100, "--lam", "0.5"]
+    launch([*common, "--output_dir", tmp_path / "two", "--train_batch_size", 1], nproc=2)
+    in_process([*common, "--output_dir", tmp_path / "one", "--train_batch_size", 2])
+    two, one, base = unet_state(tmp_path / "two"), unet_state(tmp_path / "one"), load_file(f"{tiny}/unet/diffusion_pytorch_model.safetensors")
+    cfg = json.loads((tmp_path / "two" / "erase_config.json").read_text())
+    assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 2
+    for n in two:
+        if ".attn2." not in n:
+            assert torch.equal(two[n], base[n]), n
+        torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(two[n], base[n]) for n in two)
+
+
+@pytest.mark.parametrize("row", [
+    ["--method", "ft"],
+    ["--method", "ga", "--forget_bound", "5"],
+    ["--method", "l1sparse"],
+    ["--method", "salun", "--mask_ratio", "30"],
+    ["--method", "esd", "--esd_ddim_steps", "3", "--targets", "noxattn"],
+    ["--forget_loss", "redirect", "--gradient_checkpointing", "--gradient_accumulation_steps", "2"],
+    ["--forget_loss", "esd", "--esd_ddim_steps", "3", "--targets", "selfattn", "--num_memories", "2"],
+    ["--targets", r".*up_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn2\.to_[kv]\.weight", "--memory_refresh", "2"],
+], ids=["ft", "ga", "l1sparse", "salun", "esd", "redirect+ckpt+accum", "esd-term+2mem", "regex"])
+def test_methods(tiny, reference, data_dir, tmp_path, row):
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
+                *SMALL, "--max_train_steps", 2, "--lr", "1e-3", *row])
+    cfg = json.loads((tmp_path / "erase_config.json").read_text())
+    assert cfg["delta"]["tensors_changed"] > 0
+    assert all(all(isinstance(v, str) or v == v for v in r.values()) for r in cfg["history"])  # finite logs (no NaN)
+    new, base = unet_state(tmp_path), load_file(f"{tiny}/unet/diffusion_pytorch_model.safetensors")
+    for n in cfg["delta"]["per_tensor"]:
+        assert n in cfg["targets"]["tensors"]
+    for n in new:
+        if n not in cfg["targets"]["tensors"]:
+            assert torch.equal(new[n], base[n]), n
+
+
+def test_data_resumes_and_user_folders(tiny, reference, data_dir, tmp_path):
+    """An interrupted generation redoes only the missing image, identically; user folders work with sidecar prompts."""
+    forget = data_dir / "forget"
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in forget.glob("*.png")}
+    (forget / "00001_0.png").unlink()
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path / "a", "--data_dir", data_dir,
+                *SMALL, "--max_train_steps", 1, "--method", "ft"])
+    after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in forget.glob("*.png")}
+    assert after.keys() == before.keys()
+    for name, (mtime, blob) in before.items():
+        if name != "00001_0.png":
+            assert after[name][0] == mtime
+    assert after["00001_0.png"][1] == before["00001_0.png"][1]  # regenerated byte-identical (seeded per image)
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    for p in sorted((data_dir / "retain").glob("*.png"))[:2]:
+        shutil.copy(p, user / p.name)
+    (user / "00000_0.txt").write_text("a caption of my own\n")
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "church", "--output_dir", tmp_path / "b",
+                "--forget_images", forget, "--retain_images", user, "--max_train_steps", 1, "--saliency_batches", 1])
+    cfg = json.loads((tmp_path / "b" / "erase_config.json").read_text())
+    assert cfg["data"]["retain"]["count"] == 2 and cfg["data"]["forget"]["count"] == 4
+    manifest = json.loads((tmp_path / "b" / "data" / "manifest.json").read_text())
+    assert [r["prompt"] for r in manifest["retain"]["images"]] == ["a caption of my own", ""]
+    assert not (tmp_path / "b" / "data" / "forget").exists()  # nothing generated
+
+
+def test_non_finite_loss_stops_cleanly(tiny, reference, data_dir, tmp_path, capsys):
+    from eval.common import UserError
+
+    with pytest.raises(UserError) as err:
+        in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
+                    *SMALL, "--max_train_steps", 6, "--checkpointing_steps", 1, "--lr", "1e30"])
+    message = str(err.value.code)
+    assert message.startswith("error: loss became") and "\n" not in message and "checkpoint-" in message
+    assert (tmp_path / "checkpoint-1").is_dir()
+    assert not (tmp_path / "erase_config.json").exists() and not (tmp_path / "unet").exists()
+    assert not (tmp_path / "unet_delta.safetensors").exists() and not (tmp_path / ".export.tmp").exists()

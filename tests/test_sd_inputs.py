@@ -1,0 +1,92 @@
+"""erase/sd.py bad input: one clear line, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from eval.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+def fails(args, capsys) -> str:
+    from erase.sd import main, parse_args
+
+    with pytest.raises(SystemExit) as err:
+        main(parse_args([str(a) for a in args]))
+    assert err.value.code not in (0, None)
+    msg = capsys.readouterr().err if isinstance(err.value.code, int) else str(err.value.code)
+    lines = [ln for ln in msg.splitlines() if ln.strip()]
+    assert len(lines) == 1, msg
+    return lines[0]
+
+
+def test_unknown_concept_lists_presets(tiny, capsys):
+    line = fails(["--pretrained_model_name_or_path", tiny, "--concept", "unicorns"], capsys)
+    assert "unknown concept 'unicorns'" in line
+    for name in ("nudity", "van_gogh", "church", "eiffel_tower"):
+        assert name in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_diffusers"])
+def test_bad_model_path(tmp_path, capsys, kind):
+    path = tmp_path / "nothing-here"
+    if kind == "not_diffusers":
+        path.mkdir()
+        (path / "weights.bin").write_bytes(b"x")
+    line = fails(["--pretrained_model_name_or_path", path, "--concept", "nudity", "--output_dir", tmp_path / "out"], capsys)
+    assert str(path) in line and ("does not exist" if kind == "missing" else "not a diffusers") in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("k", ["0", "-5", "100.5", "nan"])
+def test_topk_out_of_range(tiny, capsys, k):
+    line = fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--topk", k], capsys)
+    assert "--topk" in line and "(0, 100]" in line
+
+
+def test_empty_prompt_file(tiny, tmp_path, capsys):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    line = fails(["--pretrained_model_name_or_path", tiny, "--concept", "my thing", "--forget_prompts", empty], capsys)
+    assert "holds no prompts" in line and str(empty) in line
+    line = fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--retain_prompts", tmp_path / "none.txt"], capsys)
+    assert "does not exist" in line
+
+
+def test_other_cross_flag_checks(tiny, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a glowing cube\n")
+    assert "anchor prompt" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "cube", "--forget_prompts", prompts,
+                                     "--forget_loss", "redirect"], capsys)
+    assert "--targets" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--targets", "attn2.(("], capsys)
+    assert "--num_retain_images" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--num_retain_images", 0], capsys)
+    assert "--resume_from_checkpoint" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+                                                "--resume_from_checkpoint", tmp_path / "nope"], capsys)
+    assert "--concept is required" in fails(["--pretrained_model_name_or_path", tiny], capsys)
+
+
+def test_target_regex_matching_nothing(tiny, tmp_path, capsys):
+    line = fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--targets", r"nothing\.here",
+                  "--num_forget_images", 1, "--num_retain_images", 1, "--num_inference_steps", 1], capsys)
+    assert "match no parameter" in line
+    assert not (tmp_path / "erase_config.json").exists()
+
+
+def test_cli_one_line_and_list_concepts():
+    """Through the real entry point (python erase/sd.py): stderr is one line, exit 2; --list_concepts prints presets."""
+    run = subprocess.run([sys.executable, "erase/sd.py", "--concept", "unicorns"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "presets:" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "erase.sd", "--list_concepts"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    names = [ln.split()[0] for ln in run.stdout.splitlines() if ln.strip()]
+    assert {"nudity", "van_gogh", "church", "eiffel_tower", "parachute"} <= set(names)
