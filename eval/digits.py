@@ -41,6 +41,7 @@ from eval.digits_model import (
 logger = logging.getLogger(__name__)
 
 SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", batch_size=100)
+BENCH_DEFAULTS = dict(max_train_steps=100, train_batch_size=16, num_forget_images=64, num_retain_images=192)
 
 
 # ----------------------------------------------------------------------------------------------- args
@@ -85,14 +86,35 @@ def parse_args(input_args=None) -> argparse.Namespace:
                    help="skip the extra audit under held-out phrasings (only with the preset prompts)")
     p.add_argument("--output_dir", required=True, help="folder for summary.json, predictions.jsonl and images")
 
-    p = sub.add_parser("bench", help="erase a digit with several methods through erase/sd.py and tabulate")
-    p.add_argument("--concept", required=True, help="the digit to erase: zero..nine or 0..9")
-    p.add_argument("--methods", default="scissorhands,esd,salun,ga,ft", help="comma-separated erase/sd.py methods")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated erasure seeds")
-    p.add_argument("--output_dir", required=True, help="folder for results.json, results.md, chart and grids")
+    for name, helptext, methods, seeds, out in (
+            ("bench", "erase a digit with several methods through erase/sd.py and tabulate",
+             "scissorhands,esd,salun,ga,ft", "0,1,2", None),
+            ("quickstart", "the whole loop offline in minutes: train if absent, erase with Scissorhands, audit "
+             "before and after, print the table", "scissorhands", "0", "digits-quickstart")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--concept", required=name == "bench", default="three", help="the digit to erase: zero..nine or 0..9")
+        p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods")
+        p.add_argument("--seeds", default=seeds, help="comma-separated erasure seeds")
+        p.add_argument("--output_dir", required=out is None, default=out,
+                       help="folder for results.json, results.md, chart.png, grid_<method>.png and the runs")
+        p.add_argument("--model", default=None, help="base digits model (default: the cached default, trained if absent)")
+        p.add_argument("--max_train_steps", type=int, default=BENCH_DEFAULTS["max_train_steps"],
+                       help="erase/sd.py steps, the same for every method")
+        p.add_argument("--train_batch_size", type=int, default=BENCH_DEFAULTS["train_batch_size"],
+                       help="erase/sd.py batch size of the forget and retain streams")
+        p.add_argument("--num_forget_images", type=int, default=BENCH_DEFAULTS["num_forget_images"],
+                       help="forget images erase/sd.py generates from the base model")
+        p.add_argument("--num_retain_images", type=int, default=BENCH_DEFAULTS["num_retain_images"],
+                       help="retain images erase/sd.py generates from the base model")
+        p.add_argument("--num_images", type=int, default=SCORE_DEFAULTS["num_images"], help="audit images per digit")
+        p.add_argument("--steps", type=int, default=SCORE_DEFAULTS["steps"], help="sampling steps (data and audit)")
+        p.add_argument("--guidance", type=float, default=SCORE_DEFAULTS["guidance"], help="guidance (data and audit)")
+        p.add_argument("--launcher", default="accelerate", choices=("accelerate", "python"),
+                       help="run erase/sd.py under `accelerate launch` (default) or plain python")
+        p.add_argument("--erase_args", default="", help="extra erase/sd.py flags for every method, as one string")
     args = parser.parse_args(input_args)
 
-    if args.command in ("score", "bench"):
+    if args.command in ("score", "bench", "quickstart"):
         try:
             args.digit = parse_digit(args.concept)
         except ValueError as e:
@@ -103,9 +125,10 @@ def parse_args(input_args=None) -> argparse.Namespace:
             raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
         if not args.seeds:
             raise UserError("--seeds is empty")
-    if args.command == "score":
-        for name in ("num_images", "steps", "batch_size"):
-            if getattr(args, name) < 1:
+    if args.command != "train":
+        for name in ("num_images", "steps", "batch_size", "max_train_steps", "train_batch_size", "num_forget_images",
+                     "num_retain_images"):
+            if getattr(args, name, 1) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
@@ -295,7 +318,7 @@ def main(input_args=None) -> int:
                     f" | held-out phrasings: forget_acc {held['forget_acc']:.3f} retain_acc {held['retain_acc']:.3f}"
                     if held else "")
         print(Path(args.output_dir) / "summary.json")
-    elif args.command == "bench":
+    elif args.command in ("bench", "quickstart"):
         if not (Path(__file__).resolve().parents[1] / "erase" / "sd.py").is_file():
             raise UserError("bench needs erase/sd.py, which this checkout does not have yet")
         from eval.digits_bench import bench

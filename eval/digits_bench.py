@@ -1,0 +1,256 @@
+"""The digits table: erase one digit with several methods through ``erase/sd.py``, audit each, tabulate.
+
+Every method gets the same step budget, batch size and forget / retain data (generated once per seed by the
+base model into ``OUT/data/seed-<s>`` and shared). Each erasure is its own ``accelerate launch erase/sd.py``
+process, so its wall time and peak resident memory (``wait4``'s ``ru_maxrss``, the largest process of the launch)
+are measured alone. Writes ``OUT/results.json`` (every run and, per method, mean ± std over seeds),
+``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<method>.png`` (sample images of seed 0 per digit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from eval.common import UserError, atomic_write_json, atomic_write_text
+from eval.digits_model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Per-method erase/sd.py settings for the digits model (the SD defaults are for an 860M-parameter UNet: the tiny
+# UNet needs larger steps). Everything else is shared and listed in results.json.
+METHOD_ARGS = {
+    "scissorhands": ["--lr", "1e-3", "--topk", "10", "--forget_loss", "redirect"],
+    "esd": ["--lr", "1e-3", "--esd_ddim_steps", "20", "--esd_start_guidance", "4.0"],
+    "salun": ["--lr", "1e-3"],
+    "ga": ["--lr", "1e-4"],
+    "ft": ["--lr", "1e-3"],
+}
+METRICS = ("forget_acc", "retain_acc", "retain_fd", "heldout_forget_acc", "heldout_retain_acc", "wall_seconds",
+           "peak_rss_mb")
+
+
+def _launch_cmd(launcher: str) -> list[str]:
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable]
+
+
+def run_erasure(base: str, digit: int, method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
+    """One ``erase/sd.py`` run in its own process; returns wall seconds, peak RSS and the command."""
+    cmd = _launch_cmd(args.launcher) + [
+        str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", DIGIT_WORDS[digit],
+        "--method", method, "--max_train_steps", str(args.max_train_steps), "--seed", str(seed),
+        "--output_dir", str(out_dir), "--data_dir", str(data_dir), "--train_batch_size", str(args.train_batch_size),
+        "--num_forget_images", str(args.num_forget_images), "--num_retain_images", str(args.num_retain_images),
+        "--num_inference_steps", str(args.steps), "--guidance_scale", str(args.guidance),
+        "--generation_batch_size", "64", "--log_every", "1000",
+    ] + METHOD_ARGS.get(method, []) + shlex.split(args.erase_args or "")
+    logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
+    log = out_dir.parent / f"{out_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise UserError(f"erase/sd.py --method {method} --seed {seed} failed (exit {code}): {tail[0]} (log: {log})")
+    return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "command": cmd, "log": str(log)}
+
+
+def _score(model: str, digit: int, out: Path, args) -> dict:
+    from eval.digits import score
+
+    ns = SimpleNamespace(model=str(model), digit=digit, concept=DIGIT_WORDS[digit], forget_prompts=None,
+                         retain_prompts=None, num_images=args.num_images, seeds=[0], steps=args.steps,
+                         guidance=args.guidance, scheduler="ddim", batch_size=100, no_heldout=False, output_dir=str(out))
+    return score(ns)
+
+
+def _row(summary: dict, extra: dict | None = None) -> dict:
+    held = summary.get("heldout") or {}
+    return {"forget_acc": summary["forget_acc"], "retain_acc": summary["retain_acc"], "retain_fd": summary["retain_fd"],
+            "heldout_forget_acc": held.get("forget_acc"), "heldout_retain_acc": held.get("retain_acc"),
+            "per_digit_acc": summary["per_digit_acc"], **(extra or {})}
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    out = {}
+    for k in METRICS:
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                      "n": len(vals)}
+    return out
+
+
+def _fmt(cell: dict | None, pct: bool) -> str:
+    if not cell:
+        return "–"
+    if pct:
+        return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def markdown(results: dict) -> str:
+    word = results["concept"]
+    lines = [
+        f"# Erasing the digit {word}: digits benchmark",
+        "",
+        f"Base model `{results['base_model']}`; {results['settings']['max_train_steps']} steps per method, "
+        f"seeds {results['settings']['seeds']}; audit: {results['settings']['num_images']} images per digit, "
+        f"{results['settings']['steps']} DDIM steps, guidance {results['settings']['guidance']}. Accuracies in %, "
+        "mean ± std over seeds; FD = Fréchet distance of the retain generations to real digits in the judge's "
+        "feature space (lower is better).",
+        "",
+        "| method | forget acc ↓ | retain acc ↑ | retain FD ↓ | held-out forget ↓ | held-out retain ↑ | wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base = results["base"]
+    lines.append(f"| base (no erasure) | {100 * base['forget_acc']:.1f} | {100 * base['retain_acc']:.1f} | "
+                 f"{base['retain_fd']:.2f} | {100 * (base['heldout_forget_acc'] or 0):.1f} | "
+                 f"{100 * (base['heldout_retain_acc'] or 0):.1f} | – | – |")
+    for m, agg in results["methods"].items():
+        lines.append(f"| {m} | {_fmt(agg.get('forget_acc'), True)} | {_fmt(agg.get('retain_acc'), True)} | "
+                     f"{_fmt(agg.get('retain_fd'), False)} | {_fmt(agg.get('heldout_forget_acc'), True)} | "
+                     f"{_fmt(agg.get('heldout_retain_acc'), True)} | {_fmt(agg.get('wall_seconds'), False)} | "
+                     f"{_fmt(agg.get('peak_rss_mb'), False)} |")
+    lines += ["", "## Targets", ""]
+    for t in results["targets"]:
+        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['value']})")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets, checked on this run's numbers."""
+    base, methods = results["base"], results["methods"]
+    per = base["per_digit_acc"]
+    out = [{"target": "base draws each digit correctly >= 90%", "met": min(per.values()) >= 0.9,
+            "value": f"min per-digit {100 * min(per.values()):.1f}%"}]
+    sh = methods.get("scissorhands")
+    if sh:
+        f, hf = sh["forget_acc"]["mean"], sh.get("heldout_forget_acc", {}).get("mean")
+        r = sh["retain_acc"]["mean"]
+        out.append({"target": "Scissorhands forget_acc <= 2%", "met": f <= 0.02, "value": f"{100 * f:.1f}%"})
+        if hf is not None:
+            out.append({"target": "Scissorhands forget_acc <= 2% under held-out phrasings", "met": hf <= 0.02,
+                        "value": f"{100 * hf:.1f}%"})
+        out.append({"target": "Scissorhands retain_acc within 2 points of the base", "met": r >= base["retain_acc"] - 0.02,
+                    "value": f"{100 * r:.1f}% vs base {100 * base['retain_acc']:.1f}%"})
+        for other in ("esd", "salun"):
+            if other in methods:
+                o = methods[other]
+                ok = f <= o["forget_acc"]["mean"] and r >= o["retain_acc"]["mean"]
+                out.append({"target": f"Scissorhands at least as good as {other} on forget and retain", "met": ok,
+                            "value": f"forget {100 * f:.1f} vs {100 * o['forget_acc']['mean']:.1f}, "
+                                     f"retain {100 * r:.1f} vs {100 * o['retain_acc']['mean']:.1f}"})
+    return out
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = ["base"] + list(results["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, key, title in zip(axes, ("forget_acc", "retain_acc"), ("forget acc (lower is better)", "retain acc")):
+        vals = [results["base"][key]] + [results["methods"][m][key]["mean"] for m in results["methods"]]
+        errs = [0.0] + [results["methods"][m][key]["std"] for m in results["methods"]]
+        ax.bar(names, [100 * v for v in vals], yerr=[100 * e for e in errs], color=["grey"] + ["C0"] * (len(names) - 1))
+        ax.set_title(title)
+        ax.set_ylim(0, 100)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"erasing {results['concept']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid(score_dir: Path, path: Path, per_digit: int = 8) -> None:
+    """Sample images of the main audit, one row per digit, upscaled 4x (nearest)."""
+    from PIL import Image
+
+    preds = [json.loads(ln) for ln in (score_dir / "predictions.jsonl").read_text().splitlines()]
+    preds = [p for p in preds if p["audit"] == "main"]
+    cell = None
+    rows = {}
+    for p in preds:
+        rows.setdefault(p["digit"], [])
+        if len(rows[p["digit"]]) < per_digit:
+            im = Image.open(score_dir / "images" / "main" / p["file"]).convert("L")
+            cell = im.size[0] * 4
+            rows[p["digit"]].append(im.resize((cell, cell), Image.NEAREST))
+    digits = sorted(rows)
+    canvas = Image.new("L", (per_digit * (cell + 2), len(digits) * (cell + 2)), 128)
+    for i, d in enumerate(digits):
+        for j, im in enumerate(rows[d]):
+            canvas.paste(im, (j * (cell + 2), i * (cell + 2)))
+    canvas.save(path)
+
+
+def bench(args) -> dict:
+    """Run the table; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    from erase.core import available_methods
+
+    known = available_methods("diffusion")
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise UserError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from: {', '.join(known)}")
+    out = Path(args.output_dir)
+    base = Path(args.model) if args.model else default_model_dir()
+    if args.model:
+        from eval.digits import resolve_digits_model
+
+        resolve_digits_model(str(base))
+    else:
+        train_digits_model(DigitsModelConfig(), base)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    base_summary = _score(str(base), args.digit, out / "base", args)
+    results = {"concept": DIGIT_WORDS[args.digit], "base_model": str(base), "base": _row(base_summary),
+               "runs": {}, "methods": {}}
+    jobs = [(m, s) for m in methods for s in args.seeds]
+    for m, s in tqdm(jobs, desc="erase + audit", unit="run"):
+        run_dir = out / "runs" / f"{m}-seed{s}"
+        info = run_erasure(str(base), args.digit, m, s, run_dir, out / "data" / f"seed-{s}", args)
+        summary = _score(str(run_dir), args.digit, out / "scores" / f"{m}-seed{s}", args)
+        results["runs"].setdefault(m, []).append(_row(summary, {"seed": s, **info}))
+    for m in methods:
+        results["methods"][m] = _aggregate(results["runs"][m])
+        grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
+    grid(out / "base", out / "grid_base.png")
+    results["settings"] = {
+        "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
+        "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
+        "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images,
+        "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim",
+        "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
+    }
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.time() - start, 1)
+    chart(results, out / "chart.png")
+    atomic_write_text(out / "results.md", markdown(results))
+    atomic_write_json(out / "results.json", results)
+    print(markdown(results))
+    return results
