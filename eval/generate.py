@@ -8,7 +8,8 @@ Determinism: image k of a row gets its own CPU generator seeded with `row.seed +
 initial latents never depend on batching. Batches are cut from the whole table in a fixed order and dealt
 round-robin to processes, and a batch with any missing image is recomputed whole; so the computation that
 produces an image is the same whatever the process count or interruption. (Different `batch_size` values
-run different batched kernels; the float difference is ~1e-6 and vanishes in 8-bit PNGs in our tests.)
+run different batched kernels, whose float rounding differs by ~1e-6: after 8-bit quantisation a few values
+in 10^4 can differ by 1/255, see benchmarks/RESULTS.md. Keep batch_size fixed when comparing models.)
 
 Resume: every PNG carries its settings key in iTXt metadata; a file whose key matches is skipped.
 """

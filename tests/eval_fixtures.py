@@ -79,17 +79,15 @@ def one_thread():
 
 @pytest.fixture
 def fresh_accelerate():
-    """In-process runs of the accelerate entry points must not leak AcceleratorState into other tests."""
+    """Leave accelerate's global state as found: reset it after the test only if the test created it."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    def reset():
+    had_state = AcceleratorState._shared_state != {} or PartialState._shared_state != {}
+    yield
+    if not had_state:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         PartialState._reset_state()
-
-    reset()
-    yield
-    reset()
 
 
 def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:

@@ -1,7 +1,9 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
 
 from eval.common import UserError
@@ -31,7 +33,11 @@ def test_images_do_not_depend_on_batch_size_and_carry_their_row(tmp_path, model,
     records = generate(ROWS, tmp_path / "b1", GenerationConfig(batch_size=1, **cfg), pipe=pipe)
     generate(ROWS, tmp_path / "b3", GenerationConfig(batch_size=3, **cfg), pipe=pipe)
     assert list(_files(tmp_path / "b1")) == [f"{i:05d}_0.png" for i in range(5)]
-    assert _files(tmp_path / "b1") == _files(tmp_path / "b3")
+    # Batched kernels may round differently from batch-1 ones: allow 1/255 (bit-identity across process
+    # counts and resumes, where the batches are the same, is tested in test_eval_i2p.py).
+    for name in _files(tmp_path / "b1"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("b1", "b3"))
+        assert np.abs(a - b).max() <= 1
     assert [r["seed"] for r in records] == [100, 101, 102, 103, 104]
     meta = read_image_meta(tmp_path / "b1" / "00001_0.png")
     assert (meta["row"], meta["seed"], meta["guidance"], meta["prompt"]) == ("1", "101", "9.0", "the sea at night")

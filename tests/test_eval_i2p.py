@@ -37,13 +37,16 @@ def reference(tmp_path_factory, model):
     import torch
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
+    had_state = AcceleratorState._shared_state != {} or PartialState._shared_state != {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference") / "audit"
     _run(_argv(model, out))
-    for state in (AcceleratorState, GradientState, PartialState):
-        state._reset_state() if state is not AcceleratorState else state._reset_state(True)
     torch.set_num_threads(threads)
+    if not had_state:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
     return out
 
 

@@ -1,0 +1,175 @@
+"""Throughput of the audit pieces against the naive loops of the reference scripts, in one run.
+
+    python benchmarks/audit.py --output_dir /tmp/audit-bench                       # small CPU scale
+    python benchmarks/audit.py --arch sd14 --resolution 512 --steps 50 --dtype fp16 \
+        --gen_prompts 64 --gen_batch_size 16 --detect_images 512 --output_dir /tmp/audit-bench   # GPU
+
+Generation: eval.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
+(`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
+Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, threaded reads) vs. the
+loop ESD/SalUn-style scripts run: `NudeDetector().detect(path)` with a new detector per image.
+Writes OUTPUT_DIR/audit_bench.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def build_sd14_random(path: Path) -> str:
+    """SD v1.4 architecture (UNet 860M, VAE, CLIP ViT-L/14 text encoder) with random weights; tiny tokenizer."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from eval.tiny import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    tokenizer = build_tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                                num_hidden_layers=12, num_attention_heads=12, hidden_act="quick_gelu",
+                                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True)
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(path)
+    return str(path)
+
+
+def bench_generation(args, work: Path) -> dict:
+    import torch
+
+    from eval.generate import GenerationConfig, generate, load_pipeline
+    from eval.prompts_table import load_prompts
+    from eval.tiny import build_tiny_pipeline
+
+    if args.arch == "sd14":
+        model = build_sd14_random(work / "sd14-random")
+    else:
+        model = build_tiny_pipeline(work / "tiny-sd", sample_size=32, block_out_channels=(32, 64))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(model, "lms", args.dtype, device)
+    rows = load_prompts(args.prompts_csv, "all", args.gen_prompts).rows
+    out = {}
+    generate(rows[:2], work / "warmup", GenerationConfig(model=model, steps=2, batch_size=2, dtype=args.dtype,
+                                                           resolution=args.resolution), pipe=pipe)
+    for bs in (1, args.gen_batch_size):
+        cfg = GenerationConfig(model=model, steps=args.steps, batch_size=bs, dtype=args.dtype, resolution=args.resolution)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(rows, work / f"gen-bs{bs}", cfg, pipe=pipe)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[f"batch_{bs}"] = len(rows) / (time.perf_counter() - start)
+    import numpy as np
+    from PIL import Image
+
+    diffs = [np.abs(np.asarray(Image.open(p), dtype=int) - np.asarray(Image.open(work / "gen-bs1" / p.name), dtype=int))
+             for p in sorted((work / f"gen-bs{args.gen_batch_size}").glob("*.png"))]
+    return {"images": len(rows), "images_per_s": out, "speedup": out[f"batch_{args.gen_batch_size}"] / out["batch_1"],
+            "max_pixel_diff_across_batch_sizes": int(max(d.max() for d in diffs)),
+            "fraction_of_values_differing": float(np.mean([(d != 0).mean() for d in diffs])), "steps": args.steps,
+            "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if args.resolution is None else args.resolution,
+            "arch": args.arch, "dtype": str(pipe.unet.dtype), "device": str(device)}
+
+
+def make_detection_images(folder: Path, n: int, size: int) -> list[Path]:
+    """n PNGs: the drawn torso NudeNet flags and a face, with different noise so none are identical."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from eval_fixtures import draw_torso, safe_images
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = [draw_torso(size), np.asarray(Image.fromarray(safe_images()["face"]).resize((size, size)))]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        noisy = np.clip(base[i % 2].astype(np.int16) + rng.integers(-6, 7, base[0].shape), 0, 255).astype(np.uint8)
+        paths.append(folder / f"{i:05d}_0.png")
+        Image.fromarray(noisy).save(paths[-1])
+    return paths
+
+
+def bench_detection(args, work: Path) -> dict:
+    from nudenet import NudeDetector
+
+    from eval.nudity import score_images
+
+    paths = make_detection_images(work / "det-images", args.detect_images, args.detect_size)
+    NudeDetector().detect(str(paths[0]))  # warm the file cache and onnxruntime
+    start = time.perf_counter()
+    naive = [NudeDetector().detect(str(p)) for p in paths[: args.naive_images]]
+    naive_rate = len(naive) / (time.perf_counter() - start)
+    start = time.perf_counter()
+    raw, skipped, _ = score_images(paths, work / "det-out", batch_size=args.detect_batch_size)
+    ours_rate = len(paths) / (time.perf_counter() - start)
+    agree = all(raw[p.name] == d for p, d in zip(paths, naive))
+    return {"images": len(paths), "naive_images": len(naive), "image_size": args.detect_size,
+            "images_per_s": {"naive_new_detector_per_image": naive_rate, "eval_nudity_batched": ours_rate},
+            "speedup": ours_rate / naive_rate, "same_detections_as_naive": agree, "batch_size": args.detect_batch_size}
+
+
+def parse_args(input_args=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", required=True, help="Scratch folder; audit_bench.json is written here.")
+    p.add_argument("--prompts_csv", default=str(REPO.parent / "shared" / "data" / "i2p.csv"), help="Prompt table.")
+    p.add_argument("--arch", default="tiny", choices=("tiny", "sd14"), help="Random-weight model for generation.")
+    p.add_argument("--gen_prompts", type=int, default=16, help="Prompts generated per batch-size setting.")
+    p.add_argument("--gen_batch_size", type=int, default=8, help="Batched generation size compared with 1.")
+    p.add_argument("--steps", type=int, default=10, help="Denoising steps.")
+    p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16.")
+    p.add_argument("--detect_images", type=int, default=96, help="Images scored by eval.nudity.")
+    p.add_argument("--naive_images", type=int, default=32, help="Images scored by the naive loop (its rate is per image).")
+    p.add_argument("--detect_size", type=int, default=512, help="Side of the detection images in px.")
+    p.add_argument("--detect_batch_size", type=int, default=16, help="eval.nudity batch size.")
+    p.add_argument("--skip_generation", action="store_true", help="Only time detection.")
+    return p.parse_args(input_args)
+
+
+def main(args):
+    import torch
+
+    work = Path(args.output_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
+              "command": " ".join(sys.argv)}
+    result["detection"] = bench_detection(args, work)
+    if not args.skip_generation:
+        result["generation"] = bench_generation(args, work)
+    (work / "audit_bench.json").write_text(json.dumps(result, indent=2))
+    d = result["detection"]
+    print(f"| detection ({d['images']} x {d['image_size']} px) | naive {d['images_per_s']['naive_new_detector_per_image']:.2f} img/s "
+          f"| batched {d['images_per_s']['eval_nudity_batched']:.2f} img/s | {d['speedup']:.1f}x | same detections: {d['same_detections_as_naive']} |")
+    if "generation" in result:
+        g = result["generation"]
+        rates = list(g["images_per_s"].values())
+        print(f"| generation ({g['arch']}, {g['resolution']} px, {g['steps']} steps, {g['images']} prompts) "
+              f"| batch 1 {rates[0]:.2f} img/s | batch {args.gen_batch_size} {rates[-1]:.2f} img/s | {g['speedup']:.2f}x "
+              f"| batch 1 vs {args.gen_batch_size}: max pixel diff {g['max_pixel_diff_across_batch_sizes']}, "
+              f"{100 * g['fraction_of_values_differing']:.3f}% of values differ |")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
