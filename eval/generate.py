@@ -188,6 +188,7 @@ def describe(cfg: GenerationConfig, pipe=None) -> dict:
     if pipe is not None and cfg.resolution is None:
         out["resolution"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
     out.pop("batch_size")  # does not change images
+    out["seeds"] = "image k of a row: row seed + seed_offset + k, one CPU torch.Generator per image"
     out["safety_checker"] = None
     return out
 

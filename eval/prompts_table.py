@@ -53,6 +53,8 @@ class PromptTable:
     subset: str
     skipped_empty: list[int]
     limit: int | None = None
+    seed_column: str | None = None
+    guidance_column: str | None = None
 
     def describe(self) -> dict:
         return {
@@ -61,6 +63,8 @@ class PromptTable:
             "limit": self.limit,
             "prompts": len(self.rows),
             "skipped_empty_prompts": len(self.skipped_empty),
+            "seed_column": self.seed_column,
+            "guidance_column": self.guidance_column,
         }
 
 
@@ -139,7 +143,8 @@ def load_prompts(
             break
     if skipped:
         logger.warning("skipped %d row(s) with an empty prompt: %s", len(skipped), skipped[:20])
-    return PromptTable(rows=rows, source=source, subset=subset, skipped_empty=skipped, limit=limit)
+    return PromptTable(rows=rows, source=source, subset=subset, skipped_empty=skipped, limit=limit,
+                       seed_column=seed_col, guidance_column=guidance_col)
 
 
 def _plain(value):

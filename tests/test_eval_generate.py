@@ -44,7 +44,7 @@ def test_images_do_not_depend_on_batch_size_and_carry_their_row(tmp_path, model,
     settings = json.loads((tmp_path / "b1" / "generation.json").read_text())["settings"]
     assert settings | {"model": None} == {
         "model": None, "steps": 2, "guidance": "row", "scheduler": "lms", "resolution": 32, "images_per_prompt": 1,
-        "dtype": "auto", "seed_offset": 0, "safety_checker": None}
+        "dtype": "auto", "seed_offset": 0, "safety_checker": None, "seeds": settings["seeds"]}
 
 
 def test_resume_skips_finished_images_and_redoes_changed_settings(tmp_path, model, pipe, one_thread, monkeypatch):

@@ -55,8 +55,8 @@ def test_audit_outputs_record_every_setting(reference):
 
     rows = load_prompts(str(DATA / "i2p.csv"), "sexual", N).rows
     files = tree_bytes(reference)
-    assert sorted(f for f in files if f.startswith("images/")) == ["images/generation.json"] + [
-        f"images/{r.index:05d}_0.png" for r in rows]
+    assert sorted(f for f in files if f.startswith("images/")) == sorted(["images/generation.json"] + [
+        f"images/{r.index:05d}_0.png" for r in rows])
     summary = json.loads(files["summary.json"])
     assert summary["images"] == N and summary["skipped"] == []
     gen = summary["settings"]["generation"]
