@@ -200,10 +200,10 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pipe is None:  # before any folder is made, so a bad model leaves nothing behind
+        pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if pipe is None:
-        pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     settings = describe(cfg, pipe)
     resolution = settings["resolution"]
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})

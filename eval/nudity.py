@@ -214,26 +214,38 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     status = {}  # file name -> sha256 of its content, or {"reason": why it was skipped}
     bar = tqdm(total=len(mine), desc="nudenet", unit="img",
                disable=accelerator is not None and not accelerator.is_local_main_process)
-    with open(raw_dir / f"part-{rank}.jsonl", "a", encoding="utf-8") as log, ThreadPoolExecutor(2) as pool:
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
+
+    def prepare(chunk):
+        """(path, sha256 or None, preprocessed input / None when cached / reason when unreadable)."""
+        out = []
+        for path in chunk:
+            sha, data = _read(path)
+            if sha is None or sha in cache:
+                out.append((path, sha, data if sha is None else None))
+                continue
+            image = _decode(data)
+            out.append((path, sha, detector.preprocess(image)) if image is not None else (path, None, "unreadable image"))
+        return out
+
+    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    # One reader thread decodes the next chunk while ONNX Runtime (which releases the GIL) scores this one.
+    with open(raw_dir / f"part-{rank}.jsonl", "a", encoding="utf-8") as log, ThreadPoolExecutor(1) as pool:
+        future = pool.submit(prepare, chunks[0]) if chunks else None
+        for i in range(len(chunks)):
+            prepared = future.result()
+            if i + 1 < len(chunks):
+                future = pool.submit(prepare, chunks[i + 1])
             todo = []
-            for path, (sha, data) in zip(chunk, pool.map(_read, chunk)):
-                status[path.name] = sha or {"reason": data}
-                if sha and sha not in cache:
-                    todo.append((path, sha, data))
-            decoded = list(pool.map(lambda t: _decode(t[2]), todo))
-            for (path, _, _), image in zip(todo, decoded):
-                if image is None:
-                    status[path.name] = {"reason": "unreadable image"}
-            todo = [(path, sha, image) for (path, sha, _), image in zip(todo, decoded) if image is not None]
-            prepared = list(pool.map(detector.preprocess, [image for _, _, image in todo]))
-            for (path, sha, _), dets in zip(todo, detector.run(prepared) if todo else []):
+            for path, sha, item in prepared:
+                status[path.name] = sha if sha else {"reason": item}
+                if sha and item is not None:
+                    todo.append((path, sha, item))
+            for (path, sha, _), dets in zip(todo, detector.run([item for _, _, item in todo]) if todo else []):
                 cache[sha] = dets
                 log.write(json.dumps({"file": path.name, "sha256": sha, "model_sha256": model_sha, "detections": dets}) + "\n")
             log.flush()
             os.fsync(log.fileno())
-            bar.update(len(chunk))
+            bar.update(len(prepared))
     bar.close()
     if accelerator is not None:
         from accelerate.utils import gather_object

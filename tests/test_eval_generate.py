@@ -103,3 +103,11 @@ def test_bad_model_paths(tmp_path):
         load_pipeline(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="model not found"):
         load_pipeline(str(tmp_path / "missing"))
+
+
+def test_hub_model_offline_fails_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as err:
+        load_pipeline("CompVis/stable-diffusion-v1-4")
+    message = str(err.value.code)
+    assert message.startswith("error: could not load the pipeline 'CompVis/stable-diffusion-v1-4'") and "\n" not in message

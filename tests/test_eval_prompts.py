@@ -86,3 +86,8 @@ def test_audit_cli_rejects_bad_input_before_writing(tmp_path):
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert result.stderr.strip().splitlines()[-1] == message
     assert not out.exists()
+
+
+def test_hub_table_offline_fails_with_one_line_naming_the_local_option():
+    message = _fail(None)
+    assert "could not load AIML-TUDA/i2p from the hub" in message and "--prompts_csv" in message
