@@ -23,8 +23,8 @@ FALLBACK: dict[str, dict] = {
     "scissorhands": {"lr": 1e-3, "max_train_steps": 150, "topk": 0.1, "lam": 0.1, "forget_steps": "first_per_epoch"},
 }
 
-#: Grids searched by classify.tune (cartesian product per method).
-GRIDS: dict[str, dict[str, list]] = {
+#: Grids searched by classify.tune (cartesian product per method), per forget kind.
+RANDOM_GRIDS: dict[str, dict[str, list]] = {
     "ft": {"lr": [3e-4, 1e-3, 3e-3], "max_train_steps": [60, 200]},
     "ga": {"lr": [3e-5, 1e-4, 3e-4], "max_train_steps": [10, 30]},
     "salun": {"lr": [3e-5, 1e-4, 3e-4], "max_train_steps": [30, 100], "mask_ratio": [50.0]},
@@ -32,6 +32,13 @@ GRIDS: dict[str, dict[str, list]] = {
     "scissorhands": {"lr": [1e-3], "max_train_steps": [100, 200], "topk": [0.1, 0.3], "lam": [0.1, 0.3],
                      "forget_steps": ["first_per_epoch"]},
 }
+#: Class-wise forgetting needs a stronger, bounded forget push (UA 100), so Scissorhands also tries every-step forgetting.
+CLASS_GRIDS: dict[str, dict[str, list]] = {
+    **RANDOM_GRIDS,
+    "scissorhands": {"lr": [1e-3], "max_train_steps": [100], "topk": [0.1, 0.3], "lam": [0.3, 1.0],
+                     "forget_steps": ["every", "first_per_epoch"], "forget_bound": [5.0]},
+}
+GRIDS: dict[str, dict[str, dict[str, list]]] = {"random": RANDOM_GRIDS, "class": CLASS_GRIDS}
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:

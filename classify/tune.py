@@ -2,12 +2,13 @@
 
 For each tuning seed (disjoint from the evaluation seeds), ``validation_fraction`` of every class of D_train is
 held out as the evaluation split; the protocol of ``classify.run`` runs on the rest (new forget set, original,
-its own Retrain) and every grid point of every method is scored by its Avg.Gap to that Retrain on the validation
+its own Retrain) and every point of the forget kind's grid (``classify.hparams.GRIDS``) of every method is scored by its Avg.Gap to that Retrain on the validation
 split. Choice: the lowest mean Avg.Gap over tuning seeds; tie-break: means equal after rounding to 0.01 go to
 fewer ``max_train_steps``, then the lower ``lr``, then grid order. The choice is merged into
 ``classify/tuned_<dataset>.json`` under the forget kind, with every score and the command that produced it.
 
     python -m classify.tune --dataset digits --forget random:0.1
+    python -m classify.tune --dataset digits --forget class:3
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from accelerate import Accelerator
 from eval.common import UserError, atomic_write_json, setup_logging
 
 from .data import DataError, load_data, num_classes_of, parse_forget, stratified_split
-from .hparams import GRIDS, grid_points, tuned_path
+from .hparams import GRIDS, RANDOM_GRIDS, grid_points, tuned_path
 from .protocol import TrainSettings, run_seed
 from .run import DEFAULT_CACHE, parse_seeds
 
@@ -38,7 +39,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help="Dataset (digits offline; cifar10, cifar100, svhn from the hub).")
     p.add_argument("--forget", default="random:0.1", help="random:F or class:K; the choice is stored under its kind.")
-    p.add_argument("--methods", default=",".join(GRIDS), help=f"Comma-separated methods to tune; allowed: {', '.join(GRIDS)}.")
+    p.add_argument("--methods", default=",".join(RANDOM_GRIDS), help=f"Comma-separated methods to tune; allowed: {', '.join(RANDOM_GRIDS)}.")
     p.add_argument("--tuning_seeds", default="100-102", help="Seeds of the tuning runs (list or range); keep them disjoint from evaluation seeds.")
     p.add_argument("--validation_fraction", type=float, default=0.2, help="Share of each class of D_train held out for validation.")
     p.add_argument("--output", default=None, help="Tuned-values JSON to merge into (default: classify/tuned_<dataset>.json).")
@@ -58,9 +59,9 @@ def main(args) -> dict:
         spec = parse_forget(args.forget, num_classes_of(args.dataset))
         seeds = parse_seeds(args.tuning_seeds)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        bad = [m for m in methods if m not in GRIDS]
+        bad = [m for m in methods if m not in RANDOM_GRIDS]
         if bad:
-            raise DataError(f"unknown method {bad[0]!r} to tune; allowed: {', '.join(GRIDS)}")
+            raise DataError(f"unknown method {bad[0]!r} to tune; allowed: {', '.join(RANDOM_GRIDS)}")
         if not 0.0 < args.validation_fraction < 1.0:
             raise DataError(f"validation fraction {args.validation_fraction} is outside (0, 1)")
         data = load_data(args.dataset)
@@ -69,7 +70,8 @@ def main(args) -> dict:
     torch.set_num_threads(args.num_threads)
     accelerator = Accelerator()
     train = TrainSettings().resolved(args.dataset)
-    points = {m: grid_points(GRIDS[m]) for m in methods}
+    grids = GRIDS[spec.kind]
+    points = {m: grid_points(grids[m]) for m in methods}
     gaps: dict[tuple[str, int], list[float]] = {}
     start = time.perf_counter()
     for seed in seeds:
@@ -99,7 +101,7 @@ def main(args) -> dict:
         "methods": {**previous, **chosen},
         "tuning": {"command": "python -m classify.tune " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "forget": str(spec),
                    "tuning_seeds": seeds, "validation_fraction": args.validation_fraction, "selection": "Avg.Gap to Retrain on the validation split",
-                   "tie_break": TIE_BREAK, "grids": {m: GRIDS[m] for m in methods}, "scores": table, "train": vars(train),
+                   "tie_break": TIE_BREAK, "grids": {m: grids[m] for m in methods}, "scores": table, "train": vars(train),
                    "seconds": time.perf_counter() - start},
     }
     atomic_write_json(out_path, existing)
