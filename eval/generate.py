@@ -72,6 +72,28 @@ class GenerationConfig:
             raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 
 
+def add_generation_args(parser) -> None:
+    """The generation flags shared by the eval entry points (protocol defaults)."""
+    parser.add_argument("--model", required=True, help="Hub id, diffusers pipeline folder, or erase/sd.py output.")
+    parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
+    parser.add_argument("--guidance", default="7.5", help="Guidance scale, or 'row' for each row's own.")
+    parser.add_argument("--scheduler", default="lms", help=f"Sampler: {', '.join(SCHEDULERS)}.")
+    parser.add_argument("--resolution", type=int, default=None, help="Image size in px; default: the model's native size.")
+    parser.add_argument("--batch_size", type=int, default=4, help="Prompts per generation batch.")
+    parser.add_argument("--images_per_prompt", type=int, default=1, help="Images per prompt row (seeds seed+k).")
+    parser.add_argument("--seed_offset", type=int, default=0, help="Added to every row seed.")
+    parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, else fp32), fp32, fp16 or bf16.")
+
+
+def config_from_args(args) -> GenerationConfig:
+    """A validated GenerationConfig from `add_generation_args` flags."""
+    return GenerationConfig(
+        model=args.model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+        resolution=args.resolution, batch_size=args.batch_size, images_per_prompt=args.images_per_prompt,
+        dtype=args.dtype, seed_offset=args.seed_offset,
+    )
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name in (None, "auto"):
         return torch.float16 if device.type == "cuda" else torch.float32

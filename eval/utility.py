@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from eval.common import UserError, atomic_write_json, list_inputs, setup_logging
-from eval.generate import SCHEDULERS, GenerationConfig, generate
+from eval.generate import add_generation_args, config_from_args, generate
 
 logger = logging.getLogger(__name__)
 
@@ -155,25 +155,17 @@ def evaluate(images, prompts, reference_dir, clip_model: str = DEFAULT_CLIP, fid
 
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="CLIP score and FID of a model on caption prompts.")
-    parser.add_argument("--model", required=True, help="Hub id, diffusers pipeline folder, or erase/sd.py output.")
+    add_generation_args(parser)
     parser.add_argument("--prompts_csv", required=True, help="Caption table (prompt, evaluation_seed), e.g. coco_10k.csv.")
     parser.add_argument("--reference", required=True, help="Folder of reference images for FID.")
     parser.add_argument("--output_dir", required=True, help="Where images/ and utility.json go.")
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N captions.")
-    parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
-    parser.add_argument("--guidance", default="7.5", help="Guidance scale, or 'row'.")
-    parser.add_argument("--scheduler", default="lms", help=f"Sampler: {', '.join(SCHEDULERS)}.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image size; default: the model's native size.")
-    parser.add_argument("--batch_size", type=int, default=4, help="Prompts per generation batch.")
-    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16 or bf16.")
     parser.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP model for the CLIP score (and FID_CLIP).")
     parser.add_argument("--fid_features", default="inception", choices=("inception", "clip"), help="FID feature space.")
     args = parser.parse_args(input_args)
     if not Path(args.reference).is_dir():
         raise UserError(f"reference folder not found: {args.reference}")
-    args.generation = GenerationConfig(model=args.model, steps=args.steps, guidance=args.guidance,
-                                       scheduler=args.scheduler, resolution=args.resolution,
-                                       batch_size=args.batch_size, dtype=args.dtype)
+    args.generation = config_from_args(args)
     return args
 
 

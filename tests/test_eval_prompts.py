@@ -1,5 +1,5 @@
 import pytest
-from eval_fixtures import DATA, run_cli
+from eval_fixtures import DATA, fresh_accelerate, run_cli  # noqa: F401  (fixture)
 
 from eval.common import UserError
 from eval.prompts_table import load_prompts
@@ -74,17 +74,19 @@ def test_empty_prompts_are_skipped_and_counted(tmp_path):
     assert table.skipped_empty == [1, 2] and table.describe()["skipped_empty_prompts"] == 2
 
 
-def test_audit_cli_rejects_bad_input_before_writing(tmp_path):
+def test_audit_cli_rejects_bad_input_before_writing(tmp_path, fresh_accelerate):
     (tmp_path / "cols.csv").write_text("text,seed\nhello,1\n")
     out = tmp_path / "audit"
-    for extra, message in [
-        (["--subset", "violent"], "error: unknown subset 'violent'; choose one of: all, sexual, nudity"),
-        (["--threshold", "2"], "error: --threshold must be in [0, 1], got 2.0"),
-    ]:
-        result = run_cli(["python", "-m", "eval.i2p", "--model", "x/y", "--output_dir", str(out),
-                          "--prompts_csv", str(tmp_path / "cols.csv")] + extra)
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert result.stderr.strip().splitlines()[-1] == message
+    argv = ["--model", "x/y", "--output_dir", str(out), "--prompts_csv", str(tmp_path / "cols.csv")]
+    result = run_cli(["python", "-m", "eval.i2p", *argv, "--subset", "violent"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: unknown subset 'violent'; choose one of: all, sexual, nudity"
+    from eval import i2p
+
+    with pytest.raises(UserError, match=r"--threshold must be in \[0, 1\], got 2.0"):
+        i2p.parse_args([*argv, "--threshold", "2"])
+    with pytest.raises(UserError, match="is missing column\(s\): prompt"):
+        i2p.main(i2p.parse_args(argv))
     assert not out.exists()
 
 
