@@ -28,7 +28,7 @@ SMALL = ["--num_forget_images", "4", "--num_retain_images", "4", "--num_inferenc
 def launch(args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if nproc == 1:
-        flags = ["--cpu", "--num_processes", "1"]
+        flags = ["--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1"]
     else:  # CPU DDP (gloo): torchrun launcher + ACCELERATE_USE_CPU, since --cpu and --multi_gpu exclude each other
         env["ACCELERATE_USE_CPU"] = "true"
         flags = ["--multi_gpu", "--num_processes", str(nproc)]
@@ -47,6 +47,15 @@ def in_process(args):
 
 def unet_state(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
