@@ -27,7 +27,9 @@ sys.path.insert(0, str(REPO))
 
 
 def build_sd14_random(path: Path) -> str:
-    """SD v1.4 architecture (UNet 860M, VAE, CLIP ViT-L/14 text encoder) with random weights; tiny tokenizer."""
+    """SD v1.4 architecture with random weights: UNet (859.5M parameters), VAE (83.7M), CLIP ViT-L/14 text
+    encoder shapes with the in-memory 520-token vocabulary (85.5M instead of 123M: only the embedding table is
+    smaller, the compute per token is the same)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -40,6 +40,7 @@ from eval.common import (
 
 logger = logging.getLogger(__name__)
 
+PINNED_VERSION = "3.4.2"  # pyproject pins nudenet==3.4.2; preprocessing reuses its _read_image
 LIBRARY_MIN_SCORE = 0.2  # NudeNet's own floor in _postprocess
 EXPOSED = (
     "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -133,6 +134,10 @@ class NudityDetector:
         self.input_name = self.session.get_inputs()[0].name
         self.size = 320
         self.labels = nudenet_labels()
+        if version("nudenet") != PINNED_VERSION:
+            logger.warning("nudenet %s installed, audits are pinned to %s: counts are comparable only within one "
+                           "version (the version and model hash are recorded in summary.json)", version("nudenet"),
+                           PINNED_VERSION)
 
     def settings(self) -> dict:
         return {
