@@ -37,7 +37,7 @@ METHOD_ARGS = {
     "ft": ["--lr", "1e-3"],
 }
 METRICS = ("forget_acc", "retain_acc", "retain_fd", "heldout_forget_acc", "heldout_retain_acc", "wall_seconds",
-           "peak_rss_mb")
+           "cpu_seconds", "peak_rss_mb")
 
 
 def _launch_cmd(launcher: str) -> list[str]:
@@ -57,20 +57,28 @@ def run_erasure(base: str, digit: int, method: str, seed: int, out_dir: Path, da
         "--num_inference_steps", str(args.steps), "--guidance_scale", str(args.guidance),
         "--generation_batch_size", "64", "--log_every", "1000",
     ] + METHOD_ARGS.get(method, []) + shlex.split(args.erase_args or "")
+    record = out_dir.parent / f"{out_dir.name}.json"
+    if record.is_file() and (out_dir / "erase_config.json").is_file():
+        done = json.loads(record.read_text())
+        if done.get("command") == cmd:  # finished earlier with the same command: reuse (a rerun resumes the table)
+            logger.info("erase: %s already done, reused", out_dir.name)
+            return done
     logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
     log = out_dir.parent / f"{out_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.time() - start
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
         raise UserError(f"erase/sd.py --method {method} --seed {seed} failed (exit {code}): {tail[0]} (log: {log})")
-    return {"wall_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "command": cmd, "log": str(log)}
+    info = {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0,
+            "command": cmd, "log": str(log)}
+    atomic_write_json(record, info)
+    return info
 
 
 def _score(model: str, digit: int, out: Path, args) -> dict:

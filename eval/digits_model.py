@@ -268,7 +268,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a digits model folder; choose an empty path")
 
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images, labels = load_digit_images(cfg.resolution)
@@ -358,7 +358,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         "heldout_templates": list(HELDOUT_TEMPLATES), "digit_words": list(DIGIT_WORDS),
         "vae_scaling_factor": scaling_factor, "vae_reconstruction_mse": vae_mse,
         "final_unet_loss": float(loss.item()), "train_seconds": round(time.time() - start, 1),
-        "torch_threads": torch.get_num_threads(),
+        "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "torch_threads": torch.get_num_threads(),
     }
     (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     if output_dir.exists():

@@ -255,3 +255,36 @@ def test_digit_presets_match_the_templates():
             assert p not in train and prompt_digit(p) == d
             # every held-out word was seen in training: each one is a single vocabulary token
             assert all(t.endswith("</w>") for t in tok.convert_ids_to_tokens(tok(p).input_ids)[1:-1])
+
+
+# ----------------------------------------------------------------------------------------------- quick start
+def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_path):
+    """The README's quick start, reduced: erase with erase/sd.py under accelerate launch, audit before / after."""
+    from PIL import Image
+
+    from eval.digits import main
+
+    model, _ = tiny_digits_model
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--model", str(model), "--output_dir", str(out), "--max_train_steps", "2",
+                 "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
+                 "--train_batch_size", "1"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["concept"] == "three" and r["settings"]["methods"] == ["scissorhands"]
+    assert r["settings"]["max_train_steps"] == 2 and r["settings"]["seeds"] == [0]
+    run = r["runs"]["scissorhands"][0]
+    assert run["seed"] == 0 and run["wall_seconds"] > 0 and run["peak_rss_mb"] > 50
+    assert "accelerate.commands.launch" in run["command"] and "--max_train_steps" in run["command"]
+    agg = r["methods"]["scissorhands"]
+    assert agg["forget_acc"] == {"mean": run["forget_acc"], "std": 0.0, "n": 1}
+    assert {t["target"] for t in r["targets"]} >= {"base draws each digit correctly >= 90%",
+                                                   "Scissorhands forget_acc <= 2%"}
+    cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
+    assert cfg["method"] == "scissorhands" and cfg["pretrained_model_name_or_path"] == str(model)
+    scored = json.loads((out / "scores" / "scissorhands-seed0" / "summary.json").read_text())
+    assert scored["settings"]["erased"] is True and scored["forget_acc"] == run["forget_acc"]
+    md = (out / "results.md").read_text()
+    assert "| scissorhands |" in md and "| base (no erasure) |" in md
+    for name in ("chart.png", "grid_base.png", "grid_scissorhands.png"):
+        with Image.open(out / name) as im:
+            assert im.size[0] > 32
