@@ -164,21 +164,48 @@ def bare_steps(unet, args, lam: float = 1.0) -> list[float]:
 
 
 def mode_ratio(args) -> dict:
+    """Interleaved repeats; the figure is the ratio of the fastest steps (least disturbed by other load)."""
     torch.set_num_threads(args.threads)
-    rows = []
-    for r in range(args.repeats):  # interleaved, so load from other processes hits both sides alike
+    bare_all, eng_all = [], []
+    for r in range(args.repeats):
         unet = build_unet(MID_UNET)
         bare = bare_steps(unet, args)
         unet = build_unet(MID_UNET)
         eng, _ = engine_steps(unet, args)
-        rows.append({"bare_s": statistics.median(bare), "scissorhands_s": statistics.median(eng)})
-        print(json.dumps({"repeat": r, **rows[-1]}), flush=True)
-    bare = min(x["bare_s"] for x in rows)
-    sc = min(x["scissorhands_s"] for x in rows)
+        bare_all += bare
+        eng_all += eng
+        print(json.dumps({"repeat": r, "bare_s": statistics.median(bare), "scissorhands_s": statistics.median(eng)}), flush=True)
     n = sum(p.numel() for p in build_unet(MID_UNET).parameters())
     return {"mode": "ratio", "unet": "mid (block_out_channels 32,64,128,128; cross_attention_dim 128)", "unet_parameters": n,
-            "latent": args.latent, "batch": args.batch, "targets": args.targets, "threads": args.threads, "steps": args.steps,
-            "repeats": rows, "bare_s_per_step": bare, "scissorhands_s_per_step": sc, "ratio": sc / bare}
+            "latent": args.latent, "batch": args.batch, "targets": args.targets, "threads": args.threads,
+            "steps_per_repeat": args.steps, "repeats": args.repeats,
+            "bare_s_per_step": {"min": min(bare_all), "median": statistics.median(bare_all)},
+            "scissorhands_s_per_step": {"min": min(eng_all), "median": statistics.median(eng_all)},
+            "ratio": min(eng_all) / min(bare_all), "ratio_of_medians": statistics.median(eng_all) / statistics.median(bare_all),
+            "overhead_ms": overhead_ms(args)}
+
+
+def overhead_ms(args) -> dict:
+    """What a Scissorhands step adds to the bare passes, timed alone: keyed batch draws (3 per step) and the projection."""
+    from erase.core import select_parameters
+    from erase.core.projection import project_
+    from erase.diffusion import TARGET_PRESETS
+
+    unet = build_unet(MID_UNET)
+    adapter = build_adapter(unet, args.latent, args.batch)
+    stream = adapter.forget_stream(0)
+    t0 = time.perf_counter()
+    for _ in range(30):
+        adapter._noisy(next(stream), "loss")
+    draws = (time.perf_counter() - t0) / 30 * 3e3
+    params = select_parameters(unet, args.targets, presets=TARGET_PRESETS)
+    g = [torch.randn_like(p) for p in params.values()]
+    mem = [[-x.clone() for x in g]]
+    t0 = time.perf_counter()
+    for _ in range(30):
+        project_([x.clone() for x in g], mem)
+    proj = (time.perf_counter() - t0) / 30 * 1e3
+    return {"batch_draws_per_step": draws, "projection_per_step": proj}
 
 
 def mode_trim(args) -> dict:
