@@ -151,7 +151,7 @@ def aggregate(per_seed: list[dict], names: list[str]) -> dict:
         entry = {k: summary(r[k] for r in rows) for k in SUMMARY_KEYS}
         entry["collapsed"] = sum(r["TA"] < ref[r["seed"]]["TA"] - COLLAPSE_DROP for r in rows)
         entry["seeds"] = len(rows)
-        if sciss and n != "scissorhands":
+        if sciss and n not in ("scissorhands", "retrain"):  # Retrain is the reference: its gap is 0 by definition
             diff = [r["AvgGap"] - sciss[r["seed"]] for r in rows]
             entry["paired_vs_scissorhands"] = {**summary(diff), "scissorhands_better": int(sum(d > 0 for d in diff)),
                                                "ties": int(sum(d == 0 for d in diff))}
