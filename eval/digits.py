@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -221,13 +219,14 @@ def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digit: int) -> tu
 
 def score(args) -> dict:
     """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
-    import torch
-
     from eval.digits_judge import frechet_distance, load_judge
     from eval.generate import GenerationConfig, describe, load_pipeline
     from eval.digits_model import load_digit_images
 
     model = args.model or str(default_model_dir())
+    if not args.model and not Path(model).is_dir():
+        raise UserError(f"no --model given and the default digits model {model} is not trained yet; "
+                        "run `python -m eval.digits train` first")
     card, base, erase_config = resolve_digits_model(model)
     forget, retain, source = _prompt_sets(args)
     out = Path(args.output_dir)
@@ -236,7 +235,6 @@ def score(args) -> dict:
     gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                batch_size=args.batch_size)
     start = time.time()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     judge = load_judge()
     pipe = load_pipeline(model, scheduler=args.scheduler, dtype="fp32", device="cpu")
     real_x, real_y = load_digit_images(judge.config.resolution)
