@@ -1,0 +1,100 @@
+"""erase.diffusion.DiffusionAdapter on a tiny UNet: targets, keyed draws, prediction targets, forget terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from erase.diffusion import LatentSet, PromptEmbeddings
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                attention_head_dim=2, norm_num_groups=32)
+    g = torch.Generator().manual_seed(1)
+    lat = LatentSet(torch.randn(6, 4, 8, 8, generator=g), 0.1 * torch.ones(6, 4, 8, 8), torch.arange(6) % 2)
+    emb = PromptEmbeddings(forget=torch.randn(3, 5, 16, generator=g), retain=torch.randn(2, 5, 16, generator=g),
+                           anchor=torch.randn(1, 5, 16, generator=g), uncond=torch.randn(1, 5, 16, generator=g))
+    return unet, lat, emb, DDPMScheduler
+
+
+def adapter(parts, prediction_type="epsilon", frozen=False, batch_size=2):
+    from erase.diffusion import DiffusionAdapter
+
+    unet, lat, emb, cls = parts
+    sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
+    return DiffusionAdapter(unet, sched, emb, lat, lat, batch_size=batch_size, device="cpu", esd_ddim_steps=4,
+                            frozen_unet=DiffusionAdapter.frozen_copy(unet) if frozen else None)
+
+
+def test_target_presets(parts):
+    from erase.core import select_parameters
+    from erase.diffusion import TARGET_PRESETS
+
+    unet = parts[0]
+    x = select_parameters(unet, "xattn", presets=TARGET_PRESETS)
+    s = select_parameters(unet, "selfattn", presets=TARGET_PRESETS)
+    u = select_parameters(unet, "noxattn", presets=TARGET_PRESETS)
+    full = select_parameters(unet, "full", presets=TARGET_PRESETS)
+    assert x and all(".attn2." in n and n.split(".attn2.")[1].split(".")[0] in ("to_q", "to_k", "to_v", "to_out") for n in x)
+    assert s and all(".attn1." in n for n in s)
+    assert not set(u) & set(x) and "conv_in.weight" in u and "conv_out.weight" not in u
+    assert len(full) == len(list(unet.parameters()))
+
+
+def test_keys_follow_the_global_batch(parts):
+    """Process r of N with batch b draws the keys (hence the noise) of positions r*b.. of one process with batch N*b."""
+    a1, a2 = adapter(parts, batch_size=2), adapter(parts, batch_size=1)
+    one = next(a1.forget_stream(5))
+    r0, r1 = next(a2.forget_stream(5, 0, 2)), next(a2.forget_stream(5, 1, 2))
+    assert one["index"].tolist() == r0["index"].tolist() + r1["index"].tolist()
+    assert one["keys"].tolist() == r0["keys"].tolist() + r1["keys"].tolist()
+    assert torch.equal(a1.loss(a1.model, {**one, "index": one["index"][:1], "keys": one["keys"][:1]}), a2.loss(a2.model, r0))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_target(parts, prediction_type):
+    a = adapter(parts, prediction_type)
+    batch = next(a.retain_stream(0))
+    zt, t, target, r = a._noisy(batch, "loss")
+    x0 = (parts[1].mean[batch["index"]] + 0.1 * r["eps"]) * a.scaling_factor
+    expected = r["noise"] if prediction_type == "epsilon" else a.scheduler.get_velocity(x0, r["noise"], t)
+    torch.testing.assert_close(target, expected)
+    cond = parts[2].retain[parts[1].prompt_index[batch["index"]]]
+    manual = F.mse_loss(a.model(zt, t, encoder_hidden_states=cond).sample, expected)
+    torch.testing.assert_close(a.loss(a.model, batch), manual)
+
+
+def test_forget_terms(parts):
+    a = adapter(parts, frozen=True)
+    batch = next(a.forget_stream(0))
+    lf = a.forget_loss(a.model, batch)
+    torch.testing.assert_close(a.forget_term("ascent", a.model, batch), -lf)
+    assert float(a.forget_term("ascent", a.model, batch, bound=0.01)) == pytest.approx(-0.01)
+    for kind in ("redirect", "esd"):
+        a.model.zero_grad(set_to_none=True)
+        term = a.forget_term(kind, a.model, batch, eta=2.0)
+        term.backward()
+        assert torch.isfinite(term) and any(p.grad is not None for p in a.model.parameters())
+        assert all(p.grad is None for p in a.frozen.parameters())
+    # esd with the model equal to the frozen base and eta = 0: the target is the unconditional prediction
+    x, t, cond, uncond = a.sample_esd_start(batch)
+    with torch.no_grad():
+        expected = F.mse_loss(a.model(x, t, encoder_hidden_states=cond).sample, a.frozen(x, t, encoder_hidden_states=uncond).sample)
+        torch.testing.assert_close(a.forget_term("esd", a.model, batch, eta=0.0), expected)
+    with pytest.raises(ValueError, match="forget term 'nope'"):
+        a.forget_term("nope", a.model, batch)
