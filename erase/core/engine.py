@@ -99,8 +99,8 @@ class RunContext:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t, reduction="sum") if self.accelerator.num_processes > 1 else t
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean") if self.accelerator.num_processes > 1 else t
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -189,7 +189,9 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
     start = time.perf_counter()
     ckpt = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     ctx.model = model
-    prepare_info = method.prepare(ctx)
+    extra = json.loads((ckpt / "erase_state.json").read_text()) if ckpt is not None else None
+    # On resume the prepared state (trimmed weights, masks, streams) comes from the checkpoint: no second trim.
+    prepare_info = extra["prepare_info"] if extra is not None else method.prepare(ctx)
 
     optimizer = build_optimizer(params.values(), config)
     model_p, optimizer = acc.prepare(model, optimizer)
@@ -202,7 +204,6 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         logger.info(f"no checkpoint in {config.output_dir}; starting a new run", main_process_only=True)
     if ckpt is not None:
         acc.load_state(str(ckpt))
-        extra = json.loads((ckpt / "erase_state.json").read_text())
         first_step = int(extra["step"])
         for k, s in streams.items():
             s.load_state_dict(extra["streams"][k])
@@ -249,7 +250,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
             if acc.trackers:
                 acc.log(row, step=step + 1)
         if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            save_checkpoint(acc, method, streams, step + 1, config)
+            save_checkpoint(acc, method, streams, step + 1, config, prepare_info)
     bar.close()
     acc.wait_for_everyone()
     return RunResult(
@@ -270,7 +271,8 @@ def _num(v):
     return v
 
 
-def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, EndlessStream], step: int, config: EngineConfig) -> Path:
+def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, EndlessStream], step: int, config: EngineConfig,
+                    prepare_info: dict | None = None) -> Path:
     """``checkpoint-{step}``: accelerate state (model in safetensors) + streams + method tensors, renamed into place."""
     out = Path(config.output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
@@ -280,7 +282,8 @@ def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, Endless
     acc.save_state(str(tmp))
     if acc.is_main_process:
         (tmp / "erase_state.json").write_text(json.dumps({"step": step, "streams": {k: s.state_dict() for k, s in streams.items()},
-                                                           "method": method.name, "config": asdict(config)}, indent=1))
+                                                           "method": method.name, "config": asdict(config),
+                                                           "prepare_info": prepare_info or {}}, indent=1, default=str))
         tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()}
         if tensors:
             save_file(tensors, str(tmp / "erase_state.safetensors"), metadata={"method": method.name, "step": str(step)})

@@ -24,13 +24,14 @@ def saliency_scores(
     num_batches: int = 1,
     kind: str = "snip",
     backward: Callable[[torch.Tensor], None] | None = None,
-    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce_grad: Callable[[torch.Tensor], torch.Tensor] | None = None,
     model: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores (float32, shaped like each parameter) from ``num_batches`` fresh draws of ``batches``.
 
     ``backward`` defaults to ``loss.backward()`` (pass ``accelerator.backward`` for mixed precision);
-    ``reduce`` sums an accumulator across processes (``None`` on one process) so every rank selects the same.
+    ``reduce_grad`` averages each batch's gradient across processes before it is folded in (``None`` on one
+    process), so a batch is the global batch and the scores, hence the selection, do not depend on the process count.
     With ``model`` given, its other parameters get no gradient during the pass; ``requires_grad`` flags are restored.
     """
     if kind not in KINDS:
@@ -44,6 +45,8 @@ def saliency_scores(
 
     def fold(p: torch.Tensor) -> None:
         g = p.grad.float()
+        if reduce_grad is not None:
+            g = reduce_grad(g)
         a = by_id[id(p)]
         a.add_(g.abs() if kind == "snip" else g)
         p.grad = None
@@ -69,8 +72,6 @@ def saliency_scores(
                 p.grad = None
     for n, p in params.items():
         a = acc[n]
-        if reduce is not None:
-            a = reduce(a)
         if kind == "snip":
             a.mul_(p.detach().float()).abs_()
         else:
