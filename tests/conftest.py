@@ -52,3 +52,22 @@ def mlp(trained_mlp):
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
     model.load_state_dict(trained_mlp)
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_test_process():
+    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe badly."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline folder (eval.tiny), shared by the erase/sd.py tests."""
+    from eval.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")

@@ -49,22 +49,6 @@ def unet_state(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; on a shared 2-core machine more threads oversubscribe badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from eval.tiny import build_tiny_pipeline
-
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
-
-
 @pytest.fixture(scope="module")
 def data_dir(tiny, tmp_path_factory):
     """Forget / retain images and cached latents, generated once (a 0-step run) and shared by every run here."""

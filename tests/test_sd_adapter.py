@@ -7,14 +7,6 @@ import torch
 import torch.nn.functional as F
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def parts():
     from diffusers import DDPMScheduler, UNet2DConditionModel
