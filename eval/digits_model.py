@@ -141,11 +141,11 @@ def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np
 class DigitsModelConfig:
     resolution: int = field(default=16, metadata={"help": "image side in pixels (the 8x8 digits are upscaled)"})
     seed: int = field(default=0, metadata={"help": "seed for initialisation and batches"})
-    vae_steps: int = field(default=300, metadata={"help": "autoencoder training steps"})
+    vae_steps: int = field(default=200, metadata={"help": "autoencoder training steps"})
     vae_batch_size: int = field(default=64, metadata={"help": "autoencoder batch size"})
     vae_lr: float = field(default=2e-3, metadata={"help": "autoencoder learning rate"})
     vae_kl_weight: float = field(default=1e-5, metadata={"help": "weight of the KL term of the autoencoder"})
-    unet_steps: int = field(default=1000, metadata={"help": "UNet + text encoder training steps"})
+    unet_steps: int = field(default=800, metadata={"help": "UNet + text encoder training steps"})
     lr: float = field(default=2e-3, metadata={"help": "UNet + text encoder peak learning rate (cosine decay)"})
     batch_size: int = field(default=64, metadata={"help": "UNet + text encoder batch size"})
     cond_dropout: float = field(default=0.1, metadata={"help": "share of prompts replaced by '' (for CFG)"})
