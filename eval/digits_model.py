@@ -258,13 +258,13 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     Cached: a folder whose ``digits_model.json`` has this config's fingerprint is returned as it is.
     The folder is written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-    from tqdm.auto import tqdm
-
     output_dir = Path(output_dir)
     if not force and is_trained(output_dir, cfg):
         logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
         return output_dir
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from tqdm.auto import tqdm
+
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a digits model folder; choose an empty path")
 
