@@ -120,6 +120,7 @@ class RunResult:
     wall_seconds: float
     steps: int
     resumed_from: str | None = None
+    step_seconds: list[float] = field(default_factory=list)
 
 
 def make_accelerator(config: EngineConfig, **kwargs) -> Accelerator:
@@ -216,7 +217,9 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
                disable=not (config.progress and acc.is_local_main_process), desc=f"{method.name}")
     accum = config.gradient_accumulation_steps
     model_p.train()
+    step_seconds: list[float] = []
     for step in bar:
+        tick = time.perf_counter()
         ctx.step = step
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, config)
@@ -242,6 +245,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
             acc.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - tick)
         if step % config.log_every == 0 or step == config.max_train_steps - 1:
             row = {"step": step + 1, "loss": total, "lr": optimizer.param_groups[0]["lr"]}
             row.update({k: _num(v) for k, v in {**logs, **parts}.items()})
@@ -262,6 +266,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         wall_seconds=time.perf_counter() - start,
         steps=config.max_train_steps,
         resumed_from=str(ckpt) if ckpt else None,
+        step_seconds=step_seconds,
     )
 
 
