@@ -83,3 +83,14 @@ def test_cli_one_line_and_list_concepts():
     assert run.returncode == 0, run.stderr
     names = [ln.split()[0] for ln in run.stdout.splitlines() if ln.strip()]
     assert {"nudity", "van_gogh", "church", "eiffel_tower", "parachute"} <= set(names)
+
+
+@pytest.mark.parametrize("targets,expect", [("xattn", ".attn2."), ("selfattn", ".attn1."), (r".*conv_in\..*", "conv_in.")])
+def test_list_targets_prints_what_matches_without_loading_weights(targets, expect, tiny, capsys):
+    from erase.sd import main, parse_args
+
+    info = main(parse_args(["--pretrained_model_name_or_path", str(tiny), "--list_targets", "--targets", targets]))
+    lines = capsys.readouterr().out.strip().splitlines()
+    listed = [ln.split("\t")[0] for ln in lines if not ln.startswith("#")]
+    assert listed == list(info["tensors"]) and listed and all(expect in n for n in listed)
+    assert lines[-1].startswith(f"# {len(listed)} tensors, {info['num_parameters']:,} of ")
