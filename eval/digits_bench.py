@@ -91,6 +91,21 @@ def _score(model: str, digit: int, out: Path, args) -> dict:
     return score(ns)
 
 
+def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
+    """An earlier audit of this very erasure with the same audit settings, or None (a rerun resumes the table)."""
+    path, record = score_dir / "summary.json", run_dir.parent / f"{run_dir.name}.json"
+    if not (path.is_file() and record.is_file() and (run_dir / "erase_config.json").is_file()):
+        return None
+    if path.stat().st_mtime < record.stat().st_mtime:  # the erasure was redone after this audit
+        return None
+    summary = json.loads(path.read_text())
+    st, gen = summary.get("settings", {}), summary.get("settings", {}).get("generation", {})
+    same = (st.get("erase_config") == json.loads((run_dir / "erase_config.json").read_text())
+            and st.get("num_images_per_digit_per_seed") == args.num_images and st.get("seeds") == [0]
+            and gen.get("steps") == args.steps and gen.get("guidance") == args.guidance and "heldout" in summary)
+    return summary if same else None
+
+
 def _row(summary: dict, extra: dict | None = None) -> dict:
     held = summary.get("heldout") or {}
     return {"forget_acc": summary["forget_acc"], "retain_acc": summary["retain_acc"], "retain_fd": summary["retain_fd"],
@@ -242,7 +257,11 @@ def bench(args) -> dict:
     for m, s in tqdm(jobs, desc="erase + audit", unit="run"):
         run_dir = out / "runs" / f"{m}-seed{s}"
         info = run_erasure(str(base), args.digit, m, s, run_dir, out / "data" / f"seed-{s}", args)
-        summary = _score(str(run_dir), args.digit, out / "scores" / f"{m}-seed{s}", args)
+        summary = _reusable_score(run_dir, out / "scores" / f"{m}-seed{s}", args)
+        if summary is None:
+            summary = _score(str(run_dir), args.digit, out / "scores" / f"{m}-seed{s}", args)
+        else:
+            logger.info("audit: %s-seed%s already done, reused", m, s)
         results["runs"].setdefault(m, []).append(_row(summary, {"seed": s, **info}))
     for m in methods:
         results["methods"][m] = _aggregate(results["runs"][m])
