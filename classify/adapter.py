@@ -17,7 +17,7 @@ class ClassifierAdapter(Adapter):
     forget_kinds = ("ascent", "relabel")
 
     def __init__(self, model: nn.Module, forget: tuple[torch.Tensor, torch.Tensor], retain: tuple[torch.Tensor, torch.Tensor],
-                 num_classes: int, batch_size: int = 64, device: torch.device | str | None = None,
+                 num_classes: int, batch_size: int = 64,
                  target_presets: dict[str, str] | None = None):
         self.model = model
         self.forget_x, self.forget_y = forget

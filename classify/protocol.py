@@ -97,25 +97,12 @@ def trained_reference(data: Data, train_split: Split, idx: np.ndarray, init_seed
     config = EngineConfig(output_dir=str(cache_dir or "."), max_train_steps=steps, train_batch_size=train.batch_size, lr=train.lr,
                           weight_decay=train.weight_decay, lr_schedule="cosine", seed=init_seed, progress=False, log_every=steps)
     result = run(adapter, build_method("retrain", task="classify", init_seed=init_seed), config, accelerator=accelerator)
-    release(accelerator)
     model = result.model.eval()
     info = {"settings": settings, "key": key, "wall_seconds": result.wall_seconds, "steps": steps,
             "final_loss": result.history[-1]["loss"] if result.history else None}
     if cache_dir is not None:
         _save_atomic(model, info, Path(cache_dir), key)
     return model, info
-
-
-def release(accelerator) -> None:
-    """Drop the shared Accelerator's references to a finished run's model and optimizer.
-
-    ``Accelerator.free_memory`` does the same plus a full ``gc.collect`` (0.5 s each on a loaded CPU, ~10 runs per
-    seed), which tiny in-memory runs do not need.
-    """
-    if accelerator is not None:
-        for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
-            getattr(accelerator, name, []).clear()
-        accelerator.step = 0
 
 
 def _save_atomic(model: torch.nn.Module, info: dict, cache_dir: Path, key: str) -> None:
@@ -148,7 +135,6 @@ def unlearn(data: Data, original: torch.nn.Module, forget: Split, retain: Split,
     config = EngineConfig(**{"output_dir": ".", "train_batch_size": batch_size, "seed": seed, "progress": False,
                              "log_every": 10**9, **engine_hp})
     result = run(adapter, build_method(method, task="classify", **method_hp), config, accelerator=accelerator)
-    release(accelerator)
     return result.model.eval(), {"wall_seconds": result.wall_seconds, "prepare": _slim(result.prepare_info)}
 
 

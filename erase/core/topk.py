@@ -46,9 +46,8 @@ def global_topk_masks(scores: Mapping[str, torch.Tensor], k_percent: float) -> d
     bits = [_bits(scores[n]) for n in names]
     total = sum(b.numel() for b in bits)
     k = num_selected(total, k_percent)
-    masks = {n: torch.zeros(scores[n].shape, dtype=torch.bool, device=scores[n].device) for n in names}
     if k == 0:
-        return masks
+        return {n: torch.zeros(scores[n].shape, dtype=torch.bool, device=scores[n].device) for n in names}
     # Largest t with count(bits >= t) >= k; bits of non-negative finite floats lie in [0, 0x7F800000].
     lo, hi = 0, 0x7F800000
     while lo < hi:
@@ -60,6 +59,7 @@ def global_topk_masks(scores: Mapping[str, torch.Tensor], k_percent: float) -> d
     t = lo
     above = _count_ge(bits, t + 1)
     ties_left = k - above
+    masks = {}
     for n, b in zip(names, bits):
         m = b > t
         if ties_left > 0:

@@ -61,7 +61,6 @@ class Scissorhands(Method):
     def __init__(self, config: ScissorhandsConfig):
         super().__init__(config)
         self.memories: list[list[torch.Tensor]] = []
-        self.masks = None
 
     # -- trim ---------------------------------------------------------------------------------------------
     def prepare(self, ctx) -> dict:
