@@ -58,6 +58,14 @@ def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *,
                     [r.seed for r in rows], source="generated")
 
 
+def merge_splits(split: str, parts: list[ImageSet]) -> ImageSet:
+    """One set from several (one per concept), in order; a single part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    return ImageSet(split, [f for p in parts for f in p.files], [q for p in parts for q in p.prompts],
+                    [s for p in parts for s in p.seeds], source="generated")
+
+
 def folder_split(split: str, folder: str | Path, default_prompt: str = "") -> ImageSet:
     """Images of a user folder; the prompt of ``x.png`` is ``x.txt`` when present, else ``default_prompt``."""
     images, _ = list_inputs(folder)

@@ -8,6 +8,15 @@ Loss: the noise-prediction MSE of DDPM training (Ho et al., 2020, eq. 14) at a u
 * ``esd``: ‖ε_θ(x_t, c) − (ε*(x_t) − η(ε*(x_t, c) − ε*(x_t)))‖² with x_t drawn from the frozen base ε* under the
   concept prompt by a random number of DDIM steps (ESD, Gandikota et al., 2023; as in its diffusers code).
 
+Retain terms (``retain_mode``): ``data`` is the noise-prediction loss on retain images; ``distill`` keeps the frozen
+base's prediction, ‖ε_θ(z, t, c_r) − ε*(z, t, c_r)‖², at freshly drawn pure-noise latents z ~ N(0, I) and uniform t,
+for retain prompts c_r of which a share (``distill_empty_fraction``) is the empty prompt (the branch classifier-free
+guidance uses): no images, so nothing to memorise (the generated-retain-set fine-tuning of ``data`` collapses the
+diversity of what the model draws); ``both`` adds the two.
+
+Several concepts (or captioned forget images) are *groups*: each forget image belongs to one group, draws its
+condition among that group's prompts, and is redirected to that group's anchor.
+
 Every random draw of a batch (timestep, noise, latent sample, prompt choice, ESD start code and step count) comes
 from a generator seeded by the example's key: (stream seed, draw, position in the *global* batch). A resumed run
 therefore draws exactly what an uninterrupted one would, and a run on N processes with batch b sees the same
@@ -37,7 +46,8 @@ TARGET_PRESETS: dict[str, str] = {
 }
 
 _MASK63 = (1 << 63) - 1
-_SALTS = {"loss": 1, "redirect": 2, "esd": 3}
+_SALTS = {"loss": 1, "redirect": 2, "esd": 3, "distill": 4}
+RETAIN_MODES = ("data", "distill", "both")
 
 
 def example_key(seed: int, draw: int, position: int) -> int:
@@ -71,12 +81,28 @@ class LatentSet:
 
 @dataclass
 class PromptEmbeddings:
-    """Text-encoder outputs, computed once (the text encoder is frozen)."""
+    """Text-encoder outputs, computed once (the text encoder is frozen).
+
+    ``groups[g]`` lists the rows of ``forget`` a forget image of group g (its ``LatentSet.prompt_index``) draws its
+    condition from, and ``group_anchor[g]`` the row of ``anchor`` it is redirected to (default: one group of every
+    forget prompt, anchored at row 0).
+    """
 
     forget: torch.Tensor  # (F, L, D): c_forget
     retain: torch.Tensor  # (R, L, D): the retain images' prompts
-    anchor: torch.Tensor | None  # (1, L, D)
+    anchor: torch.Tensor | None  # (A, L, D)
     uncond: torch.Tensor  # (1, L, D): the empty prompt
+    distill: torch.Tensor | None = None  # (P, L, D): prompts whose base predictions the distill term keeps
+    groups: list[list[int]] | None = None
+    group_anchor: list[int] | None = None
+
+    def __post_init__(self):
+        if self.groups is None:
+            self.groups = [list(range(self.forget.shape[0]))]
+        if self.group_anchor is None:
+            self.group_anchor = [0] * len(self.groups)
+        if any(not g for g in self.groups) or len(self.group_anchor) != len(self.groups):
+            raise ValueError("every forget group needs at least one prompt and one anchor index")
 
 
 @torch.no_grad()
@@ -103,7 +129,7 @@ class DiffusionAdapter(Adapter):
     def __init__(self, unet: nn.Module, noise_scheduler, embeddings: PromptEmbeddings, forget: LatentSet, retain: LatentSet | None,
                  batch_size: int = 1, scaling_factor: float = 0.18215, device=None, weight_dtype=torch.float32,
                  negative_guidance: float = 1.0, esd_ddim_steps: int = 50, esd_start_guidance: float = 3.0,
-                 frozen_unet: nn.Module | None = None):
+                 frozen_unet: nn.Module | None = None, retain_mode: str = "data", distill_empty_fraction: float = 0.1):
         self.model = unet
         self.scheduler = noise_scheduler
         self.emb = embeddings
@@ -120,6 +146,15 @@ class DiffusionAdapter(Adapter):
         self.esd_ddim_steps = int(esd_ddim_steps)
         self.esd_start_guidance = float(esd_start_guidance)
         self.frozen = frozen_unet
+        if retain_mode not in RETAIN_MODES:
+            raise ValueError(f"retain mode {retain_mode!r} is not one of {RETAIN_MODES}")
+        if retain_mode != "data" and (frozen_unet is None or embeddings.distill is None):
+            raise ValueError(f"retain mode {retain_mode!r} needs the frozen base UNet and distillation prompt embeddings")
+        if not 0.0 <= float(distill_empty_fraction) <= 1.0:
+            raise ValueError(f"distill_empty_fraction must be in [0, 1], got {distill_empty_fraction}")
+        self.retain_mode = retain_mode
+        self.distill_empty_fraction = float(distill_empty_fraction)
+        self._latent_shape = tuple(forget.mean.shape[1:])
 
     @staticmethod
     def frozen_copy(unet: nn.Module, dtype=None) -> nn.Module:
@@ -128,15 +163,21 @@ class DiffusionAdapter(Adapter):
         return frozen.to(dtype=dtype) if dtype is not None else frozen
 
     # -- randomness -----------------------------------------------------------------------------------------
-    def _draw(self, keys, salt: str, latent_shape) -> dict[str, torch.Tensor]:
-        """Per-example timestep, noise, posterior sample and forget-prompt choice."""
+    def _choose(self, group: int, g: torch.Generator) -> int:
+        """A forget-prompt row of ``group``, drawn from ``g`` (one group of all prompts: a uniform row, as before groups)."""
+        rows = self.emb.groups[group]
+        return rows[int(torch.randint(0, len(rows), (1,), generator=g))]
+
+    def _draw(self, keys, salt: str, latent_shape, groups=None) -> dict[str, torch.Tensor]:
+        """Per-example timestep, noise, posterior sample and forget-prompt choice (within the example's group)."""
         t, noise, eps, choice = [], [], [], []
-        for k in keys.tolist():
+        groups = groups.tolist() if groups is not None else [0] * len(keys)
+        for k, grp in zip(keys.tolist(), groups):
             g = _generator(k, _SALTS[salt])
             t.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
             noise.append(torch.randn(latent_shape, generator=g))
             eps.append(torch.randn(latent_shape, generator=g))
-            choice.append(int(torch.randint(0, max(1, self.emb.forget.shape[0]), (1,), generator=g)))
+            choice.append(self._choose(grp, g))
         d = self.device
         return {"t": torch.tensor(t, device=d, dtype=torch.long), "noise": torch.stack(noise).to(d),
                 "eps": torch.stack(eps).to(d), "choice": torch.tensor(choice, device=d, dtype=torch.long)}
@@ -145,7 +186,8 @@ class DiffusionAdapter(Adapter):
         lat = batch["set"]
         idx = batch["index"]
         mean, std = lat.mean[idx].to(self.device), lat.std[idx].to(self.device)
-        r = self._draw(batch["keys"], salt, tuple(mean.shape[1:]))
+        groups = lat.prompt_index[idx] if batch["split"] == "forget" else None
+        r = self._draw(batch["keys"], salt, tuple(mean.shape[1:]), groups)
         x0 = (mean + std * r["eps"]) * self.scaling_factor
         zt = self.scheduler.add_noise(x0, r["noise"], r["t"])
         target = r["noise"] if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, r["noise"], r["t"])
@@ -166,6 +208,34 @@ class DiffusionAdapter(Adapter):
         pred = self.predict(model, zt, t, self._cond(batch, r).to(self.weight_dtype))
         return F.mse_loss(pred.float(), target.float())
 
+    def retain_loss(self, model, batch) -> torch.Tensor:
+        if self.retain_mode == "data":
+            return self.loss(model, batch)
+        term = self.distill_loss(model, batch)
+        return term if self.retain_mode == "distill" else self.loss(model, batch) + term
+
+    def distill_loss(self, model, batch) -> torch.Tensor:
+        """‖ε_θ(z, t, c) − ε*(z, t, c)‖² at pure-noise z, uniform t, c a distillation prompt or (sometimes) ``""``."""
+        t, z, rows = [], [], []
+        table = self.emb.distill
+        for j, k in enumerate(batch["keys"].tolist()):
+            g = _generator(k, _SALTS["distill"])
+            t.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
+            z.append(torch.randn(self._latent_shape, generator=g))
+            empty = float(torch.rand((1,), generator=g)) < self.distill_empty_fraction
+            # a distill batch names its prompt rows; a data batch ("both") draws one per example
+            row = int(batch["index"][j]) if batch["split"] == "distill" else int(torch.randint(0, table.shape[0], (1,), generator=g))
+            rows.append(-1 if empty else row)
+        d = self.device
+        zt = torch.stack(z).to(d) * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
+        tt = torch.tensor(t, device=d, dtype=torch.long)
+        cond = torch.stack([self.emb.uncond[0] if r < 0 else table[r] for r in rows]).to(d, self.weight_dtype)
+        zt = zt.to(self.weight_dtype)
+        with torch.no_grad():
+            target = self.predict(self.frozen, zt, tt, cond).float()
+        pred = self.predict(model, zt, tt, cond)
+        return F.mse_loss(pred.float(), target)
+
     def forget_term(self, kind, model, batch, bound=None, **kwargs):
         if kind == "redirect":
             return self._redirect(model, batch)
@@ -178,7 +248,9 @@ class DiffusionAdapter(Adapter):
             raise ValueError("the redirect forget term needs an anchor prompt (--anchor_prompt)")
         zt, t, _, r = self._noisy(batch, "redirect")
         cond = self._cond(batch, r).to(self.weight_dtype)
-        anchor = self.emb.anchor.expand(zt.shape[0], -1, -1).to(self.weight_dtype)
+        groups = batch["set"].prompt_index[batch["index"]].tolist()
+        rows = torch.tensor([self.emb.group_anchor[g] for g in groups], device=self.emb.anchor.device)
+        anchor = self.emb.anchor[rows].to(self.device, self.weight_dtype)
         with torch.no_grad():  # the anchor's prediction is a fixed target: no DDP hooks, no graph
             target = self.predict(getattr(model, "module", model), zt, t, anchor)
         pred = self.predict(model, zt, t, cond)
@@ -194,12 +266,13 @@ class DiffusionAdapter(Adapter):
         lat = batch["set"]
         shape = tuple(lat.mean.shape[1:])
         keys = batch["keys"].tolist()
+        groups = lat.prompt_index[batch["index"]].tolist()
         steps, starts, choice = [], [], []
-        for k in keys:
+        for k, grp in zip(keys, groups):
             g = _generator(k, _SALTS["esd"])
             steps.append(int(torch.randint(0, self.esd_ddim_steps, (1,), generator=g)))
             starts.append(torch.randn(shape, generator=g))
-            choice.append(int(torch.randint(0, self.emb.forget.shape[0], (1,), generator=g)))
+            choice.append(self._choose(grp, g))
         d, n = self.device, len(keys)
         cond = self.emb.forget[torch.tensor(choice, device=d)].to(self.weight_dtype)
         uncond = self.emb.uncond.expand(n, -1, -1).to(self.weight_dtype)
@@ -237,11 +310,19 @@ class DiffusionAdapter(Adapter):
         return self._stream("forget", self.forget_set, seed, rank, world, min(self.batch_size, len(self.forget_set)))
 
     def retain_stream(self, seed, rank=0, world=1):
+        if self.retain_mode == "distill":  # no images: a stream over the distillation prompts
+            def collate(idx, keys):
+                return {"split": "distill", "index": torch.as_tensor(list(idx), dtype=torch.long),
+                        "keys": torch.as_tensor(keys, dtype=torch.long)}
+            return KeyedStream(int(self.emb.distill.shape[0]), self.batch_size, collate, seed=seed, rank=rank, world=world,
+                               name="distillation prompts")
         if self.retain_set is None or len(self.retain_set) == 0:
             raise ValueError("this method needs retain images (--num_retain_images > 0 or --retain_images DIR)")
         return self._stream("retain", self.retain_set, seed, rank, world, self.batch_size)
 
     def extra_state(self):
         return {"forget_images": len(self.forget_set), "retain_images": len(self.retain_set) if self.retain_set is not None else 0,
-                "prediction_type": self.prediction_type, "num_train_timesteps": self.num_train_timesteps,
+                "retain_mode": self.retain_mode, "distill_empty_fraction": self.distill_empty_fraction,
+                "distill_prompts": int(self.emb.distill.shape[0]) if self.emb.distill is not None else 0,
+                "forget_groups": len(self.emb.groups), "prediction_type": self.prediction_type, "num_train_timesteps": self.num_train_timesteps,
                 "scaling_factor": self.scaling_factor}

@@ -53,7 +53,10 @@ def model_card(config: dict) -> str:
     concept = c["concept"]
     base = c["pretrained_model_name_or_path"]
     s = c["settings"]
-    forget = ", ".join(f"`{p}`" for p in c["concept_prompts"]["forget_prompts"][:8])
+    concepts = c.get("concepts") or [c["concept_prompts"]]
+    lines = "".join(f"- Concept: **{k['name']}** ({k.get('category', 'custom')}); forget prompts: "
+                    f"{', '.join(f'`{p}`' for p in k['forget_prompts'][:8])}; anchor prompt: `{k.get('anchor_prompt') or '-'}`\n"
+                    for k in concepts)
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
@@ -68,12 +71,10 @@ tags:
 - {c['method']}
 ---
 
-# {base} with the concept "{concept}" erased
+# {base} with the concept{'s' if len(concepts) > 1 else ''} "{concept}" erased
 
-- Concept: **{concept}** ({c['concept_prompts'].get('category', 'custom')}); forget prompts: {forget}
-- Anchor prompt: `{c['concept_prompts'].get('anchor_prompt') or '-'}`
-- Method: **{c['method']}** on the `{s['targets']}` targets ({c['targets']['num_tensors']} tensors, {c['targets']['num_parameters']:,} parameters)
-{trim_line}- Repair: {s['max_train_steps']} steps, lr {s['lr']}, batch {s['train_batch_size']} x {c['num_processes']} process(es) x {s['gradient_accumulation_steps']} accumulation, forget loss `{c['method_config'].get('forget_loss') or '-'}`, seed {s['seed']}
+{lines}- Method: **{c['method']}** on the `{s['targets']}` targets ({c['targets']['num_tensors']} tensors, {c['targets']['num_parameters']:,} parameters)
+{trim_line}- Repair: {s['max_train_steps']} steps, lr {s['lr']}, batch {s['train_batch_size']} x {c['num_processes']} process(es) x {s['gradient_accumulation_steps']} accumulation, forget loss `{c['method_config'].get('forget_loss') or '-'}`, retain loss `{c['data'].get('retain_loss', 'data')}`, seed {s['seed']}
 - Data: {c['data']['forget']['count']} forget and {c['data']['retain']['count'] if c['data'].get('retain') else 0} retain images ({c['data']['forget']['source']})
 - Changed: {c['delta']['tensors_changed']} tensors, {c['delta']['entries_changed']:,} entries (`{DELTA_NAME}` holds only those)
 - Wall time: {c['wall_seconds']:.1f} s; diffusers {c['versions']['diffusers']}, torch {c['versions']['torch']}

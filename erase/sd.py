@@ -33,13 +33,14 @@ from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
 from erase.core.topk import check_k  # noqa: E402
-from erase.diffusion import TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
+from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
 from eval.common import UserError  # noqa: E402
-from prompts import Concept, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
+from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
 
 logger = get_logger(__name__)
 
 FORGET_LOSSES = ("ascent", "redirect", "esd")
+DEFAULT_FORGET_BOUND = 1.0  # ascent stops once L_f passes the MSE of predicting zero noise (unit-variance target)
 DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
 
@@ -57,7 +58,8 @@ def parse_args(input_args=None):
     parser.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant of the base model (e.g. fp16).")
     parser.add_argument("--concept", type=str, default=None,
-                        help="A preset name (see --list_concepts) or a free-form name used with --forget_prompts.")
+                        help="A preset name (see --list_concepts) or a free-form name used with --forget_prompts; "
+                             "several presets at once as a comma-separated list (--concept three,five,eight), each with its own prompts and anchor.")
     parser.add_argument("--list_concepts", action="store_true", help="Print the concept presets and exit.")
     parser.add_argument("--list_targets", action="store_true",
                         help="Print the UNet parameters that --targets / --exclude select (from the config alone, no weights loaded) and exit.")
@@ -75,8 +77,18 @@ def parse_args(input_args=None):
     parser.add_argument("--topk", type=float, default=None, help="Scissorhands: percent of targeted weights to re-initialise, in (0, 100] (default 10).")
     parser.add_argument("--lam", type=float, default=None, help="Scissorhands: weight of the forget term in the repair (default 1).")
     parser.add_argument("--forget_loss", type=str, default=None, choices=FORGET_LOSSES,
-                        help="Forget term: ascent (-L_f), redirect (to the anchor prompt's prediction) or esd (negative guidance). Default: the method's.")
-    parser.add_argument("--forget_bound", type=float, default=None, help="Clamp L_f at this value inside the ascent term (bounded ascent).")
+                        help="Forget term: ascent (-L_f), redirect (to the anchor prompt's prediction) or esd (negative guidance). "
+                             "Default: redirect when every concept has an anchor prompt, else the bounded ascent (esd for --method esd).")
+    parser.add_argument("--forget_bound", type=float, default=None,
+                        help=f"Clamp L_f at this value inside the ascent term (default {DEFAULT_FORGET_BOUND}: the loss of predicting zero noise; "
+                             "the ascent is never unbounded).")
+    parser.add_argument("--retain_loss", type=str, default=None, choices=RETAIN_MODES,
+                        help="What keeps the rest: distill (match the frozen base's prediction for the retain prompts at fresh "
+                             "pure-noise latents: no retain images needed), data (noise-prediction loss on generated / given retain "
+                             "images) or both. Default: distill; both when --retain_images is given; data for --method ft "
+                             "(fine-tuning on retain data is what FT is).")
+    parser.add_argument("--distill_empty_fraction", type=float, default=0.1,
+                        help="Share of distillation prompts replaced by the empty prompt (the unconditional branch of guidance), in [0, 1].")
     parser.add_argument("--saliency_batches", type=int, default=None, help="Forget batches summed in the saliency score (default 4).")
     parser.add_argument("--selection", type=str, default=None, choices=("global", "per_tensor"), help="Top-k over all targets or per tensor.")
     parser.add_argument("--init", type=str, default=None, choices=("default", "uniform", "normal", "zero"), help="Re-initialisation of trimmed weights.")
@@ -129,26 +141,38 @@ def parse_args(input_args=None):
     def fail(message):
         parser.error(message)
 
-    # concept
-    if not args.concept:
+    # concept(s)
+    if not args.concept or not args.concept.strip(","):
         fail("--concept is required (a preset: " + ", ".join(list_concepts()) + "; or a name with --forget_prompts FILE)")
+    names = [n.strip() for n in args.concept.split(",")]
+    if any(not n for n in names):
+        fail(f"--concept {args.concept!r} has an empty name in its comma-separated list")
     try:
-        if args.concept in list_concepts():
-            concept = load_concept(args.concept)
-            if args.forget_prompts:
-                concept.forget_prompts = read_prompt_file(args.forget_prompts)
-        elif args.forget_prompts:
-            concept = custom_concept(args.concept, read_prompt_file(args.forget_prompts))
-        else:
-            fail(f"unknown concept {args.concept!r}; presets: {', '.join(list_concepts())} (or give --forget_prompts FILE for a free-form concept)")
-        if args.retain_prompts:
-            concept.retain_prompts = read_prompt_file(args.retain_prompts)
-        elif not concept.retain_prompts:
-            concept.retain_prompts = load_concept(GENERIC_RETAIN).retain_prompts
+        concepts = []
+        for name in names:
+            if name in list_concepts():
+                concepts.append(load_concept(name))
+            elif len(names) > 1:
+                fail(f"unknown concept {name!r} in --concept {args.concept!r}; several concepts must each be a preset: {', '.join(list_concepts())}")
+            elif args.forget_prompts:
+                concepts.append(custom_concept(name, read_prompt_file(args.forget_prompts)))
+            else:
+                fail(f"unknown concept {name!r}; presets: {', '.join(list_concepts())} (or give --forget_prompts FILE for a free-form concept)")
+        if args.forget_prompts and len(concepts) > 1:
+            fail("--forget_prompts applies to one concept; with several concepts each preset's own prompts are used")
+        if args.forget_prompts and concepts[0].name in list_concepts():
+            concepts[0].forget_prompts = read_prompt_file(args.forget_prompts)
+        if args.anchor_prompt is not None:
+            for c in concepts:
+                c.anchor_prompt = args.anchor_prompt.strip()
+        retain = read_prompt_file(args.retain_prompts) if args.retain_prompts else None
+        if retain is None and not any(c.retain_prompts for c in concepts):
+            retain = load_concept(GENERIC_RETAIN).retain_prompts
+        concept = concept_set(concepts, retain)
     except (FileNotFoundError, ValueError, KeyError) as e:
         fail(str(e).strip("'\""))
-    if args.anchor_prompt is not None:
-        concept.anchor_prompt = args.anchor_prompt.strip()
+    if not concept.retain_prompts:
+        fail(f"no retain prompts are left for --concept {args.concept!r} (give --retain_prompts FILE)")
     args.concept_obj = concept
 
     # model
@@ -173,9 +197,19 @@ def parse_args(input_args=None):
             re.compile(args.targets)
         except re.error as e:
             fail(f"--targets {args.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regex: {e}")
+    if args.retain_loss is None:
+        args.retain_loss = "data" if args.method == "ft" else "both" if args.retain_images else "distill"
+    anchored = all(c.anchor_prompt for c in concept.concepts)
+    if args.forget_loss is None and args.method == "scissorhands":
+        args.forget_loss = "redirect" if anchored else "ascent"
     forget_loss = args.forget_loss or ("redirect" if args.method == "salun" else "esd" if args.method == "esd" else "ascent")
-    if forget_loss == "redirect" and not concept.anchor_prompt:
-        fail(f"--forget_loss redirect needs an anchor prompt; concept {concept.name!r} has none (give --anchor_prompt)")
+    if forget_loss == "ascent" and args.forget_bound is None:
+        args.forget_bound = DEFAULT_FORGET_BOUND
+    if forget_loss == "redirect" and not anchored:
+        missing = next(c.name for c in concept.concepts if not c.anchor_prompt)
+        fail(f"--forget_loss redirect needs an anchor prompt; concept {missing!r} has none (give --anchor_prompt)")
+    if not 0.0 <= args.distill_empty_fraction <= 1.0:
+        fail(f"--distill_empty_fraction must be in [0, 1], got {args.distill_empty_fraction}")
     if args.method == "esd" and args.forget_loss not in (None, "esd"):
         fail(f"--method esd uses the esd forget term; --forget_loss {args.forget_loss} does not apply")
     for name in ("max_train_steps", "checkpointing_steps", "lr_warmup_steps"):
@@ -198,8 +232,10 @@ def parse_args(input_args=None):
             fail(f"--{flag} {folder!r} is not a folder")
     if not args.forget_images and args.num_forget_images < 1:
         fail(f"--num_forget_images must be >= 1 (or give --forget_images DIR), got {args.num_forget_images}")
-    if not args.retain_images and args.num_retain_images < 1 and args.method not in ("esd", "ga"):
-        fail(f"--method {args.method} needs retain images: --num_retain_images must be >= 1 (or give --retain_images DIR)")
+    if (not args.retain_images and args.num_retain_images < 1 and get_method_class(args.method, "diffusion").uses_retain
+            and args.retain_loss != "distill"):
+        fail(f"--method {args.method} with --retain_loss {args.retain_loss} needs retain images: --num_retain_images must be >= 1 "
+             "(or give --retain_images DIR, or use --retain_loss distill)")
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
         ck = Path(args.resume_from_checkpoint)
         if not ck.is_dir() or not re.fullmatch(r"checkpoint-\d+", ck.name):
@@ -284,7 +320,7 @@ def main(args):
     from erase import data as erase_data
     from erase.export import export, versions
 
-    concept: Concept = args.concept_obj
+    concept: ConceptSet = args.concept_obj
     config = engine_config(args)
     accelerator = make_accelerator(config)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
@@ -314,21 +350,31 @@ def main(args):
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = args.resolution or unet.config.sample_size * vae_scale
 
-    # Data: forget / retain images (generated by the base model or user folders), then latents encoded once.
+    # Data: forget images (generated by the base model per concept, or a user folder), retain images when the retain
+    # term needs them, then latents encoded once.
     data_dir = Path(args.data_dir) if args.data_dir else out_dir / "data"
     uses_retain = get_method_class(args.method, "diffusion").uses_retain
+    needs_retain_images = uses_retain and args.retain_loss != "distill"
     gen = dict(model_id=args.pretrained_model_name_or_path, steps=args.num_inference_steps, guidance=args.guidance_scale,
                scheduler=args.data_scheduler, resolution=resolution, batch_size=args.generation_batch_size, accelerator=accelerator)
-    need_pipe = not args.forget_images or (uses_retain and not args.retain_images)
+    need_pipe = not args.forget_images or (needs_retain_images and not args.retain_images)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=noise_scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False) if need_pipe else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
-        forget_imgs = (erase_data.folder_split("forget", args.forget_images, concept.forget_prompts[0]) if args.forget_images else
-                       erase_data.generate_split("forget", concept.generation_prompts, args.num_forget_images, data_dir, pipe=pipe, seed=args.seed, **gen))
+        if args.forget_images:
+            forget_imgs = erase_data.folder_split("forget", args.forget_images, "")
+            forget_group = [0] * len(forget_imgs.files)
+        else:  # one generated block per concept; a single concept keeps the historical layout data/forget, seeds seed + i
+            parts = [erase_data.generate_split("forget", c.generation_prompts, args.num_forget_images,
+                                               data_dir if len(concept) == 1 else data_dir / f"concept-{j}-{c.name}",
+                                               pipe=pipe, seed=args.seed + 100_000 * j, **gen)
+                     for j, c in enumerate(concept.concepts)]
+            forget_imgs = erase_data.merge_splits("forget", parts)
+            forget_group = [j for j, part in enumerate(parts) for _ in part.files]
         retain_imgs = None
-        if uses_retain:
+        if needs_retain_images:
             retain_imgs = (erase_data.folder_split("retain", args.retain_images) if args.retain_images else
                            erase_data.generate_split("retain", concept.retain_prompts, args.num_retain_images, data_dir, pipe=pipe,
                                                      seed=args.seed + 1_000_000, **gen))
@@ -339,15 +385,32 @@ def main(args):
     if accelerator.is_main_process:
         erase_data.write_manifest(data_dir, sets, {"model": args.pretrained_model_name_or_path, "resolution": resolution,
                                                    "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
-                                                   "scheduler": args.data_scheduler, "seed": args.seed})
+                                                   "scheduler": args.data_scheduler, "seed": args.seed, "concepts": concept.name})
+    # Prompt tables: each concept's forget prompts form its group; a captioned forget image (x.txt) is a group of its own.
+    forget_texts, groups, group_anchor, anchors = [], [], [], []
+    for c in concept.concepts:
+        groups.append(list(range(len(forget_texts), len(forget_texts) + len(c.forget_prompts))))
+        forget_texts += c.forget_prompts
+        if c.anchor_prompt and c.anchor_prompt not in anchors:
+            anchors.append(c.anchor_prompt)
+        group_anchor.append(anchors.index(c.anchor_prompt) if c.anchor_prompt else 0)
+    if args.forget_images:
+        captions = sorted({p for p in forget_imgs.prompts if p})
+        for cap in captions:
+            forget_texts.append(cap)
+            groups.append([len(forget_texts) - 1])
+            group_anchor.append(group_anchor[0])
+        forget_group = [len(concept.concepts) + captions.index(p) if p else 0 for p in forget_imgs.prompts]
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
     embeddings = PromptEmbeddings(
-        forget=encode_prompts(concept.forget_prompts, tokenizer, text_encoder, device),
+        forget=encode_prompts(forget_texts, tokenizer, text_encoder, device),
         retain=encode_prompts(retain_texts, tokenizer, text_encoder, device),
-        anchor=encode_prompts([concept.anchor_prompt], tokenizer, text_encoder, device) if concept.anchor_prompt else None,
+        anchor=encode_prompts(anchors, tokenizer, text_encoder, device) if anchors else None,
         uncond=encode_prompts([""], tokenizer, text_encoder, device),
+        distill=encode_prompts(concept.retain_prompts, tokenizer, text_encoder, device) if args.retain_loss != "data" else None,
+        groups=groups, group_anchor=group_anchor,
     )
-    forget_set = LatentSet(*latents["forget"], torch.zeros(len(forget_imgs.files), dtype=torch.long))
+    forget_set = LatentSet(*latents["forget"], torch.tensor(forget_group, dtype=torch.long))
     retain_set = (LatentSet(*latents["retain"], torch.tensor([retain_texts.index(p) for p in retain_imgs.prompts], dtype=torch.long))
                   if retain_imgs else None)
     scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
@@ -358,14 +421,16 @@ def main(args):
     # Method and adapter.
     method = build_method(args.method, "diffusion", **method_overrides(args))
     forget_kind = getattr(method.config, "forget_loss", None) or ("esd" if args.method == "esd" else None)
-    frozen = DiffusionAdapter.frozen_copy(unet, weight_dtype) if forget_kind == "esd" else None
+    retain_mode = args.retain_loss if method.uses_retain else "data"
+    frozen = DiffusionAdapter.frozen_copy(unet, weight_dtype) if forget_kind == "esd" or retain_mode != "data" else None
     adapter = DiffusionAdapter(unet, noise_scheduler, embeddings, forget_set, retain_set, batch_size=args.train_batch_size,
                                scaling_factor=scaling_factor, device=device, weight_dtype=weight_dtype,
                                negative_guidance=args.negative_guidance, esd_ddim_steps=args.esd_ddim_steps,
-                               esd_start_guidance=args.esd_start_guidance, frozen_unet=frozen)
+                               esd_start_guidance=args.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
+                               distill_empty_fraction=args.distill_empty_fraction)
     base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
     logger.info(f"{args.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the UNet; "
-                f"{len(forget_set)} forget / {len(retain_set) if retain_set else 0} retain images at {resolution}px")
+                f"{len(forget_set)} forget / {len(retain_set) if retain_set else 0} retain images at {resolution}px, retain term {retain_mode}")
 
     # The shared loop: prepare (trim), repair, checkpoint-{step}, resume.
     try:
@@ -379,7 +444,9 @@ def main(args):
         record = {
             "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
             "concept": concept.name,
-            "concept_prompts": concept.to_dict(),
+            "concepts": [c.to_dict() for c in concept.concepts],
+            "concept_prompts": concept.concepts[0].to_dict() if len(concept) == 1 else concept.to_dict(),
+            "retain_prompts": concept.retain_prompts,
             "method": args.method,
             "method_config": asdict(method.config),
             "settings": settings_of(args),
@@ -388,7 +455,7 @@ def main(args):
             "prepare": result.prepare_info,
             "history": result.history,
             "resumed_from": result.resumed_from,
-            "data": {"dir": str(data_dir), "resolution": resolution,
+            "data": {"dir": str(data_dir), "resolution": resolution, "retain_loss": retain_mode,
                      **{s.split: {"count": len(s.files), "source": s.source} for s in sets}},
             "adapter": adapter.extra_state(),
             "num_processes": accelerator.num_processes,

@@ -75,3 +75,50 @@ def custom_concept(name: str, forget_prompts, anchor_prompt: str = "", retain_pr
     """A free-form concept (``--concept "X" --forget_prompts FILE --anchor_prompt ...``)."""
     return Concept(name=name, forget_prompts=list(forget_prompts), anchor_prompt=anchor_prompt,
                    retain_prompts=list(retain_prompts or []), category="custom")
+
+
+@dataclass
+class ConceptSet:
+    """Several concepts erased in one run (``--concept three,five,eight``): each keeps its own forget prompts
+    and anchor; the retain prompts are the union of theirs minus any prompt that names an erased concept."""
+
+    concepts: list[Concept]
+    retain_prompts: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return ",".join(c.name for c in self.concepts)
+
+    def __len__(self) -> int:
+        return len(self.concepts)
+
+    def forget_prompt_set(self) -> set[str]:
+        return {p for c in self.concepts for p in c.forget_prompts + c.generation_prompts}
+
+    def to_dict(self) -> dict:
+        return {"concepts": [c.to_dict() for c in self.concepts], "retain_prompts": list(self.retain_prompts)}
+
+
+def concept_set(concepts: list[Concept], retain_prompts: list[str] | None = None) -> ConceptSet:
+    """Combine concepts; ``retain_prompts`` overrides the union of theirs. Raises ``ValueError`` when two
+    concepts share a name or one's anchor prompt is another's forget prompt (it would redirect to an erased concept)."""
+    names = [c.name for c in concepts]
+    if not concepts:
+        raise ValueError("no concept given")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"concept {dup[0]!r} is listed twice")
+    erased = {p for c in concepts for p in c.forget_prompts + c.generation_prompts}
+    for c in concepts:
+        if c.anchor_prompt and c.anchor_prompt in erased:
+            other = next(o.name for o in concepts if c.anchor_prompt in o.forget_prompts + o.generation_prompts)
+            raise ValueError(f"the anchor prompt {c.anchor_prompt!r} of concept {c.name!r} names the erased concept "
+                             f"{other!r}; give another --anchor_prompt")
+    if retain_prompts is None:
+        seen: dict[str, None] = {}
+        for c in concepts:
+            for p in c.retain_prompts:
+                if p not in erased:
+                    seen.setdefault(p, None)
+        retain_prompts = list(seen)
+    return ConceptSet(list(concepts), list(retain_prompts))

@@ -112,7 +112,9 @@ def test_config_and_model_card(tiny, reference, data_dir):
     trim = cfg["prepare"]["trim"]
     assert trim["summary"]["reset"] == round(0.2 * cfg["targets"]["num_parameters"])
     assert sum(s["reset"] for s in trim["per_tensor"].values()) == trim["summary"]["reset"]
-    assert cfg["method_config"]["topk"] == 20 and cfg["method_config"]["forget_loss"] == "ascent"
+    assert cfg["method_config"]["topk"] == 20 and cfg["method_config"]["forget_loss"] == "redirect"
+    assert cfg["data"]["retain_loss"] == "distill" and cfg["adapter"]["distill_prompts"] == len(cfg["retain_prompts"]) > 0
+    assert "retain" not in cfg["data"]  # distillation needs no retain images
     assert cfg["num_processes"] == 1 and cfg["global_batch_size"] == 2
     assert {"torch", "diffusers", "transformers", "accelerate"} <= set(cfg["versions"])
     assert cfg["wall_seconds"] > 0 and len(cfg["history"]) == 4
@@ -223,3 +225,20 @@ def test_non_finite_loss_stops_cleanly(tiny, data_dir, tmp_path):
     assert (tmp_path / "checkpoint-1").is_dir()
     assert not (tmp_path / "erase_config.json").exists() and not (tmp_path / "unet").exists()
     assert not (tmp_path / "unet_delta.safetensors").exists() and not (tmp_path / ".export.tmp").exists()
+
+
+def test_several_concepts_in_one_run(tiny, tmp_path):
+    """--concept three,five: one forget block per concept (own prompts and seeds), one export listing both."""
+    out = tmp_path / "out"
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "three,five", "--output_dir", out, *SMALL,
+                "--num_forget_images", 2, "--max_train_steps", 2, "--lr", "1e-3", "--saliency_batches", 1])
+    cfg = json.loads((out / "erase_config.json").read_text())
+    assert cfg["concept"] == "three,five" and [c["name"] for c in cfg["concepts"]] == ["three", "five"]
+    assert cfg["data"]["forget"]["count"] == 4 and cfg["adapter"]["forget_groups"] == 2
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    prompts = [r["prompt"] for r in manifest["forget"]["images"]]
+    assert all("three" in p or "3" in p for p in prompts[:2]) and all("five" in p or "5" in p for p in prompts[2:])
+    assert not any(w in p.split() for p in cfg["retain_prompts"] for w in ("three", "3", "five", "5"))
+    card = (out / "README.md").read_text()
+    assert "**three**" in card and "**five**" in card and "a handwritten digit four" in card and "a handwritten digit six" in card
+    assert cfg["delta"]["tensors_changed"] > 0

@@ -18,19 +18,22 @@ def parts():
                                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                                 attention_head_dim=2, norm_num_groups=32)
     g = torch.Generator().manual_seed(1)
-    lat = LatentSet(torch.randn(6, 4, 8, 8, generator=g), 0.1 * torch.ones(6, 4, 8, 8), torch.arange(6) % 2)
+    mean, std = torch.randn(6, 4, 8, 8, generator=g), 0.1 * torch.ones(6, 4, 8, 8)
+    retain = LatentSet(mean, std, torch.arange(6) % 2)  # prompt rows of the retain table
+    forget = LatentSet(mean, std, torch.zeros(6, dtype=torch.long))  # one forget group
     emb = PromptEmbeddings(forget=torch.randn(3, 5, 16, generator=g), retain=torch.randn(2, 5, 16, generator=g),
-                           anchor=torch.randn(1, 5, 16, generator=g), uncond=torch.randn(1, 5, 16, generator=g))
-    return unet, lat, emb, DDPMScheduler
+                           anchor=torch.randn(1, 5, 16, generator=g), uncond=torch.randn(1, 5, 16, generator=g),
+                           distill=torch.randn(4, 5, 16, generator=g))
+    return unet, (forget, retain), emb, DDPMScheduler
 
 
-def adapter(parts, prediction_type="epsilon", frozen=False, batch_size=2):
+def adapter(parts, prediction_type="epsilon", frozen=False, batch_size=2, **kw):
     from erase.diffusion import DiffusionAdapter
 
-    unet, lat, emb, cls = parts
+    unet, (forget, retain), emb, cls = parts
     sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
-    return DiffusionAdapter(unet, sched, emb, lat, lat, batch_size=batch_size, device="cpu", esd_ddim_steps=4,
-                            frozen_unet=DiffusionAdapter.frozen_copy(unet) if frozen else None)
+    return DiffusionAdapter(unet, sched, kw.pop("emb", emb), kw.pop("forget", forget), retain, batch_size=batch_size,
+                            device="cpu", esd_ddim_steps=4, frozen_unet=DiffusionAdapter.frozen_copy(unet) if frozen else None, **kw)
 
 
 def test_target_presets(parts):
@@ -63,10 +66,10 @@ def test_loss_target(parts, prediction_type):
     a = adapter(parts, prediction_type)
     batch = next(a.retain_stream(0))
     zt, t, target, r = a._noisy(batch, "loss")
-    x0 = (parts[1].mean[batch["index"]] + 0.1 * r["eps"]) * a.scaling_factor
+    x0 = (parts[1][1].mean[batch["index"]] + 0.1 * r["eps"]) * a.scaling_factor
     expected = r["noise"] if prediction_type == "epsilon" else a.scheduler.get_velocity(x0, r["noise"], t)
     torch.testing.assert_close(target, expected)
-    cond = parts[2].retain[parts[1].prompt_index[batch["index"]]]
+    cond = parts[2].retain[parts[1][1].prompt_index[batch["index"]]]
     manual = F.mse_loss(a.model(zt, t, encoder_hidden_states=cond).sample, expected)
     torch.testing.assert_close(a.loss(a.model, batch), manual)
 
@@ -90,3 +93,57 @@ def test_forget_terms(parts):
         torch.testing.assert_close(a.forget_term("esd", a.model, batch, eta=0.0), expected)
     with pytest.raises(ValueError, match="forget term 'nope'"):
         a.forget_term("nope", a.model, batch)
+
+
+def test_distill_retain_term(parts):
+    """distill: zero while the model equals the frozen base, gradients only into the model; the share of empty
+    prompts decides which conditions are used; the stream walks the distillation prompts, needing no images."""
+    from dataclasses import replace
+
+    a = adapter(parts, frozen=True, retain_mode="distill", distill_empty_fraction=0.0)
+    batch = next(a.retain_stream(3))
+    assert batch["split"] == "distill" and set(batch["index"].tolist()) <= set(range(4))
+    loss = a.retain_loss(a.model, batch)
+    assert float(loss) == 0.0
+    a.model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        a.frozen.conv_in.bias.add_(0.5)  # the base moves away: the term pulls the model back
+    loss = a.retain_loss(a.model, batch)
+    loss.backward()
+    assert float(loss) > 0 and a.model.conv_in.bias.grad is not None and all(p.grad is None for p in a.frozen.parameters())
+    other = replace(parts[2], distill=torch.randn(4, 5, 16))
+    changed = adapter(parts, frozen=True, retain_mode="distill", distill_empty_fraction=0.0, emb=other)
+    changed.frozen = a.frozen
+    assert float(changed.retain_loss(a.model, batch)) != float(loss)  # conditions are the distillation prompts
+    empty_a = adapter(parts, frozen=True, retain_mode="distill", distill_empty_fraction=1.0)
+    empty_b = adapter(parts, frozen=True, retain_mode="distill", distill_empty_fraction=1.0, emb=other)
+    empty_a.frozen = empty_b.frozen = a.frozen
+    assert float(empty_a.retain_loss(a.model, batch)) == float(empty_b.retain_loss(a.model, batch))  # all unconditional
+    both = adapter(parts, frozen=True, retain_mode="both")
+    both.frozen = a.frozen
+    data_batch = next(both.retain_stream(3))
+    assert data_batch["split"] == "retain"
+    torch.testing.assert_close(both.retain_loss(a.model, data_batch),
+                               both.loss(a.model, data_batch) + both.distill_loss(a.model, data_batch))
+    with pytest.raises(ValueError, match="needs the frozen base"):
+        adapter(parts, retain_mode="distill")
+
+
+def test_forget_groups_choose_their_prompts_and_anchor(parts):
+    """Group g draws its condition among groups[g] only, and is redirected to its own anchor."""
+    from dataclasses import replace
+
+    from erase.diffusion import LatentSet
+
+    unet, (forget, _), emb, _ = parts
+    grouped = LatentSet(forget.mean, forget.std, torch.tensor([0, 1, 0, 1, 1, 0]))
+    emb2 = replace(emb, anchor=torch.randn(2, 5, 16), groups=[[0, 1], [2]], group_anchor=[0, 1])
+    a = adapter(parts, frozen=True, emb=emb2, forget=grouped, batch_size=6)
+    batch = next(a.forget_stream(0))
+    r = a._draw(batch["keys"], "loss", (4, 8, 8), grouped.prompt_index[batch["index"]])
+    for grp, choice in zip(grouped.prompt_index[batch["index"]].tolist(), r["choice"].tolist()):
+        assert (choice == 2) if grp == 1 else (choice in (0, 1))
+    ones = {**batch, "index": torch.tensor([1, 3, 4]), "keys": batch["keys"][:3]}
+    same_anchor = replace(emb2, anchor=torch.stack([emb2.anchor[1], emb2.anchor[1]]))
+    b = adapter(parts, frozen=True, emb=same_anchor, forget=grouped, batch_size=6)
+    torch.testing.assert_close(a.forget_term("redirect", a.model, ones), b.forget_term("redirect", b.model, ones))

@@ -62,10 +62,45 @@ def test_other_cross_flag_checks(tiny, tmp_path, capsys):
     assert "anchor prompt" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "cube", "--forget_prompts", prompts,
                                      "--forget_loss", "redirect"], capsys)
     assert "--targets" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--targets", "attn2.(("], capsys)
-    assert "--num_retain_images" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--num_retain_images", 0], capsys)
+    assert "--num_retain_images" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--num_retain_images", 0,
+                                           "--retain_loss", "data"], capsys)
+    assert "--distill_empty_fraction" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+                                                "--distill_empty_fraction", 1.5], capsys)
     assert "--resume_from_checkpoint" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                 "--resume_from_checkpoint", tmp_path / "nope"], capsys)
     assert "--concept is required" in fails(["--pretrained_model_name_or_path", tiny], capsys)
+
+
+def test_several_concepts_checks(tiny, capsys):
+    """--concept a,b: each a preset, none twice, no anchor that names another erased concept."""
+    base = ["--pretrained_model_name_or_path", tiny, "--concept"]
+    assert "names the erased concept 'four'" in fails(base + ["three,four"], capsys)
+    assert "listed twice" in fails(base + ["three,five,three"], capsys)
+    assert "'unicorn'" in fails(base + ["three,unicorn"], capsys)
+    assert "empty name" in fails(base + ["three,,five"], capsys)
+    from erase.sd import parse_args
+
+    args = parse_args(base + ["three,five,eight"])
+    cs = args.concept_obj
+    assert [c.name for c in cs.concepts] == ["three", "five", "eight"] and args.forget_loss == "redirect"
+    named = {w for p in cs.retain_prompts for w in p.split()}
+    assert not named & {"three", "3", "five", "5", "eight", "8"} and {"two", "nine", "0"} <= named
+    assert len(cs.retain_prompts) == 7 * 6
+
+
+def test_default_forget_term_is_never_unbounded_ascent(tiny, tmp_path):
+    """Scissorhands redirects when the concept has an anchor; without one (and for ga) the ascent is bounded."""
+    from erase.sd import DEFAULT_FORGET_BOUND, parse_args
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a glowing cube\n")
+    base = ["--pretrained_model_name_or_path", str(tiny), "--concept"]
+    args = parse_args(base + ["nudity"])
+    assert (args.forget_loss, args.retain_loss) == ("redirect", "distill")
+    args = parse_args(base + ["cube", "--forget_prompts", str(prompts)])
+    assert (args.forget_loss, args.forget_bound) == ("ascent", DEFAULT_FORGET_BOUND)
+    assert parse_args(base + ["nudity", "--method", "ga"]).forget_bound == DEFAULT_FORGET_BOUND
+    assert parse_args(base + ["nudity", "--forget_loss", "ascent", "--forget_bound", "0.5"]).forget_bound == 0.5
 
 
 def test_target_regex_matching_nothing(tiny, tmp_path, capsys):
