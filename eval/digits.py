@@ -31,7 +31,7 @@ from eval.digits_model import (
     DigitsModelConfig,
     default_model_dir,
     digit_prompts,
-    parse_digit,
+    parse_digits,
     prompt_digit,
     read_model_card,
 )
@@ -67,7 +67,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p = sub.add_parser("score", help="audit a digits model (base or erase/sd.py output) with the digit judge")
     p.add_argument("--model", default=None,
                    help="digits pipeline folder or erase/sd.py output dir (default: the cached default digits model)")
-    p.add_argument("--concept", required=True, help="the erased digit: zero..nine or 0..9")
+    p.add_argument("--concept", required=True, help="the erased digit(s): zero..nine or 0..9, several comma-separated")
     p.add_argument("--forget_prompts", default=None,
                    help="file of prompts for the erased digit, one a line (default: the preset's forget prompts)")
     p.add_argument("--retain_prompts", default=None,
@@ -90,7 +90,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
             ("quickstart", "the whole loop offline in minutes: train if absent, erase with Scissorhands, audit "
              "before and after, print the table", "scissorhands", "0", "digits-quickstart")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--concept", required=name == "bench", default="three", help="the digit to erase: zero..nine or 0..9")
+        p.add_argument("--concept", required=name == "bench", default="three",
+                       help="the digit(s) to erase: zero..nine or 0..9; several at once comma-separated (three,five,eight)")
         p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods")
         p.add_argument("--seeds", default=seeds, help="comma-separated erasure seeds")
         p.add_argument("--output_dir", required=out is None, default=out,
@@ -114,9 +115,12 @@ def parse_args(input_args=None) -> argparse.Namespace:
 
     if args.command in ("score", "bench", "quickstart"):
         try:
-            args.digit = parse_digit(args.concept)
+            args.digits = parse_digits(args.concept)
         except ValueError as e:
             raise UserError(str(e)) from None
+        args.digit = args.digits[0]
+        if len(args.digits) > 1 and getattr(args, "forget_prompts", None):
+            raise UserError("--forget_prompts applies to one erased digit; with several the presets' prompts are used")
         try:
             args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         except ValueError:
@@ -155,14 +159,18 @@ def resolve_digits_model(model: str) -> tuple[dict, str, dict | None]:
 
 
 # ----------------------------------------------------------------------------------------------- prompts
-def _prompt_sets(args) -> tuple[list[str], dict[int, list[str]], str]:
-    """Forget prompts, retain prompts grouped by digit, and where they came from. Validates before any work."""
+def _prompt_sets(args) -> tuple[dict[int, list[str]], dict[int, list[str]], str]:
+    """Forget prompts per erased digit, retain prompts grouped by digit, and where they came from. Validates before
+    any work. With several erased digits the retain prompts are the presets' minus every erased digit's."""
     from prompts import load_concept, read_prompt_file
 
-    preset = load_concept(DIGIT_WORDS[args.digit])
+    digits = list(getattr(args, "digits", None) or [args.digit])
+    presets = {d: load_concept(DIGIT_WORDS[d]) for d in digits}
     try:
-        forget = read_prompt_file(args.forget_prompts) if args.forget_prompts else preset.forget_prompts
-        retain = read_prompt_file(args.retain_prompts) if args.retain_prompts else preset.retain_prompts
+        forget = ({digits[0]: read_prompt_file(args.forget_prompts)} if args.forget_prompts
+                  else {d: presets[d].forget_prompts for d in digits})
+        retain = (read_prompt_file(args.retain_prompts) if args.retain_prompts
+                  else [q for q in presets[digits[0]].retain_prompts if prompt_digit(q) not in digits])
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
     by_digit: dict[int, list[str]] = {}
@@ -170,8 +178,8 @@ def _prompt_sets(args) -> tuple[list[str], dict[int, list[str]], str]:
         d = prompt_digit(p)
         if d is None:
             raise UserError(f"retain prompt {p!r} names no single digit (a digit word like 'seven' or a numeral like '7')")
-        if d == args.digit:
-            raise UserError(f"retain prompt {p!r} names the erased digit {DIGIT_WORDS[args.digit]}")
+        if d in digits:
+            raise UserError(f"retain prompt {p!r} names the erased digit {DIGIT_WORDS[d]}")
         by_digit.setdefault(d, []).append(p)
     source = "files" if (args.forget_prompts or args.retain_prompts) else "preset"
     return forget, dict(sorted(by_digit.items())), source
@@ -193,7 +201,7 @@ def _rows(groups: dict[int, list[str]], n: int, seeds: list[int], start: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- scoring
-def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digit: int) -> tuple[dict, list[dict], np.ndarray]:
+def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digits: list[int]) -> tuple[dict, list[dict], np.ndarray]:
     from PIL import Image
 
     from eval.generate import generate
@@ -203,9 +211,12 @@ def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digit: int) -> tu
     pred, feats = judge.predict(images)
     truth = np.array([row.meta["digit"] for row in rows])
     per_digit = {str(d): float((pred[truth == d] == d).mean()) for d in sorted(set(truth.tolist()))}
-    forget_mask, retain_mask = truth == forget_digit, truth != forget_digit
+    forget_mask = np.isin(truth, forget_digits)
+    retain_mask = ~forget_mask
     metrics = {
-        "forget_acc": float((pred[forget_mask] == forget_digit).mean()) if forget_mask.any() else None,
+        # share of the erased digits' generations the judge calls the digit they were prompted for (pooled)
+        "forget_acc": float((pred[forget_mask] == truth[forget_mask]).mean()) if forget_mask.any() else None,
+        "forget_acc_per_digit": {str(d): per_digit[str(d)] for d in forget_digits if str(d) in per_digit},
         "retain_acc": float((pred[retain_mask] == truth[retain_mask]).mean()) if retain_mask.any() else None,
         "per_digit_acc": per_digit,
         "n_forget": int(forget_mask.sum()), "n_retain": int(retain_mask.sum()),
@@ -243,13 +254,14 @@ def score(args) -> dict:
     real_retain = real_feats[np.isin(real_y.numpy(), retain_digits)]
 
     out.mkdir(parents=True, exist_ok=True)
-    audits = {"main": ({args.digit: forget, **retain})}
+    digits = list(forget)
+    audits = {"main": ({**forget, **retain})}
     if source == "preset" and not args.no_heldout:
-        audits["heldout"] = {d: digit_prompts(d, HELDOUT_TEMPLATES) for d in [args.digit] + retain_digits}
+        audits["heldout"] = {d: digit_prompts(d, HELDOUT_TEMPLATES) for d in digits + retain_digits}
     results, all_preds = {}, []
     for name, groups in audits.items():
         rows = _rows(groups, args.num_images, args.seeds)
-        metrics, preds, retain_feats = _audit(pipe, judge, gen_cfg, rows, out / "images" / name, args.digit)
+        metrics, preds, retain_feats = _audit(pipe, judge, gen_cfg, rows, out / "images" / name, digits)
         metrics["retain_fd"] = frechet_distance(retain_feats, real_retain) if len(retain_feats) > 1 else None
         metrics["prompts"] = {DIGIT_WORDS[d]: p for d, p in groups.items()}
         results[name] = metrics
@@ -257,8 +269,8 @@ def score(args) -> dict:
 
     main = results.pop("main")
     summary = {
-        "concept": DIGIT_WORDS[args.digit], "digit": args.digit,
-        "forget_acc": main["forget_acc"], "retain_acc": main["retain_acc"],
+        "concept": ",".join(DIGIT_WORDS[d] for d in digits), "digit": digits[0], "digits": digits,
+        "forget_acc": main["forget_acc"], "forget_acc_per_digit": main["forget_acc_per_digit"], "retain_acc": main["retain_acc"],
         "per_digit_acc": main["per_digit_acc"], "retain_fd": main["retain_fd"],
         "n_forget": main["n_forget"], "n_retain": main["n_retain"],
         "forget_predicted_hist": main["forget_predicted_hist"],
@@ -266,7 +278,8 @@ def score(args) -> dict:
         "settings": {
             "model": str(model), "base_model": str(base), "erased": erase_config is not None,
             "erase_config": erase_config, "digits_model_fingerprint": card.get("fingerprint"),
-            "prompt_source": source, "forget_prompts": forget,
+            "prompt_source": source, "forget_prompts": forget[digits[0]] if len(digits) == 1 else
+            {DIGIT_WORDS[d]: p for d, p in forget.items()},
             "retain_prompts": {DIGIT_WORDS[d]: p for d, p in retain.items()},
             "num_images_per_digit_per_seed": args.num_images, "seeds": args.seeds,
             "row_seed_rule": "1000 * seed + position of the image within its digit",

@@ -37,8 +37,8 @@ METHOD_ARGS = {
     "ga": ["--lr", "1e-4"],
     "ft": ["--lr", "1e-3"],
 }
-METRICS = ("forget_acc", "retain_acc", "retain_fd", "heldout_forget_acc", "heldout_retain_acc", "wall_seconds",
-           "cpu_seconds", "peak_rss_mb")
+METRICS = ("forget_acc", "forget_acc_max", "retain_acc", "retain_fd", "heldout_forget_acc", "heldout_retain_acc",
+           "relearn_0", "relearn_10", "relearn_25", "update_violations", "wall_seconds", "cpu_seconds", "peak_rss_mb")
 
 
 def _launch_cmd(launcher: str) -> list[str]:
@@ -48,10 +48,15 @@ def _launch_cmd(launcher: str) -> list[str]:
     return [sys.executable]
 
 
-def run_erasure(base: str, digit: int, method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
+def concept_name(digit: int | list[int]) -> str:
+    """3 -> "three"; [3, 5, 8] -> "three,five,eight" (erase/sd.py's --concept)."""
+    return ",".join(DIGIT_WORDS[d] for d in ([digit] if isinstance(digit, int) else digit))
+
+
+def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
     """One ``erase/sd.py`` run in its own process; returns wall seconds, peak RSS and the command."""
     cmd = _launch_cmd(args.launcher) + [
-        str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", DIGIT_WORDS[digit],
+        str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", concept_name(digit),
         "--method", method, "--max_train_steps", str(args.max_train_steps), "--seed", str(seed),
         "--output_dir", str(out_dir), "--data_dir", str(data_dir), "--train_batch_size", str(args.train_batch_size),
         "--num_forget_images", str(args.num_forget_images), "--num_retain_images", str(args.num_retain_images),
@@ -82,10 +87,11 @@ def run_erasure(base: str, digit: int, method: str, seed: int, out_dir: Path, da
     return info
 
 
-def _score(model: str, digit: int, out: Path, args) -> dict:
+def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
     from eval.digits import score
 
-    ns = SimpleNamespace(model=str(model), digit=digit, concept=DIGIT_WORDS[digit], forget_prompts=None,
+    digits = [digit] if isinstance(digit, int) else list(digit)
+    ns = SimpleNamespace(model=str(model), digit=digits[0], digits=digits, concept=concept_name(digits), forget_prompts=None,
                          retain_prompts=None, num_images=args.num_images, seeds=[0], steps=args.steps,
                          guidance=args.guidance, scheduler="ddim", batch_size=100, no_heldout=False, output_dir=str(out))
     return score(ns)
@@ -108,7 +114,9 @@ def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
 
 def _row(summary: dict, extra: dict | None = None) -> dict:
     held = summary.get("heldout") or {}
+    per_forget = summary.get("forget_acc_per_digit") or {}
     return {"forget_acc": summary["forget_acc"], "retain_acc": summary["retain_acc"], "retain_fd": summary["retain_fd"],
+            "forget_acc_max": max(per_forget.values()) if per_forget else summary["forget_acc"],
             "heldout_forget_acc": held.get("forget_acc"), "heldout_retain_acc": held.get("retain_acc"),
             "per_digit_acc": summary["per_digit_acc"], **(extra or {})}
 
@@ -161,28 +169,44 @@ def markdown(results: dict) -> str:
 
 
 def targets(results: dict) -> list[dict]:
-    """The issue's targets, checked on this run's numbers."""
+    """Issue 8's targets for Scissorhands, checked on this run's numbers (means over seeds)."""
     base, methods = results["base"], results["methods"]
     per = base["per_digit_acc"]
+    several = len(results.get("digits") or [0]) > 1
     out = [{"target": "base draws each digit correctly >= 90%", "met": min(per.values()) >= 0.9,
             "value": f"min per-digit {100 * min(per.values()):.1f}%"}]
     sh = methods.get("scissorhands")
-    if sh:
-        f, hf = sh["forget_acc"]["mean"], sh.get("heldout_forget_acc", {}).get("mean")
-        r = sh["retain_acc"]["mean"]
-        out.append({"target": "Scissorhands forget_acc <= 2%", "met": f <= 0.02, "value": f"{100 * f:.1f}%"})
-        if hf is not None:
-            out.append({"target": "Scissorhands forget_acc <= 2% under held-out phrasings", "met": hf <= 0.02,
-                        "value": f"{100 * hf:.1f}%"})
-        out.append({"target": "Scissorhands retain_acc within 2 points of the base", "met": r >= base["retain_acc"] - 0.02,
-                    "value": f"{100 * r:.1f}% vs base {100 * base['retain_acc']:.1f}%"})
-        for other in ("esd", "salun"):
-            if other in methods:
-                o = methods[other]
-                ok = f <= o["forget_acc"]["mean"] and r >= o["retain_acc"]["mean"]
-                out.append({"target": f"Scissorhands at least as good as {other} on forget and retain", "met": ok,
-                            "value": f"forget {100 * f:.1f} vs {100 * o['forget_acc']['mean']:.1f}, "
-                                     f"retain {100 * r:.1f} vs {100 * o['retain_acc']['mean']:.1f}"})
+    if not sh:
+        return out
+    f, r, fd = sh["forget_acc"]["mean"], sh["retain_acc"]["mean"], sh["retain_fd"]["mean"]
+    hf = sh.get("heldout_forget_acc", {}).get("mean")
+    worst = max(sh.get("forget_acc_max", {}).get("mean", f), f)
+    out.append({"target": "Scissorhands forget_acc <= 2%" + (" for each erased digit" if several else ""),
+                "met": worst <= 0.02, "value": f"{100 * worst:.1f}%"})
+    if hf is not None:
+        out.append({"target": "Scissorhands forget_acc <= 2% under held-out phrasings", "met": hf <= 0.02, "value": f"{100 * hf:.1f}%"})
+    slack = 0.02 if several else 0.01
+    out.append({"target": f"Scissorhands retain_acc >= base - {100 * slack:.0f} point(s)", "met": r >= base["retain_acc"] - slack,
+                "value": f"{100 * r:.1f}% vs base {100 * base['retain_acc']:.1f}%"})
+    out.append({"target": "Scissorhands retain FD <= 1.3 x base", "met": fd <= 1.3 * base["retain_fd"],
+                "value": f"{fd:.1f} vs base {base['retain_fd']:.1f} ({fd / base['retain_fd']:.2f}x)"})
+    erasers = {m: a for m, a in methods.items() if a["forget_acc"]["mean"] <= 0.02}
+    if len(methods) > 1:
+        best = min(erasers, key=lambda m: (-erasers[m]["retain_acc"]["mean"], erasers[m]["retain_fd"]["mean"])) if erasers else None
+        out.append({"target": "Scissorhands best of all methods (forget <= 2%, highest retain, ties by lower FD)",
+                    "met": best == "scissorhands",
+                    "value": f"best: {best or 'none erases'}" + (f" (retain {100 * erasers[best]['retain_acc']['mean']:.1f}, "
+                                                               f"FD {erasers[best]['retain_fd']['mean']:.1f})" if best else "")})
+    rel = {m: a.get("relearn_25", {}).get("mean") for m, a in methods.items()}
+    refs = [rel[m] for m in ("esd", "salun") if rel.get(m) is not None]
+    if rel.get("scissorhands") is not None and refs:
+        out.append({"target": "Scissorhands relearning hit rate at 25 steps <= min(ESD, SalUn) + 10 points",
+                    "met": rel["scissorhands"] <= min(refs) + 0.10,
+                    "value": f"{100 * rel['scissorhands']:.1f}% vs " + ", ".join(f"{m} {100 * rel[m]:.1f}%" for m in ("esd", "salun") if rel.get(m) is not None)})
+    bad = sh.get("update_violations", {}).get("mean")
+    if bad is not None:
+        out.append({"target": "no projected step whose applied update lowers the memory forget loss (first order)",
+                    "met": bad == 0, "value": f"{bad:g} violating steps per run"})
     return out
 
 
@@ -193,13 +217,19 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = ["base"] + list(results["methods"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, key, title in zip(axes, ("forget_acc", "retain_acc"), ("forget acc (lower is better)", "retain acc")):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    panels = (("forget_acc", "forget acc % (lower is better)", 100, (0, 100)), ("retain_acc", "retain acc %", 100, (0, 100)),
+              ("retain_fd", "retain FD (lower is better)", 1, None))
+    for ax, (key, title, scale, ylim) in zip(axes, panels):
         vals = [results["base"][key]] + [results["methods"][m][key]["mean"] for m in results["methods"]]
         errs = [0.0] + [results["methods"][m][key]["std"] for m in results["methods"]]
-        ax.bar(names, [100 * v for v in vals], yerr=[100 * e for e in errs], color=["grey"] + ["C0"] * (len(names) - 1))
+        ax.bar(names, [scale * v for v in vals], yerr=[scale * e for e in errs], color=["grey"] + ["C0"] * (len(names) - 1))
+        if key == "retain_fd":
+            ax.axhline(1.3 * results["base"][key], color="C3", ls="--", lw=1, label="1.3 x base")
+            ax.legend(fontsize=8)
         ax.set_title(title)
-        ax.set_ylim(0, 100)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"erasing {results['concept']}")
     fig.tight_layout()
@@ -208,9 +238,12 @@ def chart(results: dict, path: Path) -> None:
 
 
 def grid(score_dir: Path, path: Path, per_digit: int = 8) -> None:
-    """Sample images of the main audit, one row per digit, upscaled 4x (nearest)."""
-    from PIL import Image
+    """Sample images of the main audit, one row per digit labelled with the digit it was prompted for (erased
+    digits marked), upscaled 4x (nearest)."""
+    from PIL import Image, ImageDraw
 
+    summary = json.loads((score_dir / "summary.json").read_text())
+    erased = set(summary.get("digits") or [summary.get("digit")])
     preds = [json.loads(ln) for ln in (score_dir / "predictions.jsonl").read_text().splitlines()]
     preds = [p for p in preds if p["audit"] == "main"]
     cell = None
@@ -222,10 +255,13 @@ def grid(score_dir: Path, path: Path, per_digit: int = 8) -> None:
             cell = im.size[0] * 4
             rows[p["digit"]].append(im.resize((cell, cell), Image.NEAREST))
     digits = sorted(rows)
-    canvas = Image.new("L", (per_digit * (cell + 2), len(digits) * (cell + 2)), 128)
+    label = 84
+    canvas = Image.new("L", (label + per_digit * (cell + 2), len(digits) * (cell + 2)), 128)
+    draw = ImageDraw.Draw(canvas)
     for i, d in enumerate(digits):
+        draw.text((4, i * (cell + 2) + cell // 2 - 6), f"{d} {DIGIT_WORDS[d]}" + (" (x)" if d in erased else ""), fill=255)
         for j, im in enumerate(rows[d]):
-            canvas.paste(im, (j * (cell + 2), i * (cell + 2)))
+            canvas.paste(im, (label + j * (cell + 2), i * (cell + 2)))
     canvas.save(path)
 
 
@@ -250,16 +286,16 @@ def bench(args) -> dict:
         train_digits_model(DigitsModelConfig(), base)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    base_summary = _score(str(base), args.digit, out / "base", args)
-    results = {"concept": DIGIT_WORDS[args.digit], "base_model": str(base), "base": _row(base_summary),
+    base_summary = _score(str(base), args.digits, out / "base", args)
+    results = {"concept": concept_name(args.digits), "digits": args.digits, "base_model": str(base), "base": _row(base_summary),
                "runs": {}, "methods": {}}
     jobs = [(m, s) for m in methods for s in args.seeds]
     for m, s in tqdm(jobs, desc="erase + audit", unit="run"):
         run_dir = out / "runs" / f"{m}-seed{s}"
-        info = run_erasure(str(base), args.digit, m, s, run_dir, out / "data" / f"seed-{s}", args)
+        info = run_erasure(str(base), args.digits, m, s, run_dir, out / "data" / f"seed-{s}", args)
         summary = _reusable_score(run_dir, out / "scores" / f"{m}-seed{s}", args)
         if summary is None:
-            summary = _score(str(run_dir), args.digit, out / "scores" / f"{m}-seed{s}", args)
+            summary = _score(str(run_dir), args.digits, out / "scores" / f"{m}-seed{s}", args)
         else:
             logger.info("audit: %s-seed%s already done, reused", m, s)
         results["runs"].setdefault(m, []).append(_row(summary, {"seed": s, **info}))

@@ -67,6 +67,19 @@ def parse_digit(name: str) -> int:
     raise ValueError(f"unknown digit {name!r}; expected one of {', '.join(DIGIT_WORDS)} or 0-9")
 
 
+def parse_digits(names: str) -> list[int]:
+    """``"three,five"`` -> [3, 5] (order kept); an empty item, an unknown digit or a repeat raises ``ValueError``."""
+    items = [n.strip() for n in str(names).split(",")]
+    if not items or any(not n for n in items):
+        raise ValueError(f"--concept {names!r}: expected digit names separated by commas (three,five,eight)")
+    digits = [parse_digit(n) for n in items]
+    if len(set(digits)) != len(digits):
+        raise ValueError(f"--concept {names!r} names a digit twice")
+    if len(digits) > 9:
+        raise ValueError(f"--concept {names!r} erases every digit: at least one must be retained")
+    return digits
+
+
 def prompt_digit(prompt: str) -> int | None:
     """The one digit a prompt names (as a word or a numeral), or None if it names none or several."""
     found = set()
