@@ -82,7 +82,7 @@ def parse_args(input_args=None):
     parser.add_argument("--init", type=str, default=None, choices=("default", "uniform", "normal", "zero"), help="Re-initialisation of trimmed weights.")
     parser.add_argument("--memory_refresh", type=int, default=None, help="Scissorhands: recompute the projection memory every N steps (default 1).")
     parser.add_argument("--num_memories", type=int, default=None, help="Scissorhands: forget memory batches, one constraint each (default 1).")
-    parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin of the projection (default 0).")
+    parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin (memory strength) of the projection: its dual is solved under v >= margin (default 0).")
     parser.add_argument("--no_projection", action="store_true", help="Scissorhands: repair without the gradient projection.")
     parser.add_argument("--ablation", type=str, default=None, choices=("none", "no_trim", "no_projection", "no_forget"), help="Scissorhands ablations.")
     parser.add_argument("--mask_ratio", type=float, default=None, help="SalUn: percent of targeted weights the update may change (default 50).")

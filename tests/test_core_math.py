@@ -36,6 +36,29 @@ def brute_force_qp(g, G):
     return best[1]
 
 
+def brute_force_gem(g, G, margin):
+    """GEM's ``project2cone2`` by enumeration: ``min_v ½vᵀGGᵀv + (Gg)ᵀv  s.t.  v ≥ margin``, then ``g + Gᵀv``.
+
+    For every set F of free coordinates (the rest at the bound) solve the stationarity equations on F and keep the
+    KKT point: v_F ≥ margin and a non-negative gradient on the bound coordinates.
+    """
+    P, q = G @ G.T, G @ g
+    m = G.shape[0]
+    for r in range(m + 1):
+        for free in itertools.combinations(range(m), r):
+            v = torch.full((m,), float(margin), dtype=torch.float64)
+            f = list(free)
+            if f:
+                b = [i for i in range(m) if i not in free]
+                rhs = -(q[f] + (P[f][:, b] @ v[b] if b else 0.0))
+                v[f] = torch.linalg.solve(P[f][:, f], rhs)
+            grad = P @ v + q
+            bound = [i for i in range(m) if i not in free]
+            if (v >= margin - 1e-10).all() and (grad[bound] >= -1e-10).all():
+                return g + G.T @ v
+    raise AssertionError("no KKT point")
+
+
 def split(v, sizes=(3, 5, 4)):
     return [t.clone() for t in torch.split(v, list(sizes))]
 
@@ -55,6 +78,22 @@ def test_projection_matches_brute_force(m, seed):
     assert torch.allclose(out, brute_force_qp(g, G), atol=1e-8)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projection_margin_matches_gem(m, margin, seed):
+    """``margin`` constrains GEM's dual to v ≥ margin (quadprog h = margin), as in the reference project2cone2."""
+    gen = torch.Generator().manual_seed(10 + seed)
+    G = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+    g = torch.randn(12, generator=gen, dtype=torch.float64) - 1.5 * G.sum(0)
+    grads = split(g)
+    info = project_(grads, [split(G[i]) for i in range(m)], margin=margin)
+    assert info["projected"] and min(info["v"]) >= margin - 1e-12
+    assert torch.allclose(torch.cat(grads), brute_force_gem(g, G, margin), atol=1e-8)
+    if margin == 0.0:
+        assert torch.allclose(torch.cat(grads), brute_force_qp(g, G), atol=1e-8)
+
+
 def test_projection_leaves_feasible_gradient_alone():
     g_o = torch.tensor([1.0, 0.0, 0.0])
     g = torch.tensor([0.5, -2.0, 3.0])
@@ -69,9 +108,13 @@ def test_projection_closed_form_and_margin():
     grads = [g.clone()]
     project_(grads, [[g_o]])
     assert torch.allclose(grads[0], torch.tensor([0.0, 3.0]))  # component along g_o removed exactly
+    # GEM's dual: v = max(margin, -<g, g_o>/|g_o|^2) = max(margin, 0.5); not 0.5 + margin
     grads = [g.clone()]
     project_(grads, [[g_o]], margin=0.5)
-    assert torch.allclose(grads[0], torch.tensor([1.0, 3.0]))  # GEM margin pushes past the boundary
+    assert torch.allclose(grads[0], torch.tensor([0.0, 3.0]))
+    grads = [g.clone()]
+    project_(grads, [[g_o]], margin=2.0)
+    assert torch.allclose(grads[0], torch.tensor([3.0, 3.0]))  # a margin above the exact solution pushes past the boundary
     assert float(grads[0] @ g_o) > 0
 
 
@@ -79,6 +122,8 @@ def test_dual_solver_against_known_solution():
     gram = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     v = solve_dual(gram, torch.tensor([-2.0, 4.0], dtype=torch.float64))
     assert torch.allclose(v, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    v = solve_dual(gram, torch.tensor([-2.0, 4.0], dtype=torch.float64), lower=0.25)
+    assert torch.allclose(v, torch.tensor([1.0, 0.25], dtype=torch.float64))
 
 
 # -- selection ------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class ScissorhandsConfig:
     k_basis: str = field(default="ranked", metadata={"help": "ranked: k% of all ranked entries; reset: k% of the entries that may be reset."})
     init: str = field(default="default", metadata={"help": "default, uniform, normal or zero."})
     project: bool = field(default=True, metadata={"help": "Project updates so the forget loss does not drop."})
-    margin: float = field(default=0.0, metadata={"help": "GEM margin added to the dual solution (0 = exact projection)."})
+    margin: float = field(default=0.0, metadata={"help": "GEM memory strength: the projection's dual is solved under v ≥ margin, as GEM does (0 = exact projection)."})
     memory_refresh: int = field(default=1, metadata={"help": "Recompute the memory gradient every N steps."})
     num_memories: int = field(default=1, metadata={"help": "Forget memory batches, one constraint each."})
     forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only the first ⌈|D_f|/batch⌉ steps of each retain epoch (reference)."})
@@ -49,6 +49,8 @@ class ScissorhandsConfig:
             raise ValueError(f"k_basis {self.k_basis!r} is not one of ('ranked', 'reset')")
         if self.forget_steps not in ("every", "first_per_epoch"):
             raise ValueError(f"forget_steps {self.forget_steps!r} is not one of ('every', 'first_per_epoch')")
+        if not self.margin >= 0.0 or self.margin == float("inf"):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
         if self.memory_refresh < 1 or self.num_memories < 1 or self.saliency_batches < 1:
             raise ValueError("memory_refresh, num_memories and saliency_batches must be >= 1")
 
