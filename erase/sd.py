@@ -187,6 +187,8 @@ def parse_args(input_args=None):
     for name in ("saliency_batches", "memory_refresh", "num_memories", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
+        fail(f"--margin must be a finite number >= 0, got {args.margin}")
     if not math.isfinite(args.lr) or args.lr <= 0:
         fail(f"--lr must be a positive number, got {args.lr}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
