@@ -11,7 +11,7 @@ from erase.core.saliency import saliency_scores
 from erase.core.stream import EndlessStream, stack_collate
 from erase.core.targets import TargetError, describe, select_parameters
 from erase.core.topk import global_topk_masks, num_selected, per_tensor_topk_masks
-from erase.core.trim import summarize, trim_
+from erase.core.trim import bias_fan_ins, module_kinds, summarize, trim_
 
 
 # -- projection -----------------------------------------------------------------------------------------------
@@ -199,6 +199,33 @@ def test_trim_is_seeded_and_inits_differ():
     assert not torch.equal(outs["default"], outs["normal"])
     with pytest.raises(ValueError, match="init"):
         trim_({"weight": lin.weight}, {"weight": torch.ones(8, 8, dtype=torch.bool)}, init="xavier")
+
+
+@pytest.mark.parametrize("init", ["default", "uniform", "normal", "zero"])
+def test_trim_norm_scales_and_biases(init):
+    """Norm scales go to 1 and norm biases to 0 under every init but zero (pruning: all zero); a Linear / Conv bias
+    is zero under default, else drawn with its *weight's* fan-in (PyTorch's bias init), never with its own shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 16),
+                          nn.LayerNorm(16), nn.Linear(16, 64))
+    params = dict(model.named_parameters())
+    for p in params.values():
+        torch.nn.init.constant_(p, 7.0)
+    trim_(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}, init=init, seed=2,
+          kinds=module_kinds(model), fan_ins=bias_fan_ins(model))
+    assert bias_fan_ins(model) == {"0.bias": 27, "4.bias": 128, "6.bias": 16}
+    for norm in ("1", "2", "5"):
+        assert (params[f"{norm}.weight"] == (0.0 if init == "zero" else 1.0)).all(), norm
+        assert (params[f"{norm}.bias"] == 0).all(), norm
+    for layer, fan_in in (("0", 27), ("4", 128), ("6", 16)):
+        w, b = params[f"{layer}.weight"].detach(), params[f"{layer}.bias"].detach()
+        if init in ("zero", "default"):
+            assert (b == 0).all()
+        else:
+            assert b.abs().max() <= (fan_in ** -0.5 if init == "uniform" else 5 * fan_in ** -0.5 / 3 ** 0.5)
+            assert b.std() > 0.2 * fan_in ** -0.5  # drawn at the weight's scale, not at 1/sqrt(len(bias))
+        if init != "zero":
+            assert 0 < w.abs().max() <= (fan_in ** -0.5 if init in ("default", "uniform") else 6 * fan_in ** -0.5 / 3 ** 0.5)
 
 
 # -- saliency -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ..projection import project_
 from ..registry import register_method
 from ..saliency import saliency_scores
 from ..topk import check_k, topk_masks
-from ..trim import module_kinds, summarize, trim_
+from ..trim import bias_fan_ins, module_kinds, summarize, trim_
 
 ABLATIONS = ("none", "no_trim", "no_projection", "no_forget")
 
@@ -33,7 +33,7 @@ class ScissorhandsConfig:
     selection: str = field(default="global", metadata={"help": "global or per_tensor top-k."})
     trim_only: str | None = field(default=None, metadata={"help": "Regex searched in names: rank over all targets, re-initialise only these (reference: last blocks)."})
     k_basis: str = field(default="ranked", metadata={"help": "ranked: k% of all ranked entries; reset: k% of the entries that may be reset."})
-    init: str = field(default="default", metadata={"help": "default, uniform, normal or zero."})
+    init: str = field(default="default", metadata={"help": "default, uniform, normal (norm scales 1, norm biases 0) or zero (prunes: every selected entry 0)."})
     project: bool = field(default=True, metadata={"help": "Project updates so the forget loss does not drop."})
     margin: float = field(default=0.0, metadata={"help": "GEM memory strength: the projection's dual is solved under v ≥ margin, as GEM does (0 = exact projection)."})
     memory_refresh: int = field(default=1, metadata={"help": "Recompute the memory gradient every N steps."})
@@ -83,7 +83,8 @@ class Scissorhands(Method):
         masks = topk_masks(ranked, c.topk, c.selection)
         masks = {n: m for n, m in masks.items() if n in resettable}
         del scores, ranked
-        stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed, kinds=module_kinds(ctx.model))
+        stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed,
+                      kinds=module_kinds(ctx.model), fan_ins=bias_fan_ins(ctx.model))
         info["trim"] = {"summary": summarize(stats), "per_tensor": stats}
         return info
 
