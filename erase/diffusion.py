@@ -186,7 +186,8 @@ class DiffusionAdapter(Adapter):
 
     @torch.no_grad()
     def sample_esd_start(self, batch):
-        """x_t from the frozen base under c by a random number of DDIM steps, its timestep, and c (ESD)."""
+        """x_t from the frozen base under c by s ∈ [0, esd_ddim_steps) DDIM steps, the timestep it sits at
+        (``ddim.timesteps[s]``), c and the empty prompt (ESD)."""
         from diffusers import DDIMScheduler
 
         if self.frozen is None:
@@ -212,10 +213,9 @@ class DiffusionAdapter(Adapter):
             both = self.predict(self.frozen, torch.cat([x, x]).to(self.weight_dtype), t.to(d), torch.cat([uncond, cond]))
             eu, ec = both.float().chunk(2)
             x = torch.where(active, ddim.step(eu + self.esd_start_guidance * (ec - eu), t, x).prev_sample, x)
-        full = DDIMScheduler.from_config(self.scheduler.config)
-        full.set_timesteps(self.num_train_timesteps)
-        t_train = full.timesteps[[int(s / self.esd_ddim_steps * self.num_train_timesteps) for s in steps]].to(d)
-        return x, t_train, cond, uncond
+        # after s DDIM steps x sits at ddim.timesteps[s]: the loss is taken there (not at 1000 − 1000·s/S)
+        t_at = ddim.timesteps[torch.tensor(steps, dtype=torch.long)].to(d)
+        return x, t_at, cond, uncond
 
     def _esd(self, model, batch, eta: float) -> torch.Tensor:
         x, t, cond, uncond = self.sample_esd_start(batch)

@@ -90,3 +90,20 @@ def test_forget_terms(parts):
         torch.testing.assert_close(a.forget_term("esd", a.model, batch, eta=0.0), expected)
     with pytest.raises(ValueError, match="forget term 'nope'"):
         a.forget_term("nope", a.model, batch)
+
+
+def test_esd_start_timestep_is_where_x_t_sits(parts):
+    """After s DDIM steps x_t sits at ddim.timesteps[s]; the ESD loss is evaluated exactly there."""
+    from diffusers import DDIMScheduler
+
+    from erase.diffusion import _SALTS, _generator
+
+    a = adapter(parts, frozen=True, batch_size=6)
+    batch = next(a.forget_stream(3))
+    x, t, _, _ = a.sample_esd_start(batch)
+    steps = [int(torch.randint(0, a.esd_ddim_steps, (1,), generator=_generator(k, _SALTS["esd"]))) for k in batch["keys"].tolist()]
+    ddim = DDIMScheduler.from_config(a.scheduler.config)
+    ddim.set_timesteps(a.esd_ddim_steps)
+    assert t.tolist() == [int(ddim.timesteps[s]) for s in steps]
+    assert 0 in steps and max(t.tolist()) < a.num_train_timesteps
+    assert int(t[steps.index(0)]) == int(ddim.timesteps[0])  # s = 0: pure noise, at the schedule's first timestep
