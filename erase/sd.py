@@ -372,8 +372,10 @@ def main(args):
     # The shared loop: prepare (trim), repair, checkpoint-{step}, resume.
     try:
         result = run(adapter, method, config, accelerator=accelerator)
-    except (NonFiniteLossError, FloatingPointError) as e:
+    except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
+    except FloatingPointError as e:
+        raise UserError(str(e)) from None
 
     # Export (main process), atomically.
     if accelerator.is_main_process:

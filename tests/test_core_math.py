@@ -251,6 +251,58 @@ def test_saliency_equals_explicit_autograd():
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
+def test_saliency_sets_existing_gradients_aside_and_unscales():
+    """A gradient already on a parameter is not folded into the first batch, and is back after the pass;
+    a loss scale applied by ``backward`` (fp16 grad scaler) is divided out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(2)]
+    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])
+    params = dict(model.named_parameters())
+    clean = saliency_scores(loss_fn, iter(data), params, num_batches=2, kind="grad", model=model)
+    old = {n: torch.full_like(p, 3.0) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = old[n].clone()
+    got = saliency_scores(loss_fn, iter(data), params, num_batches=2, kind="grad", model=model,
+                          backward=lambda loss: (loss * 1024.0).backward(), grad_scale=1024.0)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], clean[n])
+        assert torch.equal(p.grad, old[n])
+
+
+def test_saliency_non_finite_gradient_names_the_batch():
+    """An infinite / NaN folded gradient (e.g. an fp16 overflow) stops the pass with a FloatingPointError naming
+    the batch and the tensor, instead of ranking inf first or failing later in the top-k."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    stream = EndlessStream(12, 4, stack_collate(x, y), seed=0)
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        out = model(b[0])
+        if len(calls) == 2:  # the second batch's gradient overflows
+            out.register_hook(lambda g: g * float("inf"))
+        return nn.functional.cross_entropy(out, b[1])
+
+    params = dict(model.named_parameters())
+    with pytest.raises(FloatingPointError, match=r"saliency batch 2 of 3 \(draw 1 of the saliency stream\) gave a non-finite gradient.*first 2\.(weight|bias)"):
+        saliency_scores(loss_fn, stream, params, num_batches=3, kind="snip", model=model)
+    assert all(p.grad is None and p.requires_grad for p in params.values())
+
+
+def test_saliency_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).train()
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(3)]
+    saliency_scores(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), iter(data), dict(model.named_parameters()),
+                    num_batches=3, model=model)
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+    assert model[1].training
+
+
 def test_saliency_draws_fresh_batches():
     stream = EndlessStream(10, 2, lambda idx: idx, seed=0)
     seen = []

@@ -99,6 +99,11 @@ class RunContext:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
+    def grad_scale(self) -> float | None:
+        """The loss scale ``backward`` multiplies by (fp16 grad scaler), or None."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="mean") if self.accelerator.num_processes > 1 else t
 

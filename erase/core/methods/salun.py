@@ -41,7 +41,8 @@ class SalUn(Method):
         with ctx.accelerator.autocast():
             scores = saliency_scores(lambda b: ctx.adapter.forget_loss(ctx.model, b), ctx.saliency, ctx.params,
                                      num_batches=self.config.saliency_batches, kind="grad", backward=ctx.accelerator.backward,
-                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model)
+                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model,
+                                     grad_scale=ctx.grad_scale())
         self.masks = topk_masks(scores, self.config.mask_ratio)
         kept = sum(int(m.sum()) for m in self.masks.values())
         total = sum(m.numel() for m in self.masks.values())

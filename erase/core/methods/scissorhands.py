@@ -75,7 +75,8 @@ class Scissorhands(Method):
         with ctx.accelerator.autocast():
             scores = saliency_scores(lambda b: ctx.adapter.forget_loss(ctx.model, b), ctx.saliency, params,
                                      num_batches=c.saliency_batches, kind="snip", backward=ctx.accelerator.backward,
-                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model)
+                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model,
+                                     grad_scale=ctx.grad_scale())
         resettable = [n for n in params if c.trim_only is None or re.search(c.trim_only, n)]
         if not resettable:
             raise ValueError(f"trim_only {c.trim_only!r} matches none of the {len(params)} targeted tensors")
