@@ -391,6 +391,7 @@ def main(args):
             "targets": result.targets,
             "prepare": result.prepare_info,
             "history": result.history,
+            "repair": result.method_summary,
             "resumed_from": result.resumed_from,
             "data": {"dir": str(data_dir), "resolution": resolution,
                      **{s.split: {"count": len(s.files), "source": s.source} for s in sets}},

@@ -138,6 +138,7 @@ def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerato
     run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "c", 6), accelerator=accelerator)
     resumed = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "c", 8, resume="latest"), accelerator=accelerator)
     assert resumed.resumed_from.endswith("checkpoint-3")
+    assert resumed.method_summary == full.method_summary and full.method_summary["update_checked"] == 8  # counters resume too
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
     assert not torch.equal(part.model.state_dict()["0.weight"], full.model.state_dict()["0.weight"])

@@ -116,6 +116,9 @@ def test_config_and_model_card(tiny, reference, data_dir):
     assert cfg["num_processes"] == 1 and cfg["global_batch_size"] == 2
     assert {"torch", "diffusers", "transformers", "accelerate"} <= set(cfg["versions"])
     assert cfg["wall_seconds"] > 0 and len(cfg["history"]) == 4
+    # the projection's guarantee, checked on the step Adam applied at each of the 4 steps
+    assert cfg["repair"]["update_checked"] == 4 and cfg["repair"]["update_violated_after"] == 0
+    assert all({"update_projected", "update_dot_before", "update_dot_after"} <= set(r) for r in cfg["history"])
     assert cfg["concept_prompts"]["anchor_prompt"] == "a photo of a person wearing clothes"
     assert cfg["data"]["forget"] == {"count": 4, "source": "generated"}
     manifest = json.loads((data_dir / "manifest.json").read_text())
