@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
-from erase.core import EngineConfig, NonFiniteLossError, TargetError, available_methods, build_method, run, select_parameters  # noqa: E402
+from erase.core import EngineConfig, NonFiniteLossError, TargetError, TopKError, available_methods, build_method, run, select_parameters  # noqa: E402
 from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
@@ -374,7 +374,7 @@ def main(args):
         result = run(adapter, method, config, accelerator=accelerator)
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
-    except FloatingPointError as e:
+    except (FloatingPointError, TopKError) as e:
         raise UserError(str(e)) from None
 
     # Export (main process), atomically.

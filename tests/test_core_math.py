@@ -10,7 +10,7 @@ from erase.core.projection import project_, solve_dual
 from erase.core.saliency import saliency_scores
 from erase.core.stream import EndlessStream, stack_collate
 from erase.core.targets import TargetError, describe, select_parameters
-from erase.core.topk import global_topk_masks, num_selected, per_tensor_topk_masks
+from erase.core.topk import TopKError, global_topk_masks, num_selected, per_tensor_topk_masks, topk_masks
 from erase.core.trim import bias_fan_ins, module_kinds, summarize, trim_
 
 
@@ -128,22 +128,27 @@ def test_dual_solver_against_known_solution():
 
 # -- selection ------------------------------------------------------------------------------------------------
 def reference_mask(scores, k):
+    """A stable descending sort of the concatenation; zero scores are never taken."""
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     order = torch.sort(flat, descending=True, stable=True).indices[: num_selected(flat.numel(), k)]
+    order = order[flat[order] > 0]
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order] = True
     return mask
 
 
-@pytest.mark.parametrize("k", [0.5, 1, 7.5, 33.3, 50, 99.9, 100])
+@pytest.mark.parametrize("k", [1.5, 7.5, 33.3, 50, 99.9, 100])
 @pytest.mark.parametrize("ties", [False, True])
 def test_global_topk_equals_full_sort(k, ties):
     gen = torch.Generator().manual_seed(int(k * 10) + ties)
     make = (lambda *s: torch.randint(0, 4, s, generator=gen).float()) if ties else (lambda *s: torch.rand(*s, generator=gen))
     scores = {"a": make(6, 5), "b": make(17), "c": make(2, 3, 4), "d": torch.zeros(3)}
-    masks = global_topk_masks(scores, k)
+    info = {}
+    masks = global_topk_masks(scores, k, info)
     got = torch.cat([masks[n].reshape(-1) for n in scores])
-    assert int(got.sum()) == num_selected(got.numel(), k)
+    positive = int(sum(int((s > 0).sum()) for s in scores.values()))
+    assert int(got.sum()) == min(num_selected(got.numel(), k), positive) == info["selected"]
+    assert info["requested_k"] == num_selected(got.numel(), k) and info["zero_score_excluded"] == info["requested_k"] - info["selected"]
     assert torch.equal(got, reference_mask(scores, k))
     assert all(masks[n].shape == scores[n].shape for n in scores)
 
@@ -160,6 +165,25 @@ def test_per_tensor_topk_counts():
 def test_topk_out_of_range(k):
     with pytest.raises(ValueError, match=r"outside \(0, 100\]"):
         global_topk_masks({"a": torch.rand(4)}, k)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_topk_never_selects_zero_scores_and_says_so(scope, caplog):
+    scores = {"a": torch.tensor([3.0, 0.0, 0.0, 0.0]), "b": torch.tensor([0.0, 2.0, 0.0, 0.0])}
+    info = {}
+    with caplog.at_level("WARNING", logger="erase.core.topk"):
+        masks = topk_masks(scores, 75, scope, info=info)
+    assert masks["a"].tolist() == [True, False, False, False] and masks["b"].tolist() == [False, True, False, False]
+    assert info == {"ranked": 8, "requested_k": 6, "selected": 2, "zero_score_excluded": 4}
+    assert "only 2 have a non-zero score" in caplog.text
+
+
+def test_topk_that_rounds_to_zero_raises():
+    with pytest.raises(TopKError, match=r"top-k 1% of 10 targeted entries selects 0; raise --topk"):
+        global_topk_masks({"a": torch.rand(10)}, 1)
+    with pytest.raises(TopKError, match="raise --mask_ratio"):
+        topk_masks({"a": torch.rand(4), "b": torch.rand(6)}, 5, "per_tensor", flag="--mask_ratio")
+    assert int(per_tensor_topk_masks({"a": torch.rand(4), "b": torch.rand(60)}, 5)["b"].sum()) == 3  # a's 0 is fine
 
 
 def test_topk_rejects_negative_scores():

@@ -226,3 +226,14 @@ def test_non_finite_loss_stops_cleanly(tiny, data_dir, tmp_path):
     assert (tmp_path / "checkpoint-1").is_dir()
     assert not (tmp_path / "erase_config.json").exists() and not (tmp_path / "unet").exists()
     assert not (tmp_path / "unet_delta.safetensors").exists() and not (tmp_path / ".export.tmp").exists()
+
+
+def test_topk_selecting_nothing_is_one_line(tiny, data_dir, tmp_path):
+    from eval.common import UserError
+
+    with pytest.raises(UserError) as err:
+        in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
+                    *SMALL, "--max_train_steps", 1, "--saliency_batches", 1, "--topk", "1e-6"])
+    message = str(err.value.code)
+    assert message.startswith("error: top-k 1e-06% of ") and message.endswith("selects 0; raise --topk") and "\n" not in message
+    assert not (tmp_path / "erase_config.json").exists()

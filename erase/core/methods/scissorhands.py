@@ -96,12 +96,13 @@ class Scissorhands(Method):
         if not resettable:
             raise ValueError(f"trim_only {c.trim_only!r} matches none of the {len(params)} targeted tensors")
         ranked = scores if c.k_basis == "ranked" else {n: scores[n] for n in resettable}
-        masks = topk_masks(ranked, c.topk, c.selection)
+        selection = {}
+        masks = topk_masks(ranked, c.topk, c.selection, info=selection, flag="--topk")
         masks = {n: m for n, m in masks.items() if n in resettable}
         del scores, ranked
         stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed,
                       kinds=module_kinds(ctx.model), fan_ins=bias_fan_ins(ctx.model))
-        info["trim"] = {"summary": summarize(stats), "per_tensor": stats}
+        info["trim"] = {"summary": summarize(stats), "selection": selection, "per_tensor": stats}
         return info
 
     # -- repair -------------------------------------------------------------------------------------------
