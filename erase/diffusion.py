@@ -3,7 +3,8 @@
 Loss: the noise-prediction MSE of DDPM training (Ho et al., 2020, eq. 14) at a uniformly drawn timestep, on the
 ε or v target the scheduler config names. Forget terms (losses to minimise):
 
-* ``ascent``: −L_f on forget latents under the forget prompts (optionally bounded).
+* ``ascent``: −L_f on forget latents under the forget prompts (optionally bounded). A forget image with its own
+  caption is conditioned on it, one without on a random forget prompt of the concept (also in ``redirect``).
 * ``redirect``: ‖ε_θ(z_t, c_forget) − sg[ε_θ(z_t, c_anchor)]‖² (Concept Ablation, Kumari et al., 2023, model-based).
 * ``esd``: ‖ε_θ(x_t, c) − (ε*(x_t) − η(ε*(x_t, c) − ε*(x_t)))‖² with x_t drawn from the frozen base ε* under the
   concept prompt by a random number of DDIM steps (ESD, Gandikota et al., 2023; as in its diffusers code).
@@ -63,7 +64,9 @@ class LatentSet:
 
     mean: torch.Tensor  # (N, C, h, w) float32
     std: torch.Tensor  # (N, C, h, w) float32
-    prompt_index: torch.Tensor  # (N,) long, into the set's prompt embedding table
+    # (N,) long, into the set's prompt embedding table: PromptEmbeddings.retain for the retain set; for the forget
+    # set PromptEmbeddings.forget_captions (the image's own caption), −1 (or no caption table): a random concept prompt
+    prompt_index: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -77,6 +80,7 @@ class PromptEmbeddings:
     retain: torch.Tensor  # (R, L, D): the retain images' prompts
     anchor: torch.Tensor | None  # (1, L, D)
     uncond: torch.Tensor  # (1, L, D): the empty prompt
+    forget_captions: torch.Tensor | None = None  # (C, L, D): the forget images' own captions (x.txt beside x.png)
 
 
 @torch.no_grad()
@@ -152,9 +156,16 @@ class DiffusionAdapter(Adapter):
         return zt, r["t"], target, r
 
     def _cond(self, batch, r) -> torch.Tensor:
-        if batch["split"] == "forget":
-            return self.emb.forget[r["choice"]]
-        return self.emb.retain[batch["set"].prompt_index[batch["index"]].to(self.device)]
+        """Retain: the image's prompt. Forget: the image's own caption, else a random forget prompt of the concept
+        (the choice is drawn for every example, so an uncaptioned image draws the same with or without captions)."""
+        index = batch["set"].prompt_index[batch["index"]].to(self.device)
+        if batch["split"] != "forget":
+            return self.emb.retain[index]
+        cond = self.emb.forget[r["choice"]]
+        if self.emb.forget_captions is None or not bool((index >= 0).any()):
+            return cond
+        own = self.emb.forget_captions.to(cond.device)[index.clamp_min(0)]
+        return torch.where((index >= 0).view(-1, 1, 1), own, cond)
 
     @staticmethod
     def predict(model, zt, t, cond) -> torch.Tensor:

@@ -327,7 +327,7 @@ def main(args):
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
-        forget_imgs = (erase_data.folder_split("forget", args.forget_images, concept.forget_prompts[0]) if args.forget_images else
+        forget_imgs = (erase_data.folder_split("forget", args.forget_images, None) if args.forget_images else
                        erase_data.generate_split("forget", concept.generation_prompts, args.num_forget_images, data_dir, pipe=pipe, seed=args.seed, **gen))
         retain_imgs = None
         if uses_retain:
@@ -343,13 +343,15 @@ def main(args):
                                                    "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                                                    "scheduler": args.data_scheduler, "seed": args.seed})
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
+    captions, caption_of = erase_data.caption_index(forget_imgs)  # a forget image's own caption conditions it
     embeddings = PromptEmbeddings(
         forget=encode_prompts(concept.forget_prompts, tokenizer, text_encoder, device),
         retain=encode_prompts(retain_texts, tokenizer, text_encoder, device),
         anchor=encode_prompts([concept.anchor_prompt], tokenizer, text_encoder, device) if concept.anchor_prompt else None,
         uncond=encode_prompts([""], tokenizer, text_encoder, device),
+        forget_captions=encode_prompts(captions, tokenizer, text_encoder, device) if captions else None,
     )
-    forget_set = LatentSet(*latents["forget"], torch.zeros(len(forget_imgs.files), dtype=torch.long))
+    forget_set = LatentSet(*latents["forget"], caption_of)
     retain_set = (LatentSet(*latents["retain"], torch.tensor([retain_texts.index(p) for p in retain_imgs.prompts], dtype=torch.long))
                   if retain_imgs else None)
     scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
@@ -394,7 +396,7 @@ def main(args):
             "repair": result.method_summary,
             "resumed_from": result.resumed_from,
             "data": {"dir": str(data_dir), "resolution": resolution,
-                     **{s.split: {"count": len(s.files), "source": s.source} for s in sets}},
+                     **{s.split: {"count": len(s.files), "source": s.source, "captioned": sum(s.captioned)} for s in sets}},
             "adapter": adapter.extra_state(),
             "num_processes": accelerator.num_processes,
             "global_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,

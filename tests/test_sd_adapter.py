@@ -107,3 +107,45 @@ def test_esd_start_timestep_is_where_x_t_sits(parts):
     assert t.tolist() == [int(ddim.timesteps[s]) for s in steps]
     assert 0 in steps and max(t.tolist()) < a.num_train_timesteps
     assert int(t[steps.index(0)]) == int(ddim.timesteps[0])  # s = 0: pure noise, at the schedule's first timestep
+
+
+def test_forget_captions_condition_their_images(parts, tmp_path):
+    """A forget image with a sidecar caption is conditioned on it; one without keeps the keyed random choice among
+    the concept's forget prompts (the same draw as without any caption)."""
+    from PIL import Image
+
+    from erase.data import caption_index, folder_split
+    from erase.diffusion import DiffusionAdapter, LatentSet, PromptEmbeddings
+
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "img1.txt").write_text("a red cube\n")
+    (tmp_path / "img4.txt").write_text("a blue sphere")
+    (tmp_path / "img5.txt").write_text("a red cube")
+    (tmp_path / "img2.txt").write_text("  \n")  # empty: no caption
+    images = folder_split("forget", tmp_path, None)
+    captions, index = caption_index(images)
+    assert captions == ["a blue sphere", "a red cube"] and index.tolist() == [-1, 1, -1, -1, 0, 1]
+    assert images.captioned == [False, True, False, False, True, True] and images.prompts[0] is None
+
+    unet, lat, emb, cls = parts
+    sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    table = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
+    with_captions = PromptEmbeddings(emb.forget, emb.retain, emb.anchor, emb.uncond, forget_captions=table)
+    forget = LatentSet(lat.mean, lat.std, index)
+    a = DiffusionAdapter(unet, sched, with_captions, forget, lat, batch_size=6, device="cpu")
+    b = DiffusionAdapter(unet, sched, emb, LatentSet(lat.mean, lat.std, torch.zeros(6, dtype=torch.long)), lat, batch_size=6, device="cpu")
+    batch_a, batch_b = next(a.forget_stream(4)), next(b.forget_stream(4))
+    assert torch.equal(batch_a["keys"], batch_b["keys"])
+    _, _, _, r = a._noisy(batch_a, "loss")
+    cond_a, cond_b = a._cond(batch_a, r), b._cond(batch_b, r)
+    for row, i in enumerate(batch_a["index"].tolist()):
+        expected = table[index[i]] if index[i] >= 0 else emb.forget[r["choice"][row]]
+        assert torch.equal(cond_a[row], expected)
+        if index[i] < 0:
+            assert torch.equal(cond_a[row], cond_b[row])  # keyed: the same draw as without captions
+    assert not torch.equal(cond_a, cond_b)
+    # the loss uses it: a captioned image's loss equals the loss under its caption
+    zt, t, target, _ = a._noisy(batch_a, "loss")
+    manual = F.mse_loss(unet(zt, t, encoder_hidden_states=cond_a).sample, target)
+    torch.testing.assert_close(a.loss(a.model, batch_a), manual)
