@@ -146,8 +146,9 @@ def test_resume_equals_uninterrupted(tiny, reference, data_dir, tmp_path):
 def test_two_processes_match_one(tiny, data_dir, tmp_path):
     """DDP on 2 CPU processes with batch 1 == 1 process with batch 2 (same examples, same per-example noise).
 
-    --topk 100 makes the trim independent of the saliency values (SNIP sums |grad| per process, so the scores
-    themselves depend on the split); SGD keeps tiny float differences of the gradient mean tiny in the weights.
+    --topk 100 makes the trim independent of the saliency values (each batch's gradient is averaged across
+    processes before |.|, but float rounding can still reorder near ties); SGD keeps tiny float differences of the
+    gradient mean tiny in the weights.
     """
     common = ["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--data_dir", data_dir, *SMALL,
               "--max_train_steps", 3, "--lr", "0.05", "--optimizer", "sgd", "--topk", 100, "--lam", "0.5"]
