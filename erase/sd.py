@@ -84,6 +84,8 @@ def parse_args(input_args=None):
     parser.add_argument("--num_memories", type=int, default=None, help="Scissorhands: forget memory batches, one constraint each (default 1).")
     parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin (memory strength) of the projection: its dual is solved under v >= margin (default 0).")
     parser.add_argument("--no_projection", action="store_true", help="Scissorhands: repair without the gradient projection.")
+    parser.add_argument("--no_update_projection", action="store_true",
+                        help="Scissorhands: project the gradient only, not the step the optimizer applies (the step is still checked and counted).")
     parser.add_argument("--ablation", type=str, default=None, choices=("none", "no_trim", "no_projection", "no_forget"), help="Scissorhands ablations.")
     parser.add_argument("--mask_ratio", type=float, default=None, help="SalUn: percent of targeted weights the update may change (default 50).")
     parser.add_argument("--alpha", type=float, default=None, help="SalUn: retain-loss weight; l1sparse: l1 weight.")
@@ -226,6 +228,8 @@ def method_overrides(args) -> dict:
     out = {k: getattr(args, k) for k in keys}
     if args.no_projection:
         out["project"] = False
+    if args.no_update_projection:
+        out["project_update"] = False
     return out
 
 
