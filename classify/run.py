@@ -31,7 +31,7 @@ import torch
 
 from erase.core import available_methods
 from erase.core.methods.scissorhands import ScissorhandsConfig
-from erase.core.topk import check_k
+from erase.core.topk import TopKError, check_k
 from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, setup_logging
 
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
@@ -218,7 +218,10 @@ def main(args) -> dict:
     accelerator = Accelerator()  # one shared accelerator: AcceleratorState is a process-wide singleton
     start, per_seed = time.perf_counter(), []
     for seed in seeds:
-        per_seed.extend(run_seed(data, data.train, data.test, spec, seed, rows, train, args.cache_dir, accelerator, args.batch_size))
+        try:
+            per_seed.extend(run_seed(data, data.train, data.test, spec, seed, rows, train, args.cache_dir, accelerator, args.batch_size))
+        except TopKError as err:  # e.g. a --topk that rounds to 0 entries of the targeted model
+            raise UserError(str(err)) from None
         logger.info(f"seed {seed} done ({time.perf_counter() - start:.0f} s)")
     names = ["original", "retrain", "retrain2", *rows]
     results = {"methods": aggregate(per_seed, names), "settings": settings(args, spec, seeds, rows, source, train, data, time.perf_counter() - start)}

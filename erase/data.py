@@ -4,7 +4,9 @@ Generated sets: image i of a split is drawn by the *base* model from prompt ``pr
 seed ``seed + i`` (``eval.generate``: one generator per image, sharded over processes, resumable: finished images
 with identical settings are skipped). ``manifest.json`` in the data folder lists every image with its prompt and
 seed. User folders (``--forget_images`` / ``--retain_images``) are taken as they are; a ``<name>.txt`` beside an
-image gives its prompt. Latents are encoded once and cached as safetensors keyed by the images and the VAE.
+image gives its prompt (a forget image's caption conditions that image; one without a caption is conditioned on
+a random forget prompt of the concept). Latents are encoded once and cached as safetensors keyed by the images and
+the VAE.
 """
 
 from __future__ import annotations
@@ -29,9 +31,13 @@ class ImageSet:
     prompts: list[str]
     seeds: list[int | None] = field(default_factory=list)
     source: str = "generated"
+    captioned: list[bool] = field(default_factory=list)  # folder sets: the image has its own non-empty x.txt
 
     def records(self) -> list[dict]:
-        return [{"file": f.name, "prompt": p, "seed": s} for f, p, s in zip(self.files, self.prompts, self.seeds)]
+        rows = [{"file": f.name, "prompt": p, "seed": s} for f, p, s in zip(self.files, self.prompts, self.seeds)]
+        for row, c in zip(rows, self.captioned):
+            row["captioned"] = c
+        return rows
 
 
 def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *, pipe, model_id: str, seed: int,
@@ -66,16 +72,26 @@ def merge_splits(split: str, parts: list[ImageSet]) -> ImageSet:
                     [s for p in parts for s in p.seeds], source="generated")
 
 
-def folder_split(split: str, folder: str | Path, default_prompt: str = "") -> ImageSet:
-    """Images of a user folder; the prompt of ``x.png`` is ``x.txt`` when present, else ``default_prompt``."""
+def folder_split(split: str, folder: str | Path, default_prompt: str | None = "") -> ImageSet:
+    """Images of a user folder; the prompt of ``x.png`` is ``x.txt`` when present and not empty, else ``default_prompt``."""
     images, _ = list_inputs(folder)
     if not images:
         raise UserError(f"--{split}_images {folder}: no image files (png, jpg, jpeg, webp, bmp) found")
-    prompts = []
+    prompts, captioned = [], []
     for p in images:
         side = p.with_suffix(".txt")
-        prompts.append(side.read_text().strip() if side.is_file() else default_prompt)
-    return ImageSet(split, images, prompts, [None] * len(images), source=str(Path(folder).resolve()))
+        text = side.read_text().strip() if side.is_file() else ""
+        prompts.append(text if text else default_prompt)
+        captioned.append(bool(text))
+    return ImageSet(split, images, prompts, [None] * len(images), source=str(Path(folder).resolve()), captioned=captioned)
+
+
+def caption_index(images: ImageSet) -> tuple[list[str], torch.Tensor]:
+    """The distinct captions of a set (sorted) and each image's index into them, −1 for an image without one."""
+    flags = images.captioned or [False] * len(images.files)
+    captions = sorted({p for p, c in zip(images.prompts, flags) if c})
+    index = [captions.index(p) if c else -1 for p, c in zip(images.prompts, flags)]
+    return captions, torch.tensor(index, dtype=torch.long)
 
 
 def write_manifest(data_dir: Path, sets: list[ImageSet], settings: dict) -> None:

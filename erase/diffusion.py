@@ -3,7 +3,8 @@
 Loss: the noise-prediction MSE of DDPM training (Ho et al., 2020, eq. 14) at a uniformly drawn timestep, on the
 ε or v target the scheduler config names. Forget terms (losses to minimise):
 
-* ``ascent``: −L_f on forget latents under the forget prompts (optionally bounded).
+* ``ascent``: −L_f on forget latents under the forget prompts (optionally bounded). A forget image with its own
+  caption is conditioned on it, one without on a random forget prompt of the concept (also in ``redirect``).
 * ``redirect``: ‖ε_θ(z_t, c_forget) − sg[ε_θ(z_t, c_anchor)]‖² (Concept Ablation, Kumari et al., 2023, model-based).
 * ``esd``: ‖ε_θ(x_t, c) − (ε*(x_t) − η(ε*(x_t, c) − ε*(x_t)))‖² with x_t drawn from the frozen base ε* under the
   concept prompt by a random number of DDIM steps (ESD, Gandikota et al., 2023; as in its diffusers code).
@@ -73,7 +74,9 @@ class LatentSet:
 
     mean: torch.Tensor  # (N, C, h, w) float32
     std: torch.Tensor  # (N, C, h, w) float32
-    prompt_index: torch.Tensor  # (N,) long, into the set's prompt embedding table
+    # (N,) long: for the retain set a row of PromptEmbeddings.retain; for the forget set a group of
+    # PromptEmbeddings.groups (its concept, or its own caption)
+    prompt_index: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -194,9 +197,11 @@ class DiffusionAdapter(Adapter):
         return zt, r["t"], target, r
 
     def _cond(self, batch, r) -> torch.Tensor:
-        if batch["split"] == "forget":
-            return self.emb.forget[r["choice"]]
-        return self.emb.retain[batch["set"].prompt_index[batch["index"]].to(self.device)]
+        """Retain: the image's prompt. Forget: the row drawn within the image's group (its concept's forget prompts,
+        or its own caption: a group of one; one draw per example either way, so the other draws do not move)."""
+        if batch["split"] != "forget":
+            return self.emb.retain[batch["set"].prompt_index[batch["index"]].to(self.device)]
+        return self.emb.forget[r["choice"]]
 
     @staticmethod
     def predict(model, zt, t, cond) -> torch.Tensor:
@@ -258,7 +263,8 @@ class DiffusionAdapter(Adapter):
 
     @torch.no_grad()
     def sample_esd_start(self, batch):
-        """x_t from the frozen base under c by a random number of DDIM steps, its timestep, and c (ESD)."""
+        """x_t from the frozen base under c by s ∈ [0, esd_ddim_steps) DDIM steps, the timestep it sits at
+        (``ddim.timesteps[s]``), c and the empty prompt (ESD)."""
         from diffusers import DDIMScheduler
 
         if self.frozen is None:
@@ -285,10 +291,9 @@ class DiffusionAdapter(Adapter):
             both = self.predict(self.frozen, torch.cat([x, x]).to(self.weight_dtype), t.to(d), torch.cat([uncond, cond]))
             eu, ec = both.float().chunk(2)
             x = torch.where(active, ddim.step(eu + self.esd_start_guidance * (ec - eu), t, x).prev_sample, x)
-        full = DDIMScheduler.from_config(self.scheduler.config)
-        full.set_timesteps(self.num_train_timesteps)
-        t_train = full.timesteps[[int(s / self.esd_ddim_steps * self.num_train_timesteps) for s in steps]].to(d)
-        return x, t_train, cond, uncond
+        # after s DDIM steps x sits at ddim.timesteps[s]: the loss is taken there (not at 1000 − 1000·s/S)
+        t_at = ddim.timesteps[torch.tensor(steps, dtype=torch.long)].to(d)
+        return x, t_at, cond, uncond
 
     def _esd(self, model, batch, eta: float) -> torch.Tensor:
         x, t, cond, uncond = self.sample_esd_start(batch)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
-from erase.core import EngineConfig, NonFiniteLossError, TargetError, available_methods, build_method, run, select_parameters  # noqa: E402
+from erase.core import EngineConfig, NonFiniteLossError, TargetError, TopKError, available_methods, build_method, run, select_parameters  # noqa: E402
 from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
@@ -94,8 +94,10 @@ def parse_args(input_args=None):
     parser.add_argument("--init", type=str, default=None, choices=("default", "uniform", "normal", "zero"), help="Re-initialisation of trimmed weights.")
     parser.add_argument("--memory_refresh", type=int, default=None, help="Scissorhands: recompute the projection memory every N steps (default 1).")
     parser.add_argument("--num_memories", type=int, default=None, help="Scissorhands: forget memory batches, one constraint each (default 1).")
-    parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin of the projection (default 0).")
+    parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin (memory strength) of the projection: its dual is solved under v >= margin (default 0).")
     parser.add_argument("--no_projection", action="store_true", help="Scissorhands: repair without the gradient projection.")
+    parser.add_argument("--no_update_projection", action="store_true",
+                        help="Scissorhands: project the gradient only, not the step the optimizer applies (the step is still checked and counted).")
     parser.add_argument("--ablation", type=str, default=None, choices=("none", "no_trim", "no_projection", "no_forget"), help="Scissorhands ablations.")
     parser.add_argument("--mask_ratio", type=float, default=None, help="SalUn: percent of targeted weights the update may change (default 50).")
     parser.add_argument("--alpha", type=float, default=None, help="SalUn: retain-loss weight; l1sparse: l1 weight.")
@@ -221,6 +223,8 @@ def parse_args(input_args=None):
     for name in ("saliency_batches", "memory_refresh", "num_memories", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
+        fail(f"--margin must be a finite number >= 0, got {args.margin}")
     if not math.isfinite(args.lr) or args.lr <= 0:
         fail(f"--lr must be a positive number, got {args.lr}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
@@ -260,6 +264,8 @@ def method_overrides(args) -> dict:
     out = {k: getattr(args, k) for k in keys}
     if args.no_projection:
         out["project"] = False
+    if args.no_update_projection:
+        out["project_update"] = False
     return out
 
 
@@ -364,7 +370,7 @@ def main(args):
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
         if args.forget_images:
-            forget_imgs = erase_data.folder_split("forget", args.forget_images, "")
+            forget_imgs = erase_data.folder_split("forget", args.forget_images, None)
             forget_group = [0] * len(forget_imgs.files)
         else:  # one generated block per concept; a single concept keeps the historical layout data/forget, seeds seed + i
             parts = [erase_data.generate_split("forget", c.generation_prompts, args.num_forget_images,
@@ -394,13 +400,13 @@ def main(args):
         if c.anchor_prompt and c.anchor_prompt not in anchors:
             anchors.append(c.anchor_prompt)
         group_anchor.append(anchors.index(c.anchor_prompt) if c.anchor_prompt else 0)
-    if args.forget_images:
-        captions = sorted({p for p in forget_imgs.prompts if p})
+    if args.forget_images:  # a forget image's own caption conditions it: a group of one, anchored like the concept
+        captions, caption_of = erase_data.caption_index(forget_imgs)
         for cap in captions:
+            groups.append([len(forget_texts)])
             forget_texts.append(cap)
-            groups.append([len(forget_texts) - 1])
             group_anchor.append(group_anchor[0])
-        forget_group = [len(concept.concepts) + captions.index(p) if p else 0 for p in forget_imgs.prompts]
+        forget_group = [len(concept.concepts) + int(i) if i >= 0 else 0 for i in caption_of]
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
     embeddings = PromptEmbeddings(
         forget=encode_prompts(forget_texts, tokenizer, text_encoder, device),
@@ -435,8 +441,10 @@ def main(args):
     # The shared loop: prepare (trim), repair, checkpoint-{step}, resume.
     try:
         result = run(adapter, method, config, accelerator=accelerator)
-    except (NonFiniteLossError, FloatingPointError) as e:
+    except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
+    except (FloatingPointError, TopKError) as e:
+        raise UserError(str(e)) from None
 
     # Export (main process), atomically.
     if accelerator.is_main_process:
@@ -454,9 +462,10 @@ def main(args):
             "targets": result.targets,
             "prepare": result.prepare_info,
             "history": result.history,
+            "repair": result.method_summary,
             "resumed_from": result.resumed_from,
             "data": {"dir": str(data_dir), "resolution": resolution, "retain_loss": retain_mode,
-                     **{s.split: {"count": len(s.files), "source": s.source} for s in sets}},
+                     **{s.split: {"count": len(s.files), "source": s.source, "captioned": sum(s.captioned)} for s in sets}},
             "adapter": adapter.extra_state(),
             "num_processes": accelerator.num_processes,
             "global_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,

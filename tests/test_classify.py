@@ -166,3 +166,14 @@ def test_hub_dataset_offline_fails_with_one_line(monkeypatch):
     with pytest.raises(DataError) as err:
         load_data("cifar10")
     assert "cifar10" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_topk_selecting_nothing_is_one_line(tmp_path):
+    """--topk 1e-4 of the small CNN's ~38k weights rounds to 0 entries: one line naming the flag, not a silent no-op."""
+    with pytest.raises(SystemExit) as err:
+        main(parse_args(["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--seeds", "0",
+                         "--methods", "scissorhands", "--ablations", "none", "--topk", "1e-4", "--ref_epochs", "1",
+                         "--max_train_steps", "1"]))
+    message = str(err.value.code)
+    assert message.startswith("error: top-k 0.0001% of ") and "selects 0; raise --topk" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()

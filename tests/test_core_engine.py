@@ -138,6 +138,7 @@ def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerato
     run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "c", 6), accelerator=accelerator)
     resumed = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "c", 8, resume="latest"), accelerator=accelerator)
     assert resumed.resumed_from.endswith("checkpoint-3")
+    assert resumed.method_summary == full.method_summary and full.method_summary["update_checked"] == 8  # counters resume too
     for (n, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), n
     assert not torch.equal(part.model.state_dict()["0.weight"], full.model.state_dict()["0.weight"])
@@ -156,3 +157,124 @@ def test_engine_config_validates():
         EngineConfig(optimizer="rmsprop")
     with pytest.raises(ValueError, match="mixed_precision"):
         EngineConfig(mixed_precision="fp8")
+
+
+# -- Scissorhands' repair: the guarantee for the applied step, memories, BatchNorm, the forget schedule ---------
+class MeasuredScissorhands(get_method_class("scissorhands")):
+    """Scissorhands that also measures, on its own, ⟨∇L_f, Δθ⟩ / (‖Δθ‖‖g_o‖) of every applied projected step."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.snap, self.rel = None, []
+
+    def after_backward(self, ctx, model, step):
+        out = super().after_backward(ctx, model, step)
+        self.snap = [p.detach().clone() for p in ctx.params.values()] if "projected" in out else None
+        return out
+
+    def after_step(self, ctx, model, step):
+        out = super().after_step(ctx, model, step)
+        if self.snap is not None:
+            rise = torch.cat([(b - p.detach()).reshape(-1) for b, p in zip(self.snap, ctx.params.values())])  # −Δθ
+            for mem in self.memories:
+                g_o = torch.cat([m.reshape(-1) for m in mem])
+                self.rel.append(float(rise @ g_o) / float(rise.norm() * g_o.norm()))
+        return out
+
+
+def digits_double(trained_mlp, digits_tensors):
+    import torch.nn as nn
+
+    x, y = digits_tensors
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    model.load_state_dict(trained_mlp)
+    forget = torch.arange(len(y)) % 10 == 0  # a random-like forget set: D_r holds data like it, so fine-tuning lowers L_f
+    x = x.double()
+    return ClassifierAdapter(model.double(), (x[forget], y[forget]), (x[~forget], y[~forget]), num_classes=10, batch_size=32)
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 2e-3), ("sgd", 2e-2)])
+@pytest.mark.parametrize("project_update", [True, False])
+def test_projection_holds_for_the_applied_step(optimizer, lr, project_update, trained_mlp, digits_tensors, accelerator, tmp_path):
+    """Adam and SGD with momentum 0.9 apply a step other than −lr·g̃: on some projected steps it lowers the memory
+    forget loss to first order. With the correction after optimizer.step() none does (float64: exact up to 1e-9)."""
+    from erase.core.methods.scissorhands import ScissorhandsConfig
+
+    method = MeasuredScissorhands(ScissorhandsConfig(lam=0.0, ablation="no_trim", project_update=project_update))
+    res = run(digits_double(trained_mlp, digits_tensors), method,
+              EngineConfig(output_dir=str(tmp_path), max_train_steps=40, lr=lr, optimizer=optimizer, momentum=0.9, progress=False,
+                           log_every=1), accelerator=accelerator)
+    counts = res.method_summary
+    assert len(method.rel) == 40 and counts["update_checked"] == 40 and counts["projection_steps"] == 40
+    assert counts["update_violated"] >= 4  # measured before the correction, with or without it
+    assert all({"update_projected", "update_dot_before", "update_dot_after"} <= set(r) for r in res.history)
+    if project_update:
+        assert min(method.rel) >= -1e-9
+        assert counts["update_violated_after"] == 0 and counts["update_corrected"] >= counts["update_violated"]
+        assert sum(r["update_projected"] for r in res.history) == counts["update_corrected"]
+        assert min(r["update_dot_after"] for r in res.history) >= -1e-12
+    else:
+        assert sum(r < -1e-6 for r in method.rel) == counts["update_violated"] == counts["update_violated_after"]
+        assert counts["update_corrected"] == 0
+
+
+def test_non_finite_memory_is_not_used(mlp, digits_tensors, accelerator, tmp_path):
+    """A memory gradient with inf / NaN (e.g. an fp16 overflow) is dropped: no projection on that step, counted and
+    logged; the run goes on with finite weights."""
+    forget, retain = split(digits_tensors)
+
+    class Overflowing(ClassifierAdapter):
+        calls = 0
+
+        def forget_loss(self, model, batch):  # with λ = 0 and no trim, only the memory pass calls it
+            Overflowing.calls += 1
+            loss = super().forget_loss(model, batch)
+            if Overflowing.calls % 2 == 0:
+                loss.register_hook(lambda g: g * float("inf"))
+            return loss
+
+    adapter = Overflowing(mlp, forget, retain, num_classes=10, batch_size=32)
+    res = run(adapter, build_method("scissorhands", lam=0.0, ablation="no_trim"),
+              EngineConfig(output_dir=str(tmp_path), max_train_steps=6, lr=1e-3, progress=False, log_every=1), accelerator=accelerator)
+    assert res.method_summary["memory_non_finite"] == 3 and res.method_summary["projection_steps"] == 3
+    dropped = [r for r in res.history if r.get("memory_non_finite")]
+    assert [r["step"] for r in dropped] == [2, 4, 6] and all("projected" not in r for r in dropped)
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_memory_pass_leaves_batchnorm_statistics_alone(digits_tensors, accelerator, tmp_path):
+    """The saliency and memory passes run BatchNorm in eval mode: after N steps the running statistics are those
+    of fine-tuning on the same N retain batches (the first BatchNorm sees the raw inputs, so they must be equal)."""
+    import torch.nn as nn
+
+    forget, retain = split(digits_tensors)
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.BatchNorm1d(64), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10))
+    out = {}
+    for name, kw in (("ft", {}), ("scissorhands", {"lam": 0.0, "topk": 5.0})):
+        model = copy.deepcopy(base)
+        res = run(ClassifierAdapter(model, forget, retain, num_classes=10, batch_size=16), build_method(name, **kw),
+                  EngineConfig(output_dir=str(tmp_path / name), max_train_steps=5, lr=1e-3, progress=False), accelerator=accelerator)
+        out[name] = res.model
+    for bn in (0, 2):
+        assert int(out["scissorhands"][bn].num_batches_tracked) == 5 == int(out["ft"][bn].num_batches_tracked)
+        assert out["scissorhands"][bn].training
+    torch.testing.assert_close(out["scissorhands"][0].running_mean, out["ft"][0].running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(out["scissorhands"][0].running_var, out["ft"][0].running_var, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_first_per_epoch_counts_micro_batches(lam, mlp, digits_tensors, accelerator, tmp_path):
+    """forget_steps=first_per_epoch: with 2 micro-batches per step, a retain epoch of 8 micro-batches is 4 optimizer
+    steps and the 2 forget micro-batches fall in its first step (steps 1, 5, 9). λ = 0 drops the forget term but
+    keeps the projection on those steps, as under forget_steps=every."""
+    x, y = digits_tensors
+    forget, retain = (x[:16], y[:16]), (x[16:80], y[16:80])  # batch 8: 2 forget, 8 retain micro-batches per epoch
+    adapter = ClassifierAdapter(mlp, forget, retain, num_classes=10, batch_size=8)
+    method = build_method("scissorhands", lam=lam, ablation="no_trim", forget_steps="first_per_epoch")
+    res = run(adapter, method, EngineConfig(output_dir=str(tmp_path), max_train_steps=10, lr=1e-3, gradient_accumulation_steps=2,
+                                            progress=False, log_every=1), accelerator=accelerator)
+    projected = [r["step"] for r in res.history if "projected" in r]
+    with_term = [r["step"] for r in res.history if "forget_term" in r]
+    assert projected == [1, 5, 9]
+    assert with_term == ([1, 5, 9] if lam else [])

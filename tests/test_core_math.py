@@ -10,8 +10,8 @@ from erase.core.projection import project_, solve_dual
 from erase.core.saliency import saliency_scores
 from erase.core.stream import EndlessStream, stack_collate
 from erase.core.targets import TargetError, describe, select_parameters
-from erase.core.topk import global_topk_masks, num_selected, per_tensor_topk_masks
-from erase.core.trim import summarize, trim_
+from erase.core.topk import TopKError, global_topk_masks, num_selected, per_tensor_topk_masks, topk_masks
+from erase.core.trim import bias_fan_ins, module_kinds, summarize, trim_
 
 
 # -- projection -----------------------------------------------------------------------------------------------
@@ -36,6 +36,29 @@ def brute_force_qp(g, G):
     return best[1]
 
 
+def brute_force_gem(g, G, margin):
+    """GEM's ``project2cone2`` by enumeration: ``min_v ½vᵀGGᵀv + (Gg)ᵀv  s.t.  v ≥ margin``, then ``g + Gᵀv``.
+
+    For every set F of free coordinates (the rest at the bound) solve the stationarity equations on F and keep the
+    KKT point: v_F ≥ margin and a non-negative gradient on the bound coordinates.
+    """
+    P, q = G @ G.T, G @ g
+    m = G.shape[0]
+    for r in range(m + 1):
+        for free in itertools.combinations(range(m), r):
+            v = torch.full((m,), float(margin), dtype=torch.float64)
+            f = list(free)
+            if f:
+                b = [i for i in range(m) if i not in free]
+                rhs = -(q[f] + (P[f][:, b] @ v[b] if b else 0.0))
+                v[f] = torch.linalg.solve(P[f][:, f], rhs)
+            grad = P @ v + q
+            bound = [i for i in range(m) if i not in free]
+            if (v >= margin - 1e-10).all() and (grad[bound] >= -1e-10).all():
+                return g + G.T @ v
+    raise AssertionError("no KKT point")
+
+
 def split(v, sizes=(3, 5, 4)):
     return [t.clone() for t in torch.split(v, list(sizes))]
 
@@ -55,6 +78,22 @@ def test_projection_matches_brute_force(m, seed):
     assert torch.allclose(out, brute_force_qp(g, G), atol=1e-8)
 
 
+@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("margin", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_projection_margin_matches_gem(m, margin, seed):
+    """``margin`` constrains GEM's dual to v ≥ margin (quadprog h = margin), as in the reference project2cone2."""
+    gen = torch.Generator().manual_seed(10 + seed)
+    G = torch.randn(m, 12, generator=gen, dtype=torch.float64)
+    g = torch.randn(12, generator=gen, dtype=torch.float64) - 1.5 * G.sum(0)
+    grads = split(g)
+    info = project_(grads, [split(G[i]) for i in range(m)], margin=margin)
+    assert info["projected"] and min(info["v"]) >= margin - 1e-12
+    assert torch.allclose(torch.cat(grads), brute_force_gem(g, G, margin), atol=1e-8)
+    if margin == 0.0:
+        assert torch.allclose(torch.cat(grads), brute_force_qp(g, G), atol=1e-8)
+
+
 def test_projection_leaves_feasible_gradient_alone():
     g_o = torch.tensor([1.0, 0.0, 0.0])
     g = torch.tensor([0.5, -2.0, 3.0])
@@ -69,9 +108,13 @@ def test_projection_closed_form_and_margin():
     grads = [g.clone()]
     project_(grads, [[g_o]])
     assert torch.allclose(grads[0], torch.tensor([0.0, 3.0]))  # component along g_o removed exactly
+    # GEM's dual: v = max(margin, -<g, g_o>/|g_o|^2) = max(margin, 0.5); not 0.5 + margin
     grads = [g.clone()]
     project_(grads, [[g_o]], margin=0.5)
-    assert torch.allclose(grads[0], torch.tensor([1.0, 3.0]))  # GEM margin pushes past the boundary
+    assert torch.allclose(grads[0], torch.tensor([0.0, 3.0]))
+    grads = [g.clone()]
+    project_(grads, [[g_o]], margin=2.0)
+    assert torch.allclose(grads[0], torch.tensor([3.0, 3.0]))  # a margin above the exact solution pushes past the boundary
     assert float(grads[0] @ g_o) > 0
 
 
@@ -79,26 +122,33 @@ def test_dual_solver_against_known_solution():
     gram = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     v = solve_dual(gram, torch.tensor([-2.0, 4.0], dtype=torch.float64))
     assert torch.allclose(v, torch.tensor([1.0, 0.0], dtype=torch.float64))
+    v = solve_dual(gram, torch.tensor([-2.0, 4.0], dtype=torch.float64), lower=0.25)
+    assert torch.allclose(v, torch.tensor([1.0, 0.25], dtype=torch.float64))
 
 
 # -- selection ------------------------------------------------------------------------------------------------
 def reference_mask(scores, k):
+    """A stable descending sort of the concatenation; zero scores are never taken."""
     flat = torch.cat([s.reshape(-1) for s in scores.values()])
     order = torch.sort(flat, descending=True, stable=True).indices[: num_selected(flat.numel(), k)]
+    order = order[flat[order] > 0]
     mask = torch.zeros(flat.numel(), dtype=torch.bool)
     mask[order] = True
     return mask
 
 
-@pytest.mark.parametrize("k", [0.5, 1, 7.5, 33.3, 50, 99.9, 100])
+@pytest.mark.parametrize("k", [1.5, 7.5, 33.3, 50, 99.9, 100])
 @pytest.mark.parametrize("ties", [False, True])
 def test_global_topk_equals_full_sort(k, ties):
     gen = torch.Generator().manual_seed(int(k * 10) + ties)
     make = (lambda *s: torch.randint(0, 4, s, generator=gen).float()) if ties else (lambda *s: torch.rand(*s, generator=gen))
     scores = {"a": make(6, 5), "b": make(17), "c": make(2, 3, 4), "d": torch.zeros(3)}
-    masks = global_topk_masks(scores, k)
+    info = {}
+    masks = global_topk_masks(scores, k, info)
     got = torch.cat([masks[n].reshape(-1) for n in scores])
-    assert int(got.sum()) == num_selected(got.numel(), k)
+    positive = int(sum(int((s > 0).sum()) for s in scores.values()))
+    assert int(got.sum()) == min(num_selected(got.numel(), k), positive) == info["selected"]
+    assert info["requested_k"] == num_selected(got.numel(), k) and info["zero_score_excluded"] == info["requested_k"] - info["selected"]
     assert torch.equal(got, reference_mask(scores, k))
     assert all(masks[n].shape == scores[n].shape for n in scores)
 
@@ -115,6 +165,25 @@ def test_per_tensor_topk_counts():
 def test_topk_out_of_range(k):
     with pytest.raises(ValueError, match=r"outside \(0, 100\]"):
         global_topk_masks({"a": torch.rand(4)}, k)
+
+
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_topk_never_selects_zero_scores_and_says_so(scope, caplog):
+    scores = {"a": torch.tensor([3.0, 0.0, 0.0, 0.0]), "b": torch.tensor([0.0, 2.0, 0.0, 0.0])}
+    info = {}
+    with caplog.at_level("WARNING", logger="erase.core.topk"):
+        masks = topk_masks(scores, 75, scope, info=info)
+    assert masks["a"].tolist() == [True, False, False, False] and masks["b"].tolist() == [False, True, False, False]
+    assert info == {"ranked": 8, "requested_k": 6, "selected": 2, "zero_score_excluded": 4}
+    assert "only 2 have a non-zero score" in caplog.text
+
+
+def test_topk_that_rounds_to_zero_raises():
+    with pytest.raises(TopKError, match=r"top-k 1% of 10 targeted entries selects 0; raise --topk"):
+        global_topk_masks({"a": torch.rand(10)}, 1)
+    with pytest.raises(TopKError, match="raise --mask_ratio"):
+        topk_masks({"a": torch.rand(4), "b": torch.rand(6)}, 5, "per_tensor", flag="--mask_ratio")
+    assert int(per_tensor_topk_masks({"a": torch.rand(4), "b": torch.rand(60)}, 5)["b"].sum()) == 3  # a's 0 is fine
 
 
 def test_topk_rejects_negative_scores():
@@ -156,6 +225,33 @@ def test_trim_is_seeded_and_inits_differ():
         trim_({"weight": lin.weight}, {"weight": torch.ones(8, 8, dtype=torch.bool)}, init="xavier")
 
 
+@pytest.mark.parametrize("init", ["default", "uniform", "normal", "zero"])
+def test_trim_norm_scales_and_biases(init):
+    """Norm scales go to 1 and norm biases to 0 under every init but zero (pruning: all zero); a Linear / Conv bias
+    is zero under default, else drawn with its *weight's* fan-in (PyTorch's bias init), never with its own shape."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 4 * 4, 16),
+                          nn.LayerNorm(16), nn.Linear(16, 64))
+    params = dict(model.named_parameters())
+    for p in params.values():
+        torch.nn.init.constant_(p, 7.0)
+    trim_(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}, init=init, seed=2,
+          kinds=module_kinds(model), fan_ins=bias_fan_ins(model))
+    assert bias_fan_ins(model) == {"0.bias": 27, "4.bias": 128, "6.bias": 16}
+    for norm in ("1", "2", "5"):
+        assert (params[f"{norm}.weight"] == (0.0 if init == "zero" else 1.0)).all(), norm
+        assert (params[f"{norm}.bias"] == 0).all(), norm
+    for layer, fan_in in (("0", 27), ("4", 128), ("6", 16)):
+        w, b = params[f"{layer}.weight"].detach(), params[f"{layer}.bias"].detach()
+        if init in ("zero", "default"):
+            assert (b == 0).all()
+        else:
+            assert b.abs().max() <= (fan_in ** -0.5 if init == "uniform" else 5 * fan_in ** -0.5 / 3 ** 0.5)
+            assert b.std() > 0.2 * fan_in ** -0.5  # drawn at the weight's scale, not at 1/sqrt(len(bias))
+        if init != "zero":
+            assert 0 < w.abs().max() <= (fan_in ** -0.5 if init in ("default", "uniform") else 6 * fan_in ** -0.5 / 3 ** 0.5)
+
+
 # -- saliency -------------------------------------------------------------------------------------------------
 def test_saliency_equals_explicit_autograd():
     torch.manual_seed(0)
@@ -177,6 +273,58 @@ def test_saliency_equals_explicit_autograd():
         assert torch.allclose(grad[n], sum_g[n].abs(), atol=1e-7)
         assert p.grad is None
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_saliency_sets_existing_gradients_aside_and_unscales():
+    """A gradient already on a parameter is not folded into the first batch, and is back after the pass;
+    a loss scale applied by ``backward`` (fp16 grad scaler) is divided out."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(2)]
+    loss_fn = lambda b: nn.functional.cross_entropy(model(b[0]), b[1])
+    params = dict(model.named_parameters())
+    clean = saliency_scores(loss_fn, iter(data), params, num_batches=2, kind="grad", model=model)
+    old = {n: torch.full_like(p, 3.0) for n, p in params.items()}
+    for n, p in params.items():
+        p.grad = old[n].clone()
+    got = saliency_scores(loss_fn, iter(data), params, num_batches=2, kind="grad", model=model,
+                          backward=lambda loss: (loss * 1024.0).backward(), grad_scale=1024.0)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], clean[n])
+        assert torch.equal(p.grad, old[n])
+
+
+def test_saliency_non_finite_gradient_names_the_batch():
+    """An infinite / NaN folded gradient (e.g. an fp16 overflow) stops the pass with a FloatingPointError naming
+    the batch and the tensor, instead of ranking inf first or failing later in the top-k."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(12, 5), torch.randint(0, 3, (12,))
+    stream = EndlessStream(12, 4, stack_collate(x, y), seed=0)
+    calls = []
+
+    def loss_fn(b):
+        calls.append(1)
+        out = model(b[0])
+        if len(calls) == 2:  # the second batch's gradient overflows
+            out.register_hook(lambda g: g * float("inf"))
+        return nn.functional.cross_entropy(out, b[1])
+
+    params = dict(model.named_parameters())
+    with pytest.raises(FloatingPointError, match=r"saliency batch 2 of 3 \(draw 1 of the saliency stream\) gave a non-finite gradient.*first 2\.(weight|bias)"):
+        saliency_scores(loss_fn, stream, params, num_batches=3, kind="snip", model=model)
+    assert all(p.grad is None and p.requires_grad for p in params.values())
+
+
+def test_saliency_leaves_batchnorm_statistics_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Tanh(), nn.Linear(7, 3)).train()
+    before = {k: v.clone() for k, v in model[1].state_dict().items()}
+    data = [(torch.randn(4, 5), torch.randint(0, 3, (4,))) for _ in range(3)]
+    saliency_scores(lambda b: nn.functional.cross_entropy(model(b[0]), b[1]), iter(data), dict(model.named_parameters()),
+                    num_batches=3, model=model)
+    assert all(torch.equal(v, before[k]) for k, v in model[1].state_dict().items())
+    assert model[1].training
 
 
 def test_saliency_draws_fresh_batches():

@@ -147,3 +147,66 @@ def test_forget_groups_choose_their_prompts_and_anchor(parts):
     same_anchor = replace(emb2, anchor=torch.stack([emb2.anchor[1], emb2.anchor[1]]))
     b = adapter(parts, frozen=True, emb=same_anchor, forget=grouped, batch_size=6)
     torch.testing.assert_close(a.forget_term("redirect", a.model, ones), b.forget_term("redirect", b.model, ones))
+
+
+def test_esd_start_timestep_is_where_x_t_sits(parts):
+    """After s DDIM steps x_t sits at ddim.timesteps[s]; the ESD loss is evaluated exactly there."""
+    from diffusers import DDIMScheduler
+
+    from erase.diffusion import _SALTS, _generator
+
+    a = adapter(parts, frozen=True, batch_size=6)
+    batch = next(a.forget_stream(3))
+    x, t, _, _ = a.sample_esd_start(batch)
+    steps = [int(torch.randint(0, a.esd_ddim_steps, (1,), generator=_generator(k, _SALTS["esd"]))) for k in batch["keys"].tolist()]
+    ddim = DDIMScheduler.from_config(a.scheduler.config)
+    ddim.set_timesteps(a.esd_ddim_steps)
+    assert t.tolist() == [int(ddim.timesteps[s]) for s in steps]
+    assert 0 in steps and max(t.tolist()) < a.num_train_timesteps
+    assert int(t[steps.index(0)]) == int(ddim.timesteps[0])  # s = 0: pure noise, at the schedule's first timestep
+
+
+def test_forget_captions_condition_their_images(parts, tmp_path):
+    """A forget image with a sidecar caption is conditioned on it (a group of one); one without keeps the keyed random
+    choice among the concept's forget prompts (the same draw as without any caption)."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from erase.data import caption_index, folder_split
+    from erase.diffusion import LatentSet
+
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"img{i}.png")
+    (tmp_path / "img1.txt").write_text("a red cube\n")
+    (tmp_path / "img4.txt").write_text("a blue sphere")
+    (tmp_path / "img5.txt").write_text("a red cube")
+    (tmp_path / "img2.txt").write_text("  \n")  # empty: no caption
+    images = folder_split("forget", tmp_path, None)
+    captions, index = caption_index(images)
+    assert captions == ["a blue sphere", "a red cube"] and index.tolist() == [-1, 1, -1, -1, 0, 1]
+    assert images.captioned == [False, True, False, False, True, True] and images.prompts[0] is None
+
+    unet, (forget, _), emb, _ = parts
+    table = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(9))
+    n = emb.forget.shape[0]
+    # as erase/sd.py builds it: concept prompts are group 0, caption c is group 1 + c (one row each)
+    with_captions = replace(emb, forget=torch.cat([emb.forget, table]), groups=[list(range(n)), [n], [n + 1]], group_anchor=[0, 0, 0])
+    groups = torch.tensor([1 + int(i) if i >= 0 else 0 for i in index])
+    a = adapter(parts, emb=with_captions, forget=LatentSet(forget.mean, forget.std, groups), batch_size=6)
+    b = adapter(parts, forget=LatentSet(forget.mean, forget.std, torch.zeros(6, dtype=torch.long)), batch_size=6)
+    batch_a, batch_b = next(a.forget_stream(4)), next(b.forget_stream(4))
+    assert torch.equal(batch_a["keys"], batch_b["keys"])
+    _, _, _, ra = a._noisy(batch_a, "loss")
+    _, _, _, rb = b._noisy(batch_b, "loss")
+    cond_a, cond_b = a._cond(batch_a, ra), b._cond(batch_b, rb)
+    for row, i in enumerate(batch_a["index"].tolist()):
+        if index[i] >= 0:
+            assert torch.equal(cond_a[row], table[index[i]])
+        else:
+            assert torch.equal(cond_a[row], cond_b[row])  # keyed: the same draw as without captions
+    assert not torch.equal(cond_a, cond_b)
+    # the loss uses it: a captioned image's loss equals the loss under its caption
+    zt, t, target, _ = a._noisy(batch_a, "loss")
+    manual = F.mse_loss(unet(zt, t, encoder_hidden_states=cond_a).sample, target)
+    torch.testing.assert_close(a.loss(a.model, batch_a), manual)

@@ -129,3 +129,14 @@ def test_list_targets_prints_what_matches_without_loading_weights(targets, expec
     listed = [ln.split("\t")[0] for ln in lines if not ln.startswith("#")]
     assert listed == list(info["tensors"]) and listed and all(expect in n for n in listed)
     assert lines[-1].startswith(f"# {len(listed)} tensors, {info['num_parameters']:,} of ")
+
+
+def test_projection_flags_reach_the_method(tiny, capsys):
+    from erase.core import build_method
+    from erase.sd import method_overrides, parse_args
+
+    args = parse_args(["--pretrained_model_name_or_path", str(tiny), "--concept", "nudity", "--no_update_projection", "--margin", "0.5"])
+    config = build_method("scissorhands", "diffusion", **method_overrides(args)).config
+    assert config.project_update is False and config.project is True and config.margin == 0.5
+    assert "--margin must be a finite number >= 0" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+                                                             "--margin", "-1"], capsys)

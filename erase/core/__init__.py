@@ -8,11 +8,11 @@ from .registry import available_methods, build_method, get_method_class, registe
 from .saliency import saliency_scores
 from .stream import EndlessStream, stack_collate
 from .targets import TargetError, describe, select_parameters
-from .topk import global_topk_masks, per_tensor_topk_masks, topk_masks
+from .topk import TopKError, global_topk_masks, per_tensor_topk_masks, topk_masks
 from .trim import trim_
 
 __all__ = [
-    "Adapter", "EndlessStream", "EngineConfig", "Method", "NonFiniteLossError", "RunContext", "RunResult", "TargetError",
+    "Adapter", "EndlessStream", "EngineConfig", "Method", "NonFiniteLossError", "RunContext", "RunResult", "TargetError", "TopKError",
     "available_methods", "build_method", "describe", "get_method_class", "global_topk_masks", "per_tensor_topk_masks",
     "project_", "register_method", "run", "saliency_scores", "select_parameters", "stack_collate", "topk_masks", "trim_",
 ]

@@ -2,7 +2,8 @@
 
 Order: Accelerator, seed, select targets and freeze the rest, ``method.prepare`` (e.g. the trim, on the raw
 model), optimizer, ``accelerator.prepare``, resume, then optimizer steps over endless forget / retain streams
-with gradient accumulation, ``method.after_backward`` after gradient synchronisation, clipping, a tqdm bar,
+with gradient accumulation, ``method.after_backward`` after gradient synchronisation, clipping, the optimizer
+step, ``method.after_step`` (which may correct the step just applied), a tqdm bar,
 ``checkpoint-{step}`` via ``save_state`` (written under a temporary name, then renamed) and
 ``--resume_from_checkpoint latest``. A non-finite loss stops the run with :class:`NonFiniteLossError`; the last
 good checkpoint stays.
@@ -99,6 +100,11 @@ class RunContext:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
+    def grad_scale(self) -> float | None:
+        """The loss scale ``backward`` multiplies by (fp16 grad scaler), or None."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="mean") if self.accelerator.num_processes > 1 else t
 
@@ -118,6 +124,7 @@ class RunResult:
     steps: int
     resumed_from: str | None = None
     step_seconds: list[float] = field(default_factory=list)
+    method_summary: dict = field(default_factory=dict)  # the method's per-run counters (``Method.summary``)
 
 
 def make_accelerator(config: EngineConfig, **kwargs) -> Accelerator:
@@ -241,6 +248,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         if config.max_grad_norm:
             acc.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()
+        logs.update(method.after_step(ctx, model_p, step) or {})
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - tick)
         if step % config.log_every == 0 or step == config.max_train_steps - 1:
@@ -267,6 +275,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         steps=config.max_train_steps,
         resumed_from=str(ckpt) if ckpt else None,
         step_seconds=step_seconds,
+        method_summary=method.summary(),
     )
 
 

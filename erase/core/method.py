@@ -1,7 +1,8 @@
 """What a method supplies: its phases, never a loop.
 
 ``prepare`` runs once before training (e.g. the trim), ``loss`` returns the step's objective,
-``before_step`` / ``after_backward`` hook into each optimizer step (memory refresh, projection, masks).
+``before_step`` / ``after_backward`` / ``after_step`` hook into each optimizer step (memory refresh, projection,
+masks, a correction of the applied step). ``summary`` reports per-run counters (kept in ``RunResult``).
 Tensor state that must survive a resume goes in ``state_tensors`` (saved as safetensors in checkpoints).
 """
 
@@ -35,6 +36,13 @@ class Method:
         return {}
 
     def after_backward(self, ctx: "RunContext", model, step: int) -> dict:
+        return {}
+
+    def after_step(self, ctx: "RunContext", model, step: int) -> dict:
+        """Right after ``optimizer.step()``, before the gradients are cleared; may change the weights."""
+        return {}
+
+    def summary(self) -> dict:
         return {}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:

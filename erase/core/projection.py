@@ -4,8 +4,11 @@ Given the step gradient ``g`` and memory gradients ``g_o^j = ∇(−L_f)`` on fo
 by the closest ``g̃`` with ``⟨g̃, g_o^j⟩ ≥ 0`` for every j, so that a descent step on ``g̃`` does not lower
 the forget loss to first order. Primal ``min ½‖g̃ − g‖²  s.t. G g̃ ≥ 0`` has the dual
 ``min_v ½ vᵀ(GGᵀ)v + (Gg)ᵀv,  v ≥ 0`` and ``g̃ = g + Gᵀv``: closed form for one memory, coordinate descent
-on the m×m dual for several (no quadprog). ``margin`` adds to ``v`` as GEM's memory strength does
-(0 by default: a positive margin pushes beyond the boundary at every violated step).
+on the m×m dual for several (no quadprog). ``margin`` is GEM's memory strength exactly as in its reference
+``project2cone2``: the dual is solved under ``v ≥ margin`` (quadprog ``h = margin``), not shifted afterwards; for one
+memory ``v = max(margin, −⟨g, g_o⟩/‖g_o‖²)``. 0 by default (a positive margin pushes beyond the boundary at every
+violated step). GEM's ``eps·I`` added to ``GGᵀ`` only keeps quadprog's matrix positive definite; it is not needed here.
+As in GEM, nothing happens when no constraint is violated.
 
 Everything works on lists of per-tensor gradients: dot products are summed tensor by tensor, and the update is
 applied in place, so no flattened copy of the gradient is made. Call it after gradient synchronisation (DDP):
@@ -25,18 +28,18 @@ def dot(a: Grads, b: Grads) -> float:
     return float(sum(torch.dot(x.reshape(-1).double(), y.reshape(-1).double()) for x, y in zip(a, b) if x is not None and y is not None))
 
 
-def solve_dual(gram: torch.Tensor, lin: torch.Tensor, iters: int = 10000, tol: float = 1e-12) -> torch.Tensor:
-    """``argmin_{v ≥ 0} ½ vᵀ gram v + linᵀ v`` by cyclic coordinate descent (exact for one memory)."""
+def solve_dual(gram: torch.Tensor, lin: torch.Tensor, lower: float = 0.0, iters: int = 10000, tol: float = 1e-12) -> torch.Tensor:
+    """``argmin_{v ≥ lower} ½ vᵀ gram v + linᵀ v`` by cyclic coordinate descent (exact for one memory)."""
     gram, lin = gram.double(), lin.double()
     m = lin.numel()
-    v = torch.zeros(m, dtype=torch.float64)
+    v = torch.full((m,), float(lower), dtype=torch.float64)
     diag = torch.diagonal(gram)
     for _ in range(iters):
         biggest = 0.0
         for i in range(m):
             if diag[i] <= 0:
                 continue
-            new = max(0.0, float(v[i] - (gram[i] @ v + lin[i]) / diag[i]))
+            new = max(float(lower), float(v[i] - (gram[i] @ v + lin[i]) / diag[i]))
             biggest = max(biggest, abs(new - float(v[i])))
             v[i] = new
         if biggest <= tol * (1.0 + float(v.abs().max())):
@@ -58,10 +61,9 @@ def project_(grads: Grads, memories: Sequence[Grads], margin: float = 0.0) -> di
         for j in range(i, m):
             gram[i, j] = gram[j, i] = dot(memories[i], memories[j])
     if m == 1:
-        v = torch.clamp(-dots / gram[0, 0].clamp_min(1e-30), min=0.0)
+        v = torch.clamp(-dots / gram[0, 0].clamp_min(1e-30), min=float(margin))
     else:
-        v = solve_dual(gram, dots)
-    v = v + margin
+        v = solve_dual(gram, dots, lower=float(margin))
     for i, mem in enumerate(memories):
         coef = float(v[i])
         if coef == 0.0:

@@ -41,11 +41,14 @@ class SalUn(Method):
         with ctx.accelerator.autocast():
             scores = saliency_scores(lambda b: ctx.adapter.forget_loss(ctx.model, b), ctx.saliency, ctx.params,
                                      num_batches=self.config.saliency_batches, kind="grad", backward=ctx.accelerator.backward,
-                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model)
-        self.masks = topk_masks(scores, self.config.mask_ratio)
+                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model,
+                                     grad_scale=ctx.grad_scale())
+        selection = {}
+        self.masks = topk_masks(scores, self.config.mask_ratio, info=selection, flag="--mask_ratio")
         kept = sum(int(m.sum()) for m in self.masks.values())
         total = sum(m.numel() for m in self.masks.values())
-        return {"mask": {"selected": kept, "total": total, "fraction": kept / total}}
+        return {"mask": {"selected": kept, "total": total, "fraction": kept / total,
+                         "requested_k": selection["requested_k"], "zero_score_excluded": selection["zero_score_excluded"]}}
 
     def loss(self, ctx, model, forget_batch, retain_batch):
         kind = self.config.forget_loss or ctx.adapter.relabel_kind

@@ -3,7 +3,10 @@
 Trim (Sec. 3.2): ``S = |θ ⊙ Σ_b |∇θ L_f(b)||`` over ``saliency_batches`` fresh forget batches, global top-k%,
 re-initialise those entries. Repair (Sec. 3.3): minimise ``L_r + λ·F`` where ``F`` is a forget term (``ascent``
 is −L_f, the paper's ``L_r − λ L_f``); each update ``g`` is projected so that ``⟨g̃, g_o⟩ ≥ 0`` with
-``g_o = ∇(−L_f)`` on forget memory batches refreshed every ``memory_refresh`` steps.
+``g_o = ∇(−L_f)`` on forget memory batches refreshed every ``memory_refresh`` steps (eq. 4, GEM's projection).
+Adam or momentum then apply a step other than ``−lr·g̃``, so the step actually applied is checked after
+``optimizer.step()`` and, where it would lower a memory's forget loss to first order, projected the same way
+(``after_step``). Memory gradients are taken with BatchNorm layers in eval mode, and dropped when not finite.
 """
 
 from __future__ import annotations
@@ -12,33 +15,43 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import torch
+from accelerate.logging import get_logger
 
 from ..method import Method
+from ..norms import frozen_norm_stats
 from ..projection import project_
 from ..registry import register_method
 from ..saliency import saliency_scores
 from ..topk import check_k, topk_masks
-from ..trim import module_kinds, summarize, trim_
+from ..trim import bias_fan_ins, module_kinds, summarize, trim_
+
+logger = get_logger(__name__)
 
 ABLATIONS = ("none", "no_trim", "no_projection", "no_forget")
+#: per-run counters (``summary()``, saved with checkpoints): steps the projection ran on, gradients it changed,
+#: applied updates checked / lowering a memory's forget loss to first order / corrected / still lowering it after,
+#: memory gradients dropped for not being finite
+COUNTS = ("projection_steps", "gradient_projected", "update_checked", "update_violated", "update_corrected",
+          "update_violated_after", "memory_non_finite")
 
 
 @dataclass
 class ScissorhandsConfig:
     topk: float = field(default=10.0, metadata={"help": "Percent of ranked entries to re-initialise, in (0, 100]."})
-    lam: float = field(default=1.0, metadata={"help": "Weight λ of the forget term."})
+    lam: float = field(default=1.0, metadata={"help": "Weight λ of the forget term (0: repair on D_r alone; the projection still runs on forget steps)."})
     forget_loss: str = field(default="ascent", metadata={"help": "Forget term: ascent (−L_f) or an adapter kind (redirect, esd, relabel)."})
     forget_bound: float | None = field(default=None, metadata={"help": "Clamp L_f at this value inside the ascent term."})
     saliency_batches: int = field(default=4, metadata={"help": "Fresh forget batches summed in the SNIP score."})
     selection: str = field(default="global", metadata={"help": "global or per_tensor top-k."})
     trim_only: str | None = field(default=None, metadata={"help": "Regex searched in names: rank over all targets, re-initialise only these (reference: last blocks)."})
     k_basis: str = field(default="ranked", metadata={"help": "ranked: k% of all ranked entries; reset: k% of the entries that may be reset."})
-    init: str = field(default="default", metadata={"help": "default, uniform, normal or zero."})
+    init: str = field(default="default", metadata={"help": "default, uniform, normal (norm scales 1, norm biases 0) or zero (prunes: every selected entry 0)."})
     project: bool = field(default=True, metadata={"help": "Project updates so the forget loss does not drop."})
-    margin: float = field(default=0.0, metadata={"help": "GEM margin added to the dual solution (0 = exact projection)."})
+    project_update: bool = field(default=True, metadata={"help": "Also correct the step the optimizer applied (Adam, momentum) so it does not lower the memory forget loss to first order; False only measures it."})
+    margin: float = field(default=0.0, metadata={"help": "GEM memory strength: the projection's dual is solved under v ≥ margin, as GEM does (0 = exact projection)."})
     memory_refresh: int = field(default=1, metadata={"help": "Recompute the memory gradient every N steps."})
     num_memories: int = field(default=1, metadata={"help": "Forget memory batches, one constraint each."})
-    forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only the first ⌈|D_f|/batch⌉ steps of each retain epoch (reference)."})
+    forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only on the steps holding the first ⌈|D_f|/batch⌉ retain micro-batches of each retain epoch (reference)."})
     ablation: str = field(default="none", metadata={"help": f"One of {ABLATIONS}: drop one part to measure what it contributes."})
 
     def __post_init__(self):
@@ -49,6 +62,8 @@ class ScissorhandsConfig:
             raise ValueError(f"k_basis {self.k_basis!r} is not one of ('ranked', 'reset')")
         if self.forget_steps not in ("every", "first_per_epoch"):
             raise ValueError(f"forget_steps {self.forget_steps!r} is not one of ('every', 'first_per_epoch')")
+        if not self.margin >= 0.0 or self.margin == float("inf"):
+            raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
         if self.memory_refresh < 1 or self.num_memories < 1 or self.saliency_batches < 1:
             raise ValueError("memory_refresh, num_memories and saliency_batches must be >= 1")
 
@@ -61,6 +76,8 @@ class Scissorhands(Method):
     def __init__(self, config: ScissorhandsConfig):
         super().__init__(config)
         self.memories: list[list[torch.Tensor]] = []
+        self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
+        self._before: list[torch.Tensor] | None = None
 
     # -- trim ---------------------------------------------------------------------------------------------
     def prepare(self, ctx) -> dict:
@@ -73,31 +90,40 @@ class Scissorhands(Method):
         with ctx.accelerator.autocast():
             scores = saliency_scores(lambda b: ctx.adapter.forget_loss(ctx.model, b), ctx.saliency, params,
                                      num_batches=c.saliency_batches, kind="snip", backward=ctx.accelerator.backward,
-                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model)
+                                     reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model,
+                                     grad_scale=ctx.grad_scale())
         resettable = [n for n in params if c.trim_only is None or re.search(c.trim_only, n)]
         if not resettable:
             raise ValueError(f"trim_only {c.trim_only!r} matches none of the {len(params)} targeted tensors")
         ranked = scores if c.k_basis == "ranked" else {n: scores[n] for n in resettable}
-        masks = topk_masks(ranked, c.topk, c.selection)
+        selection = {}
+        masks = topk_masks(ranked, c.topk, c.selection, info=selection, flag="--topk")
         masks = {n: m for n, m in masks.items() if n in resettable}
         del scores, ranked
-        stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed, kinds=module_kinds(ctx.model))
-        info["trim"] = {"summary": summarize(stats), "per_tensor": stats}
+        stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed,
+                      kinds=module_kinds(ctx.model), fan_ins=bias_fan_ins(ctx.model))
+        info["trim"] = {"summary": summarize(stats), "selection": selection, "per_tensor": stats}
         return info
 
     # -- repair -------------------------------------------------------------------------------------------
-    def _forget_active(self, ctx, step: int) -> bool:
-        if self.config.ablation == "no_forget" or self.config.lam == 0:
-            return False
+    def _forget_step(self, ctx, step: int) -> bool:
+        """Whether ``step`` is a forget step of the schedule: every step, or (``first_per_epoch``, as the reference
+        loops over the retain loader) a step holding one of the first ⌈|D_f|/batch⌉ retain micro-batches of a
+        retain epoch. Counted in micro-batches: each optimizer step draws ``gradient_accumulation_steps`` of them."""
         if self.config.forget_steps == "every":
             return True
-        per_epoch = ctx.retain.steps_per_epoch
-        return (step % per_epoch) < ctx.forget.steps_per_epoch
+        accum = ctx.config.gradient_accumulation_steps
+        per_epoch, forget = ctx.retain.steps_per_epoch, ctx.forget.steps_per_epoch
+        return any((step * accum + m) % per_epoch < forget for m in range(accum))
+
+    def _forget_active(self, ctx, step: int) -> bool:
+        """The forget term is in the loss: a forget step, λ ≠ 0 and not ablated."""
+        return self.config.ablation != "no_forget" and self.config.lam != 0 and self._forget_step(ctx, step)
 
     def _projecting(self, ctx, step) -> bool:
-        if not self.config.project or self.config.ablation == "no_projection":
-            return False
-        return self.config.forget_steps == "every" or self._forget_active(ctx, step)
+        """The projection runs on every forget step, also with λ = 0 or ``no_forget`` (repair on D_r alone, kept
+        from lowering L_f: the paper's reading of the projection)."""
+        return self.config.project and self.config.ablation != "no_projection" and self._forget_step(ctx, step)
 
     def before_step(self, ctx, model, step: int) -> dict:
         if not self._projecting(ctx, step):
@@ -105,15 +131,27 @@ class Scissorhands(Method):
         if self.memories and step % self.config.memory_refresh != 0:
             return {}
         ctx.zero_grad()
-        memories = []
-        for _ in range(self.config.num_memories):
-            with ctx.accelerator.autocast():
-                loss = -ctx.adapter.forget_loss(model, next(ctx.memory))
-            ctx.backward(loss)
-            memories.append([p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in ctx.params.values()])
-            ctx.zero_grad()
-        self.memories = memories
-        return {"memory_forget_loss": -float(loss.detach())}
+        memories, dropped = [], 0
+        with frozen_norm_stats(model):  # no BatchNorm statistics from the memory batch
+            for _ in range(self.config.num_memories):
+                with ctx.accelerator.autocast():
+                    loss = -ctx.adapter.forget_loss(model, next(ctx.memory))
+                ctx.backward(loss)
+                mem = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in ctx.params.values()]
+                ctx.zero_grad()
+                # decided on the gradient, which DDP has averaged: every process drops the same memories
+                if all(bool(torch.isfinite(t).all()) for t in mem):
+                    memories.append(mem)
+                else:
+                    dropped += 1
+        self.memories = memories  # none left: no projection this step, a fresh draw next step
+        logs = {"memory_forget_loss": -float(loss.detach())}
+        if dropped:
+            self.counts["memory_non_finite"] += dropped
+            logs["memory_non_finite"] = float(dropped)
+            logger.warning(f"step {step}: {dropped} of {self.config.num_memories} memory gradients are not finite; "
+                           + ("projecting on the others" if memories else "no projection on this step"), main_process_only=True)
+        return logs
 
     def loss(self, ctx, model, forget_batch, retain_batch):
         lr = ctx.adapter.retain_loss(model, retain_batch)
@@ -125,24 +163,79 @@ class Scissorhands(Method):
         return lr + self.config.lam * term, parts
 
     def after_backward(self, ctx, model, step: int) -> dict:
+        self._before = None
         if not self._projecting(ctx, step) or not self.memories:
             return {}
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ctx.params.values()]
         for p, g in zip(ctx.params.values(), grads):
             p.grad = g
         info = project_(grads, self.memories, margin=self.config.margin)
+        self.counts["projection_steps"] += 1
+        self.counts["gradient_projected"] += int(info["projected"])
+        self._before = [p.detach().clone() for p in ctx.params.values()]  # for after_step: the applied displacement
         return {"projected": float(info["projected"]), "dot_before": min(info["dots"])}
+
+    @torch.no_grad()
+    def after_step(self, ctx, model, step: int) -> dict:
+        """Make the guarantee hold for the displacement the optimizer applied (Adam, momentum, weight decay change it).
+
+        With ``Δθ`` the applied step, ``⟨∇L_f, Δθ⟩ = ⟨g_o, θ_old − θ_new⟩`` is the first-order change of the memory
+        forget loss. If it is negative for a memory, ``θ_old − θ_new`` is projected exactly as a gradient is
+        (:func:`project_`, margin 0: the margin is in gradient units), which gives the closest displacement that
+        lowers no memory's forget loss, and ``θ_old + Δθ̃`` is written back. Every process holds the same weights and
+        memories, so every process makes the same correction. A step counts as violated when the change is below
+        ``−ε·Σ|g_o|·|θ|`` (ε of the weights' dtype): what rounding the stored weights can explain is not counted.
+        """
+        before, self._before = self._before, None
+        if before is None:
+            return {}
+        params = list(ctx.params.values())
+        tols = [_rounding(mem, params) for mem in self.memories]
+        dots = [_step_dot(before, params, mem) for mem in self.memories]
+        violated = any(d < -t for d, t in zip(dots, tols))
+        corrected = bool(self.config.project_update) and min(dots) < 0
+        after = dots
+        if corrected:
+            neg = [b - p.detach() for p, b in zip(params, before)]  # −Δθ, projected like a gradient
+            project_(neg, self.memories)
+            for p, b, n in zip(params, before, neg):
+                p.copy_(b - n)
+            del neg
+            after = [_step_dot(before, params, mem) for mem in self.memories]  # of the weights as stored
+        still = any(d < -t for d, t in zip(after, tols))
+        self.counts["update_checked"] += 1
+        self.counts["update_violated"] += int(violated)
+        self.counts["update_corrected"] += int(corrected)
+        self.counts["update_violated_after"] += int(still)
+        return {"update_projected": float(corrected), "update_dot_before": min(dots), "update_dot_after": min(after)}
+
+    def summary(self) -> dict:
+        return dict(self.counts)
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)}
+        out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)}
+        out["counts"] = torch.tensor([self.counts[k] for k in COUNTS], dtype=torch.int64)
+        return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if not tensors:
+        counts = tensors.get("counts")
+        self.counts = dict(zip(COUNTS, (int(c) for c in counts.tolist()))) if counts is not None else dict.fromkeys(COUNTS, 0)
+        mems = [k for k in tensors if k.startswith("memory.")]
+        if not mems:
             self.memories = []
             return
-        count = 1 + max(int(k.split(".")[1]) for k in tensors)
-        per = 1 + max(int(k.split(".")[2]) for k in tensors)
+        count = 1 + max(int(k.split(".")[1]) for k in mems)
+        per = 1 + max(int(k.split(".")[2]) for k in mems)
         self.memories = [[tensors[f"memory.{j}.{i}"] for i in range(per)] for j in range(count)]
 
 
+def _step_dot(before, params, mem) -> float:
+    """``⟨g_o, θ_old − θ_new⟩ = ⟨∇L_f, Δθ⟩``, one tensor at a time (no second copy of the weights)."""
+    return float(sum(torch.dot((b - p.detach()).reshape(-1).double(), m.reshape(-1).double()) for b, p, m in zip(before, params, mem)))
+
+
+def _rounding(mem, params) -> float:
+    """``Σ_t ε_t ⟨|g_o,t|, |θ_t|⟩``: how far rounding the stored weights can move ``⟨g_o, Δθ⟩``."""
+    return float(sum(torch.finfo(p.dtype).eps * torch.dot(m.reshape(-1).double().abs(), p.detach().reshape(-1).double().abs())
+                     for m, p in zip(mem, params)))
