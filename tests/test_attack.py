@@ -156,6 +156,26 @@ def test_base_model_skips_targets_unless_named(stub_judge, tiny, erased, tmp_pat
     assert s["relearn_targets"]["params"]["source"] == "--targets" and s["relearn"] is None
 
 
+def test_relearn_from_a_folder_of_images(stub_judge, erased, tmp_path):
+    """--target_images: any size (resized and cropped as erase/sd.py does), x.txt gives x.png's prompt."""
+    from PIL import Image
+
+    from eval.attack import relearn_audit
+
+    model, prompts = erased
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 48, 3), 250, np.uint8)).save(folder / "a.png")
+    Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(folder / "b.png")
+    (folder / "b.txt").write_text("a dark bright thing\n")
+    s = relearn_audit(model, "stub_bright", tmp_path / "o", target_images=str(folder), forget_prompts=str(prompts),
+                      relearn_batch_size=2, relearn_seeds=[0], eval_steps=[0, 1], relearn_params="all")
+    t = s["settings"]["target_images"]
+    assert t["files"] == ["a.png", "b.png"] and t["prompts"] == ["a bright thing", "a dark bright thing"]
+    assert t["drawn_by"] is None and s["settings"]["target_seed"] is None
+    assert s["target_images_judged"]["hits"] == 1 and not (tmp_path / "o" / "target" / "generation.json").exists()
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def test_v_prediction_target_and_endless_batches():
     import torch

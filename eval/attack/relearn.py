@@ -25,7 +25,8 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from eval.attack.context import (
     draw,
     int_list,
     judge_images,
+    load_attacked,
     optional_number,
     read_cell,
     resolve_model,
@@ -139,11 +141,11 @@ def first_step_over(steps, rates, level: float = PASS_RATE):
     return next((int(s) for s, r in zip(steps, rates) if r > level), None)
 
 
-def _load_png_array(path) -> np.ndarray:
-    from PIL import Image
+def _pixels(path, resolution: int) -> np.ndarray:
+    """An image as the relearning sees it (resized, centre-cropped), as uint8 (H, W, 3) for the judge."""
+    from erase.data import load_image
 
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    return load_image(path, resolution).add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 # ----------------------------------------------------------------------------------------------- the attack
@@ -181,8 +183,6 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(cfg.output_dir)
 
-    from eval.attack.context import load_attacked
-
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
     selections = {"all": dict(unet.named_parameters())}
@@ -203,13 +203,14 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     else:
         images = erase_data.generate_split("target", prompts.generation, cfg.num_target_images, out, pipe=pipe,
                                            model_id=info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
-    target_pixels = np.stack([_load_png_array(f) for f in images.files])
+    target_pixels = np.stack([_pixels(f, resolution) for f in images.files])
     target_judged = judge_images(judge, target_pixels, images.prompts)
     if target_judged["hit_rate"] < PASS_RATE:
         logger.warning("the judge calls only %d of %d relearning images %s: relearning figures will understate the attack",
                        target_judged["hits"], target_judged["n"], cfg.concept)
-    mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
-                                          cfg.generation_batch_size)
+    with accelerator.main_process_first() if accelerator is not None else nullcontext():  # one writer of the cache
+        mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
+                                              cfg.generation_batch_size)
     with torch.no_grad():
         ids = pipe.tokenizer(images.prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(device)
@@ -429,8 +430,6 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
 def relearn_audit(model_dir: str, concept: str, output_dir: str, accelerator=None, **options) -> dict:
     """The relearning audit in-process (what ``python -m eval.attack --attack relearn`` runs); ``options`` are
     :class:`RelearnConfig` fields, e.g. ``num_images=40, relearn_seeds=(0, 1, 2), eval_steps=(0, 10, 25)``."""
-    from dataclasses import fields
-
     known = {f.name for f in fields(RelearnConfig)} - {"model", "concept", "output_dir"}
     unknown = sorted(set(options) - known)
     if unknown:
