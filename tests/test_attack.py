@@ -169,11 +169,13 @@ def test_relearn_from_a_folder_of_images(stub_judge, erased, tmp_path):
     Image.fromarray(np.full((32, 32, 3), 10, np.uint8)).save(folder / "b.png")
     (folder / "b.txt").write_text("a dark bright thing\n")
     s = relearn_audit(model, "stub_bright", tmp_path / "o", target_images=str(folder), forget_prompts=str(prompts),
-                      relearn_batch_size=2, relearn_seeds=[0], eval_steps=[0, 1], relearn_params="all")
+                      relearn_batch_size=2, relearn_seeds=[0], eval_steps=[0, 1], relearn_params="all", save_images=True)
     t = s["settings"]["target_images"]
     assert t["files"] == ["a.png", "b.png"] and t["prompts"] == ["a bright thing", "a dark bright thing"]
     assert t["drawn_by"] is None and s["settings"]["target_seed"] is None
     assert s["target_images_judged"]["hits"] == 1 and not (tmp_path / "o" / "target" / "generation.json").exists()
+    saved = sorted(str(p.relative_to(tmp_path / "o" / "images")) for p in (tmp_path / "o" / "images").rglob("*.png"))
+    assert saved == [f"all-seed0/step00001/{i:05d}.png" for i in range(3)] + [f"step00000/{i:05d}.png" for i in range(3)]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
