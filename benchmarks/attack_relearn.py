@@ -1,0 +1,92 @@
+"""The relearn attack on real digits models: hit-rate curves and seconds, one row per model.
+
+    # an erased model to attack (GA relearns fast), then the audit of it and of the base:
+    accelerate launch erase/sd.py --pretrained_model_name_or_path <digits model> --concept three --method ga \
+        --lr 1e-4 --max_train_steps 100 --train_batch_size 16 --num_forget_images 64 --num_retain_images 192 \
+        --num_inference_steps 20 --guidance_scale 4 --seed 0 --output_dir /tmp/attack/ga-three
+    OMP_NUM_THREADS=1 python benchmarks/attack_relearn.py --models base,ga=/tmp/attack/ga-three --concept three \
+        --output_dir /tmp/attack/bench
+
+``base`` is the default digits model (eval.digits_model.default_model_dir); it has no erase config, so its
+targets-only curve uses ``--base_targets`` (default xattn, erase/sd.py's default). Each audit runs in-process
+through ``eval.attack.relearn_audit`` with the defaults (8 images, Adam 1e-4, batch 8, seeds 0,1,2, steps
+0/10/25/50/100, 40 images per check) unless flags say otherwise; a rerun resumes finished cells. Writes
+OUTPUT_DIR/<name>/summary.json per model and OUTPUT_DIR/relearn_bench.json, and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="base", help="comma-separated NAME=PATH (or 'base' for the default digits model)")
+    p.add_argument("--concept", default="three", help="the erased concept (a digit word)")
+    p.add_argument("--output_dir", required=True, help="one audit folder per model, plus relearn_bench.json")
+    p.add_argument("--base_targets", default="xattn", help="targets of the base model's targets-only curve")
+    p.add_argument("--num_images", type=int, default=None, help="images per check (default: the judge's, 40)")
+    p.add_argument("--relearn_seeds", default="0,1,2", help="relearning seeds")
+    p.add_argument("--eval_steps", default="0,10,25,50,100", help="checked relearning steps")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    from eval.attack import relearn_audit
+    from eval.common import setup_logging
+    from eval.digits_model import default_model_dir
+
+    setup_logging()
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    rows = []
+    for item in [m.strip() for m in args.models.split(",") if m.strip()]:
+        name, _, path = item.partition("=")
+        path = path or (str(default_model_dir()) if name == "base" else name)
+        opts = dict(relearn_seeds=args.relearn_seeds, eval_steps=args.eval_steps)
+        if args.num_images:
+            opts["num_images"] = args.num_images
+        if not (Path(path) / "erase_config.json").is_file():
+            opts["targets"] = args.base_targets
+        t0, c0 = time.perf_counter(), time.process_time()
+        s = relearn_audit(path, args.concept, out / name, **opts)
+        rows.append({"name": name, "model": path, "wall_s": round(time.perf_counter() - t0, 1),
+                     "cpu_s": round(time.process_time() - c0, 1), "computed_cells": s["seconds"]["computed_cells"],
+                     "relearn": s["relearn"], "relearn_targets": s["relearn_targets"],
+                     "target_images_judged": s["target_images_judged"]})
+    result = {"date": str(date.today()), "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
+              "concept": args.concept, "rows": rows}
+    (out / "relearn_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    steps = rows[0]["relearn"]["steps"] if rows else []
+
+    def curve(c):
+        return " | ".join(f"{100 * m:.0f} ± {100 * d:.0f}" for m, d in zip(c["hit_rate"], c["hit_rate_std"]))
+
+    print(f"\nrelearn attack on {args.concept}: hit rate % (mean ± std over seeds {args.relearn_seeds}) at steps "
+          f"{steps}; torch threads {result['torch_threads']}\n")
+    print("| model | params | " + " | ".join(f"step {s}" for s in steps) + " | first > 50 % | wall s | CPU s |")
+    print("|---" * (len(steps) + 5) + "|")
+    for r in rows:
+        for key, label in (("relearn", "all"), ("relearn_targets", "targets")):
+            c = r[key]
+            if c is None:
+                continue
+            spec = "" if label == "all" else f" ({c['params']['spec']})"
+            print(f"| {r['name']} | {label}{spec} | {curve(c)} | {c['first_step_over_50']} | "
+                  f"{r['wall_s'] if label == 'all' else ''} | {r['cpu_s'] if label == 'all' else ''} |")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Attack audits of an erased model: does the concept come back?
+
+    python -m eval.attack --attack relearn --model M --concept three --output_dir DIR [flags]
+    accelerate launch -m eval.attack --attack relearn ...      # several processes share the (params, seed) cells
+
+``python -m eval.attack --attack NAME --help`` lists that attack's flags; a flag another attack owns is an error.
+Bad input is one line and a non-zero exit; rerunning the same command resumes a killed audit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from eval.common import UserError, setup_logging
+
+logger = logging.getLogger("eval.attack")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line, no usage block
+        raise UserError(message)
+
+
+def parse_args(input_args=None):
+    """(attack, its validated config) from the command line."""
+    from eval.attack import available_attacks, get_attack, judged_concepts
+    from eval.attack.context import add_config_args
+
+    argv = list(sys.argv[1:] if input_args is None else input_args)
+    pre = _Parser(add_help=False)
+    pre.add_argument("--attack", default=None)
+    known, _ = pre.parse_known_args(argv)
+    names = available_attacks()
+    parser = _Parser(prog="python -m eval.attack", description=__doc__.split("\n\n")[0],
+                     epilog=f"attacks: {', '.join(names)}; judged concepts: {', '.join(judged_concepts())}")
+    parser.add_argument("--attack", required=True, choices=names, help="the attack to run")
+    attack = get_attack(known.attack) if known.attack is not None else None
+    if attack is not None:
+        add_config_args(parser, attack.config_cls)
+    args = parser.parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(attack.config_cls)}
+    return attack, attack.config_cls(**values)
+
+
+def main(input_args=None) -> int:
+    setup_logging()
+    attack, config = parse_args(input_args)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from eval.i2p import make_accelerator
+
+        accelerator = make_accelerator()
+        setup_logging(accelerator.is_main_process)
+    attack.run(config, accelerator=accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        print(os.path.join(config.output_dir, "summary.json"))
+    if accelerator is not None:
+        accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
