@@ -111,6 +111,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
         p.add_argument("--launcher", default="accelerate", choices=("accelerate", "python"),
                        help="run erase/sd.py under `accelerate launch` (default) or plain python")
         p.add_argument("--erase_args", default="", help="extra erase/sd.py flags for every method, as one string")
+        p.add_argument("--relearn", action="store_true",
+                       help="also audit each erased model by relearning (eval.attack relearn: 8 images, Adam 1e-4, all "
+                            "parameters, 3 seeds, hit rate at steps 0/10/25); one erased digit only")
     args = parser.parse_args(input_args)
 
     if args.command in ("score", "bench", "quickstart"):

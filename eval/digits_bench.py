@@ -97,6 +97,27 @@ def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
     return score(ns)
 
 
+RELEARN_STEPS = (0, 10, 25)
+
+
+def _repair(run_dir: Path) -> dict:
+    """How often a projected step's applied update still lowered the memory forget loss (Scissorhands only)."""
+    repair = json.loads((run_dir / "erase_config.json").read_text()).get("repair") or {}
+    return {"update_violations": repair["update_violated_after"]} if "update_violated_after" in repair else {}
+
+
+def _relearn(run_dir: Path, args, out: Path) -> dict:
+    """Relearning hit rates at RELEARN_STEPS (all parameters, 3 relearning seeds; eval.attack's relearn)."""
+    from eval.attack import relearn_audit
+
+    if len(args.digits) > 1:
+        return {}
+    summary = relearn_audit(str(run_dir), DIGIT_WORDS[args.digits[0]], str(out), relearn_params=("all",),
+                            eval_steps=RELEARN_STEPS, num_images=args.num_images)
+    curve = summary["relearn"]
+    return {f"relearn_{step}": rate for step, rate in zip(curve["steps"], curve["hit_rate"])}
+
+
 def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
     """An earlier audit of this very erasure with the same audit settings, or None (a rerun resumes the table)."""
     path, record = score_dir / "summary.json", run_dir.parent / f"{run_dir.name}.json"
@@ -298,7 +319,10 @@ def bench(args) -> dict:
             summary = _score(str(run_dir), args.digits, out / "scores" / f"{m}-seed{s}", args)
         else:
             logger.info("audit: %s-seed%s already done, reused", m, s)
-        results["runs"].setdefault(m, []).append(_row(summary, {"seed": s, **info}))
+        extra = {"seed": s, **info, **_repair(run_dir)}
+        if getattr(args, "relearn", False):
+            extra.update(_relearn(run_dir, args, out / "relearn" / f"{m}-seed{s}"))
+        results["runs"].setdefault(m, []).append(_row(summary, extra))
     for m in methods:
         results["methods"][m] = _aggregate(results["runs"][m])
         grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
@@ -308,6 +332,8 @@ def bench(args) -> dict:
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
         "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images,
+        "relearn": {"steps": list(RELEARN_STEPS), "params": "all", "seeds": [0, 1, 2], "lr": 1e-4, "batch": 8, "images": 8}
+        if getattr(args, "relearn", False) else None,
         "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim",
         "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
     }
