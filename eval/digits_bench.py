@@ -113,7 +113,8 @@ def _relearn(run_dir: Path, args, out: Path) -> dict:
     if len(args.digits) > 1:
         return {}
     summary = relearn_audit(str(run_dir), DIGIT_WORDS[args.digits[0]], str(out), relearn_params=("all",),
-                            eval_steps=RELEARN_STEPS, num_images=args.num_images)
+                            eval_steps=RELEARN_STEPS, num_images=args.num_images, steps=args.steps,
+                            guidance=args.guidance)
     curve = summary["relearn"]
     return {f"relearn_{step}": rate for step, rate in zip(curve["steps"], curve["hit_rate"])}
 

@@ -172,6 +172,21 @@ def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
     assert all((out / "images" / p["audit"] / p["file"]).is_file() for p in preds)
 
 
+def test_score_several_erased_digits(tiny_digits_model, judge, tmp_path):
+    """--concept three,five: both are forget digits (per-digit forget acc), the other eight are retained."""
+    from eval.digits import main
+
+    model, _ = tiny_digits_model
+    out = tmp_path / "score2"
+    assert main(["score", "--model", str(model), "--concept", "three,five", "--output_dir", str(out), "--num_images", "1",
+                 "--steps", "2", "--no_heldout"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["concept"] == "three,five" and s["digits"] == [3, 5] and sorted(s["forget_acc_per_digit"]) == ["3", "5"]
+    assert s["n_forget"] == 2 and s["n_retain"] == 8
+    assert s["forget_acc"] == pytest.approx(np.mean([s["per_digit_acc"]["3"], s["per_digit_acc"]["5"]]))
+    assert "five" not in s["settings"]["retain_prompts"] and sorted(s["settings"]["forget_prompts"]) == ["five", "three"]
+
+
 def test_score_accepts_an_erase_sd_output_and_prompt_files(tiny_digits_model, judge, tmp_path):
     from eval.digits import main
 
@@ -268,17 +283,22 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     out = tmp_path / "qs"
     assert main(["quickstart", "--model", str(model), "--output_dir", str(out), "--max_train_steps", "2",
                  "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
-                 "--train_batch_size", "1"]) == 0
+                 "--train_batch_size", "1", "--relearn"]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "three" and r["settings"]["methods"] == ["scissorhands"]
     assert r["settings"]["max_train_steps"] == 2 and r["settings"]["seeds"] == [0]
     run = r["runs"]["scissorhands"][0]
     assert run["seed"] == 0 and run["wall_seconds"] > 0 and run["peak_rss_mb"] > 50
+    assert run["update_violations"] == 0  # the applied update never lowered the memory forget loss
+    assert all(0.0 <= run[f"relearn_{k}"] <= 1.0 for k in (0, 10, 25))
+    relearned = json.loads((out / "relearn" / "scissorhands-seed0" / "summary.json").read_text())
+    assert relearned["relearn"]["steps"] == [0, 10, 25] and relearned["relearn"]["hit_rate"][2] == run["relearn_25"]
     assert "accelerate.commands.launch" in run["command"] and "--max_train_steps" in run["command"]
     agg = r["methods"]["scissorhands"]
     assert agg["forget_acc"] == {"mean": run["forget_acc"], "std": 0.0, "n": 1}
     assert {t["target"] for t in r["targets"]} >= {"base draws each digit correctly >= 90%",
-                                                   "Scissorhands forget_acc <= 2%"}
+                                                   "Scissorhands forget_acc <= 2%", "Scissorhands retain FD <= 1.3 x base",
+                                                   "Scissorhands retain_acc >= base - 1 point(s)"}
     cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
     assert cfg["method"] == "scissorhands" and cfg["pretrained_model_name_or_path"] == str(model)
     scored = json.loads((out / "scores" / "scissorhands-seed0" / "summary.json").read_text())
