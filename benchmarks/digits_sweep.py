@@ -1,0 +1,101 @@
+"""The digits table over many erased digits: ``eval.digits bench`` once per concept, in parallel lanes, then one table.
+
+    python benchmarks/digits_sweep.py --concepts zero,two,three,four,five,six,eight,nine --methods scissorhands \\
+        --seeds 0,1,2 --lanes 2 --output_dir OUT [--relearn] [-- extra eval.digits bench flags]
+
+Each concept's bench writes ``OUT/<concept>/results.json`` (a rerun reuses its finished erasures and audits); this
+script writes ``OUT/sweep.json`` and ``OUT/sweep.md``: one row per (concept, method) with forget / held-out forget /
+retain (and the base's) / FD ratio / relearning columns, each target of issue 8 checked per concept, and how many
+concepts met each. Several digits at once are one concept item written with ``+`` (``three+five+eight``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from eval.common import atomic_write_json, atomic_write_text  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concepts", required=True, help="comma-separated digits; several at once joined by + (three+five+eight)")
+    p.add_argument("--methods", default="scissorhands")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--lanes", type=int, default=2, help="bench processes at once (one torch thread each)")
+    p.add_argument("--relearn", action="store_true", help="pass --relearn to every bench")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("extra", nargs="*", help="more eval.digits bench flags, after --")
+    return p.parse_args(argv)
+
+
+def run_bench(concept: str, a, out: Path) -> dict:
+    folder = out / concept.replace(",", "+")
+    cmd = [sys.executable, "-m", "eval.digits", "bench", "--concept", concept, "--methods", a.methods, "--seeds", a.seeds,
+           "--output_dir", str(folder)] + (["--relearn"] if a.relearn else []) + list(a.extra)
+    folder.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(folder / "bench.log", "w") as log:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if code != 0:
+        raise SystemExit(f"error: bench for {concept} failed (exit {code}); see {folder / 'bench.log'}")
+    results = json.loads((folder / "results.json").read_text())
+    results["sweep_seconds"] = round(time.time() - start, 1)
+    return results
+
+
+def pct(cell) -> str:
+    return "–" if not cell else f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
+
+
+def markdown(sweep: dict) -> str:
+    lines = [f"# Digits sweep: {sweep['methods']} on {', '.join(sweep['concepts'])} (seeds {sweep['seeds']})", "",
+             "| concept | method | forget ↓ | held-out forget ↓ | retain ↑ (base) | FD / base ↓ | relearn @10 / @25 ↓ | targets met |",
+             "|---|---|---|---|---|---|---|---|"]
+    for concept, r in sweep["results"].items():
+        base = r["base"]
+        met = {t["target"]: t["met"] for t in r["targets"]}
+        for m, agg in r["methods"].items():
+            fd = agg["retain_fd"]["mean"] / base["retain_fd"]
+            rel = " / ".join(pct(agg.get(f"relearn_{k}")) for k in (10, 25)) if agg.get("relearn_25") else "–"
+            mine = f"{sum(met.values())}/{len(met)}" if m == "scissorhands" else ""
+            lines.append(f"| {concept} | {m} | {pct(agg['forget_acc'])} | {pct(agg.get('heldout_forget_acc'))} | "
+                         f"{pct(agg['retain_acc'])} ({100 * base['retain_acc']:.1f}) | {fd:.2f} | {rel} | {mine} |")
+    lines += ["", "Targets (Scissorhands), concepts meeting each:", ""]
+    for target, (n, total, misses) in sweep["target_counts"].items():
+        lines.append(f"- {target}: {n}/{total}" + (f" (missed on {', '.join(misses)})" if misses else ""))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    out = Path(a.output_dir)
+    concepts = [c.strip().replace("+", ",") for c in a.concepts.split(",") if c.strip()]
+    start = time.time()
+    with ThreadPoolExecutor(max_workers=a.lanes) as pool:
+        results = dict(zip(concepts, pool.map(lambda c: run_bench(c, a, out), concepts)))
+    counts: dict[str, list] = {}
+    for concept, r in results.items():
+        for t in r["targets"]:
+            n, total, misses = counts.setdefault(t["target"], [0, 0, []])
+            counts[t["target"]] = [n + bool(t["met"]), total + 1, misses + ([] if t["met"] else [concept])]
+    sweep = {"concepts": concepts, "methods": a.methods, "seeds": a.seeds, "relearn": a.relearn, "extra": a.extra,
+             "results": results, "target_counts": counts, "seconds": round(time.time() - start, 1)}
+    atomic_write_json(out / "sweep.json", sweep)
+    atomic_write_text(out / "sweep.md", markdown(sweep))
+    print(markdown(sweep))
+    return sweep
+
+
+if __name__ == "__main__":
+    main()
