@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -93,10 +94,29 @@ def check_finite(name: str, value, allowed: Range = Range(), *, optional: bool =
     return value
 
 
-def check_numbers(args, ranges: dict[str, Range]) -> None:
-    """:func:`check_finite` on every ``args.<flag>`` named in ``ranges`` (the CLI's table of float options)."""
-    for flag, allowed in ranges.items():
-        check_finite(f"--{flag}", getattr(args, flag, None), allowed)
+#: The allowed range of every float option of every CLI (and of hyperparameter files), by name; a test checks that
+#: each float flag of each parser is here, so a new one cannot skip the check.
+OPTION_RANGES: dict[str, Range] = {
+    # optimisation
+    "lr": POSITIVE, "vae_lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": Range(0, 1, hi_open=True),
+    "max_grad_norm": POSITIVE,
+    # methods (a negative weight or margin inverts a term; a zero-size selection disables the method)
+    "topk": PERCENT, "mask_ratio": PERCENT, "lam": NON_NEGATIVE, "margin": NON_NEGATIVE, "forget_bound": POSITIVE,
+    "alpha": NON_NEGATIVE, "negative_guidance": NON_NEGATIVE,
+    # sampling and audits
+    "guidance": NON_NEGATIVE, "guidance_scale": NON_NEGATIVE, "esd_start_guidance": NON_NEGATIVE, "threshold": UNIT,
+    # data and models
+    "validation_fraction": Range(0, 1, lo_open=True, hi_open=True), "vae_kl_weight": NON_NEGATIVE,
+    "cond_dropout": Range(0, 1, hi_open=True), "ema_decay": Range(0, 1, hi_open=True),
+}
+
+
+def check_numbers(args, ranges: dict[str, Range] = OPTION_RANGES, prefix: str = "--") -> None:
+    """:func:`check_finite` on every numeric ``args.<name>`` (a namespace or a dict) whose name is in ``ranges``."""
+    items = args.items() if isinstance(args, dict) else vars(args).items()
+    for name, value in items:
+        if name in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_finite(f"{prefix}{name}", value, ranges[name])
 
 
 def check_int(name: str, value, lo: int = 0, hi: int = SEED_MAX) -> int:
@@ -272,6 +292,17 @@ def claim_output_dir(path, *, flag: str = "--output_dir", base: str | None = Non
             os.close(fd)
             raise UserError(f"{flag} {path} is not writable ({e.strerror})") from None
     return Claim(folder, fd)
+
+
+@contextlib.contextmanager
+def hold_output_dir(path, **kwargs):
+    """:func:`claim_output_dir` on the main process (rank 0 of any launcher; None elsewhere) for a ``with`` block."""
+    claim = claim_output_dir(path, **kwargs) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        yield claim
+    finally:
+        if claim is not None:
+            claim.release()
 
 
 def mark_ours(folder: Path, by: str = TOOL) -> None:

@@ -33,7 +33,7 @@ from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
 from erase.diffusion import TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
-from erase.safety import NON_NEGATIVE, PERCENT, POSITIVE, check_int, check_numbers, check_output_dir, check_weights, claim_output_dir  # noqa: E402
+from erase.safety import check_int, check_numbers, check_output_dir, check_weights, hold_output_dir  # noqa: E402
 from eval.common import UserError  # noqa: E402
 from prompts import Concept, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
 
@@ -42,10 +42,6 @@ logger = get_logger(__name__)
 FORGET_LOSSES = ("ascent", "redirect", "esd")
 DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
-#: The allowed range of every float option (erase.safety.check_numbers; docs/RELIABILITY.md).
-FLOAT_RANGES = {"topk": PERCENT, "lam": NON_NEGATIVE, "forget_bound": POSITIVE, "margin": NON_NEGATIVE, "mask_ratio": PERCENT,
-                "alpha": NON_NEGATIVE, "negative_guidance": NON_NEGATIVE, "esd_start_guidance": NON_NEGATIVE, "lr": POSITIVE,
-                "max_grad_norm": POSITIVE, "guidance_scale": NON_NEGATIVE}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -138,7 +134,7 @@ def parse_args(input_args=None):
         parser.error(message)
 
     try:  # every float option finite and in range, the seed within what the generators take
-        check_numbers(args, FLOAT_RANGES)
+        check_numbers(args)  # erase.safety.OPTION_RANGES
         check_int("--seed", args.seed)
     except UserError as e:
         fail(str(e.code).removeprefix("error: "))
@@ -348,9 +344,7 @@ def main(args):
               + "".join(f"; {k} images: {len(v.files)}" for k, v in args.user_images.items()))
         return None
     # One run per output folder: the main process (rank 0 of any launcher) holds its lock until the run ends.
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    claim = claim_output_dir(args.output_dir, base=local_base(args), overwrite=args.overwrite, by="erase/sd.py") if main_process else None
-    try:
+    with hold_output_dir(args.output_dir, base=local_base(args), overwrite=args.overwrite, by="erase/sd.py") as claim:
         if claim is not None and args.data_dir and not Path(args.data_dir).expanduser().resolve().is_relative_to(claim.path):
             from erase.safety import mark_ours
 
@@ -361,9 +355,6 @@ def main(args):
             except OSError as e:
                 raise UserError(f"--data_dir {args.data_dir} is not writable ({e.strerror})") from None
         return _erase(args)
-    finally:
-        if claim is not None:
-            claim.release()
 
 
 def _erase(args):
@@ -441,6 +432,10 @@ def _erase(args):
                                                    "num_inference_steps": args.num_inference_steps, "guidance_scale": args.guidance_scale,
                                                    "scheduler": args.data_scheduler, "seed": args.seed})
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
+    window = tokenizer.model_max_length  # longer prompts are cut by the tokenizer: say so
+    cut = [p for p in dict.fromkeys(concept.forget_prompts + retain_texts + [concept.anchor_prompt]) if p and len(tokenizer(p).input_ids) > window]
+    if cut:
+        logger.warning(f"{len(cut)} prompt(s) exceed the text encoder's {window} tokens and are cut (first: {cut[0][:60]!r})")
     embeddings = PromptEmbeddings(
         forget=encode_prompts(concept.forget_prompts, tokenizer, text_encoder, device),
         retain=encode_prompts(retain_texts, tokenizer, text_encoder, device),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from erase.safety import check_numbers, hold_output_dir
 from eval.common import (
     UserError,
     atomic_write_json,
@@ -383,8 +384,12 @@ def parse_args(input_args=None):
     parser.add_argument("--classes", default="exposed",
                         help=f"Counted classes: a set ({', '.join(CLASS_SETS)}, all) or comma-separated NudeNet labels.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per detector run.")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
     check_threshold(args.threshold)
+    check_numbers(args)
+    if not Path(args.images_dir).is_dir():  # inputs before outputs: a bad input leaves nothing behind
+        raise UserError(f"image folder not found: {args.images_dir}")
     resolve_classes(args.classes)
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -398,7 +403,8 @@ def main(args) -> dict | None:
 
         accelerator = make_accelerator()
     setup_logging(accelerator is None or accelerator.is_main_process)
-    return detect_folder(args.images_dir, args.output_dir, args.threshold, args.classes, args.batch_size, accelerator)
+    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.nudity"):
+        return detect_folder(args.images_dir, args.output_dir, args.threshold, args.classes, args.batch_size, accelerator)
 
 
 if __name__ == "__main__":

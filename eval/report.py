@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 
 from erase.images import MAX_PIXELS
-from erase.safety import check_int, md_text
+from erase.safety import check_int, hold_output_dir, md_text
 from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ def parse_args(input_args=None):
     parser.add_argument("--names", default=None, help="Comma-separated column names, one per folder.")
     parser.add_argument("--grid_images", type=int, default=8, help="Images per row of the grid.")
     parser.add_argument("--no_pixelate", action="store_true", help="Show detected regions unpixelated in the grid.")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
     args.names = [n.strip() for n in args.names.split(",")] if args.names else None
     check_int("--grid_images", args.grid_images, 0, 64)
@@ -244,7 +245,10 @@ def parse_args(input_args=None):
 
 def main(args):
     setup_logging()
-    return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
+    for d in args.dirs:  # inputs before outputs
+        load_audit(d)
+    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.report"):
+        return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
 
 
 if __name__ == "__main__":
