@@ -32,7 +32,7 @@ import torch
 
 from erase.core import available_methods
 from erase.core.methods.scissorhands import ScissorhandsConfig
-from erase.safety import SEED_MAX, check_numbers, claim_output_dir
+from erase.safety import OPTION_RANGES, SEED_MAX, Range, check_numbers, claim_output_dir
 from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
 
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
@@ -92,6 +92,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (small models run fastest on one).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = p.parse_args(input_args)
+    check_numbers(args, {k: Range() for k in OPTION_RANGES})  # finite first; the ranges below
     overrides = {k: getattr(args, k) for k in SCISSORHANDS_FLAGS if getattr(args, k) is not None}
     try:  # the Scissorhands config checks its own choices (k_basis, forget_steps, topk), before any work
         ScissorhandsConfig(**overrides)
