@@ -224,3 +224,53 @@ def test_what_a_user_sees_under_accelerate_launch(tmp_path):
     assert checked.returncode == 2 and checked.stderr.strip().splitlines() == [
         "erase/sd.py: error: --lr nan is not a finite number (allowed: > 0)"]
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------- broken inputs, full disks
+def test_a_weights_file_missing_tensors_is_one_line(tiny, inputs, tmp_path):
+    """diffusers loads a UNet file that lacks tensors as meta tensors without an error: both loaders refuse it."""
+    from safetensors.torch import load_file, save_file
+
+    from eval.generate import load_pipeline
+
+    broken = tmp_path / "sd"
+    shutil.copytree(tiny, broken)
+    f = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(f))
+    del state[sorted(state)[0]]
+    save_file(state, str(f))
+    with pytest.raises(UserError) as err:
+        load_pipeline(str(broken))
+    assert "missing 1 tensor" in str(err.value.code)
+    args = common(tiny, inputs, tmp_path / "o", "--max_train_steps", 1)
+    args[args.index(tiny)] = broken
+    with pytest.raises(UserError) as err:
+        run(args)
+    assert "missing 1 tensor" in str(err.value.code) and not (tmp_path / "o" / "unet").exists()
+
+
+def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_folder_as_it_was(base_run, tiny, inputs, tmp_path,
+                                                                                               monkeypatch):
+    import erase.export
+    import erase.safety
+
+    real = erase.safety.shutil.disk_usage
+    monkeypatch.setattr(erase.safety.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    with pytest.raises(UserError) as err:
+        run(common(tiny, inputs, tmp_path / "full", "--max_train_steps", 1))
+    assert "MiB free" in str(err.value.code) and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["scissorhands-erase.json"]
+    monkeypatch.undo()
+
+    out = tmp_path / "out"
+    shutil.copytree(base_run, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(erase.export, "save_file", disk_full)
+    with pytest.raises(UserError) as err:
+        run(common(tiny, inputs, out, "--max_train_steps", 1))
+    assert "No space left on device" in str(err.value.code) and "nothing was exported" in str(err.value.code)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
