@@ -440,3 +440,31 @@ def test_audit_benchmark_never_deletes_foreign_content(tmp_path, monkeypatch):
     bench.main(bench.parse_args(["--output_dir", str(work), "--skip_generation", "--overwrite"]))
     assert (work / "thesis.tex").read_text() == "years of work" and not (work / "det-out").exists()
     assert json.loads((work / "audit_bench.json").read_text())["detection"]["images"] == 1
+
+
+def test_checkpoint_is_renamed_only_after_every_process_wrote(tmp_path):
+    """Issue 8.8: save_state on every process, a barrier, and only then the rename into checkpoint-N."""
+    from erase.core.engine import EngineConfig, save_checkpoint
+
+    events = []
+    final = tmp_path / "checkpoint-1"
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            events.append(("wait", final.exists()))
+
+        def save_state(self, folder):
+            Path(folder).mkdir(parents=True)
+            events.append(("save", final.exists()))
+
+    class Method:
+        name = "x"
+
+        def state_tensors(self):
+            return {}
+
+    save_checkpoint(Acc(), Method(), {}, 1, EngineConfig(output_dir=str(tmp_path)), {}, {"method": "x"})
+    assert events == [("wait", False), ("save", False), ("wait", False), ("wait", True)]
+    assert json.loads((final / "erase_state.json").read_text())["record"] == {"method": "x"}
