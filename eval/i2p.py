@@ -75,6 +75,7 @@ def main(args):
 
 def _audit(args, accelerator, table, output_dir: Path, images_dir: Path):
     """Generate, score and report into the held audit folder."""
+    accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     records = generate(table.rows, images_dir, args.generation, accelerator)
     if accelerator.is_main_process:
         manifest = read_json(images_dir / "generation.json", "generation manifest")

@@ -404,6 +404,8 @@ def main(args) -> dict | None:
         accelerator = make_accelerator()
     setup_logging(accelerator is None or accelerator.is_main_process)
     with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.nudity"):
+        if accelerator is not None:
+            accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
         return detect_folder(args.images_dir, args.output_dir, args.threshold, args.classes, args.batch_size, accelerator)
 
 

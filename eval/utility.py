@@ -192,6 +192,7 @@ def main(args):
 
 def _evaluate(args, accelerator, table):
     """Generate and score into the held output folder."""
+    accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     images_dir = Path(args.output_dir) / "images"
     records = generate(table.rows, images_dir, args.generation, accelerator)
     result = None
