@@ -286,8 +286,7 @@ def claim_output_dir(path, *, flag: str = "--output_dir", base: str | None = Non
     marker = folder / MARKER_NAME
     if not marker.exists():
         try:
-            _write_json(marker, {"tool": TOOL, "written_by": by, "note": "this folder was written by scissorhands-erase; "
-                                 "its runs replace only what they wrote here", "created": datetime.datetime.now().isoformat(timespec="seconds")})
+            mark_ours(folder, by)  # no timestamp: identical runs leave identical folders
         except OSError as e:
             os.close(fd)
             raise UserError(f"{flag} {path} is not writable ({e.strerror})") from None
@@ -308,8 +307,8 @@ def hold_output_dir(path, **kwargs):
 def mark_ours(folder: Path, by: str = TOOL) -> None:
     """Write this tool's marker into ``folder`` (which it created or may write into)."""
     if not (folder / MARKER_NAME).exists():
-        _write_json(folder / MARKER_NAME, {"tool": TOOL, "written_by": by,
-                                           "created": datetime.datetime.now().isoformat(timespec="seconds")})
+        _write_json(folder / MARKER_NAME, {"tool": TOOL, "written_by": by, "note": "this folder was written by "
+                                           "scissorhands-erase; its runs replace only what they wrote here"})
 
 
 def _write_json(path: Path, obj) -> None:

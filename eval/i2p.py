@@ -51,10 +51,10 @@ def parse_args(input_args=None):
     parser.add_argument("--no_report", action="store_true", help="Skip report/ (tables, chart, image grid).")
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
-    check_numbers(args)
     if args.subset not in SUBSETS:
         raise UserError(f"unknown subset {args.subset!r}; choose one of: {', '.join(SUBSETS)}")
     check_threshold(args.threshold)
+    check_numbers(args)
     resolve_classes(args.classes)
     if args.detect_batch_size < 1:
         raise UserError(f"--detect_batch_size must be >= 1, got {args.detect_batch_size}")
