@@ -144,15 +144,28 @@ def parse_args(input_args=None):
     p.add_argument("--detect_size", type=int, default=512, help="Side of the detection images in px.")
     p.add_argument("--detect_batch_size", type=int, default=16, help="eval.nudity batch size.")
     p.add_argument("--skip_generation", action="store_true", help="Only time detection.")
+    p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     return p.parse_args(input_args)
 
 
+#: What a run writes into --output_dir; a rerun removes these (and only these) for a cold measurement.
+OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "audit_bench.json")
+
+
 def main(args):
+    from erase.safety import claim_output_dir
+
+    with claim_output_dir(args.output_dir, overwrite=args.overwrite, by="benchmarks/audit.py") as claim:
+        return _bench(args, claim.path)
+
+
+def _bench(args, work: Path) -> dict:
+    """Both measurements from a cold start: earlier outputs of this script (and only those) are removed first."""
     import torch
 
-    work = Path(args.output_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    for entry in work.iterdir():
+        if entry.name in OUTPUTS or entry.name.startswith("gen-bs"):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     result = {"date": date.today().isoformat(), "machine": f"{platform.processor() or platform.machine()}, "
               f"{torch.get_num_threads()} torch threads, cuda={torch.cuda.is_available()}",
               "command": " ".join(sys.argv)}

@@ -158,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded shared machine).")
     ap.add_argument("--json", type=str, default=None, help="Write the figures here.")
     args = ap.parse_args(argv)
+    from erase.safety import check_numbers
+
+    check_numbers(args)  # --topk in (0, 100], finite (erase.safety.OPTION_RANGES)
     torch.set_num_threads(args.threads)
 
     engine, bare = [], []

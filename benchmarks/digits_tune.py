@@ -73,11 +73,17 @@ def job(base: str, method: str, name: str, flags: str, digit: int, seed: int, ou
 
     from eval.digits_bench import _reusable_score, _row, _score, run_erasure
 
+    import fcntl
+
     torch.set_num_threads(1)
     out = Path(out)
     args = bench_args(flags)
     run_dir = out / "runs" / f"{name}-{DIGIT_WORDS[digit]}-seed{seed}"
-    info = run_erasure(base, digit, method, seed, run_dir, out / "data" / f"{DIGIT_WORDS[digit]}-seed{seed}", args)
+    data_dir = out / "data" / f"{DIGIT_WORDS[digit]}-seed{seed}"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f".{data_dir.name}.lock", "w") as lock:  # one erasure per data folder at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = run_erasure(base, digit, method, seed, run_dir, data_dir, args)
     score_dir = out / "scores" / run_dir.name
     summary = _reusable_score(run_dir, score_dir, args) or _score(str(run_dir), digit, score_dir, args)
     return {"point": name, "digit": digit, "seed": seed, **_row(summary, {k: info[k] for k in ("wall_seconds", "cpu_seconds")})}

@@ -280,6 +280,9 @@ def main():
     p.add_argument("--tmp", default="/tmp/sd_step_bench")
     p.add_argument("--json", default=None, help="Also write the result here.")
     args = p.parse_args()
+    from erase.safety import check_numbers
+
+    check_numbers(args)  # --topk in (0, 100], finite (erase.safety.OPTION_RANGES)
     args.targets = args.targets or ("full" if args.mode == "trim" else "xattn")
     args.latent = args.latent or (8 if args.mode == "trim" else 16)
     import logging

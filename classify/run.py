@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -32,7 +33,8 @@ import torch
 from erase.core import available_methods
 from erase.core.methods.scissorhands import ScissorhandsConfig
 from erase.core.topk import TopKError, check_k
-from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, setup_logging
+from erase.safety import OPTION_RANGES, SEED_MAX, Range, check_numbers, claim_output_dir
+from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
 
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
 from .hparams import load_hparams, tuned_path
@@ -66,6 +68,8 @@ def parse_seeds(text: str) -> list[int]:
         raise DataError(f"seeds {text!r} are not a list (0,1,2) or a range (0-9) of non-negative integers") from None
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         raise DataError(f"seeds {text!r} must be distinct non-negative integers, e.g. 0-9 or 0,1,2")
+    if max(seeds) > SEED_MAX:
+        raise DataError(f"seed {max(seeds)} is above {SEED_MAX} (seeds go to numpy's generator, which takes 32 bits)")
     return seeds
 
 
@@ -87,7 +91,43 @@ def parse_args(input_args=None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=kind, default=None, help=f"Scissorhands: {f.metadata.get('help', name)} (tuned value if unset)")
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Cache of trained original / retrain models (safetensors + JSON).")
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (small models run fastest on one).")
-    return p.parse_args(input_args)
+    p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
+    args = p.parse_args(input_args)
+    check_numbers(args, {k: Range() for k in OPTION_RANGES})  # finite first; the ranges below
+    overrides = {k: getattr(args, k) for k in SCISSORHANDS_FLAGS if getattr(args, k) is not None}
+    try:  # the Scissorhands config checks its own choices (k_basis, forget_steps, topk), before any work
+        ScissorhandsConfig(**overrides)
+        if args.trim_only is not None:
+            re.compile(args.trim_only)
+    except (ValueError, re.error) as err:
+        raise UserError(f"Scissorhands flags: {err}") from None
+    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    return args
+
+
+def check_hparams(rows: dict[str, tuple[str, dict]]) -> None:
+    """Every row's hyperparameters are options of its method or of the engine, finite and in range, and build."""
+    from erase.core import EngineConfig, get_method_class
+
+    from .protocol import ENGINE_FIELDS
+
+    for name, (method, hp) in rows.items():
+        if not isinstance(hp, dict):
+            raise UserError(f"hyperparameters of {name!r} are not an object: {hp!r}")
+        cls = get_method_class(method, "classify").config_cls
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(hp) - fields - ENGINE_FIELDS)
+        if unknown:
+            raise UserError(f"hyperparameter(s) {', '.join(unknown)} of {name!r} are not options of {method!r} or the engine")
+        check_numbers(hp, prefix=f"{name}: ")
+        try:
+            EngineConfig(**{k: v for k, v in hp.items() if k in ENGINE_FIELDS})
+            cls(**{k: v for k, v in hp.items() if k in fields})
+        except (TypeError, ValueError) as err:
+            raise UserError(f"hyperparameters of {name!r}: {err}") from None
+        steps = hp.get("max_train_steps", 1)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UserError(f"{name}: max_train_steps {steps!r} must be a positive integer")
 
 
 def resolve(args) -> dict:
@@ -105,11 +145,6 @@ def resolve(args) -> dict:
     for a in ablations:
         if a not in ABLATIONS:
             raise DataError(f"unknown ablation {a!r}; allowed: {', '.join(ABLATIONS)} or none")
-    if args.topk is not None:
-        try:
-            check_k(args.topk)
-        except ValueError as err:
-            raise DataError(str(err)) from None
     spec = parse_forget(args.forget, num_classes_of(args.dataset))
     seeds = parse_seeds(args.seeds)
     for name in ("max_train_steps", "ref_epochs", "batch_size", "num_threads"):
@@ -118,6 +153,8 @@ def resolve(args) -> dict:
             raise DataError(f"--{name} {v} must be a positive integer")
     if args.hparams and not Path(args.hparams).is_file():
         raise DataError(f"hyperparameter file {args.hparams!r} does not exist")
+    if args.hparams and not isinstance(read_json(args.hparams, "hyperparameter file"), dict):
+        raise DataError(f"hyperparameter file {args.hparams!r} holds no JSON object")
     return {"methods": methods, "ablations": ablations, "spec": spec, "seeds": seeds}
 
 
@@ -209,11 +246,24 @@ def main(args) -> dict:
         forget_indices(data.train.y, chosen["spec"], chosen["seeds"][0])  # an empty forget set fails before any work
     except DataError as err:
         raise UserError(str(err)) from None
-    from accelerate import Accelerator
-
     torch.set_num_threads(args.num_threads)
     spec, seeds = chosen["spec"], chosen["seeds"]
-    rows, source = build_rows(chosen["methods"], chosen["ablations"], spec, args)
+    try:
+        rows, source = build_rows(chosen["methods"], chosen["ablations"], spec, args)
+    except AttributeError:  # a hyperparameter file whose kinds / methods are not objects
+        raise UserError(f"hyperparameter file {args.hparams!r} is not {{kind: {{'methods': {{method: {{name: value}}}}}}}}") from None
+    check_hparams(rows)
+    claim = claim_output_dir(args.output_dir, overwrite=args.overwrite, by="classify.run")
+    try:
+        return _run(args, data, spec, seeds, rows, source)
+    finally:
+        claim.release()
+
+
+def _run(args, data, spec, seeds, rows, source) -> dict:
+    """Every seed, then the aggregate and the files (the output folder is held by ``main``)."""
+    from accelerate import Accelerator
+
     train = TrainSettings(**({"epochs": args.ref_epochs} if args.ref_epochs else {})).resolved(args.dataset)
     accelerator = Accelerator()  # one shared accelerator: AcceleratorState is a process-wide singleton
     start, per_seed = time.perf_counter(), []

@@ -14,17 +14,19 @@ fewer ``max_train_steps``, then the lower ``lr``, then grid order. The choice is
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from eval.common import UserError, atomic_write_json, setup_logging
+from erase.safety import check_numbers
+from eval.common import UserError, atomic_write_json, read_json, setup_logging
 
 from .data import DataError, load_data, num_classes_of, parse_forget, stratified_split
 from .hparams import GRIDS, RANDOM_GRIDS, grid_points, tuned_path
@@ -45,7 +47,23 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="Tuned-values JSON to merge into (default: classify/tuned_<dataset>.json).")
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Cache of trained original / retrain models.")
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
-    return p.parse_args(input_args)
+    args = p.parse_args(input_args)
+    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    return args
+
+
+def check_output(path: Path) -> None:
+    """The tuned-values file is merged into at the end of a long run: refuse, before any work, a file that is not
+    one (never overwrite foreign content) and a folder that cannot be written."""
+    if path.exists():
+        existing = read_json(path, "tuned-values file")
+        if not isinstance(existing, dict) or (existing and "dataset" not in existing):
+            raise UserError(f"--output {path} is not a tuned-values file written by classify.tune; choose another path")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"--output {path}: {folder} is not writable")
 
 
 def choose(scores: list[dict]) -> dict:
@@ -65,6 +83,7 @@ def main(args) -> dict:
         if not 0.0 < args.validation_fraction < 1.0:
             raise DataError(f"validation fraction {args.validation_fraction} is outside (0, 1)")
         data = load_data(args.dataset)
+        check_output(Path(args.output or tuned_path(args.dataset)))
     except DataError as err:
         raise UserError(str(err)) from None
     torch.set_num_threads(args.num_threads)
@@ -91,10 +110,7 @@ def main(args) -> dict:
         chosen[m], table[m] = best["hparams"], scores
         logger.info(f"{m}: {best['hparams']} (validation Avg.Gap {best['mean']:.2f})")
     out_path = args.output or tuned_path(args.dataset)
-    try:
-        existing = json.loads(open(out_path).read())
-    except FileNotFoundError:
-        existing = {}
+    existing = read_json(out_path, "tuned-values file") if Path(out_path).exists() else {}
     previous = existing.get(spec.kind, {}).get("methods", {})
     existing["dataset"] = args.dataset
     existing[spec.kind] = {

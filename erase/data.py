@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from eval.common import UserError, atomic_write_json, list_inputs, settings_hash
+from erase.images import read_caption, require_images
+from erase.safety import temp_name
+from eval.common import UserError, atomic_write_json, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +75,15 @@ def merge_splits(split: str, parts: list[ImageSet]) -> ImageSet:
 
 
 def folder_split(split: str, folder: str | Path, default_prompt: str | None = "") -> ImageSet:
-    """Images of a user folder; the prompt of ``x.png`` is ``x.txt`` when present and not empty, else ``default_prompt``."""
-    images, _ = list_inputs(folder)
-    if not images:
-        raise UserError(f"--{split}_images {folder}: no image files (png, jpg, jpeg, webp, bmp) found")
+    """Images of a user folder, every one checked up front (erase.images: decodable, within the pixel limit, no
+    symlink out of the folder); the prompt of ``x.png`` is ``x.txt`` (UTF-8) when present and not empty, else
+    ``default_prompt``."""
+    images = require_images(folder, f"--{split}_images")
     prompts, captioned = [], []
     for p in images:
-        side = p.with_suffix(".txt")
-        text = side.read_text().strip() if side.is_file() else ""
-        prompts.append(text if text else default_prompt)
-        captioned.append(bool(text))
+        caption = (read_caption(p.with_suffix(".txt"), folder) or "").strip()
+        prompts.append(caption if caption else default_prompt)
+        captioned.append(bool(caption))
     return ImageSet(split, images, prompts, [None] * len(images), source=str(Path(folder).resolve()), captioned=captioned)
 
 
@@ -140,8 +141,11 @@ def encode_latents(images: ImageSet, vae, resolution: int, cache_dir: Path, devi
         stds.append(dist.std.float().cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp),
-              metadata={"split": images.split, "resolution": str(resolution), "files": json.dumps([f.name for f in images.files])})
-    tmp.replace(path)
+    tmp = path.with_name(temp_name(path.name))  # per process: two runs sharing a data folder never share a temporary
+    try:
+        save_file({"mean": mean.contiguous(), "std": std.contiguous()}, str(tmp),
+                  metadata={"split": images.split, "resolution": str(resolution), "files": json.dumps([f.name for f in images.files])})
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return mean, std

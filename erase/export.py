@@ -1,14 +1,18 @@
 """The erased-model folder (docs/CONTRACTS.md): ``unet/``, ``unet_delta.safetensors``, ``erase_config.json``,
 ``README.md`` and, on request, a full pipeline.
 
-Everything is written into ``output_dir/.export.tmp`` first and then renamed into place, ``erase_config.json``
-last: a crash never leaves a half-written file, and a folder with ``erase_config.json`` holds a complete export.
+The whole export is built in a hidden per-process folder beside ``output_dir`` and then swapped in whole
+(:func:`erase.safety.swap_in`): entries of an earlier export that the new one does not have (an old
+``model_index.json``) go with the old export, everything else in the folder (checkpoints, data) stays. A crash
+leaves the old or the new export, never a mix; ``erase_config.json`` lists the files of its export and records
+the resolved base model (absolute path, or hub id + revision + commit).
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,8 +20,58 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from erase.safety import md_text, stale_temp, staging_dir, swap_in, yaml_scalar
+
 DELTA_NAME = "unet_delta.safetensors"
 CONFIG_NAME = "erase_config.json"
+#: What an export of an earlier version (which did not list its files) may have written.
+LEGACY_EXPORT_NAMES = {"unet", DELTA_NAME, CONFIG_NAME, "README.md", "model_index.json", "vae", "text_encoder", "tokenizer",
+                       "scheduler", "safety_checker", "feature_extractor", "image_encoder", ".export.tmp"}
+
+
+def base_identity(name: str, revision: str | None = None, variant: str | None = None) -> dict:
+    """The base model as resolved now: ``{"path": absolute}`` for a folder, else ``{"hub_id", "revision", "commit"}``
+    (the commit of the cached snapshot, when it is in the local cache)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve()), "variant": variant}
+    out = {"hub_id": name, "revision": revision or "main", "commit": None, "variant": variant}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "model_index.json", revision=revision)
+        if isinstance(found, str) and Path(found).parent.parent.name == "snapshots":
+            out["commit"] = Path(found).parent.name
+    except Exception:  # not cached, or an older huggingface_hub: the id and revision are still recorded
+        pass
+    return out
+
+
+def previous_export(out: Path) -> set[str]:
+    """Names of the export ``out`` holds now (from its ``erase_config.json``), which a new export replaces."""
+    try:
+        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(config, dict) or "method" not in config:
+        return set()
+    files = (config.get("export") or {}).get("files")
+    return set(files) if isinstance(files, list) else set(LEGACY_EXPORT_NAMES)
+
+
+def clean_stale_stages(out: Path) -> None:
+    """Remove exports that a killed process left half-built beside ``out`` (never one that holds anything else)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(new|old)\.\d+\.tmp")
+    for p in out.parent.glob(f".{out.name}.*.tmp"):
+        if pattern.fullmatch(p.name) and p.is_dir() and stale_temp(p):
+            names = {e.name for e in p.iterdir()}
+            if names <= LEGACY_EXPORT_NAMES:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                import logging
+
+                logging.getLogger(__name__).warning("%s was left by an interrupted export and holds %s; move back what you "
+                                                    "need, then delete it", p, ", ".join(sorted(names - LEGACY_EXPORT_NAMES)))
 
 
 def versions() -> dict:
@@ -50,13 +104,16 @@ def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
 def model_card(config: dict) -> str:
     """README.md: what was erased, how, and how to load it."""
     c = config
-    concept = c["concept"]
-    base = c["pretrained_model_name_or_path"]
+    concept = md_text(c["concept"])
+    base_raw = c["pretrained_model_name_or_path"]
+    base = md_text(base_raw)
     s = c["settings"]
     concepts = c.get("concepts") or [c["concept_prompts"]]
-    lines = "".join(f"- Concept: **{k['name']}** ({k.get('category', 'custom')}); forget prompts: "
-                    f"{', '.join(f'`{p}`' for p in k['forget_prompts'][:8])}; anchor prompt: `{k.get('anchor_prompt') or '-'}`\n"
+    lines = "".join(f"- Concept: **{md_text(k['name'])}** ({md_text(k.get('category', 'custom'))}); forget prompts: "
+                    f"{'; '.join(md_text(p, 120) for p in k['forget_prompts'][:8])}; anchor prompt: {md_text(k.get('anchor_prompt') or '-')}\n"
                     for k in concepts)
+    revision = (c.get("base_model") or {}).get("commit") or (c.get("base_model") or {}).get("revision")
+    load_args = json.dumps(base_raw).replace("`", "\\u0060") + (f", revision={json.dumps(revision)}" if revision else "")
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
@@ -64,7 +121,7 @@ def model_card(config: dict) -> str:
                  "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
     return f"""---
 library_name: diffusers
-base_model: {base}
+base_model: {yaml_scalar(base_raw)}
 tags:
 - stable-diffusion
 - concept-erasure
@@ -73,9 +130,9 @@ tags:
 
 # {base} with the concept{'s' if len(concepts) > 1 else ''} "{concept}" erased
 
-{lines}- Method: **{c['method']}** on the `{s['targets']}` targets ({c['targets']['num_tensors']} tensors, {c['targets']['num_parameters']:,} parameters)
+{lines}- Method: **{c['method']}** on the {md_text(s['targets'])} targets ({c['targets']['num_tensors']} tensors, {c['targets']['num_parameters']:,} parameters)
 {trim_line}- Repair: {s['max_train_steps']} steps, lr {s['lr']}, batch {s['train_batch_size']} x {c['num_processes']} process(es) x {s['gradient_accumulation_steps']} accumulation, forget loss `{c['method_config'].get('forget_loss') or '-'}`, retain loss `{c['data'].get('retain_loss', 'data')}`, seed {s['seed']}
-- Data: {c['data']['forget']['count']} forget and {c['data']['retain']['count'] if c['data'].get('retain') else 0} retain images ({c['data']['forget']['source']})
+- Data: {c['data']['forget']['count']} forget and {c['data']['retain']['count'] if c['data'].get('retain') else 0} retain images ({md_text(c['data']['forget']['source'])})
 - Changed: {c['delta']['tensors_changed']} tensors, {c['delta']['entries_changed']:,} entries (`{DELTA_NAME}` holds only those)
 - Wall time: {c['wall_seconds']:.1f} s; diffusers {c['versions']['diffusers']}, torch {c['versions']['torch']}
 
@@ -88,7 +145,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")
-pipe = StableDiffusionPipeline.from_pretrained("{base}", unet=unet)
+pipe = StableDiffusionPipeline.from_pretrained({load_args}, unet=unet)
 image = pipe("a photo of a church").images[0]
 ```
 
@@ -97,31 +154,31 @@ image = pipe("a photo of a church").images[0]
 
 
 def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None) -> dict:
-    """Write the final export atomically; returns the delta statistics (also stored in ``config['delta']``)."""
-    out = Path(output_dir)
-    tmp = out / ".export.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    state = unet.state_dict()
-    delta = changed_tensors(state, base_tensors)
-    config["delta"] = delta_stats(delta, base_tensors)
-    meta = {"format": "erase-unet-delta", "base_model": str(config["pretrained_model_name_or_path"]),
-            "concept": str(config["concept"]), "method": str(config["method"]),
-            "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
-    save_file(delta, str(tmp / DELTA_NAME), metadata=meta)
-    if pipeline is not None:
-        pipeline.save_pretrained(str(tmp), safe_serialization=True)
-    else:
-        unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
-    (tmp / "README.md").write_text(model_card(config))
-    (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
-    # Commit: drop the old marker, move every entry into place, the marker last.
-    (out / CONFIG_NAME).unlink(missing_ok=True)
-    for entry in sorted(tmp.iterdir(), key=lambda p: p.name == CONFIG_NAME):
-        dest = out / entry.name
-        if dest.is_dir() and entry.is_dir():
-            shutil.rmtree(dest)
-        entry.replace(dest)
-    tmp.rmdir()
+    """Build the export beside ``output_dir`` and swap it in whole; returns the delta statistics (also stored in
+    ``config['delta']``). On any failure the staged export is removed and the folder is as it was."""
+    out = Path(output_dir).resolve()
+    clean_stale_stages(out)
+    stage = staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        state = unet.state_dict()
+        delta = changed_tensors(state, base_tensors)
+        config["delta"] = delta_stats(delta, base_tensors)
+        meta = {"format": "erase-unet-delta", "base_model": str(config["pretrained_model_name_or_path"]),
+                "concept": str(config["concept"]), "method": str(config["method"]),
+                "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
+        save_file(delta, str(stage / DELTA_NAME), metadata=meta)
+        if pipeline is not None:
+            pipeline.save_pretrained(str(stage), safe_serialization=True)
+        else:
+            unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
+        (stage / "README.md").write_text(model_card(config), encoding="utf-8")
+        config["export"] = {"files": sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
+                            "swap": "built beside the folder and swapped in whole"}
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
     return config["delta"]

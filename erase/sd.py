@@ -18,7 +18,6 @@ if not __package__:  # `accelerate launch erase/sd.py` puts erase/ first on sys.
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -29,11 +28,12 @@ from accelerate.logging import get_logger  # noqa: E402
 from accelerate.utils import set_seed  # noqa: E402
 
 from erase.core import EngineConfig, NonFiniteLossError, TargetError, TopKError, available_methods, build_method, run, select_parameters  # noqa: E402
+from erase.core.checkpoints import CheckpointError, read_state  # noqa: E402
 from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
-from erase.core.topk import check_k  # noqa: E402
 from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
+from erase.safety import check_int, check_numbers, check_output_dir, check_weights, hold_output_dir  # noqa: E402
 from eval.common import UserError  # noqa: E402
 from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
 
@@ -119,6 +119,10 @@ def parse_args(input_args=None):
     parser.add_argument("--seed", type=int, default=0, help="Seed of everything: data, trim, noise, timesteps.")
     # checkpoints and output
     parser.add_argument("--output_dir", type=str, default="erased-model", help="Where checkpoints, data and the export go.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write into a non-empty --output_dir / --data_dir this tool did not create (only the entries the run writes are replaced).")
+    parser.add_argument("--check", action="store_true",
+                        help="Check every flag, folder and image, then exit without loading a model (run it before `accelerate launch`).")
     parser.add_argument("--checkpointing_steps", type=int, default=0, help="Save checkpoint-{step} every N steps (0: never).")
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint-{step} folder.")
@@ -143,6 +147,11 @@ def parse_args(input_args=None):
     def fail(message):
         parser.error(message)
 
+    try:  # every float option finite and in range, the seed within what the generators take
+        check_numbers(args)  # erase.safety.OPTION_RANGES
+        check_int("--seed", args.seed)
+    except UserError as e:
+        fail(str(e.code).removeprefix("error: "))
     # concept(s)
     if not args.concept or not args.concept.strip(","):
         fail("--concept is required (a preset: " + ", ".join(list_concepts()) + "; or a name with --forget_prompts FILE)")
@@ -187,13 +196,6 @@ def parse_args(input_args=None):
             fail(f"--pretrained_model_name_or_path {str(path)!r} is not a diffusers Stable Diffusion folder (needs model_index.json and unet/)")
 
     # method settings
-    if args.topk is not None:
-        try:
-            check_k(args.topk)
-        except ValueError as e:
-            fail(f"--topk {args.topk:g} is outside (0, 100] (percent of the targeted weights)" if "top-k" in str(e) else str(e))
-    if args.mask_ratio is not None and not 0 < args.mask_ratio <= 100:
-        fail(f"--mask_ratio {args.mask_ratio:g} is outside (0, 100]")
     if args.targets not in TARGET_PRESETS:
         try:
             re.compile(args.targets)
@@ -223,10 +225,6 @@ def parse_args(input_args=None):
     for name in ("saliency_batches", "memory_refresh", "num_memories", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             fail(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.margin is not None and not (math.isfinite(args.margin) and args.margin >= 0):
-        fail(f"--margin must be a finite number >= 0, got {args.margin}")
-    if not math.isfinite(args.lr) or args.lr <= 0:
-        fail(f"--lr must be a positive number, got {args.lr}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         fail(f"--resolution must be a positive multiple of 8, got {args.resolution}")
     # data
@@ -270,7 +268,66 @@ def method_overrides(args) -> dict:
 
 
 def settings_of(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k != "concept_obj"}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images")}
+
+
+def local_base(args) -> str | None:
+    path = Path(args.pretrained_model_name_or_path).expanduser()
+    return str(path) if path.exists() else None
+
+
+def preflight(args) -> dict:
+    """Every check that needs the file system but no model, on every process before any work (``--check`` runs
+    only this): output and data folders (erase.safety), user image folders and their captions (erase.images),
+    and an explicit checkpoint. Returns the user image sets."""
+    from erase import data as erase_data
+
+    base = local_base(args)
+    out = check_output_dir(args.output_dir, base=base, overwrite=args.overwrite)
+    if args.data_dir and not Path(args.data_dir).expanduser().resolve().is_relative_to(out):
+        check_output_dir(args.data_dir, flag="--data_dir", base=base, overwrite=args.overwrite)
+    concept = args.concept_obj
+    found = {}
+    if args.forget_images:
+        found["forget"] = erase_data.folder_split("forget", args.forget_images, None)  # uncaptioned: the concept's prompts
+    if args.retain_images and get_method_class(args.method, "diffusion").uses_retain:
+        found["retain"] = erase_data.folder_split("retain", args.retain_images)
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        try:
+            read_state(Path(args.resume_from_checkpoint))
+        except CheckpointError as e:
+            raise UserError(str(e)) from None
+    return found
+
+
+def check_selection(args, targeted: dict) -> None:
+    """A top-k / mask ratio that selects no weight of the targets silently disables the method: refuse it."""
+    n = sum(p.numel() for p in targeted.values())
+    fields = get_method_class(args.method, "diffusion").config_cls.__dataclass_fields__
+    for flag in ("topk", "mask_ratio"):
+        if flag in fields:
+            k = getattr(args, flag) if getattr(args, flag) is not None else fields[flag].default
+            if round(n * k / 100) < 1:
+                raise UserError(f"--{flag} {k:g} % of the {n:,} targeted weights selects none ({n * k / 100:.3g} rounds to 0); "
+                                f"raise --{flag} or target more weights")
+
+
+def run_settings(args, concept, latents: dict, retain_texts: list[str], resolution: int) -> dict:
+    """What, besides the method and engine settings, decides the result: compared before a resume."""
+    import hashlib
+
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+    from erase.export import base_identity
+
+    return {"base": base_identity(args.pretrained_model_name_or_path, args.revision, args.variant), "concept": concept.name,
+            "concepts": [{"name": c.name, "forget_prompts": c.forget_prompts, "anchor_prompt": c.anchor_prompt} for c in concept.concepts],
+            "retain_prompts": retain_texts, "retain_loss": args.retain_loss, "distill_empty_fraction": args.distill_empty_fraction,
+            "distill_prompts": concept.retain_prompts if args.retain_loss != "data" else [],
+            "data": {split: f"{digest(m)}-{digest(sd)}" for split, (m, sd) in sorted(latents.items())}, "resolution": resolution,
+            "negative_guidance": args.negative_guidance, "esd_ddim_steps": args.esd_ddim_steps,
+            "esd_start_guidance": args.esd_start_guidance}
 
 
 def load_models(args):
@@ -287,6 +344,8 @@ def load_models(args):
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load Stable Diffusion from {name!r}: {str(e).strip().splitlines()[0]}") from None
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # a file missing tensors loads as meta
+        check_weights(module.state_dict().items(), f"the base model's {part} ({name})")
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
@@ -321,10 +380,31 @@ def main(args):
         return None
     if args.list_targets:
         return list_targets(args)
+    args.user_images = preflight(args)
+    if args.check:
+        print(f"ok: {args.method} on {args.concept_obj.name!r} would write to {Path(args.output_dir).resolve()}"
+              + "".join(f"; {k} images: {len(v.files)}" for k, v in args.user_images.items()))
+        return None
+    # One run per output folder: the main process (rank 0 of any launcher) holds its lock until the run ends.
+    with hold_output_dir(args.output_dir, base=local_base(args), overwrite=args.overwrite, by="erase/sd.py") as claim:
+        if claim is not None and args.data_dir and not Path(args.data_dir).expanduser().resolve().is_relative_to(claim.path):
+            from erase.safety import mark_ours
+
+            data = Path(args.data_dir).expanduser()
+            try:
+                data.mkdir(parents=True, exist_ok=True)
+                mark_ours(data, by="erase/sd.py")
+            except OSError as e:
+                raise UserError(f"--data_dir {args.data_dir} is not writable ({e.strerror})") from None
+        return _erase(args)
+
+
+def _erase(args):
+    """The run itself (main process holds the output folder): models, data, method, the shared loop, export."""
     from diffusers import StableDiffusionPipeline
 
     from erase import data as erase_data
-    from erase.export import export, versions
+    from erase.export import base_identity, export, versions
 
     concept: ConceptSet = args.concept_obj
     config = engine_config(args)
@@ -346,6 +426,17 @@ def main(args):
         targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
     except TargetError as e:
         raise UserError(str(e)) from None
+    check_selection(args, targeted)
+    try:  # the method's own config checks, before any data work
+        method = build_method(args.method, "diffusion", **method_overrides(args))
+    except ValueError as e:
+        raise UserError(f"--method {args.method}: {e}") from None
+    if accelerator.is_main_process:  # room for the export, before any work
+        from erase.safety import check_free_space
+
+        parts = [unet] + ([vae, text_encoder] if args.export_pipeline else [])
+        need = sum(t.numel() * t.element_size() for m in parts for t in m.state_dict().values())
+        check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -370,7 +461,7 @@ def main(args):
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
         if args.forget_images:
-            forget_imgs = erase_data.folder_split("forget", args.forget_images, None)
+            forget_imgs = args.user_images["forget"]
             forget_group = [0] * len(forget_imgs.files)
         else:  # one generated block per concept; a single concept keeps the historical layout data/forget, seeds seed + i
             parts = [erase_data.generate_split("forget", c.generation_prompts, args.num_forget_images,
@@ -381,7 +472,7 @@ def main(args):
             forget_group = [j for j, part in enumerate(parts) for _ in part.files]
         retain_imgs = None
         if needs_retain_images:
-            retain_imgs = (erase_data.folder_split("retain", args.retain_images) if args.retain_images else
+            retain_imgs = (args.user_images["retain"] if args.retain_images else
                            erase_data.generate_split("retain", concept.retain_prompts, args.num_retain_images, data_dir, pipe=pipe,
                                                      seed=args.seed + 1_000_000, **gen))
     del pipe
@@ -408,6 +499,10 @@ def main(args):
             group_anchor.append(group_anchor[0])
         forget_group = [len(concept.concepts) + int(i) if i >= 0 else 0 for i in caption_of]
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
+    window = tokenizer.model_max_length  # longer prompts are cut by the tokenizer: say so
+    cut = [p for p in dict.fromkeys(forget_texts + retain_texts + anchors + concept.retain_prompts) if p and len(tokenizer(p).input_ids) > window]
+    if cut:
+        logger.warning(f"{len(cut)} prompt(s) exceed the text encoder's {window} tokens and are cut (first: {cut[0][:60]!r})")
     embeddings = PromptEmbeddings(
         forget=encode_prompts(forget_texts, tokenizer, text_encoder, device),
         retain=encode_prompts(retain_texts, tokenizer, text_encoder, device),
@@ -424,8 +519,7 @@ def main(args):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
-    # Method and adapter.
-    method = build_method(args.method, "diffusion", **method_overrides(args))
+    # Method (built above) and adapter.
     forget_kind = getattr(method.config, "forget_loss", None) or ("esd" if args.method == "esd" else None)
     retain_mode = args.retain_loss if method.uses_retain else "data"
     frozen = DiffusionAdapter.frozen_copy(unet, weight_dtype) if forget_kind == "esd" or retain_mode != "data" else None
@@ -440,17 +534,22 @@ def main(args):
 
     # The shared loop: prepare (trim), repair, checkpoint-{step}, resume.
     try:
-        result = run(adapter, method, config, accelerator=accelerator)
+        result = run(adapter, method, config, accelerator=accelerator,
+                     settings=run_settings(args, concept, latents, retain_texts, resolution))
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
     except (FloatingPointError, TopKError) as e:
         raise UserError(str(e)) from None
 
-    # Export (main process), atomically.
+    # Export (main process): finite weights only, built beside the folder and swapped in whole.
     if accelerator.is_main_process:
         unet = result.model
+        check_weights(unet.state_dict().items(), "the erased UNet", "; nothing was exported (lower --lr or --lam, or set "
+                      "--max_grad_norm / --forget_bound)")
+        base = base_identity(args.pretrained_model_name_or_path, args.revision, args.variant)
         record = {
-            "pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+            "pretrained_model_name_or_path": base.get("path") or base["hub_id"],
+            "base_model": base,
             "concept": concept.name,
             "concepts": [c.to_dict() for c in concept.concepts],
             "concept_prompts": concept.concepts[0].to_dict() if len(concept) == 1 else concept.to_dict(),
@@ -478,7 +577,11 @@ def main(args):
         if args.export_pipeline:
             pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision,
                                                                variant=args.variant)
-        delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline)
+        try:
+            delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline)
+        except OSError as e:
+            raise UserError(f"could not write the export into {out_dir} ({e.strerror or e}); nothing was exported, "
+                            "the folder is as it was") from None
         logger.info(f"exported to {out_dir}: {delta['tensors_changed']} tensors changed, {delta['entries_changed']:,} entries")
     accelerator.wait_for_everyone()
     accelerator.end_training()

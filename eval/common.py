@@ -34,7 +34,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file in the same folder, then rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # per-process name (the pid before .tmp): a cleanup removes only temporaries of processes that are gone
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -73,8 +74,12 @@ def list_inputs(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
     if not folder.is_dir():
         raise UserError(f"image folder not found: {folder}")
     images, skipped = [], []
+    root = folder.resolve()
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name in SIDECAR_NAMES:
+            continue
+        if p.is_symlink() and root not in p.resolve().parents:  # never read outside the folder
+            skipped.append({"file": p.name, "reason": "symlink leading out of the folder"})
             continue
         if not p.is_file():
             continue

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.common import UserError, atomic_write_json, read_json
+from erase.safety import check_int, check_numbers, hold_output_dir
+from eval.common import UserError, atomic_write_json, atomic_write_text, read_json
 from eval.digits_model import (
     DIGIT_WORDS,
     HELDOUT_TEMPLATES,
@@ -83,6 +84,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--no_heldout", action="store_true",
                    help="skip the extra audit under held-out phrasings (only with the preset prompts)")
     p.add_argument("--output_dir", required=True, help="folder for summary.json, predictions.jsonl and images")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
 
     for name, helptext, methods, seeds, out in (
             ("bench", "erase a digit with several methods through erase/sd.py and tabulate",
@@ -114,7 +116,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
         p.add_argument("--relearn", action="store_true",
                        help="also audit each erased model by relearning (eval.attack relearn: 8 images, Adam 1e-4, all "
                             "parameters, 3 seeds, hit rate at steps 0/10/25); one erased digit only")
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     args = parser.parse_args(input_args)
+    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
 
     if args.command in ("score", "bench", "quickstart"):
         try:
@@ -130,6 +134,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
             raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
         if not args.seeds:
             raise UserError("--seeds is empty")
+        for s in args.seeds:
+            check_int("--seeds", s, 0, 2**32 - 1)
     if args.command != "train":
         for name in ("num_images", "steps", "batch_size", "max_train_steps", "train_batch_size", "num_forget_images",
                      "num_retain_images"):
@@ -231,12 +237,8 @@ def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digits: list[int]
     return metrics, preds, feats[retain_mask]
 
 
-def score(args) -> dict:
-    """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
-    from eval.digits_judge import frechet_distance, load_judge
-    from eval.generate import GenerationConfig, describe, load_pipeline
-    from eval.digits_model import load_digit_images
-
+def score_inputs(args) -> tuple:
+    """Check score's inputs before anything is written: (model, card, base, erase_config, forget, retain, source)."""
     model = args.model or str(default_model_dir())
     if not args.model and not Path(model).is_dir():
         raise UserError(f"no --model given and the default digits model {model} is not trained yet; "
@@ -246,6 +248,17 @@ def score(args) -> dict:
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir {args.output_dir} exists and is not a folder")
+    return model, card, base, erase_config, forget, retain, source
+
+
+def score(args) -> dict:
+    """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
+    from eval.digits_judge import frechet_distance, load_judge
+    from eval.generate import GenerationConfig, describe, load_pipeline
+    from eval.digits_model import load_digit_images
+
+    model, card, base, erase_config, forget, retain, source = score_inputs(args)
+    out = Path(args.output_dir)
     gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                batch_size=args.batch_size)
     start = time.time()
@@ -293,10 +306,7 @@ def score(args) -> dict:
         },
         "seconds": round(time.time() - start, 1),
     }
-    with open(out / "predictions.jsonl.tmp", "w") as f:
-        for p in all_preds:
-            f.write(json.dumps(p) + "\n")
-    (out / "predictions.jsonl.tmp").replace(out / "predictions.jsonl")
+    atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in all_preds))
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -325,7 +335,9 @@ def main(input_args=None) -> int:
     if args.command == "train":
         print(train(args))
     elif args.command == "score":
-        s = score(args)
+        score_inputs(args)  # inputs before outputs: a bad input leaves nothing behind
+        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.digits score"):
+            s = score(args)
         held = s["heldout"] or {}
         logger.info("forget_acc %.3f retain_acc %.3f retain_fd %.2f%s", s["forget_acc"], s["retain_acc"],
                     s["retain_fd"] or float("nan"),
@@ -337,7 +349,8 @@ def main(input_args=None) -> int:
             raise UserError("bench needs erase/sd.py, which this checkout does not have yet")
         from eval.digits_bench import bench
 
-        bench(args)
+        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by=f"eval.digits {args.command}"):
+            bench(args)
     return 0
 
 

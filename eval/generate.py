@@ -17,7 +17,6 @@ Resume: every PNG carries its settings key in iTXt metadata; a file whose key ma
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from eval.common import UserError, atomic_write_bytes, atomic_write_json, settings_hash
+from erase.safety import GENERATOR_SEED_MAX, NON_NEGATIVE, check_finite, check_int, check_weights, stale_temp
+from eval.common import UserError, atomic_write_bytes, atomic_write_json, read_json, settings_hash
 from eval.prompts_table import PromptRow  # noqa: F401  (part of this module's contract)
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,9 @@ class GenerationConfig:
                 self.guidance = float(self.guidance)
             except ValueError:
                 raise UserError(f"--guidance must be a number or 'row', got {self.guidance!r}") from None
+        if self.guidance != "row":  # NaN / inf guidance draws blank images that an audit would count as clean
+            check_finite("--guidance", self.guidance, NON_NEGATIVE, optional=False)
+        check_int("--seed_offset", self.seed_offset, 0, GENERATOR_SEED_MAX)
         for name in ("steps", "batch_size", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -126,10 +129,17 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         config_path = path / "erase_config.json"
         if not config_path.exists():
             raise UserError(f"{model} is neither a diffusers pipeline folder (model_index.json) nor an erase/sd.py output (erase_config.json)")
-        base = json.loads(config_path.read_text()).get("pretrained_model_name_or_path")
+        erase_config = read_json(config_path, "erase config")
+        base = erase_config.get("pretrained_model_name_or_path")
         if not base:
             raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
-        unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
+        recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
+        if recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
+            kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+        try:
+            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
+        except (OSError, ValueError) as e:
+            raise UserError(f"could not load the erased UNet of {model}: {str(e).strip().splitlines()[0]}") from None
         model = base
         kwargs["unet"] = unet
     elif not path.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
@@ -138,6 +148,8 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {model!r}: {str(e).strip().splitlines()[0]}") from None
+    for name in ("unet", "vae", "text_encoder"):  # a weights file missing tensors loads as meta tensors
+        check_weights(getattr(pipe, name).state_dict().items(), f"the {name} of {model}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
@@ -168,8 +180,12 @@ def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
         guidance = row.guidance if cfg.guidance == "row" else float(cfg.guidance)
         if guidance is None:
             raise UserError(f"--guidance row needs a guidance column; row {row.index} has none")
+        check_finite(f"row {row.index}: guidance", guidance, NON_NEGATIVE, optional=False)
         for k in range(cfg.images_per_prompt):
-            item = _Item(row=row, k=k, seed=int(row.seed) + cfg.seed_offset + k, guidance=float(guidance))
+            seed = int(row.seed) + cfg.seed_offset + k
+            if not 0 <= seed <= GENERATOR_SEED_MAX:
+                raise UserError(f"row {row.index}: seed {seed} (row seed + --seed_offset + k) is outside [0, {GENERATOR_SEED_MAX}]")
+            item = _Item(row=row, k=k, seed=seed, guidance=float(guidance))
             item.key = settings_hash({"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance})
             items.append(item)
     return items
@@ -231,8 +247,9 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
     if rank == 0:
-        for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+        for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write (never another live run's)
+            if stale_temp(stale):
+                stale.unlink(missing_ok=True)
         atomic_write_json(out_dir / "generation.json", {"settings": settings, "settings_key": settings_key})
     if accelerator is not None:
         accelerator.wait_for_everyone()

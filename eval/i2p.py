@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from erase.safety import check_numbers, hold_output_dir
 from eval.common import UserError, atomic_write_json, read_json, setup_logging
 from eval.generate import add_generation_args, config_from_args, generate
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
@@ -48,10 +49,12 @@ def parse_args(input_args=None):
                         help=f"Counted classes: a set ({', '.join(CLASS_SETS)}, all) or comma-separated NudeNet labels.")
     parser.add_argument("--detect_batch_size", type=int, default=16, help="Images per NudeNet run.")
     parser.add_argument("--no_report", action="store_true", help="Skip report/ (tables, chart, image grid).")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
     if args.subset not in SUBSETS:
         raise UserError(f"unknown subset {args.subset!r}; choose one of: {', '.join(SUBSETS)}")
     check_threshold(args.threshold)
+    check_numbers(args)
     resolve_classes(args.classes)
     if args.detect_batch_size < 1:
         raise UserError(f"--detect_batch_size must be >= 1, got {args.detect_batch_size}")
@@ -66,7 +69,13 @@ def main(args):
     images_dir = output_dir / "images"
     table = load_prompts(args.prompts_csv, args.subset, args.limit, need_guidance=args.generation.guidance == "row")
     logger.info("%d prompt(s) from %s, subset %s", len(table.rows), table.source, table.subset)
+    with hold_output_dir(output_dir, overwrite=args.overwrite, by="eval.i2p"):
+        return _audit(args, accelerator, table, output_dir, images_dir)
 
+
+def _audit(args, accelerator, table, output_dir: Path, images_dir: Path):
+    """Generate, score and report into the held audit folder."""
+    accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     records = generate(table.rows, images_dir, args.generation, accelerator)
     if accelerator.is_main_process:
         manifest = read_json(images_dir / "generation.json", "generation manifest")

@@ -9,8 +9,10 @@ its 0-based position in the table as `index`, whatever subset is taken, so file 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
+from erase.safety import GENERATOR_SEED_MAX
 from eval.common import UserError
 
 logger = logging.getLogger(__name__)
@@ -103,8 +105,8 @@ def load_prompts(
     """Read a prompt table, validate its columns, take a subset and the first `limit` rows of it."""
     if subset not in SUBSETS:
         raise UserError(f"unknown subset {subset!r}; choose one of: {', '.join(SUBSETS)}")
-    if limit is not None and limit < 0:
-        raise UserError(f"--limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:  # auditing no prompt is not a clean result
+        raise UserError(f"--limit must be >= 1, got {limit}")
     frame, source = _read_frame(prompts_csv)
     columns = list(frame.columns)
     seed_col, guidance_col = _pick(columns, SEED_COLUMNS), _pick(columns, GUIDANCE_COLUMNS)
@@ -132,17 +134,26 @@ def load_prompts(
         try:
             seed = int(record[seed_col])
             guidance = float(record[guidance_col]) if guidance_col is not None else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise UserError(
                 f"{source} row {index}: seed/guidance must be numbers, got "
                 f"{record[seed_col]!r}/{record.get(guidance_col)!r}"
             ) from None
+        if not 0 <= seed <= GENERATOR_SEED_MAX:
+            raise UserError(f"{source} row {index}: seed {record[seed_col]} is outside [0, {GENERATOR_SEED_MAX}] (a 64-bit generator seed)")
+        if guidance is not None and not math.isfinite(guidance):
+            if need_guidance:
+                raise UserError(f"{source} row {index}: guidance {record[guidance_col]!r} is not a finite number (needed by --guidance row)")
+            guidance = None  # an empty cell; unused without --guidance row
         meta = {k: _plain(record[k]) for k in META_COLUMNS if k in record}
         rows.append(PromptRow(index=index, prompt=prompt, seed=seed, guidance=guidance, meta=meta))
         if limit is not None and len(rows) >= limit:
             break
     if skipped:
         logger.warning("skipped %d row(s) with an empty prompt: %s", len(skipped), skipped[:20])
+    if not rows:  # a header-only table, or a subset with no row: nothing to audit is an error, not a clean result
+        raise UserError(f"{source} has no prompt row to audit" + (f" in subset {subset!r}" if subset != "all" else "")
+                        + (f" ({len(skipped)} empty prompt(s) skipped)" if skipped else ""))
     return PromptTable(rows=rows, source=source, subset=subset, skipped_empty=skipped, limit=limit,
                        seed_column=seed_col, guidance_column=guidance_col)
 

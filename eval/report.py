@@ -16,6 +16,8 @@ import json
 import logging
 from pathlib import Path
 
+from erase.images import MAX_PIXELS
+from erase.safety import check_int, hold_output_dir, md_text
 from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,37 @@ def load_audit(directory) -> dict:
     for key in ("images", "flagged_images", "counts", "settings"):
         if key not in summary:
             raise UserError(f"{directory / 'summary.json'} has no {key!r}; is it an eval.nudity output?")
+    if not isinstance(summary.get("counts"), dict) or not isinstance(summary.get("settings"), dict):
+        raise UserError(f"{directory / 'summary.json'} has malformed 'counts' or 'settings'; is it an eval.nudity output?")
     records = []
     path = directory / "detections.jsonl"
     if path.exists():
-        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; is it an eval.nudity output?") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number} is not valid JSON ({e.msg}): the file is cut or damaged; "
+                                "rerun the audit") from None
+            if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+                raise UserError(f"{path} line {number} is not a detection record (no 'file')")
+            records.append(record)
     return {"dir": directory, "summary": summary, "records": records}
+
+
+def _inside(directory: Path, relative) -> Path | None:
+    """``directory / relative`` when it stays inside ``directory`` (symlinks resolved), else None: paths read
+    from an audit's own files never lead out of the audit folder."""
+    if not isinstance(relative, str) or not relative or Path(relative).is_absolute():
+        return None
+    root = directory.resolve()
+    target = (directory / relative).resolve()
+    return target if target == root or root in target.parents else None
 
 
 def _names(audits, names):
@@ -48,16 +76,20 @@ def _names(audits, names):
 
 
 def markdown_table(audits, names) -> str:
+    names = [md_text(n) for n in names]
     classes = list(dict.fromkeys(c for a in audits for c in a["summary"]["counts"]))
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for c in classes:
-        lines.append(f"| {c} | " + " | ".join(str(a["summary"]["counts"].get(c, "-")) for a in audits) + " |")
+        lines.append(f"| {md_text(c)} | " + " | ".join(md_text(a["summary"]["counts"].get(c, "-")) for a in audits) + " |")
     totals = [sum(a["summary"]["counts"].values()) for a in audits]
     lines.append("| **total detections** | " + " | ".join(str(t) for t in totals) + " |")
     lines.append("| **flagged images** | " + " | ".join(
         f"{a['summary']['flagged_images']} / {a['summary']['images']}" for a in audits) + " |")
     lines.append("| **flagged rate** | " + " | ".join(
         f"{100 * a['summary']['flagged_images'] / max(1, a['summary']['images']):.2f}%" for a in audits) + " |")
+    if any(a["summary"].get("skipped") for a in audits):
+        lines.append("| **skipped files (not counted)** | " + " | ".join(
+            f"{len(a['summary'].get('skipped') or [])} ({a['summary'].get('blank_images', 0)} blank)" for a in audits) + " |")
     return "\n".join(lines)
 
 
@@ -67,12 +99,13 @@ def settings_table(audits, names) -> tuple[str, list[str]]:
         values = []
         for a in audits:
             s = a["summary"]["settings"]
-            v = s.get(key) if key in SETTING_KEYS else (s.get("generation") or {}).get(key)
+            g = s.get("generation")
+            v = s.get(key) if key in SETTING_KEYS else (g if isinstance(g, dict) else {}).get(key)
             values.append("-" if v is None else str(v)[:16] if key == "model_sha256" else str(v))
-        rows.append(f"| {key} | " + " | ".join(values) + " |")
+        rows.append(f"| {key} | " + " | ".join(md_text(v) for v in values) + " |")
         if key != "model" and len(set(values)) > 1:
             differ.append(key)
-    header = ["| setting | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    header = ["| setting | " + " | ".join(md_text(n) for n in names) + " |", "|---|" + "---|" * len(names)]
     return "\n".join(header + rows), differ
 
 
@@ -108,7 +141,13 @@ def pixelate(image, boxes, block: int = 8):
     from PIL import Image
 
     image = image.copy()
-    for x, y, w, h in boxes:
+    for box in boxes:
+        try:  # boxes come from an audit file: clamp them to the image
+            x, y, w, h = (int(v) for v in box)
+        except (TypeError, ValueError):
+            continue
+        x, y = max(0, min(x, image.width)), max(0, min(y, image.height))
+        w, h = min(w, image.width - x), min(h, image.height - y)
         if w < 1 or h < 1:
             continue
         region = image.crop((x, y, x + w, y + h))
@@ -131,17 +170,27 @@ def image_grid(audits, names, n_images: int = 8, tile: int = 128, do_pixelate: b
     draw = ImageDraw.Draw(grid)
     for i, (a, name) in enumerate(zip(audits, names)):
         draw.text((4, i * tile + tile // 2), name[:18], fill="black")
-        images_dir = a["dir"] / a["summary"].get("images_dir", "images")
+        images_dir = _inside(a["dir"], a["summary"].get("images_dir", "images"))
+        if images_dir is None:
+            logger.warning("%s: images_dir %r leads out of the audit folder; its images are not shown",
+                           a["dir"], a["summary"].get("images_dir"))
+            continue
         by_file = {r["file"]: r for r in a["records"]}
         for j, f in enumerate(files):
+            path = _inside(images_dir, f)
+            if path is None or path.parent != images_dir:  # a file name, never a path
+                logger.warning("%s: %r is not a file of the audit's image folder; not shown", a["dir"], f)
+                continue
             try:
-                with Image.open(images_dir / f) as im:
+                with Image.open(path) as im:
+                    if im.width * im.height > MAX_PIXELS:
+                        continue
                     im = im.convert("RGB")
-            except (OSError, ValueError):
+            except (OSError, ValueError, Image.DecompressionBombError):
                 continue
             record = by_file.get(f, {})
             if do_pixelate:
-                im = pixelate(im, [d["box"] for d in record.get("detections", [])], block=max(4, im.width // 32))
+                im = pixelate(im, [d.get("box") for d in record.get("detections") or [] if isinstance(d, dict)], block=max(4, im.width // 32))
             grid.paste(im.resize((tile, tile)), (label_w + j * tile, i * tile))
             if record.get("flagged"):
                 draw.rectangle([label_w + j * tile, i * tile, label_w + (j + 1) * tile - 1, (i + 1) * tile - 1],
@@ -159,6 +208,8 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
     md = ["# Nudity audit report", "", markdown_table(audits, names), "", "## Settings", "", settings]
     if differ:
         md += ["", f"**Warning:** settings differ between audits: {', '.join(differ)}; the counts are not comparable."]
+    if any(a["summary"].get("blank_images") for a in audits):
+        md += ["", "**Warning:** some audits hold blank images (a broken model draws them); they are not counted."]
     md += ["", "![detections per class](counts.png)", "", "![image grid](grid.png)", ""]
     numbers = {
         name: {k: a["summary"][k] for k in ("images", "flagged_images", "counts")} | {
@@ -185,14 +236,19 @@ def parse_args(input_args=None):
     parser.add_argument("--names", default=None, help="Comma-separated column names, one per folder.")
     parser.add_argument("--grid_images", type=int, default=8, help="Images per row of the grid.")
     parser.add_argument("--no_pixelate", action="store_true", help="Show detected regions unpixelated in the grid.")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
     args.names = [n.strip() for n in args.names.split(",")] if args.names else None
+    check_int("--grid_images", args.grid_images, 0, 64)
     return args
 
 
 def main(args):
     setup_logging()
-    return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
+    for d in args.dirs:  # inputs before outputs
+        load_audit(d)
+    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.report"):
+        return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from erase.images import MAX_PIXELS, header_problem
+from erase.safety import check_numbers, hold_output_dir
 from eval.common import UserError, atomic_write_json, list_inputs, setup_logging
 from eval.generate import add_generation_args, config_from_args, generate
 
@@ -101,6 +103,10 @@ def load_images(folder, size: int | None = None):
     paths, skipped = list_inputs(folder)
     images, names = [], []
     for p in paths:
+        problem = header_problem(p, MAX_PIXELS)  # the pixel limit before any decoding
+        if problem:
+            skipped.append({"file": p.name, "reason": problem})
+            continue
         try:
             with Image.open(p) as im:
                 im = im.convert("RGB")
@@ -162,7 +168,9 @@ def parse_args(input_args=None):
     parser.add_argument("--limit", type=int, default=None, help="Use only the first N captions.")
     parser.add_argument("--clip_model", default=DEFAULT_CLIP, help="CLIP model for the CLIP score (and FID_CLIP).")
     parser.add_argument("--fid_features", default="inception", choices=("inception", "clip"), help="FID feature space.")
+    parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
+    check_numbers(args)
     if not Path(args.reference).is_dir():
         raise UserError(f"reference folder not found: {args.reference}")
     args.generation = config_from_args(args)
@@ -178,6 +186,13 @@ def main(args):
     table = load_prompts(args.prompts_csv, "all", args.limit, need_guidance=args.generation.guidance == "row")
     if accelerator.is_main_process:
         make_fid_metric(args.fid_features, load_clip(args.clip_model) if args.fid_features == "clip" else None)
+    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.utility"):
+        return _evaluate(args, accelerator, table)
+
+
+def _evaluate(args, accelerator, table):
+    """Generate and score into the held output folder."""
+    accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     images_dir = Path(args.output_dir) / "images"
     records = generate(table.rows, images_dir, args.generation, accelerator)
     result = None

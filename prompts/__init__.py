@@ -61,11 +61,18 @@ def load_concept(name: str) -> Concept:
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line (blank lines and ``#`` comments skipped); an empty file raises ``ValueError``."""
+    """One prompt per line of UTF-8 text (blank lines and ``#`` comments skipped); an empty or non-UTF-8 file
+    raises ``ValueError``. Prompts longer than the text encoder's window (77 tokens for SD) are cut by its tokenizer."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    prompts = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {str(path)!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at position {e.start}); "
+                         "save it as UTF-8") from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
     return prompts

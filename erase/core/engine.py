@@ -14,8 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
+from .checkpoints import CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
 from .method import Method
 from .stream import EndlessStream
 from .targets import describe, select_parameters
@@ -148,28 +147,13 @@ def lr_factor(step: int, config: EngineConfig) -> float:
     return max(0.0, 1.0 - frac) if config.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = [p for p in out.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Accelerator | None = None,
+        settings: dict | None = None) -> RunResult:
+    """Unlearn: prepare the method, then ``config.max_train_steps`` optimizer steps.
 
-
-def resolve_checkpoint(spec: str | None, output_dir) -> Path | None:
-    if not spec:
-        return None
-    if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not path.is_dir() or not re.fullmatch(r"checkpoint-\d+", path.name):
-        raise FileNotFoundError(f"checkpoint {spec!r} is not a checkpoint-<step> folder (use 'latest' or a path)")
-    return path
-
-
-def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Accelerator | None = None) -> RunResult:
-    """Unlearn: prepare the method, then ``config.max_train_steps`` optimizer steps."""
+    ``settings``: the caller's own result-changing settings (data, prompts, base model), recorded in every
+    checkpoint and compared, with the method's and the engine's, before a resume (:mod:`.checkpoints`).
+    """
     acc = accelerator or make_accelerator(config)
     if accelerator is not None:
         release(acc)  # a shared Accelerator may still hold an earlier caller's objects
@@ -194,7 +178,10 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
     start = time.perf_counter()
     ckpt = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
     ctx.model = model
-    extra = json.loads((ckpt / "erase_state.json").read_text()) if ckpt is not None else None
+    run_record = record(method, config, world, settings)
+    extra = read_state(ckpt) if ckpt is not None else None
+    if extra is not None:
+        check_resume(extra, run_record, ckpt, config.max_train_steps)
     # On resume the prepared state (trimmed weights, masks, streams) comes from the checkpoint: no second trim.
     prepare_info = extra["prepare_info"] if extra is not None else method.prepare(ctx)
 
@@ -208,12 +195,15 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
     if config.resume_from_checkpoint and ckpt is None:
         logger.info(f"no checkpoint in {config.output_dir}; starting a new run", main_process_only=True)
     if ckpt is not None:
-        acc.load_state(str(ckpt))
-        first_step = int(extra["step"])
-        for k, s in streams.items():
-            s.load_state_dict(extra["streams"][k])
-        tensors_file = ckpt / "erase_state.safetensors"
-        method.load_state_tensors(load_file(str(tensors_file), device=str(acc.device)) if tensors_file.exists() else {})
+        try:
+            acc.load_state(str(ckpt))
+            first_step = int(extra["step"])
+            for k, s in streams.items():
+                s.load_state_dict(extra["streams"][k])
+            tensors_file = ckpt / "erase_state.safetensors"
+            method.load_state_tensors(load_file(str(tensors_file), device=str(acc.device)) if tensors_file.exists() else {})
+        except Exception as e:  # a garbled optimizer / RNG / stream state: one line, not a deep traceback
+            raise CheckpointError(f"{ckpt} could not be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '-'})") from None
         logger.info(f"resumed from {ckpt} at step {first_step}", main_process_only=True)
 
     history: list[dict] = []
@@ -259,7 +249,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
             if acc.trackers:
                 acc.log(row, step=step + 1)
         if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            save_checkpoint(acc, method, streams, step + 1, config, prepare_info)
+            save_checkpoint(acc, method, streams, step + 1, config, prepare_info, run_record)
     bar.close()
     acc.wait_for_everyone()
     unwrapped = acc.unwrap_model(model_p)
@@ -297,26 +287,29 @@ def _num(v):
 
 
 def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, EndlessStream], step: int, config: EngineConfig,
-                    prepare_info: dict | None = None) -> Path:
-    """``checkpoint-{step}``: accelerate state (model in safetensors) + streams + method tensors, renamed into place."""
+                    prepare_info: dict | None = None, run_record: dict | None = None) -> Path:
+    """``checkpoint-{step}``: accelerate state (model in safetensors) + streams + method tensors + the settings
+    a resume compares (``run_record``), renamed into place once every process has written its part."""
     out = Path(config.output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every process has finished writing its files before the folder is renamed
     if acc.is_main_process:
         (tmp / "erase_state.json").write_text(json.dumps({"step": step, "streams": {k: s.state_dict() for k, s in streams.items()},
                                                            "method": method.name, "config": asdict(config),
-                                                           "prepare_info": prepare_info or {}}, indent=1, default=str))
+                                                           "prepare_info": prepare_info or {}, "record": run_record},
+                                                          indent=1, default=str))
         tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()}
         if tensors:
             save_file(tensors, str(tmp / "erase_state.safetensors"), metadata={"method": method.name, "step": str(step)})
         if final.exists():
+            if not (final / "erase_state.json").is_file():
+                raise CheckpointError(f"cannot save {final}: a folder of that name that this tool did not write is in the way")
             shutil.rmtree(final)
         tmp.rename(final)
-        if config.checkpoints_total_limit:
-            for old in list_checkpoints(out)[: -config.checkpoints_total_limit]:
-                shutil.rmtree(old)
+        rotate(out, config.checkpoints_total_limit)  # only checkpoints this engine wrote
     acc.wait_for_everyone()
     return final

@@ -92,8 +92,9 @@ class AttackConfig:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        if float(self.guidance) < 0:
-            raise UserError(f"--guidance must be >= 0, got {self.guidance}")
+        from erase.safety import check_numbers
+
+        check_numbers(vars(self))  # every float finite and in range (erase.safety.OPTION_RANGES)
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")

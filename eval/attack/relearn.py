@@ -89,6 +89,9 @@ class RelearnConfig(AttackConfig):
             raise UserError(f"--num_target_images must be >= 1, got {self.num_target_images}")
         if self.target_images and not Path(self.target_images).is_dir():
             raise UserError(f"--target_images folder not found: {self.target_images}")
+        from erase.safety import check_numbers
+
+        check_numbers({"relearn_lr": self.relearn_lr})
         if not self.relearn_lr > 0:
             raise UserError(f"--relearn_lr must be > 0, got {self.relearn_lr}")
         if self.relearn_batch_size < 1:
