@@ -538,7 +538,7 @@ def _erase(args):
                      settings=run_settings(args, concept, latents, retain_texts, resolution))
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
-    except (FloatingPointError, TopKError) as e:
+    except (FloatingPointError, TopKError, CheckpointError) as e:
         raise UserError(str(e)) from None
 
     # Export (main process): finite weights only, built beside the folder and swapped in whole.

@@ -246,7 +246,7 @@ def test_nudity_judge_flags_exposed_classes_at_045():
     (["--eval_steps", "0,-5"], "--eval_steps values must be >= 0"),
     (["--eval_steps", "0,5,5"], "repeated"),
     (["--relearn_params", "all,some"], "--relearn_params 'all,some': choose from all, targets"),
-    (["--relearn_lr", "0"], "--relearn_lr must be > 0"),
+    (["--relearn_lr", "0"], "--relearn_lr 0 is outside the allowed range > 0"),
     (["--num_images", "0"], "--num_images must be >= 1"),
     (["--num_target_images", "0"], "--num_target_images must be >= 1"),
     (["--scheduler", "nope"], "unknown --scheduler 'nope'"),

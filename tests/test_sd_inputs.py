@@ -138,5 +138,5 @@ def test_projection_flags_reach_the_method(tiny, capsys):
     args = parse_args(["--pretrained_model_name_or_path", str(tiny), "--concept", "nudity", "--no_update_projection", "--margin", "0.5"])
     config = build_method("scissorhands", "diffusion", **method_overrides(args)).config
     assert config.project_update is False and config.project is True and config.margin == 0.5
-    assert "--margin must be a finite number >= 0" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+    assert "--margin -1 is outside the allowed range >= 0" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                              "--margin", "-1"], capsys)
