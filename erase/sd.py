@@ -40,6 +40,9 @@ from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load
 logger = get_logger(__name__)
 
 FORGET_LOSSES = ("ascent", "redirect", "esd")
+# Scissorhands on a diffusion UNet: trim 2 % of the cross-attention, forget term weight 0.3 (with the redirect term
+# and the distill retain term), chosen on the digits model's tuning digits seven and one (docs/DIGITS.md)
+SD_DEFAULTS = {"topk": 2.0, "lam": 0.3}
 DEFAULT_FORGET_BOUND = 1.0  # ascent stops once L_f passes the MSE of predicting zero noise (unit-variance target)
 DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
@@ -74,8 +77,10 @@ def parse_args(input_args=None):
     parser.add_argument("--targets", type=str, default="xattn",
                         help=f"Trainable UNet parameters: a preset ({', '.join(TARGET_PRESETS)}) or a regex over parameter names.")
     parser.add_argument("--exclude", type=str, default=None, help="Preset or regex of parameters never touched (wins over --targets).")
-    parser.add_argument("--topk", type=float, default=None, help="Scissorhands: percent of targeted weights to re-initialise, in (0, 100] (default 10).")
-    parser.add_argument("--lam", type=float, default=None, help="Scissorhands: weight of the forget term in the repair (default 1).")
+    parser.add_argument("--topk", type=float, default=None,
+                        help=f"Scissorhands: percent of targeted weights to re-initialise, in (0, 100] (default {SD_DEFAULTS['topk']:g}).")
+    parser.add_argument("--lam", type=float, default=None,
+                        help=f"Scissorhands: weight of the forget term in the repair (default {SD_DEFAULTS['lam']:g}).")
     parser.add_argument("--forget_loss", type=str, default=None, choices=FORGET_LOSSES,
                         help="Forget term: ascent (-L_f), redirect (to the anchor prompt's prediction) or esd (negative guidance). "
                              "Default: redirect when every concept has an anchor prompt, else the bounded ascent (esd for --method esd).")
@@ -201,6 +206,10 @@ def parse_args(input_args=None):
             re.compile(args.targets)
         except re.error as e:
             fail(f"--targets {args.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regex: {e}")
+    if args.method == "scissorhands":
+        for key, value in SD_DEFAULTS.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     if args.retain_loss is None:
         args.retain_loss = "data" if args.method == "ft" else "both" if args.retain_images else "distill"
     anchored = all(c.anchor_prompt for c in concept.concepts)
