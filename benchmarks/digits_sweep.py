@@ -43,12 +43,13 @@ def run_bench(concept: str, a, out: Path) -> dict:
     folder = out / concept.replace(",", "+")
     cmd = [sys.executable, "-m", "eval.digits", "bench", "--concept", concept, "--methods", a.methods, "--seeds", a.seeds,
            "--output_dir", str(folder)] + (["--relearn"] if a.relearn else []) + list(a.extra)
-    folder.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / f"{folder.name}.log"  # beside the bench folder, which bench claims as its own
     start = time.time()
-    with open(folder / "bench.log", "w") as log:
+    with open(log_path, "w") as log:
         code = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if code != 0:
-        raise SystemExit(f"error: bench for {concept} failed (exit {code}); see {folder / 'bench.log'}")
+        raise SystemExit(f"error: bench for {concept} failed (exit {code}); see {log_path}")
     results = json.loads((folder / "results.json").read_text())
     results["sweep_seconds"] = round(time.time() - start, 1)
     return results
