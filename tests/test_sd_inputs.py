@@ -96,7 +96,9 @@ def test_default_forget_term_is_never_unbounded_ascent(tiny, tmp_path):
     prompts.write_text("a glowing cube\n")
     base = ["--pretrained_model_name_or_path", str(tiny), "--concept"]
     args = parse_args(base + ["nudity"])
-    assert (args.forget_loss, args.retain_loss) == ("redirect", "distill")
+    assert (args.forget_loss, args.retain_loss, args.topk, args.lam) == ("redirect", "distill", 2.0, 0.3)  # tuned defaults
+    assert parse_args(base + ["nudity", "--topk", "7"]).topk == 7.0
+    assert parse_args(base + ["nudity", "--method", "salun"]).topk is None  # not a SalUn option
     args = parse_args(base + ["cube", "--forget_prompts", str(prompts)])
     assert (args.forget_loss, args.forget_bound) == ("ascent", DEFAULT_FORGET_BOUND)
     assert parse_args(base + ["nudity", "--method", "ga"]).forget_bound == DEFAULT_FORGET_BOUND
