@@ -56,6 +56,9 @@ def concept_name(digit: int | list[int]) -> str:
 
 def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
     """One ``erase/sd.py`` run in its own process; returns wall seconds, peak RSS and the command."""
+    # erase/sd.py runs in the repository root: every path it gets is absolute, so the caller's folder is what counts
+    out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
+    base = str(Path(base).absolute()) if Path(base).exists() else str(base)
     cmd = _launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", concept_name(digit),
         "--method", method, "--max_train_steps", str(args.max_train_steps), "--seed", str(seed),

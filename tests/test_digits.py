@@ -273,15 +273,17 @@ def test_digit_presets_match_the_templates():
 
 
 # ----------------------------------------------------------------------------------------------- quick start
-def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_path):
-    """The README's quick start, reduced: erase with erase/sd.py under accelerate launch, audit before / after."""
+def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_path, monkeypatch):
+    """The README's quick start, reduced: erase with erase/sd.py under accelerate launch, audit before / after; the
+    output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root)."""
     from PIL import Image
 
     from eval.digits import main
 
     model, _ = tiny_digits_model
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "qs"
-    assert main(["quickstart", "--model", str(model), "--output_dir", str(out), "--max_train_steps", "2",
+    assert main(["quickstart", "--model", str(model), "--output_dir", "qs", "--max_train_steps", "2",
                  "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
                  "--train_batch_size", "1", "--relearn"]) == 0
     r = json.loads((out / "results.json").read_text())
