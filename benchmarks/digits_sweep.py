@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from erase.safety import hold_output_dir  # noqa: E402
 from eval.common import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--lanes", type=int, default=2, help="bench processes at once (one torch thread each)")
     p.add_argument("--relearn", action="store_true", help="pass --relearn to every bench")
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     p.add_argument("extra", nargs="*", help="more eval.digits bench flags, after --")
     return p.parse_args(argv)
 
@@ -80,6 +82,11 @@ def markdown(sweep: dict) -> str:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    with hold_output_dir(a.output_dir, overwrite=a.overwrite, by="benchmarks/digits_sweep.py"):  # ours, one run at a time
+        return _main(a)
+
+
+def _main(a) -> dict:
     out = Path(a.output_dir)
     concepts = [c.strip().replace("+", ",") for c in a.concepts.split(",") if c.strip()]
     start = time.time()

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from erase.safety import hold_output_dir  # noqa: E402
 from eval.common import UserError, atomic_write_json, atomic_write_text  # noqa: E402
 from eval.digits import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
 from eval.digits_model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
@@ -50,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="base digits model (default: the cached default)")
     p.add_argument("--workers", type=int, default=2, help="parallel erase+audit jobs")
     p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     a = p.parse_args(argv)
     a.digits = [parse_digit(d) for d in a.digits.split(",") if d.strip()]
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
@@ -143,6 +145,11 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    with hold_output_dir(a.output_dir, overwrite=a.overwrite, by="benchmarks/digits_tune.py"):  # ours, one run at a time
+        return _main(a)
+
+
+def _main(a) -> dict:
     base = str(a.model or default_model_dir())
     out = Path(a.output_dir)
     out.mkdir(parents=True, exist_ok=True)

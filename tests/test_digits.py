@@ -310,3 +310,26 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     for name in ("chart.png", "grid_base.png", "grid_scissorhands.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 32
+
+
+def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
+    """benchmarks/digits_tune.py's fixed rule: forget / held-out forget <= 2 % and FD <= 1.3x base on each tuning
+    digit; then the highest mean retain; within 0.25 points the lowest FD ratio, then grid order."""
+    from benchmarks.digits_tune import choose
+
+    bases = {7: {"retain_fd": 100.0, "retain_acc": 0.99}, 1: {"retain_fd": 200.0, "retain_acc": 0.99}}
+
+    def runs(point, retain, fd_ratio, forget=0.0, held=0.0):
+        return [{"point": point, "digit": d, "seed": s, "forget_acc": forget, "heldout_forget_acc": held,
+                 "retain_acc": retain, "retain_fd": fd_ratio * bases[d]["retain_fd"]} for d in (7, 1) for s in (0, 1)]
+
+    points = ["a", "b", "c", "d", "e"]
+    all_runs = (runs("a", 0.995, 1.20) + runs("b", 0.9935, 1.05)  # b ties a (0.15 points) with a lower FD ratio
+                + runs("c", 0.999, 1.0, forget=0.05)  # best retain, but does not forget
+                + runs("d", 0.999, 1.35)  # best retain, but the FD is past 1.3x
+                + runs("e", 0.990, 1.0))  # admissible, 0.5 points behind
+    agg, chosen = choose(points, all_runs, bases)
+    assert chosen == "b"
+    assert [agg[p]["admissible"] for p in points] == [True, True, False, False, True]
+    assert agg["a"]["per_digit"]["seven"]["fd_ratio"] == pytest.approx(1.2)
+    assert choose(["c", "d"], runs("c", 0.999, 1.0, forget=0.05) + runs("d", 0.999, 1.35), bases)[1] is None
