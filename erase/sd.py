@@ -469,9 +469,8 @@ def _erase(args):
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
-        if args.forget_images:
+        if args.forget_images:  # groups come from the captions below
             forget_imgs = args.user_images["forget"]
-            forget_group = [0] * len(forget_imgs.files)
         else:  # one generated block per concept; a single concept keeps the historical layout data/forget, seeds seed + i
             parts = [erase_data.generate_split("forget", c.generation_prompts, args.num_forget_images,
                                                data_dir if len(concept) == 1 else data_dir / f"concept-{j}-{c.name}",
