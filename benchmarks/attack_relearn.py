@@ -7,7 +7,7 @@
     OMP_NUM_THREADS=1 python benchmarks/attack_relearn.py --models base,ga=/tmp/attack/ga-three --concept three \
         --output_dir /tmp/attack/bench
 
-``base`` is the default digits model (eval.digits_model.default_model_dir); it has no erase config, so its
+``base`` is the default digits model (eval.digits.model.default_model_dir); it has no erase config, so its
 targets-only curve uses ``--base_targets`` (default xattn, erase/sd.py's default). Each audit runs in-process
 through ``eval.attack.relearn_audit`` with the defaults (8 images, Adam 1e-4, batch 8, seeds 0,1,2, steps
 0/10/25/50/100, 40 images per check) unless flags say otherwise; a rerun resumes finished cells. Writes
@@ -23,11 +23,13 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from erase.io import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+@cli_errors
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="base", help="comma-separated NAME=PATH (or 'base' for the default digits model)")
@@ -40,12 +42,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli_errors
 def main(argv=None) -> dict:
     import torch
 
     from eval.attack import relearn_audit
-    from eval.common import setup_logging
-    from eval.digits_model import default_model_dir
+    from erase.io import setup_logging
+    from eval.digits.model import default_model_dir
 
     setup_logging()
     args = parse_args(argv)

@@ -4,7 +4,7 @@
     python benchmarks/audit.py --arch sd14 --resolution 512 --steps 50 --dtype fp16 \
         --gen_prompts 64 --gen_batch_size 16 --detect_images 512 --output_dir /tmp/audit-bench   # GPU
 
-Generation: eval.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
+Generation: erase.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
 (`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
 Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, threaded reads) vs. the
 loop ESD/SalUn-style scripts run: `NudeDetector().detect(path)` with a new detector per image.
@@ -21,6 +21,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
+from erase.io import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -56,8 +57,8 @@ def build_sd14_random(path: Path) -> str:
 def bench_generation(args, work: Path) -> dict:
     import torch
 
-    from eval.generate import GenerationConfig, generate, load_pipeline
-    from eval.prompts_table import load_prompts
+    from erase.generate import GenerationConfig, generate, load_pipeline
+    from erase.prompt_table import load_prompts
     from eval.tiny import build_tiny_pipeline
 
     if args.arch == "sd14":
@@ -129,6 +130,7 @@ def bench_detection(args, work: Path) -> dict:
             "speedup": ours_rate / naive_rate, "same_detections_as_naive": agree, "batch_size": args.detect_batch_size}
 
 
+@cli_errors
 def parse_args(input_args=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", required=True, help="Scratch folder; audit_bench.json is written here.")
@@ -152,6 +154,7 @@ def parse_args(input_args=None):
 OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "audit_bench.json")
 
 
+@cli_errors
 def main(args):
     from erase.safety import claim_output_dir
 

@@ -29,6 +29,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from erase.io import cli_errors  # noqa: E402
+
 
 def make_model(width: int, depth: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -145,6 +147,7 @@ def trim_reference(model, data, topk):
             p[m] = torch.empty_like(p).uniform_(-0.01, 0.01)[m]
 
 
+@cli_errors
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=1024)

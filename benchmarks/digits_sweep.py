@@ -25,9 +25,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from erase.safety import hold_output_dir  # noqa: E402
-from eval.common import atomic_write_json, atomic_write_text  # noqa: E402
+from erase.io import atomic_write_json, atomic_write_text, cli_errors  # noqa: E402
 
 
+@cli_errors
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", required=True, help="comma-separated digits; several at once joined by + (three+five+eight)")
@@ -80,6 +81,7 @@ def markdown(sweep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli_errors
 def main(argv=None) -> dict:
     a = parse_args(argv)
     with hold_output_dir(a.output_dir, overwrite=a.overwrite, by="benchmarks/digits_sweep.py"):  # ours, one run at a time

@@ -34,14 +34,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from erase.safety import hold_output_dir  # noqa: E402
-from eval.common import UserError, atomic_write_json, atomic_write_text  # noqa: E402
-from eval.digits import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
-from eval.digits_model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
+from erase.io import UserError, atomic_write_json, atomic_write_text, cli_errors  # noqa: E402
+from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
+from eval.digits.model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
 
 RULE = ("admissible: mean forget <= 2% and mean held-out forget <= 2% on each tuning digit, mean retain FD <= 1.3x base "
         "on each; then highest mean retain acc; within 0.25 points: lowest mean FD ratio, then grid order")
 
 
+@cli_errors
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method", default="scissorhands", help="erase/sd.py method of every grid point")
@@ -73,7 +74,7 @@ def job(base: str, method: str, name: str, flags: str, digit: int, seed: int, ou
     """Erase + audit one (point, digit, seed); reuses a finished erasure and its audit."""
     import torch
 
-    from eval.digits_bench import _reusable_score, _row, _score, run_erasure
+    from eval.digits.bench import _reusable_score, _row, _score, run_erasure
 
     import fcntl
 
@@ -92,7 +93,7 @@ def job(base: str, method: str, name: str, flags: str, digit: int, seed: int, ou
 
 
 def base_row(base: str, digit: int, out: Path) -> dict:
-    from eval.digits_bench import _row, _score
+    from eval.digits.bench import _row, _score
 
     return _row(_score(base, digit, out / "base" / DIGIT_WORDS[digit], bench_args("")))
 
@@ -143,6 +144,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli_errors
 def main(argv=None) -> dict:
     a = parse_args(argv)
     with hold_output_dir(a.output_dir, overwrite=a.overwrite, by="benchmarks/digits_tune.py"):  # ours, one run at a time

@@ -33,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from erase.io import cli_errors  # noqa: E402
+
 # UNet2DConditionModel config of CompVis/stable-diffusion-v1-4 (unet/config.json), written out.
 SD14_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
@@ -263,6 +265,7 @@ def mode_cuda(args) -> dict:
     return {"mode": "cuda", "resolution": 512, "mixed_precision": "bf16", "targets": args.targets, "rows": rows}
 
 
+@cli_errors
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("ratio", "trim", "cuda"), default="ratio")

@@ -34,7 +34,7 @@ from erase.core import available_methods
 from erase.core.methods.scissorhands import ScissorhandsConfig
 from erase.core.topk import TopKError, check_k
 from erase.safety import OPTION_RANGES, SEED_MAX, Range, check_numbers, claim_output_dir
-from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
+from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_errors, read_json, setup_logging
 
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
 from .hparams import load_hparams, tuned_path
@@ -73,6 +73,7 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+@cli_errors
 def parse_args(input_args=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help=f"One of {', '.join(DATASETS)} (digits is offline).")
@@ -239,6 +240,7 @@ def chart(results: dict) -> bytes:
     return buf.getvalue()
 
 
+@cli_errors
 def main(args) -> dict:
     try:
         chosen = resolve(args)

@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 
 from erase.safety import check_numbers
-from eval.common import UserError, atomic_write_json, read_json, setup_logging
+from erase.io import UserError, atomic_write_json, cli_errors, read_json, setup_logging
 
 from .data import DataError, load_data, num_classes_of, parse_forget, stratified_split
 from .hparams import GRIDS, RANDOM_GRIDS, grid_points, tuned_path
@@ -37,6 +37,7 @@ logger = logging.getLogger("classify.tune")
 TIE_BREAK = "lowest mean Avg.Gap over tuning seeds; means equal to 0.01 -> fewer max_train_steps, then lower lr, then grid order"
 
 
+@cli_errors
 def parse_args(input_args=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help="Dataset (digits offline; cifar10, cifar100, svhn from the hub).")
@@ -72,6 +73,7 @@ def choose(scores: list[dict]) -> dict:
     return scores[min(range(len(scores)), key=key)]
 
 
+@cli_errors
 def main(args) -> dict:
     try:
         spec = parse_forget(args.forget, num_classes_of(args.dataset))

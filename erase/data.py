@@ -1,7 +1,7 @@
 """Forget / retain images for erasing a concept from Stable Diffusion, and their cached VAE latents.
 
 Generated sets: image i of a split is drawn by the *base* model from prompt ``prompts[i % len(prompts)]`` with
-seed ``seed + i`` (``eval.generate``: one generator per image, sharded over processes, resumable: finished images
+seed ``seed + i`` (``erase.generate``: one generator per image, sharded over processes, resumable: finished images
 with identical settings are skipped). ``manifest.json`` in the data folder lists every image with its prompt and
 seed. User folders (``--forget_images`` / ``--retain_images``) are taken as they are; a ``<name>.txt`` beside an
 image gives its prompt (a forget image's caption conditions that image; one without a caption is conditioned on
@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from erase.images import read_caption, require_images
 from erase.safety import temp_name
-from eval.common import UserError, atomic_write_json, settings_hash
+from erase.io import UserError, atomic_write_json, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class ImageSet:
 def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *, pipe, model_id: str, seed: int,
                    steps: int, guidance: float, scheduler: str, resolution: int, batch_size: int, accelerator=None) -> ImageSet:
     """Generate (or reuse) ``count`` images of ``split`` from ``prompts`` with the base pipeline."""
-    from eval.generate import GenerationConfig, generate, image_name
-    from eval.prompts_table import PromptRow
+    from erase.generate import GenerationConfig, generate, image_name
+    from erase.prompt_table import PromptRow
 
     if count < 1:
         raise UserError(f"--num_{split}_images must be >= 1 to generate the {split} set, got {count}")
@@ -58,7 +58,7 @@ def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *,
     if pipe is not None:
         import diffusers
 
-        from eval.generate import SCHEDULERS
+        from erase.generate import SCHEDULERS
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     generate(rows, out_dir / split, cfg, accelerator=accelerator, pipe=pipe)

@@ -12,7 +12,7 @@ import io
 import warnings
 from pathlib import Path
 
-from eval.common import UserError, list_inputs
+from erase.io import UserError, list_inputs
 
 MAX_PIXELS = 8192 * 8192  # 64 Mpx: far above any training or audit image, far below a decompression bomb
 MAX_CAPTION_BYTES = 64 * 1024

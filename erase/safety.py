@@ -28,7 +28,7 @@ import socket
 import sys
 from pathlib import Path
 
-from eval.common import UserError
+from erase.io import UserError
 
 logger = logging.getLogger(__name__)
 

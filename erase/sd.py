@@ -34,7 +34,7 @@ from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
 from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
 from erase.safety import check_int, check_numbers, check_output_dir, check_weights, hold_output_dir  # noqa: E402
-from eval.common import UserError  # noqa: E402
+from erase.io import UserError, cli_errors  # noqa: E402
 from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
 
 logger = get_logger(__name__)
@@ -53,6 +53,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+@cli_errors
 def parse_args(input_args=None):
     parser = _Parser(prog="erase/sd.py", description="Erase a concept from a Stable Diffusion UNet (Scissorhands and baselines).")
     # model and concept
@@ -156,7 +157,7 @@ def parse_args(input_args=None):
         check_numbers(args)  # erase.safety.OPTION_RANGES
         check_int("--seed", args.seed)
     except UserError as e:
-        fail(str(e.code).removeprefix("error: "))
+        fail(str(e))
     # concept(s)
     if not args.concept or not args.concept.strip(","):
         fail("--concept is required (a preset: " + ", ".join(list_concepts()) + "; or a name with --forget_prompts FILE)")
@@ -381,6 +382,7 @@ def list_targets(args) -> dict:
     return info
 
 
+@cli_errors
 def main(args):
     if args.list_concepts:
         for name in list_concepts():

@@ -17,26 +17,15 @@ import os
 from pathlib import Path
 
 from erase.safety import check_numbers, hold_output_dir
-from eval.common import UserError, atomic_write_json, read_json, setup_logging
-from eval.generate import add_generation_args, config_from_args, generate
+from erase.io import UserError, atomic_write_json, cli_errors, make_accelerator, read_json, setup_logging
+from erase.generate import add_generation_args, config_from_args, generate
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
-from eval.prompts_table import SUBSETS, load_prompts
+from erase.prompt_table import SUBSETS, load_prompts
 
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator():
-    """An Accelerator that also works for multi-process CPU runs (torchrun env without CUDA -> gloo)."""
-    import torch
-    from accelerate import Accelerator
-
-    multi_cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    accelerator = Accelerator(cpu=multi_cpu)
-    if multi_cpu and accelerator.num_processes > 1:  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
-    return accelerator
-
-
+@cli_errors
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="I2P nudity audit: generate, detect with NudeNet, report.")
     add_generation_args(parser)
@@ -62,6 +51,7 @@ def parse_args(input_args=None):
     return args
 
 
+@cli_errors
 def main(args):
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)

@@ -5,7 +5,7 @@
 Writes DIR/detections.jsonl (one line per image: file, prompt row, seed, counted detections and every raw
 detection) and DIR/summary.json (images, flagged_images, per-class counts, skipped files, and the settings:
 NudeNet version, sha256 of its model file, threshold, classes, and the generation settings when the folder
-was made by eval.generate).
+was made by erase.generate).
 
 NudeNet 3.4.2's `detect_batch` stacks inputs but post-processes every one of 2100 anchors in a Python loop,
 and reference scripts build a new `NudeDetector` (an ONNX session load) per image. Here one ONNX session runs
@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from erase.safety import check_numbers, hold_output_dir
-from eval.common import (
+from erase.io import (
     UserError,
+    cli_errors,
     atomic_write_json,
     atomic_write_text,
     list_inputs,
@@ -294,7 +295,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
 def summarize(images, raw: dict, skipped: list, detector_settings: dict, threshold: float, classes, class_set: str,
               generation: dict | None = None) -> tuple[list[dict], dict]:
     """Per-image records and the summary for one threshold and class set."""
-    from eval.generate import read_image_meta
+    from erase.generate import read_image_meta
 
     records, counts = [], {c: 0 for c in classes}
     for path in images:
@@ -376,6 +377,7 @@ def detect_folder(images_dir, output_dir, threshold: float = 0.6, classes: str =
     return summary
 
 
+@cli_errors
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Count NudeNet detections in a folder of images.")
     parser.add_argument("images_dir", help="Folder of images (not recursive); non-images are skipped and listed.")
@@ -396,10 +398,11 @@ def parse_args(input_args=None):
     return args
 
 
+@cli_errors
 def main(args) -> dict | None:
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from eval.i2p import make_accelerator
+        from erase.io import make_accelerator
 
         accelerator = make_accelerator()
     setup_logging(accelerator is None or accelerator.is_main_process)

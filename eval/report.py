@@ -18,7 +18,7 @@ from pathlib import Path
 
 from erase.images import MAX_PIXELS
 from erase.safety import check_int, hold_output_dir, md_text
-from eval.common import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, setup_logging
+from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_errors, read_json, setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +229,7 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
     return numbers
 
 
+@cli_errors
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="Compare nudity audits side by side.")
     parser.add_argument("dirs", nargs="+", help="Audit folders (each with summary.json and detections.jsonl).")
@@ -243,6 +244,7 @@ def parse_args(input_args=None):
     return args
 
 
+@cli_errors
 def main(args):
     setup_logging()
     for d in args.dirs:  # inputs before outputs

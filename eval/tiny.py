@@ -3,7 +3,8 @@
 No weights are downloaded: every model is built from a config in code and saved with `save_pretrained`, so
 the folders load through the same code paths as real hub models (`StableDiffusionPipeline.from_pretrained`,
 `CLIPModel.from_pretrained`). The tokenizer is a CLIP BPE tokenizer over the 256 byte-level characters (each
-also with the end-of-word marker) plus a few merges, so any text tokenizes without a vocabulary download.
+also with the end-of-word marker) plus one merge chain per known word, so any text tokenizes without a
+vocabulary download. The one builder of tokenizers and models for the tests and the digits model.
 """
 
 from __future__ import annotations
@@ -12,48 +13,102 @@ import os
 
 import torch
 
-_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>"), ("e", "r")]
+# Words the tiny test tokenizer keeps whole (each one BPE merge chain); anything else falls back to characters.
+TINY_WORDS = ("the", "a", "an", "in", "on", "of", "photo")
 
 
-def _byte_chars() -> list[str]:
-    """The 256 printable characters GPT-2/CLIP byte-level BPE maps bytes to (same table as `bytes_to_unicode`)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+def byte_symbols() -> list[str]:
+    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP ``bytes_to_unicode``), in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def build_tokenizer(words=TINY_WORDS, max_length: int = 77):
+    """A CLIP BPE tokenizer built in memory: the 256 byte symbols (alone and word-final), one merge chain per
+    word of ``words`` so each is one token, and the two CLIP specials. Numerals are single characters in CLIP's
+    pre-tokenizer, so they need no merges; any other text falls back to characters, so every text tokenizes."""
+    from transformers import CLIPTokenizer
+
+    symbols = byte_symbols()
+    vocab: dict[str, int] = {}
+    for sym in symbols + [sym + "</w>" for sym in symbols]:
+        vocab.setdefault(sym, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        left = parts[0]
+        for right in parts[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def build_tiny_tokenizer(model_max_length: int = 77):
-    """A CLIPTokenizer built in memory: byte characters, their end-of-word forms, a few merges, 2 specials."""
-    from transformers import CLIPTokenizer
-
-    tokens = ["<|startoftext|>", "<|endoftext|>"]
-    chars = _byte_chars()
-    tokens += chars + [c + "</w>" for c in chars]
-    tokens += ["".join(pair) for pair in _MERGES]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=model_max_length)
+    """The tests' tokenizer: :func:`build_tokenizer` over ``TINY_WORDS``."""
+    return build_tokenizer(TINY_WORDS, model_max_length)
 
 
-def _text_config(tokenizer, hidden_size: int, max_length: int):
+def text_config(tokenizer, hidden_size: int, max_length: int, num_layers: int = 2, num_heads: int = 4):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
         max_position_embeddings=max_length,
+        projection_dim=hidden_size,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_components(
+    tokenizer,
+    unet_channels: tuple[int, ...] = (32, 64),
+    vae_channels: tuple[int, ...] = (32, 64),
+    latent_size: int = 16,
+    text_width: int = 32,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    max_length: int = 77,
+    norm_num_groups: int | None = None,
+    layers_per_block: int = 1,
+    vae_mid_attention: bool = True,
+):
+    """(vae, unet, text_encoder) of an SD v1-layout model with random weights, built in that order.
+
+    The UNet has cross-attention below its top resolution only (``DownBlock2D`` first), two heads per attention
+    (diffusers' legacy ``attention_head_dim`` is the number of heads), ``cross_attention_dim = text_width``.
+    ``norm_num_groups`` defaults to ``min(32, first channel count)``.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    nv, nu = len(vae_channels), len(unet_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=tuple(vae_channels), norm_num_groups=norm_num_groups or min(32, vae_channels[0]),
+        mid_block_add_attention=vae_mid_attention, sample_size=latent_size * 2 ** (nv - 1),
+        down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(unet_channels), norm_num_groups=norm_num_groups or min(32, unet_channels[0]),
+        cross_attention_dim=text_width, attention_head_dim=2,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (nu - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (nu - 1) + ("UpBlock2D",),
+    )
+    text_encoder = CLIPTextModel(text_config(tokenizer, text_width, max_length, text_layers, text_heads))
+    return vae, unet, text_encoder
 
 
 def build_tiny_pipeline(
@@ -71,36 +126,14 @@ def build_tiny_pipeline(
     folder has the layout of a real SD v1 checkpoint (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
     `scheduler/`, `model_index.json`) and no safety checker.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     torch.manual_seed(seed)
-    n = len(block_out_channels)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        cross_attention_dim=cross_attention_dim,
-        attention_head_dim=2,
-        norm_num_groups=min(32, block_out_channels[0]),
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=tuple(block_out_channels),
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=min(32, block_out_channels[0]),
-        sample_size=sample_size * 2 ** (n - 1),
-    )
     tokenizer = build_tiny_tokenizer(max_length)
-    text_encoder = CLIPTextModel(_text_config(tokenizer, cross_attention_dim, max_length))
+    vae, unet, text_encoder = build_components(
+        tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
+        text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block,
+    )
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
     )
@@ -133,7 +166,7 @@ def build_tiny_clip(path: str | os.PathLike, image_size: int = 32, hidden_size: 
         num_attention_heads=4,
     )
     config = CLIPConfig(
-        text_config=_text_config(tokenizer, hidden_size, 77).to_dict(),
+        text_config=text_config(tokenizer, hidden_size, 77).to_dict(),
         vision_config=vision.to_dict(),
         projection_dim=hidden_size,
     )

@@ -2,7 +2,7 @@
 
     python -m eval.utility --model M --prompts_csv coco.csv --reference REF_DIR --output_dir DIR [--limit 1000]
 
-Generates one image per caption row (eval.generate protocol) into DIR/images, then writes DIR/utility.json:
+Generates one image per caption row (erase.generate protocol) into DIR/images, then writes DIR/utility.json:
 - CLIP score (Hessel et al. 2021, CLIPScore without the 2.5 rescale): cosine of CLIP image and text
   embeddings, clipped at 0, averaged; reported as 0-1 and x100. Model: transformers CLIP,
   default openai/clip-vit-large-patch14.
@@ -23,8 +23,8 @@ import torch
 
 from erase.images import MAX_PIXELS, header_problem
 from erase.safety import check_numbers, hold_output_dir
-from eval.common import UserError, atomic_write_json, list_inputs, setup_logging
-from eval.generate import add_generation_args, config_from_args, generate
+from erase.io import UserError, atomic_write_json, cli_errors, list_inputs, setup_logging
+from erase.generate import add_generation_args, config_from_args, generate
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ def evaluate(images, prompts, reference_dir, clip_model: str = DEFAULT_CLIP, fid
     }
 
 
+@cli_errors
 def parse_args(input_args=None):
     parser = argparse.ArgumentParser(description="CLIP score and FID of a model on caption prompts.")
     add_generation_args(parser)
@@ -177,9 +178,10 @@ def parse_args(input_args=None):
     return args
 
 
+@cli_errors
 def main(args):
-    from eval.i2p import make_accelerator
-    from eval.prompts_table import load_prompts
+    from erase.io import make_accelerator
+    from erase.prompt_table import load_prompts
 
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
@@ -212,7 +214,7 @@ def _evaluate(args, accelerator, table):
 
 
 def _generation_settings(images_dir) -> dict:
-    from eval.common import read_json
+    from erase.io import read_json
 
     return read_json(Path(images_dir) / "generation.json", "generation manifest").get("settings", {})
 

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from erase.io import UserError
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +108,13 @@ def tree_bytes(root: Path, exclude: tuple[str, ...] = ("raw",)) -> dict[str, byt
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).parts[0] not in exclude
     }
+
+
+# A user error as a library raises it (UserError) or as a command line reports it (SystemExit, one line).
+USER_FACING = (UserError, SystemExit)
+
+
+def error_text(err) -> str:
+    """The one-line message of a user error: a library ``UserError`` or a command line's ``SystemExit``."""
+    value = err.value
+    return str(value.code) if isinstance(value, SystemExit) else f"error: {value}"

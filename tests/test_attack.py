@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [0, 3, 8]
@@ -150,7 +151,7 @@ def test_base_model_skips_targets_unless_named(stub_judge, tiny, erased, tmp_pat
     kw = dict(forget_prompts=str(prompts), num_target_images=1, relearn_batch_size=1, relearn_seeds=[0], eval_steps=[0, 1])
     s = relearn_audit(tiny, "stub_bright", tmp_path / "a", **kw)
     assert s["erased"] is False and s["relearn_targets"] is None and "relearn_targets_skipped" in s
-    with pytest.raises(UserError, match="--targets"):
+    with pytest.raises(USER_FACING, match="--targets"):
         relearn_audit(tiny, "stub_bright", tmp_path / "b", relearn_params="targets", **kw)
     s = relearn_audit(tiny, "stub_bright", tmp_path / "c", relearn_params="targets", targets="selfattn", **kw)
     assert s["relearn_targets"]["params"]["source"] == "--targets" and s["relearn"] is None
@@ -258,9 +259,9 @@ def test_bad_flags_are_one_line_errors(stub_judge, erased, tmp_path, extra, mess
     from eval.attack.__main__ import parse_args
 
     model, prompts = erased
-    with pytest.raises(UserError) as err:
+    with pytest.raises(SystemExit) as err:  # the command line: one line, exit 1
         parse_args(_argv(model, prompts, tmp_path / "out", *extra))
-    assert message in str(err.value.code) and "\n" not in str(err.value.code)
+    assert message in error_text(err) and "\n" not in error_text(err)
     assert not (tmp_path / "out").exists()
 
 
@@ -268,17 +269,17 @@ def test_bad_inputs_at_run_time(stub_judge, tiny, erased, tmp_path):
     from eval.attack import relearn_audit
 
     _, prompts = erased
-    with pytest.raises(UserError, match="unknown attack 'nope'; choose one of: relearn"):
+    with pytest.raises(SystemExit, match="unknown attack 'nope'; choose one of: relearn"):
         from eval.attack.__main__ import parse_args
 
         parse_args(["--attack", "nope"])
-    with pytest.raises(UserError, match="model not found"):
+    with pytest.raises(USER_FACING, match="model not found"):
         relearn_audit(tmp_path / "missing", "stub_bright", tmp_path / "o", forget_prompts=str(prompts))
-    with pytest.raises(UserError, match="no preset"):
+    with pytest.raises(USER_FACING, match="no preset"):
         relearn_audit(tiny, "stub_bright", tmp_path / "o")
-    with pytest.raises(UserError, match="unknown relearn option"):
+    with pytest.raises(USER_FACING, match="unknown relearn option"):
         relearn_audit(tiny, "stub_bright", tmp_path / "o", lr=1e-4)
-    with pytest.raises(UserError, match="is not a digits model"):  # the digits judge only means something on one
+    with pytest.raises(USER_FACING, match="is not a digits model"):  # the digits judge only means something on one
         relearn_audit(tiny, "three", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 

@@ -15,6 +15,7 @@ from classify.models import ResNet18, SmallCNN
 from classify.protocol import TrainSettings, trained_reference
 from classify.run import main, parse_args, parse_seeds
 from classify.tune import choose
+from eval_fixtures import error_text
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_bad_input_is_one_line_and_writes_nothing(extra, names, allowed, tmp_pat
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as err:
         main(parse_args(["--output_dir", str(out), "--cache_dir", str(tmp_path / "cache"), "--seeds", "0", *extra]))
-    message = str(err.value.code)
+    message = error_text(err)
     assert message.startswith("error: ") and names in message and allowed in message and "\n" not in message
     assert not out.exists() and not (tmp_path / "cache").exists()
 
@@ -174,6 +175,6 @@ def test_topk_selecting_nothing_is_one_line(tmp_path):
         main(parse_args(["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"), "--seeds", "0",
                          "--methods", "scissorhands", "--ablations", "none", "--topk", "1e-4", "--ref_epochs", "1",
                          "--max_train_steps", "1"]))
-    message = str(err.value.code)
+    message = error_text(err)
     assert message.startswith("error: top-k 0.0001% of ") and "selects 0; raise --topk" in message and "\n" not in message
     assert not (tmp_path / "out" / "results.json").exists()  # the claimed folder holds no result

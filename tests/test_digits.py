@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eval_fixtures import error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +38,7 @@ def digits_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_digits_model(digits_cache, tmp_path_factory):
-    from eval.digits_model import DigitsModelConfig, train_digits_model
+    from eval.digits.model import DigitsModelConfig, train_digits_model
 
     out = tmp_path_factory.mktemp("digits") / "model"
     t0 = time.time()
@@ -47,7 +48,7 @@ def tiny_digits_model(digits_cache, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def judge(digits_cache):
-    from eval.digits_judge import load_judge
+    from eval.digits.judge import load_judge
 
     return load_judge()
 
@@ -63,7 +64,7 @@ def test_tiny_model_folder_is_a_loadable_sd_pipeline(tiny_digits_model):
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import load_file
 
-    from eval.digits_model import DigitsModelConfig, TRAIN_TEMPLATES, train_digits_model
+    from eval.digits.model import DigitsModelConfig, TRAIN_TEMPLATES, train_digits_model
 
     model, _ = tiny_digits_model
     index = json.loads((model / "model_index.json").read_text())
@@ -101,7 +102,7 @@ def test_tiny_model_folder_is_a_loadable_sd_pipeline(tiny_digits_model):
 
 
 def test_training_refuses_to_overwrite_a_foreign_folder(tmp_path, digits_cache):
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="not a digits model folder"):
@@ -113,8 +114,8 @@ def test_training_refuses_to_overwrite_a_foreign_folder(tmp_path, digits_cache):
 def test_judge_is_accurate_on_held_out_real_digits(judge):
     import torch
 
-    from eval.digits_judge import load_judge
-    from eval.digits_model import load_digit_images, split_indices
+    from eval.digits.judge import load_judge
+    from eval.digits.model import load_digit_images, split_indices
 
     assert judge.meta["test_accuracy"] >= 0.9
     x, y = load_digit_images(16)
@@ -132,7 +133,7 @@ def test_judge_is_accurate_on_held_out_real_digits(judge):
 
 
 def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
-    from eval.digits_judge import frechet_distance
+    from eval.digits.judge import frechet_distance
 
     a = np.random.default_rng(0).normal(size=(200, 4))
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
@@ -141,7 +142,7 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
 
 # ----------------------------------------------------------------------------------------------- score
 def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
     out = tmp_path / "score"
@@ -174,7 +175,7 @@ def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
 
 def test_score_several_erased_digits(tiny_digits_model, judge, tmp_path):
     """--concept three,five: both are forget digits (per-digit forget acc), the other eight are retained."""
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
     out = tmp_path / "score2"
@@ -188,7 +189,7 @@ def test_score_several_erased_digits(tiny_digits_model, judge, tmp_path):
 
 
 def test_score_accepts_an_erase_sd_output_and_prompt_files(tiny_digits_model, judge, tmp_path):
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
     erased = tmp_path / "erased"
@@ -211,7 +212,7 @@ def test_score_accepts_an_erase_sd_output_and_prompt_files(tiny_digits_model, ju
 @pytest.mark.parametrize("case", ["unknown_concept", "not_digits", "empty_prompts", "no_digit_in_retain",
                                   "missing_model"])
 def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model, tmp_path, capsys):
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
     out = tmp_path / "out"
@@ -236,7 +237,7 @@ def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model,
         args[args.index(str(model))] = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as e:
         main(args)
-    msg = str(e.value.code)
+    msg = error_text(e)
     assert msg.startswith("error: ") and expected in msg and "\n" not in msg
     assert not out.exists()
 
@@ -253,7 +254,7 @@ def test_cli_bad_concept_exits_nonzero_with_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- presets
 def test_digit_presets_match_the_templates():
-    from eval.digits_model import (DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_tokenizer,
+    from eval.digits.model import (DIGIT_WORDS, HELDOUT_TEMPLATES, TRAIN_TEMPLATES, build_tokenizer,
                                    digit_prompts, preset_dict, prompt_digit)
     from prompts import load_concept
 
@@ -278,7 +279,7 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root)."""
     from PIL import Image
 
-    from eval.digits import main
+    from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
     monkeypatch.chdir(tmp_path)

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
 
-from eval.common import UserError
-from eval.generate import GenerationConfig, PromptRow, generate, load_pipeline, read_image_meta
+from erase.io import UserError
+from erase.generate import GenerationConfig, PromptRow, generate, load_pipeline, read_image_meta
+from eval_fixtures import USER_FACING, error_text
 
 ROWS = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=g) for i, (p, g) in
         enumerate([("a red cube", 7.0), ("the sea at night", 9.0), ("a cat", 7.0), ("x", 9.0), ("two men", 7.0)])]
@@ -93,21 +94,21 @@ def test_erased_model_folder_loads_its_unet_over_the_base(tmp_path, model, one_t
     ],
 )
 def test_bad_generation_settings(kwargs, message):
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(USER_FACING, match=message.replace("(", r"\(").replace("[", r"\[")):
         GenerationConfig(model="m", **kwargs)
 
 
 def test_bad_model_paths(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="neither a diffusers pipeline folder"):
+    with pytest.raises(USER_FACING, match="neither a diffusers pipeline folder"):
         load_pipeline(str(tmp_path / "empty"))
-    with pytest.raises(UserError, match="model not found"):
+    with pytest.raises(USER_FACING, match="model not found"):
         load_pipeline(str(tmp_path / "missing"))
 
 
 def test_hub_model_offline_fails_with_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         load_pipeline("CompVis/stable-diffusion-v1-4")
-    message = str(err.value.code)
+    message = error_text(err)
     assert message.startswith("error: could not load the pipeline 'CompVis/stable-diffusion-v1-4'") and "\n" not in message

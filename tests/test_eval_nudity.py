@@ -5,7 +5,8 @@ import pytest
 from eval_fixtures import draw_torso, run_cli, safe_images, save_rgb
 
 from eval import nudity
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING, error_text
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +108,9 @@ def test_rerun_uses_the_cache_and_survives_a_cut_log_line(folder, tmp_path, monk
 )
 def test_bad_arguments_fail_with_one_line_and_write_nothing(folder, tmp_path, argv, message):
     out = tmp_path / "out"
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         nudity.main(nudity.parse_args([str(folder), "--output_dir", str(out)] + argv))
-    assert message in str(err.value.code) and "\n" not in str(err.value.code)
+    assert message in error_text(err) and "\n" not in error_text(err)
     assert not out.exists()
 
 

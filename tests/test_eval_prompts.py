@@ -1,8 +1,9 @@
 import pytest
 from eval_fixtures import DATA, fresh_accelerate, run_cli  # noqa: F401  (fixture)
 
-from eval.common import UserError
-from eval.prompts_table import load_prompts
+from erase.io import UserError
+from erase.prompt_table import load_prompts
+from eval_fixtures import USER_FACING, error_text
 
 needs_data = pytest.mark.skipif(not (DATA / "i2p.csv").exists(), reason="../shared/data not present")
 
@@ -43,9 +44,9 @@ def test_rows_keep_their_table_index_seed_and_guidance():
 
 
 def _fail(*args, **kwargs) -> str:
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         load_prompts(*args, **kwargs)
-    message = str(err.value.code)
+    message = error_text(err)
     assert message.startswith("error: ") and "\n" not in message
     return message
 
@@ -83,9 +84,9 @@ def test_audit_cli_rejects_bad_input_before_writing(tmp_path, fresh_accelerate):
     assert result.stderr.strip().splitlines()[-1] == "error: unknown subset 'violent'; choose one of: all, sexual, nudity"
     from eval import i2p
 
-    with pytest.raises(UserError, match=r"--threshold must be in \[0, 1\], got 2.0"):
+    with pytest.raises(USER_FACING, match=r"--threshold must be in \[0, 1\], got 2.0"):
         i2p.parse_args([*argv, "--threshold", "2"])
-    with pytest.raises(UserError, match="is missing column\(s\): prompt"):
+    with pytest.raises(USER_FACING, match=r"is missing column\(s\): prompt"):
         i2p.main(i2p.parse_args(argv))
     assert not out.exists()
 

@@ -5,7 +5,8 @@ import pytest
 from eval_fixtures import draw_torso, safe_images, save_rgb
 
 from eval import nudity, report
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_differing_settings_are_called_out_and_bad_dirs_fail(audits, tmp_path):
     (other / "summary.json").write_text(json.dumps(summary))
     report.write_report([audits[0], other], tmp_path / "r", names=["a", "b"])
     assert "settings differ between audits: threshold" in (tmp_path / "r" / "report.md").read_text()
-    with pytest.raises(UserError, match="audit summary not found"):
+    with pytest.raises(USER_FACING, match="audit summary not found"):
         report.write_report([tmp_path / "nothing"], tmp_path / "r2")
-    with pytest.raises(UserError, match="--names has 1 name"):
+    with pytest.raises(USER_FACING, match="--names has 1 name"):
         report.write_report(audits, tmp_path / "r3", names=["a"])

@@ -6,7 +6,8 @@ import torch
 from eval_fixtures import DATA, fresh_accelerate, one_thread, save_rgb, tiny_clip, tiny_pipeline  # noqa: F401
 
 from eval import utility
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_fid_is_zero_for_identical_sets_and_grows_with_a_shift(models, one_threa
 
     dark = [Image.fromarray((np.asarray(im) // 4).astype(np.uint8)) for im in same]
     assert utility.fid(dark, same, utility.make_fid_metric("clip", clip)) > 0.1
-    with pytest.raises(UserError, match="at least 2 images"):
+    with pytest.raises(USER_FACING, match="at least 2 images"):
         utility.fid(same[:1], same, utility.make_fid_metric("clip", clip))
 
 
@@ -50,10 +51,10 @@ def test_inception_features_fail_with_one_clear_line_offline():
     try:
         import torch_fidelity  # noqa: F401
     except ImportError:
-        with pytest.raises(UserError, match="needs torch-fidelity"):
+        with pytest.raises(USER_FACING, match="needs torch-fidelity"):
             utility.make_fid_metric("inception")
     else:  # installed: its weight download must fail offline with one line
-        with pytest.raises(UserError, match="Inception-v3 weights"):
+        with pytest.raises(USER_FACING, match="Inception-v3 weights"):
             utility.make_fid_metric("inception")
 
 
@@ -75,6 +76,6 @@ def test_utility_cli_end_to_end(tmp_path, models, fresh_accelerate, one_thread):
     assert 0 <= saved["clip_score"] <= 1 and saved["clip_score_x100"] == pytest.approx(100 * saved["clip_score"])
     assert saved["fid"] == pytest.approx(result["fid"]) and saved["fid"] > 0
     assert saved["settings"]["generation"]["steps"] == 2 and saved["settings"]["generation"]["prompts"] == 4
-    with pytest.raises(UserError, match="reference folder not found"):
+    with pytest.raises(USER_FACING, match="reference folder not found"):
         utility.parse_args(["--model", "m", "--prompts_csv", "c.csv", "--reference", str(tmp_path / "no"),
                             "--output_dir", str(out)])

@@ -22,13 +22,14 @@ from erase import safety
 from erase.images import read_caption, require_images, scan_images
 from erase.safety import (LOCK_NAME, MARKER_NAME, NON_NEGATIVE, OPTION_RANGES, PERCENT, check_finite, check_output_dir,
                           check_weights, claim_output_dir, md_text, swap_in, yaml_scalar)
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_line(err) -> str:
-    msg = str(err.value.code)
+    msg = error_text(err)
     assert "\n" not in msg and msg.strip(), msg
     return msg
 
@@ -58,10 +59,10 @@ def _cli_table(tmp_path):
         ("eval.utility", lambda a: importlib.import_module("eval.utility").parse_args(a),
          ["--model", "m", "--prompts_csv", "p.csv", "--reference", str(tmp_path), "--output_dir", out]),
         ("eval.report", lambda a: importlib.import_module("eval.report").parse_args(a), [str(tmp_path), "--output_dir", out]),
-        ("eval.digits train", lambda a: importlib.import_module("eval.digits").parse_args(["train", *a]), []),
-        ("eval.digits score", lambda a: importlib.import_module("eval.digits").parse_args(["score", *a]),
+        ("eval.digits train", lambda a: importlib.import_module("eval.digits.__main__").parse_args(["train", *a]), []),
+        ("eval.digits score", lambda a: importlib.import_module("eval.digits.__main__").parse_args(["score", *a]),
          ["--concept", "three", "--output_dir", out]),
-        ("eval.digits bench", lambda a: importlib.import_module("eval.digits").parse_args(["bench", *a]),
+        ("eval.digits bench", lambda a: importlib.import_module("eval.digits.__main__").parse_args(["bench", *a]),
          ["--concept", "three", "--output_dir", out]),
         ("eval.attack relearn", lambda a: importlib.import_module("eval.attack.__main__").parse_args(["--attack", "relearn", *a]),
          ["--model", "m", "--concept", "three", "--output_dir", out]),
@@ -132,10 +133,10 @@ def test_sd_refuses_values_that_break_or_invert_the_method(argv, words, capsys):
 
 
 def test_eval_guidance_must_be_finite():
-    from eval.generate import GenerationConfig
+    from erase.generate import GenerationConfig
 
     for bad in ("nan", "inf", "-1"):
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             GenerationConfig(model="m", guidance=bad)
         assert "--guidance" in one_line(err)
     assert GenerationConfig(model="m", guidance="row").guidance == "row"
@@ -162,7 +163,7 @@ def test_check_finite_ranges():
     assert check_finite("--x", 5.0, PERCENT) == 5.0 and check_finite("--x", None) is None
     for value, allowed, words in ((float("nan"), NON_NEGATIVE, "not a finite"), (-5, NON_NEGATIVE, "outside"),
                                   (0, PERCENT, "(0, 100]"), (1e39, NON_NEGATIVE, "float32"), ("abc", NON_NEGATIVE, "not a number")):
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             check_finite("--x", value, allowed)
         assert words in one_line(err) and "--x" in one_line(err)
 
@@ -184,7 +185,7 @@ def test_output_folder_refusals(tmp_path, monkeypatch):
              (str(tmp_path / "models"), {"base": str(base)}, "holds the base"), (str(foreign), {}, "did not write"),
              (str(foreign / "notes.txt"), {}, "not a folder"), ("/proc/x", {}, "cannot be created")]
     for path, kw, words in cases:
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             with claim_output_dir(path, **kw):
                 pass
         assert words in one_line(err), (path, err.value.code)
@@ -202,7 +203,7 @@ def test_read_only_output_folder_fails_up_front(tmp_path):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             claim_output_dir(ro)
         assert "not writable" in one_line(err)
     finally:
@@ -214,7 +215,7 @@ def test_checkpoints_only_folder_is_ours(tmp_path):
     (tmp_path / "checkpoint-2" / "erase_state.json").write_text("{}")
     check_output_dir(tmp_path)
     (tmp_path / "checkpoint-3").mkdir()  # no erase_state.json: not written by us
-    with pytest.raises(UserError):
+    with pytest.raises(USER_FACING):
         check_output_dir(tmp_path)
 
 
@@ -222,7 +223,7 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
     out = tmp_path / "out"
     first = claim_output_dir(out)
     try:
-        with pytest.raises(UserError) as err:  # a second claim (another open file description) is refused
+        with pytest.raises(USER_FACING) as err:  # a second claim (another open file description) is refused
             claim_output_dir(out)
         assert "in use by another run" in one_line(err) and f"pid {os.getpid()}" in one_line(err)
     finally:
@@ -236,7 +237,7 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
                                str(ROOT), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError) as err:  # a live run in another process
+        with pytest.raises(USER_FACING) as err:  # a live run in another process
             claim_output_dir(out)
         assert f"pid {holder.pid}" in one_line(err)
     finally:
@@ -244,7 +245,7 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
 
 
 def test_temporaries_are_per_process(tmp_path):
-    from eval.common import atomic_write_text
+    from erase.io import atomic_write_text
 
     assert str(os.getpid()) in safety.temp_name("x")
     assert not safety.stale_temp(tmp_path / safety.temp_name("x"))  # ours, alive
@@ -286,10 +287,10 @@ def test_check_weights_refuses_nan_and_missing_tensors():
     import torch
 
     check_weights({"a": torch.ones(2)}.items(), "m")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         check_weights({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}.items(), "the erased UNet", "; nothing was exported")
     assert "non-finite" in one_line(err) and "b" in one_line(err) and "nothing was exported" in one_line(err)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         check_weights({"c": torch.empty(2, device="meta")}.items(), "the unet")
     assert "missing 1 tensor" in one_line(err)
 
@@ -335,7 +336,7 @@ def test_image_folder_is_checked_up_front_and_each_bad_file_named(bad_folder):
     reasons = {b["file"]: b["reason"] for b in bad}
     assert set(reasons) == {"truncated.png", "text.jpg", "bomb.png", "link.png"}
     assert "pixels" in reasons["bomb.png"] and "out of the folder" in reasons["link.png"] and "not an image" in reasons["text.jpg"]
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         require_images(bad_folder, "--forget_images")
     line = one_line(err)
     assert all(name in line for name in reasons) and "--forget_images" in line
@@ -345,7 +346,7 @@ def test_captions_are_utf8_inside_the_folder(tmp_path):
     (tmp_path / "a.txt").write_text("café", encoding="utf-8")
     assert read_caption(tmp_path / "a.txt", tmp_path) == "café"
     (tmp_path / "b.txt").write_bytes("café".encode("latin-1"))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         read_caption(tmp_path / "b.txt", tmp_path)
     assert "b.txt" in one_line(err) and "UTF-8" in one_line(err)
     assert read_caption(tmp_path / "none.txt", tmp_path) is None
@@ -368,7 +369,7 @@ def test_nudity_audit_skips_bombs_and_blanks_and_an_empty_or_blank_audit_is_an_e
     empty = tmp_path / "empty"
     empty.mkdir()
     for folder, words in ((blank, "blank image"), (empty, "holds no image")):
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             nudity.main(nudity.parse_args([str(folder), "--output_dir", str(tmp_path / f"o-{folder.name}")]))
         assert "no image of" in one_line(err) and words in one_line(err)
         assert not (tmp_path / f"o-{folder.name}" / "summary.json").exists()
@@ -376,7 +377,7 @@ def test_nudity_audit_skips_bombs_and_blanks_and_an_empty_or_blank_audit_is_an_e
 
 # ----------------------------------------------------------------------------------------------- prompt tables, reports
 def test_prompt_tables_that_audit_nothing_or_carry_bad_numbers_are_errors(tmp_path):
-    from eval.prompts_table import load_prompts
+    from erase.prompt_table import load_prompts
 
     header = tmp_path / "header.csv"
     header.write_text("prompt,evaluation_seed,evaluation_guidance\n")
@@ -385,7 +386,7 @@ def test_prompt_tables_that_audit_nothing_or_carry_bad_numbers_are_errors(tmp_pa
     cases = [((str(header),), {}, "no prompt row"), ((str(table),), {"limit": 0}, "--limit must be >= 1"),
              ((str(table),), {"need_guidance": True}, "row 1: guidance"), ((str(table),), {}, "row 2: seed")]
     for args, kw, words in cases:
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             load_prompts(*args, **kw)
         assert words in one_line(err), (kw, err.value.code)
     assert [r.guidance for r in load_prompts(str(table), limit=2).rows] == [7.5, None]  # an empty cell, unused
@@ -420,7 +421,7 @@ def test_report_keeps_paths_inside_the_audit_and_escapes_names(tmp_path):
     cut = _audit(tmp_path / "c", [{"file": "x.png"}])
     with open(cut / "detections.jsonl", "a") as f:
         f.write('{"file": "y.png", "detec')
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         report.main(report.parse_args([str(cut), "--output_dir", str(tmp_path / "r2")]))
     assert "line 2 is not valid JSON" in one_line(err) and not (tmp_path / "r2").exists()
 
@@ -432,7 +433,7 @@ def test_audit_benchmark_never_deletes_foreign_content(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     (work / "thesis.tex").write_text("years of work")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         bench.main(bench.parse_args(["--output_dir", str(work), "--skip_generation"]))
     assert "did not write" in one_line(err)
     (work / "det-out").mkdir()

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "erase" / "sd.py")
@@ -226,12 +227,12 @@ def test_data_resumes_and_user_folders(tiny, data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_cleanly(tiny, data_dir, tmp_path):
-    from eval.common import UserError
+    from erase.io import UserError
 
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
                     *SMALL, "--max_train_steps", 6, "--checkpointing_steps", 1, "--lr", "1e30"])
-    message = str(err.value.code)
+    message = error_text(err)
     assert message.startswith("error: loss became") and "\n" not in message and "checkpoint-" in message
     assert (tmp_path / "checkpoint-1").is_dir()
     assert not (tmp_path / "erase_config.json").exists() and not (tmp_path / "unet").exists()
@@ -256,11 +257,11 @@ def test_several_concepts_in_one_run(tiny, tmp_path):
 
 
 def test_topk_selecting_nothing_is_one_line(tiny, data_dir, tmp_path):
-    from eval.common import UserError
+    from erase.io import UserError
 
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
                     *SMALL, "--max_train_steps", 1, "--saliency_batches", 1, "--topk", "1e-6"])
-    message = str(err.value.code)
+    message = error_text(err)
     assert "--topk 1e-06 % of the" in message and "selects none" in message and "\n" not in message
     assert not (tmp_path / "erase_config.json").exists()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from eval_fixtures import error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def fails(args, capsys) -> str:
     with pytest.raises(SystemExit) as err:
         main(parse_args([str(a) for a in args]))
     assert err.value.code not in (0, None)
-    msg = capsys.readouterr().err if isinstance(err.value.code, int) else str(err.value.code)
+    msg = capsys.readouterr().err if isinstance(err.value.code, int) else error_text(err)
     lines = [ln for ln in msg.splitlines() if ln.strip()]
     assert len(lines) == 1, msg
     return lines[0]

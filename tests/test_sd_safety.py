@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.common import UserError
+from erase.io import UserError
+from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT = "cube <b>x</b>"  # a free-form concept whose name, prompts and anchor carry markup
@@ -109,15 +110,15 @@ def test_a_folder_in_use_is_refused(tiny, inputs, tmp_path):
     from erase.safety import claim_output_dir
 
     with claim_output_dir(tmp_path / "busy"):
-        with pytest.raises(UserError) as err:
+        with pytest.raises(USER_FACING) as err:
             run(common(tiny, inputs, tmp_path / "busy", "--max_train_steps", 1))
-    assert "in use by another run" in str(err.value.code)
+    assert "in use by another run" in error_text(err)
 
 
 def test_topk_that_selects_nothing_is_refused(tiny, inputs, tmp_path):
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, tmp_path / "o", "--topk", "1e-9"))
-    assert "selects none" in str(err.value.code) and not (tmp_path / "o" / "erase_config.json").exists()
+    assert "selects none" in error_text(err) and not (tmp_path / "o" / "erase_config.json").exists()
 
 
 # ----------------------------------------------------------------------------------------------- the export
@@ -159,9 +160,9 @@ def test_non_finite_weights_are_never_exported(tiny, inputs, tmp_path, monkeypat
         return result
 
     monkeypatch.setattr(sd, "run", poisoned)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, tmp_path / "o", "--max_train_steps", 1))
-    assert "non-finite" in str(err.value.code) and "nothing was exported" in str(err.value.code)
+    assert "non-finite" in error_text(err) and "nothing was exported" in error_text(err)
     assert not (tmp_path / "o" / "unet").exists() and not (tmp_path / "o" / "erase_config.json").exists()
 
 
@@ -184,9 +185,9 @@ def test_resume_refuses_other_settings_in_one_line(base_run, tiny, inputs, tmp_p
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(args)
-    msg = str(err.value.code)
+    msg = error_text(err)
     assert words in msg and "\n" not in msg, msg
     assert json.loads((out / "erase_config.json").read_text()) == json.loads((base_run / "erase_config.json").read_text())
 
@@ -198,9 +199,9 @@ def test_latest_skips_a_corrupt_checkpoint_and_rotation_spares_foreign_folders(b
     weights.write_bytes(weights.read_bytes()[:100])  # cut by a full disk
     (out / "checkpoint-0").mkdir()  # a folder of the user's with our naming: never rotated away
     (out / "checkpoint-0" / "mine.txt").write_text("mine")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, out, "--max_train_steps", 3, "--resume_from_checkpoint", out / "checkpoint-2", "--overwrite"))
-    assert "checkpoint-2 is corrupt" in str(err.value.code)
+    assert "checkpoint-2 is corrupt" in error_text(err)
     run(common(tiny, inputs, out, "--max_train_steps", 3, "--resume_from_checkpoint", "latest", "--checkpointing_steps", 1,
                "--checkpoints_total_limit", 1, "--overwrite"))
     cfg = json.loads((out / "erase_config.json").read_text())
@@ -231,7 +232,7 @@ def test_a_weights_file_missing_tensors_is_one_line(tiny, inputs, tmp_path):
     """diffusers loads a UNet file that lacks tensors as meta tensors without an error: both loaders refuse it."""
     from safetensors.torch import load_file, save_file
 
-    from eval.generate import load_pipeline
+    from erase.generate import load_pipeline
 
     broken = tmp_path / "sd"
     shutil.copytree(tiny, broken)
@@ -239,14 +240,14 @@ def test_a_weights_file_missing_tensors_is_one_line(tiny, inputs, tmp_path):
     state = load_file(str(f))
     del state[sorted(state)[0]]
     save_file(state, str(f))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         load_pipeline(str(broken))
-    assert "missing 1 tensor" in str(err.value.code)
+    assert "missing 1 tensor" in error_text(err)
     args = common(tiny, inputs, tmp_path / "o", "--max_train_steps", 1)
     args[args.index(tiny)] = broken
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(args)
-    assert "missing 1 tensor" in str(err.value.code) and not (tmp_path / "o" / "unet").exists()
+    assert "missing 1 tensor" in error_text(err) and not (tmp_path / "o" / "unet").exists()
 
 
 def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_folder_as_it_was(base_run, tiny, inputs, tmp_path,
@@ -256,9 +257,9 @@ def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_fol
 
     real = erase.safety.shutil.disk_usage
     monkeypatch.setattr(erase.safety.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, tmp_path / "full", "--max_train_steps", 1))
-    assert "MiB free" in str(err.value.code) and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["scissorhands-erase.json"]
+    assert "MiB free" in error_text(err) and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["scissorhands-erase.json"]
     monkeypatch.undo()
 
     out = tmp_path / "out"
@@ -269,8 +270,8 @@ def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_fol
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(erase.export, "save_file", disk_full)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, out, "--max_train_steps", 1))
-    assert "No space left on device" in str(err.value.code) and "nothing was exported" in str(err.value.code)
+    assert "No space left on device" in error_text(err) and "nothing was exported" in error_text(err)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

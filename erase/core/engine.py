@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .adapter import Adapter
 from .checkpoints import CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
-from .method import Method
+from .method import Method, RunContext
 from .stream import EndlessStream
 from .targets import describe, select_parameters
 
@@ -79,37 +79,6 @@ class EngineConfig:
             raise ValueError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision {self.mixed_precision!r} is not one of no, fp16, bf16")
-
-
-@dataclass
-class RunContext:
-    """What a method sees: the adapter, the accelerator, the targeted parameters and the streams."""
-
-    adapter: Adapter
-    accelerator: Accelerator
-    config: EngineConfig
-    params: dict[str, nn.Parameter]
-    forget: EndlessStream | None
-    retain: EndlessStream | None
-    memory: EndlessStream | None
-    saliency: EndlessStream | None
-    model: nn.Module | None = None
-    step: int = 0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
-
-    def grad_scale(self) -> float | None:
-        """The loss scale ``backward`` multiplies by (fp16 grad scaler), or None."""
-        scaler = self.accelerator.scaler
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
-
-    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        return self.accelerator.reduce(t, reduction="mean") if self.accelerator.num_processes > 1 else t
-
-    def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
 
 
 @dataclass

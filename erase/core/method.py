@@ -8,12 +8,48 @@ Tensor state that must survive a resume goes in ``state_tensors`` (saved as safe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:
-    from .engine import RunContext
+from .adapter import Adapter
+from .stream import EndlessStream
+
+if TYPE_CHECKING:  # only for annotations: the engine imports this module, never the other way round
+    from accelerate import Accelerator
+
+
+@dataclass
+class RunContext:
+    """What a method sees: the adapter, the accelerator, the targeted parameters and the streams."""
+
+    adapter: Adapter
+    accelerator: "Accelerator"
+    config: "EngineConfig"  # erase.core.engine.EngineConfig
+    params: dict[str, nn.Parameter]
+    forget: EndlessStream | None
+    retain: EndlessStream | None
+    memory: EndlessStream | None
+    saliency: EndlessStream | None
+    model: nn.Module | None = None
+    step: int = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def grad_scale(self) -> float | None:
+        """The loss scale ``backward`` multiplies by (fp16 grad scaler), or None."""
+        scaler = self.accelerator.scaler
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean") if self.accelerator.num_processes > 1 else t
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
 
 
 class Method:

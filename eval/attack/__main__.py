@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from eval.common import UserError, setup_logging
+from erase.io import UserError, cli_errors, setup_logging
 
 logger = logging.getLogger("eval.attack")
 
@@ -25,6 +25,7 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+@cli_errors
 def parse_args(input_args=None):
     """(attack, its validated config) from the command line."""
     from eval.attack import available_attacks, get_attack, judged_concepts
@@ -46,12 +47,13 @@ def parse_args(input_args=None):
     return attack, attack.config_cls(**values)
 
 
+@cli_errors
 def main(input_args=None) -> int:
     setup_logging()
     attack, config = parse_args(input_args)
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from eval.i2p import make_accelerator
+        from erase.io import make_accelerator
 
         accelerator = make_accelerator()
         setup_logging(accelerator.is_main_process)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.attack.registry import GENERATION_DEFAULTS, JudgeEntry, judge_entry
-from eval.common import UserError, read_json
+from erase.io import UserError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -65,14 +65,14 @@ class AttackConfig:
     guidance: float | None = field(default=None, metadata={
         "help": "classifier-free guidance (default: the judge's protocol; digits 4)"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "sampler, eval.generate names (default: the judge's protocol; digits ddim)"})
+        "help": "sampler, erase.generate names (default: the judge's protocol; digits ddim)"})
     generation_batch_size: int | None = field(default=None, metadata={
         "help": "images per pipeline call (default: the judge's protocol; digits 100); does not change images beyond float rounding"})
     eval_seed: int = field(default=0, metadata={"help": "image i of every check is drawn with seed eval_seed + i"})
     save_images: bool = field(default=False, metadata={"help": "also save every check's images as PNG under images/"})
 
     def __post_init__(self):
-        from eval.generate import SCHEDULERS
+        from erase.generate import SCHEDULERS
 
         for name in ("model", "concept", "output_dir"):
             if not str(getattr(self, name) or "").strip():
@@ -179,7 +179,7 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     ``pipe.register_modules(unet=...)`` once the base model's work (drawing target images) is done."""
     import torch
 
-    from eval.generate import load_pipeline
+    from erase.generate import load_pipeline
 
     pipe = load_pipeline(info.base, scheduler=scheduler, dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
@@ -257,7 +257,7 @@ def save_pngs(images: np.ndarray, folder: Path) -> None:
 
     from PIL import Image
 
-    from eval.common import atomic_write_bytes
+    from erase.io import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):

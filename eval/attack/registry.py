@@ -33,14 +33,15 @@ import pkgutil
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from eval.common import UserError
+from erase.io import UserError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Modules of eval/attack/ that hold machinery, not an attack.
 INFRASTRUCTURE = ("registry", "context", "judges")
 
-# Generation settings of an audit when neither the judge nor the user sets them: eval.generate's protocol defaults.
+# Generation settings of an audit when neither the judge nor the user sets them: erase.generate's protocol defaults.
 GENERATION_DEFAULTS = {"num_images": 16, "steps": 50, "guidance": 7.5, "scheduler": "lms", "batch_size": 8}
 
 
@@ -73,11 +74,10 @@ def register_attack(name: str, config_cls: type, help: str = ""):
 
 
 def _load_attacks() -> None:
-    import eval.attack as package
-
-    for info in pkgutil.iter_modules(package.__path__):
+    package = __name__.rpartition(".")[0]  # the modules beside this one, without importing the package back
+    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if info.name not in INFRASTRUCTURE and not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+            importlib.import_module(f"{package}.{info.name}")
 
 
 def available_attacks() -> list[str]:

@@ -46,7 +46,7 @@ from eval.attack.context import (
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
-from eval.common import UserError, atomic_write_json, atomic_write_text, settings_hash
+from erase.io import UserError, atomic_write_json, atomic_write_text, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     from erase import data as erase_data
     from erase.core.targets import TargetError, describe, select_parameters
     from erase.diffusion import TARGET_PRESETS
-    from eval.generate import model_fingerprint
+    from erase.generate import model_fingerprint
 
     start, cpu_start = time.perf_counter(), time.process_time()
     entry = cfg.judge_entry

@@ -1,4 +1,4 @@
-"""Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "eval/generate.py").
+"""Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "erase/generate.py").
 
 Protocol defaults are the ones ESD, SalUn, Scissorhands and MACE report with: one image per prompt, the row's
 seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 px for SD v1.4), no safety
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from erase.safety import GENERATOR_SEED_MAX, NON_NEGATIVE, check_finite, check_int, check_weights, stale_temp
-from eval.common import UserError, atomic_write_bytes, atomic_write_json, read_json, settings_hash
-from eval.prompts_table import PromptRow  # noqa: F401  (part of this module's contract)
+from erase.io import UserError, atomic_write_bytes, atomic_write_json, read_json, settings_hash
+from erase.prompt_table import PromptRow  # noqa: F401  (part of this module's contract)
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from erase.safety import GENERATOR_SEED_MAX
-from eval.common import UserError
+from erase.io import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -98,36 +98,12 @@ def vocabulary_words() -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins of byte-level BPE (GPT-2 / CLIP ``bytes_to_unicode``), in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
 def build_tokenizer(max_length: int = 16):
-    """A CLIP BPE tokenizer built in memory: the 256 byte symbols (alone and word-final), the two CLIP specials,
-    and one merge chain per vocabulary word so each word is one token. Numerals are single characters in
-    CLIP's pre-tokenizer, so they need no merges. Unknown words fall back to characters."""
-    from transformers import CLIPTokenizer
+    """The digits tokenizer: :func:`eval.tiny.build_tokenizer` over every word of the templates, so each is one
+    token. Numerals are single characters in CLIP's pre-tokenizer; unknown words fall back to characters."""
+    from eval.tiny import build_tokenizer as build
 
-    symbols = _byte_symbols()
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in vocabulary_words():
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        left = parts[0]
-        for right in parts[1:]:
-            pair = (left, right)
-            left = left + right
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(left, len(vocab))
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return build(vocabulary_words(), max_length)
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -219,33 +195,17 @@ def is_trained(model_dir: str | Path, cfg: DigitsModelConfig) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- models
-def build_models(cfg: DigitsModelConfig, vocab_size: int, tokenizer):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def build_models(cfg: DigitsModelConfig, tokenizer):
+    """(vae, unet, text_encoder) with random weights, from :func:`eval.tiny.build_components`. Attention (self +
+    cross) only below the top resolution: at 8x8 it would cost more than the rest together."""
+    from eval.tiny import build_components
 
-    nd = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=cfg.resolution, layers_per_block=1,
-        block_out_channels=cfg.vae_channels, norm_num_groups=8, mid_block_add_attention=False,
-        down_block_types=("DownEncoderBlock2D",) * nd, up_block_types=("UpDecoderBlock2D",) * nd,
+    return build_components(
+        tokenizer, unet_channels=cfg.unet_channels, vae_channels=cfg.vae_channels,
+        latent_size=cfg.resolution // 2 ** (len(cfg.vae_channels) - 1), text_width=cfg.text_width,
+        text_layers=cfg.text_layers, text_heads=2, max_length=cfg.max_length, norm_num_groups=8,
+        vae_mid_attention=False,
     )
-    latent_size = cfg.resolution // 2 ** (nd - 1)
-    nu = len(cfg.unet_channels)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=cfg.unet_channels, norm_num_groups=8, cross_attention_dim=cfg.text_width,
-        attention_head_dim=2,  # diffusers' legacy name: the number of heads
-        # Attention (self + cross) only below the top resolution: at 8x8 it would cost more than the rest together.
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (nu - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (nu - 1) + ("UpBlock2D",),
-    )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=cfg.text_width, intermediate_size=2 * cfg.text_width,
-        num_hidden_layers=cfg.text_layers, num_attention_heads=2, max_position_embeddings=cfg.max_length,
-        projection_dim=cfg.text_width, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    return vae, unet, text_encoder
 
 
 def sd_scheduler_config() -> dict:
@@ -287,7 +247,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     images, labels = load_digit_images(cfg.resolution)
     images = images.repeat(1, 3, 1, 1)
     tokenizer = build_tokenizer(cfg.max_length)
-    vae, unet, text_encoder = build_models(cfg, len(tokenizer), tokenizer)
+    vae, unet, text_encoder = build_models(cfg, tokenizer)
     total = cfg.vae_steps + cfg.unet_steps
     bar = tqdm(total=total, desc="train digits model", disable=not progress, unit="step")
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from eval.digits_model import cache_root, load_digit_images, split_indices
+from eval.digits.model import cache_root, load_digit_images, split_indices
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the eval modules: atomic writes, settings hashing, image listing, user errors."""
+"""Small helpers shared by erase/ and everything above it: atomic writes, settings hashing, image listing,
+user errors, and the one place a command line turns a user error into a one-line exit."""
 
 from __future__ import annotations
 
@@ -9,18 +10,48 @@ import os
 import tempfile
 from pathlib import Path
 
-logger = logging.getLogger("eval")
+logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Files the eval tools write next to images; never treated as inputs.
 SIDECAR_NAMES = ("generation.json",)
 
 
-class UserError(SystemExit):
-    """A bad value from the user: one clear line, non-zero exit, no traceback."""
+class UserError(ValueError):
+    """A bad value or input from the user, with a one-line message saying what was wrong and what is allowed.
 
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+    An ordinary exception: library code raises it and callers may catch it. Only the command lines turn it into
+    ``error: <message>`` on stderr and exit status 1 (:func:`cli_errors`), so a notebook never sees ``SystemExit``.
+    """
+
+
+def cli_errors(main):
+    """Decorate a command line's ``main``: a :class:`UserError` (or another ``ValueError`` subclass listed by the
+    library as a user-facing error, see ``USER_ERRORS``) becomes ``SystemExit("error: ...")``, one line, status 1."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as e:
+            message = str(e).removeprefix("error: ")
+            raise SystemExit(f"error: {message}") from None
+
+    return wrapper
+
+
+# Exceptions whose message is meant for the user as it stands. Library modules append their own error classes
+# (e.g. target, top-k and checkpoint errors) with ``register_user_error``.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+def register_user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Class decorator: :func:`cli_errors` reports ``cls`` as a one-line error instead of a traceback."""
+    global USER_ERRORS
+    if cls not in USER_ERRORS:
+        USER_ERRORS = USER_ERRORS + (cls,)
+    return cls
 
 
 def setup_logging(main_process: bool = True) -> None:
@@ -98,3 +129,15 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise UserError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{what} is not valid JSON: {path} ({e.msg}, line {e.lineno})") from None
+
+
+def make_accelerator():
+    """An Accelerator that also works for multi-process CPU runs (torchrun env without CUDA -> gloo)."""
+    import torch
+    from accelerate import Accelerator
+
+    multi_cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_cpu)
+    if multi_cpu and accelerator.num_processes > 1:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    return accelerator

@@ -21,12 +21,12 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from eval.common import UserError, atomic_write_json, atomic_write_text
-from eval.digits_model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
+from erase.io import UserError, atomic_write_json, atomic_write_text
+from eval.digits.model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Per-method erase/sd.py settings for the digits model (the SD defaults are for an 860M-parameter UNet: the tiny
 # UNet needs larger steps). Everything else is shared and listed in results.json.
 METHOD_ARGS = {
@@ -92,7 +92,7 @@ def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_d
 
 
 def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
-    from eval.digits import score
+    from eval.digits.score import score
 
     digits = [digit] if isinstance(digit, int) else list(digit)
     ns = SimpleNamespace(model=str(model), digit=digits[0], digits=digits, concept=concept_name(digits), forget_prompts=None,
@@ -305,7 +305,7 @@ def bench(args) -> dict:
     out = Path(args.output_dir)
     base = Path(args.model) if args.model else default_model_dir()
     if args.model:
-        from eval.digits import resolve_digits_model
+        from eval.digits.score import resolve_digits_model
 
         resolve_digits_model(str(base))
     else:
