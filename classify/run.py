@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from erase.core import available_methods
-from erase.core.methods.scissorhands import ScissorhandsConfig
+from erase.core import available_methods, get_method_class
+from erase.core.options import add_method_options, option_names
 from erase.core.topk import TopKError, check_k
 from erase.safety import OPTION_RANGES, SEED_MAX, Range, check_numbers, claim_output_dir
 from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_errors, read_json, setup_logging
@@ -45,7 +45,8 @@ logger = logging.getLogger("classify.run")
 
 DEFAULT_CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "scissorhands-erase", "classify")
 ABLATIONS = ("no_trim", "no_projection", "no_forget")
-SCISSORHANDS_FLAGS = ("topk", "lam", "trim_only", "k_basis", "forget_steps", "margin", "forget_bound")
+# Config fields this benchmark sets itself (ablation rows, Retrain's seeded init): not command-line options here.
+CLASSIFY_OWN = ("ablation", "init_seed")
 COLLAPSE_DROP = 20.0  # a run is "collapsed" when its TA falls this many points below its seed's Retrain
 SUMMARY_KEYS = (*METRICS, "AvgGap", "RTE", "RTE_ratio")
 
@@ -86,24 +87,41 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--max_train_steps", type=int, default=None, help="Override every method's steps (quick runs).")
     p.add_argument("--ref_epochs", type=int, default=None, help="Override the epochs of original / retrain training (quick runs).")
     p.add_argument("--batch_size", type=int, default=64, help="Batch size of the forget and retain streams.")
-    for name in SCISSORHANDS_FLAGS:
-        f = next(f for f in dataclasses.fields(ScissorhandsConfig) if f.name == name)
-        kind = float if name in ("topk", "lam", "margin", "forget_bound") else str
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"Scissorhands: {f.metadata.get('help', name)} (tuned value if unset)")
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Cache of trained original / retrain models (safetensors + JSON).")
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads (small models run fastest on one).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
+    # Every method's options, from its config dataclass; a set option applies to each method of --methods that has it.
+    p.epilog = ("A method option overrides the tuned value for every method of --methods that has it "
+                "(e.g. --alpha for salun and l1sparse); one that no chosen method has is an error.")
+    add_method_options(p, "classify", exclude=CLASSIFY_OWN)
     args = p.parse_args(input_args)
     check_numbers(args, {k: Range() for k in OPTION_RANGES})  # finite first; the ranges below
-    overrides = {k: getattr(args, k) for k in SCISSORHANDS_FLAGS if getattr(args, k) is not None}
-    try:  # the Scissorhands config checks its own choices (k_basis, forget_steps, topk), before any work
-        ScissorhandsConfig(**overrides)
+    try:
+        method_overrides(args)  # an option of no chosen method, or a value its config refuses: before any work
         if args.trim_only is not None:
             re.compile(args.trim_only)
-    except (ValueError, re.error) as err:
-        raise UserError(f"Scissorhands flags: {err}") from None
+    except re.error as err:
+        raise UserError(f"--trim_only {args.trim_only!r} is not a valid regex: {err}") from None
     check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
     return args
+
+
+def method_overrides(args) -> dict[str, dict]:
+    """Method -> the options set on the command line that it has; an option that no method of ``--methods`` has, or
+    a value a method's config refuses, is a ``UserError``."""
+    chosen = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() in available_methods("classify")]
+    names = {m: [n for n in option_names(m, "classify") if n not in CLASSIFY_OWN] for m in available_methods("classify")}
+    set_ = {n for ns in names.values() for n in ns if getattr(args, n, None) is not None}
+    out = {m: {n: getattr(args, n) for n in names[m] if n in set_} for m in chosen}
+    for n in sorted(set_ - {k for o in out.values() for k in o}):
+        owners = sorted(m for m, ns in names.items() if n in ns)
+        raise UserError(f"--{n} is an option of {', '.join(owners)}, none of which is in --methods {args.methods}")
+    for m, kw in out.items():
+        try:
+            get_method_class(m, "classify").config_cls(**kw)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--methods {m}: {err}") from None
+    return out
 
 
 def check_hparams(rows: dict[str, tuple[str, dict]]) -> None:
@@ -162,14 +180,12 @@ def resolve(args) -> dict:
 def build_rows(methods, ablations, spec, args) -> tuple[dict[str, tuple[str, dict]], str]:
     """Row name -> (method, hyperparameters), after the tuned values and the command-line overrides."""
     hp, source = load_hparams(args.dataset, spec.kind, args.hparams)
-    sciss = {k: getattr(args, k) for k in SCISSORHANDS_FLAGS if getattr(args, k) is not None}
+    overrides = method_overrides(args)
     rows = {}
     for m in methods:
         if m == "retrain":
             continue  # the oracle is a reference row of every seed
-        h = dict(hp.get(m, {}))
-        if m == "scissorhands":
-            h.update(sciss)
+        h = {**hp.get(m, {}), **overrides.get(m, {})}
         if args.max_train_steps:
             h["max_train_steps"] = args.max_train_steps
         rows[m] = (m, h)
@@ -286,6 +302,11 @@ def _run(args, data, spec, seeds, rows, source) -> dict:
     return results
 
 
+def _config_of(method: str, hp: dict):
+    cls = get_method_class(method, "classify").config_cls
+    return cls(**{k: v for k, v in hp.items() if k in cls.__dataclass_fields__})  # hp also holds engine fields
+
+
 def settings(args, spec, seeds, rows, source, train, data, seconds) -> dict:
     tuned = {}
     file = Path(args.hparams) if args.hparams else tuned_path(args.dataset)
@@ -300,7 +321,7 @@ def settings(args, spec, seeds, rows, source, train, data, seconds) -> dict:
         "per_seed": "new forget set (seeded by the seed), original init 10000+3s, retrain init 10000+3s+1, retrain2 init 10000+3s+2, unlearning engine seed s",
         "reference_training": dataclasses.asdict(train) | {"optimizer": "adam", "schedule": "cosine"},
         "hparams_source": source, "hparams": {n: {"method": m, **h} for n, (m, h) in rows.items()}, "tuning": tuned,
-        "scissorhands": dataclasses.asdict(ScissorhandsConfig(**{k: v for k, v in sciss[1].items() if k in ScissorhandsConfig.__dataclass_fields__})) if sciss else None,
+        "scissorhands": dataclasses.asdict(_config_of("scissorhands", sciss[1])) if sciss else None,
         "metrics": {"UA": "100 - accuracy on D_f", "RA": "accuracy on D_r",
                     "TA": "test accuracy" + (" on the remaining classes" if spec.kind == "class" else ""),
                     "MIA": f"% of D_f an SVC({MIA_SVC}) on true-label confidence calls non-member (members: retain sample, non-members: test)",

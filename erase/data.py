@@ -49,7 +49,7 @@ def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *,
     from erase.prompt_table import PromptRow
 
     if count < 1:
-        raise UserError(f"--num_{split}_images must be >= 1 to generate the {split} set, got {count}")
+        raise UserError(f"the number of {split} images must be >= 1 to generate the {split} set, got {count}")
     if not prompts:
         raise UserError(f"the concept has no {split} prompts to generate the {split} set from")
     rows = [PromptRow(index=i, prompt=prompts[i % len(prompts)], seed=seed + i) for i in range(count)]

@@ -250,7 +250,7 @@ class DiffusionAdapter(Adapter):
 
     def _redirect(self, model, batch) -> torch.Tensor:
         if self.emb.anchor is None:
-            raise ValueError("the redirect forget term needs an anchor prompt (--anchor_prompt)")
+            raise ValueError("the redirect forget term needs an anchor prompt")
         zt, t, _, r = self._noisy(batch, "redirect")
         cond = self._cond(batch, r).to(self.weight_dtype)
         groups = batch["set"].prompt_index[batch["index"]].tolist()
@@ -268,7 +268,7 @@ class DiffusionAdapter(Adapter):
         from diffusers import DDIMScheduler
 
         if self.frozen is None:
-            raise ValueError("the esd forget term needs the frozen base UNet (built when --forget_loss/--method is esd)")
+            raise ValueError("the esd forget term needs the frozen base UNet (frozen_unet)")
         lat = batch["set"]
         shape = tuple(lat.mean.shape[1:])
         keys = batch["keys"].tolist()
@@ -322,7 +322,7 @@ class DiffusionAdapter(Adapter):
             return KeyedStream(int(self.emb.distill.shape[0]), self.batch_size, collate, seed=seed, rank=rank, world=world,
                                name="distillation prompts")
         if self.retain_set is None or len(self.retain_set) == 0:
-            raise ValueError("this method needs retain images (--num_retain_images > 0 or --retain_images DIR)")
+            raise ValueError("this method needs retain images (the retain latent set is empty)")
         return self._stream("retain", self.retain_set, seed, rank, world, self.batch_size)
 
     def extra_state(self):

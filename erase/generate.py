@@ -64,15 +64,15 @@ class GenerationConfig:
             try:
                 self.guidance = float(self.guidance)
             except ValueError:
-                raise UserError(f"--guidance must be a number or 'row', got {self.guidance!r}") from None
+                raise UserError(f"guidance must be a number or 'row', got {self.guidance!r}") from None
         if self.guidance != "row":  # NaN / inf guidance draws blank images that an audit would count as clean
-            check_finite("--guidance", self.guidance, NON_NEGATIVE, optional=False)
-        check_int("--seed_offset", self.seed_offset, 0, GENERATOR_SEED_MAX)
+            check_finite("guidance", self.guidance, NON_NEGATIVE, optional=False)
+        check_int("seed_offset", self.seed_offset, 0, GENERATOR_SEED_MAX)
         for name in ("steps", "batch_size", "images_per_prompt"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+            raise UserError(f"resolution must be a positive multiple of 8, got {self.resolution}")
 
 
 def add_generation_args(parser) -> None:
@@ -179,12 +179,12 @@ def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
     for row in rows:
         guidance = row.guidance if cfg.guidance == "row" else float(cfg.guidance)
         if guidance is None:
-            raise UserError(f"--guidance row needs a guidance column; row {row.index} has none")
+            raise UserError(f"guidance 'row' needs a guidance column; row {row.index} has none")
         check_finite(f"row {row.index}: guidance", guidance, NON_NEGATIVE, optional=False)
         for k in range(cfg.images_per_prompt):
             seed = int(row.seed) + cfg.seed_offset + k
             if not 0 <= seed <= GENERATOR_SEED_MAX:
-                raise UserError(f"row {row.index}: seed {seed} (row seed + --seed_offset + k) is outside [0, {GENERATOR_SEED_MAX}]")
+                raise UserError(f"row {row.index}: seed {seed} (row seed + seed offset + k) is outside [0, {GENERATOR_SEED_MAX}]")
             item = _Item(row=row, k=k, seed=seed, guidance=float(guidance))
             item.key = settings_hash({"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance})
             items.append(item)

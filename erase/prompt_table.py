@@ -106,7 +106,7 @@ def load_prompts(
     if subset not in SUBSETS:
         raise UserError(f"unknown subset {subset!r}; choose one of: {', '.join(SUBSETS)}")
     if limit is not None and limit < 1:  # auditing no prompt is not a clean result
-        raise UserError(f"--limit must be >= 1, got {limit}")
+        raise UserError(f"limit must be >= 1, got {limit}")
     frame, source = _read_frame(prompts_csv)
     columns = list(frame.columns)
     seed_col, guidance_col = _pick(columns, SEED_COLUMNS), _pick(columns, GUIDANCE_COLUMNS)
@@ -116,7 +116,7 @@ def load_prompts(
     if seed_col is None:
         missing.append(" or ".join(SEED_COLUMNS))
     if need_guidance and guidance_col is None:
-        missing.append(" or ".join(GUIDANCE_COLUMNS) + " (needed by --guidance row)")
+        missing.append(" or ".join(GUIDANCE_COLUMNS) + " (needed by guidance 'row')")
     subset_col, predicate = SUBSETS[subset]
     if subset_col is not None and subset_col not in columns:
         missing.append(f"{subset_col} (needed by --subset {subset})")
@@ -143,7 +143,7 @@ def load_prompts(
             raise UserError(f"{source} row {index}: seed {record[seed_col]} is outside [0, {GENERATOR_SEED_MAX}] (a 64-bit generator seed)")
         if guidance is not None and not math.isfinite(guidance):
             if need_guidance:
-                raise UserError(f"{source} row {index}: guidance {record[guidance_col]!r} is not a finite number (needed by --guidance row)")
+                raise UserError(f"{source} row {index}: guidance {record[guidance_col]!r} is not a finite number (needed by guidance 'row')")
             guidance = None  # an empty cell; unused without --guidance row
         meta = {k: _plain(record[k]) for k in META_COLUMNS if k in record}
         rows.append(PromptRow(index=index, prompt=prompt, seed=seed, guidance=guidance, meta=meta))

@@ -29,6 +29,7 @@ from accelerate.utils import set_seed  # noqa: E402
 
 from erase.core import EngineConfig, NonFiniteLossError, TargetError, TopKError, available_methods, build_method, run, select_parameters  # noqa: E402
 from erase.core.checkpoints import CheckpointError, read_state  # noqa: E402
+from erase.core.options import add_method_options, method_options, option_names  # noqa: E402
 from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
@@ -43,6 +44,8 @@ FORGET_LOSSES = ("ascent", "redirect", "esd")
 # Scissorhands on a diffusion UNet: trim 2 % of the cross-attention, forget term weight 0.3 (with the redirect term
 # and the distill retain term), chosen on the digits model's tuning digits seven and one (docs/DIGITS.md)
 SD_DEFAULTS = {"topk": 2.0, "lam": 0.3}
+# Adapter options that a method config may also have (the adapter uses them whatever the method).
+ADAPTER_OPTIONS = {"negative_guidance"}
 DEFAULT_FORGET_BOUND = 1.0  # ascent stops once L_f passes the MSE of predicting zero noise (unit-variance target)
 DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
@@ -78,16 +81,6 @@ def parse_args(input_args=None):
     parser.add_argument("--targets", type=str, default="xattn",
                         help=f"Trainable UNet parameters: a preset ({', '.join(TARGET_PRESETS)}) or a regex over parameter names.")
     parser.add_argument("--exclude", type=str, default=None, help="Preset or regex of parameters never touched (wins over --targets).")
-    parser.add_argument("--topk", type=float, default=None,
-                        help=f"Scissorhands: percent of targeted weights to re-initialise, in (0, 100] (default {SD_DEFAULTS['topk']:g}).")
-    parser.add_argument("--lam", type=float, default=None,
-                        help=f"Scissorhands: weight of the forget term in the repair (default {SD_DEFAULTS['lam']:g}).")
-    parser.add_argument("--forget_loss", type=str, default=None, choices=FORGET_LOSSES,
-                        help="Forget term: ascent (-L_f), redirect (to the anchor prompt's prediction) or esd (negative guidance). "
-                             "Default: redirect when every concept has an anchor prompt, else the bounded ascent (esd for --method esd).")
-    parser.add_argument("--forget_bound", type=float, default=None,
-                        help=f"Clamp L_f at this value inside the ascent term (default {DEFAULT_FORGET_BOUND}: the loss of predicting zero noise; "
-                             "the ascent is never unbounded).")
     parser.add_argument("--retain_loss", type=str, default=None, choices=RETAIN_MODES,
                         help="What keeps the rest: distill (match the frozen base's prediction for the retain prompts at fresh "
                              "pure-noise latents: no retain images needed), data (noise-prediction loss on generated / given retain "
@@ -95,19 +88,8 @@ def parse_args(input_args=None):
                              "(fine-tuning on retain data is what FT is).")
     parser.add_argument("--distill_empty_fraction", type=float, default=0.1,
                         help="Share of distillation prompts replaced by the empty prompt (the unconditional branch of guidance), in [0, 1].")
-    parser.add_argument("--saliency_batches", type=int, default=None, help="Forget batches summed in the saliency score (default 4).")
-    parser.add_argument("--selection", type=str, default=None, choices=("global", "per_tensor"), help="Top-k over all targets or per tensor.")
-    parser.add_argument("--init", type=str, default=None, choices=("default", "uniform", "normal", "zero"), help="Re-initialisation of trimmed weights.")
-    parser.add_argument("--memory_refresh", type=int, default=None, help="Scissorhands: recompute the projection memory every N steps (default 1).")
-    parser.add_argument("--num_memories", type=int, default=None, help="Scissorhands: forget memory batches, one constraint each (default 1).")
-    parser.add_argument("--margin", type=float, default=None, help="Scissorhands: GEM margin (memory strength) of the projection: its dual is solved under v >= margin (default 0).")
-    parser.add_argument("--no_projection", action="store_true", help="Scissorhands: repair without the gradient projection.")
-    parser.add_argument("--no_update_projection", action="store_true",
-                        help="Scissorhands: project the gradient only, not the step the optimizer applies (the step is still checked and counted).")
-    parser.add_argument("--ablation", type=str, default=None, choices=("none", "no_trim", "no_projection", "no_forget"), help="Scissorhands ablations.")
-    parser.add_argument("--mask_ratio", type=float, default=None, help="SalUn: percent of targeted weights the update may change (default 50).")
-    parser.add_argument("--alpha", type=float, default=None, help="SalUn: retain-loss weight; l1sparse: l1 weight.")
-    parser.add_argument("--negative_guidance", type=float, default=1.0, help="ESD: eta, the strength of the negative guidance.")
+    parser.add_argument("--negative_guidance", type=float, default=1.0,
+                        help="The esd forget term's eta, the strength of the negative guidance (--method esd, or --forget_loss esd).")
     parser.add_argument("--esd_ddim_steps", type=int, default=50, help="ESD: DDIM steps of the schedule x_t is sampled on.")
     parser.add_argument("--esd_start_guidance", type=float, default=3.0, help="ESD: guidance scale used to sample x_t.")
     # optimisation
@@ -146,12 +128,23 @@ def parse_args(input_args=None):
     parser.add_argument("--generation_batch_size", type=int, default=8, help="Images per pipeline call when generating the data.")
     parser.add_argument("--resolution", type=int, default=None, help="Image size (default: UNet sample size x VAE scale factor).")
 
+    # Every method's own options, generated from its config dataclass (erase/core/options.py), one heading each.
+    methods = sorted(available_methods("diffusion"), key=lambda m: m != "scissorhands")  # Scissorhands' heading first
+    owned = add_method_options(parser, "diffusion", methods, defaults={"scissorhands": {**SD_DEFAULTS, "forget_loss": "redirect (ascent without an anchor)",
+                                                                              "forget_bound": DEFAULT_FORGET_BOUND}})
     args = parser.parse_args(input_args)
     if args.list_concepts or args.list_targets:
         return args
 
     def fail(message):
         parser.error(message)
+
+    try:  # an option of another method is an error, never silently ignored
+        method_options(args, args.method, "diffusion", owned, shared=ADAPTER_OPTIONS)
+    except ValueError as e:
+        fail(str(e))
+    if args.forget_loss is not None and args.forget_loss not in FORGET_LOSSES:
+        fail(f"--forget_loss {args.forget_loss!r} is not one of the diffusion forget terms: {', '.join(FORGET_LOSSES)}")
 
     try:  # every float option finite and in range, the seed within what the generators take
         check_numbers(args)  # erase.safety.OPTION_RANGES
@@ -217,7 +210,7 @@ def parse_args(input_args=None):
     if args.forget_loss is None and args.method == "scissorhands":
         args.forget_loss = "redirect" if anchored else "ascent"
     forget_loss = args.forget_loss or ("redirect" if args.method == "salun" else "esd" if args.method == "esd" else "ascent")
-    if forget_loss == "ascent" and args.forget_bound is None:
+    if forget_loss == "ascent" and args.forget_bound is None and "forget_bound" in option_names(args.method, "diffusion"):
         args.forget_bound = DEFAULT_FORGET_BOUND
     if forget_loss == "redirect" and not anchored:
         missing = next(c.name for c in concept.concepts if not c.anchor_prompt)
@@ -252,6 +245,15 @@ def parse_args(input_args=None):
         ck = Path(args.resume_from_checkpoint)
         if not ck.is_dir() or not re.fullmatch(r"checkpoint-\d+", ck.name):
             fail(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint-<step> folder (or use 'latest')")
+    if getattr(args, "trim_only", None) is not None:
+        try:
+            re.compile(args.trim_only)
+        except re.error as e:
+            fail(f"--trim_only {args.trim_only!r} is not a valid regex: {e}")
+    try:  # the method's own config checks (ranges, choices), before any work
+        build_method(args.method, "diffusion", **method_overrides(args))
+    except (TypeError, ValueError) as e:
+        fail(f"--method {args.method}: {e}")
     return args
 
 
@@ -267,14 +269,8 @@ def engine_config(args) -> EngineConfig:
 
 
 def method_overrides(args) -> dict:
-    keys = ("topk", "lam", "forget_loss", "forget_bound", "saliency_batches", "selection", "init", "memory_refresh",
-            "num_memories", "margin", "ablation", "mask_ratio", "alpha", "negative_guidance")
-    out = {k: getattr(args, k) for k in keys}
-    if args.no_projection:
-        out["project"] = False
-    if args.no_update_projection:
-        out["project_update"] = False
-    return out
+    """The chosen method's options as parsed (with this adapter's defaults applied); unset ones are left out."""
+    return {k: getattr(args, k) for k in option_names(args.method, "diffusion") if getattr(args, k, None) is not None}
 
 
 def settings_of(args) -> dict:

@@ -67,7 +67,9 @@ def test_each_method_runs_and_keeps_retain(name, mlp, digits_tensors, accelerato
     forget, retain = split(digits_tensors)
     adapter = ClassifierAdapter(mlp, forget, retain, num_classes=10, batch_size=32)
     steps = 200 if name == "retrain" else 25
-    method = build_method(name, topk=2.0, lam=0.05, forget_bound=3.0)
+    options = {"topk": 2.0, "lam": 0.05, "forget_bound": 3.0}
+    own = {f.name for f in dataclasses.fields(get_method_class(name).config_cls)}
+    method = build_method(name, **{k: v for k, v in options.items() if k in own})
     res = run(adapter, method, EngineConfig(output_dir=str(tmp_path), max_train_steps=steps, lr=1e-2 if name == "retrain" else 2e-3,
                                             progress=False, log_every=5), accelerator=accelerator)
     assert accuracy(res.model, retain) > 0.8

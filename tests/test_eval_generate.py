@@ -88,9 +88,9 @@ def test_erased_model_folder_loads_its_unet_over_the_base(tmp_path, model, one_t
     "kwargs, message",
     [
         (dict(scheduler="heun"), "unknown scheduler 'heun'"),
-        (dict(guidance="strong"), "--guidance must be a number or 'row'"),
-        (dict(steps=0), "--steps must be >= 1"),
-        (dict(resolution=30), "--resolution must be a positive multiple of 8"),
+        (dict(guidance="strong"), "guidance must be a number or 'row'"),
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(resolution=30), "resolution must be a positive multiple of 8"),
     ],
 )
 def test_bad_generation_settings(kwargs, message):

@@ -22,8 +22,9 @@ from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "erase" / "sd.py")
-SMALL = ["--num_forget_images", "4", "--num_retain_images", "4", "--num_inference_steps", "2", "--generation_batch_size", "4",
-         "--saliency_batches", "2", "--log_every", "1"]
+SMALL_DATA = ["--num_forget_images", "4", "--num_retain_images", "4", "--num_inference_steps", "2", "--generation_batch_size", "4",
+              "--log_every", "1"]
+SMALL = [*SMALL_DATA, "--saliency_batches", "2"]  # for Scissorhands (the default method): its saliency pass, short
 
 
 def launch(args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -55,7 +56,7 @@ def data_dir(tiny, tmp_path_factory):
     """Forget / retain images and cached latents, generated once (a 0-step run) and shared by every run here."""
     data = tmp_path_factory.mktemp("data")
     in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path_factory.mktemp("prep"),
-                "--data_dir", data, *SMALL, "--max_train_steps", 0, "--method", "ft"])
+                "--data_dir", data, *SMALL_DATA, "--max_train_steps", 0, "--method", "ft"])
     return data
 
 
@@ -178,8 +179,10 @@ def test_two_processes_match_one(tiny, data_dir, tmp_path):
     ["--targets", r"up_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_[kv]\.weight", "--memory_refresh", "2"],
 ], ids=["ft", "ga", "l1sparse", "salun", "esd", "redirect+ckpt+accum", "esd-term+2mem", "regex"])
 def test_methods(tiny, data_dir, tmp_path, row):
+    method = row[row.index("--method") + 1] if "--method" in row else "scissorhands"
+    saliency = ["--saliency_batches", 1] if method in ("scissorhands", "salun") else []  # an option of these two only
     in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
-                *SMALL, "--max_train_steps", 2, "--saliency_batches", 1, "--lr", "1e-3", *row])
+                *SMALL_DATA, "--max_train_steps", 2, *saliency, "--lr", "1e-3", *row])
     cfg = json.loads((tmp_path / "erase_config.json").read_text())
     assert cfg["delta"]["tensors_changed"] > 0
     assert all(all(isinstance(v, str) or v == v for v in r.values()) for r in cfg["history"])  # finite logs (no NaN)
@@ -197,7 +200,7 @@ def test_data_resumes_and_user_folders(tiny, data_dir, tmp_path):
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in forget.glob("*.png")}
     (forget / "00001_0.png").unlink()
     in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path / "a", "--data_dir", data_dir,
-                *SMALL, "--max_train_steps", 1, "--method", "ft"])
+                *SMALL_DATA, "--max_train_steps", 1, "--method", "ft"])
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in forget.glob("*.png")}
     assert after.keys() == before.keys()
     for name, (mtime, blob) in before.items():

@@ -109,7 +109,7 @@ def check_resume(state: dict, current: dict, path: Path, max_train_steps: int) -
     changes the result (one line naming every such setting), or when the run would end before its step."""
     step = int(state["step"])
     if max_train_steps < step:
-        raise CheckpointError(f"--max_train_steps {max_train_steps} is below the step {step} of {path}; "
+        raise CheckpointError(f"max_train_steps {max_train_steps} is below the step {step} of {path}; "
                               f"give at least {step} or resume from an earlier checkpoint")
     saved = state.get("record")
     if not isinstance(saved, dict):

@@ -45,8 +45,13 @@ def get_method_class(name: str, task: str | None = None) -> type:
 
 
 def build_method(name: str, task: str | None = None, **overrides):
-    """Instantiate a method with its config; keys its config does not have are ignored (shared CLI flags)."""
+    """Instantiate a method with its config. A key its config does not have is a ``TypeError`` naming it and the
+    method's options (never silently ignored); ``None`` values mean "the config default"."""
     cls = get_method_class(name, task)
-    fields = {f.name for f in dataclasses.fields(cls.config_cls)}
-    config = cls.config_cls(**{k: v for k, v in overrides.items() if k in fields and v is not None})
+    fields = [f.name for f in dataclasses.fields(cls.config_cls)]
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise TypeError(f"method {name} has no option {', '.join(map(repr, unknown))}; its options: "
+                        f"{', '.join(fields) or 'none'}")
+    config = cls.config_cls(**{k: v for k, v in overrides.items() if v is not None})
     return cls(config)

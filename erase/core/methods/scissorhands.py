@@ -23,7 +23,7 @@ from ..projection import project_
 from ..registry import register_method
 from ..saliency import saliency_scores
 from ..topk import check_k, topk_masks
-from ..trim import bias_fan_ins, module_kinds, summarize, trim_
+from ..trim import INITS, bias_fan_ins, module_kinds, summarize, trim_
 
 logger = get_logger(__name__)
 
@@ -42,17 +42,17 @@ class ScissorhandsConfig:
     forget_loss: str = field(default="ascent", metadata={"help": "Forget term: ascent (−L_f) or an adapter kind (redirect, esd, relabel)."})
     forget_bound: float | None = field(default=None, metadata={"help": "Clamp L_f at this value inside the ascent term."})
     saliency_batches: int = field(default=4, metadata={"help": "Fresh forget batches summed in the SNIP score."})
-    selection: str = field(default="global", metadata={"help": "global or per_tensor top-k."})
+    selection: str = field(default="global", metadata={"help": "global or per_tensor top-k.", "choices": ("global", "per_tensor")})
     trim_only: str | None = field(default=None, metadata={"help": "Regex searched in names: rank over all targets, re-initialise only these (reference: last blocks)."})
-    k_basis: str = field(default="ranked", metadata={"help": "ranked: k% of all ranked entries; reset: k% of the entries that may be reset."})
-    init: str = field(default="default", metadata={"help": "default, uniform, normal (norm scales 1, norm biases 0) or zero (prunes: every selected entry 0)."})
-    project: bool = field(default=True, metadata={"help": "Project updates so the forget loss does not drop."})
-    project_update: bool = field(default=True, metadata={"help": "Also correct the step the optimizer applied (Adam, momentum) so it does not lower the memory forget loss to first order; False only measures it."})
+    k_basis: str = field(default="ranked", metadata={"help": "ranked: k% of all ranked entries; reset: k% of the entries that may be reset.", "choices": ("ranked", "reset")})
+    init: str = field(default="default", metadata={"help": "default, uniform, normal (norm scales 1, norm biases 0) or zero (prunes: every selected entry 0).", "choices": INITS})
+    project: bool = field(default=True, metadata={"help": "Project updates so the forget loss does not drop.", "negative_aliases": ("--no_projection",)})
+    project_update: bool = field(default=True, metadata={"help": "Also correct the step the optimizer applied (Adam, momentum) so it does not lower the memory forget loss to first order; False only measures it.", "negative_aliases": ("--no_update_projection",)})
     margin: float = field(default=0.0, metadata={"help": "GEM memory strength: the projection's dual is solved under v ≥ margin, as GEM does (0 = exact projection)."})
     memory_refresh: int = field(default=1, metadata={"help": "Recompute the memory gradient every N steps."})
     num_memories: int = field(default=1, metadata={"help": "Forget memory batches, one constraint each."})
-    forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only on the steps holding the first ⌈|D_f|/batch⌉ retain micro-batches of each retain epoch (reference)."})
-    ablation: str = field(default="none", metadata={"help": f"One of {ABLATIONS}: drop one part to measure what it contributes."})
+    forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only on the steps holding the first ⌈|D_f|/batch⌉ retain micro-batches of each retain epoch (reference).", "choices": ("every", "first_per_epoch")})
+    ablation: str = field(default="none", metadata={"help": "Drop one part to measure what it contributes.", "choices": ABLATIONS})
 
     def __post_init__(self):
         check_k(self.topk)
