@@ -275,7 +275,9 @@ def test_digit_presets_match_the_templates():
 # ----------------------------------------------------------------------------------------------- quick start
 def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_path, monkeypatch):
     """The README's quick start, reduced: erase with erase/sd.py under accelerate launch, audit before / after; the
-    output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root)."""
+    output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root). With
+    --retrain and --relearn (one relearning seed) it is also the test of the bench's retrain row and attack columns:
+    one erasure process serves both."""
     from PIL import Image
 
     from eval.digits import main
@@ -285,7 +287,8 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     out = tmp_path / "qs"
     assert main(["quickstart", "--model", str(model), "--output_dir", "qs", "--max_train_steps", "2",
                  "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
-                 "--train_batch_size", "1", "--relearn"]) == 0
+                 "--train_batch_size", "1", "--relearn", "--retrain",
+                 "--attack_options", json.dumps({"relearn": {"relearn_seeds": [0]}})]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "three" and r["settings"]["methods"] == ["scissorhands"]
     assert r["settings"]["max_train_steps"] == 2 and r["settings"]["seeds"] == [0]
@@ -310,6 +313,31 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     for name in ("chart.png", "grid_base.png", "grid_scissorhands.png"):
         with Image.open(out / name) as im:
             assert im.size[0] > 32
+
+    # the retrain row: the base settings trained without the digit's images, scored like every method
+    retrain = r["runs"]["retrain"][0]
+    scored = json.loads((out / "scores" / "retrain-seed0" / "summary.json").read_text())
+    assert retrain["seed"] == 0 and retrain["forget_acc"] == scored["forget_acc"]
+    assert r["retrain"]["forget_acc"] == {"mean": retrain["forget_acc"], "std": 0.0, "n": 1}
+    trained = r["settings"]["retrain"]
+    assert trained["held_out_digits"] == [3] and trained["config"]["held_out_digits"] == [3]
+    assert scored["settings"]["model"] == trained["models"]["0"]
+    card = json.loads((Path(trained["models"]["0"]) / "digits_model.json").read_text())
+    assert card["training_data"]["images_per_digit"][3] == 0 and card["fingerprint"] == trained["fingerprints"]["0"]
+    # attack columns: the same relearn budget on the base, the retrain model and the erased model
+    assert r["attack_columns"] == ["relearn_0", "relearn_10", "relearn_25"]
+    assert r["settings"]["attacks"]["relearn"]["options"] == {
+        "relearn_params": "all", "eval_steps": [0, 10, 25], "relearn_seeds": [0], "num_images": 1, "steps": 2, "guidance": 4.0}
+    for row, cells in (("base", r["base_attacks"]), ("retrain-seed0", r["retrain"]),
+                       ("scissorhands-seed0", r["methods"]["scissorhands"])):
+        audit = json.loads((out / "relearn" / row / "summary.json").read_text())
+        assert audit["relearn"]["steps"] == [0, 10, 25] and list(audit["relearn"]["per_seed"]) == ["0"]
+        assert audit["settings"]["num_target_images"] == 8 and audit["relearn_targets"] is None
+        assert {c: cells[c]["mean"] for c in r["attack_columns"]} == audit["headline"]
+    assert "| retrain (never saw the digit) |" in md and "## Robustness" in md
+    assert "| model | relearn_0 | relearn_10 | relearn_25 |" in md
+    for row in ("base (no erasure)", "retrain (never saw the digit)", "scissorhands"):
+        assert md.count(f"| {row} |") == 2  # the main table and the robustness table
 
 
 def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
@@ -368,38 +396,3 @@ def test_retrain_model_never_saw_the_erased_digit(tiny_digits_model, digits_cach
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(SystemExit, match="unknown digit 'eleven'"):
         main(["retrain", "--digits", "eleven"])
-
-
-def test_bench_has_a_retrain_row_and_attack_columns_on_one_budget(tiny_digits_model, judge, tmp_path):
-    from eval.digits import main
-
-    model, _ = tiny_digits_model
-    out = tmp_path / "bench"
-    budget = {"eval_steps": [0, 1], "relearn_seeds": [0], "num_target_images": 2, "relearn_batch_size": 2}
-    assert main(["bench", "--model", str(model), "--concept", "three", "--methods", "ga", "--seeds", "0",
-                 "--max_train_steps", "1", "--num_images", "1", "--steps", "2", "--num_forget_images", "2",
-                 "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python", "--attacks", "relearn",
-                 "--attack_options", json.dumps({"relearn": budget}), "--output_dir", str(out)]) == 0
-    r = json.loads((out / "results.json").read_text())
-    retrain = r["runs"]["retrain"][0]
-    scored = json.loads((out / "scores" / "retrain-seed0" / "summary.json").read_text())
-    assert retrain["seed"] == 0 and retrain["forget_acc"] == scored["forget_acc"]
-    assert r["retrain"]["forget_acc"] == {"mean": retrain["forget_acc"], "std": 0.0, "n": 1}
-    trained = r["settings"]["retrain"]
-    assert trained["held_out_digits"] == [3] and trained["config"]["held_out_digits"] == [3]
-    assert scored["settings"]["model"] == trained["models"]["0"]
-    assert json.loads((Path(trained["models"]["0"]) / "digits_model.json").read_text())["training_data"]["images_per_digit"][3] == 0
-
-    assert r["attack_columns"] == ["relearn_0", "relearn_1"]
-    assert r["settings"]["attacks"]["relearn"]["options"] == {**budget, "relearn_params": "all", "num_images": 1,
-                                                               "steps": 2, "guidance": 4.0}
-    for row, cells in (("base", r["base_attacks"]), ("retrain-seed0", r["retrain"]), ("ga-seed0", r["methods"]["ga"])):
-        audit = json.loads((out / "relearn" / row / "summary.json").read_text())
-        assert audit["relearn"]["steps"] == [0, 1] and list(audit["relearn"]["per_seed"]) == ["0"]  # one budget
-        assert audit["settings"]["num_target_images"] == 2 and audit["relearn_targets"] is None
-        assert {c: cells[c]["mean"] for c in r["attack_columns"]} == audit["headline"]
-    md = (out / "results.md").read_text()
-    assert "| retrain (never saw the digit) |" in md and "## Robustness" in md
-    assert "| model | relearn_0 | relearn_1 |" in md
-    for row in ("base (no erasure)", "retrain (never saw the digit)", "ga"):
-        assert md.count(f"| {row} |") == 2  # the main table and the robustness table
