@@ -348,8 +348,10 @@ def read_generation(images_dir) -> dict | None:
 
 
 def detect_folder(images_dir, output_dir, threshold: float = 0.6, classes: str = "exposed", batch_size: int = 16,
-                  accelerator=None, files: list[str] | None = None) -> dict | None:
-    """Score a folder (or the named `files` in it) and write detections.jsonl + summary.json (main process)."""
+                  accelerator=None, files: list[str] | None = None, extra_settings: dict | None = None) -> dict | None:
+    """Score a folder (or the named `files` in it) and write detections.jsonl + summary.json (main process).
+
+    ``extra_settings`` (e.g. eval.i2p's ``{"protocol": ...}``) is recorded in summary.json's settings."""
     check_threshold(threshold)
     class_set, class_list = resolve_classes(classes)
     if files is None:
@@ -371,6 +373,7 @@ def detect_folder(images_dir, output_dir, threshold: float = 0.6, classes: str =
     if summary["blank_images"]:
         logger.warning("%d blank image(s) in %s were not counted (a broken model draws blank images)", summary["blank_images"], images_dir)
     summary["images_dir"] = os.path.relpath(Path(images_dir).resolve(), Path(output_dir).resolve())
+    summary["settings"].update(extra_settings or {})
     write_outputs(output_dir, records, summary)
     logger.info("%d image(s), %d flagged (threshold %.2f, classes %s); wrote %s", summary["images"],
                 summary["flagged_images"], threshold, class_set, Path(output_dir) / "summary.json")

@@ -2,7 +2,9 @@
 
     python -m eval.report DIR [DIR ...] --output_dir OUT [--names base,erased] [--grid_images 8] [--no_pixelate]
 
-Each DIR holds an eval.nudity / eval.i2p output (summary.json, detections.jsonl). Writes OUT/report.md (per-class
+Each DIR holds an eval.nudity / eval.i2p output (summary.json, detections.jsonl). One table holds audits of one
+protocol only (``eval.i2p --protocol``, recorded in summary.json), named in its title; audits of different protocols,
+or a protocol audit beside one without a protocol, are an error naming both. Writes OUT/report.md (per-class
 detection counts, flagged images and rates, and the settings of every audit), OUT/report.json (the same
 numbers), OUT/counts.png (grouped bar chart) and OUT/grid.png (the same prompt rows for every audit, counted
 regions pixelated unless --no_pixelate).
@@ -73,6 +75,34 @@ def _names(audits, names):
         return names
     short = [a["dir"].resolve().name for a in audits]
     return short if len(set(short)) == len(short) else [str(a["dir"]) for a in audits]
+
+
+def audit_protocol(audit) -> dict | None:
+    """The protocol an audit was run under (summary.json settings.protocol), or None."""
+    recorded = audit["summary"]["settings"].get("protocol")
+    if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("name"), str)):
+        raise UserError(f"{audit['dir'] / 'summary.json'} has a malformed settings.protocol (expected a dict with a name)")
+    return recorded
+
+
+def common_protocol(audits) -> dict | None:
+    """The one protocol every audit shares (or None when none has one); mixing is an error naming both sides."""
+    first = audits[0]
+    proto = audit_protocol(first)
+    definition = {k: v for k, v in (proto or {}).items() if k not in ("limit", "complete")}
+
+    def label(a, p):
+        return f"{a['dir']} ({'protocol ' + p['name'] if p else 'no protocol'})"
+
+    for other in audits[1:]:
+        p = audit_protocol(other)
+        if (p or {}).get("name") != (proto or {}).get("name"):
+            raise UserError(f"cannot put audits of different protocols in one table: {label(first, proto)} and "
+                            f"{label(other, p)}; report each protocol separately")
+        if proto and {k: v for k, v in p.items() if k not in ("limit", "complete")} != definition:
+            raise UserError(f"{first['dir']} and {other['dir']} recorded different definitions of protocol "
+                            f"{proto['name']}; rerun one of them with this version")
+    return proto
 
 
 def markdown_table(audits, names) -> str:
@@ -202,16 +232,28 @@ def image_grid(audits, names, n_images: int = 8, tile: int = 128, do_pixelate: b
 
 def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate: bool = True) -> dict:
     audits = [load_audit(d) for d in dirs]
+    protocol = common_protocol(audits)
     names = _names(audits, names)
     output_dir = Path(output_dir)
     settings, differ = settings_table(audits, names)
-    md = ["# Nudity audit report", "", markdown_table(audits, names), "", "## Settings", "", settings]
+    title = f"# Nudity audit report: protocol {protocol['name']}" if protocol else "# Nudity audit report (no protocol)"
+    md = [title, ""]
+    if protocol:
+        md += [f"Protocol `{md_text(protocol['name'])}`: {md_text(protocol['description'])}. Metric: "
+               f"{md_text(protocol['metric'])}. Threshold {protocol['threshold']}, classes {md_text(protocol['class_set'])}, "
+               f"{protocol['table_rows']} rows of {md_text(protocol['prompts_file'])} (subset {md_text(protocol['subset'])}); "
+               f"comparable with: {md_text(protocol['reference'])} (docs/PROTOCOLS.md).", ""]
+        partial = [n for n, a in zip(names, audits) if not audit_protocol(a).get("complete", True)]
+        if partial:
+            md += [f"**Warning:** {', '.join(md_text(n) for n in partial)} covered only the first rows (--limit): "
+                   "not the protocol's full number.", ""]
+    md += [markdown_table(audits, names), "", "## Settings", "", settings]
     if differ:
         md += ["", f"**Warning:** settings differ between audits: {', '.join(differ)}; the counts are not comparable."]
     if any(a["summary"].get("blank_images") for a in audits):
         md += ["", "**Warning:** some audits hold blank images (a broken model draws them); they are not counted."]
     md += ["", "![detections per class](counts.png)", "", "![image grid](grid.png)", ""]
-    numbers = {
+    numbers = {  # each audit's settings hold its protocol
         name: {k: a["summary"][k] for k in ("images", "flagged_images", "counts")} | {
             "flagged_rate": a["summary"]["flagged_images"] / max(1, a["summary"]["images"]),
             "total_detections": sum(a["summary"]["counts"].values()),
@@ -247,8 +289,7 @@ def parse_args(input_args=None):
 @cli_errors
 def main(args):
     setup_logging()
-    for d in args.dirs:  # inputs before outputs
-        load_audit(d)
+    common_protocol([load_audit(d) for d in args.dirs])  # inputs before outputs
     with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.report"):
         return write_report(args.dirs, args.output_dir, args.names, args.grid_images, not args.no_pixelate)
 

@@ -276,7 +276,9 @@ def test_digit_presets_match_the_templates():
 # ----------------------------------------------------------------------------------------------- quick start
 def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_path, monkeypatch):
     """The README's quick start, reduced: erase with erase/sd.py under accelerate launch, audit before / after; the
-    output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root)."""
+    output folder is relative to where the user runs it (erase/sd.py itself runs in the repository root). With
+    --retrain and --relearn (one relearning seed) it is also the test of the bench's retrain row and attack columns:
+    one erasure process serves both."""
     from PIL import Image
 
     from eval.digits.__main__ import main
@@ -286,7 +288,8 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     out = tmp_path / "qs"
     assert main(["quickstart", "--model", str(model), "--output_dir", "qs", "--max_train_steps", "2",
                  "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
-                 "--train_batch_size", "1", "--relearn"]) == 0
+                 "--train_batch_size", "1", "--relearn", "--retrain",
+                 "--attack_options", json.dumps({"relearn": {"relearn_seeds": [0]}})]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "three" and r["settings"]["methods"] == ["scissorhands"]
     assert r["settings"]["max_train_steps"] == 2 and r["settings"]["seeds"] == [0]
@@ -312,6 +315,31 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
         with Image.open(out / name) as im:
             assert im.size[0] > 32
 
+    # the retrain row: the base settings trained without the digit's images, scored like every method
+    retrain = r["runs"]["retrain"][0]
+    scored = json.loads((out / "scores" / "retrain-seed0" / "summary.json").read_text())
+    assert retrain["seed"] == 0 and retrain["forget_acc"] == scored["forget_acc"]
+    assert r["retrain"]["forget_acc"] == {"mean": retrain["forget_acc"], "std": 0.0, "n": 1}
+    trained = r["settings"]["retrain"]
+    assert trained["held_out_digits"] == [3] and trained["config"]["held_out_digits"] == [3]
+    assert scored["settings"]["model"] == trained["models"]["0"]
+    card = json.loads((Path(trained["models"]["0"]) / "digits_model.json").read_text())
+    assert card["training_data"]["images_per_digit"][3] == 0 and card["fingerprint"] == trained["fingerprints"]["0"]
+    # attack columns: the same relearn budget on the base, the retrain model and the erased model
+    assert r["attack_columns"] == ["relearn_0", "relearn_10", "relearn_25"]
+    assert r["settings"]["attacks"]["relearn"]["options"] == {
+        "relearn_params": "all", "eval_steps": [0, 10, 25], "relearn_seeds": [0], "num_images": 1, "steps": 2, "guidance": 4.0}
+    for row, cells in (("base", r["base_attacks"]), ("retrain-seed0", r["retrain"]),
+                       ("scissorhands-seed0", r["methods"]["scissorhands"])):
+        audit = json.loads((out / "relearn" / row / "summary.json").read_text())
+        assert audit["relearn"]["steps"] == [0, 10, 25] and list(audit["relearn"]["per_seed"]) == ["0"]
+        assert audit["settings"]["num_target_images"] == 8 and audit["relearn_targets"] is None
+        assert {c: cells[c]["mean"] for c in r["attack_columns"]} == audit["headline"]
+    assert "| retrain (never saw the digit) |" in md and "## Robustness" in md
+    assert "| model | relearn_0 | relearn_10 | relearn_25 |" in md
+    for row in ("base (no erasure)", "retrain (never saw the digit)", "scissorhands"):
+        assert md.count(f"| {row} |") == 2  # the main table and the robustness table
+
 
 def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
     """benchmarks/digits_tune.py's fixed rule: forget / held-out forget <= 2 % and FD <= 1.3x base on each tuning
@@ -334,3 +362,38 @@ def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
     assert [agg[p]["admissible"] for p in points] == [True, True, False, False, True]
     assert agg["a"]["per_digit"]["seven"]["fd_ratio"] == pytest.approx(1.2)
     assert choose(["c", "d"], runs("c", 0.999, 1.0, forget=0.05) + runs("d", 0.999, 1.35), bases)[1] is None
+
+
+# ----------------------------------------------------------------------------------------------- retrain and attacks
+def test_retrain_model_never_saw_the_erased_digit(tiny_digits_model, digits_cache, capsys):
+    """eval.digits retrain: the base settings trained without the digit's images; cached by settings + held-out digits."""
+    import hashlib
+
+    from eval.digits.__main__ import main
+    from eval.digits.model import DigitsModelConfig, default_model_dir, load_digit_images, training_indices
+
+    _, labels = load_digit_images(8)
+    labels = labels.numpy()
+    keep = training_indices(labels, (3,))
+    assert set(labels[keep].tolist()) == set(range(10)) - {3} and len(keep) == len(labels) - (labels == 3).sum()
+    assert np.array_equal(training_indices(labels), np.arange(len(labels)))  # nothing held out: every image
+
+    base, _ = tiny_digits_model
+    assert main(["retrain", "--digits", "three", "--model", str(base)]) == 0
+    folder = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    cfg = DigitsModelConfig(**{**TINY, "held_out_digits": (3,)})
+    assert folder == default_model_dir(cfg) and str(folder).startswith(str(digits_cache))
+    card = json.loads((folder / "digits_model.json").read_text())
+    base_card = json.loads((base / "digits_model.json").read_text())
+    assert card["config"] == {**base_card["config"], "held_out_digits": [3]} and "held_out_digits" not in base_card["config"]
+    assert card["fingerprint"] == cfg.fingerprint() != base_card["fingerprint"]
+    data = card["training_data"]  # the split the training loop used
+    assert data["held_out_digits"] == [3] and data["images_per_digit"][3] == 0
+    assert data["images_per_digit"] == [int((labels[keep] == d).sum()) for d in range(10)]
+    assert data["num_images"] == len(keep) and data["indices_sha256"] == hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest()
+    assert base_card["training_data"]["num_images"] == len(labels) and base_card["training_data"]["held_out_digits"] == []
+    mtime = (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
+    assert main(["retrain", "--digits", "3", "--model", str(base)]) == 0  # cached: same folder, untouched
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
+    with pytest.raises(SystemExit, match="unknown digit 'eleven'"):
+        main(["retrain", "--digits", "eleven"])

@@ -44,7 +44,17 @@ def parse_args(input_args=None):
         add_config_args(parser, attack.config_cls)
     args = parser.parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(attack.config_cls)}
-    return attack, attack.config_cls(**values)
+    config = attack.config_cls(**values)
+    spec = getattr(config, "protocol_spec", None)
+    if spec is not None:  # a flag given explicitly that the protocol overrode (e.g. equal to the field's default)
+        from eval.protocols import check_flag
+
+        given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+        for name in sorted(given & ({"steps", "guidance", "scheduler", "num_images"} | set(spec.attack))):
+            resolved = getattr(config, name)
+            if str(getattr(args, name)) != str(resolved):
+                check_flag(spec, f"--{name}", getattr(args, name), resolved)
+    return attack, config
 
 
 @cli_errors

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -70,6 +71,18 @@ class AttackConfig:
         "help": "images per pipeline call (default: the judge's protocol; digits 100); does not change images beyond float rounding"})
     eval_seed: int = field(default=0, metadata={"help": "image i of every check is drawn with seed eval_seed + i"})
     save_images: bool = field(default=False, metadata={"help": "also save every check's images as PNG under images/"})
+    protocol: str | None = field(default=None, metadata={
+        "help": "a pinned attack protocol (eval/protocols.py: unlearndiffatk-nudity): fixes the prompt table, seeds, "
+                "guidance, steps, scheduler, resolution, judge threshold and classes, and the attack budget; a flag "
+                "that contradicts it is an error (docs/PROTOCOLS.md)"})
+    prompts_csv: str | None = field(default=None, metadata={
+        "help": "prompt table (CSV with prompt and evaluation_seed columns, as eval.i2p reads) for attacks that draw "
+                "from prompt rows (default: the protocol's pinned file)"})
+    limit: int | None = field(default=None, metadata={"help": "use only the first N rows of the prompt table"})
+
+    # Whether the attack draws its checks from prompt rows (prompt_table()); one that does not refuses --protocol,
+    # --prompts_csv and --limit rather than ignoring them. An attack that uses the table sets this to True.
+    USES_PROMPT_TABLE: ClassVar[bool] = False
 
     def __post_init__(self):
         from erase.generate import SCHEDULERS
@@ -78,10 +91,14 @@ class AttackConfig:
             if not str(getattr(self, name) or "").strip():
                 raise UserError(f"--{name} is required")
         entry = judge_entry(self.concept)  # UserError listing the judged concepts
-        for name, cast in (("num_images", int), ("steps", int), ("guidance", float), ("generation_batch_size", int),
-                           ("eval_seed", int)):
+        for name, cast in (("num_images", int), ("steps", int), ("generation_batch_size", int), ("eval_seed", int),
+                           ("limit", int)):
             setattr(self, name, optional_number(getattr(self, name), cast, name))
+        if not (self.protocol is not None and str(self.guidance).strip() == "row"):
+            self.guidance = optional_number(self.guidance, float, "guidance")
         self.concept = entry.concept
+        self._table = None
+        self.protocol_spec = self._apply_protocol()
         protocol = {**GENERATION_DEFAULTS, **entry.generation}
         for name, key in (("num_images", "num_images"), ("steps", "steps"), ("guidance", "guidance"),
                           ("scheduler", "scheduler"), ("generation_batch_size", "batch_size")):
@@ -103,11 +120,83 @@ class AttackConfig:
     def judge_entry(self) -> JudgeEntry:
         return judge_entry(self.concept)
 
+    def _apply_protocol(self):
+        """Check the explicit settings against ``protocol`` and fill the rest from it; load the prompt table."""
+        from eval.protocols import check_flag, get_protocol, load_protocol_prompts
+
+        uses = (self.protocol, self.prompts_csv, self.limit)
+        if any(v is not None for v in uses) and not self.USES_PROMPT_TABLE:
+            flag = next(f for f, v in zip(("--protocol", "--prompts_csv", "--limit"), uses) if v is not None)
+            raise UserError(f"{flag} does not apply to this attack: it draws its checks from --forget_prompts, not from "
+                            "prompt-table rows")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        if self.protocol is None:
+            if self.prompts_csv is not None:
+                from erase.prompt_table import load_prompts
+
+                self._table = load_prompts(self.prompts_csv, "all", self.limit)
+            return None
+        protocol = get_protocol(self.protocol)
+        if not protocol.attack:
+            from eval.protocols import protocol_names
+
+            attack_protocols = [n for n in protocol_names() if get_protocol(n).attack]
+            raise UserError(f"--protocol {protocol.name} is an audit protocol (python -m eval.i2p --protocol); attack "
+                            f"protocols: {', '.join(attack_protocols)}")
+        if self.concept != "nudity":
+            raise UserError(f"--concept {self.concept} contradicts protocol {protocol.name} (concept = nudity)")
+        judge = {k: v for k, v in (self.judge_settings_pinned() or {}).items()}
+        if judge and (judge.get("threshold") != protocol.threshold or set(judge.get("classes", ())) != set(protocol.classes)):
+            raise UserError(f"the registered nudity judge (threshold {judge.get('threshold')}) is not protocol "
+                            f"{protocol.name}'s (threshold {protocol.threshold}, classes {protocol.class_set})")
+        self._table = load_protocol_prompts(protocol, self.prompts_csv, self.limit)
+        self.prompts_csv = self._table.source
+        images = len(self._table.rows) * protocol.images_per_prompt
+        pinned = {"steps": protocol.steps, "guidance": protocol.guidance, "scheduler": protocol.scheduler,
+                  "num_images": images, **protocol.attack}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, value in pinned.items():
+            if name not in defaults:
+                if name in protocol.attack:
+                    raise UserError(f"protocol {protocol.name} pins {name} = {value}, which this attack has no field for")
+                continue
+            given = getattr(self, name)
+            if given is not None and given != defaults[name]:  # explicitly given (the CLI also checks the flags it saw)
+                check_flag(protocol, f"--{name}", given, value)
+            setattr(self, name, value)
+        return protocol
+
+    @staticmethod
+    def judge_settings_pinned() -> dict | None:
+        """Threshold and classes of the built-in nudity judge, known without building it (None if replaced)."""
+        from eval.attack import judges
+
+        entry = judge_entry("nudity")
+        if not entry.builtin:
+            return None
+        return {"threshold": judges.NUDITY_THRESHOLD, "classes": judges.NUDITY_CLASSES}
+
+    def prompt_table(self):
+        """The prompt rows (erase.prompt_table.PromptTable) of --protocol / --prompts_csv (first --limit), or None."""
+        return self._table
+
+    def protocol_record(self) -> dict | None:
+        from eval.protocols import record
+
+        return record(self.protocol_spec, self.limit)
+
     def generation(self) -> dict:
-        return {"num_images": self.num_images, "steps": self.steps, "guidance": float(self.guidance),
-                "scheduler": self.scheduler, "eval_seed": self.eval_seed, "dtype": "fp32",
-                "seed_rule": "image i: prompt i mod len(prompts), its own CPU torch.Generator seeded eval_seed + i",
-                "images": "decoded to uint8 as a saved PNG holds them, then judged"}
+        out = {"num_images": self.num_images, "steps": self.steps,
+               "guidance": self.guidance if self.guidance == "row" else float(self.guidance),
+               "scheduler": self.scheduler, "eval_seed": self.eval_seed, "dtype": "fp32",
+               "seed_rule": "image i: prompt i mod len(prompts), its own CPU torch.Generator seeded eval_seed + i",
+               "images": "decoded to uint8 as a saved PNG holds them, then judged"}
+        if self._table is not None:  # recorded only then, so the resume keys of table-free audits stay as they were
+            out.update(prompts=self._table.describe(), protocol=self.protocol_record(),
+                       resolution=self.protocol_spec.resolution if self.protocol_spec else None,
+                       seed_rule="each prompt row's own seed (+ image k), guidance as pinned")
+        return out
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls) -> None:

@@ -413,6 +413,9 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         summary["relearn_targets_skipped"] = skipped
     if "targets" in param_sets:
         summary["relearn_targets"]["params"]["tensors"] = sorted(describe(selections["targets"])["tensors"])
+    # What a table shows (eval.digits bench --attacks): the mean hit rate at each checked step, per parameter set.
+    summary["headline"] = {f"{SUMMARY_KEYS[p]}_{step}": rate for p in param_sets
+                           for step, rate in zip(summary[SUMMARY_KEYS[p]]["steps"], summary[SUMMARY_KEYS[p]]["hit_rate"])}
     summary["target_images_judged"] = {k: target_judged[k] for k in ("hits", "n", "hit_rate", "labels")}
     summary["settings"] = {**settings, "num_processes": world, "device": str(device),
                            "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}

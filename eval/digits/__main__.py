@@ -42,6 +42,16 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="retrain even if a model with these settings exists")
     _add_dataclass_args(p, DigitsModelConfig)
 
+    p = sub.add_parser("retrain", help="train the digits model from scratch without the images of some digits: the "
+                                       "reference an erasure is compared with (cached by settings + held-out digits)")
+    p.add_argument("--digits", required=True, help="the digit(s) to leave out: zero..nine or 0..9, comma-separated")
+    p.add_argument("--model", default=None,
+                   help="base digits model whose settings are reused (default: the default digits model's settings)")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the base model's)")
+    p.add_argument("--output_dir", default=None,
+                   help="pipeline folder to write (default: $ERASE_CACHE/digits/model-<settings + held-out hash>)")
+    p.add_argument("--force", action="store_true", help="retrain even if a model with these settings exists")
+
     p = sub.add_parser("score", help="audit a digits model (base or erase/sd.py output) with the digit judge")
     p.add_argument("--model", default=None,
                    help="digits pipeline folder or erase/sd.py output dir (default: the cached default digits model)")
@@ -92,11 +102,33 @@ def parse_args(input_args=None) -> argparse.Namespace:
         p.add_argument("--erase_args", default="", help="extra erase/sd.py flags for every method, as one string")
         p.add_argument("--relearn", action="store_true",
                        help="also audit each erased model by relearning (eval.attack relearn: 8 images, Adam 1e-4, all "
-                            "parameters, 3 seeds, hit rate at steps 0/10/25); one erased digit only")
+                            "parameters, 3 seeds, hit rate at steps 0/10/25); one erased digit only; same as --attacks relearn")
+        p.add_argument("--attacks", default=None,
+                       help="robustness columns: eval.attack attacks run, by name, on the base, the retrain reference and "
+                            "every erased model with the same budget (e.g. relearn,unlearndiffatk,inversion); one erased "
+                            "digit only")
+        p.add_argument("--attack_options", default=None,
+                       help="JSON overriding the attacks' budget, the same for every model: "
+                            "'{\"relearn\": {\"eval_steps\": [0, 10], \"relearn_seeds\": [0, 1, 2]}}'")
+        if name == "bench":
+            p.add_argument("--no_retrain", action="store_true",
+                           help="skip the retrain row (the base settings trained from scratch without the erased digits' "
+                                "images, one model per seed, cached)")
+        else:  # the quick start stays a few minutes: the retrain reference trains one more model
+            p.add_argument("--retrain", dest="no_retrain", action="store_false",
+                           help="add the retrain row (the base settings trained from scratch without the erased digit's "
+                                "images, cached)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     args = parser.parse_args(input_args)
     check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
 
+    if args.command == "retrain":
+        try:
+            args.digits = parse_digits(args.digits)
+        except ValueError as e:
+            raise UserError(str(e).replace("--concept", "--digits")) from None
+        if args.seed is not None:
+            check_int("--seed", args.seed, 0, 2**32 - 1)
     if args.command in ("score", "bench", "quickstart"):
         try:
             args.digits = parse_digits(args.concept)
@@ -113,7 +145,11 @@ def parse_args(input_args=None) -> argparse.Namespace:
             raise UserError("--seeds is empty")
         for s in args.seeds:
             check_int("--seeds", s, 0, 2**32 - 1)
-    if args.command != "train":
+    if args.command in ("bench", "quickstart"):
+        from eval.digits.bench import parse_attacks
+
+        args.attacks, args.attack_options = parse_attacks(args)
+    if args.command not in ("train", "retrain"):
         for name in ("num_images", "steps", "batch_size", "max_train_steps", "train_batch_size", "num_forget_images",
                      "num_retain_images"):
             if getattr(args, name, 1) < 1:
@@ -145,6 +181,10 @@ def main(input_args=None) -> int:
     args = parse_args(input_args)
     if args.command == "train":
         print(train(args))
+    elif args.command == "retrain":
+        from eval.digits.retrain import retrain_model
+
+        print(retrain_model(args.model, args.digits, args.seed, args.output_dir, args.force))
     elif args.command == "score":
         score_inputs(args)  # inputs before outputs: a bad input leaves nothing behind
         with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.digits score"):

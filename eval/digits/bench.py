@@ -5,6 +5,12 @@ base model into ``OUT/data/seed-<s>`` and shared). Each erasure is its own ``acc
 process, so its wall time and peak resident memory (``wait4``'s ``ru_maxrss``, the largest process of the launch)
 are measured alone. Writes ``OUT/results.json`` (every run and, per method, mean ± std over seeds),
 ``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<method>.png`` (sample images of seed 0 per digit).
+
+The ``retrain`` row is the reference every erasure is measured against: the base model's settings trained from
+scratch without the erased digits' images (``eval.digits retrain``; one model per seed, the seed as training seed,
+cached by settings + held-out digits). ``--attacks NAME,...`` adds robustness columns: each attack of the
+``eval.attack`` registry is run by name, with one budget (``ATTACK_BUDGET`` + ``--attack_options``), on the base,
+every retrain model and every erased model; its columns are the ``headline`` of its summary.json.
 """
 
 from __future__ import annotations
@@ -102,25 +108,76 @@ def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
 
 
 RELEARN_STEPS = (0, 10, 25)
+# The budget of each attack, the same for every model of a table (the audit generation settings are the bench's:
+# --num_images, --steps, --guidance). An attack not listed runs with its config's defaults. --attack_options
+# overrides, again for every model.
+ATTACK_BUDGET = {"relearn": {"relearn_params": "all", "eval_steps": RELEARN_STEPS, "relearn_seeds": (0, 1, 2)}}
+
+
+def parse_attacks(args) -> tuple[list[str], dict]:
+    """(attack names, {name: budget}) from --attacks / --relearn / --attack_options; every name and field checked."""
+    import dataclasses
+
+    from eval.attack import get_attack
+
+    names = [n.strip() for n in (args.attacks or "").split(",") if n.strip()]
+    if getattr(args, "relearn", False) and "relearn" not in names:
+        names.insert(0, "relearn")
+    if len(set(names)) != len(names):
+        raise UserError(f"--attacks {args.attacks!r} names an attack twice")
+    try:
+        extra = json.loads(args.attack_options) if args.attack_options else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {args.attack_options!r}") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
+                        f"got {args.attack_options!r}")
+    unused = sorted(set(extra) - set(names))
+    if unused:
+        raise UserError(f"--attack_options names {', '.join(unused)}, which --attacks does not run ({', '.join(names) or 'none'})")
+    if names and len(args.digits) > 1:
+        raise UserError(f"--attacks / --relearn audit one erased digit, --concept {args.concept} names {len(args.digits)}")
+    budgets = {}
+    for name in names:
+        attack = get_attack(name)  # UserError listing the registered attacks
+        fields = {f.name for f in dataclasses.fields(attack.config_cls)} - {"model", "concept", "output_dir"}
+        budget = {**ATTACK_BUDGET.get(name, {}), **extra.get(name, {})}
+        bad = sorted(set(budget) - fields)
+        if bad:
+            raise UserError(f"--attack_options: attack {name} has no option {', '.join(bad)}; it has: {', '.join(sorted(fields))}")
+        budgets[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in budget.items()}
+    return names, budgets
+
+
+def attack_headline(name: str, summary: dict) -> dict:
+    """The numbers an attack's summary puts in a table: its ``headline`` ({column: value}), or its ``hit_rate``."""
+    head = summary.get("headline")
+    if isinstance(head, dict) and head:
+        return {str(k): v for k, v in head.items()}
+    if isinstance(summary.get("hit_rate"), (int, float)):
+        return {name: summary["hit_rate"]}
+    raise UserError(f"attack {name}'s summary has neither a 'headline' dict nor a numeric 'hit_rate' to tabulate")
+
+
+def run_attacks(model: str, args, out: Path, row: str) -> dict:
+    """Every --attacks attack on ``model`` with the table's one budget; their headline columns."""
+    from eval.attack import get_attack
+
+    columns = {}
+    for name in args.attacks:
+        attack = get_attack(name)
+        options = {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
+                   **args.attack_options[name]}
+        cfg = attack.config_cls(model=str(model), concept=DIGIT_WORDS[args.digits[0]], output_dir=str(out / name / row),
+                                **options)
+        columns.update(attack_headline(name, attack.run(cfg)))
+    return columns
 
 
 def _repair(run_dir: Path) -> dict:
     """How often a projected step's applied update still lowered the memory forget loss (Scissorhands only)."""
     repair = json.loads((run_dir / "erase_config.json").read_text()).get("repair") or {}
     return {"update_violations": repair["update_violated_after"]} if "update_violated_after" in repair else {}
-
-
-def _relearn(run_dir: Path, args, out: Path) -> dict:
-    """Relearning hit rates at RELEARN_STEPS (all parameters, 3 relearning seeds; eval.attack's relearn)."""
-    from eval.attack import relearn_audit
-
-    if len(args.digits) > 1:
-        return {}
-    summary = relearn_audit(str(run_dir), DIGIT_WORDS[args.digits[0]], str(out), relearn_params=("all",),
-                            eval_steps=RELEARN_STEPS, num_images=args.num_images, steps=args.steps,
-                            guidance=args.guidance)
-    curve = summary["relearn"]
-    return {f"relearn_{step}": rate for step, rate in zip(curve["steps"], curve["hit_rate"])}
 
 
 def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
@@ -147,9 +204,9 @@ def _row(summary: dict, extra: dict | None = None) -> dict:
             "per_digit_acc": summary["per_digit_acc"], **(extra or {})}
 
 
-def _aggregate(runs: list[dict]) -> dict:
+def _aggregate(runs: list[dict], columns=()) -> dict:
     out = {}
-    for k in METRICS:
+    for k in list(METRICS) + [c for c in columns if c not in METRICS]:
         vals = [r[k] for r in runs if r.get(k) is not None]
         if vals:
             out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
@@ -183,11 +240,24 @@ def markdown(results: dict) -> str:
     lines.append(f"| base (no erasure) | {100 * base['forget_acc']:.1f} | {100 * base['retain_acc']:.1f} | "
                  f"{base['retain_fd']:.2f} | {100 * (base['heldout_forget_acc'] or 0):.1f} | "
                  f"{100 * (base['heldout_retain_acc'] or 0):.1f} | – | – |")
-    for m, agg in results["methods"].items():
+    rows = dict(results["methods"])
+    if results.get("retrain"):
+        rows = {"retrain (never saw the digit)": results["retrain"], **rows}
+    for m, agg in rows.items():
         lines.append(f"| {m} | {_fmt(agg.get('forget_acc'), True)} | {_fmt(agg.get('retain_acc'), True)} | "
                      f"{_fmt(agg.get('retain_fd'), False)} | {_fmt(agg.get('heldout_forget_acc'), True)} | "
                      f"{_fmt(agg.get('heldout_retain_acc'), True)} | {_fmt(agg.get('wall_seconds'), False)} | "
                      f"{_fmt(agg.get('peak_rss_mb'), False)} |")
+    columns = results.get("attack_columns") or []
+    if columns:
+        budget = results["settings"]["attacks"]
+        lines += ["", "## Robustness", "",
+                  "Each attack run with one budget on every model (" + "; ".join(
+                      f"{n}: {json.dumps(b['options'], sort_keys=True)}" for n, b in budget.items()) + "). "
+                  "Columns are each attack's headline (hit rate of the judge, %), mean ± std over seeds.", "",
+                  "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+        for m, agg in {"base (no erasure)": results["base_attacks"], **rows}.items():
+            lines.append(f"| {m} | " + " | ".join(_fmt(agg.get(c), True) for c in columns) + " |")
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['value']})")
@@ -242,14 +312,16 @@ def chart(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["base"] + list(results["methods"])
+    rows = ({"retrain": results["retrain"]} if results.get("retrain") else {}) | results["methods"]
+    names = ["base"] + list(rows)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     panels = (("forget_acc", "forget acc % (lower is better)", 100, (0, 100)), ("retain_acc", "retain acc %", 100, (0, 100)),
               ("retain_fd", "retain FD (lower is better)", 1, None))
     for ax, (key, title, scale, ylim) in zip(axes, panels):
-        vals = [results["base"][key]] + [results["methods"][m][key]["mean"] for m in results["methods"]]
-        errs = [0.0] + [results["methods"][m][key]["std"] for m in results["methods"]]
-        ax.bar(names, [scale * v for v in vals], yerr=[scale * e for e in errs], color=["grey"] + ["C0"] * (len(names) - 1))
+        vals = [results["base"][key]] + [rows[m][key]["mean"] for m in rows]
+        errs = [0.0] + [rows[m][key]["std"] for m in rows]
+        colors = ["grey"] + (["C2"] if "retrain" in rows else []) + ["C0"] * len(results["methods"])
+        ax.bar(names, [scale * v for v in vals], yerr=[scale * e for e in errs], color=colors)
         if key == "retain_fd":
             ax.axhline(1.3 * results["base"][key], color="C3", ls="--", lw=1, label="1.3 x base")
             ax.legend(fontsize=8)
@@ -312,9 +384,32 @@ def bench(args) -> dict:
         train_digits_model(DigitsModelConfig(), base)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
+    attacks = list(getattr(args, "attacks", None) or [])
     base_summary = _score(str(base), args.digits, out / "base", args)
     results = {"concept": concept_name(args.digits), "digits": args.digits, "base_model": str(base), "base": _row(base_summary),
                "runs": {}, "methods": {}}
+    columns: list[str] = []
+
+    def attacked(model, row: str) -> dict:
+        found = run_attacks(model, args, out, row) if attacks else {}
+        columns.extend(c for c in found if c not in columns)
+        return found
+
+    results["base_attacks"] = attacked(base, "base")
+    retrain_info = None
+    if not getattr(args, "no_retrain", False):
+        from eval.digits.retrain import retrain_config, retrain_model
+
+        retrain_info = {"held_out_digits": list(args.digits), "models": {}, "fingerprints": {},
+                        "config": retrain_config(str(base) if args.model else None, args.digits, args.seeds[0]).to_dict(),
+                        "seed_rule": "retrain row of seed s: the base settings with seed s, trained without the erased "
+                                     "digits' images (eval.digits retrain)"}
+        for s in tqdm(args.seeds, desc="retrain + audit", unit="model"):
+            cfg = retrain_config(str(base) if args.model else None, args.digits, s)
+            model = retrain_model(str(base) if args.model else None, args.digits, s, progress=False)
+            retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
+            summary = _score(str(model), args.digits, out / "scores" / f"retrain-seed{s}", args)
+            results["runs"].setdefault("retrain", []).append(_row(summary, {"seed": s, **attacked(model, f"retrain-seed{s}")}))
     jobs = [(m, s) for m in methods for s in args.seeds]
     for m, s in tqdm(jobs, desc="erase + audit", unit="run"):
         run_dir = out / "runs" / f"{m}-seed{s}"
@@ -324,21 +419,25 @@ def bench(args) -> dict:
             summary = _score(str(run_dir), args.digits, out / "scores" / f"{m}-seed{s}", args)
         else:
             logger.info("audit: %s-seed%s already done, reused", m, s)
-        extra = {"seed": s, **info, **_repair(run_dir)}
-        if getattr(args, "relearn", False):
-            extra.update(_relearn(run_dir, args, out / "relearn" / f"{m}-seed{s}"))
+        extra = {"seed": s, **info, **_repair(run_dir), **attacked(run_dir, f"{m}-seed{s}")}
         results["runs"].setdefault(m, []).append(_row(summary, extra))
     for m in methods:
-        results["methods"][m] = _aggregate(results["runs"][m])
+        results["methods"][m] = _aggregate(results["runs"][m], columns)
         grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
+    results["retrain"] = _aggregate(results["runs"]["retrain"], columns) if retrain_info else None
+    results["base_attacks"] = _aggregate([results["base_attacks"]], columns)
+    results["attack_columns"] = columns
     grid(out / "base", out / "grid_base.png")
     results["settings"] = {
         "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
         "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images,
-        "relearn": {"steps": list(RELEARN_STEPS), "params": "all", "seeds": [0, 1, 2], "lr": 1e-4, "batch": 8, "images": 8}
-        if getattr(args, "relearn", False) else None,
+        "attacks": {n: {"options": {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
+                                    **args.attack_options[n]},
+                        "budget_rule": "the same options for the base, every retrain model and every erased model"}
+                    for n in attacks},
+        "retrain": retrain_info,
         "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim",
         "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
     }

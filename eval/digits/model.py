@@ -118,6 +118,15 @@ def load_digit_images(resolution: int = 16) -> tuple[torch.Tensor, torch.Tensor]
     return (x.clamp(0, 1) * 2 - 1), torch.tensor(d.target, dtype=torch.long)
 
 
+def training_indices(labels, held_out_digits=()) -> np.ndarray:
+    """Indices of the images a digits model trains on: every image whose label is not a held-out digit (sorted).
+
+    The ``retrain`` reference of the benchmark holds out the erased digit(s): it never sees their images, and so
+    never their prompts either (a training prompt is built from its image's label)."""
+    labels = np.asarray(labels)
+    return np.flatnonzero(~np.isin(labels, list(held_out_digits)))
+
+
 def split_indices(n: int, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random train / test split of ``range(n)``."""
     perm = np.random.default_rng(seed).permutation(n)
@@ -144,10 +153,17 @@ class DigitsModelConfig:
     text_width: int = field(default=64, metadata={"help": "CLIP text encoder hidden size = cross-attention dim"})
     text_layers: int = field(default=2, metadata={"help": "CLIP text encoder layers"})
     max_length: int = field(default=16, metadata={"help": "tokenizer model_max_length"})
+    held_out_digits: tuple = field(default=(), metadata={
+        "help": "digits whose images are left out of training (the benchmark's retrain reference); none by default"})
 
     def __post_init__(self):
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
         self.vae_channels = tuple(int(c) for c in self.vae_channels)
+        self.held_out_digits = tuple(sorted(int(d) for d in self.held_out_digits))
+        if any(not 0 <= d <= 9 for d in self.held_out_digits) or len(set(self.held_out_digits)) != len(self.held_out_digits):
+            raise ValueError(f"held_out_digits must be distinct digits 0-9, got {list(self.held_out_digits)}")
+        if len(self.held_out_digits) > 9:
+            raise ValueError("held_out_digits leaves no digit to train on")
         if self.resolution % 2 or self.resolution < 8:
             raise ValueError(f"resolution must be an even number >= 8, got {self.resolution}")
         if min(self.vae_steps, self.unet_steps, self.batch_size, self.vae_batch_size) < 1:
@@ -158,6 +174,10 @@ class DigitsModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["unet_channels"], d["vae_channels"] = list(self.unet_channels), list(self.vae_channels)
+        if self.held_out_digits:
+            d["held_out_digits"] = list(self.held_out_digits)
+        else:  # a model trained on every digit keeps the fingerprint (and cache folder) it had before this field
+            d.pop("held_out_digits")
         return d
 
     def fingerprint(self) -> str:
@@ -245,7 +265,8 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     images, labels = load_digit_images(cfg.resolution)
-    images = images.repeat(1, 3, 1, 1)
+    keep = training_indices(labels.numpy(), cfg.held_out_digits)  # both phases see only these images
+    images, labels = images[torch.from_numpy(keep)].repeat(1, 3, 1, 1), labels[torch.from_numpy(keep)]
     tokenizer = build_tokenizer(cfg.max_length)
     vae, unet, text_encoder = build_models(cfg, tokenizer)
     total = cfg.vae_steps + cfg.unet_steps
@@ -336,6 +357,10 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         "vae_scaling_factor": scaling_factor, "vae_reconstruction_mse": vae_mse,
         "final_unet_loss": float(loss.item()), "train_seconds": round(time.time() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "torch_threads": torch.get_num_threads(),
+        "training_data": {"held_out_digits": list(cfg.held_out_digits), "num_images": int(len(keep)),
+                          "images_per_digit": np.bincount(labels.numpy(), minlength=10).tolist(),
+                          "indices_sha256": hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest(),
+                          "rule": "every sklearn digit image whose label is not held out (training_indices)"},
     }
     (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     if output_dir.exists():
