@@ -103,6 +103,8 @@ def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
 
 def model_card(config: dict) -> str:
     """README.md: what was erased, how, and how to load it."""
+    from erase.formats import card_section
+
     c = config
     concept = md_text(c["concept"])
     base_raw = c["pretrained_model_name_or_path"]
@@ -117,6 +119,11 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
+    formats = (c.get("export") or {}).get("formats") or ["diffusers"]
+    unet_load = (f"unet = UNet2DConditionModel.from_pretrained(\"path/to/this/folder\", subfolder=\"unet\")"
+                 if "diffusers" in formats or s.get("export_pipeline") else
+                 "unet = UNet2DConditionModel.from_pretrained(" + load_args + ", subfolder=\"unet\")\n"
+                 f"unet.load_state_dict(load_file(\"path/to/this/folder/{DELTA_NAME}\"), strict=False)  # the changed tensors")
     pipe_note = ("This folder is also a complete pipeline:\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
                  "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
     return f"""---
@@ -138,13 +145,15 @@ tags:
 
 Every setting is in `{CONFIG_NAME}`.
 
+{card_section(c)}
 ## Load
 
 ```python
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 
-unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")
+{unet_load}
 pipe = StableDiffusionPipeline.from_pretrained({load_args}, unet=unet)
 image = pipe("a photo of a church").images[0]
 ```
@@ -153,9 +162,13 @@ image = pipe("a photo of a church").images[0]
 """
 
 
-def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None) -> dict:
+def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None, spec=None) -> dict:
     """Build the export beside ``output_dir`` and swap it in whole; returns the delta statistics (also stored in
-    ``config['delta']``). On any failure the staged export is removed and the folder is as it was."""
+    ``config['delta']``). ``spec`` (:class:`erase.formats.ExportSpec`, default diffusers only) names the formats
+    besides the delta. On any failure the staged export is removed and the folder is as it was."""
+    from erase.formats import ExportSpec, write_formats
+
+    spec = spec or ExportSpec()
     out = Path(output_dir).resolve()
     clean_stale_stages(out)
     stage = staging_dir(out)
@@ -171,14 +184,22 @@ def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], 
         save_file(delta, str(stage / DELTA_NAME), metadata=meta)
         if pipeline is not None:
             pipeline.save_pretrained(str(stage), safe_serialization=True)
-        else:
+        elif "diffusers" in spec.formats:
             unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
+        details = write_formats(stage, unet, base_tensors, config, spec)
+        config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details}
         (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-        config["export"] = {"files": sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
-                            "swap": "built beside the folder and swapped in whole"}
+        config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
+                                swap="built beside the folder and swapped in whole")
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
     return config["delta"]
+
+
+if __name__ == "__main__":  # python -m erase.export DIR --export_format single_file,lora (the offline converter)
+    from erase.formats import main
+
+    raise SystemExit(main())
