@@ -166,7 +166,7 @@ def write_single_file(stage: Path, unet, config: dict, spec: ExportSpec, parts: 
 def write_lora(stage: Path, state: dict, base_tensors: dict, config: dict, spec: ExportSpec, family: str | None = None) -> dict:
     """``stage/erased_lora.safetensors`` (kohya layout) and ``stage/erased_lora.json`` (per-tensor rank and error)."""
     from erase.export import changed_tensors
-    from erase.lora import extract_lora
+    from erase.lora import ALPHA, extract_lora
 
     delta = changed_tensors(state, base_tensors)
     if not delta:
@@ -178,7 +178,7 @@ def write_lora(stage: Path, state: dict, base_tensors: dict, config: dict, spec:
     ranks = {p["rank"] for p in stats["per_tensor"].values()}
     meta = {"format": "erase-lora-kohya", **_settings_metadata(config), "ss_network_module": "networks.lora",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "dynamic",
-            "ss_network_alpha": "same as the rank of each tensor (scale 1)", "lora_rank": str(spec.lora_rank),
+            "ss_network_alpha": str(ALPHA), "lora_rank": str(spec.lora_rank),
             "lora_energy": str(None if spec.lora_rank is not None else spec.lora_energy),
             "rel_error": f"{stats['rel_error']:.6g}", "per_tensor": json.dumps(compact, sort_keys=True),
             "left_out": json.dumps(sorted(stats["left_out"]))}

@@ -2,8 +2,10 @@
 
 Each changed weight ``W_erased - W_base`` of a linear or convolution layer is factorised by a truncated SVD
 (a convolution reshaped to ``(out, in * kh * kw)``, as kohya's ``networks/extract_lora_from_models.py`` does):
-``up @ down`` with ``up = U_r sqrt(S_r)`` and ``down = sqrt(S_r) V_r^T``, and ``alpha = r`` so that the scale
-``alpha / r`` is 1. The rank is ``--lora_rank`` (capped at the full rank) or the smallest rank whose singular
+``up @ down`` with ``up = U_r sqrt(S_r)`` and ``down = sqrt(S_r) V_r^T``. Every tensor has ``alpha = 1`` (kohya's
+common ``network_alpha``), so a loader applies ``(alpha / r) * up @ down`` and the factors carry ``sqrt(r)`` each. One
+alpha for all tensors, not ``alpha = r`` per tensor: diffusers 0.42 maps a kohya file's per-tensor alphas to names that
+match no module and then uses the first alpha everywhere, which would scale every tensor of another rank wrongly. The rank is ``--lora_rank`` (capped at the full rank) or the smallest rank whose singular
 values keep ``--lora_energy`` of the change's squared Frobenius norm. Keys are kohya's:
 ``lora_unet_<diffusers module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+ALPHA = 1.0  # every tensor's kohya alpha: the loader's scale is ALPHA / rank
 
 
 def kohya_name(module: str, prefix: str = "lora_unet") -> str:
@@ -36,18 +40,20 @@ def choose_rank(s: torch.Tensor, rank: int | None, energy: float) -> int:
     return max(1, min(r, len(s)))
 
 
-def factorize(delta: torch.Tensor, rank: int | None = None, energy: float = 0.99,
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def factorize(delta: torch.Tensor, rank: int | None = None, energy: float = 0.99, dtype: torch.dtype = torch.float32,
+              alpha: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(down, up, stats) of one changed weight: linear ``(out, in)`` -> down ``(r, in)``, up ``(out, r)``; convolution
-    ``(out, in, kh, kw)`` -> down ``(r, in, kh, kw)``, up ``(out, r, 1, 1)``. Stats: rank, full rank, energy kept and
-    the relative Frobenius error ``|D - up down| / |D|`` of the factors as stored (in ``dtype``)."""
+    ``(out, in, kh, kw)`` -> down ``(r, in, kh, kw)``, up ``(out, r, 1, 1)``. With ``alpha`` the factors are scaled so
+    that ``(alpha / r) * up @ down`` is the approximation (a LoRA loader's scale), else ``up @ down``. Stats: rank, full
+    rank, energy kept and the relative Frobenius error of the factors as stored (in ``dtype``)."""
     shape = delta.shape
     d = delta.detach().to("cpu", torch.float64).reshape(shape[0], -1)
     u, s, vh = torch.linalg.svd(d, full_matrices=False)
     r = choose_rank(s, rank, energy)
-    root = s[:r].sqrt()
+    scale = 1.0 if alpha is None else alpha / r
+    root = (s[:r] / scale).sqrt()
     up, down = (u[:, :r] * root).to(dtype), (root[:, None] * vh[:r]).to(dtype)
-    approx = up.double() @ down.double()
+    approx = scale * (up.double() @ down.double())
     norm = float(torch.linalg.norm(d))
     stats = {"rank": r, "full_rank": len(s), "shape": list(shape),
              "energy_kept": float((s[:r] ** 2).sum() / (s ** 2).sum()) if norm > 0 else 1.0,
@@ -77,11 +83,11 @@ def extract_lora(erased: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
             continue
         if n2 == 0:
             continue
-        down, up, st = factorize(d, rank, energy, dtype)
+        down, up, st = factorize(d, rank, energy, dtype, alpha=ALPHA)
         key = kohya_name(module, prefix)
         tensors[f"{key}.lora_down.weight"] = down
         tensors[f"{key}.lora_up.weight"] = up
-        tensors[f"{key}.alpha"] = torch.tensor(float(st["rank"]), dtype=dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(ALPHA, dtype=dtype)
         err2 += (st["rel_error"] ** 2) * n2
         per[name] = {**st, "key": key}
     ranks = [p["rank"] for p in per.values()]

@@ -444,7 +444,8 @@ def _erase(args):
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # Models: only the UNet trains; the VAE and text encoder are frozen and cast to the mixed-precision dtype.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    # (erase.api.erase_concept passes a loaded pipeline's components in args.components)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = getattr(args, "components", None) or load_models(args)
     try:  # fail before any data work if the targets match nothing
         targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
     except TargetError as e:
@@ -566,6 +567,7 @@ def _erase(args):
         raise UserError(str(e)) from None
 
     # Export (main process): finite weights only, built beside the folder and swapped in whole.
+    args.erased_unet = result.model  # what erase.api.erase_concept returns
     if accelerator.is_main_process:
         unet = result.model
         check_weights(unet.state_dict().items(), "the erased UNet", "; nothing was exported (lower --lr or --lam, or set "
