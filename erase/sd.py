@@ -291,7 +291,7 @@ def method_overrides(args) -> dict:
 
 
 def settings_of(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images")}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images", "components", "erased_unet")}
 
 
 def local_base(args) -> str | None:
@@ -567,7 +567,6 @@ def _erase(args):
         raise UserError(str(e)) from None
 
     # Export (main process): finite weights only, built beside the folder and swapped in whole.
-    args.erased_unet = result.model  # what erase.api.erase_concept returns
     if accelerator.is_main_process:
         unet = result.model
         check_weights(unet.state_dict().items(), "the erased UNet", "; nothing was exported (lower --lr or --lam, or set "
@@ -611,6 +610,7 @@ def _erase(args):
             raise UserError(f"could not write the export into {out_dir} ({e.strerror or e}); nothing was exported, "
                             "the folder is as it was") from None
         logger.info(f"exported to {out_dir}: {delta['tensors_changed']} tensors changed, {delta['entries_changed']:,} entries")
+    args.erased_unet = result.model  # what erase.api.erase_concept returns
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir

@@ -65,6 +65,11 @@ def test_erase_concept_takes_a_loaded_pipeline_and_leaves_it_unchanged(tiny, ima
     assert all(torch.equal(unet.state_dict()[k], cli[k]) for k in cli)
     assert all(torch.equal(pipe.unet.state_dict()[k], before[k]) for k in before)
     assert (tmp_path / "o" / "erased_lora.safetensors").is_file() and not (tmp_path / "o" / "unet").exists()
+    import json
+
+    settings = json.loads((tmp_path / "o" / "erase_config.json").read_text())["settings"]
+    assert settings["export_format"] == "lora" and settings["lr"] == 1e-3
+    assert not {"components", "erased_unet"} & set(settings)  # the in-process objects are not settings
 
 
 def test_options_are_checked_like_flags(tiny, tmp_path):
