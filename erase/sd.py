@@ -166,10 +166,10 @@ def parse_args(input_args=None):
         check_int("--seed", args.seed)
         from erase.formats import spec_from_args
 
-        spec_from_args(args)  # --export_format, --export_dtype, --lora_rank / --lora_energy
+        export_spec = spec_from_args(args)  # --export_format, --export_dtype, --lora_rank / --lora_energy
     except UserError as e:
         fail(str(e.code).removeprefix("error: "))
-    if args.export_pipeline and "diffusers" not in args.export_format.split(","):
+    if args.export_pipeline and "diffusers" not in export_spec.formats:
         fail(f"--export_pipeline writes the diffusers format; --export_format {args.export_format!r} does not have it")
     # concept(s)
     if not args.concept or not args.concept.strip(","):
