@@ -17,7 +17,6 @@ killed export never leaves a file that loads as a model.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -31,7 +30,6 @@ from safetensors.torch import load_file, save_file
 
 from erase.safety import Range, UserError, check_finite
 
-logger = logging.getLogger(__name__)
 
 EXPORT_FORMATS = ("diffusers", "single_file", "lora")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
