@@ -353,3 +353,25 @@ def test_layouts_refuse_what_they_cannot_place():
         detect_family({}, [{}, {}])
     assert detect_family({}, [{"hidden_act": "quick_gelu", "hidden_size": 768}])[0] == "sd1"
     assert detect_family({}, [{"hidden_act": "gelu", "hidden_size": 1024}])[0] == "sd2"
+
+
+def test_conv_lora_loads_through_diffusers(tiny, tmp_path):
+    """A convolution's change (``--targets full``) is reshaped for the SVD and stored as kohya's conv pair: down
+    ``(r, in, 3, 3)``, up ``(out, r, 1, 1)``; diffusers applies it as that weight change."""
+    from diffusers import StableDiffusionPipeline
+
+    from erase.lora import extract_lora
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny)
+    base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    name = "down_blocks.0.resnets.0.conv1.weight"  # (32, 32, 3, 3)
+    change = (torch.randn(32, 2) @ torch.randn(2, 32 * 9)).reshape(32, 32, 3, 3)  # rank 2
+    tensors, stats = extract_lora({name: base[name] + change}, base, rank=2)
+    key = "lora_unet_down_blocks_0_resnets_0_conv1"
+    assert tensors[f"{key}.lora_down.weight"].shape == (2, 32, 3, 3) and tensors[f"{key}.lora_up.weight"].shape == (32, 2, 1, 1)
+    assert stats["per_tensor"][name]["rel_error"] < 1e-6
+    save_file(tensors, str(tmp_path / "c.safetensors"))
+    pipe.load_lora_weights(str(tmp_path), weight_name="c.safetensors")
+    pipe.fuse_lora()
+    fused = {k.replace(".base_layer", ""): v for k, v in pipe.unet.state_dict().items() if "lora_" not in k}
+    torch.testing.assert_close(fused[name], base[name] + change, rtol=1e-5, atol=1e-5)
