@@ -139,7 +139,9 @@ def encode_latents(images: ImageSet, vae, resolution: int, cache_dir: Path, devi
         dist = vae.encode(x).latent_dist
         means.append(dist.mean.float().cpu())
         stds.append(dist.std.float().cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
+    # contiguous, as a cached copy loads: the VAE's posterior is a strided view, and torch.cat keeps its layout, which
+    # sends the first run's convolutions down another kernel than every later run (float-rounding differences)
+    mean, std = torch.cat(means).contiguous(), torch.cat(stds).contiguous()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(temp_name(path.name))  # per process: two runs sharing a data folder never share a temporary
     try:

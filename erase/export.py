@@ -11,6 +11,8 @@ the resolved base model (absolute path, or hub id + revision + commit).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import re
 import shutil
@@ -18,8 +20,20 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from erase.formats import (
+    DEFAULT_LORA_ENERGY,
+    DTYPES,
+    EXPORT_FORMATS,
+    ExportSpec,
+    _base_kwargs,
+    _write_json,
+    changed_tensors,
+    spec_from_args,
+    write_formats,
+)
+from erase.io import OneLineParser, UserError, cli_errors
 from erase.safety import md_text, stale_temp, staging_dir, swap_in, yaml_scalar
 
 DELTA_NAME = "unet_delta.safetensors"
@@ -85,16 +99,6 @@ def versions() -> dict:
             "safetensors": safetensors.__version__, "platform": platform.platform()}
 
 
-def changed_tensors(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Tensors of ``state`` that differ from ``base`` (bitwise), as contiguous CPU copies."""
-    out = {}
-    for name, ref in base.items():
-        cur = state[name].detach()
-        if cur.shape != ref.shape or not torch.equal(cur.cpu(), ref.to(cur.dtype)):
-            out[name] = cur.contiguous().cpu()
-    return out
-
-
 def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
     per = {n: {"numel": t.numel(), "changed": int((t != base[n].to(t.dtype)).sum()),
                "max_abs_change": float((t.float() - base[n].float()).abs().max())} for n, t in delta.items()}
@@ -103,6 +107,8 @@ def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
 
 def model_card(config: dict) -> str:
     """README.md: what was erased, how, and how to load it."""
+    from erase.formats import card_section
+
     c = config
     concept = md_text(c["concept"])
     base_raw = c["pretrained_model_name_or_path"]
@@ -117,6 +123,11 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
+    formats = (c.get("export") or {}).get("formats") or ["diffusers"]
+    unet_load = (f"unet = UNet2DConditionModel.from_pretrained(\"path/to/this/folder\", subfolder=\"unet\")"
+                 if "diffusers" in formats or s.get("export_pipeline") else
+                 "unet = UNet2DConditionModel.from_pretrained(" + load_args + ", subfolder=\"unet\")\n"
+                 f"unet.load_state_dict(load_file(\"path/to/this/folder/{DELTA_NAME}\"), strict=False)  # the changed tensors")
     pipe_note = ("This folder is also a complete pipeline:\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
                  "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
     return f"""---
@@ -138,13 +149,15 @@ tags:
 
 Every setting is in `{CONFIG_NAME}`.
 
+{card_section(c)}
 ## Load
 
 ```python
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 
-unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")
+{unet_load}
 pipe = StableDiffusionPipeline.from_pretrained({load_args}, unet=unet)
 image = pipe("a photo of a church").images[0]
 ```
@@ -153,9 +166,12 @@ image = pipe("a photo of a church").images[0]
 """
 
 
-def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None) -> dict:
+def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None, spec=None) -> dict:
     """Build the export beside ``output_dir`` and swap it in whole; returns the delta statistics (also stored in
-    ``config['delta']``). On any failure the staged export is removed and the folder is as it was."""
+    ``config['delta']``). ``spec`` (:class:`erase.formats.ExportSpec`, default diffusers only) names the formats
+    besides the delta. On any failure the staged export is removed and the folder is as it was."""
+
+    spec = spec or ExportSpec()
     out = Path(output_dir).resolve()
     clean_stale_stages(out)
     stage = staging_dir(out)
@@ -171,14 +187,132 @@ def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], 
         save_file(delta, str(stage / DELTA_NAME), metadata=meta)
         if pipeline is not None:
             pipeline.save_pretrained(str(stage), safe_serialization=True)
-        else:
+        elif "diffusers" in spec.formats:
             unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
+        details = write_formats(stage, unet, base_tensors, config, spec)
+        config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details}
         (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-        config["export"] = {"files": sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
-                            "swap": "built beside the folder and swapped in whole"}
+        config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
+                                swap="built beside the folder and swapped in whole")
         (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
     return config["delta"]
+
+
+# ------------------------------------------------------------------------------------------------ offline converter
+@cli_errors
+def parse_args(input_args=None):
+    p = OneLineParser(prog="python -m erase.export", description="Add export formats (single file, LoRA) to a finished erase/sd.py "
+                                                           "output folder; the formats it has stay.")
+    p.add_argument("output_dir", help="A folder written by erase/sd.py (it holds erase_config.json).")
+    p.add_argument("--export_format", default="single_file,lora",
+                   help=f"Comma list of {', '.join(EXPORT_FORMATS)} to add (default: single_file,lora).")
+    p.add_argument("--export_dtype", default=None, choices=tuple(DTYPES), help="dtype of the single file and the LoRA (default fp16).")
+    p.add_argument("--lora_rank", type=int, default=None, help="Rank of every LoRA tensor (capped at its full rank).")
+    p.add_argument("--lora_energy", type=float, default=None,
+                   help=f"Share of each change's energy (squared Frobenius norm) the LoRA keeps, in (0, 1] (default {DEFAULT_LORA_ENERGY}).")
+    args = p.parse_args(input_args)
+    try:
+        args.spec = spec_from_args(args)
+    except UserError as e:
+        p.error(str(e))
+    return args
+
+
+def erased_unet(folder: Path, config: dict):
+    """The erased UNet of an export: ``unet/`` when present, else the base UNet with ``unet_delta.safetensors`` applied."""
+    from diffusers import UNet2DConditionModel
+
+    if (folder / "unet" / "config.json").is_file():
+        return UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    name, kw = _base_kwargs(config)
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw)
+    delta = load_file(str(folder / DELTA_NAME))
+    missing = unet.load_state_dict(delta, strict=False).unexpected_keys
+    if missing:
+        raise UserError(f"{folder / DELTA_NAME} names tensors the base UNet does not have (first: {missing[0]})")
+    return unet
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_file)
+    else:
+        _link_file(src, dst)
+
+
+def _link_file(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
+    """Add ``spec.formats`` to the export in ``folder`` (the formats it has stay); built beside and swapped in whole."""
+    from erase.safety import check_weights, hold_output_dir, staging_dir, swap_in
+
+    out = Path(folder).expanduser()
+    try:
+        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{folder} has no {CONFIG_NAME}; give a folder written by erase/sd.py") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{out / CONFIG_NAME} cannot be read ({e}); give a folder written by erase/sd.py") from None
+    if not isinstance(config, dict) or "method" not in config or not (out / DELTA_NAME).is_file():
+        raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {DELTA_NAME})")
+    base_path = (config.get("base_model") or {}).get("path")
+    with hold_output_dir(out, base=base_path, by="erase.export") as claim:
+        out = claim.path
+        unet = erased_unet(out, config)
+        check_weights(unet.state_dict().items(), f"the erased UNet of {out}", "; nothing was converted")
+        delta = load_file(str(out / DELTA_NAME))
+        name, kw = _base_kwargs(config)
+        from diffusers import UNet2DConditionModel
+
+        base_unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw)
+        base_state = base_unet.state_dict()
+        base_tensors = {n: base_state[n].detach().clone() for n in delta}
+        del base_unet, base_state
+        had = list((config.get("export") or {}).get("formats") or ["diffusers"])
+        wanted = tuple(f for f in EXPORT_FORMATS if f in set(had) | set(spec.formats))
+        clean_stale_stages(out)
+        stage = staging_dir(out)
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir()
+        try:
+            keep = previous_export(out) - {CONFIG_NAME, "README.md"}
+            for entry in sorted(keep):
+                if (out / entry).exists():
+                    _link_or_copy(out / entry, stage / entry)
+            if "diffusers" in spec.formats and not (stage / "unet").exists() and not (stage / "model_index.json").exists():
+                unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
+            new = write_formats(stage, unet, base_tensors, config, ExportSpec(tuple(f for f in spec.formats if f != "diffusers"),
+                                                                             spec.dtype, spec.lora_rank, spec.lora_energy))
+            details = {**(config.get("export") or {}).get("details", {}), **new}
+            config["export"] = {**(config.get("export") or {}), "formats": list(wanted), "details": details,
+                                "spec": spec.to_dict(), "converted_by": "python -m erase.export"}
+            (stage / "README.md").write_text(model_card(config), encoding="utf-8")
+            config["export"]["files"] = sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME})
+            _write_json(stage / CONFIG_NAME, config)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
+    return config["export"]
+
+
+@cli_errors
+def main(input_args=None) -> int:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    args = parse_args(input_args)
+    record = convert(args.output_dir, args.spec)
+    print(f"{args.output_dir}: formats {', '.join(record['formats'])}; files {', '.join(record['files'])}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m erase.export DIR --export_format single_file,lora (the offline converter)
+    raise SystemExit(main())

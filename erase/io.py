@@ -3,6 +3,7 @@ user errors, and the one place a command line turns a user error into a one-line
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -23,6 +24,13 @@ class UserError(ValueError):
     An ordinary exception: library code raises it and callers may catch it. Only the command lines turn it into
     ``error: <message>`` on stderr and exit status 1 (:func:`cli_errors`), so a notebook never sees ``SystemExit``.
     """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def cli_errors(main):

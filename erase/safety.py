@@ -108,6 +108,8 @@ OPTION_RANGES: dict[str, Range] = {
     # data and models
     "validation_fraction": Range(0, 1, lo_open=True, hi_open=True), "vae_kl_weight": NON_NEGATIVE,
     "cond_dropout": Range(0, 1, hi_open=True), "ema_decay": Range(0, 1, hi_open=True),
+    # exports
+    "lora_energy": Range(0, 1, lo_open=True),
 }
 
 

@@ -35,7 +35,7 @@ from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
 from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
 from erase.safety import check_int, check_numbers, check_output_dir, check_weights, hold_output_dir  # noqa: E402
-from erase.io import UserError, cli_errors  # noqa: E402
+from erase.io import OneLineParser, UserError, cli_errors  # noqa: E402
 from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
 
 logger = get_logger(__name__)
@@ -51,9 +51,7 @@ DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one clear line, exit 2 (no usage block)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+_Parser = OneLineParser  # one-line errors, exit 2
 
 
 @cli_errors
@@ -115,6 +113,15 @@ def parse_args(input_args=None):
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint-{step} folder.")
     parser.add_argument("--export_pipeline", action="store_true", help="Also write a full StableDiffusionPipeline into output_dir.")
+    parser.add_argument("--export_format", type=str, default="diffusers",
+                        help="Comma list of export formats (erase/formats.py): diffusers (unet/), single_file (erased.safetensors: the "
+                             "whole pipeline in the original LDM layout of its family, for A1111 / ComfyUI / from_single_file), lora "
+                             "(erased_lora.safetensors: the change as a kohya LoRA). unet_delta.safetensors is always written.")
+    parser.add_argument("--export_dtype", type=str, default=None, choices=("fp16", "bf16", "fp32"),
+                        help="dtype of the single file and the LoRA (default fp16).")
+    parser.add_argument("--lora_rank", type=int, default=None, help="LoRA export: rank of every changed tensor (capped at its full rank).")
+    parser.add_argument("--lora_energy", type=float, default=None,
+                        help="LoRA export: share of each change's energy (squared Frobenius norm) kept, in (0, 1] (default 0.99).")
     parser.add_argument("--log_every", type=int, default=10, help="Log the losses every N steps.")
     # data
     parser.add_argument("--data_dir", type=str, default=None, help="Folder of the generated images and cached latents (default: output_dir/data).")
@@ -149,8 +156,13 @@ def parse_args(input_args=None):
     try:  # every float option finite and in range, the seed within what the generators take
         check_numbers(args)  # erase.safety.OPTION_RANGES
         check_int("--seed", args.seed)
+        from erase.formats import spec_from_args
+
+        export_spec = spec_from_args(args)  # --export_format, --export_dtype, --lora_rank / --lora_energy
     except UserError as e:
         fail(str(e))
+    if args.export_pipeline and "diffusers" not in export_spec.formats:
+        fail(f"--export_pipeline writes the diffusers format; --export_format {args.export_format!r} does not have it")
     # concept(s)
     if not args.concept or not args.concept.strip(","):
         fail("--concept is required (a preset: " + ", ".join(list_concepts()) + "; or a name with --forget_prompts FILE)")
@@ -274,7 +286,7 @@ def method_overrides(args) -> dict:
 
 
 def settings_of(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images")}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images", "components", "erased_unet")}
 
 
 def local_base(args) -> str | None:
@@ -428,7 +440,8 @@ def _erase(args):
         out_dir.mkdir(parents=True, exist_ok=True)
 
     # Models: only the UNet trains; the VAE and text encoder are frozen and cast to the mixed-precision dtype.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    # (erase.api.erase_concept passes a loaded pipeline's components in args.components)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = getattr(args, "components", None) or load_models(args)
     try:  # fail before any data work if the targets match nothing
         targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
     except TargetError as e:
@@ -443,6 +456,8 @@ def _erase(args):
 
         parts = [unet] + ([vae, text_encoder] if args.export_pipeline else [])
         need = sum(t.numel() * t.element_size() for m in parts for t in m.state_dict().values())
+        if "single_file" in args.export_format:  # the whole pipeline again, at <= 4 bytes a weight
+            need += sum(t.numel() * 4 for m in (unet, vae, text_encoder) for t in m.state_dict().values())
         check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -584,11 +599,14 @@ def _erase(args):
             pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision,
                                                                variant=args.variant)
         try:
-            delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline)
+            from erase.formats import spec_from_args
+
+            delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline, spec=spec_from_args(args))
         except OSError as e:
             raise UserError(f"could not write the export into {out_dir} ({e.strerror or e}); nothing was exported, "
                             "the folder is as it was") from None
         logger.info(f"exported to {out_dir}: {delta['tensors_changed']} tensors changed, {delta['entries_changed']:,} entries")
+    args.erased_unet = result.model  # what erase.api.erase_concept returns
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return out_dir
