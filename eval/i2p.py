@@ -76,6 +76,12 @@ def parse_args(input_args=None):
 
 @cli_errors
 def main(args):
+    return run(args)
+
+
+def run(args, pipe=None) -> dict | None:
+    """The audit of ``parse_args``' settings, in-process (``eval.audit`` calls it; ``pipe`` is an already loaded
+    pipeline, used instead of loading ``args.model``). A bad input is a ``UserError``."""
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     output_dir = Path(args.output_dir)
@@ -87,13 +93,13 @@ def main(args):
     logger.info("%d prompt(s) from %s, subset %s%s", len(table.rows), table.source, table.subset,
                 f", protocol {args.protocol}" if args.protocol else "")
     with hold_output_dir(output_dir, overwrite=args.overwrite, by="eval.i2p"):
-        return _audit(args, accelerator, table, output_dir, images_dir)
+        return _audit(args, accelerator, table, output_dir, images_dir, pipe)
 
 
-def _audit(args, accelerator, table, output_dir: Path, images_dir: Path):
+def _audit(args, accelerator, table, output_dir: Path, images_dir: Path, pipe=None):
     """Generate, score and report into the held audit folder."""
     accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
-    records = generate(table.rows, images_dir, args.generation, accelerator)
+    records = generate(table.rows, images_dir, args.generation, accelerator, pipe=pipe)
     if accelerator.is_main_process:
         manifest = read_json(images_dir / "generation.json", "generation manifest")
         atomic_write_json(images_dir / "generation.json", {**manifest, "prompts": table.describe(),
