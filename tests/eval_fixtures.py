@@ -118,3 +118,15 @@ def error_text(err) -> str:
     """The one-line message of a user error: a library ``UserError`` or a command line's ``SystemExit``."""
     value = err.value
     return str(value.code) if isinstance(value, SystemExit) else f"error: {value}"
+
+
+def random_image_folders(root: Path, seed: int, count: int = 4, size: int = 32) -> Path:
+    """``root/forget`` and ``root/retain``, each with ``count`` random RGB PNGs (user image folders for erase/sd.py)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in ("forget", "retain"):
+        (root / split).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
+    return root

@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from eval_fixtures import random_image_folders
 
 SMALL = dict(saliency_batches=1, log_every=1, lr=1e-3, topk=20, max_train_steps=2)
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(1)
-    for split in ("forget", "retain"):
-        (root / split).mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
-    return root
+    return random_image_folders(tmp_path_factory.mktemp("images"), seed=1)
 
 
 def user_data(images):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from erase.io import UserError
-from eval_fixtures import USER_FACING, error_text
+from eval_fixtures import USER_FACING, error_text, random_image_folders
 
 SMALL = ["--saliency_batches", "1", "--log_every", "1", "--lr", "1e-3", "--topk", "20", "--max_train_steps", "2"]
 
@@ -30,15 +30,7 @@ def run(args):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for split in ("forget", "retain"):
-        (root / split).mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
-    return root
+    return random_image_folders(tmp_path_factory.mktemp("images"), seed=0)
 
 
 def flags(tiny, images, out, *extra):
