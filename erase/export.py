@@ -117,13 +117,15 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
-    pipe_note = ("This folder is also a complete pipeline:\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-                 "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
+    pipe_cls = c.get("pipeline_class") or "StableDiffusionPipeline"  # the model family's pipeline (erase.families)
+    pipe_note = (f"This folder is also a complete pipeline:\n\n```python\nfrom diffusers import {pipe_cls}\n\n"
+                 f"pipe = {pipe_cls}.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
     return f"""---
 library_name: diffusers
 base_model: {yaml_scalar(base_raw)}
 tags:
 - stable-diffusion
+- {c.get('model_family') or 'sd1'}
 - concept-erasure
 - {c['method']}
 ---
@@ -142,10 +144,10 @@ Every setting is in `{CONFIG_NAME}`.
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import {pipe_cls}, UNet2DConditionModel
 
 unet = UNet2DConditionModel.from_pretrained("path/to/this/folder", subfolder="unet")
-pipe = StableDiffusionPipeline.from_pretrained({load_args}, unet=unet)
+pipe = {pipe_cls}.from_pretrained({load_args}, unet=unet)
 image = pipe("a photo of a church").images[0]
 ```
 

@@ -32,7 +32,8 @@ from erase.core.checkpoints import CheckpointError, read_state  # noqa: E402
 from erase.core.engine import make_accelerator  # noqa: E402
 from erase.core.registry import get_method_class  # noqa: E402
 from erase.core.targets import describe  # noqa: E402
-from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings, encode_prompts  # noqa: E402
+from erase.diffusion import RETAIN_MODES, TARGET_PRESETS, DiffusionAdapter, LatentSet, PromptEmbeddings  # noqa: E402
+from erase.families import FAMILIES, Conditioner, build_pipeline, detect, load_text  # noqa: E402
 from erase.safety import check_int, check_numbers, check_output_dir, check_weights, hold_output_dir  # noqa: E402
 from erase.io import UserError, cli_errors  # noqa: E402
 from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file  # noqa: E402
@@ -58,7 +59,10 @@ def parse_args(input_args=None):
     parser = _Parser(prog="erase/sd.py", description="Erase a concept from a Stable Diffusion UNet (Scissorhands and baselines).")
     # model and concept
     parser.add_argument("--pretrained_model_name_or_path", type=str, default="CompVis/stable-diffusion-v1-4",
-                        help="Base model: a hub id or a local diffusers StableDiffusionPipeline folder.")
+                        help="Base model: a hub id or a local diffusers folder of a Stable Diffusion 1.x, 2.x or XL pipeline.")
+    parser.add_argument("--model_family", type=str, default=None, choices=tuple(FAMILIES),
+                        help="Model family (default: detected from model_index.json and the UNet config); a family the UNet "
+                             "contradicts is an error.")
     parser.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
     parser.add_argument("--variant", type=str, default=None, help="Weight variant of the base model (e.g. fp16).")
     parser.add_argument("--concept", type=str, default=None,
@@ -132,7 +136,7 @@ def parse_args(input_args=None):
     parser.add_argument("--checkpointing_steps", type=int, default=0, help="Save checkpoint-{step} every N steps (0: never).")
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="'latest' or a checkpoint-{step} folder.")
-    parser.add_argument("--export_pipeline", action="store_true", help="Also write a full StableDiffusionPipeline into output_dir.")
+    parser.add_argument("--export_pipeline", action="store_true", help="Also write a full pipeline of the model's family into output_dir.")
     parser.add_argument("--log_every", type=int, default=10, help="Log the losses every N steps.")
     # data
     parser.add_argument("--data_dir", type=str, default=None, help="Folder of the generated images and cached latents (default: output_dir/data).")
@@ -192,13 +196,23 @@ def parse_args(input_args=None):
         fail(f"no retain prompts are left for --concept {args.concept!r} (give --retain_prompts FILE)")
     args.concept_obj = concept
 
-    # model
+    # model (a hub id's family is detected when the run starts: erase.families reads its configs through the hub cache)
+    args.family = None
     path = Path(args.pretrained_model_name_or_path)
     local = path.exists() or args.pretrained_model_name_or_path.startswith((".", "/", "~")) or args.pretrained_model_name_or_path.count("/") != 1
     if local:
         if not path.exists():
             fail(f"--pretrained_model_name_or_path {str(path)!r} does not exist (give a diffusers Stable Diffusion folder or a hub id)")
-        if not (path / "unet" / "config.json").is_file() or not (path / "model_index.json").is_file():
+        try:  # the family from the folder's configs: a Flux / SD3 folder, or a forced family the UNet contradicts, is one line
+            args.family = detect(str(path))
+        except UserError as e:
+            fail(f"--pretrained_model_name_or_path: {e}")
+        if args.model_family is not None:
+            try:
+                args.family = detect(str(path), force=args.model_family)
+            except UserError as e:
+                fail(f"--model_family: {e}")
+        if not (path / "model_index.json").is_file():
             fail(f"--pretrained_model_name_or_path {str(path)!r} is not a diffusers Stable Diffusion folder (needs model_index.json and unet/)")
 
     # method settings
@@ -278,7 +292,7 @@ def method_overrides(args) -> dict:
 
 
 def settings_of(args) -> dict:
-    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images")}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in ("concept_obj", "user_images", "family")}
 
 
 def local_base(args) -> str | None:
@@ -337,26 +351,27 @@ def run_settings(args, concept, latents: dict, retain_texts: list[str], resoluti
             "distill_prompts": concept.retain_prompts if args.retain_loss != "data" else [],
             "data": {split: f"{digest(m)}-{digest(sd)}" for split, (m, sd) in sorted(latents.items())}, "resolution": resolution,
             "negative_guidance": args.negative_guidance, "esd_ddim_steps": args.esd_ddim_steps,
-            "esd_start_guidance": args.esd_start_guidance}
+            "esd_start_guidance": args.esd_start_guidance, "model_family": args.family.name}
 
 
 def load_models(args):
-    """Tokenizer, text encoder, VAE, UNet and the DDPM noise scheduler from the base folder / hub id."""
+    """The family's text encoders (a :class:`erase.families.TextStack`), VAE, UNet and the DDPM noise scheduler from
+    the base folder / hub id (the scheduler config decides epsilon or v-prediction)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     name, kw = args.pretrained_model_name_or_path, {"revision": args.revision}
+    family = args.family
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(name, subfolder="text_encoder", variant=args.variant, **kw)
+        text = load_text(family, name, args.revision, args.variant)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=args.variant, **kw)
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=args.variant, **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load Stable Diffusion from {name!r}: {str(e).strip().splitlines()[0]}") from None
-    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # a file missing tensors loads as meta
+        raise UserError(f"could not load {family.title} from {name!r}: {str(e).strip().splitlines()[0]}") from None
+    encoders = [(enc, m) for (_, enc, _), m in zip(family.text_encoders, text.encoders)]
+    for part, module in [("unet", unet), ("vae", vae), *encoders]:  # a file missing tensors loads as meta
         check_weights(module.state_dict().items(), f"the base model's {part} ({name})")
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return text, vae, unet, noise_scheduler
 
 
 def list_targets(args) -> dict:
@@ -364,22 +379,23 @@ def list_targets(args) -> dict:
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
+    family = detect(args.pretrained_model_name_or_path, args.revision, args.model_family)
     try:
-        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet")
+        unet_config = UNet2DConditionModel.load_config(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
     except (OSError, ValueError) as e:
         raise UserError(f"could not read a UNet config from {args.pretrained_model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(unet_config)
     try:
-        info = describe(select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS))
+        info = describe(select_parameters(unet, args.targets, args.exclude, family.target_presets))
     except TargetError as e:
         raise UserError(str(e)) from None
     for name, shape in info["tensors"].items():
         print(f"{name}\t{tuple(shape)}")
     total = sum(p.numel() for p in unet.parameters())
-    print(f"# {info['num_tensors']} tensors, {info['num_parameters']:,} of {total:,} parameters "
+    print(f"# {family.name} ({family.title}): {info['num_tensors']} tensors, {info['num_parameters']:,} of {total:,} parameters "
           f"({100 * info['num_parameters'] / total:.2f}%) selected by --targets {args.targets!r} --exclude {args.exclude!r}")
-    return info
+    return {**info, "model_family": family.name, "total_parameters": total}
 
 
 @cli_errors
@@ -412,8 +428,6 @@ def main(args):
 
 def _erase(args):
     """The run itself (main process holds the output folder): models, data, method, the shared loop, export."""
-    from diffusers import StableDiffusionPipeline
-
     from erase import data as erase_data
     from erase.export import base_identity, export, versions
 
@@ -431,10 +445,13 @@ def _erase(args):
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Models: only the UNet trains; the VAE and text encoder are frozen and cast to the mixed-precision dtype.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_models(args)
+    # Models: only the UNet trains; the VAE and text encoder(s) are frozen and cast to the mixed-precision dtype.
+    if args.family is None:
+        args.family = detect(args.pretrained_model_name_or_path, args.revision, args.model_family)
+    family = args.family
+    text, vae, unet, noise_scheduler = load_models(args)
     try:  # fail before any data work if the targets match nothing
-        targeted = select_parameters(unet, args.targets, args.exclude, TARGET_PRESETS)
+        targeted = select_parameters(unet, args.targets, args.exclude, family.target_presets)
     except TargetError as e:
         raise UserError(str(e)) from None
     check_selection(args, targeted)
@@ -445,15 +462,14 @@ def _erase(args):
     if accelerator.is_main_process:  # room for the export, before any work
         from erase.safety import check_free_space
 
-        parts = [unet] + ([vae, text_encoder] if args.export_pipeline else [])
+        parts = [unet] + ([vae, *text.encoders] if args.export_pipeline else [])
         need = sum(t.numel() * t.element_size() for m in parts for t in m.state_dict().values())
         check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
     vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
+    text.to(device, dtype=weight_dtype)
     unet.to(device)
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = args.resolution or unet.config.sample_size * vae_scale
@@ -466,8 +482,7 @@ def _erase(args):
     gen = dict(model_id=args.pretrained_model_name_or_path, steps=args.num_inference_steps, guidance=args.guidance_scale,
                scheduler=args.data_scheduler, resolution=resolution, batch_size=args.generation_batch_size, accelerator=accelerator)
     need_pipe = not args.forget_images or (needs_retain_images and not args.retain_images)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=noise_scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False) if need_pipe else None
+    pipe = build_pipeline(family, text, vae, unet, noise_scheduler) if need_pipe else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():
@@ -509,23 +524,24 @@ def _erase(args):
             group_anchor.append(group_anchor[0])
         forget_group = [len(concept.concepts) + int(i) if i >= 0 else 0 for i in caption_of]
     retain_texts = sorted(set(retain_imgs.prompts)) if retain_imgs else [""]
-    window = tokenizer.model_max_length  # longer prompts are cut by the tokenizer: say so
-    cut = [p for p in dict.fromkeys(forget_texts + retain_texts + anchors + concept.retain_prompts) if p and len(tokenizer(p).input_ids) > window]
+    window = text.max_length  # longer prompts are cut by the tokenizer: say so
+    cut = [p for p in dict.fromkeys(forget_texts + retain_texts + anchors + concept.retain_prompts) if p and len(text.tokenizers[0](p).input_ids) > window]
     if cut:
         logger.warning(f"{len(cut)} prompt(s) exceed the text encoder's {window} tokens and are cut (first: {cut[0][:60]!r})")
     embeddings = PromptEmbeddings(
-        forget=encode_prompts(forget_texts, tokenizer, text_encoder, device),
-        retain=encode_prompts(retain_texts, tokenizer, text_encoder, device),
-        anchor=encode_prompts(anchors, tokenizer, text_encoder, device) if anchors else None,
-        uncond=encode_prompts([""], tokenizer, text_encoder, device),
-        distill=encode_prompts(concept.retain_prompts, tokenizer, text_encoder, device) if args.retain_loss != "data" else None,
+        forget=text.encode(forget_texts, device),
+        retain=text.encode(retain_texts, device),
+        anchor=text.encode(anchors, device) if anchors else None,
+        uncond=text.uncond(device),
+        distill=text.encode(concept.retain_prompts, device) if args.retain_loss != "data" else None,
         groups=groups, group_anchor=group_anchor,
     )
     forget_set = LatentSet(*latents["forget"], torch.tensor(forget_group, dtype=torch.long))
     retain_set = (LatentSet(*latents["retain"], torch.tensor([retain_texts.index(p) for p in retain_imgs.prompts], dtype=torch.long))
                   if retain_imgs else None)
     scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
-    del text_encoder, vae
+    conditioning = Conditioner(family, resolution, text.pooled_dim())
+    del text, vae
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
 
@@ -537,7 +553,8 @@ def _erase(args):
                                scaling_factor=scaling_factor, device=device, weight_dtype=weight_dtype,
                                negative_guidance=args.negative_guidance, esd_ddim_steps=args.esd_ddim_steps,
                                esd_start_guidance=args.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
-                               distill_empty_fraction=args.distill_empty_fraction)
+                               distill_empty_fraction=args.distill_empty_fraction, conditioning=conditioning,
+                               target_presets=family.target_presets)
     base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
     logger.info(f"{args.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the UNet; "
                 f"{len(forget_set)} forget / {len(retain_set) if retain_set else 0} retain images at {resolution}px, retain term {retain_mode}")
@@ -559,6 +576,8 @@ def _erase(args):
         base = base_identity(args.pretrained_model_name_or_path, args.revision, args.variant)
         record = {
             "pretrained_model_name_or_path": base.get("path") or base["hub_id"],
+            "model_family": family.name,
+            "pipeline_class": family.pipeline_class,
             "base_model": base,
             "concept": concept.name,
             "concepts": [c.to_dict() for c in concept.concepts],
@@ -585,8 +604,9 @@ def _erase(args):
         }
         pipeline = None
         if args.export_pipeline:
-            pipeline = StableDiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision,
-                                                               variant=args.variant)
+            extra = {"add_watermarker": False} if family.pooled else {}  # SD 1.x / 2.x keep the base's safety checker, if any
+            pipeline = family.pipeline_cls().from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision,
+                                                             variant=args.variant, **extra)
         try:
             delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline)
         except OSError as e:
