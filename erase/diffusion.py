@@ -235,8 +235,10 @@ class DiffusionAdapter(Adapter):
     def forget_term(self, kind, model, batch, bound=None, **kwargs):
         if kind == "redirect":
             return self._redirect(model, batch)
-        if kind == "esd":
-            return self._esd(model, batch, float(kwargs.get("eta", self.negative_guidance)))
+        if kind == "esd":  # the objective is ESD's own (erase.core.methods.esd); the adapter supplies x_t and predictions
+            from erase.core.methods.esd import esd_term
+
+            return esd_term(self, model, batch, float(kwargs.get("eta", self.negative_guidance)))
         return super().forget_term(kind, model, batch, bound=bound, **kwargs)
 
     def _redirect(self, model, batch) -> torch.Tensor:
@@ -253,9 +255,10 @@ class DiffusionAdapter(Adapter):
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
-    def sample_esd_start(self, batch):
-        """x_t from the frozen base under c by s ∈ [0, esd_ddim_steps) DDIM steps, the timestep it sits at
-        (``ddim.timesteps[s]``), c and the empty prompt (ESD)."""
+    def sample_partial(self, batch):
+        """ESD's start point, the scheduler-dependent half of its term: x_t from the frozen base under c by
+        s ∈ [0, esd_ddim_steps) DDIM steps at guidance ``esd_start_guidance`` (s, the start code and c drawn per
+        example from its key), the timestep it sits at (``ddim.timesteps[s]``), c and the unconditional embedding."""
         from diffusers import DDIMScheduler
 
         if self.frozen is None:
@@ -284,16 +287,9 @@ class DiffusionAdapter(Adapter):
             x = torch.where(active, ddim.step(eu + self.esd_start_guidance * (ec - eu), t, x).prev_sample, x)
         # after s DDIM steps x sits at ddim.timesteps[s]: the loss is taken there (not at 1000 − 1000·s/S)
         t_at = ddim.timesteps[torch.tensor(steps, dtype=torch.long)].to(d)
-        return x, t_at, cond, uncond
+        return x.to(self.weight_dtype), t_at, cond, uncond
 
-    def _esd(self, model, batch, eta: float) -> torch.Tensor:
-        x, t, cond, uncond = self.sample_esd_start(batch)
-        xw = x.to(self.weight_dtype)
-        with torch.no_grad():
-            e0 = self.predict(self.frozen, xw, t, uncond).float()
-            ep = self.predict(self.frozen, xw, t, cond).float()
-        pred = self.predict(model, xw, t, cond)
-        return F.mse_loss(pred.float(), e0 - eta * (ep - e0))
+    sample_esd_start = sample_partial  # the name before erase.core.methods.esd owned the ESD objective
 
     # -- data -----------------------------------------------------------------------------------------------
     def _stream(self, split: str, latents: LatentSet, seed: int, rank: int, world: int, batch_size: int) -> KeyedStream:
