@@ -204,12 +204,19 @@ def test_sdxl_resume_equals_uninterrupted(pipes, data, sdxl_run, tmp_path):
 
 
 def test_sdxl_two_processes_match_one(pipes, data, tmp_path):
-    """As tests/test_sd.py's SD 1.x test: DDP on 2 CPU processes, batch 1 == 1 process, batch 2 (same tolerance)."""
+    """As tests/test_sd.py's SD 1.x test: DDP on 2 CPU processes, batch 1 == 1 process, batch 2 (same tolerance);
+    the 2-process run also exports the full SDXL pipeline."""
     common = ["--pretrained_model_name_or_path", pipes["sdxl"], "--concept", "nudity", "--data_dir", data["sdxl"], *SMALL,
               "--max_train_steps", 3, "--lr", "0.05", "--optimizer", "sgd", "--topk", 100, "--lam", "0.5"]
-    launch([*common, "--output_dir", tmp_path / "two", "--train_batch_size", 1], nproc=2)
+    launch([*common, "--output_dir", tmp_path / "two", "--train_batch_size", 1, "--export_pipeline"], nproc=2)
     in_process([*common, "--output_dir", tmp_path / "one", "--train_batch_size", 2])
     two, one = unet_state(tmp_path / "two"), unet_state(tmp_path / "one")
+    # --export_pipeline wrote the family's pipeline: a StableDiffusionXLPipeline folder that generates
+    from diffusers import StableDiffusionXLPipeline
+
+    index = json.loads((tmp_path / "two" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and "text_encoder_2" in index
+    _generates(StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "two"), add_watermarker=False))
     base = load_file(f"{pipes['sdxl']}/unet/diffusion_pytorch_model.safetensors")
     cfg = json.loads((tmp_path / "two" / "erase_config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["model_family"] == "sdxl"
