@@ -56,6 +56,10 @@ SDXL_PRESETS: dict[str, str] = {
 }
 
 
+class ConfigUnreadable(UserError):
+    """A model's config files could not be read (offline without a cache, a bad hub id, unreadable JSON)."""
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -116,16 +120,18 @@ def _read_json(name: str, filename: str, subfolder: str | None, revision: str | 
         try:
             return json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UserError(f"{p} is not readable JSON ({e})") from None
-    try:
-        from huggingface_hub import hf_hub_download
+            raise ConfigUnreadable(f"{p} is not readable JSON ({e})") from None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    try:
         found = hf_hub_download(name, filename, subfolder=subfolder, revision=revision)
     except Exception as e:  # not on the hub / offline without a cache
-        if "EntryNotFound" in type(e).__name__ or subfolder is None:
-            return None  # no such file (or no model_index.json to read): the UNet config decides
+        missing = isinstance(e, EntryNotFoundError) and not isinstance(e, LocalEntryNotFoundError)
+        if missing or subfolder is None:
+            return None  # the repository has no such file (or model_index.json is unreachable): the UNet config decides
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not read {subfolder}/{filename} of {name!r}: {message}") from None
+        raise ConfigUnreadable(f"could not read {subfolder}/{filename} of {name!r}: {message}") from None
     return json.loads(Path(found).read_text(encoding="utf-8"))
 
 

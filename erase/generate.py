@@ -119,7 +119,7 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
     import diffusers
     from diffusers import UNet2DConditionModel
 
-    from erase.families import FAMILIES, detect
+    from erase.families import FAMILIES, ConfigUnreadable, detect
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -152,7 +152,10 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
     elif not path.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
         raise UserError(f"model not found: {model} (give a pipeline folder, an erase/sd.py output or a hub id)")
     if family is None:
-        family = detect(model, kwargs.get("revision"))
+        try:
+            family = detect(model, kwargs.get("revision"))
+        except ConfigUnreadable as e:  # e.g. a hub id offline without a cache
+            raise UserError(f"could not load the pipeline {model!r}: {e}") from None
     try:
         pipe = family.pipeline_cls().from_pretrained(model, **kwargs, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:

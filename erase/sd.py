@@ -390,10 +390,11 @@ def list_targets(args) -> dict:
         info = describe(select_parameters(unet, args.targets, args.exclude, family.target_presets))
     except TargetError as e:
         raise UserError(str(e)) from None
+    print(f"# model family: {family.name} ({family.title}, {family.pipeline_class})")
     for name, shape in info["tensors"].items():
         print(f"{name}\t{tuple(shape)}")
     total = sum(p.numel() for p in unet.parameters())
-    print(f"# {family.name} ({family.title}): {info['num_tensors']} tensors, {info['num_parameters']:,} of {total:,} parameters "
+    print(f"# {info['num_tensors']} tensors, {info['num_parameters']:,} of {total:,} parameters "
           f"({100 * info['num_parameters'] / total:.2f}%) selected by --targets {args.targets!r} --exclude {args.exclude!r}")
     return {**info, "model_family": family.name, "total_parameters": total}
 

@@ -57,7 +57,8 @@ def test_detection_list_targets_and_force(pipes, tmp_path, capsys):
         info = in_process(["--pretrained_model_name_or_path", p, "--list_targets"])
         expected = _attn2_projections(p)
         assert info["model_family"] == f and sorted(info["tensors"]) == sorted(expected)
-        assert f"# {f} (" in capsys.readouterr().out
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert lines[0].startswith(f"# model family: {f} (") and lines[-1].startswith(f"# {len(expected)} tensors, ")
     # SDXL: more transformer depth below (1, 2 blocks): 8 attn2 modules x 5 tensors; noxattn leaves add_embedding out
     assert len(_attn2_projections(pipes["sdxl"])) == 40
     u = in_process(["--pretrained_model_name_or_path", pipes["sdxl"], "--list_targets", "--targets", "noxattn"])
