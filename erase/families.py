@@ -71,10 +71,10 @@ class Family:
     hidden_state: str
     #: the last encoder's pooled embedding and the size time_ids go into ``added_cond_kwargs``
     pooled: bool
-    #: the resolution the family's reference checkpoints were trained at (the run uses sample_size x VAE scale)
+    #: the resolution the family's reference checkpoints were trained at (a run uses the UNet's sample_size x the VAE
+    #: scale factor, which is this for them; this when the UNet config has no sample_size)
     native_resolution: int
     target_presets: dict
-    hub_example: str
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -95,12 +95,12 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", (("tokenizer", "text_encoder", "CLIPTextModel"),),
-                  "last", False, 512, UNET_PRESETS, "CompVis/stable-diffusion-v1-4"),
+                  "last", False, 512, UNET_PRESETS),
     "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", (("tokenizer", "text_encoder", "CLIPTextModel"),),
-                  "last", False, 768, UNET_PRESETS, "stabilityai/stable-diffusion-2-1"),
+                  "last", False, 768, UNET_PRESETS),
     "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline",
                    (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection")),
-                   "penultimate", True, 1024, SDXL_PRESETS, "stabilityai/stable-diffusion-xl-base-1.0"),
+                   "penultimate", True, 1024, SDXL_PRESETS),
 }
 #: Pipelines of other denoisers, named in the refusal (their folders have transformer/ instead of unet/).
 _TRANSFORMER_PIPELINES = ("Flux", "StableDiffusion3", "PixArt", "Sana", "HunyuanDiT", "Lumina", "CogView", "AuraFlow")
@@ -152,10 +152,10 @@ def detect(name: str, revision: str | None = None, force: str | None = None) -> 
     cls = (index or {}).get("_class_name", "")
     other = cls if any(cls.startswith(p) for p in _TRANSFORMER_PIPELINES) else None
     if other is None and index is not None and "transformer" in index and "unet" not in index:
-        other = cls or "a transformer-denoiser pipeline"
+        other = cls or "transformer-denoiser pipeline"
     if other is None and Path(name).expanduser().is_dir() and (Path(name).expanduser() / "transformer").is_dir() \
             and not (Path(name).expanduser() / "unet").is_dir():
-        other = cls or "a transformer-denoiser pipeline"
+        other = cls or "transformer-denoiser pipeline"
     if other:
         raise UserError(f"{name!r} is a {other} model (its denoiser is a transformer, not a UNet); "
                         f"supported families: {supported()}")

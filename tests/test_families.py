@@ -91,7 +91,7 @@ def test_transformer_models_are_refused_in_one_line(tmp_path, capsys, kind):
         parse_args(["--pretrained_model_name_or_path", str(folder), "--concept", "nudity", "--output_dir", str(tmp_path / "out")])
     line = capsys.readouterr().err.strip()
     assert err.value.code == 2 and "\n" not in line
-    assert f"is a {kind or 'a transformer-denoiser pipeline'} model" in line
+    assert f"is a {kind or 'transformer-denoiser pipeline'} model (its denoiser is a transformer, not a UNet)" in line
     assert "supported families: sd1 (Stable Diffusion 1.x), sd2 (Stable Diffusion 2.x), sdxl (Stable Diffusion XL)" in line
     if kind:
         with pytest.raises(UserError, match="supported families"):
