@@ -153,7 +153,7 @@ def build_tiny_pipeline(
     vae, unet, text_encoder = build_components(
         tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
         text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block,
-        unet_extra=_SD2_UNET(len(block_out_channels)) if family == "sd2" else None,
+        unet_extra=_sd2_unet(len(block_out_channels)) if family == "sd2" else None,
         text_act="gelu" if family == "sd2" else "quick_gelu",
     )
     if family == "sd2":
@@ -179,7 +179,7 @@ def build_tiny_pipeline(
     return str(path)
 
 
-def _SD2_UNET(n_blocks: int) -> dict:
+def _sd2_unet(n_blocks: int) -> dict:
     """What SD 2.x's UNet config sets beyond SD v1's: heads per block as a list, linear projections."""
     return {"attention_head_dim": tuple(2 * (i + 1) for i in range(n_blocks)), "use_linear_projection": True}
 
@@ -193,7 +193,7 @@ def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_bloc
     vae, unet, _ = build_components(
         tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
         text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block, build_text=False,
-        unet_extra={**_SD2_UNET(n), "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+        unet_extra={**_sd2_unet(n), "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
                     "projection_class_embeddings_input_dim": 6 * time_dim + width,
                     "transformer_layers_per_block": tuple(range(1, n + 1))},
     )
