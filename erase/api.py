@@ -106,14 +106,18 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
         base = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
         if not base:
             raise ValueError("the pipeline has no name_or_path (it was built in memory): save it with save_pretrained and pass the folder")
-        missing = [p for p in ("tokenizer", "text_encoder", "vae", "unet", "scheduler") if getattr(pipe, p, None) is None]
+        missing = [p for p in ("vae", "unet", "scheduler") if getattr(pipe, p, None) is None]
         if missing:
             raise ValueError(f"the pipeline has no {missing[0]}; erase_concept needs a text-to-image Stable Diffusion pipeline")
-        # the UNet trains: a copy, so the caller's pipeline keeps its weights; the frozen parts are shared
-        from diffusers import DDPMScheduler
 
-        components = (pipe.tokenizer, pipe.text_encoder, pipe.vae, copy.deepcopy(pipe.unet),
-                      DDPMScheduler.from_config(pipe.scheduler.config))  # the training scheduler, as erase/sd.py builds it
+        def components(family):  # called by erase/sd.py once the family is known
+            # the UNet trains: a copy, so the caller's pipeline keeps its weights; the frozen parts are shared
+            from diffusers import DDPMScheduler
+
+            from erase.families import text_from_pipeline
+
+            return (text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(pipe.unet),
+                    DDPMScheduler.from_config(pipe.scheduler.config))  # the training scheduler, as erase/sd.py builds it
     concept = ",".join(concept) if isinstance(concept, (list, tuple)) else str(concept)
     with (contextlib.nullcontext(output_dir) if output_dir is not None else tempfile.TemporaryDirectory(prefix="erase-")) as out:
         head = ["--pretrained_model_name_or_path", base, "--concept", concept, "--method", method, "--output_dir", str(out)]

@@ -36,15 +36,9 @@ import torch.nn.functional as F
 from erase.core.adapter import Adapter
 from erase.core.stream import EndlessStream
 
-_ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)\.(weight|bias)"
+from erase.families import UNET_PRESETS
 
-TARGET_PRESETS: dict[str, str] = {
-    "xattn": rf".*\.attn2\.{_ATTN_PROJ}",  # ESD-x / Scissorhands SD default: cross-attention q, k, v, out
-    "selfattn": rf".*\.attn1\.{_ATTN_PROJ}",
-    # ESD-u (as ESD's train_method "noxattn"): all but cross-attention, the time embedding and the output layers
-    "noxattn": r"(?!.*\.attn2\.|time_embedding\.|conv_norm_out\.|conv_out\.).*",
-    "full": r".*",
-}
+TARGET_PRESETS: dict[str, str] = UNET_PRESETS  # SD 1.x / 2.x; a family's own presets: erase.families.FAMILIES[name]
 
 _MASK63 = (1 << 63) - 1
 _SALTS = {"loss": 1, "redirect": 2, "esd": 3, "distill": 4}
@@ -84,7 +78,8 @@ class LatentSet:
 
 @dataclass
 class PromptEmbeddings:
-    """Text-encoder outputs, computed once (the text encoder is frozen).
+    """Text-encoder outputs, computed once (the text encoder is frozen); one row per prompt, packed as the family
+    packs them (erase.families: SDXL appends its pooled embedding as a last token).
 
     ``groups[g]`` lists the rows of ``forget`` a forget image of group g (its ``LatentSet.prompt_index``) draws its
     condition from, and ``group_anchor[g]`` the row of ``anchor`` it is redirected to (default: one group of every
@@ -108,16 +103,6 @@ class PromptEmbeddings:
             raise ValueError("every forget group needs at least one prompt and one anchor index")
 
 
-@torch.no_grad()
-def encode_prompts(prompts: list[str], tokenizer, text_encoder, device, batch_size: int = 32) -> torch.Tensor:
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ids = tokenizer(prompts[i : i + batch_size], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids.to(device)
-        out.append(text_encoder(ids)[0])
-    return torch.cat(out)
-
-
 def _generator(key: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(example_key(key, salt, 0x5EED))
 
@@ -132,8 +117,14 @@ class DiffusionAdapter(Adapter):
     def __init__(self, unet: nn.Module, noise_scheduler, embeddings: PromptEmbeddings, forget: LatentSet, retain: LatentSet | None,
                  batch_size: int = 1, scaling_factor: float = 0.18215, device=None, weight_dtype=torch.float32,
                  negative_guidance: float = 1.0, esd_ddim_steps: int = 50, esd_start_guidance: float = 3.0,
-                 frozen_unet: nn.Module | None = None, retain_mode: str = "data", distill_empty_fraction: float = 0.1):
+                 frozen_unet: nn.Module | None = None, retain_mode: str = "data", distill_empty_fraction: float = 0.1,
+                 conditioning=None, target_presets: dict[str, str] | None = None):
         self.model = unet
+        # packed prompt embedding -> the UNet's keyword arguments (erase.families.Conditioner); plain: the
+        # embedding is the cross-attention context
+        self.conditioning = conditioning or (lambda cond: {"encoder_hidden_states": cond})
+        if target_presets is not None:
+            self.target_presets = dict(target_presets)
         self.scheduler = noise_scheduler
         self.emb = embeddings
         self.forget_set, self.retain_set = forget, retain
@@ -203,9 +194,9 @@ class DiffusionAdapter(Adapter):
             return self.emb.retain[batch["set"].prompt_index[batch["index"]].to(self.device)]
         return self.emb.forget[r["choice"]]
 
-    @staticmethod
-    def predict(model, zt, t, cond) -> torch.Tensor:
-        return model(zt, t, encoder_hidden_states=cond, return_dict=False)[0]
+    def predict(self, model, zt, t, cond) -> torch.Tensor:
+        """The model's output (ε or v, per the scheduler's prediction type) for packed conditioning ``cond``."""
+        return model(zt, t, **self.conditioning(cond), return_dict=False)[0]
 
     # -- losses -------------------------------------------------------------------------------------------
     def loss(self, model, batch) -> torch.Tensor:
@@ -244,8 +235,10 @@ class DiffusionAdapter(Adapter):
     def forget_term(self, kind, model, batch, bound=None, **kwargs):
         if kind == "redirect":
             return self._redirect(model, batch)
-        if kind == "esd":
-            return self._esd(model, batch, float(kwargs.get("eta", self.negative_guidance)))
+        if kind == "esd":  # the objective is ESD's own (erase.core.methods.esd); the adapter supplies x_t and predictions
+            from erase.core.methods.esd import esd_term
+
+            return esd_term(self, model, batch, float(kwargs.get("eta", self.negative_guidance)))
         return super().forget_term(kind, model, batch, bound=bound, **kwargs)
 
     def _redirect(self, model, batch) -> torch.Tensor:
@@ -262,9 +255,10 @@ class DiffusionAdapter(Adapter):
         return F.mse_loss(pred.float(), target.float())
 
     @torch.no_grad()
-    def sample_esd_start(self, batch):
-        """x_t from the frozen base under c by s ∈ [0, esd_ddim_steps) DDIM steps, the timestep it sits at
-        (``ddim.timesteps[s]``), c and the empty prompt (ESD)."""
+    def sample_partial(self, batch):
+        """ESD's start point, the scheduler-dependent half of its term: x_t from the frozen base under c by
+        s ∈ [0, esd_ddim_steps) DDIM steps at guidance ``esd_start_guidance`` (s, the start code and c drawn per
+        example from its key), the timestep it sits at (``ddim.timesteps[s]``), c and the unconditional embedding."""
         from diffusers import DDIMScheduler
 
         if self.frozen is None:
@@ -293,16 +287,9 @@ class DiffusionAdapter(Adapter):
             x = torch.where(active, ddim.step(eu + self.esd_start_guidance * (ec - eu), t, x).prev_sample, x)
         # after s DDIM steps x sits at ddim.timesteps[s]: the loss is taken there (not at 1000 − 1000·s/S)
         t_at = ddim.timesteps[torch.tensor(steps, dtype=torch.long)].to(d)
-        return x, t_at, cond, uncond
+        return x.to(self.weight_dtype), t_at, cond, uncond
 
-    def _esd(self, model, batch, eta: float) -> torch.Tensor:
-        x, t, cond, uncond = self.sample_esd_start(batch)
-        xw = x.to(self.weight_dtype)
-        with torch.no_grad():
-            e0 = self.predict(self.frozen, xw, t, uncond).float()
-            ep = self.predict(self.frozen, xw, t, cond).float()
-        pred = self.predict(model, xw, t, cond)
-        return F.mse_loss(pred.float(), e0 - eta * (ep - e0))
+    sample_esd_start = sample_partial  # the name before erase.core.methods.esd owned the ESD objective
 
     # -- data -----------------------------------------------------------------------------------------------
     def _stream(self, split: str, latents: LatentSet, seed: int, rank: int, world: int, batch_size: int) -> KeyedStream:
@@ -330,4 +317,4 @@ class DiffusionAdapter(Adapter):
                 "retain_mode": self.retain_mode, "distill_empty_fraction": self.distill_empty_fraction,
                 "distill_prompts": int(self.emb.distill.shape[0]) if self.emb.distill is not None else 0,
                 "forget_groups": len(self.emb.groups), "prediction_type": self.prediction_type, "num_train_timesteps": self.num_train_timesteps,
-                "scaling_factor": self.scaling_factor}
+                "scaling_factor": self.scaling_factor, **(self.conditioning.describe() if hasattr(self.conditioning, "describe") else {})}

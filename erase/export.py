@@ -123,18 +123,20 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
+    pipe_cls = c.get("pipeline_class") or "StableDiffusionPipeline"  # the model family's pipeline (erase.families)
     formats = (c.get("export") or {}).get("formats") or ["diffusers"]
     unet_load = (f"unet = UNet2DConditionModel.from_pretrained(\"path/to/this/folder\", subfolder=\"unet\")"
                  if "diffusers" in formats or s.get("export_pipeline") else
                  "unet = UNet2DConditionModel.from_pretrained(" + load_args + ", subfolder=\"unet\")\n"
                  f"unet.load_state_dict(load_file(\"path/to/this/folder/{DELTA_NAME}\"), strict=False)  # the changed tensors")
-    pipe_note = ("This folder is also a complete pipeline:\n\n```python\nfrom diffusers import StableDiffusionPipeline\n\n"
-                 "pipe = StableDiffusionPipeline.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
+    pipe_note = (f"This folder is also a complete pipeline:\n\n```python\nfrom diffusers import {pipe_cls}\n\n"
+                 f"pipe = {pipe_cls}.from_pretrained(\"path/to/this/folder\")\n```\n\n") if s.get("export_pipeline") else ""
     return f"""---
 library_name: diffusers
 base_model: {yaml_scalar(base_raw)}
 tags:
 - stable-diffusion
+- {c.get('model_family') or 'sd1'}
 - concept-erasure
 - {c['method']}
 ---
@@ -154,11 +156,11 @@ Every setting is in `{CONFIG_NAME}`.
 
 ```python
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import {pipe_cls}, UNet2DConditionModel
 from safetensors.torch import load_file
 
 {unet_load}
-pipe = StableDiffusionPipeline.from_pretrained({load_args}, unet=unet)
+pipe = {pipe_cls}.from_pretrained({load_args}, unet=unet)
 image = pipe("a photo of a church").images[0]
 ```
 

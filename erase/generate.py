@@ -114,17 +114,20 @@ def model_fingerprint(model: str) -> dict:
 
 
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
-    """A StableDiffusionPipeline from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
+    """The model family's pipeline (erase.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
+    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
     import diffusers
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
+
+    from erase.families import FAMILIES, ConfigUnreadable, detect
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if isinstance(dtype, str) or dtype is None:
         dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
     path = Path(model)
-    kwargs = dict(safety_checker=None, requires_safety_checker=False, dtype=dtype)
-    unet = None
+    kwargs = dict(dtype=dtype)
+    unet, family = None, None
     if path.is_dir() and not (path / "model_index.json").exists():
         config_path = path / "erase_config.json"
         if not config_path.exists():
@@ -136,6 +139,10 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
         if recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
             kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+        recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
+        if recorded_family not in FAMILIES:
+            raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")
+        family = FAMILIES[recorded_family]
         try:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
         except (OSError, ValueError) as e:
@@ -144,11 +151,16 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         kwargs["unet"] = unet
     elif not path.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
         raise UserError(f"model not found: {model} (give a pipeline folder, an erase/sd.py output or a hub id)")
+    if family is None:
+        try:
+            family = detect(model, kwargs.get("revision"))
+        except ConfigUnreadable as e:  # e.g. a hub id offline without a cache
+            raise UserError(f"could not load the pipeline {model!r}: {e}") from None
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, **kwargs)
+        pipe = family.pipeline_cls().from_pretrained(model, **kwargs, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {model!r}: {str(e).strip().splitlines()[0]}") from None
-    for name in ("unet", "vae", "text_encoder"):  # a weights file missing tensors loads as meta tensors
+    for name in family.components:  # a weights file missing tensors loads as meta tensors
         check_weights(getattr(pipe, name).state_dict().items(), f"the {name} of {model}")
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -54,10 +54,11 @@ def build_tiny_tokenizer(model_max_length: int = 77):
     return build_tokenizer(TINY_WORDS, model_max_length)
 
 
-def text_config(tokenizer, hidden_size: int, max_length: int, num_layers: int = 2, num_heads: int = 4):
+def text_config(tokenizer, hidden_size: int, max_length: int, num_layers: int = 2, num_heads: int = 4, hidden_act: str = "quick_gelu"):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
+        hidden_act=hidden_act,
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -83,12 +84,16 @@ def build_components(
     norm_num_groups: int | None = None,
     layers_per_block: int = 1,
     vae_mid_attention: bool = True,
+    unet_extra: dict | None = None,
+    text_act: str = "quick_gelu",
+    build_text: bool = True,
 ):
     """(vae, unet, text_encoder) of an SD v1-layout model with random weights, built in that order.
 
     The UNet has cross-attention below its top resolution only (``DownBlock2D`` first), two heads per attention
     (diffusers' legacy ``attention_head_dim`` is the number of heads), ``cross_attention_dim = text_width``.
-    ``norm_num_groups`` defaults to ``min(32, first channel count)``.
+    ``norm_num_groups`` defaults to ``min(32, first channel count)``. ``unet_extra`` overrides UNet config entries
+    (the SD 2.x / SDXL differences, see :func:`build_tiny_pipeline`); ``build_text=False`` returns no text encoder.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -100,14 +105,15 @@ def build_components(
         mid_block_add_attention=vae_mid_attention, sample_size=latent_size * 2 ** (nv - 1),
         down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv,
     )
-    unet = UNet2DConditionModel(
-        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
-        block_out_channels=tuple(unet_channels), norm_num_groups=norm_num_groups or min(32, unet_channels[0]),
-        cross_attention_dim=text_width, attention_head_dim=2,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (nu - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (nu - 1) + ("UpBlock2D",),
-    )
-    text_encoder = CLIPTextModel(text_config(tokenizer, text_width, max_length, text_layers, text_heads))
+    unet = UNet2DConditionModel(**{
+        "sample_size": latent_size, "in_channels": 4, "out_channels": 4, "layers_per_block": layers_per_block,
+        "block_out_channels": tuple(unet_channels), "norm_num_groups": norm_num_groups or min(32, unet_channels[0]),
+        "cross_attention_dim": text_width, "attention_head_dim": 2,
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (nu - 1),
+        "up_block_types": ("CrossAttnUpBlock2D",) * (nu - 1) + ("UpBlock2D",),
+        **(unet_extra or {}),
+    })
+    text_encoder = CLIPTextModel(text_config(tokenizer, text_width, max_length, text_layers, text_heads, text_act)) if build_text else None
     return vae, unet, text_encoder
 
 
@@ -119,24 +125,46 @@ def build_tiny_pipeline(
     cross_attention_dim: int = 32,
     max_length: int = 77,
     seed: int = 0,
+    family: str = "sd1",
 ) -> str:
-    """Write a StableDiffusionPipeline folder with random weights to `path` and return it.
+    """Write a pipeline folder of model family ``family`` (erase.families) with random weights to `path`; return it.
 
-    Images are `sample_size * 2 ** (len(block_out_channels) - 1)` pixels square (32 px by default). The
-    folder has the layout of a real SD v1 checkpoint (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-    `scheduler/`, `model_index.json`) and no safety checker.
+    Images are `sample_size * 2 ** (len(block_out_channels) - 1)` pixels square (32 px by default). The folder
+    has the layout of a real checkpoint of the family (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
+    `model_index.json`; SDXL adds `text_encoder_2/`, `tokenizer_2/`) and no safety checker.
+
+    * ``sd1``: SD v1 layout, PNDM scheduler (epsilon), CLIP text encoder with quick-gelu.
+    * ``sd2``: SD v2 (768) layout: v-prediction DDIM scheduler, per-block ``attention_head_dim`` list, linear
+      projections in the transformer blocks, text encoder with gelu (OpenCLIP's activation).
+    * ``sdxl``: SDXL base layout: ``addition_embed_type="text_time"`` (size ``time_ids`` + pooled text embedding,
+      ``projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + pooled width``), a per-block
+      transformer depth, two text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``, each
+      ``cross_attention_dim // 2`` wide, concatenated), two tokenizers, Euler scheduler (epsilon),
+      ``force_zeros_for_empty_prompt``.
     """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
+    if family not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"unknown family {family!r}; choose sd1, sd2 or sdxl")
     torch.manual_seed(seed)
     tokenizer = build_tiny_tokenizer(max_length)
+    if family == "sdxl":
+        return _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length)
     vae, unet, text_encoder = build_components(
         tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
         text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block,
+        unet_extra=_sd2_unet(len(block_out_channels)) if family == "sd2" else None,
+        text_act="gelu" if family == "sd2" else "quick_gelu",
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
-    )
+    if family == "sd2":
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction")
+    else:
+        scheduler = PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1
+        )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -147,6 +175,35 @@ def build_tiny_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipe.save_pretrained(str(path))
+    return str(path)
+
+
+def _sd2_unet(n_blocks: int) -> dict:
+    """What SD 2.x's UNet config sets beyond SD v1's: heads per block as a list, linear projections."""
+    return {"attention_head_dim": tuple(2 * (i + 1) for i in range(n_blocks)), "use_linear_projection": True}
+
+
+def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length) -> str:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    time_dim, width = 8, cross_attention_dim // 2
+    n = len(block_out_channels)
+    vae, unet, _ = build_components(
+        tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
+        text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block, build_text=False,
+        unet_extra={**_sd2_unet(n), "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+                    "projection_class_embeddings_input_dim": 6 * time_dim + width,
+                    "transformer_layers_per_block": tuple(range(1, n + 1))},
+    )
+    text_encoder = CLIPTextModel(text_config(tokenizer, width, max_length))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, width, max_length, hidden_act="gelu"))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                                       timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                                     tokenizer_2=build_tiny_tokenizer(max_length), unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(str(path))
     return str(path)
 
