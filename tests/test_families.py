@@ -301,3 +301,24 @@ def test_gpu_figures_smoke_mode(tmp_path):
     step = fig["repair"][0]["s_per_step"]
     assert est["complete"] and est["saliency_and_repair_s"] == pytest.approx(104 * step)
     assert est["data_generation_s"] == pytest.approx(100 / fig["generation"]["images_per_s"] * 50 / 2)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_every_export_format_of_a_family_loads_back(pipes, data, tmp_path, family):
+    """erase/sd.py with --export_format diffusers,single_file,lora on SD 2.x / SDXL: the single file (fp32) holds the
+    erased UNet bit for bit through diffusers' from_single_file, the LoRA loads through load_lora_weights."""
+    from erase import load_erased
+
+    out = tmp_path / family
+    in_process(["--pretrained_model_name_or_path", pipes[family], "--concept", "nudity", "--output_dir", out,
+                "--data_dir", data[family], *SMALL, "--num_retain_images", 2, "--max_train_steps", 1, "--lr", "1e-3",
+                "--topk", 20, "--export_format", "diffusers,single_file,lora", "--export_dtype", "fp32"])
+    cfg = json.loads((out / "erase_config.json").read_text())
+    assert cfg["export"]["formats"] == ["diffusers", "single_file", "lora"] and cfg["model_family"] == family
+    erased = load_erased(out, format="diffusers").unet.state_dict()
+    single = load_erased(out, format="single_file", local_files_only=True)
+    assert type(single).__name__ == cfg["pipeline_class"]
+    state = single.unet.state_dict()
+    assert state.keys() == erased.keys() and all(torch.equal(state[k], erased[k]) for k in erased)
+    lora = load_erased(out, format="lora")
+    assert type(lora).__name__ == cfg["pipeline_class"] and any("lora" in n for n, _ in lora.unet.named_parameters())
