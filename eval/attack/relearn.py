@@ -170,7 +170,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     info = resolve_model(cfg.model)
     if entry.check_model is not None:
         entry.check_model(cfg.model)
-    prompts = concept_prompts(cfg.concept, cfg.forget_prompts)
+    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
     spec, exclude, spec_source = targets_spec(cfg, info.erase_config)
     param_sets, skipped = list(cfg.relearn_params), None
     if "targets" in param_sets and spec is None:
