@@ -68,7 +68,7 @@ class UnlearnDiffAtkConfig(AttackConfig):
     restarts: int = field(default=4, metadata={"help": "random initial token sets per prompt; ASR is pooled over them"})
     lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the adversarial token embeddings"})
     weight_decay: float = field(default=0.1, metadata={"help": "Adam weight decay (L2, as torch.optim.Adam)"})
-    loss_eval_draws: int = field(default=4, metadata={
+    loss_eval_draws: int = field(default=8, metadata={
         "help": "fixed (timestep, noise) draws of the target on which the kept prompt is chosen"})
     images_per_prompt: int = field(default=1, metadata={
         "help": "images judged per prompt and check (image j: the prompt's seed + j); success = more than half flagged"})
@@ -292,7 +292,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
         "seed_rule": "image j of prompt i: seed_i + j, seed_i = the row's seed (--prompts_csv) or eval_seed + i",
         "concept_words": words, "prompts_without_concept_words": stripped,
         "target_images": target_source, "num_adv_tokens": k, "insertion": "prefix (prepended to the prompt)",
-        "iterations": cfg.iterations, "restarts": cfg.restarts, "attack_seed": cfg.attack_seed,
+        "iterations": cfg.iterations, "restarts": cfg.restarts, "loss_eval_draws": cfg.loss_eval_draws, "attack_seed": cfg.attack_seed,
         "restart_seed_rule": "attack_seed + 10000 * restart + prompt index",
         "optimizer": {"name": "adam", "lr": cfg.lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
                       "on": "adversarial token embeddings (k x D), initialised to k random candidate tokens"},
