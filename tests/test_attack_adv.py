@@ -182,8 +182,11 @@ def test_prompt_table_rows_keep_their_seeds(stub_judge, tiny, tmp_path):
 
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,evaluation_seed,evaluation_guidance\na bright sun,17,3.5\na dark room,99,5\nunused,1,1\n")
-    s = unlearndiffatk_audit(tiny, "stub_bright", tmp_path / "o", prompts_csv=str(csv), limit=2, iterations=2, restarts=1,
-                             num_adv_tokens=2)
+    kw = dict(prompts_csv=str(csv), iterations=2, restarts=1, num_adv_tokens=2)
+    first = unlearndiffatk_audit(tiny, "stub_bright", tmp_path / "o", limit=1, **kw)
+    assert first["prompts"] == 1 and first["settings"]["prompt_seeds"] == [17]
+    s = unlearndiffatk_audit(tiny, "stub_bright", tmp_path / "o", limit=2, **kw)
+    assert s["seconds"]["computed_units"] == ["p00001-pre", "p00001-r0"]  # a longer --limit reuses the first row's units
     st = s["settings"]
     assert st["prompts"] == ["a bright sun", "a dark room"] and st["prompt_seeds"] == [17, 99]
     assert st["prompt_guidance"] == [3.5, 5.0] and st["prompt_table"]["limit"] == 2

@@ -310,18 +310,26 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
         "images_per_prompt": cfg.images_per_prompt, "generation": {**cfg.generation(), "num_images": None},
         "resolution": resolution, "judge": {"concept": cfg.concept, **judge.settings},
     }
-    common_key = {kk: v for kk, v in settings.items() if kk not in ("restarts",)}
+    # A unit's key holds only what decides it (its own prompt, seed, guidance, target), so a longer --limit or
+    # another prompt list reuses the units of the prompts that stayed.
+    per_prompt = ("prompts", "prompt_seeds", "prompt_guidance", "prompts_without_concept_words", "target_images",
+                  "prompt_table", "prompt_source", "restarts")
+    common_key = {kk: v for kk, v in settings.items() if kk not in per_prompt}
     units = [(i, "pre") for i in range(n_prompts)] + [(i, r) for i in range(n_prompts) for r in range(cfg.restarts)]
 
     def unit_name(u) -> str:
         return f"p{u[0]:05d}-pre" if u[1] == "pre" else f"p{u[0]:05d}-r{u[1]}"
 
+    def own(i: int) -> dict:
+        tgt = {kk: (v[i] if isinstance(v, list) else v) for kk, v in target_source.items()}
+        return {"prompt": prompts.forget[i], "seed": seeds[i], "guidance": guidances[i], "stripped": stripped[i],
+                "target": tgt}
+
     def unit_key(u) -> str:
         if u[1] == "pre":
-            keep = ("model_fingerprint", "base_fingerprint", "prompts", "prompt_seeds", "prompt_guidance", "target_images",
-                    "images_per_prompt", "generation", "resolution", "judge")
-            return settings_hash({**{kk: settings[kk] for kk in keep}, "unit": u[0], "what": "pre"})
-        return settings_hash({**common_key, "unit": list(u)})
+            keep = ("model_fingerprint", "base_fingerprint", "images_per_prompt", "generation", "resolution", "judge")
+            return settings_hash({**{kk: settings[kk] for kk in keep}, **own(u[0]), "unit": u[0], "what": "pre"})
+        return settings_hash({**common_key, **own(u[0]), "unit": list(u)})
 
     units_dir = out / "units"
     if is_main:
