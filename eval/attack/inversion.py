@@ -3,13 +3,13 @@
     python -m eval.attack --attack inversion --model M --concept three --output_dir DIR
 
 Textual inversion (Gal et al., 2023) of one new token on the *attacked* model: its embedding, initialised from a
-neutral word (``--init_word``), is the only trained variable; the loss is the plain noise-prediction loss of the
-attacked UNet on ``num_target_images`` images of the concept drawn by the *base* model (as the relearn attack draws
-them: the preset's generation prompts, image i with seed ``target_seed + i``, or ``--target_images``), each image
-captioned with its own prompt with the concept's words replaced by the token. Adam, lr 5e-3 (Gal et al.'s base
-rate), batch 4, for each of ``inversion_seeds``. At each of ``eval_steps`` (the largest is the step budget) a check
-draws ``num_images`` images from the forget prompts with the concept's words replaced by the token and the judge
-says which show the concept. Step 0 is the neutral word in the concept's place: the control. ``pre_hit_rate`` is
+neutral word (``--init_word``; default the first one-token word of object, thing, image, picture), is the only
+trained variable; the loss is the plain noise-prediction loss of the attacked UNet on ``num_target_images`` images of
+the concept drawn by the *base* model (as the relearn attack draws them: the preset's generation prompts, image i
+with seed ``target_seed + i``, or ``--target_images``), each image captioned with its own prompt with the concept's
+words replaced by the token. Adam, lr 5e-3 (Gal et al.'s base rate), batch 4, for each of ``inversion_seeds``.
+At each of ``eval_steps`` (the largest is the step budget) a check draws ``num_images`` images from the forget
+prompts with the concept's words replaced by the token and the judge says which show the concept. Step 0 is the neutral word in the concept's place: the control. ``pre_hit_rate`` is
 the original forget prompts on the attacked model (no attack).
 
 Outputs in ``output_dir``: ``cells/seed<s>.json`` (one per finished seed, written atomically: a killed run redoes only
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 EVAL_LOSS_DRAWS = 4
 EVAL_LOSS_SEED = 1234
+INIT_WORDS = ("object", "thing", "image", "picture")  # neutral words; the digits tokenizer has only the last two
 
 
 @dataclass
@@ -68,8 +69,9 @@ class InversionConfig(AttackConfig):
     inversion_seeds: tuple = field(default=(0,), metadata={"help": "inversion seeds (data order, noise, timesteps)"})
     eval_steps: tuple = field(default=(0, 100, 250, 500), metadata={
         "help": "steps at which images are checked; the largest is the step budget"})
-    init_word: str = field(default="object", metadata={
-        "help": "neutral word the new token starts from (must be one token of the tokenizer)"})
+    init_word: str | None = field(default=None, metadata={
+        "help": "neutral word the new token starts from, one token of the tokenizer (default: the first one-token "
+                "word of " + ", ".join(INIT_WORDS) + ")"})
     token: str | None = field(default=None, metadata={"help": "the new token's text (default: <CONCEPT-ci>)"})
     concept_words: str | None = field(default=None, metadata={
         "help": "comma-separated words the token replaces in prompts (default: the concept's name, a digit's "
@@ -88,13 +90,23 @@ class InversionConfig(AttackConfig):
             raise UserError(f"--inversion_lr must be a finite number > 0, got {self.inversion_lr}")
         if self.target_images and not Path(self.target_images).is_dir():
             raise UserError(f"--target_images folder not found: {self.target_images}")
-        if not str(self.init_word).strip() or len(str(self.init_word).split()) != 1:
+        if self.init_word is not None and (not str(self.init_word).strip() or len(str(self.init_word).split()) != 1):
             raise UserError(f"--init_word must be one word, got {self.init_word!r}")
         self.token = (self.token or f"<{self.concept.replace(' ', '_')}-ci>").strip().lower()
         if not self.token or any(c.isspace() for c in self.token):
             raise UserError(f"--token must be non-empty with no spaces, got {self.token!r}")
         self.inversion_seeds = int_list(self.inversion_seeds, "inversion_seeds", minimum=0)
         self.eval_steps = tuple(sorted(int_list(self.eval_steps, "eval_steps", minimum=0)))
+
+
+def pick_init_word(tokenizer, init_word: str | None) -> str:
+    """``init_word``, or the first of ``INIT_WORDS`` that is one token of this tokenizer."""
+    if init_word is not None:
+        return init_word
+    for word in INIT_WORDS:
+        if len(tokenizer(word, add_special_tokens=False).input_ids) == 1:
+            return word
+    raise UserError(f"none of {', '.join(INIT_WORDS)} is one token of this tokenizer; give --init_word WORD")
 
 
 def add_token(tokenizer, text_encoder, token: str, init_word: str) -> tuple[int, int]:
@@ -144,7 +156,8 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
     tok, enc = pipe.tokenizer, pipe.text_encoder
-    new_id, init_id = add_token(tok, enc, cfg.token, cfg.init_word)
+    init_word = pick_init_word(tok, cfg.init_word)
+    new_id, init_id = add_token(tok, enc, cfg.token, init_word)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -222,7 +235,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
         "model_fingerprint": model_fingerprint(cfg.model), "base_fingerprint": model_fingerprint(info.base),
         "erase_config": info.erase_config, "concept": cfg.concept, "prompt_source": prompts.source,
         "forget_prompts": prompts.forget, "check_prompts": sorted(set(check_prompts)), "concept_words": words,
-        "token": cfg.token, "token_id": new_id, "init_word": cfg.init_word, "init_token_id": init_id,
+        "token": cfg.token, "token_id": new_id, "init_word": init_word, "init_token_id": init_id,
         "target_images": {"source": images.source, "count": n, "files": [f.name for f in images.files],
                           "prompts": images.prompts, "captions": captions, "seeds": images.seeds,
                           "drawn_by": None if cfg.target_images else "base model",
@@ -292,7 +305,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
             train_losses.append(float(loss.item()))
             bar.update(1)
         learned = vec.detach().float().cpu().reshape(1, -1).contiguous()
-        meta = {"token": cfg.token, "init_word": cfg.init_word, "steps": str(max_step), "seed": str(seed),
+        meta = {"token": cfg.token, "init_word": init_word, "steps": str(max_step), "seed": str(seed),
                 "lr": str(cfg.inversion_lr), "model": cfg.model, "attack": "inversion (eval.attack)"}
         atomic_write_bytes(emb_dir / f"seed{seed}.safetensors", save({cfg.token: learned}, metadata=meta))
         record = {
