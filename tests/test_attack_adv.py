@@ -271,3 +271,14 @@ def test_attack_brings_a_digit_back_on_the_base_digits_model(tmp_path):
     assert s["prompts"] == 6 and s["base_pre_asr"] == 1.0
     assert s["asr"] >= 0.95, s["asr_per_restart"]
     assert s["reencode_share"] == 1.0 and s["loss"]["best_mean"] <= s["loss"]["initial_mean"]
+
+
+def test_relearn_takes_a_prompt_table_too(stub_judge, tiny, tmp_path):
+    from eval.attack import relearn_audit
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,sd_seed\na bright sun,5\na dark room,6\nunused,7\n")
+    s = relearn_audit(tiny, "stub_bright", tmp_path / "o", prompts_csv=str(csv), limit=2, num_target_images=1,
+                      relearn_batch_size=1, relearn_seeds=[0], eval_steps=[0, 1], relearn_params="all")
+    assert s["settings"]["forget_prompts"] == ["a bright sun", "a dark room"]
+    assert s["settings"]["prompt_source"] == f"csv {csv}" and s["relearn"]["per_seed"]["0"]["n"] == [3, 3]
