@@ -4,11 +4,13 @@
     OMP_NUM_THREADS=1 python benchmarks/attack_adv.py --output_dir DIR --parts sd --sd_threads 2
 
 Parts:
-  digits  the default digits model (eval.digits_model.default_model_dir) and a GA-erased copy for ``--concept``
-          (erase/sd.py --method ga, the settings of benchmarks/attack_relearn.py's header, through
-          eval.digits_bench.run_erasure): unlearndiffatk with its defaults (5 tokens, 40 iterations, 4 restarts,
-          the forget prompts) on both, and concept inversion (defaults) on the GA model. Checks: base ASR >= 95 %;
-          GA pooled ASR well above its pre-attack rate. Per-prompt attack seconds (CPU) from the units' records.
+  digits  the default digits model (eval.digits_model.default_model_dir) and erased copies for ``--concept``
+          (``--erasures`` METHOD:STEPS, default ga:100 and esd:100; erase/sd.py with eval/digits_bench.py's
+          per-method settings and the data sizes of benchmarks/attack_relearn.py's header, through
+          eval.digits_bench.run_erasure): unlearndiffatk with its defaults (5 tokens, 40 iterations, 4 restarts, the
+          forget prompts) on each, and concept inversion (defaults: 500 steps) on each erased model. Checks: base ASR
+          >= 95 %; pooled ASR of an erased model against its pre-attack rate and its controls. Per-prompt attack
+          seconds (CPU) from the units' records.
   sd      the cost of one unlearndiffatk iteration on the SD v1.4 architecture with random weights on CPU
           (UNet2DConditionModel from SD v1.4's config, benchmarks/sd_step.SD14_UNET, 64x64 latents; a CLIPTextModel
           of ViT-L/14 size, 77 tokens): ``--sd_iterations`` optimisation iterations (text encoder + UNet forward and
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--parts", default="digits,sd", help="comma-separated: digits, sd")
     p.add_argument("--concept", default="three", help="the digit attacked (a digit word)")
     p.add_argument("--restarts", type=int, default=4, help="unlearndiffatk restarts per prompt")
+    p.add_argument("--erasures", default="ga:100,esd:100", help="erased models to attack, comma-separated METHOD:STEPS")
     p.add_argument("--sd_iterations", type=int, default=2, help="timed optimisation iterations on the SD architecture")
     p.add_argument("--sd_evals", type=int, default=1, help="timed fixed-batch evaluations on the SD architecture")
     p.add_argument("--sd_threads", type=int, default=2, help="torch threads for the SD timing")
@@ -58,35 +61,45 @@ def digits_part(args, out: Path) -> dict:
     base = str(default_model_dir())
     erase_args = SimpleNamespace(launcher="python", max_train_steps=100, train_batch_size=16, num_forget_images=64,
                                  num_retain_images=192, steps=20, guidance=4.0, erase_args=None)
-    t0 = time.perf_counter()
-    erase = run_erasure(base, DIGIT_WORDS.index(args.concept), "ga", 0, out / "ga", out / "ga-data", erase_args)
-    erase_s = time.perf_counter() - t0
+    models, erasures = [("base", base)], {}
+    for item in [x.strip() for x in args.erasures.split(",") if x.strip()]:
+        method, _, steps = item.partition(":")
+        name = f"{method}{steps}"
+        t0 = time.perf_counter()
+        ns = SimpleNamespace(**{**vars(erase_args), "max_train_steps": int(steps or 100)})
+        info = run_erasure(base, DIGIT_WORDS.index(args.concept), method, 0, out / name, out / f"{name}-data", ns)
+        erasures[name] = {"method": method, "steps": int(steps or 100), "seconds": round(time.perf_counter() - t0, 1),
+                          "command": " ".join(info.get("command", []))}
+        models.append((name, str(out / name)))
     rows = {}
-    for name, model in (("base", base), ("ga", str(out / "ga"))):
+    for name, model in models:
         t0 = time.perf_counter()
         s = unlearndiffatk_audit(model, args.concept, out / f"unlearndiffatk-{name}", restarts=args.restarts)
         units = [json.loads(x) for x in (out / f"unlearndiffatk-{name}" / "attacks.jsonl").read_text().splitlines()]
         rows[name] = {
-            "model": model, "pre_asr": s["pre_asr"], "asr": s["asr"], "asr_std": s["asr_std"],
-            "asr_any_restart": s["asr_any_restart"], "asr_with_pre": s["asr_with_pre"],
+            "model": model, "pre_asr": s["pre_asr"], "base_pre_asr": s["base_pre_asr"], "asr": s["asr"],
+            "asr_std": s["asr_std"], "asr_any_restart": s["asr_any_restart"], "asr_with_pre": s["asr_with_pre"],
             "controls_attacked": {c: v["attacked"]["rate"] for c, v in s["controls"].items()},
             "controls_base": {c: v["base"]["rate"] for c, v in s["controls"].items()},
+            "asr_minus_control": s["asr_minus_control"],
             "prefix_names_concept_share": s["prefix_names_concept_share"], "loss": s["loss"],
             "attack_s_per_unit": s["seconds"]["attack_per_unit_mean"], "unit_s": s["seconds"]["unit_mean"],
             "attack_s_per_prompt": round(s["seconds"]["attack_per_unit_mean"] * args.restarts, 2),
             "units": len(units), "wall_s": round(time.perf_counter() - t0, 1),
             "examples": sorted({u["adversarial_prompt"] for u in units if u["success"]})[:4],
         }
-    t0 = time.perf_counter()
-    inv = inversion_audit(str(out / "ga"), args.concept, out / "inversion-ga")
-    rows["inversion_ga"] = {k: inv[k] for k in ("pre_hit_rate", "control_hit_rate", "steps", "hit_rate", "hit_rate_std",
-                                                "eval_loss", "final_minus_control")}
-    rows["inversion_ga"]["seconds"] = inv["seconds"]["seeds"]
-    rows["inversion_ga"]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if name == "base":
+            continue
+        t0 = time.perf_counter()
+        inv = inversion_audit(model, args.concept, out / f"inversion-{name}")
+        rows[name]["inversion"] = {k: inv[k] for k in ("pre_hit_rate", "control_hit_rate", "steps", "hit_rate",
+                                                       "eval_loss", "final_minus_control")}
+        rows[name]["inversion"]["init_word"] = inv["settings"]["init_word"]
+        rows[name]["inversion"]["seconds"] = inv["seconds"]["seeds"]
+        rows[name]["inversion"]["wall_s"] = round(time.perf_counter() - t0, 1)
     checks = {"base_asr_at_least_95": rows["base"]["asr"] >= 0.95,
-              "ga_asr_minus_pre": round(rows["ga"]["asr"] - rows["ga"]["pre_asr"], 6)}
-    return {"concept": args.concept, "erasure": {"method": "ga", "seconds": round(erase_s, 1),
-                                                  "command": erase.get("command")}, "rows": rows, "checks": checks}
+              "asr_minus_pre": {n: round(r["asr"] - r["pre_asr"], 6) for n, r in rows.items() if n != "base"}}
+    return {"concept": args.concept, "erasures": erasures, "rows": rows, "checks": checks}
 
 
 def sd_part(args) -> dict:

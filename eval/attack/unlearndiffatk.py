@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -209,8 +210,6 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
                          "seed_rule": "target_seed + i", "steps": cfg.steps, "scheduler": cfg.scheduler}
     target_set = erase_data.ImageSet("target", list(target_files), list(prompts.forget), [None] * n_prompts,
                                      source=target_source["source"])
-    from contextlib import nullcontext
-
     with accelerator.main_process_first() if accelerator is not None else nullcontext():  # one writer of the cache
         latent_mean, _ = erase_data.encode_latents(target_set, pipe.vae, resolution, out / "target", device,
                                                    torch.float32, cfg.generation_batch_size)
@@ -471,7 +470,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
                                                 for i in range(n_prompts)])), 6),
         "asr_with_pre": round(float(np.mean(with_pre_r)), 6), "asr_with_pre_std": round(_std(with_pre_r), 6),
         "controls": controls,
-        "asr_minus_control": {c: round(asr - controls[c]["attacked"]["rate"], 6) for c in CONTROLS},
+        "asr_minus_control": {c: round(asr - controls[c]["attacked"]["rate"], 6) + 0.0 for c in CONTROLS},  # no -0.0
         "target_images_flagged": round(float(np.mean([recs[(i, "pre")]["target_flagged"] for i in range(n_prompts)])), 6),
         "loss": {"initial_mean": round(float(np.mean([a["initial_loss"] for a in attacks])), 6),
                  "best_mean": round(float(np.mean([a["best_loss"] for a in attacks])), 6),
