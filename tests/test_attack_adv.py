@@ -54,7 +54,7 @@ def erased(tiny, tmp_path_factory):
 
 
 def _kw(prompts, **extra):
-    return dict(forget_prompts=str(prompts), iterations=ITER, restarts=RESTARTS, concept_words="bright", **extra)
+    return {"forget_prompts": str(prompts), "iterations": ITER, "restarts": RESTARTS, "concept_words": "bright", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +282,23 @@ def test_relearn_takes_a_prompt_table_too(stub_judge, tiny, tmp_path):
                       relearn_batch_size=1, relearn_seeds=[0], eval_steps=[0, 1], relearn_params="all")
     assert s["settings"]["forget_prompts"] == ["a bright sun", "a dark room"]
     assert s["settings"]["prompt_source"] == f"csv {csv}" and s["relearn"]["per_seed"]["0"]["n"] == [3, 3]
+
+
+def test_target_images_from_a_folder_and_bad_ones(stub_judge, erased, tmp_path):
+    """--target_images: prompt i uses image i mod count; a folder with no image is one line, nothing written."""
+    from PIL import Image
+
+    from eval.attack.unlearndiffatk import unlearndiffatk_audit
+
+    model, prompts = erased
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 48, 3), 250, np.uint8)).save(folder / "a.png")
+    s = unlearndiffatk_audit(model, "stub_bright", tmp_path / "o", **_kw(prompts, target_images=str(folder),
+                                                                         iterations=2, restarts=1))
+    assert s["settings"]["target_images"]["files"] == ["a.png", "a.png"] and s["target_images_flagged"] == 1.0
+    assert not (tmp_path / "o" / "target" / "generation.json").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="--target_images"):
+        unlearndiffatk_audit(model, "stub_bright", tmp_path / "p", **_kw(prompts, target_images=str(tmp_path / "empty")))
+    assert not (tmp_path / "p").exists()

@@ -190,12 +190,23 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     rows = prompts.rows or [None] * n_prompts
     seeds = [int(r.seed) if r is not None else cfg.eval_seed + i for i, r in enumerate(rows)]
     guidances = [float(r.guidance) if r is not None and r.guidance is not None else float(cfg.guidance) for r in rows]
+    # The candidate vocabulary and the embedding table the adversarial tokens are projected onto
+    # (before anything is written: too small a vocabulary is a user error).
+    cand_ids, cand_texts = typable_tokens(tok, words if cfg.exclude_concept_tokens else None)
+    if len(cand_ids) < cfg.num_adv_tokens:
+        raise UserError(f"the tokenizer has only {len(cand_ids)} typable tokens; --num_adv_tokens {cfg.num_adv_tokens} "
+                        "needs at least that many")
+    table = enc.get_input_embeddings().weight.detach().float()
+    cand = table[torch.tensor(cand_ids, device=table.device)].to(device)
+    cand_unit = F.normalize(cand, dim=1)
+    cand_ids_t = torch.tensor(cand_ids, device=device)
+    text_of = dict(zip(cand_ids, cand_texts))
+    folder = erase_data.folder_split("target", cfg.target_images, prompts.forget[0]) if cfg.target_images else None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. Target images of the concept: drawn by the base model (the pipeline still holds the base UNet), one per prompt.
-    if cfg.target_images:
-        folder = erase_data.folder_split("target", cfg.target_images, prompts.forget[0])
+    if folder is not None:
         target_files = [folder.files[i % len(folder.files)] for i in range(n_prompts)]
         target_source = {"source": folder.source, "files": [f.name for f in target_files], "drawn_by": None}
     else:
@@ -218,16 +229,6 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     num_t = int(noise_sched.config.num_train_timesteps)
 
-    # 2. The candidate vocabulary and the embedding table the adversarial tokens are projected onto.
-    cand_ids, cand_texts = typable_tokens(tok, words if cfg.exclude_concept_tokens else None)
-    if len(cand_ids) < cfg.num_adv_tokens:
-        raise UserError(f"the tokenizer has only {len(cand_ids)} typable tokens; --num_adv_tokens {cfg.num_adv_tokens} "
-                        "needs at least that many")
-    table = enc.get_input_embeddings().weight.detach().float()
-    cand = table[torch.tensor(cand_ids, device=table.device)].to(device)
-    cand_unit = F.normalize(cand, dim=1)
-    cand_ids_t = torch.tensor(cand_ids, device=device)
-    text_of = dict(zip(cand_ids, cand_texts))
     for m in (enc, unet, base_unet, pipe.vae):
         m.requires_grad_(False)
         m.eval()
@@ -282,7 +283,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
                         "labels": labels[a * n:(a + 1) * n] if labels is not None else None})
         return res, pixels
 
-    # 3. Settings and resume keys.
+    # 2. Settings and resume keys.
     settings = {
         "attack": "unlearndiffatk", "model": cfg.model, "base_model": info.base, "erased": info.erased,
         "model_fingerprint": model_fingerprint(cfg.model), "base_fingerprint": model_fingerprint(info.base),
@@ -343,7 +344,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
         logger.info("process %d: %d of %d unit(s) already finished with these settings, skipped", rank,
                     len(mine) - len(todo), len(mine))
 
-    # 4. The units: a pre check per prompt, an attack per (prompt, restart).
+    # 3. The units: a pre check per prompt, an attack per (prompt, restart).
     n_attacks = sum(1 for u in todo if u[1] != "pre")
     bar = tqdm(total=n_attacks * cfg.iterations, desc="unlearndiffatk", unit="it",
                disable=accelerator is not None and not accelerator.is_local_main_process)
@@ -431,7 +432,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     if not is_main:
         return None
 
-    # 5. Summary (main process) from the unit files, so a resumed run equals an uninterrupted one.
+    # 4. Summary (main process) from the unit files, so a resumed run equals an uninterrupted one.
     recs = {}
     for u in units:
         recs[u] = read_cell(units_dir / f"{unit_name(u)}.json", unit_key(u))
