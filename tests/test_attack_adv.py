@@ -147,7 +147,7 @@ def test_summary_controls_and_settings(atk):
     assert st["optimizer"]["weight_decay"] == 0.1 and st["concept_words"] == ["bright"]
     assert st["prompt_seeds"] == [0, 1] and st["target_images"]["seeds"] == [2_000_000, 2_000_001]
     assert st["judge"] == {"concept": "stub_bright", "name": "bright", "version": "1"}
-    assert {"torch", "diffusers", "numpy"} <= set(s["versions"])
+    assert {"torch", "diffusers", "numpy", "transformers"} <= set(s["versions"])
     assert sorted(p.name for p in (atk / "target").glob("*.png")) == ["00000_0.png", "00001_0.png"]
 
 

@@ -311,7 +311,10 @@ def versions() -> dict:
 
     from erase.export import versions as library_versions
 
-    return {**library_versions(), "numpy": numpy.__version__, "tqdm": tqdm.__version__}
+    import transformers
+
+    return {**library_versions(), "numpy": numpy.__version__, "tqdm": tqdm.__version__,
+            "transformers": transformers.__version__}  # the tokenizer and text encoder come from it
 
 
 # ----------------------------------------------------------------------------------------------- concept words
