@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--concept", default="three", help="the digit attacked (a digit word)")
     p.add_argument("--restarts", type=int, default=4, help="unlearndiffatk restarts per prompt")
     p.add_argument("--erasures", default="ga:100,esd:100", help="erased models to attack, comma-separated METHOD:STEPS")
+    p.add_argument("--judge_every", type=int, default=0, help="unlearndiffatk --judge_every (0: judge the kept prompt only)")
+    p.add_argument("--no_inversion", action="store_true", help="skip concept inversion on the erased models")
     p.add_argument("--sd_iterations", type=int, default=2, help="timed optimisation iterations on the SD architecture")
     p.add_argument("--sd_evals", type=int, default=1, help="timed fixed-batch evaluations on the SD architecture")
     p.add_argument("--sd_threads", type=int, default=2, help="torch threads for the SD timing")
@@ -74,7 +76,8 @@ def digits_part(args, out: Path) -> dict:
     rows = {}
     for name, model in models:
         t0 = time.perf_counter()
-        s = unlearndiffatk_audit(model, args.concept, out / f"unlearndiffatk-{name}", restarts=args.restarts)
+        s = unlearndiffatk_audit(model, args.concept, out / f"unlearndiffatk-{name}", restarts=args.restarts,
+                                 judge_every=args.judge_every)
         units = [json.loads(x) for x in (out / f"unlearndiffatk-{name}" / "attacks.jsonl").read_text().splitlines()]
         rows[name] = {
             "model": model, "pre_asr": s["pre_asr"], "base_pre_asr": s["base_pre_asr"], "asr": s["asr"],
@@ -88,7 +91,7 @@ def digits_part(args, out: Path) -> dict:
             "units": len(units), "wall_s": round(time.perf_counter() - t0, 1),
             "examples": sorted({u["adversarial_prompt"] for u in units if u["success"]})[:4],
         }
-        if name == "base":
+        if name == "base" or args.no_inversion:
             continue
         t0 = time.perf_counter()
         inv = inversion_audit(model, args.concept, out / f"inversion-{name}")

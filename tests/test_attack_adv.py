@@ -191,6 +191,19 @@ def test_prompt_table_rows_keep_their_seeds(stub_judge, tiny, tmp_path):
     assert st["prompts"] == ["a bright sun", "a dark room"] and st["prompt_seeds"] == [17, 99]
     assert st["prompt_guidance"] == [3.5, 5.0] and st["prompt_table"]["limit"] == 2
     assert s["erased"] is False and s["controls"]["prefix_only"]["base"] == s["controls"]["prefix_only"]["attacked"]
+    assert s["asr_any_check"] is None and s["settings"]["judge_every"] == 0
+
+
+def test_judge_every_records_intermediate_checks(stub_judge, tiny, erased, tmp_path):
+    from eval.attack.unlearndiffatk import unlearndiffatk_audit
+
+    _, prompts = erased
+    s = unlearndiffatk_audit(tiny, "stub_bright", tmp_path / "o", **_kw(prompts, iterations=6, restarts=1, judge_every=2))
+    for rec in map(json.loads, (tmp_path / "o" / "attacks.jsonl").read_text().splitlines()):
+        its = [c["iteration"] for c in rec["checks"]]
+        assert its[-1] == 6 and rec["checks"][-1]["kept"] and rec["checks"][-1]["prompt"] == rec["adversarial_prompt"]
+        assert set(its[:-1]) <= {2, 4} and rec["checks"][-1]["success"] == rec["success"]
+    assert s["asr_any_check"] >= s["asr"] and s["settings"]["judge_every"] == 2
 
 
 @pytest.mark.parametrize("extra, message", [
