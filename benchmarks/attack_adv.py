@@ -82,6 +82,7 @@ def digits_part(args, out: Path) -> dict:
         rows[name] = {
             "model": model, "pre_asr": s["pre_asr"], "base_pre_asr": s["base_pre_asr"], "asr": s["asr"],
             "asr_std": s["asr_std"], "asr_any_restart": s["asr_any_restart"], "asr_with_pre": s["asr_with_pre"],
+            "asr_any_check": s["asr_any_check"],
             "controls_attacked": {c: v["attacked"]["rate"] for c, v in s["controls"].items()},
             "controls_base": {c: v["base"]["rate"] for c, v in s["controls"].items()},
             "asr_minus_control": s["asr_minus_control"],
