@@ -6,9 +6,9 @@ image of the concept as well as it can, then: does it draw the concept from that
 
 For each prompt a *target* image of the concept is drawn by the base model (``target_seed + i``) or read from
 ``--target_images``. ``num_adv_tokens`` tokens prepended to the prompt are optimised (Adam, lr 0.01, weight decay 0.1
-and 40 iterations, as the reference code's ``text_grad`` attacker) to minimise the attacked UNet's noise-prediction
-loss on the target's latents (one random timestep and noise per iteration). Unlike the reference (a relaxed one-hot
-over the vocabulary), the variables are token embeddings, projected every iteration to the nearest candidate token
+as the reference code's ``text_grad`` attacker; 40 iterations, the paper's budget, where the reference code runs 40
+for each of 50 fixed timesteps) to minimise the attacked UNet's noise-prediction loss on the target's latents (one
+random timestep and noise per iteration). Unlike the reference (a relaxed one-hot over the vocabulary), the variables are token embeddings, projected every iteration to the nearest candidate token
 embedding (cosine) with straight-through gradients (the PEZ scheme of Wen et al., 2023), so the forward pass always sees
 real tokens. Candidates are the tokens whose decoded text re-tokenises to the same single token (no special
 tokens): the result is a prompt anyone can type. The kept prompt is the iterate with the lowest loss on a fixed
