@@ -269,7 +269,7 @@ def test_bad_inputs_at_run_time(stub_judge, tiny, erased, tmp_path):
     from eval.attack import relearn_audit
 
     _, prompts = erased
-    with pytest.raises(SystemExit, match="unknown attack 'nope'; choose one of: relearn"):
+    with pytest.raises(SystemExit, match="unknown attack 'nope'; choose one of: inversion, relearn, unlearndiffatk"):
         from eval.attack.__main__ import parse_args
 
         parse_args(["--attack", "nope"])

@@ -167,7 +167,8 @@ def test_attack_protocol_misuse_is_refused(table_attack):
     with pytest.raises(SystemExit, match="--concept three contradicts protocol unlearndiffatk-nudity"):
         parse_args(["--attack", table_attack, "--model", "org/model", "--concept", "three", "--output_dir", "/x/y",
                     "--protocol", "unlearndiffatk-nudity"])
-    with pytest.raises(SystemExit, match="--protocol does not apply to this attack"):  # relearn draws from forget prompts
+    # relearn reads prompt tables, but the nudity attack protocol pins a budget it has no fields for
+    with pytest.raises(SystemExit, match="protocol unlearndiffatk-nudity pins num_adv_tokens = 5, which this attack has no field for"):
         parse_args(_attack_args("relearn", "--protocol", "unlearndiffatk-nudity"))
     _, cfg = parse_args(_attack_args(table_attack, "--prompts_csv", str(DATA / "i2p_nudity_142.csv"), "--limit", "2"))
     assert cfg.protocol_spec is None and len(cfg.prompt_table().rows) == 2 and cfg.generation()["protocol"] is None

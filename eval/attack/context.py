@@ -98,6 +98,8 @@ class AttackConfig:
             self.guidance = optional_number(self.guidance, float, "guidance")
         self.concept = entry.concept
         self._table = None
+        if self.forget_prompts and self.prompts_csv:
+            raise UserError("give --forget_prompts or --prompts_csv, not both")
         self.protocol_spec = self._apply_protocol()
         protocol = {**GENERATION_DEFAULTS, **entry.generation}
         for name, key in (("num_images", "num_images"), ("steps", "steps"), ("guidance", "guidance"),
@@ -107,6 +109,12 @@ class AttackConfig:
         for name in ("num_images", "steps", "generation_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.limit is not None and not self.prompts_csv:
+            raise UserError("--limit needs --prompts_csv (it takes the table's first N rows)")
+        if self.limit is not None and self.limit < 1:
+            raise UserError(f"--limit must be >= 1, got {self.limit}")
+        if self.prompts_csv and not Path(self.prompts_csv).is_file():
+            raise UserError(f"--prompts_csv file not found: {self.prompts_csv}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         from erase.safety import check_numbers
@@ -289,12 +297,23 @@ class ConceptPrompts:
     forget: list[str]       # what the checks generate from
     generation: list[str]   # what the base model draws the concept's images from
     source: str
+    rows: list | None = None  # erase.prompt_table.PromptRow per forget prompt (its seed, guidance) for --prompts_csv
+    table: dict | None = None  # the table's description (source, limit, seed and guidance columns)
 
 
-def concept_prompts(concept: str, forget_file: str | None) -> ConceptPrompts:
+def concept_prompts(concept: str, forget_file: str | None, prompts_csv: str | None = None,
+                    limit: int | None = None) -> ConceptPrompts:
+    """The prompts of an audit: ``--prompts_csv`` rows (first ``limit``), ``--forget_prompts`` lines, or the preset's."""
     from prompts import list_concepts, load_concept, read_prompt_file
 
     preset = load_concept(concept) if concept in list_concepts() else None
+    if prompts_csv:
+        from erase.prompt_table import load_prompts
+
+        table = load_prompts(prompts_csv, limit=limit)
+        forget = [r.prompt for r in table.rows]
+        generation = preset.generation_prompts if preset is not None else forget
+        return ConceptPrompts(forget, list(generation), f"csv {table.source}", table.rows, table.describe())
     if forget_file:
         try:
             forget = read_prompt_file(forget_file)
@@ -376,4 +395,90 @@ def versions() -> dict:
 
     from erase.export import versions as library_versions
 
-    return {**library_versions(), "numpy": numpy.__version__, "tqdm": tqdm.__version__}
+    import transformers
+
+    return {**library_versions(), "numpy": numpy.__version__, "tqdm": tqdm.__version__,
+            "transformers": transformers.__version__}  # the tokenizer and text encoder come from it
+
+
+# ----------------------------------------------------------------------------------------------- concept words
+def concept_words(concept: str, override: str | None = None) -> list[str]:
+    """Words that name the concept, removed from (or replaced in) prompts by the attacks' controls.
+
+    ``override``: comma-separated words. Default: the concept's name (``_`` as a space); for a digit preset also its
+    numeral ("three", "3"); and every one-word forget prompt of its preset (nudity: nudity, naked, nude, erotic,
+    sexual)."""
+    if override is not None and str(override).strip():
+        words = [w.strip() for w in str(override).split(",") if w.strip()]
+    else:
+        from prompts import list_concepts, load_concept
+
+        words = [concept.replace("_", " ")]
+        if concept in list_concepts():
+            preset = load_concept(concept)
+            if preset.category == "digit":
+                from eval.digits.model import DIGIT_WORDS
+
+                if concept in DIGIT_WORDS:
+                    words.append(str(DIGIT_WORDS.index(concept)))
+            words += [p for p in preset.forget_prompts if len(p.split()) == 1]
+    return list(dict.fromkeys(w.lower() for w in words))
+
+
+def _words_pattern(words: list[str]):
+    import re
+
+    alternatives = sorted((re.escape(w) for w in words), key=len, reverse=True)
+    return re.compile(r"(?<![\w])(?:" + "|".join(alternatives) + r")(?:s|es)?(?![\w])", re.IGNORECASE)
+
+
+def remove_words(prompt: str, words: list[str]) -> str:
+    """``prompt`` without the concept's words (whole words, any case, plural s/es too); spaces tidied."""
+    import re
+
+    out = _words_pattern(words).sub(" ", prompt)
+    out = re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", out)).strip()
+    return out
+
+
+def replace_words(prompt: str, words: list[str], token: str) -> str:
+    """``prompt`` with every concept word replaced by ``token``; a prompt with none gets ``, token`` appended."""
+    pattern = _words_pattern(words)
+    if not pattern.search(prompt):
+        return f"{prompt}, {token}"
+    return " ".join(pattern.sub(token, prompt).split())
+
+
+def names_concept(text: str, words: list[str]) -> bool:
+    return bool(_words_pattern(words).search(text))
+
+
+# ----------------------------------------------------------------------------------------------- token embeddings
+class TokenEmbeddingOverride:
+    """While active, the text encoder's token-embedding output at chosen places is replaced by given vectors.
+
+    ``rows(input_ids) -> (mask, values)``: ``mask`` (B, L) bool, ``values`` (mask.sum(), D) in mask order. A forward
+    hook on ``text_encoder.get_input_embeddings()``, so it works for any CLIP-like encoder and keeps gradients to
+    ``values``."""
+
+    def __init__(self, text_encoder, rows):
+        self.module = text_encoder.get_input_embeddings()
+        self.rows = rows
+        self.handle = None
+
+    def _hook(self, module, inputs, output):
+        got = self.rows(inputs[0])
+        if got is None:
+            return output
+        mask, values = got
+        out = output.clone()
+        out[mask] = values.to(out.dtype)
+        return out
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        self.handle = None

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 from contextlib import nullcontext
+from typing import ClassVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -59,6 +60,8 @@ PASS_RATE = 0.5
 
 @dataclass
 class RelearnConfig(AttackConfig):
+    USES_PROMPT_TABLE: ClassVar[bool] = True  # its prompts may come from --prompts_csv / --protocol rows
+
     num_target_images: int = field(default=8, metadata={
         "help": "images of the concept to relearn from, drawn by the base model from the preset's generation prompts"})
     target_images: str | None = field(default=None, metadata={
@@ -170,7 +173,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     info = resolve_model(cfg.model)
     if entry.check_model is not None:
         entry.check_model(cfg.model)
-    prompts = concept_prompts(cfg.concept, cfg.forget_prompts)
+    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
     spec, exclude, spec_source = targets_spec(cfg, info.erase_config)
     param_sets, skipped = list(cfg.relearn_params), None
     if "targets" in param_sets and spec is None:
