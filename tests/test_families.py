@@ -322,3 +322,29 @@ def test_every_export_format_of_a_family_loads_back(pipes, data, tmp_path, famil
     assert state.keys() == erased.keys() and all(torch.equal(state[k], erased[k]) for k in erased)
     lora = load_erased(out, format="lora")
     assert type(lora).__name__ == cfg["pipeline_class"] and any("lora" in n for n, _ in lora.unet.named_parameters())
+
+
+def test_attacks_on_sdxl(pipes, tmp_path):
+    """relearn conditions an SDXL UNet as its pipeline does (both encoders, pooled, time ids); the prompt attacks, which
+    optimise one encoder's tokens, refuse it in one line instead of running on half the conditioning."""
+    import numpy as np
+
+    from eval.attack import register_judge, relearn_audit, unregister_judge
+    from eval.attack.unlearndiffatk import unlearndiffatk_audit
+
+    register_judge("stub_xl", flag=lambda images: images.reshape(len(images), -1).mean(1) > 127,
+                   settings={"name": "bright", "version": "1"},
+                   generation={"num_images": 2, "steps": 2, "guidance": 2.0, "scheduler": "ddim", "batch_size": 2})
+    try:
+        prompts = tmp_path / "p.txt"
+        prompts.write_text("a bright thing\n")
+        s = relearn_audit(pipes["sdxl"], "stub_xl", tmp_path / "o", forget_prompts=str(prompts), num_target_images=2,
+                          relearn_seeds="0", eval_steps="0,1", relearn_batch_size=2, relearn_params="all")
+        assert s["relearn"]["steps"] == [0, 1] and len(s["relearn"]["hit_rate"]) == 2
+        loss = np.asarray(s["relearn"]["eval_loss"], dtype=float)
+        assert loss.size == 2 and np.isfinite(loss).all() and loss[1] != loss[0]  # one Adam step moved the SDXL UNet
+        with pytest.raises(USER_FACING, match="unlearndiffatk optimises the tokens of one text encoder; Stable Diffusion XL"):
+            unlearndiffatk_audit(pipes["sdxl"], "stub_xl", tmp_path / "u", forget_prompts=str(prompts), iterations=1,
+                                 restarts=1)
+    finally:
+        unregister_judge("stub_xl")

@@ -291,6 +291,22 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     return pipe, unet.to(device)
 
 
+def pipeline_text(pipe):
+    """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.families)."""
+    from erase.families import FAMILIES, family_of, text_from_pipeline
+
+    family = FAMILIES[family_of(dict(pipe.unet.config))]
+    return family, text_from_pipeline(family, pipe)
+
+
+def require_one_text_encoder(pipe, attack: str) -> None:
+    """The prompt attacks optimise the input tokens of one text encoder; a family with two (SDXL) is refused."""
+    family, _ = pipeline_text(pipe)
+    if len(family.text_encoders) != 1:
+        raise UserError(f"{attack} optimises the tokens of one text encoder; {family.title} conditions on "
+                        f"{len(family.text_encoders)}: not supported yet (relearn works on every family)")
+
+
 # ----------------------------------------------------------------------------------------------- prompts
 @dataclass
 class ConceptPrompts:

@@ -43,6 +43,7 @@ from eval.attack.context import (
     optional_number,
     read_cell,
     replace_words,
+    require_one_text_encoder,
     resolve_model,
     save_pngs,
     versions,
@@ -158,6 +159,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
+    require_one_text_encoder(pipe, "inversion")
     tok, enc = pipe.tokenizer, pipe.text_encoder
     init_word = pick_init_word(tok, cfg.init_word)
     new_id, init_id = add_token(tok, enc, cfg.token, init_word)

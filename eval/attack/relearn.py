@@ -40,6 +40,7 @@ from eval.attack.context import (
     judge_images,
     load_attacked,
     optional_number,
+    pipeline_text,
     read_cell,
     resolve_model,
     save_pngs,
@@ -166,6 +167,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     from erase import data as erase_data
     from erase.core.targets import TargetError, describe, select_parameters
     from erase.diffusion import TARGET_PRESETS
+    from erase.families import Conditioner
     from erase.generate import model_fingerprint
 
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -217,10 +219,10 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     with accelerator.main_process_first() if accelerator is not None else nullcontext():  # one writer of the cache
         mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
                                               cfg.generation_batch_size)
-    with torch.no_grad():
-        ids = pipe.tokenizer(images.prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(device)
-        cond = pipe.text_encoder(ids)[0].float()
+    # Each image's prompt, encoded as the model's family conditions its UNet (SDXL: both encoders, pooled, time ids).
+    family, text = pipeline_text(pipe)
+    cond = text.encode(images.prompts, device).float()
+    conditioning = Conditioner(family, resolution, text.pooled_dim())
     if pipe.unet is not unet:
         pipe.register_modules(unet=unet)
     unet.train()
@@ -245,7 +247,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         for i in range(0, len(fix_idx), cfg.relearn_batch_size):
             sl = slice(i, i + cfg.relearn_batch_size)
             noisy = noise_sched.add_noise(fix_z[sl], fix_noise[sl], fix_t[sl])
-            pred = unet(noisy, fix_t[sl], cond[fix_idx[sl].to(device)]).sample
+            pred = unet(noisy, fix_t[sl], **conditioning(cond[fix_idx[sl].to(device)])).sample
             target = noise_target(noise_sched, fix_z[sl], fix_noise[sl], fix_t[sl])
             total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
         return total / fix_z.numel()
@@ -347,7 +349,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
             z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)) * sf
             noise = torch.randn(z.shape, generator=gen).to(device)
             t = torch.randint(0, num_t, (len(idx),), generator=gen).to(device)
-            pred = unet(noise_sched.add_noise(z, noise, t), t, cond[idx]).sample
+            pred = unet(noise_sched.add_noise(z, noise, t), t, **conditioning(cond[idx])).sample
             loss = F.mse_loss(pred.float(), noise_target(noise_sched, z, noise, t).float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -50,6 +50,7 @@ from eval.attack.context import (
     optional_number,
     read_cell,
     remove_words,
+    require_one_text_encoder,
     resolve_model,
     save_pngs,
     versions,
@@ -190,6 +191,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     pipe, unet = load_attacked(info, cfg.scheduler, device)
     base_unet = pipe.unet
     same_model = base_unet is unet
+    require_one_text_encoder(pipe, "unlearndiffatk")
     tok, enc = pipe.tokenizer, pipe.text_encoder
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     n_prompts = len(prompts.forget)
