@@ -15,6 +15,7 @@ every retrain model and every erased model; its columns are the ``headline`` of 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -168,6 +169,8 @@ def run_attacks(model: str, args, out: Path, row: str) -> dict:
         attack = get_attack(name)
         options = {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
                    **args.attack_options[name]}
+        if "images_per_prompt" in {f.name for f in dataclasses.fields(attack.config_cls)}:
+            options.pop("num_images")  # judged per prompt (unlearndiffatk): its images_per_prompt is its budget
         cfg = attack.config_cls(model=str(model), concept=DIGIT_WORDS[args.digits[0]], output_dir=str(out / name / row),
                                 **options)
         columns.update(attack_headline(name, attack.run(cfg)))
