@@ -65,7 +65,7 @@ def parse_args(input_args=None):
                 setattr(args, key, default)
     if args.subset not in SUBSETS:
         raise UserError(f"unknown subset {args.subset!r}; choose one of: {', '.join(SUBSETS)}")
-    check_threshold(args.threshold)
+    check_threshold(args.threshold, "--threshold")
     check_numbers(args)
     resolve_classes(args.classes)
     if args.detect_batch_size < 1:

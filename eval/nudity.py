@@ -86,9 +86,10 @@ def resolve_classes(spec: str) -> tuple[str, tuple[str, ...]]:
     return "custom", classes
 
 
-def check_threshold(threshold: float) -> float:
+def check_threshold(threshold: float, name: str = "threshold") -> float:
+    """``threshold`` if it is in [0, 1]; ``name`` is what the message calls it (a command line passes its flag)."""
     if not 0.0 <= threshold <= 1.0:
-        raise UserError(f"--threshold must be in [0, 1], got {threshold}")
+        raise UserError(f"{name} must be in [0, 1], got {threshold}")
     return threshold
 
 
@@ -391,7 +392,7 @@ def parse_args(input_args=None):
     parser.add_argument("--batch_size", type=int, default=16, help="Images per detector run.")
     parser.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     args = parser.parse_args(input_args)
-    check_threshold(args.threshold)
+    check_threshold(args.threshold, "--threshold")
     check_numbers(args)
     if not Path(args.images_dir).is_dir():  # inputs before outputs: a bad input leaves nothing behind
         raise UserError(f"image folder not found: {args.images_dir}")

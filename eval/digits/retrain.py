@@ -18,7 +18,7 @@ def retrain_config(base_model: str | None, digits, seed: int | None = None) -> D
     else:
         card, base_dir, erase_config = resolve_digits_model(base_model)
         if erase_config is not None:
-            raise UserError(f"--model {base_model} is an erased model; give the base digits model whose settings to reuse")
+            raise UserError(f"{base_model} is an erased model; give the base digits model whose settings to reuse")
         try:
             base = DigitsModelConfig(**card["config"])
         except (TypeError, ValueError) as e:
