@@ -5,7 +5,7 @@
 
 Parts:
   digits  the default digits model (eval.digits.model.default_model_dir) and erased copies for ``--concept``
-          (``--erasures`` METHOD:STEPS, default ga:100 and esd:100; erase/sd.py with eval/digits_bench.py's
+          (``--erasures`` METHOD:STEPS, default ga:100 and esd:100; erase/sd.py with eval/digits/bench.py's
           per-method settings and the data sizes of benchmarks/attack_relearn.py's header, through
           eval.digits.bench.run_erasure): unlearndiffatk with its defaults (5 tokens, 40 iterations, 4 restarts, the
           forget prompts) on each, and concept inversion (defaults: 500 steps) on each erased model. Checks: base ASR
