@@ -80,7 +80,7 @@ def test_summary_layout_and_settings(audit, erased):
         per = np.array([curve["per_seed"][str(x)]["hit_rate"] for x in SEEDS])
         np.testing.assert_allclose(curve["hit_rate"], per.mean(0), atol=1e-6)
         np.testing.assert_allclose(curve["hit_rate_std"], per.std(0, ddof=1), atol=1e-6)
-        from eval.attack.relearn import first_step_over
+        from eval.attack.context import first_step_over
 
         assert curve["first_step_over_50"] == first_step_over(STEPS, curve["hit_rate"])
         assert all(curve["per_seed"][str(x)]["n"] == [3, 3, 3] for x in SEEDS)  # num_images from the judge's protocol
@@ -184,7 +184,7 @@ def test_v_prediction_target_and_endless_batches():
     import torch
     from diffusers import DDPMScheduler
 
-    from eval.attack.relearn import endless_batches, noise_target
+    from eval.attack.context import endless_batches, noise_target
 
     z, noise, t = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.tensor([10, 900])
     assert noise_target(DDPMScheduler(), z, noise, t) is noise

@@ -291,6 +291,76 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     return pipe, unet.to(device)
 
 
+PASS_RATE = 0.5  # a check "passes" when more than half of its images show the concept
+
+
+def endless_batches(n: int, batch_size: int, generator):
+    """Indices in successive random permutations of range(n), ``batch_size`` at a time (an epoch-free stream)."""
+    import torch
+
+    buffer: list[int] = []
+    while True:
+        while len(buffer) < batch_size:
+            buffer += torch.randperm(n, generator=generator).tolist()
+        yield buffer[:batch_size]
+        buffer = buffer[batch_size:]
+
+
+def noise_target(scheduler, latents, noise, timesteps):
+    """What the UNet is trained to predict: the noise (epsilon) or v (Salimans & Ho, 2022), per the scheduler."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise UserError(f"scheduler prediction_type {kind!r} is not epsilon or v_prediction")
+
+
+def first_step_over(steps, rates, level: float = PASS_RATE):
+    return next((int(s) for s, r in zip(steps, rates) if r > level), None)
+
+
+def image_pixels(path, resolution: int) -> np.ndarray:
+    """An image as the relearning sees it (resized, centre-cropped), as uint8 (H, W, 3) for the judge."""
+    from erase.data import load_image
+
+    return load_image(path, resolution).add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+@dataclass
+class AttackSetup:
+    """What every attack starts from: the resolved model, its prompts, this process's place, the output folder."""
+
+    info: "ModelInfo"
+    prompts: "ConceptPrompts"
+    rank: int
+    world: int
+    is_main: bool
+    device: object
+    out: Path
+    start: float
+    cpu_start: float
+
+
+def begin(cfg: AttackConfig, accelerator=None) -> AttackSetup:
+    """The checks and settings every attack opens with (cheap: no model is loaded): the judge may refuse the model,
+    the prompts are resolved, and the process's rank, device and output folder are fixed."""
+    import time
+
+    import torch
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    entry = cfg.judge_entry
+    info = resolve_model(cfg.model)
+    if entry.check_model is not None:
+        entry.check_model(cfg.model)
+    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
+    rank = accelerator.process_index if accelerator is not None else 0
+    world = accelerator.num_processes if accelerator is not None else 1
+    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return AttackSetup(info, prompts, rank, world, rank == 0, device, Path(cfg.output_dir), start, cpu_start)
+
+
 def pipeline_text(pipe):
     """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.families)."""
     from erase.families import FAMILIES, family_of, text_from_pipeline

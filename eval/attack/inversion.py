@@ -33,19 +33,22 @@ import numpy as np
 
 from eval.attack.context import (
     AttackConfig,
-    TokenEmbeddingOverride,
-    concept_prompts,
+    begin,
     concept_words,
     draw,
+    endless_batches,
+    first_step_over,
+    image_pixels,
     int_list,
     judge_images,
     load_attacked,
+    noise_target,
     optional_number,
     read_cell,
     replace_words,
     require_one_text_encoder,
-    resolve_model,
     save_pngs,
+    TokenEmbeddingOverride,
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
@@ -141,21 +144,12 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     from tqdm.auto import tqdm
 
     from erase import data as erase_data
-    from eval.attack.relearn import _pixels, endless_batches, first_step_over, noise_target
     from erase.generate import model_fingerprint
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    entry = cfg.judge_entry
-    info = resolve_model(cfg.model)
-    if entry.check_model is not None:
-        entry.check_model(cfg.model)
-    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
+    run = begin(cfg, accelerator)
+    start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts
+    rank, world, is_main, device, out = run.rank, run.world, run.is_main, run.device, run.out
     words = concept_words(cfg.concept, cfg.concept_words)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    is_main = rank == 0
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.output_dir)
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
@@ -175,7 +169,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     else:
         images = erase_data.generate_split("target", prompts.generation, cfg.num_target_images, out, pipe=pipe,
                                            model_id=info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
-    target_judged = judge_images(judge, np.stack([_pixels(f, resolution) for f in images.files]), images.prompts)
+    target_judged = judge_images(judge, np.stack([image_pixels(f, resolution) for f in images.files]), images.prompts)
     with accelerator.main_process_first() if accelerator is not None else nullcontext():
         mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
                                               cfg.generation_batch_size)

@@ -33,16 +33,20 @@ from pathlib import Path
 import numpy as np
 
 from eval.attack.context import (
+    PASS_RATE,
     AttackConfig,
-    concept_prompts,
+    begin,
     draw,
+    endless_batches,
+    first_step_over,
+    image_pixels,
     int_list,
     judge_images,
     load_attacked,
+    noise_target,
     optional_number,
     pipeline_text,
     read_cell,
-    resolve_model,
     save_pngs,
     str_list,
     versions,
@@ -56,7 +60,6 @@ PARAM_SETS = ("all", "targets")
 SUMMARY_KEYS = {"all": "relearn", "targets": "relearn_targets"}
 EVAL_LOSS_DRAWS = 4  # fixed (noise, timestep) draws per target image for the deterministic eval loss
 EVAL_LOSS_SEED = 1234
-PASS_RATE = 0.5
 
 
 @dataclass
@@ -122,39 +125,6 @@ def targets_spec(cfg: RelearnConfig, erase_config: dict | None) -> tuple[str | N
     return DiffusionAdapter.default_targets, cfg.exclude, "the diffusion adapter's default (not in erase_config.json)"
 
 
-def endless_batches(n: int, batch_size: int, generator):
-    """Indices in successive random permutations of range(n), ``batch_size`` at a time (an epoch-free stream)."""
-    import torch
-
-    buffer: list[int] = []
-    while True:
-        while len(buffer) < batch_size:
-            buffer += torch.randperm(n, generator=generator).tolist()
-        yield buffer[:batch_size]
-        buffer = buffer[batch_size:]
-
-
-def noise_target(scheduler, latents, noise, timesteps):
-    """What the UNet is trained to predict: the noise (epsilon) or v (Salimans & Ho, 2022), per the scheduler."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, timesteps)
-    raise UserError(f"scheduler prediction_type {kind!r} is not epsilon or v_prediction")
-
-
-def first_step_over(steps, rates, level: float = PASS_RATE):
-    return next((int(s) for s, r in zip(steps, rates) if r > level), None)
-
-
-def _pixels(path, resolution: int) -> np.ndarray:
-    """An image as the relearning sees it (resized, centre-cropped), as uint8 (H, W, 3) for the judge."""
-    from erase.data import load_image
-
-    return load_image(path, resolution).add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 # ----------------------------------------------------------------------------------------------- the attack
 @register_attack("relearn", RelearnConfig, help="fine-tune the attacked UNet on a few images of the concept; "
                                                 "hit rate of the judge over relearning steps")
@@ -170,12 +140,9 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     from erase.families import Conditioner
     from erase.generate import model_fingerprint
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    entry = cfg.judge_entry
-    info = resolve_model(cfg.model)
-    if entry.check_model is not None:
-        entry.check_model(cfg.model)
-    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
+    run = begin(cfg, accelerator)
+    start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts
+    rank, world, is_main, device, out = run.rank, run.world, run.is_main, run.device, run.out
     spec, exclude, spec_source = targets_spec(cfg, info.erase_config)
     param_sets, skipped = list(cfg.relearn_params), None
     if "targets" in param_sets and spec is None:
@@ -185,11 +152,6 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         param_sets.remove("targets")
         skipped = "the model has no erase_config.json naming targets and no --targets was given"
         logger.info("targets-only relearning skipped: %s", skipped)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    is_main = rank == 0
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.output_dir)
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
@@ -211,7 +173,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     else:
         images = erase_data.generate_split("target", prompts.generation, cfg.num_target_images, out, pipe=pipe,
                                            model_id=info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
-    target_pixels = np.stack([_pixels(f, resolution) for f in images.files])
+    target_pixels = np.stack([image_pixels(f, resolution) for f in images.files])
     target_judged = judge_images(judge, target_pixels, images.prompts)
     if target_judged["hit_rate"] < PASS_RATE:
         logger.warning("the judge calls only %d of %d relearning images %s: relearning figures will understate the attack",

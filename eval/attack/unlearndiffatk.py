@@ -41,18 +41,19 @@ import numpy as np
 
 from eval.attack.context import (
     AttackConfig,
-    TokenEmbeddingOverride,
-    concept_prompts,
+    begin,
     concept_words,
     draw,
+    image_pixels,
     load_attacked,
     names_concept,
+    noise_target,
     optional_number,
     read_cell,
     remove_words,
     require_one_text_encoder,
-    resolve_model,
     save_pngs,
+    TokenEmbeddingOverride,
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
@@ -170,22 +171,13 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     from tqdm.auto import tqdm
 
     from erase import data as erase_data
-    from eval.attack.relearn import _pixels, noise_target
     from erase.generate import GenerationConfig, generate, image_name, model_fingerprint
     from erase.prompt_table import PromptRow
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    entry = cfg.judge_entry
-    info = resolve_model(cfg.model)
-    if entry.check_model is not None:
-        entry.check_model(cfg.model)
-    prompts = concept_prompts(cfg.concept, cfg.forget_prompts, cfg.prompts_csv, cfg.limit)
+    run = begin(cfg, accelerator)
+    start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts
+    rank, world, is_main, device, out = run.rank, run.world, run.is_main, run.device, run.out
     words = concept_words(cfg.concept, cfg.concept_words)
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
-    is_main = rank == 0
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(cfg.output_dir)
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
@@ -367,7 +359,7 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
         if r == "pre":
             pre, pix = judge_group(unet, [prompts.forget[i]], i)
             base_pre, bpix = (pre, pix) if same_model else judge_group(base_unet, [prompts.forget[i]], i)
-            tgt_flags, tgt_labels = judge(_pixels(target_files[i], resolution)[None])
+            tgt_flags, tgt_labels = judge(image_pixels(target_files[i], resolution)[None])
             if cfg.save_images:
                 save_pngs(pix, out / "images" / unit_name(u) / "attacked")
                 save_pngs(bpix, out / "images" / unit_name(u) / "base")
