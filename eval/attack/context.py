@@ -361,6 +361,44 @@ def begin(cfg: AttackConfig, accelerator=None) -> AttackSetup:
     return AttackSetup(info, prompts, rank, world, rank == 0, device, Path(cfg.output_dir), start, cpu_start)
 
 
+@dataclass
+class ConceptImages:
+    """Images of the concept an attack learns from, with their latents and the judge's verdict on them."""
+
+    images: object  # erase.data.ImageSet
+    generation: dict  # how they were drawn (steps, guidance, scheduler, resolution, batch_size)
+    judged: dict
+    mean: object  # VAE posterior mean / std of each image's latents
+    std: object
+
+
+def concept_images(cfg, run: AttackSetup, pipe, judge, resolution: int, accelerator=None) -> ConceptImages:
+    """``cfg.target_images`` (a folder), or ``cfg.num_target_images`` drawn by the **base** model (the pipeline must
+    still hold the base UNet) from the preset's generation prompts with seeds ``cfg.target_seed + i``; judged, and
+    encoded once (cached under ``out/target``)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from erase import data as erase_data
+
+    gen_kw = dict(steps=cfg.steps, guidance=float(cfg.guidance), scheduler=cfg.scheduler, resolution=resolution,
+                  batch_size=cfg.generation_batch_size)
+    if cfg.target_images:
+        images = erase_data.folder_split("target", cfg.target_images, run.prompts.forget[0])
+    else:
+        images = erase_data.generate_split("target", run.prompts.generation, cfg.num_target_images, run.out, pipe=pipe,
+                                           model_id=run.info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
+    judged = judge_images(judge, np.stack([image_pixels(f, resolution) for f in images.files]), images.prompts)
+    if judged["hit_rate"] < PASS_RATE:
+        logger.warning("the judge calls only %d of %d images of %s the attack learns from: its figures will understate it",
+                       judged["hits"], judged["n"], cfg.concept)
+    with accelerator.main_process_first() if accelerator is not None else nullcontext():  # one writer of the cache
+        mean, std = erase_data.encode_latents(images, pipe.vae, resolution, run.out / "target", run.device, torch.float32,
+                                              cfg.generation_batch_size)
+    return ConceptImages(images, gen_kw, judged, mean, std)
+
+
 def pipeline_text(pipe):
     """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.families)."""
     from erase.families import FAMILIES, family_of, text_from_pipeline

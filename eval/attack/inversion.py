@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from typing import ClassVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,11 +33,11 @@ import numpy as np
 from eval.attack.context import (
     AttackConfig,
     begin,
+    concept_images,
     concept_words,
     draw,
     endless_batches,
     first_step_over,
-    image_pixels,
     int_list,
     judge_images,
     load_attacked,
@@ -143,7 +142,6 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from erase import data as erase_data
     from erase.generate import model_fingerprint
 
     run = begin(cfg, accelerator)
@@ -162,17 +160,8 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. Images of the concept by the base model (the pipeline still holds the base UNet), as the relearn attack.
-    gen_kw = dict(steps=cfg.steps, guidance=float(cfg.guidance), scheduler=cfg.scheduler, resolution=resolution,
-                  batch_size=cfg.generation_batch_size)
-    if cfg.target_images:
-        images = erase_data.folder_split("target", cfg.target_images, prompts.forget[0])
-    else:
-        images = erase_data.generate_split("target", prompts.generation, cfg.num_target_images, out, pipe=pipe,
-                                           model_id=info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
-    target_judged = judge_images(judge, np.stack([image_pixels(f, resolution) for f in images.files]), images.prompts)
-    with accelerator.main_process_first() if accelerator is not None else nullcontext():
-        mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
-                                              cfg.generation_batch_size)
+    concept = concept_images(cfg, run, pipe, judge, resolution, accelerator)
+    images, gen_kw, target_judged, mean, std = concept.images, concept.generation, concept.judged, concept.mean, concept.std
     captions = [replace_words(p, words, cfg.token) for p in images.prompts]
     if pipe.unet is not unet:
         pipe.register_modules(unet=unet)

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import time
-from contextlib import nullcontext
 from typing import ClassVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,10 +35,10 @@ from eval.attack.context import (
     PASS_RATE,
     AttackConfig,
     begin,
+    concept_images,
     draw,
     endless_batches,
     first_step_over,
-    image_pixels,
     int_list,
     judge_images,
     load_attacked,
@@ -134,7 +133,6 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from erase import data as erase_data
     from erase.core.targets import TargetError, describe, select_parameters
     from erase.diffusion import TARGET_PRESETS
     from erase.families import Conditioner
@@ -166,21 +164,8 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. Images of the concept, drawn by the base model (the pipeline still holds the base UNet here).
-    gen_kw = dict(steps=cfg.steps, guidance=float(cfg.guidance), scheduler=cfg.scheduler, resolution=resolution,
-                  batch_size=cfg.generation_batch_size)
-    if cfg.target_images:
-        images = erase_data.folder_split("target", cfg.target_images, prompts.forget[0])
-    else:
-        images = erase_data.generate_split("target", prompts.generation, cfg.num_target_images, out, pipe=pipe,
-                                           model_id=info.base, seed=cfg.target_seed, accelerator=accelerator, **gen_kw)
-    target_pixels = np.stack([image_pixels(f, resolution) for f in images.files])
-    target_judged = judge_images(judge, target_pixels, images.prompts)
-    if target_judged["hit_rate"] < PASS_RATE:
-        logger.warning("the judge calls only %d of %d relearning images %s: relearning figures will understate the attack",
-                       target_judged["hits"], target_judged["n"], cfg.concept)
-    with accelerator.main_process_first() if accelerator is not None else nullcontext():  # one writer of the cache
-        mean, std = erase_data.encode_latents(images, pipe.vae, resolution, out / "target", device, torch.float32,
-                                              cfg.generation_batch_size)
+    concept = concept_images(cfg, run, pipe, judge, resolution, accelerator)
+    images, gen_kw, target_judged, mean, std = concept.images, concept.generation, concept.judged, concept.mean, concept.std
     # Each image's prompt, encoded as the model's family conditions its UNet (SDXL: both encoders, pooled, time ids).
     family, text = pipeline_text(pipe)
     cond = text.encode(images.prompts, device).float()
