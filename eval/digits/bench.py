@@ -160,6 +160,16 @@ def attack_headline(name: str, summary: dict) -> dict:
     raise UserError(f"attack {name}'s summary has neither a 'headline' dict nor a numeric 'hit_rate' to tabulate")
 
 
+def attack_options(name: str, args) -> dict:
+    """The one budget of attack ``name`` in this table: the audit's generation settings and ``--attack_options``."""
+    from eval.attack import get_attack
+
+    options = {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance, **args.attack_options[name]}
+    if "images_per_prompt" in {f.name for f in dataclasses.fields(get_attack(name).config_cls)}:
+        options.pop("num_images")  # judged per prompt (unlearndiffatk): its images_per_prompt is its budget
+    return options
+
+
 def run_attacks(model: str, args, out: Path, row: str) -> dict:
     """Every --attacks attack on ``model`` with the table's one budget; their headline columns."""
     from eval.attack import get_attack
@@ -167,12 +177,8 @@ def run_attacks(model: str, args, out: Path, row: str) -> dict:
     columns = {}
     for name in args.attacks:
         attack = get_attack(name)
-        options = {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
-                   **args.attack_options[name]}
-        if "images_per_prompt" in {f.name for f in dataclasses.fields(attack.config_cls)}:
-            options.pop("num_images")  # judged per prompt (unlearndiffatk): its images_per_prompt is its budget
         cfg = attack.config_cls(model=str(model), concept=DIGIT_WORDS[args.digits[0]], output_dir=str(out / name / row),
-                                **options)
+                                **attack_options(name, args))
         columns.update(attack_headline(name, attack.run(cfg)))
     return columns
 
@@ -436,8 +442,7 @@ def bench(args) -> dict:
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
         "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images,
-        "attacks": {n: {"options": {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance,
-                                    **args.attack_options[n]},
+        "attacks": {n: {"options": attack_options(n, args),
                         "budget_rule": "the same options for the base, every retrain model and every erased model"}
                     for n in attacks},
         "retrain": retrain_info,
