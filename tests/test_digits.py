@@ -335,6 +335,12 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
         assert audit["relearn"]["steps"] == [0, 10, 25] and list(audit["relearn"]["per_seed"]) == ["0"]
         assert audit["settings"]["num_target_images"] == 8 and audit["relearn_targets"] is None
         assert {c: cells[c]["mean"] for c in r["attack_columns"]} == audit["headline"]
+    # a retrain model cannot draw the digit: its relearning learns from the images the base model drew for its row
+    base_audit, retrain_audit = (json.loads((out / "relearn" / row / "summary.json").read_text())
+                                 for row in ("base", "retrain-seed0"))
+    assert retrain_audit["settings"]["target_images"]["source"] == str((out / "base-concept-images" / "relearn").resolve())
+    assert retrain_audit["settings"]["target_images"]["prompts"] == base_audit["settings"]["target_images"]["prompts"]
+    assert retrain_audit["target_images_judged"]["hits"] == base_audit["target_images_judged"]["hits"]
     assert "| retrain (never saw the digit) |" in md and "## Robustness" in md
     assert "| model | relearn_0 | relearn_10 | relearn_25 |" in md
     for row in ("base (no erasure)", "retrain (never saw the digit)", "scissorhands"):

@@ -170,15 +170,48 @@ def attack_options(name: str, args) -> dict:
     return options
 
 
-def run_attacks(model: str, args, out: Path, row: str) -> dict:
-    """Every --attacks attack on ``model`` with the table's one budget; their headline columns."""
+def base_concept_images(out: Path, name: str) -> Path | None:
+    """The images of the concept the base model drew for attack ``name`` (``out/<name>/base/target``), as a folder an
+    attack's ``target_images`` reads: the PNGs with their prompts as ``x.txt``; None when that attack drew none."""
+    import shutil
+
+    from erase.generate import read_image_meta
+
+    drawn = sorted((out / name / "base" / "target").glob("*.png"))
+    if not drawn:
+        return None
+    folder = out / "base-concept-images" / name
+    if not folder.is_dir() or sorted(p.name for p in folder.glob("*.png")) != [p.name for p in drawn]:
+        stage = folder.with_name(f".{folder.name}.tmp")
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        for png in drawn:
+            shutil.copy2(png, stage / png.name)
+            (stage / png.with_suffix(".txt").name).write_text(read_image_meta(png).get("prompt", "") + "\n", encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        stage.rename(folder)
+    return folder
+
+
+def run_attacks(model: str, args, out: Path, row: str, learn_from_base: bool = False) -> dict:
+    """Every --attacks attack on ``model`` with the table's one budget; their headline columns.
+
+    ``learn_from_base``: the attacks' images of the concept are the ones the **base** model drew for its own row (a
+    retrain model cannot draw the concept it never saw, and an attack learns from images drawn by the attacked
+    model's base): how fast a model that never knew the concept learns it from real images of it."""
     from eval.attack import get_attack
 
     columns = {}
     for name in args.attacks:
         attack = get_attack(name)
+        options = attack_options(name, args)
+        if learn_from_base and "target_images" in {f.name for f in dataclasses.fields(attack.config_cls)}:
+            folder = base_concept_images(out, name)
+            if folder is None:
+                raise UserError(f"attack {name}: the base row drew no images of the concept to give the retrain row")
+            options["target_images"] = str(folder)
         cfg = attack.config_cls(model=str(model), concept=DIGIT_WORDS[args.digits[0]], output_dir=str(out / name / row),
-                                **attack_options(name, args))
+                                **options)
         columns.update(attack_headline(name, attack.run(cfg)))
     return columns
 
@@ -399,8 +432,8 @@ def bench(args) -> dict:
                "runs": {}, "methods": {}}
     columns: list[str] = []
 
-    def attacked(model, row: str) -> dict:
-        found = run_attacks(model, args, out, row) if attacks else {}
+    def attacked(model, row: str, learn_from_base: bool = False) -> dict:
+        found = run_attacks(model, args, out, row, learn_from_base) if attacks else {}
         columns.extend(c for c in found if c not in columns)
         return found
 
@@ -412,13 +445,15 @@ def bench(args) -> dict:
         retrain_info = {"held_out_digits": list(args.digits), "models": {}, "fingerprints": {},
                         "config": retrain_config(str(base) if args.model else None, args.digits, args.seeds[0]).to_dict(),
                         "seed_rule": "retrain row of seed s: the base settings with seed s, trained without the erased "
-                                     "digits' images (eval.digits retrain)"}
+                                     "digits' images (eval.digits retrain)",
+                        "attack_images": "the retrain row's attacks learn from the images of the concept the base model "
+                                         "drew for the base row (base-concept-images/<attack>/): it cannot draw them itself"}
         for s in tqdm(args.seeds, desc="retrain + audit", unit="model"):
             cfg = retrain_config(str(base) if args.model else None, args.digits, s)
             model = retrain_model(str(base) if args.model else None, args.digits, s, progress=False)
             retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
             summary = _score(str(model), args.digits, out / "scores" / f"retrain-seed{s}", args)
-            results["runs"].setdefault("retrain", []).append(_row(summary, {"seed": s, **attacked(model, f"retrain-seed{s}")}))
+            results["runs"].setdefault("retrain", []).append(_row(summary, {"seed": s, **attacked(model, f"retrain-seed{s}", learn_from_base=True)}))
     jobs = [(m, s) for m in methods for s in args.seeds]
     for m, s in tqdm(jobs, desc="erase + audit", unit="run"):
         run_dir = out / "runs" / f"{m}-seed{s}"
