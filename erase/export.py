@@ -125,7 +125,7 @@ def model_card(config: dict) -> str:
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
     pipe_cls = c.get("pipeline_class") or "StableDiffusionPipeline"  # the model family's pipeline (erase.families)
     formats = (c.get("export") or {}).get("formats") or ["diffusers"]
-    unet_load = (f"unet = UNet2DConditionModel.from_pretrained(\"path/to/this/folder\", subfolder=\"unet\")"
+    unet_load = ("unet = UNet2DConditionModel.from_pretrained(\"path/to/this/folder\", subfolder=\"unet\")"
                  if "diffusers" in formats or s.get("export_pipeline") else
                  "unet = UNet2DConditionModel.from_pretrained(" + load_args + ", subfolder=\"unet\")\n"
                  f"unet.load_state_dict(load_file(\"path/to/this/folder/{DELTA_NAME}\"), strict=False)  # the changed tensors")

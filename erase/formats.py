@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from erase.safety import Range, UserError, check_finite
 

@@ -16,7 +16,6 @@ if not __package__:  # `accelerate launch erase/sd.py` puts erase/ first on sys.
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
     sys.path.insert(0, str(_HERE.parent))
 
-import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
@@ -318,7 +317,6 @@ def preflight(args) -> dict:
     out = check_output_dir(args.output_dir, base=base, overwrite=args.overwrite)
     if args.data_dir and not Path(args.data_dir).expanduser().resolve().is_relative_to(out):
         check_output_dir(args.data_dir, flag="--data_dir", base=base, overwrite=args.overwrite)
-    concept = args.concept_obj
     found = {}
     if args.forget_images:
         found["forget"] = erase_data.folder_split("forget", args.forget_images, None)  # uncaptioned: the concept's prompts

@@ -27,7 +27,7 @@ class RunContext:
 
     adapter: Adapter
     accelerator: "Accelerator"
-    config: "EngineConfig"  # erase.core.engine.EngineConfig
+    config: object  # an erase.core.engine.EngineConfig (not imported: the engine imports this module)
     params: dict[str, nn.Parameter]
     forget: EndlessStream | None
     retain: EndlessStream | None

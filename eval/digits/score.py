@@ -11,15 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from erase.safety import check_int, check_numbers, hold_output_dir
 from erase.io import UserError, atomic_write_json, atomic_write_text, read_json
 from eval.digits.model import (
     DIGIT_WORDS,
     HELDOUT_TEMPLATES,
-    DigitsModelConfig,
     default_model_dir,
     digit_prompts,
-    parse_digits,
     prompt_digit,
     read_model_card,
 )
