@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -175,11 +176,7 @@ def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], 
 
     spec = spec or ExportSpec()
     out = Path(output_dir).resolve()
-    clean_stale_stages(out)
-    stage = staging_dir(out)
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
+    with staged_export(out) as stage:
         state = unet.state_dict()
         delta = changed_tensors(state, base_tensors)
         config["delta"] = delta_stats(delta, base_tensors)
@@ -193,15 +190,31 @@ def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], 
             unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
         details = write_formats(stage, unet, base_tensors, config, spec)
         config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details}
-        (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-        config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}),
-                                swap="built beside the folder and swapped in whole")
-        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+        finish_stage(stage, config, swap="built beside the folder and swapped in whole")
+    return config["delta"]
+
+
+@contextmanager
+def staged_export(out: Path):
+    """A fresh staging folder beside ``out`` to build an export in: removed on any failure (the folder stays as it
+    was), swapped in whole when the block ends."""
+    clean_stale_stages(out)
+    stage = staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
-    return config["delta"]
+
+
+def finish_stage(stage: Path, config: dict, **record) -> None:
+    """The model card and ``erase_config.json`` of a staged export, whose ``export`` entry lists its files."""
+    (stage / "README.md").write_text(model_card(config), encoding="utf-8")
+    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}), **record)
+    _write_json(stage / CONFIG_NAME, config)
 
 
 # ------------------------------------------------------------------------------------------------ offline converter
@@ -255,7 +268,7 @@ def _link_file(src, dst) -> None:
 
 def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
     """Add ``spec.formats`` to the export in ``folder`` (the formats it has stay); built beside and swapped in whole."""
-    from erase.safety import check_weights, hold_output_dir, staging_dir, swap_in
+    from erase.safety import check_weights, hold_output_dir
 
     out = Path(folder).expanduser()
     try:
@@ -281,11 +294,7 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
         del base_unet, base_state
         had = list((config.get("export") or {}).get("formats") or ["diffusers"])
         wanted = tuple(f for f in EXPORT_FORMATS if f in set(had) | set(spec.formats))
-        clean_stale_stages(out)
-        stage = staging_dir(out)
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir()
-        try:
+        with staged_export(out) as stage:
             keep = previous_export(out) - {CONFIG_NAME, "README.md"}
             for entry in sorted(keep):
                 if (out / entry).exists():
@@ -297,13 +306,7 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
             details = {**(config.get("export") or {}).get("details", {}), **new}
             config["export"] = {**(config.get("export") or {}), "formats": list(wanted), "details": details,
                                 "spec": spec.to_dict(), "converted_by": "python -m erase.export"}
-            (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-            config["export"]["files"] = sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME})
-            _write_json(stage / CONFIG_NAME, config)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
+            finish_stage(stage, config)
     return config["export"]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -130,3 +131,23 @@ def random_image_folders(root: Path, seed: int, count: int = 4, size: int = 32) 
         for i in range(count):
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / split / f"{i}.png")
     return root
+
+
+def bright(images):
+    """A stand-in judge: an image "shows the concept" when it is bright (mean above 127); labels are the means."""
+    means = images.reshape(len(images), -1).mean(1)
+    return means > 127, means.round()
+
+
+@contextlib.contextmanager
+def bright_judge(name: str = "stub_bright", num_images: int = 3, batch_size: int = 4):
+    """:func:`bright` registered as the judge of concept ``name`` for the block (tiny checks: 2 DDIM steps)."""
+    from eval.attack import register_judge, unregister_judge
+
+    register_judge(name, flag=bright, settings={"name": "bright", "version": "1"},
+                   generation={"num_images": num_images, "steps": 2, "guidance": 2.0, "scheduler": "ddim",
+                               "batch_size": batch_size})
+    try:
+        yield name
+    finally:
+        unregister_judge(name)

@@ -15,25 +15,18 @@ import numpy as np
 import pytest
 
 from erase.io import UserError
-from eval_fixtures import USER_FACING, error_text
+from eval_fixtures import USER_FACING, bright_judge, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [0, 3, 8]
 SEEDS = [0, 1]
 
 
-def _bright(images):
-    return images.reshape(len(images), -1).mean(1) > 127, images.reshape(len(images), -1).mean(1).round()
-
 
 @pytest.fixture(scope="module")
 def stub_judge():
-    from eval.attack import register_judge, unregister_judge
-
-    register_judge("stub_bright", flag=_bright, settings={"name": "bright", "version": "1"},
-                   generation={"num_images": 3, "steps": 2, "guidance": 2.0, "scheduler": "ddim", "batch_size": 4})
-    yield "stub_bright"
-    unregister_judge("stub_bright")
+    with bright_judge(batch_size=4) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

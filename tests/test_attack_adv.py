@@ -13,24 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from eval_fixtures import bright_judge
+
 from erase.io import UserError
 
 ITER = 6
 RESTARTS = 2
 
 
-def _bright(images):
-    return images.reshape(len(images), -1).mean(1) > 127, images.reshape(len(images), -1).mean(1).round()
-
 
 @pytest.fixture(scope="module")
 def stub_judge():
-    from eval.attack import register_judge, unregister_judge
-
-    register_judge("stub_bright", flag=_bright, settings={"name": "bright", "version": "1"},
-                   generation={"num_images": 3, "steps": 2, "guidance": 2.0, "scheduler": "ddim", "batch_size": 8})
-    yield "stub_bright"
-    unregister_judge("stub_bright")
+    with bright_judge(batch_size=8) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import torch
-from eval_fixtures import DATA, USER_FACING, error_text
+from eval_fixtures import DATA, USER_FACING, bright_judge, error_text
 from safetensors.torch import load_file
 from test_sd import SMALL, SMALL_DATA, in_process, launch, unet_state
 
@@ -329,13 +329,10 @@ def test_attacks_on_sdxl(pipes, tmp_path):
     optimise one encoder's tokens, refuse it in one line instead of running on half the conditioning."""
     import numpy as np
 
-    from eval.attack import register_judge, relearn_audit, unregister_judge
+    from eval.attack import relearn_audit
     from eval.attack.unlearndiffatk import unlearndiffatk_audit
 
-    register_judge("stub_xl", flag=lambda images: images.reshape(len(images), -1).mean(1) > 127,
-                   settings={"name": "bright", "version": "1"},
-                   generation={"num_images": 2, "steps": 2, "guidance": 2.0, "scheduler": "ddim", "batch_size": 2})
-    try:
+    with bright_judge("stub_xl", num_images=2, batch_size=2):
         prompts = tmp_path / "p.txt"
         prompts.write_text("a bright thing\n")
         s = relearn_audit(pipes["sdxl"], "stub_xl", tmp_path / "o", forget_prompts=str(prompts), num_target_images=2,
@@ -346,5 +343,3 @@ def test_attacks_on_sdxl(pipes, tmp_path):
         with pytest.raises(USER_FACING, match="unlearndiffatk optimises the tokens of one text encoder; Stable Diffusion XL"):
             unlearndiffatk_audit(pipes["sdxl"], "stub_xl", tmp_path / "u", forget_prompts=str(prompts), iterations=1,
                                  restarts=1)
-    finally:
-        unregister_judge("stub_xl")

@@ -362,6 +362,22 @@ def begin(cfg: AttackConfig, accelerator=None) -> AttackSetup:
 
 
 @dataclass
+class ConceptImagesConfig(AttackConfig):
+    """The shared fields of attacks that learn from images of the concept (relearn, inversion): see concept_images."""
+
+    USES_PROMPT_TABLE: ClassVar[bool] = True  # its prompts may come from --prompts_csv / --protocol rows
+
+    num_target_images: int = field(default=8, metadata={
+        "help": "images of the concept the attack learns from, drawn by the base model from the preset's generation "
+                "prompts"})
+    target_images: str | None = field(default=None, metadata={
+        "help": "folder of images to learn from instead (x.txt beside x.png gives its prompt; default prompt: the "
+                "first forget prompt)"})
+    target_seed: int = field(default=2_000_000, metadata={
+        "help": "target image i is drawn with seed target_seed + i (disjoint from erase/sd.py's forget / retain seeds)"})
+
+
+@dataclass
 class ConceptImages:
     """Images of the concept an attack learns from, with their latents and the judge's verdict on them."""
 

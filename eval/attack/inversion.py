@@ -24,14 +24,13 @@ import json
 import logging
 import os
 import time
-from typing import ClassVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from eval.attack.context import (
-    AttackConfig,
+    ConceptImagesConfig,
     begin,
     concept_images,
     concept_words,
@@ -61,15 +60,7 @@ INIT_WORDS = ("object", "thing", "image", "picture")  # neutral words; the digit
 
 
 @dataclass
-class InversionConfig(AttackConfig):
-    USES_PROMPT_TABLE: ClassVar[bool] = True  # its prompts may come from --prompts_csv / --protocol rows
-
-    num_target_images: int = field(default=8, metadata={
-        "help": "images of the concept to invert, drawn by the base model from the preset's generation prompts"})
-    target_images: str | None = field(default=None, metadata={
-        "help": "folder of images to invert instead (x.txt beside x.png gives its prompt; default prompt: the "
-                "first forget prompt)"})
-    target_seed: int = field(default=2_000_000, metadata={"help": "image i is drawn with seed target_seed + i"})
+class InversionConfig(ConceptImagesConfig):
     inversion_lr: float = field(default=5e-3, metadata={"help": "Adam learning rate of the token embedding"})
     inversion_batch_size: int = field(default=4, metadata={"help": "images per step"})
     inversion_seeds: tuple = field(default=(0,), metadata={"help": "inversion seeds (data order, noise, timesteps)"})

@@ -25,15 +25,14 @@ import json
 import logging
 import os
 import time
-from typing import ClassVar
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
 from eval.attack.context import (
+    ConceptImagesConfig,
     PASS_RATE,
-    AttackConfig,
     begin,
     concept_images,
     draw,
@@ -62,16 +61,7 @@ EVAL_LOSS_SEED = 1234
 
 
 @dataclass
-class RelearnConfig(AttackConfig):
-    USES_PROMPT_TABLE: ClassVar[bool] = True  # its prompts may come from --prompts_csv / --protocol rows
-
-    num_target_images: int = field(default=8, metadata={
-        "help": "images of the concept to relearn from, drawn by the base model from the preset's generation prompts"})
-    target_images: str | None = field(default=None, metadata={
-        "help": "folder of images to relearn from instead (x.txt beside x.png gives its prompt; default prompt: "
-                "the first forget prompt)"})
-    target_seed: int = field(default=2_000_000, metadata={
-        "help": "target image i is drawn with seed target_seed + i (disjoint from erase/sd.py's forget / retain seeds)"})
+class RelearnConfig(ConceptImagesConfig):
     relearn_lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the relearning"})
     relearn_batch_size: int = field(default=8, metadata={"help": "images per relearning step (reshuffled each pass)"})
     relearn_params: str | None = field(default=None, metadata={
