@@ -66,6 +66,10 @@ def _cli_table(tmp_path):
          ["--concept", "three", "--output_dir", out]),
         ("eval.attack relearn", lambda a: importlib.import_module("eval.attack.__main__").parse_args(["--attack", "relearn", *a]),
          ["--model", "m", "--concept", "three", "--output_dir", out]),
+        ("eval.attack unlearndiffatk", lambda a: importlib.import_module("eval.attack.__main__").parse_args(["--attack", "unlearndiffatk", *a]),
+         ["--model", "m", "--concept", "three", "--output_dir", out]),
+        ("eval.attack inversion", lambda a: importlib.import_module("eval.attack.__main__").parse_args(["--attack", "inversion", *a]),
+         ["--model", "m", "--concept", "three", "--output_dir", out]),
         ("benchmarks/audit.py", lambda a: importlib.import_module("benchmarks.audit").parse_args(a), ["--output_dir", out]),
         ("benchmarks/core_overhead.py", lambda a: importlib.import_module("benchmarks.core_overhead").main(a), []),
         ("benchmarks/sd_step.py", sd_step, []),
@@ -112,7 +116,8 @@ def test_every_float_flag_of_every_cli_is_checked(tmp_path, monkeypatch, capsys)
             checked.append(f"{name} {flag}")
     assert {"erase/sd.py --max_grad_norm", "erase/sd.py --margin", "erase/sd.py --lr", "erase/sd.py --lam",
             "classify.run --lam", "eval.digits score --guidance", "benchmarks/core_overhead.py --topk",
-            "erase/sd.py --distill_empty_fraction", "eval.attack relearn --relearn_lr"} <= set(checked)
+            "erase/sd.py --distill_empty_fraction", "eval.attack relearn --relearn_lr",
+            "eval.attack inversion --inversion_lr", "eval.attack unlearndiffatk --weight_decay"} <= set(checked)
     assert not (tmp_path / "never-written").exists()
 
 
