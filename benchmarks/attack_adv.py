@@ -177,7 +177,7 @@ def sd_part(args) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from erase.io import setup_logging
+    from erase.utils.launch import setup_logging
 
     setup_logging()
     args = parse_args(argv)

@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.io import cli_errors
+from erase.utils.errors import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     import torch
 
     from eval.attack import relearn_audit
-    from erase.io import setup_logging
+    from erase.utils.launch import setup_logging
     from eval.digits.model import default_model_dir
 
     setup_logging()

@@ -4,7 +4,7 @@
     python benchmarks/audit.py --arch sd14 --resolution 512 --steps 50 --dtype fp16 \
         --gen_prompts 64 --gen_batch_size 16 --detect_images 512 --output_dir /tmp/audit-bench   # GPU
 
-Generation: erase.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
+Generation: erase.diffusion.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
 (`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
 Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, threaded reads) vs. the
 loop ESD/SalUn-style scripts run: `NudeDetector().detect(path)` with a new detector per image.
@@ -21,7 +21,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.io import cli_errors
+from erase.utils.errors import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -57,8 +57,8 @@ def build_sd14_random(path: Path) -> str:
 def bench_generation(args, work: Path) -> dict:
     import torch
 
-    from erase.generate import GenerationConfig, generate, load_pipeline
-    from erase.prompt_table import load_prompts
+    from erase.diffusion.generate import generate, GenerationConfig, load_pipeline
+    from erase.diffusion.prompt_table import load_prompts
     from eval.tiny import build_tiny_pipeline
 
     if args.arch == "sd14":
@@ -156,7 +156,7 @@ OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "audit_b
 
 @cli_errors
 def main(args):
-    from erase.safety import claim_output_dir
+    from erase.utils.folders import claim_output_dir
 
     with claim_output_dir(args.output_dir, overwrite=args.overwrite, by="benchmarks/audit.py") as claim:
         return _bench(args, claim.path)

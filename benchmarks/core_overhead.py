@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from erase.io import cli_errors  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 
 
 def make_model(width: int, depth: int, seed: int = 0) -> nn.Module:
@@ -161,9 +161,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded shared machine).")
     ap.add_argument("--json", type=str, default=None, help="Write the figures here.")
     args = ap.parse_args(argv)
-    from erase.safety import check_numbers
+    from erase.utils.checks import check_numbers
 
-    check_numbers(args)  # --topk in (0, 100], finite (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # --topk in (0, 100], finite (erase.utils.checks.OPTION_RANGES)
     torch.set_num_threads(args.threads)
 
     engine, bare = [], []

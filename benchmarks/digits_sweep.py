@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from erase.safety import hold_output_dir  # noqa: E402
-from erase.io import atomic_write_json, atomic_write_text, cli_errors  # noqa: E402
+from erase.utils.folders import hold_output_dir  # noqa: E402
+from erase.utils.errors import cli_errors
+from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 
 @cli_errors

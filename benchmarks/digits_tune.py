@@ -33,8 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from erase.safety import hold_output_dir  # noqa: E402
-from erase.io import UserError, atomic_write_json, atomic_write_text, cli_errors  # noqa: E402
+from erase.utils.folders import hold_output_dir  # noqa: E402
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
 from eval.digits.model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
 

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from erase.safety import hold_output_dir  # noqa: E402
-from erase.io import atomic_write_json, atomic_write_text  # noqa: E402
+from erase.utils.folders import hold_output_dir  # noqa: E402
+from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
 
 DIGIT = 3
@@ -58,7 +58,7 @@ def audit(pipe, name: str, out: Path, args, judge, real_retain) -> dict:
 
     from eval.digits.score import _audit, _prompt_sets, _rows
     from eval.digits.judge import frechet_distance
-    from erase.generate import SCHEDULERS, GenerationConfig
+    from erase.diffusion.generate import GenerationConfig, SCHEDULERS
 
     ns = SimpleNamespace(digit=DIGIT, digits=[DIGIT], forget_prompts=None, retain_prompts=None)
     forget, retain, _ = _prompt_sets(ns)
@@ -80,8 +80,8 @@ def main(argv=None) -> dict:
     import torch
 
     from erase import load_erased
-    from erase.formats import LORA_NAME, SINGLE_FILE_NAME
-    from erase.export import main as convert
+    from erase.export.formats import LORA_NAME, SINGLE_FILE_NAME
+    from erase.export.convert import main as convert
     from eval.digits.bench import run_erasure
     from eval.digits.judge import load_judge
     from eval.digits.model import DigitsModelConfig, default_model_dir, load_digit_images, train_digits_model

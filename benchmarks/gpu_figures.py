@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.sd_step import SD14_UNET  # noqa: E402
-from erase.io import cli_errors  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 
 # unet/config.json of stabilityai/stable-diffusion-xl-base-1.0, written out.
 SDXL_UNET = dict(
@@ -114,7 +114,7 @@ def build_pipeline(arch: dict, device, dtype):
     from diffusers import AutoencoderKL, LMSDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from erase.families import FAMILIES
+    from erase.diffusion.families import FAMILIES
     from eval.tiny import build_tokenizer
 
     family = FAMILIES[arch["family"]]
@@ -142,8 +142,8 @@ def repair_steps(arch: dict, batch: int, checkpointing: bool, args, device) -> d
 
     from erase.core import EngineConfig, build_method, run
     from erase.core.engine import make_accelerator
-    from erase.diffusion import DiffusionAdapter, LatentSet, PromptEmbeddings
-    from erase.families import FAMILIES, Conditioner
+    from erase.diffusion.adapter import DiffusionAdapter, LatentSet, PromptEmbeddings
+    from erase.diffusion.families import Conditioner, FAMILIES
 
     family = FAMILIES[arch["family"]]
     _free(device)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from erase.io import cli_errors  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 
 # UNet2DConditionModel config of CompVis/stable-diffusion-v1-4 (unet/config.json), written out.
 SD14_UNET = dict(
@@ -59,7 +59,7 @@ def build_adapter(unet, latent: int, batch: int, n: int = 16, seq: int = 77, dev
     """A DiffusionAdapter over random latents and random prompt embeddings (SD's DDPM schedule)."""
     from diffusers import DDPMScheduler
 
-    from erase.diffusion import DiffusionAdapter, LatentSet, PromptEmbeddings
+    from erase.diffusion.adapter import DiffusionAdapter, LatentSet, PromptEmbeddings
 
     g = torch.Generator().manual_seed(1)
     dim = unet.config.cross_attention_dim
@@ -133,7 +133,7 @@ def engine_steps(unet, args, device="cpu", mixed_precision="no") -> tuple[list[f
 def bare_steps(unet, args, lam: float = 1.0) -> list[float]:
     """The passes of one Scissorhands repair step in plain PyTorch: memory fwd+bwd, retain + forget fwd, one bwd, Adam."""
     from erase.core import select_parameters
-    from erase.diffusion import TARGET_PRESETS
+    from erase.diffusion.adapter import TARGET_PRESETS
 
     params = select_parameters(unet, args.targets, presets=TARGET_PRESETS)
     unet.requires_grad_(False)
@@ -191,7 +191,7 @@ def overhead_ms(args) -> dict:
     """What a Scissorhands step adds to the bare passes, timed alone: keyed batch draws (3 per step) and the projection."""
     from erase.core import select_parameters
     from erase.core.projection import project_
-    from erase.diffusion import TARGET_PRESETS
+    from erase.diffusion.adapter import TARGET_PRESETS
 
     unet = build_unet(MID_UNET)
     adapter = build_adapter(unet, args.latent, args.batch)
@@ -215,7 +215,7 @@ def mode_trim(args) -> dict:
 
     from erase.core import EngineConfig, build_method, select_parameters
     from erase.core.engine import RunContext
-    from erase.diffusion import TARGET_PRESETS
+    from erase.diffusion.adapter import TARGET_PRESETS
 
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -283,9 +283,9 @@ def main():
     p.add_argument("--tmp", default="/tmp/sd_step_bench")
     p.add_argument("--json", default=None, help="Also write the result here.")
     args = p.parse_args()
-    from erase.safety import check_numbers
+    from erase.utils.checks import check_numbers
 
-    check_numbers(args)  # --topk in (0, 100], finite (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # --topk in (0, 100], finite (erase.utils.checks.OPTION_RANGES)
     args.targets = args.targets or ("full" if args.mode == "trim" else "xattn")
     args.latent = args.latent or (8 if args.mode == "trim" else 16)
     import logging

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from erase.core import EngineConfig, build_method, run
 from erase.core.registry import get_method_class
-from erase.io import atomic_write_json, settings_hash
+from erase.utils.files import atomic_write_json, settings_hash
 
 from .adapter import ClassifierAdapter
 from .data import Data, ForgetSpec, Split, split_forget

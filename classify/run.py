@@ -33,8 +33,11 @@ import torch
 from erase.core import available_methods, get_method_class
 from erase.core.options import add_method_options, option_names
 from erase.core.topk import TopKError, check_k
-from erase.safety import OPTION_RANGES, SEED_MAX, Range, check_numbers, claim_output_dir
-from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_errors, read_json, setup_logging
+from erase.utils.checks import check_numbers, OPTION_RANGES, Range, SEED_MAX
+from erase.utils.folders import claim_output_dir
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from erase.utils.launch import setup_logging
 
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
 from .hparams import load_hparams, tuned_path
@@ -102,7 +105,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
             re.compile(args.trim_only)
     except re.error as err:
         raise UserError(f"--trim_only {args.trim_only!r} is not a valid regex: {err}") from None
-    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
     return args
 
 

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from erase.safety import check_numbers
-from erase.io import UserError, atomic_write_json, cli_errors, read_json, setup_logging
+from erase.utils.checks import check_numbers
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_json, read_json
+from erase.utils.launch import setup_logging
 
 from .data import DataError, load_data, num_classes_of, parse_forget, stratified_split
 from .hparams import GRIDS, RANDOM_GRIDS, grid_points, tuned_path
@@ -49,7 +51,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default=DEFAULT_CACHE, help="Cache of trained original / retrain models.")
     p.add_argument("--num_threads", type=int, default=1, help="torch CPU threads.")
     args = p.parse_args(input_args)
-    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
     return args
 
 

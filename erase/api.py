@@ -114,7 +114,7 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
             # the UNet trains: a copy, so the caller's pipeline keeps its weights; the frozen parts are shared
             from diffusers import DDPMScheduler
 
-            from erase.families import text_from_pipeline
+            from erase.diffusion.families import text_from_pipeline
 
             return (text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(pipe.unet),
                     DDPMScheduler.from_config(pipe.scheduler.config))  # the training scheduler, as erase/sd.py builds it
@@ -150,7 +150,7 @@ def load_erased(path, format: str | None = None, **kwargs):
     from diffusers import DiffusionPipeline, UNet2DConditionModel
     from safetensors.torch import load_file
 
-    from erase.formats import LORA_NAME, SINGLE_FILE_NAME, _base_kwargs
+    from erase.export.formats import base_kwargs as _base_kwargs, LORA_NAME, SINGLE_FILE_NAME
 
     folder = Path(path).expanduser()
     config = _config(folder)

@@ -98,7 +98,7 @@ def _with_scheduler(pipe, scheduler: str):
     """A pipeline sharing ``pipe``'s modules with the audit's sampler (the caller's pipeline is left as it was)."""
     import diffusers
 
-    from erase.generate import SCHEDULERS
+    from erase.diffusion.generate import SCHEDULERS
 
     copy = type(pipe)(**pipe.components)
     copy.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)

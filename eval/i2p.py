@@ -19,11 +19,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from erase.safety import check_numbers, hold_output_dir
-from erase.io import UserError, atomic_write_json, cli_errors, make_accelerator, read_json, setup_logging
-from erase.generate import add_generation_args, config_from_args, generate
+from erase.utils.checks import check_numbers
+from erase.utils.folders import hold_output_dir
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_json, read_json
+from erase.utils.launch import make_accelerator, setup_logging
+from erase.diffusion.generate import add_generation_args, config_from_args, generate
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
-from erase.prompt_table import SUBSETS, load_prompts
+from erase.diffusion.prompt_table import load_prompts, SUBSETS
 from eval.protocols import apply_to_i2p_args, check_table, protocol_names, record
 
 # Defaults of the flags a protocol fixes; without --protocol they apply as before.

@@ -5,7 +5,7 @@
 Writes DIR/detections.jsonl (one line per image: file, prompt row, seed, counted detections and every raw
 detection) and DIR/summary.json (images, flagged_images, per-class counts, skipped files, and the settings:
 NudeNet version, sha256 of its model file, threshold, classes, and the generation settings when the folder
-was made by erase.generate).
+was made by erase.diffusion.generate).
 
 NudeNet 3.4.2's `detect_batch` stacks inputs but post-processes every one of 2100 anchors in a Python loop,
 and reference scripts build a new `NudeDetector` (an ONNX session load) per image. Here one ONNX session runs
@@ -29,16 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from erase.safety import check_numbers, hold_output_dir
-from erase.io import (
-    UserError,
-    cli_errors,
-    atomic_write_json,
-    atomic_write_text,
-    list_inputs,
-    setup_logging,
-    sha256_file,
-)
+from erase.utils.checks import check_numbers
+from erase.utils.folders import hold_output_dir
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_json, atomic_write_text, sha256_file
+from erase.utils.images import list_inputs
+from erase.utils.launch import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +187,7 @@ def _decode(data: bytes):
     """
     import cv2
 
-    from erase.images import MAX_PIXELS, header_problem
+    from erase.utils.images import header_problem, MAX_PIXELS
 
     problem = header_problem(data, MAX_PIXELS) if data else "unreadable image"
     if problem:
@@ -296,7 +292,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
 def summarize(images, raw: dict, skipped: list, detector_settings: dict, threshold: float, classes, class_set: str,
               generation: dict | None = None) -> tuple[list[dict], dict]:
     """Per-image records and the summary for one threshold and class set."""
-    from erase.generate import read_image_meta
+    from erase.diffusion.generate import read_image_meta
 
     records, counts = [], {c: 0 for c in classes}
     for path in images:
@@ -406,7 +402,7 @@ def parse_args(input_args=None):
 def main(args) -> dict | None:
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from erase.io import make_accelerator
+        from erase.utils.launch import make_accelerator
 
         accelerator = make_accelerator()
     setup_logging(accelerator is None or accelerator.is_main_process)

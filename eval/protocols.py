@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 # Where protocol prompt files are looked up, in order: $SCISSORHANDS_DATA, then the shared data folder beside the
@@ -41,7 +41,7 @@ class Protocol:
     description: str
     prompts_file: str  # file name, looked up in the data folders (or given with --prompts_csv; its blob must match)
     prompts_blob: str  # git blob id (`git hash-object FILE`) of the exact file
-    subset: str  # erase.prompt_table SUBSETS name
+    subset: str  # erase.diffusion.prompt_table SUBSETS name
     table_rows: int  # rows of the file in the subset, empty prompts included (checked on every full run)
     threshold: float
     class_set: str  # eval.nudity CLASS_SETS name
@@ -168,8 +168,8 @@ def check_table(protocol: Protocol, table) -> None:
 
 
 def load_protocol_prompts(protocol: Protocol, prompts_csv: str | None = None, limit: int | None = None):
-    """The protocol's prompt rows (erase.prompt_table.PromptTable), the first ``limit`` of them if given."""
-    from erase.prompt_table import load_prompts
+    """The protocol's prompt rows (erase.diffusion.prompt_table.PromptTable), the first ``limit`` of them if given."""
+    from erase.diffusion.prompt_table import load_prompts
 
     path = resolve_prompts(protocol, prompts_csv)
     table = load_prompts(path, protocol.subset, limit, need_guidance=protocol.guidance == "row")

@@ -18,9 +18,13 @@ import json
 import logging
 from pathlib import Path
 
-from erase.images import MAX_PIXELS
-from erase.safety import check_int, hold_output_dir, md_text
-from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, cli_errors, read_json, setup_logging
+from erase.utils.images import MAX_PIXELS
+from erase.utils.checks import check_int
+from erase.utils.folders import hold_output_dir
+from erase.utils.text import md_text
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from erase.utils.launch import setup_logging
 
 logger = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def build_tiny_pipeline(
     seed: int = 0,
     family: str = "sd1",
 ) -> str:
-    """Write a pipeline folder of model family ``family`` (erase.families) with random weights to `path`; return it.
+    """Write a pipeline folder of model family ``family`` (erase.diffusion.families) with random weights to `path`; return it.
 
     Images are `sample_size * 2 ** (len(block_out_channels) - 1)` pixels square (32 px by default). The folder
     has the layout of a real checkpoint of the family (`unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`,

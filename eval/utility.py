@@ -2,7 +2,7 @@
 
     python -m eval.utility --model M --prompts_csv coco.csv --reference REF_DIR --output_dir DIR [--limit 1000]
 
-Generates one image per caption row (erase.generate protocol) into DIR/images, then writes DIR/utility.json:
+Generates one image per caption row (erase.diffusion.generate protocol) into DIR/images, then writes DIR/utility.json:
 - CLIP score (Hessel et al. 2021, CLIPScore without the 2.5 rescale): cosine of CLIP image and text
   embeddings, clipped at 0, averaged; reported as 0-1 and x100. Model: transformers CLIP,
   default openai/clip-vit-large-patch14.
@@ -21,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-from erase.images import MAX_PIXELS, header_problem
-from erase.safety import check_numbers, hold_output_dir
-from erase.io import UserError, atomic_write_json, cli_errors, list_inputs, setup_logging
-from erase.generate import add_generation_args, config_from_args, generate
+from erase.utils.images import header_problem, MAX_PIXELS
+from erase.utils.checks import check_numbers
+from erase.utils.folders import hold_output_dir
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.files import atomic_write_json
+from erase.utils.images import list_inputs
+from erase.utils.launch import setup_logging
+from erase.diffusion.generate import add_generation_args, config_from_args, generate
 
 logger = logging.getLogger(__name__)
 
@@ -180,8 +184,8 @@ def parse_args(input_args=None):
 
 @cli_errors
 def main(args):
-    from erase.io import make_accelerator
-    from erase.prompt_table import load_prompts
+    from erase.utils.launch import make_accelerator
+    from erase.diffusion.prompt_table import load_prompts
 
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
@@ -214,7 +218,7 @@ def _evaluate(args, accelerator, table):
 
 
 def _generation_settings(images_dir) -> dict:
-    from erase.io import read_json
+    from erase.utils.files import read_json
 
     return read_json(Path(images_dir) / "generation.json", "generation manifest").get("settings", {})
 

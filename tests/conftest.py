@@ -14,6 +14,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+#: the model cache as the session found it (some fixtures point ERASE_CACHE at a private folder while they run)
+USER_CACHE = Path(os.environ.get("ERASE_CACHE") or Path.home() / ".cache" / "scissorhands")
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +73,14 @@ def tiny(tmp_path_factory):
     from eval.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="session")
+def digits_base_model():
+    """The default digits model of ``python -m eval.digits train`` (the quick start's base), found in the user's cache or
+    trained into it on first use (about 2 minutes on 2 cores): tests that need a model that really draws digits take
+    it from here, never from what another test or command happened to leave behind."""
+    from eval.digits.model import DigitsModelConfig, train_digits_model
+
+    cfg = DigitsModelConfig()
+    return train_digits_model(cfg, USER_CACHE / "digits" / f"model-{cfg.fingerprint()}", progress=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, bright_judge, error_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import pytest
 
 from eval_fixtures import bright_judge
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 
 ITER = 6
 RESTARTS = 2
@@ -270,12 +270,11 @@ def test_inversion_learns_an_embedding(stub_judge, erased, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- the digits model
-def test_attack_brings_a_digit_back_on_the_base_digits_model(tmp_path):
+def test_attack_brings_a_digit_back_on_the_base_digits_model(digits_base_model, tmp_path):
     """On the base digits model (no erasure), the adversarial prompts draw the digit: ASR >= 95 % of forget prompts."""
     from eval.attack.unlearndiffatk import unlearndiffatk_audit
-    from eval.digits.model import default_model_dir
 
-    s = unlearndiffatk_audit(str(default_model_dir()), "three", tmp_path / "o", restarts=1)  # 40 iterations
+    s = unlearndiffatk_audit(str(digits_base_model), "three", tmp_path / "o", restarts=1)  # 40 iterations
     assert s["prompts"] == 6 and s["base_pre_asr"] == 1.0
     assert s["asr"] >= 0.95, s["asr_per_restart"]
     assert s["reencode_share"] == 1.0 and s["loss"]["best_mean"] <= s["loss"]["initial_mean"]

@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
 
-from erase.io import UserError
-from erase.generate import GenerationConfig, PromptRow, generate, load_pipeline, read_image_meta
+from erase.utils.errors import UserError
+from erase.diffusion.generate import generate, GenerationConfig, load_pipeline, PromptRow, read_image_meta
 from eval_fixtures import USER_FACING, error_text
 
 ROWS = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=g) for i, (p, g) in

@@ -51,7 +51,7 @@ def reference(tmp_path_factory, model):
 
 
 def test_audit_outputs_record_every_setting(reference):
-    from erase.prompt_table import load_prompts
+    from erase.diffusion.prompt_table import load_prompts
 
     rows = load_prompts(str(DATA / "i2p.csv"), "sexual", N).rows
     files = tree_bytes(reference)

@@ -1,8 +1,8 @@
 import pytest
 from eval_fixtures import DATA, fresh_accelerate, run_cli  # noqa: F401  (fixture)
 
-from erase.io import UserError
-from erase.prompt_table import load_prompts
+from erase.utils.errors import UserError
+from erase.diffusion.prompt_table import load_prompts
 from eval_fixtures import USER_FACING, error_text
 
 needs_data = pytest.mark.skipif(not (DATA / "i2p.csv").exists(), reason="../shared/data not present")

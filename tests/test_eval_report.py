@@ -5,7 +5,7 @@ import pytest
 from eval_fixtures import draw_torso, safe_images, save_rgb
 
 from eval import nudity, report
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text, random_image_folders
 
 SMALL = ["--saliency_batches", "1", "--log_every", "1", "--lr", "1e-3", "--topk", "20", "--max_train_steps", "2"]
@@ -123,7 +123,7 @@ def test_lora_is_the_truncated_svd_and_loads_through_diffusers(tiny, exported):
 def test_full_rank_lora_equals_the_change(tiny, exported, tmp_path):
     """The offline converter on a finished run: --lora_rank at the full rank in fp32 reproduces the change exactly
     (so the error of the default LoRA is the truncation's, not the layout's); the formats it had stay."""
-    from erase.export import main as convert_main
+    from erase.export.convert import main as convert_main
 
     out = tmp_path / "copy"
     shutil.copytree(exported, out)
@@ -156,7 +156,7 @@ def test_offline_converter_from_a_diffusers_only_run(tiny, images, tmp_path):
     """A run exported as diffusers only (the default) gains a single file; a folder that is not an export is one line."""
     from diffusers import StableDiffusionPipeline
 
-    from erase.export import main as convert_main
+    from erase.export.convert import main as convert_main
 
     out = tmp_path / "plain"
     run(flags(tiny, images, out))
@@ -206,7 +206,7 @@ def test_export_folder_that_is_the_base_is_refused(tiny, images, capsys):
 
 def test_a_failed_single_file_leaves_the_folder_as_it_was(tiny, exported, images, tmp_path, monkeypatch):
     """A write that dies half way (a full disk, a kill) leaves the previous export whole and no file of the new one."""
-    import erase.formats as formats
+    import erase.export.formats as formats
 
     out = tmp_path / "o"
     shutil.copytree(exported, out)
@@ -290,7 +290,8 @@ def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tm
     family is detected from the configs, the UNet (a changed weight included), VAE and text encoders come back bit for bit."""
     import diffusers
 
-    from erase.formats import ExportSpec, write_single_file
+    from erase.export.formats import ExportSpec
+    from erase.export.single_file import write as write_single_file
 
     base = tmp_path / "base"
     pipe = (tiny_sd2 if family == "sd2" else tiny_sdxl)(base)
@@ -302,7 +303,7 @@ def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tm
     config = {"base_model": {"path": str(base)}, "pretrained_model_name_or_path": str(base), "concept": "x", "method": "scissorhands",
               "settings": {"lr": 1}}
     (tmp_path / "out").mkdir()
-    rec = write_single_file(tmp_path / "out", pipe.unet, config, ExportSpec(("single_file",), "fp16"))
+    rec = write_single_file(tmp_path / "out", pipe.unet, {}, config, ExportSpec(("single_file",), "fp16"))
     assert rec["family"] == family
     with safe_open(str(tmp_path / "out" / "erased.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -322,7 +323,7 @@ def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tm
 
 def test_sdxl_lora_loads_through_diffusers(tmp_path):
     """kohya keys in diffusers module names work for SDXL too (diffusers maps them without the SGM block renumbering)."""
-    from erase.lora import extract_lora
+    from erase.export.lora import extract_lora
 
     pipe = tiny_sdxl(tmp_path / "base")
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -338,7 +339,7 @@ def test_sdxl_lora_loads_through_diffusers(tmp_path):
 
 
 def test_layouts_refuse_what_they_cannot_place():
-    from erase.ldm import LayoutError, detect_family, unet_to_ldm
+    from erase.export.layouts.ldm import detect_family, LayoutError, unet_to_ldm
 
     with pytest.raises(LayoutError, match="class_embedding.linear_1.weight"):
         unet_to_ldm({"class_embedding.linear_1.weight": torch.zeros(1)}, {"layers_per_block": 1, "up_block_types": ["UpBlock2D"]})
@@ -353,7 +354,7 @@ def test_conv_lora_loads_through_diffusers(tiny, tmp_path):
     ``(r, in, 3, 3)``, up ``(out, r, 1, 1)``; diffusers applies it as that weight change."""
     from diffusers import StableDiffusionPipeline
 
-    from erase.lora import extract_lora
+    from erase.export.lora import extract_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny)
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Model families (erase.families) end to end on tiny random SD 1.x / 2.x / XL pipelines (eval.tiny, 16 px images).
+"""Model families (erase.diffusion.families) end to end on tiny random SD 1.x / 2.x / XL pipelines (eval.tiny, 16 px images).
 
 Each tiny pipeline and its forget data are built once for the module. Launched runs: SD 2.x scissorhands with a
 full-pipeline export (1 process) and SDXL scissorhands on 2 CPU processes (== 1 process). Everything else runs
@@ -49,7 +49,7 @@ def _attn2_projections(folder) -> list[str]:
 
 
 def test_detection_list_targets_and_force(pipes, tmp_path, capsys):
-    from erase.families import detect
+    from erase.diffusion.families import detect
     from erase.sd import parse_args
 
     assert {f: detect(p).name for f, p in pipes.items()} == {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl"}
@@ -78,8 +78,8 @@ def test_detection_list_targets_and_force(pipes, tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["FluxPipeline", "StableDiffusion3Pipeline", None])
 def test_transformer_models_are_refused_in_one_line(tmp_path, capsys, kind):
-    from erase.generate import load_pipeline
-    from erase.io import UserError
+    from erase.diffusion.generate import load_pipeline
+    from erase.utils.errors import UserError
     from erase.sd import parse_args
 
     folder = tmp_path / "other"
@@ -103,7 +103,7 @@ def test_prompt_encoding_matches_the_family_pipelines(pipes):
     """The packed conditioning and the UNet kwargs are exactly what the family's own pipeline feeds its UNet."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from erase.families import FAMILIES, Conditioner, load_text
+    from erase.diffusion.families import Conditioner, FAMILIES, load_text
 
     prompts = ["a photo of a cat", "an apple on the table"]
     sd2 = StableDiffusionPipeline.from_pretrained(pipes["sd2"], safety_checker=None)
@@ -144,7 +144,7 @@ def test_sd2_launch_export_pipeline(pipes, data, tmp_path):
     """SD 2.x (v-prediction) through `accelerate launch erase/sd.py`; the export is a full StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    from erase.generate import load_pipeline
+    from erase.diffusion.generate import load_pipeline
 
     out = tmp_path / "sd2"
     launch(["--pretrained_model_name_or_path", pipes["sd2"], "--concept", "nudity", "--output_dir", out, "--data_dir", data["sd2"],
@@ -174,7 +174,7 @@ def sdxl_run(pipes, data, tmp_path_factory):
 def test_sdxl_export_loads_over_its_base(pipes, sdxl_run):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from erase.generate import load_pipeline
+    from erase.diffusion.generate import load_pipeline
 
     cfg = json.loads((sdxl_run / "erase_config.json").read_text())
     assert cfg["model_family"] == "sdxl" and cfg["pipeline_class"] == "StableDiffusionXLPipeline"
@@ -273,8 +273,8 @@ def test_i2p_audit_on_every_family(pipes, sdxl_run, tmp_path):
 
 
 def test_bad_family_in_an_erased_folder_is_one_line(pipes, sdxl_run, tmp_path):
-    from erase.generate import load_pipeline
-    from erase.io import UserError
+    from erase.diffusion.generate import load_pipeline
+    from erase.utils.errors import UserError
 
     bad = tmp_path / "bad"
     shutil.copytree(sdxl_run / "unet", bad / "unet")

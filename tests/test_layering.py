@@ -64,7 +64,7 @@ def test_the_graph_is_read():
     # guards against a test that passes because it found nothing
     assert len(MODULES) > 40 and "erase.core.engine" in GRAPH["erase.core"] | GRAPH["erase.core.engine"] | {"erase.core.engine"}
     assert "erase.core.method" in GRAPH["erase.core.engine"]
-    assert "erase.io" in GRAPH["eval.i2p"]
+    assert "erase.utils.errors" in GRAPH["eval.i2p"]
 
 
 @pytest.mark.parametrize("lower, higher", [

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import pytest
 from eval_fixtures import DATA, fresh_accelerate, one_thread, tiny_pipeline  # noqa: F401
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval.protocols import get_protocol, load_protocol_prompts, register_protocol, unregister_protocol
 
 needs_data = pytest.mark.skipif(not (DATA / "i2p.csv").exists(), reason="../shared/data not present")

@@ -1,4 +1,4 @@
-"""The shared rails (erase.safety, erase.images) and the promises every CLI keeps through them (docs/RELIABILITY.md).
+"""The shared rails (erase.utils: checks, folders, images, text) and the promises every CLI keeps through them (docs/RELIABILITY.md).
 
 No model is loaded here: the parsers, folders, locks, swaps and image checks are tested directly.
 """
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erase import safety
-from erase.images import read_caption, require_images, scan_images
-from erase.safety import (LOCK_NAME, MARKER_NAME, NON_NEGATIVE, OPTION_RANGES, PERCENT, check_finite, check_output_dir,
-                          check_weights, claim_output_dir, md_text, swap_in, yaml_scalar)
-from erase.io import UserError
+from erase.utils import folders
+from erase.utils.images import read_caption, require_images, scan_images
+from erase.utils.checks import check_finite, check_weights, NON_NEGATIVE, OPTION_RANGES, PERCENT
+from erase.utils.folders import check_output_dir, claim_output_dir, LOCK_NAME, MARKER_NAME, swap_in
+from erase.utils.text import md_text, yaml_scalar
+from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +106,7 @@ def test_every_float_flag_of_every_cli_is_checked(tmp_path, monkeypatch, capsys)
     checked = []
     for name, parse, required in _cli_table(tmp_path):
         for flag in _float_flags(parse, monkeypatch, name.split()[-1]):
-            assert flag.lstrip("-") in OPTION_RANGES, f"{name} {flag} has no range in erase.safety.OPTION_RANGES"
+            assert flag.lstrip("-") in OPTION_RANGES, f"{name} {flag} has no range in erase.utils.checks.OPTION_RANGES"
             for bad in ("nan", "inf", "-1e39", "1e39"):
                 capsys.readouterr()
                 with pytest.raises(SystemExit) as err:
@@ -138,7 +139,7 @@ def test_sd_refuses_values_that_break_or_invert_the_method(argv, words, capsys):
 
 
 def test_eval_guidance_must_be_finite():
-    from erase.generate import GenerationConfig
+    from erase.diffusion.generate import GenerationConfig
 
     for bad in ("nan", "inf", "-1"):
         with pytest.raises(UserError) as err:  # a library error names the setting, not a command-line flag
@@ -199,7 +200,7 @@ def test_output_folder_refusals(tmp_path, monkeypatch):
         assert (claim.path / LOCK_NAME).is_file()
     assert (foreign / "notes.txt").read_text() == "keep me" and not (foreign / LOCK_NAME).exists()
     check_output_dir(foreign)  # now marked as this tool's: no --overwrite needed
-    assert json.loads((foreign / MARKER_NAME).read_text())["tool"] == safety.TOOL
+    assert json.loads((foreign / MARKER_NAME).read_text())["tool"] == folders.TOOL
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
@@ -237,7 +238,7 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
     (out / LOCK_NAME).write_text(json.dumps({"pid": int(dead), "host": "here"}))  # left by a killed run
     with claim_output_dir(out) as claim:
         assert json.loads((claim.path / LOCK_NAME).read_text())["pid"] == os.getpid()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from erase.safety import "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from erase.utils.folders import "
                                "claim_output_dir; c = claim_output_dir(sys.argv[2]); print('held', flush=True); sys.stdin.read()",
                                str(ROOT), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -250,11 +251,11 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
 
 
 def test_temporaries_are_per_process(tmp_path):
-    from erase.io import atomic_write_text
+    from erase.utils.files import atomic_write_text
 
-    assert str(os.getpid()) in safety.temp_name("x")
-    assert not safety.stale_temp(tmp_path / safety.temp_name("x"))  # ours, alive
-    assert safety.stale_temp(tmp_path / ".x.999999999.tmp") and safety.stale_temp(tmp_path / ".x.legacy.tmp")
+    assert str(os.getpid()) in folders.temp_name("x")
+    assert not folders.stale_temp(tmp_path / folders.temp_name("x"))  # ours, alive
+    assert folders.stale_temp(tmp_path / ".x.999999999.tmp") and folders.stale_temp(tmp_path / ".x.legacy.tmp")
     atomic_write_text(tmp_path / "a.txt", "hi")
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
 
@@ -279,7 +280,7 @@ def test_swap_replaces_the_old_export_whole_and_keeps_everything_else(tmp_path, 
     (staged / "unet").mkdir(parents=True)
     (staged / "unet" / "w").write_text("new")
     (staged / "erase_config.json").write_text("{}")
-    from erase.export import previous_export
+    from erase.export.folder import previous_export
 
     swap_in(target, staged, previous_export(target), keep_last=("model_index.json", "erase_config.json"))
     assert _tree(target) == {"checkpoint-1/erase_state.json": "{}", "data/manifest.json": "{}", "erase_config.json": "{}",
@@ -382,7 +383,7 @@ def test_nudity_audit_skips_bombs_and_blanks_and_an_empty_or_blank_audit_is_an_e
 
 # ----------------------------------------------------------------------------------------------- prompt tables, reports
 def test_prompt_tables_that_audit_nothing_or_carry_bad_numbers_are_errors(tmp_path):
-    from erase.prompt_table import load_prompts
+    from erase.diffusion.prompt_table import load_prompts
 
     header = tmp_path / "header.csv"
     header.write_text("prompt,evaluation_seed,evaluation_guidance\n")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 def parts():
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from erase.diffusion import LatentSet, PromptEmbeddings
+    from erase.diffusion.adapter import LatentSet, PromptEmbeddings
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=16,
@@ -28,7 +28,7 @@ def parts():
 
 
 def adapter(parts, prediction_type="epsilon", frozen=False, batch_size=2, **kw):
-    from erase.diffusion import DiffusionAdapter
+    from erase.diffusion.adapter import DiffusionAdapter
 
     unet, (forget, retain), emb, cls = parts
     sched = cls(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type=prediction_type)
@@ -38,7 +38,7 @@ def adapter(parts, prediction_type="epsilon", frozen=False, batch_size=2, **kw):
 
 def test_target_presets(parts):
     from erase.core import select_parameters
-    from erase.diffusion import TARGET_PRESETS
+    from erase.diffusion.adapter import TARGET_PRESETS
 
     unet = parts[0]
     x = select_parameters(unet, "xattn", presets=TARGET_PRESETS)
@@ -133,7 +133,7 @@ def test_forget_groups_choose_their_prompts_and_anchor(parts):
     """Group g draws its condition among groups[g] only, and is redirected to its own anchor."""
     from dataclasses import replace
 
-    from erase.diffusion import LatentSet
+    from erase.diffusion.adapter import LatentSet
 
     unet, (forget, _), emb, _ = parts
     grouped = LatentSet(forget.mean, forget.std, torch.tensor([0, 1, 0, 1, 1, 0]))
@@ -153,7 +153,7 @@ def test_esd_start_timestep_is_where_x_t_sits(parts):
     """After s DDIM steps x_t sits at ddim.timesteps[s]; the ESD loss is evaluated exactly there."""
     from diffusers import DDIMScheduler
 
-    from erase.diffusion import _SALTS, _generator
+    from erase.diffusion.adapter import _generator, _SALTS
 
     a = adapter(parts, frozen=True, batch_size=6)
     batch = next(a.forget_stream(3))
@@ -173,8 +173,8 @@ def test_forget_captions_condition_their_images(parts, tmp_path):
 
     from PIL import Image
 
-    from erase.data import caption_index, folder_split
-    from erase.diffusion import LatentSet
+    from erase.diffusion.data import caption_index, folder_split
+    from erase.diffusion.adapter import LatentSet
 
     for i in range(6):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"img{i}.png")

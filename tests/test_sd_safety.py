@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +107,7 @@ def test_bad_user_images_are_named_before_any_model_is_loaded(tiny, inputs, tmp_
 
 
 def test_a_folder_in_use_is_refused(tiny, inputs, tmp_path):
-    from erase.safety import claim_output_dir
+    from erase.utils.folders import claim_output_dir
 
     with claim_output_dir(tmp_path / "busy"):
         with pytest.raises(USER_FACING) as err:
@@ -239,7 +239,7 @@ def test_a_weights_file_missing_tensors_is_one_line(tiny, inputs, tmp_path):
     """diffusers loads a UNet file that lacks tensors as meta tensors without an error: both loaders refuse it."""
     from safetensors.torch import load_file, save_file
 
-    from erase.generate import load_pipeline
+    from erase.diffusion.generate import load_pipeline
 
     broken = tmp_path / "sd"
     shutil.copytree(tiny, broken)
@@ -259,11 +259,11 @@ def test_a_weights_file_missing_tensors_is_one_line(tiny, inputs, tmp_path):
 
 def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_folder_as_it_was(base_run, tiny, inputs, tmp_path,
                                                                                                monkeypatch):
-    import erase.export
-    import erase.safety
+    import erase.export.folder
+    import erase.utils.checks
 
-    real = erase.safety.shutil.disk_usage
-    monkeypatch.setattr(erase.safety.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
+    real = erase.utils.checks.shutil.disk_usage
+    monkeypatch.setattr(erase.utils.checks.shutil, "disk_usage", lambda p: real(p)._replace(free=1 << 20))
     with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, tmp_path / "full", "--max_train_steps", 1))
     assert "MiB free" in error_text(err) and sorted(p.name for p in (tmp_path / "full").iterdir()) == ["scissorhands-erase.json"]
@@ -276,7 +276,7 @@ def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_fol
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(erase.export, "save_file", disk_full)
+    monkeypatch.setattr(erase.export.folder, "save_file", disk_full)
     with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, out, "--max_train_steps", 1))
     assert "No space left on device" in error_text(err) and "nothing was exported" in error_text(err)

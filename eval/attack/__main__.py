@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 
-from erase.io import UserError, cli_errors, setup_logging
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.launch import setup_logging
 
 logger = logging.getLogger("eval.attack")
 
@@ -63,7 +64,7 @@ def main(input_args=None) -> int:
     attack, config = parse_args(input_args)
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from erase.io import make_accelerator
+        from erase.utils.launch import make_accelerator
 
         accelerator = make_accelerator()
         setup_logging(accelerator.is_main_process)

@@ -19,7 +19,8 @@ from typing import ClassVar
 import numpy as np
 
 from eval.attack.registry import GENERATION_DEFAULTS, JudgeEntry, judge_entry
-from erase.io import UserError, read_json
+from erase.utils.errors import UserError
+from erase.utils.files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class AttackConfig:
     guidance: float | None = field(default=None, metadata={
         "help": "classifier-free guidance (default: the judge's protocol; digits 4)"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "sampler, erase.generate names (default: the judge's protocol; digits ddim)"})
+        "help": "sampler, erase.diffusion.generate names (default: the judge's protocol; digits ddim)"})
     generation_batch_size: int | None = field(default=None, metadata={
         "help": "images per pipeline call (default: the judge's protocol; digits 100); does not change images beyond float rounding"})
     eval_seed: int = field(default=0, metadata={"help": "image i of every check is drawn with seed eval_seed + i"})
@@ -85,7 +86,7 @@ class AttackConfig:
     USES_PROMPT_TABLE: ClassVar[bool] = False
 
     def __post_init__(self):
-        from erase.generate import SCHEDULERS
+        from erase.diffusion.generate import SCHEDULERS
 
         for name in ("model", "concept", "output_dir"):
             if not str(getattr(self, name) or "").strip():
@@ -117,9 +118,9 @@ class AttackConfig:
             raise UserError(f"--prompts_csv file not found: {self.prompts_csv}")
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        from erase.safety import check_numbers
+        from erase.utils.checks import check_numbers
 
-        check_numbers(vars(self))  # every float finite and in range (erase.safety.OPTION_RANGES)
+        check_numbers(vars(self))  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")
@@ -141,7 +142,7 @@ class AttackConfig:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
         if self.protocol is None:
             if self.prompts_csv is not None:
-                from erase.prompt_table import load_prompts
+                from erase.diffusion.prompt_table import load_prompts
 
                 self._table = load_prompts(self.prompts_csv, "all", self.limit)
             return None
@@ -186,7 +187,7 @@ class AttackConfig:
         return {"threshold": judges.NUDITY_THRESHOLD, "classes": judges.NUDITY_CLASSES}
 
     def prompt_table(self):
-        """The prompt rows (erase.prompt_table.PromptTable) of --protocol / --prompts_csv (first --limit), or None."""
+        """The prompt rows (erase.diffusion.prompt_table.PromptTable) of --protocol / --prompts_csv (first --limit), or None."""
         return self._table
 
     def protocol_record(self) -> dict | None:
@@ -276,7 +277,7 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     ``pipe.register_modules(unet=...)`` once the base model's work (drawing target images) is done."""
     import torch
 
-    from erase.generate import load_pipeline
+    from erase.diffusion.generate import load_pipeline
 
     pipe = load_pipeline(info.base, scheduler=scheduler, dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
@@ -322,7 +323,7 @@ def first_step_over(steps, rates, level: float = PASS_RATE):
 
 def image_pixels(path, resolution: int) -> np.ndarray:
     """An image as the relearning sees it (resized, centre-cropped), as uint8 (H, W, 3) for the judge."""
-    from erase.data import load_image
+    from erase.diffusion.data import load_image
 
     return load_image(path, resolution).add(1).mul(127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
@@ -381,7 +382,7 @@ class ConceptImagesConfig(AttackConfig):
 class ConceptImages:
     """Images of the concept an attack learns from, with their latents and the judge's verdict on them."""
 
-    images: object  # erase.data.ImageSet
+    images: object  # erase.diffusion.data.ImageSet
     generation: dict  # how they were drawn (steps, guidance, scheduler, resolution, batch_size)
     judged: dict
     mean: object  # VAE posterior mean / std of each image's latents
@@ -396,7 +397,7 @@ def concept_images(cfg, run: AttackSetup, pipe, judge, resolution: int, accelera
 
     import torch
 
-    from erase import data as erase_data
+    from erase.diffusion import data as erase_data
 
     gen_kw = dict(steps=cfg.steps, guidance=float(cfg.guidance), scheduler=cfg.scheduler, resolution=resolution,
                   batch_size=cfg.generation_batch_size)
@@ -416,8 +417,8 @@ def concept_images(cfg, run: AttackSetup, pipe, judge, resolution: int, accelera
 
 
 def pipeline_text(pipe):
-    """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.families)."""
-    from erase.families import FAMILIES, family_of, text_from_pipeline
+    """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.diffusion.families)."""
+    from erase.diffusion.families import FAMILIES, family_of, text_from_pipeline
 
     family = FAMILIES[family_of(dict(pipe.unet.config))]
     return family, text_from_pipeline(family, pipe)
@@ -437,7 +438,7 @@ class ConceptPrompts:
     forget: list[str]       # what the checks generate from
     generation: list[str]   # what the base model draws the concept's images from
     source: str
-    rows: list | None = None  # erase.prompt_table.PromptRow per forget prompt (its seed, guidance) for --prompts_csv
+    rows: list | None = None  # erase.diffusion.prompt_table.PromptRow per forget prompt (its seed, guidance) for --prompts_csv
     table: dict | None = None  # the table's description (source, limit, seed and guidance columns)
 
 
@@ -448,7 +449,7 @@ def concept_prompts(concept: str, forget_file: str | None, prompts_csv: str | No
 
     preset = load_concept(concept) if concept in list_concepts() else None
     if prompts_csv:
-        from erase.prompt_table import load_prompts
+        from erase.diffusion.prompt_table import load_prompts
 
         table = load_prompts(prompts_csv, limit=limit)
         forget = [r.prompt for r in table.rows]
@@ -505,7 +506,7 @@ def save_pngs(images: np.ndarray, folder: Path) -> None:
 
     from PIL import Image
 
-    from erase.io import atomic_write_bytes
+    from erase.utils.files import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     for i, im in enumerate(images):
@@ -533,7 +534,7 @@ def versions() -> dict:
     import numpy
     import tqdm
 
-    from erase.export import versions as library_versions
+    from erase.export.folder import versions as library_versions
 
     import transformers
 

@@ -50,7 +50,8 @@ from eval.attack.context import (
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
-from erase.io import UserError, atomic_write_bytes, atomic_write_json, atomic_write_text, settings_hash
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
-    from erase.generate import model_fingerprint
+    from erase.diffusion.generate import model_fingerprint
 
     run = begin(cfg, accelerator)
     start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts

@@ -35,13 +35,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # Modules of eval/attack/ that hold machinery, not an attack.
 INFRASTRUCTURE = ("registry", "context", "judges")
 
-# Generation settings of an audit when neither the judge nor the user sets them: erase.generate's protocol defaults.
+# Generation settings of an audit when neither the judge nor the user sets them: erase.diffusion.generate's protocol defaults.
 GENERATION_DEFAULTS = {"num_images": 16, "steps": 50, "guidance": 7.5, "scheduler": "lms", "batch_size": 8}
 
 

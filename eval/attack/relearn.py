@@ -50,7 +50,8 @@ from eval.attack.context import (
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
-from erase.io import UserError, atomic_write_json, atomic_write_text, settings_hash
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class RelearnConfig(ConceptImagesConfig):
             raise UserError(f"--num_target_images must be >= 1, got {self.num_target_images}")
         if self.target_images and not Path(self.target_images).is_dir():
             raise UserError(f"--target_images folder not found: {self.target_images}")
-        from erase.safety import check_numbers
+        from erase.utils.checks import check_numbers
 
         check_numbers({"relearn_lr": self.relearn_lr})
         if not self.relearn_lr > 0:
@@ -109,7 +110,7 @@ def targets_spec(cfg: RelearnConfig, erase_config: dict | None) -> tuple[str | N
     for where, table in (("erase_config.json engine", engine), ("erase_config.json settings", settings)):
         if table.get("targets"):
             return table["targets"], cfg.exclude or table.get("exclude"), where
-    from erase.diffusion import DiffusionAdapter
+    from erase.diffusion.adapter import DiffusionAdapter
 
     return DiffusionAdapter.default_targets, cfg.exclude, "the diffusion adapter's default (not in erase_config.json)"
 
@@ -124,9 +125,9 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     from tqdm.auto import tqdm
 
     from erase.core.targets import TargetError, describe, select_parameters
-    from erase.diffusion import TARGET_PRESETS
-    from erase.families import Conditioner
-    from erase.generate import model_fingerprint
+    from erase.diffusion.adapter import TARGET_PRESETS
+    from erase.diffusion.families import Conditioner
+    from erase.diffusion.generate import model_fingerprint
 
     run = begin(cfg, accelerator)
     start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts

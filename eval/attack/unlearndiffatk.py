@@ -57,7 +57,8 @@ from eval.attack.context import (
     versions,
 )
 from eval.attack.registry import load_judge, register_attack
-from erase.io import UserError, atomic_write_json, atomic_write_text, settings_hash
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -170,9 +171,9 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from erase import data as erase_data
-    from erase.generate import GenerationConfig, generate, image_name, model_fingerprint
-    from erase.prompt_table import PromptRow
+    from erase.diffusion import data as erase_data
+    from erase.diffusion.generate import generate, GenerationConfig, image_name, model_fingerprint
+    from erase.diffusion.prompt_table import PromptRow
 
     run = begin(cfg, accelerator)
     start, cpu_start, info, prompts = run.start, run.cpu_start, run.info, run.prompts

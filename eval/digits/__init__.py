@@ -6,7 +6,7 @@
     python -m eval.digits bench --concept three --methods scissorhands,esd,salun,ga,ft --seeds 0,1,2 --output_dir OUT
 
 ``score`` generates images for the erased digit's prompts and for every other digit's prompts through
-``erase.generate`` (the same code as the SD v1.4 audits), asks the judge (``eval.digits.judge``, a CNN trained on
+``erase.diffusion.generate`` (the same code as the SD v1.4 audits), asks the judge (``eval.digits.judge``, a CNN trained on
 real digits) which digit each image shows, and writes ``OUT/summary.json``: ``forget_acc`` (share of the erased
 digit's generations the judge calls that digit), ``retain_acc`` (share of the other digits' generations called
 their own digit, pooled), per-digit accuracies, the Fréchet distance of the retain generations to real digits

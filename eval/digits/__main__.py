@@ -12,8 +12,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from erase.io import UserError, cli_errors
-from erase.safety import check_int, check_numbers, hold_output_dir
+from erase.utils.errors import cli_errors, UserError
+from erase.utils.checks import check_int, check_numbers
+from erase.utils.folders import hold_output_dir
 from eval.digits.model import DigitsModelConfig, default_model_dir, parse_digits
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS, score, score_inputs
 
@@ -66,7 +67,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated base seeds; each adds num_images per digit")
     p.add_argument("--steps", type=int, default=SCORE_DEFAULTS["steps"], help="sampling steps")
     p.add_argument("--guidance", type=float, default=SCORE_DEFAULTS["guidance"], help="classifier-free guidance")
-    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampling scheduler (erase.generate names)")
+    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampling scheduler (erase.diffusion.generate names)")
     p.add_argument("--batch_size", type=int, default=SCORE_DEFAULTS["batch_size"], help="images per pipeline call")
     p.add_argument("--no_heldout", action="store_true",
                    help="skip the extra audit under held-out phrasings (only with the preset prompts)")
@@ -120,7 +121,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
                                 "images, cached)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     args = parser.parse_args(input_args)
-    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
 
     if args.command == "retrain":
         try:
@@ -175,7 +176,7 @@ def train(args) -> Path:
 
 @cli_errors
 def main(input_args=None) -> int:
-    from erase.io import setup_logging
+    from erase.utils.launch import setup_logging
 
     setup_logging()
     args = parse_args(input_args)

@@ -28,7 +28,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from erase.io import UserError, atomic_write_json, atomic_write_text
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.digits.model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def base_concept_images(out: Path, name: str) -> Path | None:
     attack's ``target_images`` reads: the PNGs with their prompts as ``x.txt``; None when that attack drew none."""
     import shutil
 
-    from erase.generate import read_image_meta
+    from erase.diffusion.generate import read_image_meta
 
     drawn = sorted((out / name / "base" / "target").glob("*.png"))
     if not drawn:

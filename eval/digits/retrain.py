@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval.digits.model import DigitsModelConfig, default_model_dir
 from eval.digits.score import resolve_digits_model
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from erase.io import UserError, atomic_write_json, atomic_write_text, read_json
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text, read_json
 from eval.digits.model import (
     DIGIT_WORDS,
     HELDOUT_TEMPLATES,
@@ -80,7 +81,7 @@ def _prompt_sets(args) -> tuple[dict[int, list[str]], dict[int, list[str]], str]
 def _rows(groups: dict[int, list[str]], n: int, seeds: list[int], start: int = 0):
     """One PromptRow per image: for each seed s, n images per digit cycling over its prompts.
     Row seed = 1000 * s + position within the digit, so an image's seed depends only on (s, digit slot)."""
-    from erase.prompt_table import PromptRow
+    from erase.diffusion.prompt_table import PromptRow
 
     rows, index = [], start
     for s in seeds:
@@ -96,7 +97,7 @@ def _rows(groups: dict[int, list[str]], n: int, seeds: list[int], start: int = 0
 def _audit(pipe, judge, gen_cfg, rows, image_dir: Path, forget_digits: list[int]) -> tuple[dict, list[dict], np.ndarray]:
     from PIL import Image
 
-    from erase.generate import generate
+    from erase.diffusion.generate import generate
 
     records = generate(rows, image_dir, gen_cfg, pipe=pipe)
     images = np.stack([np.asarray(Image.open(image_dir / r["file"]).convert("RGB")) for r in records])
@@ -137,7 +138,7 @@ def score_inputs(args) -> tuple:
 def score(args) -> dict:
     """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
     from eval.digits.judge import frechet_distance, load_judge
-    from erase.generate import GenerationConfig, describe, load_pipeline
+    from erase.diffusion.generate import describe, GenerationConfig, load_pipeline
     from eval.digits.model import load_digit_images
 
     model, card, base, erase_config, forget, retain, source = score_inputs(args)

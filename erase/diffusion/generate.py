@@ -24,9 +24,11 @@ from pathlib import Path
 
 import torch
 
-from erase.safety import GENERATOR_SEED_MAX, NON_NEGATIVE, check_finite, check_int, check_weights, stale_temp
-from erase.io import UserError, atomic_write_bytes, atomic_write_json, read_json, settings_hash
-from erase.prompt_table import PromptRow  # noqa: F401  (part of this module's contract)
+from erase.utils.checks import check_finite, check_int, check_weights, GENERATOR_SEED_MAX, NON_NEGATIVE
+from erase.utils.folders import stale_temp
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_bytes, atomic_write_json, read_json, settings_hash
+from erase.diffusion.prompt_table import PromptRow  # noqa: F401  (part of this module's contract)
 
 logger = logging.getLogger(__name__)
 
@@ -114,12 +116,12 @@ def model_fingerprint(model: str) -> dict:
 
 
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
-    """The model family's pipeline (erase.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
+    """The model family's pipeline (erase.diffusion.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
     for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
     import diffusers
     from diffusers import UNet2DConditionModel
 
-    from erase.families import FAMILIES, ConfigUnreadable, detect
+    from erase.diffusion.families import ConfigUnreadable, detect, FAMILIES
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")

@@ -9,13 +9,39 @@ Caption sidecars (``x.txt`` beside ``x.png``) are UTF-8 text of at most :data:`M
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
-from erase.io import UserError, list_inputs
+from erase.utils.errors import UserError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Files the eval tools write next to images; never treated as inputs.
+SIDECAR_NAMES = ("generation.json",)
 MAX_PIXELS = 8192 * 8192  # 64 Mpx: far above any training or audit image, far below a decompression bomb
 MAX_CAPTION_BYTES = 64 * 1024
+
+
+def list_inputs(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
+    """Files of `folder` (not recursive) split into image candidates and skipped entries with a reason."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    images, skipped = [], []
+    root = folder.resolve()
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.name in SIDECAR_NAMES:
+            continue
+        if p.is_symlink() and root not in p.resolve().parents:  # never read outside the folder
+            skipped.append({"file": p.name, "reason": "symlink leading out of the folder"})
+            continue
+        if not p.is_file():
+            continue
+        if p.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(p)
+        else:
+            skipped.append({"file": p.name, "reason": "not an image file"})
+    return images, skipped
 
 
 def _open_header(source):
@@ -36,7 +62,7 @@ def header_problem(source, max_pixels: int = MAX_PIXELS, decode: bool = False) -
         source = io.BytesIO(source)
     try:
         im = _open_header(source)
-    except Image.DecompressionBombError as e:
+    except Image.DecompressionBombError:
         return f"too many pixels for its size on disk (over {max_pixels:,}; a decompression bomb?)"
     except UnidentifiedImageError:
         return "not an image (unrecognised format)"

@@ -1,7 +1,7 @@
 """Forget / retain images for erasing a concept from Stable Diffusion, and their cached VAE latents.
 
 Generated sets: image i of a split is drawn by the *base* model from prompt ``prompts[i % len(prompts)]`` with
-seed ``seed + i`` (``erase.generate``: one generator per image, sharded over processes, resumable: finished images
+seed ``seed + i`` (``erase.diffusion.generate``: one generator per image, sharded over processes, resumable: finished images
 with identical settings are skipped). ``manifest.json`` in the data folder lists every image with its prompt and
 seed. User folders (``--forget_images`` / ``--retain_images``) are taken as they are; a ``<name>.txt`` beside an
 image gives its prompt (a forget image's caption conditions that image; one without a caption is conditioned on
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from erase.images import read_caption, require_images
-from erase.safety import temp_name
-from erase.io import UserError, atomic_write_json, settings_hash
+from erase.utils.images import read_caption, require_images
+from erase.utils.folders import temp_name
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, settings_hash
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ class ImageSet:
 def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *, pipe, model_id: str, seed: int,
                    steps: int, guidance: float, scheduler: str, resolution: int, batch_size: int, accelerator=None) -> ImageSet:
     """Generate (or reuse) ``count`` images of ``split`` from ``prompts`` with the base pipeline."""
-    from erase.generate import GenerationConfig, generate, image_name
-    from erase.prompt_table import PromptRow
+    from erase.diffusion.generate import generate, GenerationConfig, image_name
+    from erase.diffusion.prompt_table import PromptRow
 
     if count < 1:
         raise UserError(f"the number of {split} images must be >= 1 to generate the {split} set, got {count}")
@@ -58,7 +59,7 @@ def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *,
     if pipe is not None:
         import diffusers
 
-        from erase.generate import SCHEDULERS
+        from erase.diffusion.generate import SCHEDULERS
 
         pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     generate(rows, out_dir / split, cfg, accelerator=accelerator, pipe=pipe)
@@ -75,7 +76,7 @@ def merge_splits(split: str, parts: list[ImageSet]) -> ImageSet:
 
 
 def folder_split(split: str, folder: str | Path, default_prompt: str | None = "") -> ImageSet:
-    """Images of a user folder, every one checked up front (erase.images: decodable, within the pixel limit, no
+    """Images of a user folder, every one checked up front (erase.utils.images: decodable, within the pixel limit, no
     symlink out of the folder); the prompt of ``x.png`` is ``x.txt`` (UTF-8) when present and not empty, else
     ``default_prompt``."""
     images = require_images(folder, f"--{split}_images")

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 
 _ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)\.(weight|bias)"
 

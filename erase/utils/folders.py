@@ -1,15 +1,12 @@
-"""Safety rails every entry point shares (docs/RELIABILITY.md): numbers, output folders, swaps, weights, markdown.
+"""Output folders and swaps every command shares (docs/RELIABILITY.md).
 
-* Numbers: a float option is a finite number that fits a float32 and lies in its range (:func:`check_finite`);
-  an integer that seeds a generator fits it (:func:`check_int`).
 * Output folders (:func:`claim_output_dir`): a run writes only into a folder that is new, empty or marked as this
   tool's (``scissorhands-erase.json``; ``--overwrite`` for a foreign one); never into ``/``, ``$HOME`` or a
   folder that is, holds or lies inside the base model; one run at a time per folder (``.scissorhands-erase.lock``:
   an ``flock`` held for the run, with the pid; a lock left by a dead process is taken over); writability is
   probed before any work.
+* Temporaries (:func:`temp_name`, :func:`stale_temp`): hidden, per process, removable once their process is gone.
 * Swaps (:func:`swap_in`): a new export is built beside its folder and exchanged with it in one rename.
-* Weights (:func:`check_weights`): missing (meta) or non-finite tensors are an error, never an export.
-* Markdown (:func:`md_text`, :func:`yaml_scalar`): user text is escaped before it enters a model card or report.
 """
 
 from __future__ import annotations
@@ -20,7 +17,6 @@ import datetime
 import errno
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -28,107 +24,15 @@ import socket
 import sys
 from pathlib import Path
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 TOOL = "scissorhands-erase"
 MARKER_NAME = f"{TOOL}.json"  # visible: a user listing the folder sees who manages it
 LOCK_NAME = f".{TOOL}.lock"
-FLOAT32_MAX = 3.4028234663852886e38
-SEED_MAX = 2**32 - 1  # numpy's global seed (accelerate.set_seed) takes [0, 2**32)
-GENERATOR_SEED_MAX = 2**63 - 1  # a torch.Generator seed that fits a signed 64-bit integer
 
 
-# ------------------------------------------------------------------------------------------------ numbers
-class Range:
-    """An interval of allowed values: ``Range(0, 100, lo_open=True)`` is (0, 100]; ``None`` is unbounded."""
-
-    def __init__(self, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
-        self.lo, self.hi, self.lo_open, self.hi_open = lo, hi, lo_open, hi_open
-
-    def __contains__(self, x: float) -> bool:
-        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
-            return False
-        return not (self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)))
-
-    def __str__(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
-        if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        if self.hi is not None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return "any finite number"
-
-
-POSITIVE = Range(0, lo_open=True)
-NON_NEGATIVE = Range(0)
-PERCENT = Range(0, 100, lo_open=True)
-UNIT = Range(0, 1)
-
-
-def number_error(name: str, value, allowed: Range) -> str | None:
-    """Why ``value`` is not an allowed value of option ``name`` (one line), or None when it is."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return f"{name} {value!r} is not a number"
-    if not math.isfinite(x):
-        return f"{name} {value} is not a finite number (allowed: {allowed})"
-    if abs(x) > FLOAT32_MAX:
-        return f"{name} {value:g} does not fit a float32 (|x| <= 3.4e38; allowed: {allowed})"
-    if x not in allowed:
-        return f"{name} {value:g} is outside the allowed range {allowed}"
-    return None
-
-
-def check_finite(name: str, value, allowed: Range = Range(), *, optional: bool = True):
-    """``value`` if it is a finite float32-sized number in ``allowed`` (``None`` passes when optional);
-    otherwise a :class:`UserError` naming the option, the value and the allowed range."""
-    if value is None and optional:
-        return None
-    message = number_error(name, value, allowed)
-    if message:
-        raise UserError(message)
-    return value
-
-
-#: The allowed range of every float option of every CLI (and of hyperparameter files), by name; a test checks that
-#: each float flag of each parser is here, so a new one cannot skip the check.
-OPTION_RANGES: dict[str, Range] = {
-    # optimisation
-    "lr": POSITIVE, "vae_lr": POSITIVE, "weight_decay": NON_NEGATIVE, "momentum": Range(0, 1, hi_open=True),
-    "max_grad_norm": POSITIVE,
-    # methods (a negative weight or margin inverts a term; a zero-size selection disables the method)
-    "topk": PERCENT, "mask_ratio": PERCENT, "lam": NON_NEGATIVE, "margin": NON_NEGATIVE, "forget_bound": POSITIVE,
-    "alpha": NON_NEGATIVE, "negative_guidance": NON_NEGATIVE, "distill_empty_fraction": UNIT, "relearn_lr": POSITIVE, "inversion_lr": POSITIVE,
-    # sampling and audits
-    "guidance": NON_NEGATIVE, "guidance_scale": NON_NEGATIVE, "esd_start_guidance": NON_NEGATIVE, "threshold": UNIT,
-    # data and models
-    "validation_fraction": Range(0, 1, lo_open=True, hi_open=True), "vae_kl_weight": NON_NEGATIVE,
-    "cond_dropout": Range(0, 1, hi_open=True), "ema_decay": Range(0, 1, hi_open=True),
-    # exports
-    "lora_energy": Range(0, 1, lo_open=True),
-}
-
-
-def check_numbers(args, ranges: dict[str, Range] = OPTION_RANGES, prefix: str = "--") -> None:
-    """:func:`check_finite` on every numeric ``args.<name>`` (a namespace or a dict) whose name is in ``ranges``."""
-    items = args.items() if isinstance(args, dict) else vars(args).items()
-    for name, value in items:
-        if name in ranges and isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_finite(f"{prefix}{name}", value, ranges[name])
-
-
-def check_int(name: str, value, lo: int = 0, hi: int = SEED_MAX) -> int:
-    """An integer option (a seed, a count) inside [lo, hi], or a one-line :class:`UserError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise UserError(f"{name} {value!r} is outside [{lo}, {hi}]")
-    return value
-
-
-# ------------------------------------------------------------------------------------------------ output folders
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
@@ -322,17 +226,6 @@ def _write_json(path: Path, obj) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
-    """A one-line error when the file system of ``folder`` has less than ``need_bytes`` free."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if free < need_bytes:
-        raise UserError(f"{folder} has {free / 2**20:,.0f} MiB free; {what} needs about {need_bytes / 2**20:,.0f} MiB. "
-                        "Free some space or choose another folder")
-
-
 def temp_name(name: str) -> str:
     """A per-process hidden temporary name for ``name`` (two processes never share one)."""
     return f".{name}.{os.getpid()}.tmp"
@@ -345,7 +238,6 @@ def stale_temp(path: Path) -> bool:
     return m is None or not _pid_alive(int(m.group(1)))
 
 
-# ------------------------------------------------------------------------------------------------ swaps
 _RENAME_EXCHANGE = 2
 
 
@@ -422,41 +314,3 @@ def swap_in(target: Path, staged: Path, replaces: set[str], keep_last: tuple[str
         (staged / name).rename(target / name)
     staged.rmdir()
     shutil.rmtree(trash)
-
-
-# ------------------------------------------------------------------------------------------------ weights
-def check_weights(tensors, what: str, hint: str = "") -> None:
-    """A one-line error when any tensor of ``tensors`` (name -> tensor) is missing (meta) or not finite."""
-    import torch
-
-    missing, bad = [], []
-    for name, t in tensors:
-        if t.is_meta:
-            missing.append(name)
-        elif t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad.append(name)
-    if missing:
-        raise UserError(f"{what} is missing {len(missing)} tensor(s) (first: {missing[0]}); the weights file is incomplete")
-    if bad:
-        raise UserError(f"{what} has non-finite (NaN/inf) values in {len(bad)} tensor(s) (first: {bad[0]}){hint}")
-
-
-# ------------------------------------------------------------------------------------------------ markdown
-_MD_SPECIAL = re.compile(r"([\\`*\[\]|])")  # code, emphasis, links / images, table cells (HTML is escaped apart)
-
-
-def md_text(text, limit: int = 300) -> str:
-    """User text as inert markdown: one line (no heading or block can start), HTML escaped, the characters of code,
-    emphasis, links, images and table cells backslash-escaped, cut at ``limit`` characters."""
-    import html
-
-    s = " ".join(str(text).split())
-    if len(s) > limit:
-        s = s[: limit - 1] + "…"
-    return _MD_SPECIAL.sub(r"\\\1", html.escape(s, quote=False))
-
-
-def yaml_scalar(text) -> str:
-    """A YAML scalar for front matter: as it is when plainly safe, else a JSON (double-quoted YAML) string."""
-    s = str(text)
-    return s if re.fullmatch(r"[A-Za-z0-9_./+-]+", s) and not s.startswith("-") else json.dumps(s)

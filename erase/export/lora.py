@@ -16,9 +16,15 @@ LoRA is from the full change (relative Frobenius error per tensor and over the w
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
+
+from erase.export.formats import (ARCHITECTURES, DTYPES, LORA_NAME, LORA_STATS_NAME, ExportSpec, changed_tensors, save_tensors,
+                                  settings_metadata, write_json)
+from erase.utils.errors import UserError
 
 ALPHA = 1.0  # every tensor's kohya alpha: the loader's scale is ALPHA / rank
 
@@ -98,3 +104,35 @@ def extract_lora(erased: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
              "max_rel_error": max((p["rel_error"] for p in per.values()), default=0.0),
              "params": sum(p["params"] for p in per.values()), "dense_params": sum(p["dense_params"] for p in per.values())}
     return tensors, stats
+
+
+KOHYA_BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+
+
+def write(stage: Path, unet, base_tensors: dict, config: dict, spec: ExportSpec, family: str | None = None) -> dict:
+    """``stage/erased_lora.safetensors`` (kohya layout) and ``stage/erased_lora.json`` (per-tensor rank and error)."""
+    delta = changed_tensors(unet.state_dict(), base_tensors)
+    if not delta:
+        raise UserError("--export_format lora: the erased UNet equals the base in every targeted tensor; there is no change to export")
+    tensors, stats = extract_lora(delta, base_tensors, spec.lora_rank, spec.lora_energy, DTYPES[spec.dtype])
+    if not tensors:
+        raise UserError("--export_format lora: only biases / norms changed, which a LoRA cannot hold; use diffusers or single_file")
+    compact = {n: {"rank": p["rank"], "rel_error": round(p["rel_error"], 6)} for n, p in stats["per_tensor"].items()}
+    ranks = {p["rank"] for p in stats["per_tensor"].values()}
+    meta = {"format": "erase-lora-kohya", **settings_metadata(config), "ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "dynamic",
+            "ss_network_alpha": str(ALPHA), "lora_rank": str(spec.lora_rank),
+            "lora_energy": str(None if spec.lora_rank is not None else spec.lora_energy),
+            "rel_error": f"{stats['rel_error']:.6g}", "per_tensor": json.dumps(compact, sort_keys=True),
+            "left_out": json.dumps(sorted(stats["left_out"]))}
+    if family:
+        meta["ss_base_model_version"] = KOHYA_BASE_VERSION[family]
+        meta["modelspec.architecture"] = ARCHITECTURES[family] + "/lora"
+    save_tensors(tensors, stage / LORA_NAME, meta)
+    write_json(stage / LORA_STATS_NAME, {"format": "kohya LoRA (lora_unet_<diffusers module>.lora_down/lora_up/alpha)",
+                                          "settings": spec.to_dict(), **stats})
+    return {"files": [LORA_NAME, LORA_STATS_NAME], "dtype": spec.dtype, "rank": spec.lora_rank,
+            "energy": None if spec.lora_rank is not None else spec.lora_energy, "tensors": stats["tensors"],
+            "rank_min": stats["rank_min"], "rank_max": stats["rank_max"], "rel_error": stats["rel_error"],
+            "max_rel_error": stats["max_rel_error"], "left_out": sorted(stats["left_out"]),
+            "params": stats["params"], "dense_params": stats["dense_params"], "bytes": (stage / LORA_NAME).stat().st_size}

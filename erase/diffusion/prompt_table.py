@@ -12,8 +12,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from erase.safety import GENERATOR_SEED_MAX
-from erase.io import UserError
+from erase.utils.checks import GENERATOR_SEED_MAX
+from erase.utils.errors import UserError
 
 logger = logging.getLogger(__name__)
 

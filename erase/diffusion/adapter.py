@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from erase.core.adapter import Adapter
 from erase.core.stream import EndlessStream
 
-from erase.families import UNET_PRESETS
+from erase.diffusion.families import UNET_PRESETS
 
-TARGET_PRESETS: dict[str, str] = UNET_PRESETS  # SD 1.x / 2.x; a family's own presets: erase.families.FAMILIES[name]
+TARGET_PRESETS: dict[str, str] = UNET_PRESETS  # SD 1.x / 2.x; a family's own presets: erase.diffusion.families.FAMILIES[name]
 
 _MASK63 = (1 << 63) - 1
 _SALTS = {"loss": 1, "redirect": 2, "esd": 3, "distill": 4}
@@ -79,7 +79,7 @@ class LatentSet:
 @dataclass
 class PromptEmbeddings:
     """Text-encoder outputs, computed once (the text encoder is frozen); one row per prompt, packed as the family
-    packs them (erase.families: SDXL appends its pooled embedding as a last token).
+    packs them (erase.diffusion.families: SDXL appends its pooled embedding as a last token).
 
     ``groups[g]`` lists the rows of ``forget`` a forget image of group g (its ``LatentSet.prompt_index``) draws its
     condition from, and ``group_anchor[g]`` the row of ``anchor`` it is redirected to (default: one group of every
@@ -120,7 +120,7 @@ class DiffusionAdapter(Adapter):
                  frozen_unet: nn.Module | None = None, retain_mode: str = "data", distill_empty_fraction: float = 0.1,
                  conditioning=None, target_presets: dict[str, str] | None = None):
         self.model = unet
-        # packed prompt embedding -> the UNet's keyword arguments (erase.families.Conditioner); plain: the
+        # packed prompt embedding -> the UNet's keyword arguments (erase.diffusion.families.Conditioner); plain: the
         # embedding is the cross-attention context
         self.conditioning = conditioning or (lambda cond: {"encoder_hidden_states": cond})
         if target_presets is not None:

@@ -1,0 +1,141 @@
+"""The erased-model folder (docs/CONTRACTS.md): ``unet/``, ``unet_delta.safetensors``, ``erase_config.json``,
+``README.md`` and, on request, a full pipeline and the other formats (:mod:`erase.export.formats`).
+
+The whole export is built in a hidden per-process folder beside ``output_dir`` and then swapped in whole
+(:func:`erase.utils.folders.swap_in`): entries of an earlier export that the new one does not have (an old
+``model_index.json``) go with the old export, everything else in the folder (checkpoints, data) stays. A crash
+leaves the old or the new export, never a mix; ``erase_config.json`` lists the files of its export and records
+the resolved base model (absolute path, or hub id + revision + commit).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import shutil
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from erase.export.card import model_card
+from erase.export.formats import CONFIG_NAME, DELTA_NAME, ExportSpec, changed_tensors, write_formats, write_json
+from erase.utils.folders import stale_temp, staging_dir, swap_in
+
+#: What an export of an earlier version (which did not list its files) may have written.
+#: What an export of an earlier version (which did not list its files) may have written.
+LEGACY_EXPORT_NAMES = {"unet", DELTA_NAME, CONFIG_NAME, "README.md", "model_index.json", "vae", "text_encoder", "tokenizer",
+                       "scheduler", "safety_checker", "feature_extractor", "image_encoder", ".export.tmp"}
+
+
+def base_identity(name: str, revision: str | None = None, variant: str | None = None) -> dict:
+    """The base model as resolved now: ``{"path": absolute}`` for a folder, else ``{"hub_id", "revision", "commit"}``
+    (the commit of the cached snapshot, when it is in the local cache)."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return {"path": str(path.resolve()), "variant": variant}
+    out = {"hub_id": name, "revision": revision or "main", "commit": None, "variant": variant}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "model_index.json", revision=revision)
+        if isinstance(found, str) and Path(found).parent.parent.name == "snapshots":
+            out["commit"] = Path(found).parent.name
+    except Exception:  # not cached, or an older huggingface_hub: the id and revision are still recorded
+        pass
+    return out
+
+
+def previous_export(out: Path) -> set[str]:
+    """Names of the export ``out`` holds now (from its ``erase_config.json``), which a new export replaces."""
+    try:
+        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(config, dict) or "method" not in config:
+        return set()
+    files = (config.get("export") or {}).get("files")
+    return set(files) if isinstance(files, list) else set(LEGACY_EXPORT_NAMES)
+
+
+def clean_stale_stages(out: Path) -> None:
+    """Remove exports that a killed process left half-built beside ``out`` (never one that holds anything else)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(new|old)\.\d+\.tmp")
+    for p in out.parent.glob(f".{out.name}.*.tmp"):
+        if pattern.fullmatch(p.name) and p.is_dir() and stale_temp(p):
+            names = {e.name for e in p.iterdir()}
+            if names <= LEGACY_EXPORT_NAMES:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                import logging
+
+                logging.getLogger(__name__).warning("%s was left by an interrupted export and holds %s; move back what you "
+                                                    "need, then delete it", p, ", ".join(sorted(names - LEGACY_EXPORT_NAMES)))
+
+
+def versions() -> dict:
+    import accelerate
+    import diffusers
+    import safetensors
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+            "safetensors": safetensors.__version__, "platform": platform.platform()}
+
+
+def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict:
+    per = {n: {"numel": t.numel(), "changed": int((t != base[n].to(t.dtype)).sum()),
+               "max_abs_change": float((t.float() - base[n].float()).abs().max())} for n, t in delta.items()}
+    return {"tensors_changed": len(delta), "entries_changed": sum(p["changed"] for p in per.values()), "per_tensor": per}
+
+
+def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None, spec=None) -> dict:
+    """Build the export beside ``output_dir`` and swap it in whole; returns the delta statistics (also stored in
+    ``config['delta']``). ``spec`` (:class:`erase.export.formats.ExportSpec`, default diffusers only) names the formats
+    besides the delta. On any failure the staged export is removed and the folder is as it was."""
+
+    spec = spec or ExportSpec()
+    out = Path(output_dir).resolve()
+    with staged_export(out) as stage:
+        state = unet.state_dict()
+        delta = changed_tensors(state, base_tensors)
+        config["delta"] = delta_stats(delta, base_tensors)
+        meta = {"format": "erase-unet-delta", "base_model": str(config["pretrained_model_name_or_path"]),
+                "concept": str(config["concept"]), "method": str(config["method"]),
+                "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
+        save_file(delta, str(stage / DELTA_NAME), metadata=meta)
+        if pipeline is not None:
+            pipeline.save_pretrained(str(stage), safe_serialization=True)
+        elif "diffusers" in spec.formats:
+            unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
+        details = write_formats(stage, unet, base_tensors, config, spec)
+        config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details}
+        finish_stage(stage, config, swap="built beside the folder and swapped in whole")
+    return config["delta"]
+
+
+@contextmanager
+def staged_export(out: Path):
+    """A fresh staging folder beside ``out`` to build an export in: removed on any failure (the folder stays as it
+    was), swapped in whole when the block ends."""
+    clean_stale_stages(out)
+    stage = staging_dir(out)
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    swap_in(out, stage, previous_export(out), keep_last=("model_index.json", CONFIG_NAME))
+
+
+def finish_stage(stage: Path, config: dict, **record) -> None:
+    """The model card and ``erase_config.json`` of a staged export, whose ``export`` entry lists its files."""
+    (stage / "README.md").write_text(model_card(config), encoding="utf-8")
+    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}), **record)
+    write_json(stage / CONFIG_NAME, config)

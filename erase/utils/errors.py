@@ -1,0 +1,50 @@
+"""User errors: one clear line naming the bad value and what is allowed, and the one place a command line turns
+them into a non-zero exit (never a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class UserError(ValueError):
+    """A bad value or input from the user, with a one-line message saying what was wrong and what is allowed.
+
+    An ordinary exception: library code raises it and callers may catch it. Only the command lines turn it into
+    ``error: <message>`` on stderr and exit status 1 (:func:`cli_errors`), so a notebook never sees ``SystemExit``.
+    """
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line and exit 2 (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def cli_errors(main):
+    """Decorate a command line's ``main``: a :class:`UserError` (or another ``ValueError`` subclass listed by the
+    library as a user-facing error, see ``USER_ERRORS``) becomes ``SystemExit("error: ...")``, one line, status 1."""
+    import functools
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except USER_ERRORS as e:
+            message = str(e).removeprefix("error: ")
+            raise SystemExit(f"error: {message}") from None
+
+    return wrapper
+
+
+# Exceptions whose message is meant for the user as it stands. Library modules append their own error classes
+# (e.g. target, top-k and checkpoint errors) with ``register_user_error``.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)
+
+
+def register_user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Class decorator: :func:`cli_errors` reports ``cls`` as a one-line error instead of a traceback."""
+    global USER_ERRORS
+    if cls not in USER_ERRORS:
+        USER_ERRORS = USER_ERRORS + (cls,)
+    return cls
