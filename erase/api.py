@@ -1,87 +1,33 @@
-"""Python API: ``erase_concept`` runs ``erase/sd.py`` in-process, ``load_erased`` loads any of its exports.
+"""Python API: ``erase_concept`` builds a run's config from keyword options and runs it; ``load_erased`` loads any of
+its exports.
 
     from erase import erase_concept, load_erased
 
     unet = erase_concept("CompVis/stable-diffusion-v1-4", "nudity", output_dir="nudity-erased", max_train_steps=100)
     pipe = load_erased("nudity-erased")
 
-There is one code path: ``erase_concept`` turns its options into the flags of ``erase/sd.py`` and calls
-``parse_args(flags)`` and ``main(args)``, so every option is checked exactly as on the command line (an option the
-command line does not have is a ``TypeError`` naming it and listing the allowed ones; a bad value a ``ValueError``
-with the command line's one-line message). It runs in the current process under the current accelerate state.
+``erase_concept`` and ``erase/sd.py`` are two front ends of one library call: each builds an
+:class:`erase.diffusion.config.EraseConfig` (here with :meth:`~erase.diffusion.config.EraseConfig.from_options`, there
+from its flags), both validate it the same way (an option that is none of the flags is a ``TypeError`` naming it and
+listing the allowed ones; a bad value a ``ValueError`` with the command line's one-line message) and both run
+:func:`erase.diffusion.run.erase`. The stages can be called alone too (``erase.diffusion.run.prepare_data``,
+docs/ARCHITECTURE.md). It runs in the current process under the current accelerate state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
 
-#: Arguments of erase_concept itself, or flags that do not run an erasure.
-_RESERVED = {"pretrained_model_name_or_path", "concept", "method", "output_dir", "list_concepts", "list_targets", "check", "help"}
-
 
 def allowed_options() -> list[str]:
-    """The options ``erase_concept`` takes: every flag of ``erase/sd.py`` (method config fields and run options)
-    except the ones it sets itself."""
-    return sorted(_defaults().keys() - _RESERVED)
+    """The options ``erase_concept`` takes: every option of a run's config (its sections' fields and the methods'
+    options) except the ones it sets from its own arguments."""
+    from erase.diffusion.config import RESERVED, option_types
 
-
-def _defaults() -> dict:
-    """Every flag of erase/sd.py with its default (``--list_concepts`` returns the parsed flags before any check)."""
-    from erase.sd import parse_args
-
-    return vars(parse_args(["--list_concepts"]))
-
-
-def _flags(options: dict, defaults: dict) -> list[str]:
-    """``{"lr": 1e-3, "project": False, "export_format": ["single_file", "lora"]}`` -> CLI flags."""
-    allowed = sorted(defaults.keys() - _RESERVED)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"erase_concept() got an unknown option {unknown[0]!r}; allowed: {', '.join(allowed)}")
-    from erase.core import available_methods
-    from erase.core.options import option_fields
-
-    booleans = {f.name for m in available_methods("diffusion") for f, kind in option_fields(m, "diffusion") if kind is bool}
-    out = []
-    for name, value in options.items():
-        if value is None:
-            continue
-        if name in booleans:  # a method's on/off option: --name / --no_name
-            if not isinstance(value, bool):
-                raise ValueError(f"option {name!r} is on/off: give True or False, got {value!r}")
-            out.append(f"--{name}" if value else f"--no_{name}")
-            continue
-        if defaults[name] is False:  # a switch (store_true)
-            if not isinstance(value, bool):
-                raise ValueError(f"option {name!r} is a switch: give True or False, got {value!r}")
-            if value:
-                out.append(f"--{name}")
-            continue
-        if isinstance(value, (list, tuple)):
-            value = ",".join(str(v) for v in value)
-        out += [f"--{name}", str(value)]
-    return out
-
-
-def _run(flags: list[str], components=None):
-    """parse_args + main of erase/sd.py; their one-line errors become ValueError. Returns (args, out_dir)."""
-    from erase.sd import main, parse_args
-
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = parse_args(flags)
-    except SystemExit as e:
-        message = (err.getvalue().strip().splitlines() or [str(e.code)])[-1]
-        raise ValueError(message.removeprefix("erase/sd.py: error: ")) from None
-    if components is not None:
-        args.components = components
-    out = main.__wrapped__(args)  # the library call: a bad input is a UserError (a ValueError), never SystemExit
-    return args, out
+    return sorted(set(option_types()) - RESERVED)
 
 
 def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissorhands", output_dir: str | None = None,
@@ -92,12 +38,13 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
     ``pipe_or_path``: a diffusers folder, a hub id, or a loaded pipeline (its components are used in-process and left
     unchanged; it must still be what its ``name_or_path`` holds, which the export records as the base). With
     ``output_dir`` the export is written there (every format of ``export_format``), else the run works in a temporary
-    folder that is removed. ``options``: every flag of ``erase/sd.py`` (``allowed_options()``), e.g. ``lr=1e-3``,
+    folder that is removed. ``options``: every option of ``erase/sd.py`` (``allowed_options()``), e.g. ``lr=1e-3``,
     ``max_train_steps=50``, ``topk=2``, ``forget_images="dir"``, ``export_format=["diffusers", "lora"]``.
     """
-    import copy
+    from erase.diffusion.config import EraseConfig
+    from erase.diffusion.load import components_from_pipeline
+    from erase.diffusion.run import erase
 
-    flags = _flags(options, _defaults())
     components = None
     if isinstance(pipe_or_path, (str, Path)):
         base = str(pipe_or_path)
@@ -110,22 +57,11 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
         if missing:
             raise ValueError(f"the pipeline has no {missing[0]}; erase_concept needs a text-to-image Stable Diffusion pipeline")
 
-        def components(family):  # called by erase/sd.py once the family is known
-            # the UNet trains: a copy, so the caller's pipeline keeps its weights; the frozen parts are shared
-            from diffusers import DDPMScheduler
-
-            from erase.diffusion.families import text_from_pipeline
-
-            return (text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(pipe.unet),
-                    DDPMScheduler.from_config(pipe.scheduler.config))  # the training scheduler, as erase/sd.py builds it
-    concept = ",".join(concept) if isinstance(concept, (list, tuple)) else str(concept)
+        def components(family):  # the UNet trains: a copy, so the caller's pipeline keeps its weights
+            return components_from_pipeline(pipe, family)
     with (contextlib.nullcontext(output_dir) if output_dir is not None else tempfile.TemporaryDirectory(prefix="erase-")) as out:
-        head = ["--pretrained_model_name_or_path", base, "--concept", concept, "--method", method, "--output_dir", str(out)]
-        args, _ = _run(head + flags, components)
-        unet = getattr(args, "erased_unet", None)
-        if unet is None:
-            raise RuntimeError("erase/sd.py finished without an erased UNet")
-    return unet
+        config = EraseConfig.from_options(base, concept, method, str(out), **options).validate()
+        return erase(config, components=components).unet
 
 
 def _config(folder: Path) -> dict:

@@ -45,8 +45,6 @@ def test_build_method_rejects_keys_the_method_does_not_have():
 
 @pytest.mark.parametrize("method, field, kind", [c for c in _cases("diffusion")], ids=lambda x: getattr(x, "name", str(x)))
 def test_every_option_of_every_diffusion_method_is_a_flag_of_erase_sd(tiny, method, field, kind):
-    from erase.sd import method_overrides
-
     if kind is bool:
         flag, expected = (f"--no_{field.name}", False) if field.default else (f"--{field.name}", True)
         args = _sd(tiny, "--method", method, flag)
@@ -56,7 +54,7 @@ def test_every_option_of_every_diffusion_method_is_a_flag_of_erase_sd(tiny, meth
             pytest.skip(f"{method}.{field.name}: no second legal value to set")
         args = _sd(tiny, "--method", method, f"--{field.name}", value)
         expected = kind(value)
-    overrides = method_overrides(args)
+    overrides = args.method_options
     assert overrides[field.name] == expected
     assert getattr(build_method(method, "diffusion", **overrides).config, field.name) == expected
 
@@ -78,10 +76,8 @@ def test_a_foreign_or_bad_option_is_one_line(tiny, argv, words, capsys):
 
 
 def test_options_that_had_no_flag_are_settable(tiny):
-    from erase.sd import method_overrides
-
     args = _sd(tiny, "--trim_only", "up_blocks", "--k_basis", "reset", "--forget_steps", "first_per_epoch")
-    config = build_method("scissorhands", "diffusion", **method_overrides(args)).config
+    config = build_method("scissorhands", "diffusion", **args.method_options).config
     assert (config.trim_only, config.k_basis, config.forget_steps) == ("up_blocks", "reset", "first_per_epoch")
     assert (config.topk, config.lam) == (2.0, 0.3)  # the SD adapter's defaults still apply
 

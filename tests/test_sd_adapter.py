@@ -184,7 +184,7 @@ def test_forget_captions_condition_their_images(parts, tmp_path):
     (tmp_path / "img2.txt").write_text("  \n")  # empty: no caption
     images = folder_split("forget", tmp_path, None)
     captions, index = caption_index(images)
-    assert captions == ["a blue sphere", "a red cube"] and index.tolist() == [-1, 1, -1, -1, 0, 1]
+    assert captions == [("a blue sphere", 0), ("a red cube", 0)] and index.tolist() == [-1, 1, -1, -1, 0, 1]
     assert images.captioned == [False, True, False, False, True, True] and images.prompts[0] is None
 
     unet, (forget, _), emb, _ = parts

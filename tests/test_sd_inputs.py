@@ -82,7 +82,7 @@ def test_several_concepts_checks(tiny, capsys):
     from erase.sd import parse_args
 
     args = parse_args(base + ["three,five,eight"])
-    cs = args.concept_obj
+    cs = args.concept_set
     assert [c.name for c in cs.concepts] == ["three", "five", "eight"] and args.forget_loss == "redirect"
     named = {w for p in cs.retain_prompts for w in p.split()}
     assert not named & {"three", "3", "five", "5", "eight", "8"} and {"two", "nine", "0"} <= named
@@ -136,10 +136,10 @@ def test_list_targets_prints_what_matches_without_loading_weights(targets, expec
 
 def test_projection_flags_reach_the_method(tiny, capsys):
     from erase.core import build_method
-    from erase.sd import method_overrides, parse_args
+    from erase.sd import parse_args
 
     args = parse_args(["--pretrained_model_name_or_path", str(tiny), "--concept", "nudity", "--no_update_projection", "--margin", "0.5"])
-    config = build_method("scissorhands", "diffusion", **method_overrides(args)).config
+    config = build_method("scissorhands", "diffusion", **args.method_options).config
     assert config.project_update is False and config.project is True and config.margin == 0.5
     assert "--margin -1 is outside the allowed range >= 0" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                              "--margin", "-1"], capsys)

@@ -150,16 +150,16 @@ def test_reexport_replaces_the_old_export_whole(base_run, tiny, inputs, tmp_path
 
 
 def test_non_finite_weights_are_never_exported(tiny, inputs, tmp_path, monkeypatch):
-    import erase.sd as sd
+    import erase.diffusion.run as stages
 
-    real = sd.run
+    real = stages.run
 
     def poisoned(*a, **k):  # a run whose last update made a weight NaN while every loss stayed finite
         result = real(*a, **k)
         next(iter(result.params.values())).data.view(-1)[0] = float("nan")
         return result
 
-    monkeypatch.setattr(sd, "run", poisoned)
+    monkeypatch.setattr(stages, "run", poisoned)
     with pytest.raises(USER_FACING) as err:
         run(common(tiny, inputs, tmp_path / "o", "--max_train_steps", 1))
     assert "non-finite" in error_text(err) and "nothing was exported" in error_text(err)

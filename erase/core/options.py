@@ -41,6 +41,15 @@ def option_fields(method: str, task: str | None = None) -> list[tuple[dataclasse
     return [(f, _scalar_type(hints[f.name])) for f in dataclasses.fields(cls)]
 
 
+def all_option_types(task: str | None = None) -> dict[str, type]:
+    """Every option name of every method of ``task`` (one flag per name) with its scalar type."""
+    out: dict[str, type] = {}
+    for m in available_methods(task):
+        for f, kind in option_fields(m, task):
+            out.setdefault(f.name, kind)
+    return out
+
+
 def option_names(method: str, task: str | None = None) -> list[str]:
     return [f.name for f, _ in option_fields(method, task)]
 

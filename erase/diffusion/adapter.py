@@ -1,4 +1,4 @@
-"""Diffusion adapter: a Stable Diffusion UNet as an ``erase.core`` adapter.
+"""Stage 4, the adapter: a Stable Diffusion UNet and its objective as an ``erase.core`` adapter.
 
 Loss: the noise-prediction MSE of DDPM training (Ho et al., 2020, eq. 14) at a uniformly drawn timestep, on the
 ε or v target the scheduler config names. Forget terms (losses to minimise):
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from erase.core.adapter import Adapter
 from erase.core.stream import EndlessStream
-
+from erase.diffusion.conditioning import PromptEmbeddings
 from erase.diffusion.families import UNET_PRESETS
 
 TARGET_PRESETS: dict[str, str] = UNET_PRESETS  # SD 1.x / 2.x; a family's own presets: erase.diffusion.families.FAMILIES[name]
@@ -74,33 +74,6 @@ class LatentSet:
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
-
-
-@dataclass
-class PromptEmbeddings:
-    """Text-encoder outputs, computed once (the text encoder is frozen); one row per prompt, packed as the family
-    packs them (erase.diffusion.families: SDXL appends its pooled embedding as a last token).
-
-    ``groups[g]`` lists the rows of ``forget`` a forget image of group g (its ``LatentSet.prompt_index``) draws its
-    condition from, and ``group_anchor[g]`` the row of ``anchor`` it is redirected to (default: one group of every
-    forget prompt, anchored at row 0).
-    """
-
-    forget: torch.Tensor  # (F, L, D): c_forget
-    retain: torch.Tensor  # (R, L, D): the retain images' prompts
-    anchor: torch.Tensor | None  # (A, L, D)
-    uncond: torch.Tensor  # (1, L, D): the empty prompt
-    distill: torch.Tensor | None = None  # (P, L, D): prompts whose base predictions the distill term keeps
-    groups: list[list[int]] | None = None
-    group_anchor: list[int] | None = None
-
-    def __post_init__(self):
-        if self.groups is None:
-            self.groups = [list(range(self.forget.shape[0]))]
-        if self.group_anchor is None:
-            self.group_anchor = [0] * len(self.groups)
-        if any(not g for g in self.groups) or len(self.group_anchor) != len(self.groups):
-            raise ValueError("every forget group needs at least one prompt and one anchor index")
 
 
 def _generator(key: int, salt: int) -> torch.Generator:
@@ -318,3 +291,20 @@ class DiffusionAdapter(Adapter):
                 "distill_prompts": int(self.emb.distill.shape[0]) if self.emb.distill is not None else 0,
                 "forget_groups": len(self.emb.groups), "prediction_type": self.prediction_type, "num_train_timesteps": self.num_train_timesteps,
                 "scaling_factor": self.scaling_factor, **(self.conditioning.describe() if hasattr(self.conditioning, "describe") else {})}
+
+
+def build_adapter(config, parts, placement, data, tables, embeddings: PromptEmbeddings, method) -> DiffusionAdapter:
+    """The run's adapter: the UNet, the latent sets with their prompt rows, the method's forget term and the retain term
+    (a frozen copy of the base, taken before any trim, when the esd term or distillation needs it)."""
+    forget_kind = getattr(method.config, "forget_loss", None) or ("esd" if config.method == "esd" else None)
+    retain_mode = config.objective.retain_loss if method.uses_retain else "data"
+    frozen = DiffusionAdapter.frozen_copy(parts.unet, placement.weight_dtype) if forget_kind == "esd" or retain_mode != "data" else None
+    forget = LatentSet(*data.latents["forget"], torch.tensor(tables.image_group, dtype=torch.long))
+    retain = LatentSet(*data.latents["retain"], torch.tensor(tables.retain_rows, dtype=torch.long)) if data.retain else None
+    o = config.objective
+    return DiffusionAdapter(parts.unet, parts.noise_scheduler, embeddings, forget, retain, batch_size=config.train.train_batch_size,
+                            scaling_factor=float(getattr(parts.vae.config, "scaling_factor", 0.18215)), device=placement.device,
+                            weight_dtype=placement.weight_dtype, negative_guidance=o.negative_guidance, esd_ddim_steps=o.esd_ddim_steps,
+                            esd_start_guidance=o.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
+                            distill_empty_fraction=o.distill_empty_fraction, conditioning=parts.conditioner(placement.resolution),
+                            target_presets=parts.family.target_presets)

@@ -1,11 +1,16 @@
 """Forget / retain images for erasing a concept from Stable Diffusion, and their cached VAE latents.
 
+Stage 2 of a run (:func:`prepare_data`): the forget images (generated per concept, or the user's folder), the retain
+images when the retain term needs them, and their VAE latents, encoded once.
+
 Generated sets: image i of a split is drawn by the *base* model from prompt ``prompts[i % len(prompts)]`` with
-seed ``seed + i`` (``erase.diffusion.generate``: one generator per image, sharded over processes, resumable: finished images
+seed ``seed + i`` (concept j of several: ``seed + 100000·j + i`` in ``data/concept-j-<name>``; retain images
+``seed + 1000000 + i``) (``erase.diffusion.generate``: one generator per image, sharded over processes, resumable: finished images
 with identical settings are skipped). ``manifest.json`` in the data folder lists every image with its prompt and
 seed. User folders (``--forget_images`` / ``--retain_images``) are taken as they are; a ``<name>.txt`` beside an
 image gives its prompt (a forget image's caption conditions that image; one without a caption is conditioned on
-a random forget prompt of the concept). Latents are encoded once and cached as safetensors keyed by the images and
+a random forget prompt of its concept). With several concepts the forget folder holds one subfolder per concept,
+named like it: every image belongs to exactly one concept. Latents are encoded once and cached as safetensors keyed by the images and
 the VAE.
 """
 
@@ -35,6 +40,10 @@ class ImageSet:
     seeds: list[int | None] = field(default_factory=list)
     source: str = "generated"
     captioned: list[bool] = field(default_factory=list)  # folder sets: the image has its own non-empty x.txt
+    concepts: list[int] = field(default_factory=list)  # forget sets: the concept each image belongs to (default 0)
+
+    def concept_of(self) -> list[int]:
+        return list(self.concepts) if self.concepts else [0] * len(self.files)
 
     def records(self) -> list[dict]:
         rows = [{"file": f.name, "prompt": p, "seed": s} for f, p, s in zip(self.files, self.prompts, self.seeds)]
@@ -67,12 +76,13 @@ def generate_split(split: str, prompts: list[str], count: int, out_dir: Path, *,
                     [r.seed for r in rows], source="generated")
 
 
-def merge_splits(split: str, parts: list[ImageSet]) -> ImageSet:
-    """One set from several (one per concept), in order; a single part is returned as it is."""
+def merge_splits(split: str, parts: list[ImageSet], source: str = "generated") -> ImageSet:
+    """One set from several (part j: concept j), in order; a single part is returned as it is."""
     if len(parts) == 1:
         return parts[0]
     return ImageSet(split, [f for p in parts for f in p.files], [q for p in parts for q in p.prompts],
-                    [s for p in parts for s in p.seeds], source="generated")
+                    [s for p in parts for s in p.seeds], source=source, captioned=[c for p in parts for c in p.captioned],
+                    concepts=[j for j, p in enumerate(parts) for _ in p.files])
 
 
 def folder_split(split: str, folder: str | Path, default_prompt: str | None = "") -> ImageSet:
@@ -88,12 +98,34 @@ def folder_split(split: str, folder: str | Path, default_prompt: str | None = ""
     return ImageSet(split, images, prompts, [None] * len(images), source=str(Path(folder).resolve()), captioned=captioned)
 
 
-def caption_index(images: ImageSet) -> tuple[list[str], torch.Tensor]:
-    """The distinct captions of a set (sorted) and each image's index into them, −1 for an image without one."""
+def caption_index(images: ImageSet) -> tuple[list[tuple[str, int]], torch.Tensor]:
+    """The distinct (caption, concept) pairs of a set (sorted) and each image's index into them, −1 for an image
+    without a caption."""
     flags = images.captioned or [False] * len(images.files)
-    captions = sorted({p for p, c in zip(images.prompts, flags) if c})
-    index = [captions.index(p) if c else -1 for p, c in zip(images.prompts, flags)]
-    return captions, torch.tensor(index, dtype=torch.long)
+    keys = sorted({(p, k) for p, c, k in zip(images.prompts, flags, images.concept_of()) if c})
+    index = [keys.index((p, k)) if c else -1 for p, c, k in zip(images.prompts, flags, images.concept_of())]
+    return keys, torch.tensor(index, dtype=torch.long)
+
+
+def user_forget_images(folder: str | Path, concept_names: list[str]) -> ImageSet:
+    """The user's forget images: the folder itself for one concept; for several, one subfolder per concept (named like
+    it), every image of ``<folder>/<name>/`` belonging to that concept. Images outside them would belong to no concept
+    and are refused in one line, as is a missing subfolder."""
+    if len(concept_names) == 1:
+        return folder_split("forget", folder, None)  # uncaptioned: the concept's prompts
+    root = Path(folder)
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() != ".txt")
+    if loose:
+        raise UserError(f"--forget_images {folder}: with several concepts each image goes into the subfolder of its concept "
+                        f"({', '.join(n + '/' for n in concept_names)}); {len(loose)} file(s) lie at the top (first: {loose[0]})")
+    parts = []
+    for name in concept_names:
+        sub = root / name
+        if not sub.is_dir():
+            raise UserError(f"--forget_images {folder}: no subfolder {name}/ for concept {name!r} (with several concepts, one "
+                            f"subfolder per concept: {', '.join(n + '/' for n in concept_names)})")
+        parts.append(folder_split("forget", sub, None))
+    return merge_splits("forget", parts, source=str(root.resolve()))
 
 
 def write_manifest(data_dir: Path, sets: list[ImageSet], settings: dict) -> None:
@@ -152,3 +184,101 @@ def encode_latents(images: ImageSet, vae, resolution: int, cache_dir: Path, devi
     finally:
         tmp.unlink(missing_ok=True)
     return mean, std
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+@dataclass
+class EraseData:
+    """What stage 2 hands on: the image sets, their cached VAE posteriors (split -> (mean, std)), where they live, and
+    the resolution they were encoded at."""
+
+    data_dir: Path
+    forget: ImageSet
+    retain: ImageSet | None
+    latents: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    resolution: int
+    concepts: list[str] = field(default_factory=list)  # the concept names of ``forget.concepts``, in order
+
+    def for_concepts(self, names: list[str], needs_retain: bool) -> "EraseData":
+        """The part of this data an erasure of ``names`` uses: the forget images of those concepts (re-indexed in that
+        order) and the retain set. A concept it has no images of, or retain images it lacks, is one line."""
+        if names == self.concepts:
+            picked = self
+        else:
+            missing = [n for n in names if n not in self.concepts]
+            if missing:
+                raise UserError(f"the prepared data has no forget images of concept {missing[0]!r}; it holds "
+                                f"{', '.join(self.concepts)} (prepare the data for every concept you erase)")
+            owner = self.forget.concept_of()
+            rows = [i for i, k in enumerate(owner) if self.concepts[k] in names]
+            f = self.forget
+            forget = ImageSet("forget", [f.files[i] for i in rows], [f.prompts[i] for i in rows], [f.seeds[i] for i in rows],
+                              source=f.source, captioned=[f.captioned[i] for i in rows] if f.captioned else [],
+                              concepts=[names.index(self.concepts[owner[i]]) for i in rows])
+            index = torch.tensor(rows, dtype=torch.long)
+            latents = {**self.latents, "forget": tuple(t[index] for t in self.latents["forget"])}
+            picked = EraseData(self.data_dir, forget, self.retain, latents, self.resolution, list(names))
+        if needs_retain and picked.retain is None:
+            raise UserError("the prepared data has no retain images, which this run's retain term needs (prepare it with the same "
+                            "--method and --retain_loss)")
+        return picked
+
+    @property
+    def sets(self) -> list[ImageSet]:
+        return [s for s in (self.forget, self.retain) if s is not None]
+
+    def describe(self) -> dict:
+        """The record's ``data`` entry (less the retain term, which the adapter owns)."""
+        return {"dir": str(self.data_dir), "resolution": self.resolution,
+                **{s.split: {"count": len(s.files), "source": s.source, "captioned": sum(s.captioned)} for s in self.sets}}
+
+
+def data_dir_of(config) -> Path:
+    return Path(config.data.data_dir) if config.data.data_dir else Path(config.output.output_dir) / "data"
+
+
+def needs_retain_images(config) -> bool:
+    """Whether the retain term of the run trains on retain images (not for distillation alone)."""
+    from erase.core.registry import get_method_class
+
+    return get_method_class(config.method, "diffusion").uses_retain and config.objective.retain_loss != "distill"
+
+
+def prepare_data(config, parts, placement, accelerator, user_images: dict) -> EraseData:
+    """Forget images (generated by the base model per concept, or the user's folder), retain images when the retain
+    term needs them, then latents encoded once (main process first; the others read the cache) and the manifest."""
+    from erase.diffusion.families import build_pipeline
+
+    d, concepts = config.data, config.concept_set
+    data_dir = data_dir_of(config)
+    retain_images = needs_retain_images(config)
+    gen = dict(model_id=config.model.pretrained_model_name_or_path, steps=d.num_inference_steps, guidance=d.guidance_scale,
+               scheduler=d.data_scheduler, resolution=placement.resolution, batch_size=d.generation_batch_size, accelerator=accelerator)
+    need_pipe = not d.forget_images or (retain_images and not d.retain_images)
+    pipe = build_pipeline(parts.family, parts.text, parts.vae, parts.unet, parts.noise_scheduler) if need_pipe else None
+    if pipe is not None:
+        pipe.set_progress_bar_config(disable=True)
+    with accelerator.autocast():
+        if d.forget_images:
+            forget = user_images["forget"]
+        else:  # one generated block per concept; a single concept keeps the historical layout data/forget, seeds seed + i
+            forget = merge_splits("forget", [
+                generate_split("forget", c.generation_prompts, d.num_forget_images,
+                               data_dir if len(concepts) == 1 else data_dir / f"concept-{j}-{c.name}", pipe=pipe,
+                               seed=config.train.seed + 100_000 * j, **gen)
+                for j, c in enumerate(concepts.concepts)])
+        retain = None
+        if retain_images:
+            retain = (user_images["retain"] if d.retain_images else
+                      generate_split("retain", concepts.retain_prompts, d.num_retain_images, data_dir, pipe=pipe,
+                                     seed=config.train.seed + 1_000_000, **gen))
+    del pipe
+    sets = [s for s in (forget, retain) if s is not None]
+    with accelerator.main_process_first():
+        latents = {s.split: encode_latents(s, parts.vae, placement.resolution, data_dir, placement.device, placement.vae_dtype,
+                                           d.generation_batch_size) for s in sets}
+    if accelerator.is_main_process:
+        write_manifest(data_dir, sets, {"model": config.model.pretrained_model_name_or_path, "resolution": placement.resolution,
+                                        "num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
+                                        "scheduler": d.data_scheduler, "seed": config.train.seed, "concepts": concepts.name})
+    return EraseData(data_dir, forget, retain, latents, placement.resolution, [c.name for c in concepts.concepts])

@@ -1,107 +1,42 @@
-"""Model families: one table from a Stable Diffusion family to what differs between families, and its detection.
+"""Model families: one module per Stable Diffusion family (``sd1``, ``sd2``, ``sdxl``; what they share in ``base``),
+the table of them (:data:`FAMILIES`) and their detection.
 
-A family is a row of :data:`FAMILIES`, not a code path (peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``,
-k-diffusion's one wrapper per family). A row says which text encoders condition the UNet and how their outputs are
-taken, whether the UNet takes extra conditioning (SDXL: ``added_cond_kwargs``), which diffusers pipeline class
-generates, the target presets and the native resolution. The prediction type (epsilon / v) is not a family
-property: it comes from the scheduler config of each model (SD 2.x base is epsilon, SD 2.x 768 is v).
+A family is a row, not a code path (peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, k-diffusion's one
+wrapper per family). A row says which text encoders condition the UNet and how their outputs are taken, whether the
+UNet takes extra conditioning (SDXL: ``added_cond_kwargs``), which diffusers pipeline class generates, the target
+presets, the native resolution and how its UNet config is recognised. The prediction type (epsilon / v) is not a
+family property: it comes from the scheduler config of each model (SD 2.x base is epsilon, SD 2.x 768 is v).
 
-* ``sd1``: SD v1.x. One CLIP text encoder, its last hidden state (after the final layer norm), as
-  ``StableDiffusionPipeline`` encodes prompts.
-* ``sd2``: SD v2.x. One OpenCLIP-ViT-H text encoder converted to ``CLIPTextModel`` (its config already stops at the
-  penultimate OpenCLIP layer); its last hidden state, as ``StableDiffusionPipeline`` encodes them. UNet with
-  linear projections and 1024-wide cross-attention.
-* ``sdxl``: SDXL base. Two encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``); the penultimate hidden
-  states of both, concatenated, condition the cross-attention; the second encoder's pooled (projected) embedding and
-  the size ``time_ids`` (original size, crop top-left, target size) go in through ``added_cond_kwargs``
-  (``StableDiffusionXLPipeline.encode_prompt`` / ``_get_add_time_ids``). With ``force_zeros_for_empty_prompt`` (the
-  base's setting) the unconditional branch of guidance is zeros, not the encoded empty prompt: so is ours.
+Detection (:func:`detect`) reads ``model_index.json`` and ``unet/config.json`` and asks the families in
+:data:`DETECTION_ORDER` (SDXL: ``addition_embed_type == "text_time"``; SD 2.x: ``cross_attention_dim == 1024`` or linear
+projections; any other UNet is SD 1.x). A folder whose denoiser is a transformer (Flux, SD3, PixArt: ``transformer/``
+and no ``unet/``) is refused in one line naming the supported families.
 
-Detection (:func:`detect`) reads ``model_index.json`` and ``unet/config.json``: ``addition_embed_type ==
-"text_time"`` is SDXL; ``cross_attention_dim == 1024`` or linear projections is SD 2.x; any other UNet is SD 1.x.
-A folder whose denoiser is a transformer (Flux, SD3, PixArt: ``transformer/`` and no ``unet/``) is refused in one
-line naming the supported families.
-
-Packed conditioning: the adapter and the methods handle one tensor per prompt. For a family with a pooled embedding
-that tensor is the hidden states with one more token appended, the pooled vector zero-padded to the hidden width;
-:class:`Conditioner` turns it back into the UNet's keyword arguments. Everything that indexes, stacks or mixes
-prompt embeddings (redirect, ESD's guidance, distillation) therefore works unchanged for every family.
+Adding a family: a module here with its ``FAMILY`` row, its name in :data:`DETECTION_ORDER` (docs/FAMILIES.md).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
+from erase.diffusion.families.base import UNET_PRESETS, Conditioner, Family, TextStack, pack
 from erase.utils.errors import UserError
 
-_ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)\.(weight|bias)"
+#: The families, most specific first: detection takes the first whose ``matches`` accepts the UNet config.
+DETECTION_ORDER = ("sdxl", "sd2", "sd1")
+#: name -> family row, in the order they are listed to users
+FAMILIES: dict[str, Family] = {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in ("sd1", "sd2", "sdxl")}
 
-#: Target presets of the SD 1.x / 2.x UNet (the meaning every erase/sd.py run has had).
-UNET_PRESETS: dict[str, str] = {
-    "xattn": rf".*\.attn2\.{_ATTN_PROJ}",  # ESD-x / Scissorhands SD default: cross-attention q, k, v, out
-    "selfattn": rf".*\.attn1\.{_ATTN_PROJ}",
-    # ESD-u (as ESD's train_method "noxattn"): all but cross-attention, the time embedding and the output layers
-    "noxattn": r"(?!.*\.attn2\.|time_embedding\.|conv_norm_out\.|conv_out\.).*",
-    "full": r".*",
-}
-#: SDXL: ``xattn`` is every ``attn2`` of every transformer block (10 deep in its inner blocks); ``noxattn`` also
-#: leaves out ``add_embedding``, the pooled-text + size embedding that plays the time embedding's part.
-SDXL_PRESETS: dict[str, str] = {
-    **UNET_PRESETS,
-    "noxattn": r"(?!.*\.attn2\.|time_embedding\.|add_embedding\.|conv_norm_out\.|conv_out\.).*",
-}
+__all__ = ["DETECTION_ORDER", "FAMILIES", "UNET_PRESETS", "ConfigUnreadable", "Conditioner", "Family", "TextStack", "build_pipeline",
+           "detect", "family_of", "load_text", "pack", "supported", "text_from_pipeline"]
 
 
 class ConfigUnreadable(UserError):
     """A model's config files could not be read (offline without a cache, a bad hub id, unreadable JSON)."""
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str
-    title: str
-    pipeline_class: str
-    #: (tokenizer subfolder, text encoder subfolder, transformers class) in the order their outputs are concatenated
-    text_encoders: tuple[tuple[str, str, str], ...]
-    #: which hidden state conditions the cross-attention: "last" (after the final norm) or "penultimate"
-    hidden_state: str
-    #: the last encoder's pooled embedding and the size time_ids go into ``added_cond_kwargs``
-    pooled: bool
-    #: the resolution the family's reference checkpoints were trained at (a run uses the UNet's sample_size x the VAE
-    #: scale factor, which is this for them; this when the UNet config has no sample_size)
-    native_resolution: int
-    target_presets: dict
-
-    @property
-    def components(self) -> tuple[str, ...]:
-        """The pipeline components holding weights."""
-        return ("unet", "vae") + tuple(enc for _, enc, _ in self.text_encoders)
-
-    def pipeline_cls(self):
-        import diffusers
-
-        return getattr(diffusers, self.pipeline_class)
-
-    def pipeline_kwargs(self) -> dict:
-        """Keyword arguments every ``from_pretrained`` / constructor call of this family's pipeline gets."""
-        if self.pooled:
-            return {"add_watermarker": False}
-        return {"safety_checker": None, "requires_safety_checker": False}
-
-
-FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "Stable Diffusion 1.x", "StableDiffusionPipeline", (("tokenizer", "text_encoder", "CLIPTextModel"),),
-                  "last", False, 512, UNET_PRESETS),
-    "sd2": Family("sd2", "Stable Diffusion 2.x", "StableDiffusionPipeline", (("tokenizer", "text_encoder", "CLIPTextModel"),),
-                  "last", False, 768, UNET_PRESETS),
-    "sdxl": Family("sdxl", "Stable Diffusion XL", "StableDiffusionXLPipeline",
-                   (("tokenizer", "text_encoder", "CLIPTextModel"), ("tokenizer_2", "text_encoder_2", "CLIPTextModelWithProjection")),
-                   "penultimate", True, 1024, SDXL_PRESETS),
-}
 #: Pipelines of other denoisers, named in the refusal (their folders have transformer/ instead of unet/).
 _TRANSFORMER_PIPELINES = ("Flux", "StableDiffusion3", "PixArt", "Sana", "HunyuanDiT", "Lumina", "CogView", "AuraFlow")
 
@@ -136,12 +71,8 @@ def _read_json(name: str, filename: str, subfolder: str | None, revision: str | 
 
 
 def family_of(unet_config: dict) -> str:
-    """The family a UNet config belongs to (see the module docstring)."""
-    if unet_config.get("addition_embed_type") == "text_time":
-        return "sdxl"
-    if unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection"):
-        return "sd2"
-    return "sd1"
+    """The family a UNet config belongs to: the first of :data:`DETECTION_ORDER` that matches it."""
+    return next(name for name in DETECTION_ORDER if FAMILIES[name].matches(unet_config))
 
 
 def detect(name: str, revision: str | None = None, force: str | None = None) -> Family:
@@ -195,87 +126,6 @@ def text_from_pipeline(family: Family, pipe) -> "TextStack":
         raise UserError(f"the pipeline has no {missing[0]}, which a {family.title} model needs")
     zero = family.pooled and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True))
     return TextStack(family, tokenizers, encoders, zero_uncond=zero)
-
-
-class TextStack:
-    """The frozen text side of one family: prompts -> packed conditioning tensors (see the module docstring)."""
-
-    def __init__(self, family: Family, tokenizers: list, encoders: list, zero_uncond: bool = False):
-        self.family, self.tokenizers, self.encoders, self.zero_uncond = family, tokenizers, encoders, zero_uncond
-
-    @property
-    def max_length(self) -> int:
-        return min(t.model_max_length for t in self.tokenizers)
-
-    def to(self, device, dtype=None) -> "TextStack":
-        for e in self.encoders:
-            e.requires_grad_(False)
-            e.to(device, dtype=dtype)
-        return self
-
-    def pooled_dim(self) -> int:
-        return int(self.encoders[-1].config.projection_dim) if self.family.pooled else 0
-
-    @torch.no_grad()
-    def encode(self, prompts: list[str], device, batch_size: int = 32) -> torch.Tensor:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i : i + batch_size]
-            hidden, pooled = [], None
-            for tok, enc in zip(self.tokenizers, self.encoders):
-                ids = tok(chunk, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
-                if self.family.hidden_state == "last":
-                    res = enc(ids)
-                    hidden.append(res[0])
-                else:
-                    res = enc(ids, output_hidden_states=True)
-                    hidden.append(res.hidden_states[-2])
-                pooled = res[0] if self.family.pooled else None  # the last encoder's projected text embedding
-            h = torch.cat(hidden, dim=-1)
-            if self.family.pooled:
-                h = pack(h, pooled)
-            out.append(h)
-        return torch.cat(out)
-
-    def uncond(self, device) -> torch.Tensor:
-        """The unconditional branch of guidance: the empty prompt, or zeros where the pipeline zeroes it."""
-        e = self.encode([""], device)
-        return torch.zeros_like(e) if self.zero_uncond else e
-
-
-def pack(hidden: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-    """(B, L, D) hidden states + (B, P) pooled -> (B, L + 1, D), the pooled vector zero-padded as the last token."""
-    if pooled.shape[-1] > hidden.shape[-1]:
-        raise ValueError(f"pooled width {pooled.shape[-1]} exceeds the hidden width {hidden.shape[-1]}; cannot pack")
-    row = torch.zeros(hidden.shape[0], 1, hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
-    row[:, 0, : pooled.shape[-1]] = pooled.to(hidden.dtype)
-    return torch.cat([hidden, row], dim=1)
-
-
-class Conditioner:
-    """Packed conditioning -> the UNet's keyword arguments (``encoder_hidden_states``, SDXL's ``added_cond_kwargs``)."""
-
-    def __init__(self, family: Family, resolution: int = 0, pooled_dim: int = 0):
-        self.family, self.resolution, self.pooled_dim = family, int(resolution), int(pooled_dim)
-        if family.pooled and (self.resolution < 8 or self.pooled_dim < 1):
-            raise ValueError(f"{family.name} conditioning needs the resolution and the pooled width")
-        # SDXL micro-conditioning: original size, crop top-left, target size (training images are square crops)
-        self.time_ids = torch.tensor([[self.resolution, self.resolution, 0, 0, self.resolution, self.resolution]], dtype=torch.float32)
-
-    def __call__(self, cond: torch.Tensor) -> dict:
-        if not self.family.pooled:
-            return {"encoder_hidden_states": cond}
-        n = cond.shape[0]
-        return {"encoder_hidden_states": cond[:, :-1],
-                "added_cond_kwargs": {"text_embeds": cond[:, -1, : self.pooled_dim],
-                                      "time_ids": self.time_ids.to(cond.device, cond.dtype).expand(n, -1)}}
-
-    def describe(self) -> dict:
-        out = {"model_family": self.family.name, "hidden_state": self.family.hidden_state}
-        if self.family.pooled:
-            out.update(time_ids=self.time_ids[0].tolist(), pooled_dim=self.pooled_dim)
-        return out
 
 
 def build_pipeline(family: Family, text: TextStack, vae, unet, scheduler):

@@ -1,0 +1,131 @@
+"""Stage 1, load: the family's parts of the base model (text stack, VAE, denoiser, training noise scheduler), their
+placement on the device, and what ``--targets`` selects (also without any weights, for ``--list_targets``)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from erase.core import TargetError, select_parameters
+from erase.core.targets import describe
+from erase.diffusion.families import Conditioner, Family, TextStack, detect, load_text, text_from_pipeline
+from erase.utils.checks import check_weights
+from erase.utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Components:
+    """The parts of a base model a run uses: only the denoiser trains; text stack and VAE stay frozen."""
+
+    family: Family
+    text: TextStack
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    noise_scheduler: object  # the DDPM training scheduler (its config decides epsilon or v-prediction)
+
+    def conditioner(self, resolution: int) -> Conditioner:
+        """Packed prompt embeddings -> the denoiser's keyword arguments (SDXL: pooled + size ids at ``resolution``)."""
+        return Conditioner(self.family, resolution, self.text.pooled_dim())
+
+
+def resolve_family(config) -> Family:
+    """The family the config names or its base folder / hub id has (a hub id's configs come through the hub cache)."""
+    if getattr(config, "family", None) is None:
+        m = config.model
+        config.family = detect(m.pretrained_model_name_or_path, m.revision, m.model_family)
+    return config.family
+
+
+def load_components(config) -> Components:
+    """The family's text encoders (a :class:`erase.diffusion.families.TextStack`), VAE, UNet and the DDPM noise
+    scheduler from the base folder / hub id; a part with missing (meta) or non-finite weights is one line."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    family = resolve_family(config)
+    m = config.model
+    name, kw = m.pretrained_model_name_or_path, {"revision": m.revision}
+    try:
+        text = load_text(family, name, m.revision, m.variant)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=m.variant, **kw)
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=m.variant, **kw)
+        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load {family.title} from {name!r}: {str(e).strip().splitlines()[0]}") from None
+    encoders = [(enc, mod) for (_, enc, _), mod in zip(family.text_encoders, text.encoders)]
+    for part, module in [("unet", unet), ("vae", vae), *encoders]:  # a file missing tensors loads as meta
+        check_weights(module.state_dict().items(), f"the base model's {part} ({name})")
+    return Components(family, text, vae, unet, noise_scheduler)
+
+
+def components_from_pipeline(pipe, family: Family) -> Components:
+    """The parts of an already loaded pipeline: its UNet is copied (the caller's pipeline keeps its weights), the frozen
+    parts are shared, the training scheduler is built from its scheduler's config as :func:`load_components` does."""
+    from diffusers import DDPMScheduler
+
+    missing = [p for p in ("vae", "unet", "scheduler") if getattr(pipe, p, None) is None]
+    if missing:
+        raise UserError(f"the pipeline has no {missing[0]}; erase_concept needs a text-to-image Stable Diffusion pipeline")
+    return Components(family, text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(pipe.unet),
+                      DDPMScheduler.from_config(pipe.scheduler.config))
+
+
+@dataclass
+class Placement:
+    """Where and in which dtypes the parts run: the denoiser's mixed-precision dtype for the frozen parts, the VAE's
+    own (SDXL's VAE overflows in fp16 and stays fp32), the device and the image resolution."""
+
+    device: torch.device
+    weight_dtype: torch.dtype
+    vae_dtype: torch.dtype
+    resolution: int
+
+
+def place(parts: Components, accelerator, resolution: int | None) -> Placement:
+    """Freeze the VAE, cast the frozen parts to the mixed-precision dtype and move every part to the device."""
+    parts.vae.requires_grad_(False)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    # SDXL's VAE overflows in fp16 (its config sets force_upcast, which its pipeline honours when decoding): it encodes
+    # the latents in fp32. SD 1.x / 2.x keep their VAE in the weight dtype.
+    vae_dtype = (torch.float32 if weight_dtype == torch.float16 and parts.family.name == "sdxl" and parts.vae.config.get("force_upcast", False)
+                 else weight_dtype)
+    if vae_dtype != weight_dtype:
+        logger.warning(f"{parts.family.title}: its VAE overflows in fp16 and stays in fp32; bf16 mixed precision is the safer choice")
+    device = accelerator.device
+    parts.vae.to(device, dtype=vae_dtype)
+    parts.text.to(device, dtype=weight_dtype)
+    parts.unet.to(device)
+    vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    sample = parts.unet.config.sample_size
+    return Placement(device, weight_dtype, vae_dtype, resolution or (sample * vae_scale if sample else parts.family.native_resolution))
+
+
+def select_targets(config, unet, family: Family) -> dict:
+    """The parameters ``--targets`` / ``--exclude`` select (a selection of nothing is one line)."""
+    try:
+        return select_parameters(unet, config.objective.targets, config.objective.exclude, family.target_presets)
+    except TargetError as e:
+        raise UserError(str(e)) from None
+
+
+def list_targets(config) -> dict:
+    """What ``--targets`` / ``--exclude`` select, from the UNet config alone (meta tensors: no weights, no memory):
+    ``describe()`` of the selection plus the family and the UNet's parameter count."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    family = resolve_family(config)
+    m = config.model
+    try:
+        unet_config = UNet2DConditionModel.load_config(m.pretrained_model_name_or_path, subfolder="unet", revision=m.revision)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read a UNet config from {m.pretrained_model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(unet_config)
+    info = describe(select_targets(config, unet, family))
+    return {**info, "model_family": family.name, "family_title": family.title, "pipeline_class": family.pipeline_class,
+            "total_parameters": sum(p.numel() for p in unet.parameters())}
