@@ -1,4 +1,4 @@
-"""Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "erase/generate.py").
+"""Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "erase/diffusion/generate.py").
 
 Protocol defaults are the ones ESD, SalUn, Scissorhands and MACE report with: one image per prompt, the row's
 seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 px for SD v1.4), no safety
