@@ -72,27 +72,32 @@ def test_detection_list_targets_and_force(pipes, tmp_path, capsys):
         assert err.value.code == 2 and "\n" not in line
         assert f"--model_family: model family '{force}' contradicts" in line and f"so it is {found}" in line
     with pytest.raises(SystemExit):
-        parse_args(["--concept", "nudity", "--model_family", "sd3"])
-    assert "invalid choice: 'sd3'" in capsys.readouterr().err
+        parse_args(["--concept", "nudity", "--model_family", "sd4"])
+    assert "invalid choice: 'sd4'" in capsys.readouterr().err
+    for force in ("sd3", "flux"):  # a UNet is never forced into a transformer family
+        with pytest.raises(SystemExit):
+            parse_args(["--pretrained_model_name_or_path", pipes["sd1"], "--concept", "nudity", "--model_family", force])
+        assert f"model family '{force}' contradicts" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kind", ["FluxPipeline", "StableDiffusion3Pipeline", None])
-def test_transformer_models_are_refused_in_one_line(tmp_path, capsys, kind):
+@pytest.mark.parametrize("kind", ["PixArtAlphaPipeline", "SanaPipeline", None])
+def test_other_transformer_models_are_refused_in_one_line(tmp_path, capsys, kind):
     from erase.diffusion.generate import load_pipeline
     from erase.utils.errors import UserError
     from erase.sd import parse_args
 
     folder = tmp_path / "other"
     (folder / "transformer").mkdir(parents=True)
-    (folder / "transformer" / "config.json").write_text("{}")
+    (folder / "transformer" / "config.json").write_text(json.dumps({"_class_name": "PixArtTransformer2DModel"}))
     if kind:
         (folder / "model_index.json").write_text(json.dumps({"_class_name": kind, "transformer": ["diffusers", "X"]}))
     with pytest.raises(SystemExit) as err:
         parse_args(["--pretrained_model_name_or_path", str(folder), "--concept", "nudity", "--output_dir", str(tmp_path / "out")])
     line = capsys.readouterr().err.strip()
     assert err.value.code == 2 and "\n" not in line
-    assert f"is a {kind or 'transformer-denoiser pipeline'} model (its denoiser is a transformer, not a UNet)" in line
-    assert "supported families: sd1 (Stable Diffusion 1.x), sd2 (Stable Diffusion 2.x), sdxl (Stable Diffusion XL)" in line
+    assert f"is a {kind or 'PixArtTransformer2DModel'} model, whose transformer is none this toolkit erases from" in line
+    assert ("supported families: sd1 (Stable Diffusion 1.x), sd2 (Stable Diffusion 2.x), sdxl (Stable Diffusion XL), "
+            "sd3 (Stable Diffusion 3 / 3.5), flux (FLUX.1 (dev, schnell))") in line
     if kind:
         with pytest.raises(UserError, match="supported families"):
             load_pipeline(str(folder))

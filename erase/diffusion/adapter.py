@@ -37,6 +37,7 @@ from erase.core.adapter import Adapter
 from erase.core.stream import EndlessStream
 from erase.diffusion.conditioning import PromptEmbeddings
 from erase.diffusion.families import UNET_PRESETS
+from erase.diffusion.objectives import NoiseObjective
 
 TARGET_PRESETS: dict[str, str] = UNET_PRESETS  # SD 1.x / 2.x; a family's own presets: erase.diffusion.families.FAMILIES[name]
 
@@ -91,7 +92,7 @@ class DiffusionAdapter(Adapter):
                  batch_size: int = 1, scaling_factor: float = 0.18215, device=None, weight_dtype=torch.float32,
                  negative_guidance: float = 1.0, esd_ddim_steps: int = 50, esd_start_guidance: float = 3.0,
                  frozen_unet: nn.Module | None = None, retain_mode: str = "data", distill_empty_fraction: float = 0.1,
-                 conditioning=None, target_presets: dict[str, str] | None = None):
+                 conditioning=None, target_presets: dict[str, str] | None = None, objective=None, shift_factor: float | None = None):
         self.model = unet
         # packed prompt embedding -> the UNet's keyword arguments (erase.diffusion.families.Conditioner); plain: the
         # embedding is the cross-attention context
@@ -105,10 +106,11 @@ class DiffusionAdapter(Adapter):
         self.scaling_factor = float(scaling_factor)
         self.device = torch.device(device) if device is not None else next(unet.parameters()).device
         self.weight_dtype = weight_dtype
-        self.prediction_type = noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"scheduler prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
-        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        # the family's objective (erase.diffusion.objectives): DDPM noise prediction unless the family flows
+        self.objective = objective if objective is not None else NoiseObjective(noise_scheduler)
+        self.prediction_type = self.objective.prediction_type
+        self.num_train_timesteps = self.objective.num_train_timesteps
+        self.shift_factor = float(shift_factor) if shift_factor else None  # SD3 / Flux VAEs: latents are (z − shift) · scale
         self.negative_guidance = float(negative_guidance)
         self.esd_ddim_steps = int(esd_ddim_steps)
         self.esd_start_guidance = float(esd_start_guidance)
@@ -141,12 +143,12 @@ class DiffusionAdapter(Adapter):
         groups = groups.tolist() if groups is not None else [0] * len(keys)
         for k, grp in zip(keys.tolist(), groups):
             g = _generator(k, _SALTS[salt])
-            t.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
+            t.append(self.objective.draw_t(g))
             noise.append(torch.randn(latent_shape, generator=g))
             eps.append(torch.randn(latent_shape, generator=g))
             choice.append(self._choose(grp, g))
         d = self.device
-        return {"t": torch.tensor(t, device=d, dtype=torch.long), "noise": torch.stack(noise).to(d),
+        return {"t": self.objective.timesteps(t, d), "noise": torch.stack(noise).to(d),
                 "eps": torch.stack(eps).to(d), "choice": torch.tensor(choice, device=d, dtype=torch.long)}
 
     def _noisy(self, batch, salt: str):
@@ -155,9 +157,10 @@ class DiffusionAdapter(Adapter):
         mean, std = lat.mean[idx].to(self.device), lat.std[idx].to(self.device)
         groups = lat.prompt_index[idx] if batch["split"] == "forget" else None
         r = self._draw(batch["keys"], salt, tuple(mean.shape[1:]), groups)
-        x0 = (mean + std * r["eps"]) * self.scaling_factor
-        zt = self.scheduler.add_noise(x0, r["noise"], r["t"])
-        target = r["noise"] if self.prediction_type == "epsilon" else self.scheduler.get_velocity(x0, r["noise"], r["t"])
+        z = mean + std * r["eps"]
+        x0 = (z - self.shift_factor if self.shift_factor is not None else z) * self.scaling_factor
+        zt = self.objective.noisy(x0, r["noise"], r["t"])
+        target = self.objective.target(x0, r["noise"], r["t"])
         return zt, r["t"], target, r
 
     def _cond(self, batch, r) -> torch.Tensor:
@@ -168,7 +171,10 @@ class DiffusionAdapter(Adapter):
         return self.emb.forget[r["choice"]]
 
     def predict(self, model, zt, t, cond) -> torch.Tensor:
-        """The model's output (ε or v, per the scheduler's prediction type) for packed conditioning ``cond``."""
+        """The model's output (ε, v or the flow velocity, per the objective) for packed conditioning ``cond``; a
+        family whose denoiser takes more than its conditioning (Flux: packed latents, position ids) calls it itself."""
+        if hasattr(self.conditioning, "predict"):
+            return self.conditioning.predict(model, zt, t, cond)
         return model(zt, t, **self.conditioning(cond), return_dict=False)[0]
 
     # -- losses -------------------------------------------------------------------------------------------
@@ -189,15 +195,15 @@ class DiffusionAdapter(Adapter):
         table = self.emb.distill
         for j, k in enumerate(batch["keys"].tolist()):
             g = _generator(k, _SALTS["distill"])
-            t.append(int(torch.randint(0, self.num_train_timesteps, (1,), generator=g)))
+            t.append(self.objective.draw_t(g))
             z.append(torch.randn(self._latent_shape, generator=g))
             empty = float(torch.rand((1,), generator=g)) < self.distill_empty_fraction
             # a distill batch names its prompt rows; a data batch ("both") draws one per example
             row = int(batch["index"][j]) if batch["split"] == "distill" else int(torch.randint(0, table.shape[0], (1,), generator=g))
             rows.append(-1 if empty else row)
         d = self.device
-        zt = torch.stack(z).to(d) * float(getattr(self.scheduler, "init_noise_sigma", 1.0))
-        tt = torch.tensor(t, device=d, dtype=torch.long)
+        zt = torch.stack(z).to(d) * self.objective.init_noise_sigma
+        tt = self.objective.timesteps(t, d)
         cond = torch.stack([self.emb.uncond[0] if r < 0 else table[r] for r in rows]).to(d, self.weight_dtype)
         zt = zt.to(self.weight_dtype)
         with torch.no_grad():
@@ -230,10 +236,9 @@ class DiffusionAdapter(Adapter):
     @torch.no_grad()
     def sample_partial(self, batch):
         """ESD's start point, the scheduler-dependent half of its term: x_t from the frozen base under c by
-        s ∈ [0, esd_ddim_steps) DDIM steps at guidance ``esd_start_guidance`` (s, the start code and c drawn per
-        example from its key), the timestep it sits at (``ddim.timesteps[s]``), c and the unconditional embedding."""
-        from diffusers import DDIMScheduler
-
+        s ∈ [0, esd_ddim_steps) steps of the objective's sampler (DDIM; flow-matching Euler for flow families) at
+        guidance ``esd_start_guidance`` (s, the start code and c drawn per example from its key), the timestep it sits at
+        (``sampler.timesteps[s]``), c and the unconditional embedding."""
         if self.frozen is None:
             raise ValueError("the esd forget term needs the frozen base UNet (frozen_unet)")
         lat = batch["set"]
@@ -249,9 +254,8 @@ class DiffusionAdapter(Adapter):
         d, n = self.device, len(keys)
         cond = self.emb.forget[torch.tensor(choice, device=d)].to(self.weight_dtype)
         uncond = self.emb.uncond.expand(n, -1, -1).to(self.weight_dtype)
-        ddim = DDIMScheduler.from_config(self.scheduler.config)
-        ddim.set_timesteps(self.esd_ddim_steps)
-        x = torch.stack(starts).to(d) * ddim.init_noise_sigma
+        ddim = self.objective.sampler(self.esd_ddim_steps, shape)
+        x = torch.stack(starts).to(d) * getattr(ddim, "init_noise_sigma", 1.0)  # flow samplers start at pure noise
         todo = torch.tensor(steps, device=d)
         for i, t in enumerate(ddim.timesteps[: max(steps) if steps else 0]):
             active = (todo > i).view(-1, 1, 1, 1)
@@ -290,6 +294,8 @@ class DiffusionAdapter(Adapter):
                 "retain_mode": self.retain_mode, "distill_empty_fraction": self.distill_empty_fraction,
                 "distill_prompts": int(self.emb.distill.shape[0]) if self.emb.distill is not None else 0,
                 "forget_groups": len(self.emb.groups), "prediction_type": self.prediction_type, "num_train_timesteps": self.num_train_timesteps,
+                **({"objective": self.objective.describe()} if self.objective.kind != "ddpm" else {}),
+                **({"shift_factor": self.shift_factor} if self.shift_factor is not None else {}),
                 "scaling_factor": self.scaling_factor, **(self.conditioning.describe() if hasattr(self.conditioning, "describe") else {})}
 
 
@@ -298,13 +304,15 @@ def build_adapter(config, parts, placement, data, tables, embeddings: PromptEmbe
     (a frozen copy of the base, taken before any trim, when the esd term or distillation needs it)."""
     forget_kind = getattr(method.config, "forget_loss", None) or ("esd" if config.method == "esd" else None)
     retain_mode = config.objective.retain_loss if method.uses_retain else "data"
-    frozen = DiffusionAdapter.frozen_copy(parts.unet, placement.weight_dtype) if forget_kind == "esd" or retain_mode != "data" else None
+    frozen = DiffusionAdapter.frozen_copy(parts.denoiser, placement.weight_dtype) if forget_kind == "esd" or retain_mode != "data" else None
     forget = LatentSet(*data.latents["forget"], torch.tensor(tables.image_group, dtype=torch.long))
     retain = LatentSet(*data.latents["retain"], torch.tensor(tables.retain_rows, dtype=torch.long)) if data.retain else None
     o = config.objective
-    return DiffusionAdapter(parts.unet, parts.noise_scheduler, embeddings, forget, retain, batch_size=config.train.train_batch_size,
+    objective = parts.family.make_objective(parts.noise_scheduler, tuple(data.latents["forget"][0].shape[1:]))
+    return DiffusionAdapter(parts.denoiser, parts.noise_scheduler, embeddings, forget, retain, batch_size=config.train.train_batch_size,
                             scaling_factor=float(getattr(parts.vae.config, "scaling_factor", 0.18215)), device=placement.device,
                             weight_dtype=placement.weight_dtype, negative_guidance=o.negative_guidance, esd_ddim_steps=o.esd_ddim_steps,
                             esd_start_guidance=o.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
                             distill_empty_fraction=o.distill_empty_fraction, conditioning=parts.conditioner(placement.resolution),
-                            target_presets=parts.family.target_presets)
+                            target_presets=parts.family.target_presets, objective=objective,
+                            shift_factor=parts.vae.config.get("shift_factor"))

@@ -25,7 +25,7 @@ from erase.core import available_methods
 from erase.core.options import all_option_types
 from erase.diffusion.validate import GENERIC_RETAIN, RETAIN_MODES, TARGET_PRESET_NAMES, validate
 
-DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm")
+DATA_SCHEDULERS = ("ddim", "pndm", "lms", "euler", "euler_a", "dpm", "flow_euler")
 
 
 def _help(text: str, **more) -> dict:
@@ -37,7 +37,7 @@ class ModelConfig:
     """The base model and its family."""
 
     pretrained_model_name_or_path: str = field(default="CompVis/stable-diffusion-v1-4", metadata=_help(
-        "Base model: a hub id or a local diffusers folder of a Stable Diffusion 1.x, 2.x or XL pipeline."))
+        "Base model: a hub id or a local diffusers folder of a Stable Diffusion 1.x, 2.x, XL, SD3 / SD3.5 or FLUX.1 pipeline."))
     model_family: str | None = field(default=None, metadata=_help(
         "Model family (default: detected from model_index.json and the UNet config); a family the UNet contradicts is an error.",
         choices="families"))
@@ -64,7 +64,8 @@ class ObjectiveConfig:
     """The diffusion objective around the method: targets, retain term, ESD's sampling (the adapter's settings)."""
 
     targets: str = field(default="xattn", metadata=_help(
-        f"Trainable UNet parameters: a preset ({', '.join(TARGET_PRESET_NAMES)}) or a regex over parameter names."))
+        f"Trainable denoiser parameters: a preset ({', '.join(TARGET_PRESET_NAMES)}; SD3 / Flux also text, pooled, text_pooled, "
+        "joint_attn, and xattn means their two text paths) or a regex over parameter names."))
     exclude: str | None = field(default=None, metadata=_help("Preset or regex of parameters never touched (wins over --targets)."))
     retain_loss: str | None = field(default=None, metadata=_help(
         "What keeps the rest: distill (match the frozen base's prediction for the retain prompts at fresh pure-noise latents: "
@@ -135,8 +136,11 @@ class DataConfig:
     num_forget_images: int = field(default=100, metadata=_help("Forget images to generate."))
     num_retain_images: int = field(default=100, metadata=_help("Retain images to generate."))
     num_inference_steps: int = field(default=50, metadata=_help("Sampling steps for generating the data."))
-    guidance_scale: float = field(default=7.5, metadata=_help("Guidance scale for generating the data."))
-    data_scheduler: str = field(default="ddim", metadata=_help("Scheduler for generating the data.", choices=DATA_SCHEDULERS))
+    guidance_scale: float | None = field(default=None, metadata=_help(
+        "Guidance scale for generating the data (default: the family's: 7.5 for SD 1.x / 2.x / XL, 7 for SD3, Flux's distilled 3.5)."))
+    data_scheduler: str | None = field(default=None, metadata=_help(
+        "Scheduler for generating the data (default: the family's: ddim for SD 1.x / 2.x / XL, flow_euler for SD3 / Flux).",
+        choices=DATA_SCHEDULERS))
     generation_batch_size: int = field(default=8, metadata=_help("Images per pipeline call when generating the data."))
     resolution: int | None = field(default=None, metadata=_help("Image size (default: UNet sample size x VAE scale factor)."))
 

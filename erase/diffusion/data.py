@@ -255,7 +255,7 @@ def prepare_data(config, parts, placement, accelerator, user_images: dict) -> Er
     gen = dict(model_id=config.model.pretrained_model_name_or_path, steps=d.num_inference_steps, guidance=d.guidance_scale,
                scheduler=d.data_scheduler, resolution=placement.resolution, batch_size=d.generation_batch_size, accelerator=accelerator)
     need_pipe = not d.forget_images or (retain_images and not d.retain_images)
-    pipe = build_pipeline(parts.family, parts.text, parts.vae, parts.unet, parts.noise_scheduler) if need_pipe else None
+    pipe = build_pipeline(parts.family, parts.text, parts.vae, parts.denoiser, parts.noise_scheduler) if need_pipe else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():

@@ -39,6 +39,7 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
     "dpm": "DPMSolverMultistepScheduler",
+    "flow_euler": "FlowMatchEulerDiscreteScheduler",  # SD3 / SD3.5 / Flux: the flow-matching families' sampler
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
@@ -238,7 +239,9 @@ def describe(cfg: GenerationConfig, pipe=None) -> dict:
     """The recorded generation settings (resolution resolved when a pipeline is given)."""
     out = asdict(cfg)
     if pipe is not None and cfg.resolution is None:
-        out["resolution"] = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        size = (denoiser.config.get("sample_size") if denoiser is not None else None) or getattr(pipe, "default_sample_size", None)
+        out["resolution"] = int(size) * pipe.vae_scale_factor
     out.pop("batch_size")  # does not change images
     out["seeds"] = "image k of a row: row seed + seed_offset + k, one CPU torch.Generator per image"
     out["safety_checker"] = None

@@ -1,5 +1,6 @@
-"""Stage 1, load: the family's parts of the base model (text stack, VAE, denoiser, training noise scheduler), their
-placement on the device, and what ``--targets`` selects (also without any weights, for ``--list_targets``)."""
+"""Stage 1, load: the family's parts of the base model (text stack, VAE, denoiser: a UNet or an MMDiT transformer, the
+training scheduler), their placement on the device, and what ``--targets`` selects (also without any weights, for
+``--list_targets``)."""
 
 from __future__ import annotations
 
@@ -25,26 +26,36 @@ class Components:
     family: Family
     text: TextStack
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: object  # the DDPM training scheduler (its config decides epsilon or v-prediction)
+    denoiser: torch.nn.Module  # the UNet (SD 1.x / 2.x / XL) or the MMDiT transformer (SD3, Flux)
+    noise_scheduler: object  # the training scheduler: DDPM (epsilon or v from its config) or flow-matching Euler
+
+    @property
+    def unet(self) -> torch.nn.Module:  # the name every UNet-family caller has used
+        return self.denoiser
 
     def conditioner(self, resolution: int) -> Conditioner:
-        """Packed prompt embeddings -> the denoiser's keyword arguments (SDXL: pooled + size ids at ``resolution``)."""
-        return Conditioner(self.family, resolution, self.text.pooled_dim())
+        """Packed prompt embeddings -> the denoiser's inputs (SDXL: pooled + size ids at ``resolution``; Flux: packed
+        latents and position ids)."""
+        return self.family.make_conditioner(resolution, self.text, self.denoiser)
 
 
 def resolve_family(config) -> Family:
     """The family the config names or its base folder / hub id has (a hub id's configs come through the hub cache)."""
     if getattr(config, "family", None) is None:
+        from erase.diffusion.validate import apply_family
+
         m = config.model
         config.family = detect(m.pretrained_model_name_or_path, m.revision, m.model_family)
+        apply_family(config, config.family)
     return config.family
 
 
 def load_components(config) -> Components:
-    """The family's text encoders (a :class:`erase.diffusion.families.TextStack`), VAE, UNet and the DDPM noise
-    scheduler from the base folder / hub id; a part with missing (meta) or non-finite weights is one line."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    """The family's text encoders (a :class:`erase.diffusion.families.TextStack`), VAE, denoiser and training scheduler
+    (DDPM for the UNet families, flow-matching Euler for SD3 / Flux) from the base folder / hub id; a part with missing
+    (meta) or non-finite weights is one line."""
+    import diffusers
+    from diffusers import AutoencoderKL
 
     family = resolve_family(config)
     m = config.model
@@ -52,26 +63,26 @@ def load_components(config) -> Components:
     try:
         text = load_text(family, name, m.revision, m.variant)
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", variant=m.variant, **kw)
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", variant=m.variant, **kw)
-        noise_scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+        denoiser = family.denoiser_cls().from_pretrained(name, subfolder=family.denoiser, variant=m.variant, **kw)
+        noise_scheduler = getattr(diffusers, family.scheduler_class).from_pretrained(name, subfolder="scheduler", **kw)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load {family.title} from {name!r}: {str(e).strip().splitlines()[0]}") from None
     encoders = [(enc, mod) for (_, enc, _), mod in zip(family.text_encoders, text.encoders)]
-    for part, module in [("unet", unet), ("vae", vae), *encoders]:  # a file missing tensors loads as meta
+    for part, module in [(family.denoiser, denoiser), ("vae", vae), *encoders]:  # a file missing tensors loads as meta
         check_weights(module.state_dict().items(), f"the base model's {part} ({name})")
-    return Components(family, text, vae, unet, noise_scheduler)
+    return Components(family, text, vae, denoiser, noise_scheduler)
 
 
 def components_from_pipeline(pipe, family: Family) -> Components:
     """The parts of an already loaded pipeline: its UNet is copied (the caller's pipeline keeps its weights), the frozen
     parts are shared, the training scheduler is built from its scheduler's config as :func:`load_components` does."""
-    from diffusers import DDPMScheduler
+    import diffusers
 
-    missing = [p for p in ("vae", "unet", "scheduler") if getattr(pipe, p, None) is None]
+    missing = [p for p in ("vae", family.denoiser, "scheduler") if getattr(pipe, p, None) is None]
     if missing:
-        raise UserError(f"the pipeline has no {missing[0]}; erase_concept needs a text-to-image Stable Diffusion pipeline")
-    return Components(family, text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(pipe.unet),
-                      DDPMScheduler.from_config(pipe.scheduler.config))
+        raise UserError(f"the pipeline has no {missing[0]}; erase_concept needs a text-to-image pipeline of a supported family")
+    return Components(family, text_from_pipeline(family, pipe), pipe.vae, copy.deepcopy(getattr(pipe, family.denoiser)),
+                      getattr(diffusers, family.scheduler_class).from_config(pipe.scheduler.config))
 
 
 @dataclass
@@ -98,10 +109,20 @@ def place(parts: Components, accelerator, resolution: int | None) -> Placement:
     device = accelerator.device
     parts.vae.to(device, dtype=vae_dtype)
     parts.text.to(device, dtype=weight_dtype)
-    parts.unet.to(device)
+    parts.denoiser.to(device)
+    return Placement(device, weight_dtype, vae_dtype, resolution or default_resolution(parts))
+
+
+def default_resolution(parts: Components) -> int:
+    """The denoiser's sample size x the VAE's scale factor; else the VAE's own sample size (Flux's transformer has
+    none); else the family's native resolution."""
     vae_scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    sample = parts.unet.config.sample_size
-    return Placement(device, weight_dtype, vae_dtype, resolution or (sample * vae_scale if sample else parts.family.native_resolution))
+    sample = parts.denoiser.config.get("sample_size")
+    if sample:
+        return int(sample) * vae_scale
+    if parts.family.denoiser == "unet":
+        return parts.family.native_resolution
+    return int(parts.vae.config.get("sample_size") or parts.family.native_resolution)
 
 
 def select_targets(config, unet, family: Family) -> dict:
@@ -113,19 +134,21 @@ def select_targets(config, unet, family: Family) -> dict:
 
 
 def list_targets(config) -> dict:
-    """What ``--targets`` / ``--exclude`` select, from the UNet config alone (meta tensors: no weights, no memory):
-    ``describe()`` of the selection plus the family and the UNet's parameter count."""
+    """What ``--targets`` / ``--exclude`` select, from the denoiser's config alone (meta tensors: no weights, no memory):
+    ``describe()`` of the selection plus the family, what the preset means and the denoiser's parameter count."""
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     family = resolve_family(config)
     m = config.model
+    cls = family.denoiser_cls()
     try:
-        unet_config = UNet2DConditionModel.load_config(m.pretrained_model_name_or_path, subfolder="unet", revision=m.revision)
+        denoiser_config = cls.load_config(m.pretrained_model_name_or_path, subfolder=family.denoiser, revision=m.revision)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not read a UNet config from {m.pretrained_model_name_or_path!r}: {str(e).strip().splitlines()[0]}") from None
+        raise UserError(f"could not read a {family.denoiser} config from {m.pretrained_model_name_or_path!r}: "
+                        f"{str(e).strip().splitlines()[0]}") from None
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(unet_config)
-    info = describe(select_targets(config, unet, family))
+        denoiser = cls.from_config(denoiser_config)
+    info = describe(select_targets(config, denoiser, family))
+    note = (family.preset_notes or {}).get(config.objective.targets)
     return {**info, "model_family": family.name, "family_title": family.title, "pipeline_class": family.pipeline_class,
-            "total_parameters": sum(p.numel() for p in unet.parameters())}
+            "denoiser": family.denoiser, "preset_note": note, "total_parameters": sum(p.numel() for p in denoiser.parameters())}

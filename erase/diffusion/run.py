@@ -49,7 +49,7 @@ class EraseResult:
     """What a run gives back: the erased UNet, its record (``erase_config.json``; ``None`` on other processes than the
     main one), the output folder and the engine's own result (history, timings)."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the erased denoiser (a UNet, or the transformer of an SD3 / Flux model)
     record: dict | None
     output_dir: Path
     engine: RunResult
@@ -155,7 +155,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     # 1. load: only the UNet trains; the text stack and VAE are frozen and cast to the mixed-precision dtype
     family = resolve_family(config)
     parts = components(family) if callable(components) else components or load_components(config)
-    targeted = select_targets(config, parts.unet, family)  # fail before any data work if the targets match nothing
+    targeted = select_targets(config, parts.denoiser, family)  # fail before any data work if the targets match nothing
     check_selection(config, targeted)
     try:  # the method's own config checks, before any data work
         method = build_method(config.method, "diffusion", **config.method_options)
@@ -174,12 +174,13 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     tables = prompt_tables(config.concept_set, data)
     embeddings = encode(tables, parts.text, placement.device, distill=config.objective.retain_loss != "data")
     if config.train.gradient_checkpointing:
-        parts.unet.enable_gradient_checkpointing()
+        parts.denoiser.enable_gradient_checkpointing()
 
     # 4. adapter, 5. engine: the method's prepare (trim), the repair, checkpoint-{step}, resume
     adapter = build_adapter(config, parts, placement, data, tables, embeddings, method)
     base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
-    logger.info(f"{config.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the UNet; "
+    logger.info(f"{config.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the "
+                f"{'UNet' if family.denoiser == 'unet' else family.denoiser}; "
                 f"{len(adapter.forget_set)} forget / {len(adapter.retain_set) if adapter.retain_set else 0} retain images at "
                 f"{placement.resolution}px, retain term {adapter.retain_mode}")
     try:
@@ -202,23 +203,23 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
 def _check_room(out_dir: Path, parts: Components, spec, export_pipeline: bool) -> None:
     """Room for the export, before any work."""
     frozen = [parts.vae, *parts.text.encoders]
-    need = sum(t.numel() * t.element_size() for m in [parts.unet] + (frozen if export_pipeline else []) for t in m.state_dict().values())
+    need = sum(t.numel() * t.element_size() for m in [parts.denoiser] + (frozen if export_pipeline else []) for t in m.state_dict().values())
     if "single_file" in spec.formats:  # the whole pipeline again, at <= 4 bytes a weight
-        need += sum(t.numel() * 4 for m in [parts.unet, *frozen] for t in m.state_dict().values())
+        need += sum(t.numel() * 4 for m in [parts.denoiser, *frozen] for t in m.state_dict().values())
     check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
 
 
 def _export(config: EraseConfig, family, unet, base_tensors: dict, record: dict, spec, out_dir: Path) -> None:
     from erase.export.folder import export
 
-    check_weights(unet.state_dict().items(), "the erased UNet", "; nothing was exported (lower --lr or --lam, or set "
+    check_weights(unet.state_dict().items(), f"the erased {'UNet' if family.denoiser == 'unet' else family.denoiser}", "; nothing was exported (lower --lr or --lam, or set "
                   "--max_grad_norm / --forget_bound)")
     pipeline = None
     if config.output.export_pipeline:
         m = config.model
         extra = {"add_watermarker": False} if family.pooled else {}  # SD 1.x / 2.x keep the base's safety checker, if any
-        pipeline = family.pipeline_cls().from_pretrained(m.pretrained_model_name_or_path, unet=unet, revision=m.revision,
-                                                         variant=m.variant, **extra)
+        pipeline = family.pipeline_cls().from_pretrained(m.pretrained_model_name_or_path, revision=m.revision, variant=m.variant,
+                                                         **{family.denoiser: unet}, **extra)
     try:
         delta = export(out_dir, unet, base_tensors, record, pipeline=pipeline, spec=spec)
     except OSError as e:

@@ -48,6 +48,8 @@ def validate(config) -> None:
         raise UserError(f"--export_pipeline writes the diffusers format; --export_format {config.output.export_format!r} does not have it")
     config.concept_set = _concepts(config)
     config.family = _family(config)
+    if config.family is not None:
+        apply_family(config, config.family)
     _method_defaults(config)
     _counts(config)
     _data(config)
@@ -55,6 +57,27 @@ def validate(config) -> None:
         build_method(config.method, "diffusion", **config.method_options)
     except (TypeError, ValueError) as e:
         raise UserError(f"--method {config.method}: {e}") from None
+
+
+def apply_family(config, family) -> None:
+    """The defaults that depend on the model family (data guidance and sampler; an MMDiT's ``--targets xattn`` means its
+    text paths), and the family's own refusals: a DDPM sampler cannot draw from a flow model nor the reverse."""
+    d = config.data
+    if d.guidance_scale is None:
+        d.guidance_scale = family.default_guidance
+    if d.data_scheduler is None:
+        d.data_scheduler = family.data_scheduler
+    flow_sampler = d.data_scheduler == "flow_euler"
+    if flow_sampler != (family.objective == "flow"):
+        allowed = "flow_euler" if family.objective == "flow" else "a DDPM sampler (ddim, pndm, lms, euler, euler_a, dpm)"
+        raise UserError(f"--data_scheduler {d.data_scheduler} cannot sample from {family.title}; use {allowed}")
+    targets = config.objective.targets
+    if targets not in TARGET_PRESET_NAMES and targets not in family.target_presets:
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise UserError(f"--targets {targets!r} is neither a preset of {family.name} ({', '.join(family.target_presets)}) nor a "
+                            f"valid regex: {e}") from None
 
 
 def export_spec(config):
@@ -152,7 +175,8 @@ def _method_defaults(config) -> None:
     """Targets, then the defaults that depend on the method and the concepts: the retain term, the forget term and
     its bound, Scissorhands' diffusion defaults."""
     o, opts, method = config.objective, config.method_options, config.method
-    if o.targets not in TARGET_PRESET_NAMES:
+    presets = set(TARGET_PRESET_NAMES) | (set(config.family.target_presets) if config.family is not None else set())
+    if o.targets not in presets:
         try:
             re.compile(o.targets)
         except re.error as e:

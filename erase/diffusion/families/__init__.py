@@ -1,5 +1,5 @@
-"""Model families: one module per Stable Diffusion family (``sd1``, ``sd2``, ``sdxl``; what they share in ``base``),
-the table of them (:data:`FAMILIES`) and their detection.
+"""Model families: one module per family (``sd1``, ``sd2``, ``sdxl`` UNets; ``sd3`` (SD3 / SD3.5) and ``flux`` MMDiT
+transformers; what they share in ``base`` and ``mmdit``), the table of them (:data:`FAMILIES`) and their detection.
 
 A family is a row, not a code path (peft's ``TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, k-diffusion's one
 wrapper per family). A row says which text encoders condition the UNet and how their outputs are taken, whether the
@@ -7,10 +7,11 @@ UNet takes extra conditioning (SDXL: ``added_cond_kwargs``), which diffusers pip
 presets, the native resolution and how its UNet config is recognised. The prediction type (epsilon / v) is not a
 family property: it comes from the scheduler config of each model (SD 2.x base is epsilon, SD 2.x 768 is v).
 
-Detection (:func:`detect`) reads ``model_index.json`` and ``unet/config.json`` and asks the families in
-:data:`DETECTION_ORDER` (SDXL: ``addition_embed_type == "text_time"``; SD 2.x: ``cross_attention_dim == 1024`` or linear
-projections; any other UNet is SD 1.x). A folder whose denoiser is a transformer (Flux, SD3, PixArt: ``transformer/``
-and no ``unet/``) is refused in one line naming the supported families.
+Detection (:func:`detect`) reads ``model_index.json`` and the denoiser's config (``unet/config.json`` or
+``transformer/config.json``) and asks the families in :data:`DETECTION_ORDER` (SD3: an ``SD3Transformer2DModel``; Flux:
+a ``FluxTransformer2DModel``; SDXL: ``addition_embed_type == "text_time"``; SD 2.x: ``cross_attention_dim == 1024`` or
+linear projections; any other UNet is SD 1.x). Another transformer (PixArt, Sana, ...) is refused in one line naming
+the supported families.
 
 Adding a family: a module here with its ``FAMILY`` row, its name in :data:`DETECTION_ORDER` (docs/FAMILIES.md).
 """
@@ -24,10 +25,10 @@ from pathlib import Path
 from erase.diffusion.families.base import UNET_PRESETS, Conditioner, Family, TextStack, pack
 from erase.utils.errors import UserError
 
-#: The families, most specific first: detection takes the first whose ``matches`` accepts the UNet config.
-DETECTION_ORDER = ("sdxl", "sd2", "sd1")
+#: The families, most specific first: detection takes the first whose ``matches`` accepts the denoiser's config.
+DETECTION_ORDER = ("sd3", "flux", "sdxl", "sd2", "sd1")
 #: name -> family row, in the order they are listed to users
-FAMILIES: dict[str, Family] = {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in ("sd1", "sd2", "sdxl")}
+FAMILIES: dict[str, Family] = {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in ("sd1", "sd2", "sdxl", "sd3", "flux")}
 
 __all__ = ["DETECTION_ORDER", "FAMILIES", "UNET_PRESETS", "ConfigUnreadable", "Conditioner", "Family", "TextStack", "build_pipeline",
            "detect", "family_of", "load_text", "pack", "supported", "text_from_pipeline"]
@@ -37,8 +38,6 @@ class ConfigUnreadable(UserError):
     """A model's config files could not be read (offline without a cache, a bad hub id, unreadable JSON)."""
 
 
-#: Pipelines of other denoisers, named in the refusal (their folders have transformer/ instead of unet/).
-_TRANSFORMER_PIPELINES = ("Flux", "StableDiffusion3", "PixArt", "Sana", "HunyuanDiT", "Lumina", "CogView", "AuraFlow")
 
 
 def supported() -> str:
@@ -70,51 +69,62 @@ def _read_json(name: str, filename: str, subfolder: str | None, revision: str | 
     return json.loads(Path(found).read_text(encoding="utf-8"))
 
 
-def family_of(unet_config: dict) -> str:
-    """The family a UNet config belongs to: the first of :data:`DETECTION_ORDER` that matches it."""
-    return next(name for name in DETECTION_ORDER if FAMILIES[name].matches(unet_config))
+def family_of(config: dict, denoiser: str = "unet") -> str | None:
+    """The family a denoiser config belongs to: the first of :data:`DETECTION_ORDER` with that denoiser that matches."""
+    return next((n for n in DETECTION_ORDER if FAMILIES[n].denoiser == denoiser and FAMILIES[n].matches(config)), None)
 
 
 def detect(name: str, revision: str | None = None, force: str | None = None) -> Family:
-    """The family of the model folder or hub id ``name``; ``force`` names it instead (checked against the UNet)."""
+    """The family of the model folder or hub id ``name``; ``force`` names it instead (checked against the denoiser)."""
     if force is not None and force not in FAMILIES:
         raise UserError(f"unknown model family {force!r}; supported: {supported()}")
     index = _read_json(name, "model_index.json", None, revision)
     cls = (index or {}).get("_class_name", "")
-    other = cls if any(cls.startswith(p) for p in _TRANSFORMER_PIPELINES) else None
-    if other is None and index is not None and "transformer" in index and "unet" not in index:
-        other = cls or "transformer-denoiser pipeline"
-    if other is None and Path(name).expanduser().is_dir() and (Path(name).expanduser() / "transformer").is_dir() \
-            and not (Path(name).expanduser() / "unet").is_dir():
-        other = cls or "transformer-denoiser pipeline"
-    if other:
-        raise UserError(f"{name!r} is a {other} model (its denoiser is a transformer, not a UNet); "
-                        f"supported families: {supported()}")
-    unet = _read_json(name, "config.json", "unet", revision)
-    if unet is None:
-        raise UserError(f"{name!r} has no unet/config.json: not a diffusers Stable Diffusion model; supported families: {supported()}")
-    found = family_of(unet)
-    if force is None:
+    folder = Path(name).expanduser()
+    has_transformer = (index is not None and "transformer" in index and "unet" not in index) or \
+        (folder.is_dir() and (folder / "transformer").is_dir() and not (folder / "unet").is_dir())
+    if has_transformer:
+        config = _read_json(name, "config.json", "transformer", revision) or {}
+        found = family_of(config, "transformer")
+        if found is None:
+            what = cls or config.get("_class_name") or "transformer-denoiser pipeline"
+            raise UserError(f"{name!r} is a {what} model, whose transformer is none this toolkit erases from; "
+                            f"supported families: {supported()}")
+    else:
+        unet = _read_json(name, "config.json", "unet", revision)
+        if unet is None:
+            raise UserError(f"{name!r} has no unet/config.json or transformer/config.json: not a diffusers text-to-image model; "
+                            f"supported families: {supported()}")
+        found = family_of(unet, "unet")
+    if force is None or force == found:
         return FAMILIES[found]
-    # sd1 and sd2 share every code path (one CLIP-style encoder, no added conditioning): either may be forced on
-    # the other; SDXL's added conditioning either is in the UNet or is not.
-    if (force == "sdxl") != (found == "sdxl"):
-        why = "its UNet takes the text_time added conditioning" if found == "sdxl" else "its UNet has no text_time added conditioning"
-        raise UserError(f"model family {force!r} contradicts {name!r}: {why}, so it is {found} ({FAMILIES[found].title})")
-    return FAMILIES[force]
+    # sd1 and sd2 share every code path (one CLIP-style encoder, no added conditioning): either may be forced on the
+    # other; every other family either is the model's or is not.
+    if {force, found} <= {"sd1", "sd2"}:
+        return FAMILIES[force]
+    why = {"sdxl": "its UNet takes the text_time added conditioning", "sd3": "its transformer is an SD3Transformer2DModel",
+           "flux": "its transformer is a FluxTransformer2DModel"}.get(found, f"its {FAMILIES[found].denoiser} is {found}'s")
+    if force == "sdxl" and found in ("sd1", "sd2"):
+        why = "its UNet has no text_time added conditioning"
+    raise UserError(f"model family {force!r} contradicts {name!r}: {why}, so it is {found} ({FAMILIES[found].title})")
+
+
+def _tokenizer_cls(encoder_cls: str):
+    import transformers
+
+    return transformers.T5TokenizerFast if encoder_cls.startswith("T5") else transformers.CLIPTokenizer
 
 
 def load_text(family: Family, name: str, revision: str | None = None, variant: str | None = None) -> "TextStack":
     """The family's tokenizers and text encoders from a folder or hub id."""
     import transformers
-    from transformers import CLIPTokenizer
 
     tokenizers, encoders = [], []
     for tok, enc, cls in family.text_encoders:
-        tokenizers.append(CLIPTokenizer.from_pretrained(name, subfolder=tok, revision=revision))
+        tokenizers.append(_tokenizer_cls(cls).from_pretrained(name, subfolder=tok, revision=revision))
         encoders.append(getattr(transformers, cls).from_pretrained(name, subfolder=enc, revision=revision, variant=variant))
     index = _read_json(name, "model_index.json", None, revision) or {}
-    return TextStack(family, tokenizers, encoders, zero_uncond=family.pooled and bool(index.get("force_zeros_for_empty_prompt", True)))
+    return family.make_text(tokenizers, encoders, zero_uncond=family.pooled and bool(index.get("force_zeros_for_empty_prompt", True)))
 
 
 def text_from_pipeline(family: Family, pipe) -> "TextStack":
@@ -125,16 +135,18 @@ def text_from_pipeline(family: Family, pipe) -> "TextStack":
     if missing:
         raise UserError(f"the pipeline has no {missing[0]}, which a {family.title} model needs")
     zero = family.pooled and bool(getattr(getattr(pipe, "config", None), "force_zeros_for_empty_prompt", True))
-    return TextStack(family, tokenizers, encoders, zero_uncond=zero)
+    return family.make_text(tokenizers, encoders, zero_uncond=zero)
 
 
-def build_pipeline(family: Family, text: TextStack, vae, unet, scheduler):
+def build_pipeline(family: Family, text: TextStack, vae, denoiser, scheduler):
     """The family's pipeline over already loaded components (data generation by the base model)."""
-    parts = {"vae": vae, "unet": unet, "scheduler": scheduler, "feature_extractor": None}
+    parts = {"vae": vae, family.denoiser: denoiser, "scheduler": scheduler}
+    if family.denoiser == "unet":
+        parts["feature_extractor"] = None
     for (tok, enc, _), t, e in zip(family.text_encoders, text.tokenizers, text.encoders):
         parts[tok], parts[enc] = t, e
     kwargs = family.pipeline_kwargs()
-    if family.pooled:
+    if family.pooled and family.denoiser == "unet":
         kwargs["force_zeros_for_empty_prompt"] = text.zero_uncond
         kwargs["image_encoder"] = None
     return family.pipeline_cls()(**parts, **kwargs)

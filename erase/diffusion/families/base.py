@@ -42,13 +42,51 @@ class Family:
     #: scale factor, which is this for them; this when the UNet config has no sample_size)
     native_resolution: int
     target_presets: dict
-    #: whether a UNet config (``unet/config.json``) is of this family; families are asked in :data:`DETECTION_ORDER`
+    #: whether a denoiser config (``unet/config.json``, ``transformer/config.json``) is of this family; families are
+    #: asked in :data:`DETECTION_ORDER`
     matches: object = None
+    #: the denoiser's subfolder and diffusers class, and the training scheduler's class
+    denoiser: str = "unet"
+    denoiser_class: str = "UNet2DConditionModel"
+    scheduler_class: str = "DDPMScheduler"
+    #: the objective (erase.diffusion.objectives): "ddpm" (epsilon / v noise prediction) or "flow" (rectified flow)
+    objective: str = "ddpm"
+    #: the text stack and conditioner classes (None: this module's :class:`TextStack` / :class:`Conditioner`)
+    text_stack: type | None = None
+    conditioner: type | None = None
+    #: data generation's defaults: guidance scale and sampler (erase.diffusion.generate names)
+    default_guidance: float = 7.5
+    data_scheduler: str = "ddim"
+    #: latent pixels per image token side (Flux packs 2x2 latent patches), for the flow objective's resolution shift
+    latent_patch: int = 1
+    #: what a preset of ``--targets`` means in words, for ``--list_targets`` and the record
+    preset_notes: dict | None = None
 
     @property
     def components(self) -> tuple[str, ...]:
         """The pipeline components holding weights."""
-        return ("unet", "vae") + tuple(enc for _, enc, _ in self.text_encoders)
+        return (self.denoiser, "vae") + tuple(enc for _, enc, _ in self.text_encoders)
+
+    def denoiser_cls(self):
+        import diffusers
+
+        return getattr(diffusers, self.denoiser_class)
+
+    def make_text(self, tokenizers: list, encoders: list, zero_uncond: bool = False) -> "TextStack":
+        return (self.text_stack or TextStack)(self, tokenizers, encoders, zero_uncond=zero_uncond)
+
+    def make_conditioner(self, resolution: int, text: "TextStack", denoiser) -> "Conditioner":
+        """Packed conditioning -> the denoiser's inputs, for this family at ``resolution``."""
+        if self.conditioner is not None:
+            return self.conditioner(self, resolution, text.pooled_dim(), denoiser)
+        return Conditioner(self, resolution, text.pooled_dim())
+
+    def make_objective(self, scheduler, latent_shape: tuple):
+        from erase.diffusion.objectives import FlowObjective, NoiseObjective
+
+        if self.objective == "flow":
+            return FlowObjective(scheduler, latent_shape, patch=self.latent_patch)
+        return NoiseObjective(scheduler)
 
     def pipeline_cls(self):
         import diffusers
@@ -57,6 +95,8 @@ class Family:
 
     def pipeline_kwargs(self) -> dict:
         """Keyword arguments every ``from_pretrained`` / constructor call of this family's pipeline gets."""
+        if self.denoiser != "unet":
+            return {}
         if self.pooled:
             return {"add_watermarker": False}
         return {"safety_checker": None, "requires_safety_checker": False}
