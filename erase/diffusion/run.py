@@ -177,7 +177,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         parts.denoiser.enable_gradient_checkpointing()
 
     # 4. adapter, 5. engine: the method's prepare (trim), the repair, checkpoint-{step}, resume
-    adapter = build_adapter(config, parts, placement, data, tables, embeddings, method)
+    adapter = build_adapter(config, parts, placement, data, tables, embeddings, method, targeted)
     base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
     logger.info(f"{config.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the "
                 f"{'UNet' if family.denoiser == 'unet' else family.denoiser}; "
