@@ -164,7 +164,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     spec = export_spec(config)
     if accelerator.is_main_process:
         _check_room(out_dir, parts, spec, config.output.export_pipeline)
-    placement = place(parts, accelerator, data.resolution if data is not None else config.data.resolution)
+    placement = place(parts, accelerator, data.resolution if data is not None else config.data.resolution, targeted)
 
     # 2. data, 3. conditioning
     if data is not None:
@@ -194,7 +194,10 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     record = None
     if accelerator.is_main_process:
         record = build_record(config, family, method, engine, result, adapter, data, accelerator, time.perf_counter() - start)
-        _export(config, family, result.model, base_tensors, record, spec, out_dir)
+        erased = result.model
+        if placement.weight_dtype != torch.float32:  # the untrained weights ran in half precision: export the base's own
+            erased = _with_base_weights(config, family, erased, base_tensors)
+        _export(config, family, erased, base_tensors, record, spec, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return EraseResult(result.model, record, out_dir, result)
@@ -207,6 +210,17 @@ def _check_room(out_dir: Path, parts: Components, spec, export_pipeline: bool) -
     if "single_file" in spec.formats:  # the whole pipeline again, at <= 4 bytes a weight
         need += sum(t.numel() * 4 for m in [parts.denoiser, *frozen] for t in m.state_dict().values())
     check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
+
+
+def _with_base_weights(config: EraseConfig, family, denoiser, base_tensors: dict):
+    """The erased denoiser with every untrained weight as the base stores it: the base reloaded (on the CPU) with the
+    trained tensors put in, so an export under mixed precision is the base outside the targets, bit for bit."""
+    m = config.model
+    fresh = family.denoiser_cls().from_pretrained(m.pretrained_model_name_or_path, subfolder=family.denoiser, revision=m.revision,
+                                                  variant=m.variant)
+    state = denoiser.state_dict()
+    fresh.load_state_dict({n: state[n].detach().to("cpu", fresh.state_dict()[n].dtype) for n in base_tensors}, strict=False)
+    return fresh
 
 
 def _export(config: EraseConfig, family, unet, base_tensors: dict, record: dict, spec, out_dir: Path) -> None:
