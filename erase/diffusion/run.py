@@ -173,6 +173,10 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         data = data_stage.prepare_data(config, parts, placement, accelerator, user_images)
     tables = prompt_tables(config.concept_set, data)
     embeddings = encode(tables, parts.text, placement.device, distill=config.objective.retain_loss != "data")
+    if placement.device.type != "cpu" and not getattr(config, "robust", False):  # the repair needs neither: free the GPU
+        parts.text.to("cpu")
+        parts.vae.to("cpu")
+        torch.cuda.empty_cache()
     if config.train.gradient_checkpointing:
         parts.denoiser.enable_gradient_checkpointing()
 
