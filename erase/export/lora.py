@@ -24,9 +24,10 @@ The key style is the family's (:data:`erase.export.layouts.LAYOUTS`):
   projections exact: q, k and v are separate matrices here, each with its own rank.
 
 InvokeAI files a kohya LoRA under a base model by the width of the first key, in file order, holding ``_attn2_to_k.``,
-``_attn2_to_v.`` or ``time_emb_proj.lora_down``. A LoRA whose first such key is a resnet's ``time_emb_proj`` (1280 wide)
-or that has none (``--targets selfattn``) gets a zero rank-1 pair on the UNet's first cross-attention key (it adds
-nothing to any weight) so that the probe sees the text width; the stats name it (``probe_anchor``).
+``_attn2_to_v.`` or ``time_emb_proj.lora_down``, and a diffusers-format one under Flux only when it holds two given
+modules. A LoRA whose first such key is a resnet's ``time_emb_proj`` (1280 wide) or that has none (``--targets
+selfattn``), or a Flux LoRA without those modules, gets zero rank-1 pairs there (they add nothing to any weight) so the
+probe decides right; the stats name them (``probe_anchors``, :func:`probe_anchors`).
 
 A LoRA holds matrices only: a changed bias or norm scale has no place in it and is left out (named in the stats).
 Scissorhands re-initialises single entries, a sparse random change that is full-rank: the stats say how far the
@@ -152,13 +153,9 @@ def extract_lora(erased: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
             err2 += n2
             continue
         down, up, st = factorize(d, rank, energy, dtype, alpha=alpha)
-        key = lora_key(module, style, config)
-        down_name, up_name, alpha_name = factor_names(key, style)
-        tensors[down_name], tensors[up_name] = down, up
-        if alpha_name:
-            tensors[alpha_name] = torch.tensor(alpha, dtype=dtype)
+        tensors.update(name_factors({module: (down, up)}, style, config, dtype))
         err2 += (st["rel_error"] ** 2) * n2
-        per[name] = {**st, "key": key}
+        per[name] = {**st, "key": lora_key(module, style, config)}
     ranks = [p["rank"] for p in per.values()]
     stats = {"rank": rank, "energy": None if rank is not None else energy, "dtype": str(dtype).removeprefix("torch."), "style": style,
              "per_tensor": per, "left_out": left_out, "float_noise": noise, "tensors": len(per),
@@ -169,9 +166,26 @@ def extract_lora(erased: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
     return tensors, stats
 
 
+def name_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], style: str = "kohya", config: dict | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of ``{diffusers module: (down, up)}`` in ``style``, with kohya's alpha where the style has one."""
+    tensors = {}
+    for module, (down, up) in factors.items():
+        down_name, up_name, alpha_name = factor_names(lora_key(module, style, config), style)
+        tensors[down_name], tensors[up_name] = down, up
+        if alpha_name:
+            tensors[alpha_name] = torch.tensor(ALPHA, dtype=dtype)
+    return tensors
+
+
 # ------------------------------------------------------------------------------------------------ InvokeAI's base probe
+#: Flux: InvokeAI takes a diffusers-format LoRA for Flux only when it holds these two modules
+#: (``is_state_dict_likely_in_flux_diffusers_format``); without them it tries the SD probe and refuses the file.
+FLUX_PROBE_MODULES = ("single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_q_proj")
+
+
 def probe_key(keys) -> str | None:
-    """The key InvokeAI's base probe decides by: the first, in file order (safetensors writes tensors of one dtype by
+    """The key InvokeAI's SD base probe decides by: the first, in file order (safetensors writes tensors of one dtype by
     name), that holds ``_attn2_to_k.`` / ``_attn2_to_v.`` with a ``lora_down`` or ``time_emb_proj.lora_down``."""
     for key in sorted(keys):
         if key.startswith("lora_unet_") and key.endswith(".lora_down.weight") and (
@@ -180,23 +194,29 @@ def probe_key(keys) -> str | None:
     return None
 
 
-def probe_anchor(tensors: dict, modules: dict[str, tuple[int, int]], style: str, config: dict, dtype: torch.dtype) -> str | None:
-    """Add a zero rank-1 pair on the first cross-attention key of the UNet when InvokeAI's probe would decide by
-    anything else (a resnet's ``time_emb_proj``, or nothing); returns its key, None when not needed. ``modules``: the
-    UNet's ``attn2.to_k`` modules with their (out, in) shapes."""
-    found = probe_key(tensors)
-    if found is not None and "_attn2_" in found:
-        return None
-    names = sorted((lora_key(m, style, config), shape) for m, shape in modules.items())
-    if not names or (found is not None and names[0][0] > found):
-        logger.warning("InvokeAI will not file this LoRA under its base: no cross-attention key of this UNet comes first in "
-                       "file order (the first is %s)", found)
-        return None
-    key, (out, width) = names[0]
-    down_name, up_name, alpha_name = factor_names(key, style)
-    tensors[down_name], tensors[up_name] = torch.zeros(1, width, dtype=dtype), torch.zeros(out, 1, dtype=dtype)
-    tensors[alpha_name] = torch.tensor(ALPHA, dtype=dtype)
-    return key
+def probe_anchors(tensors: dict, family: str | None, style: str, shapes: dict[str, tuple], config: dict | None,
+                  dtype: torch.dtype) -> list[str]:
+    """Zero rank-1 pairs (they add nothing to any weight) that make InvokeAI file the LoRA under its base; returns
+    their keys. ``shapes``: the denoiser's weight shapes by name. UNet (kohya styles): on the UNet's first
+    cross-attention key when the probe would decide by anything else (a resnet's 1280-wide ``time_emb_proj``, or
+    nothing: ``--targets selfattn``). Flux (``peft``): on :data:`FLUX_PROBE_MODULES` when absent."""
+    if style == "peft":
+        modules = [m for m in FLUX_PROBE_MODULES if family in ("flux_dev", "flux_schnell") and f"transformer.{m}.lora_A.weight" not in tensors]
+    else:
+        found = probe_key(tensors)
+        if found is not None and "_attn2_" in found:
+            return []
+        cross = sorted((lora_key(n.removesuffix(".weight"), style, config), n.removesuffix(".weight"))
+                       for n in shapes if n.endswith(".attn2.to_k.weight"))
+        if not cross or (found is not None and cross[0][0] > found):
+            logger.warning("InvokeAI will not file this LoRA under its base: no cross-attention key of this UNet comes first in "
+                           "file order (the first is %s)", found)
+            return []
+        modules = [cross[0][1]]
+    for module in modules:
+        out, width = shapes[f"{module}.weight"][:2]
+        tensors.update(name_factors({module: (torch.zeros(1, width, dtype=dtype), torch.zeros(out, 1, dtype=dtype))}, style, config, dtype))
+    return [lora_key(m, style, config) for m in modules]
 
 
 def lora_metadata(family: str | None, style: str, model_config: dict, sched: dict | None) -> dict:
@@ -231,9 +251,7 @@ def write(stage: Path, model, base_tensors: dict, config: dict, spec: ExportSpec
     if not tensors:
         raise UserError("--export_format lora: only biases / norms changed (or changes of a few ulps), which a LoRA cannot hold; "
                         "use diffusers or single_file")
-    if style != "peft":
-        cross = {n.removesuffix(".weight"): tuple(t.shape) for n, t in state.items() if n.endswith(".attn2.to_k.weight")}
-        stats["probe_anchor"] = probe_anchor(tensors, cross, style, model_config, dtype)
+    stats["probe_anchors"] = probe_anchors(tensors, family, style, {n: tuple(t.shape) for n, t in state.items()}, model_config, dtype)
     compact = {n: {"rank": p["rank"], "rel_error": round(p["rel_error"], 6)} for n, p in stats["per_tensor"].items()}
     ranks = {p["rank"] for p in stats["per_tensor"].values()}
     meta = {"format": f"erase-lora-{'peft' if style == 'peft' else 'kohya'}", **settings_metadata(config),
@@ -251,7 +269,7 @@ def write(stage: Path, model, base_tensors: dict, config: dict, spec: ExportSpec
             "energy": None if spec.lora_rank is not None else spec.lora_energy, "tensors": stats["tensors"],
             "rank_min": stats["rank_min"], "rank_max": stats["rank_max"], "rel_error": stats["rel_error"],
             "max_rel_error": stats["max_rel_error"], "left_out": sorted(stats["left_out"]), "float_noise": stats["float_noise"],
-            "probe_anchor": stats.get("probe_anchor"), "params": stats["params"], "dense_params": stats["dense_params"],
+            "probe_anchors": stats["probe_anchors"], "params": stats["params"], "dense_params": stats["dense_params"],
             "bytes": (stage / LORA_NAME).stat().st_size}
 
 
