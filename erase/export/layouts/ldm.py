@@ -227,8 +227,16 @@ def pipeline_keys(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict], 
 
 def pipeline_to_ldm(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict], text_states: list[dict],
                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """:func:`pipeline_keys` as tensors to write: floating ones cast to ``dtype``, each a contiguous CPU tensor that
-    owns its memory (:func:`erase.export.layouts.materialize`)."""
-    from erase.export.layouts import materialize
-
+    """:func:`pipeline_keys` as tensors to write (:func:`materialize`)."""
     return materialize(pipeline_keys(family, unet, vae, text_states), dtype)
+
+
+def materialize(flat: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``; every tensor a contiguous CPU tensor that owns its memory (safetensors
+    refuses shared storage). Any layout's flat state dict (meta tensors are for keys and shapes only)."""
+    out = {}
+    for k, t in flat.items():
+        src = t.detach()
+        t = src.to("cpu", dtype=dtype if dtype is not None and src.is_floating_point() else src.dtype).contiguous()
+        out[k] = t.clone() if t.data_ptr() == src.data_ptr() or t.untyped_storage().nbytes() != t.nbytes else t
+    return out
