@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import client_rules as rules
+from test_export_transformers import erase_some
 
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "sd35", "flux_dev", "flux_schnell")
 COMFY = {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL", "sd3": "SD3", "sd35": "SD3", "flux_dev": "Flux", "flux_schnell": "FluxSchnell"}
@@ -234,19 +235,6 @@ CHANGED = {
     "flux_dev": ["transformer_blocks.0.attn.to_v", "transformer_blocks.0.attn.add_q_proj", "single_transformer_blocks.1.proj_mlp",
                  "single_transformer_blocks.0.attn.to_k", "norm_out.linear", "time_text_embed.guidance_embedder.linear_1"],
 }
-
-
-def erase_some(model, modules, rank: int = 2, seed: int = 0) -> dict:
-    """Add a rank-``rank`` change to each module's weight; returns the base tensors of the changed weights."""
-    g = torch.Generator().manual_seed(seed)
-    params = dict(model.named_parameters())
-    base = {}
-    with torch.no_grad():
-        for m in modules:
-            w = params[f"{m}.weight"]
-            base[f"{m}.weight"] = w.detach().clone()
-            w.add_((0.05 * torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w[0].numel(), generator=g)).view_as(w))
-    return base
 
 
 @pytest.mark.parametrize("family", list(CHANGED))

@@ -27,6 +27,7 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
+    family = c.get("model_family") or (c.get("export") or {}).get("family") or "sd1"
     pipe_cls = c.get("pipeline_class") or _layout_pipeline((c.get("export") or {}).get("family"))  # the family's pipeline
     formats = (c.get("export") or {}).get("formats") or ["diffusers"]
     part = (c.get("export") or {}).get("denoiser") or "unet"  # unet / transformer (erase.export.formats.denoiser_folder)
@@ -42,8 +43,8 @@ def model_card(config: dict) -> str:
 library_name: diffusers
 base_model: {yaml_scalar(base_raw)}
 tags:
-- stable-diffusion
-- {c.get('model_family') or 'sd1'}
+- {'flux' if str(family).startswith('flux') else 'stable-diffusion'}
+- {family}
 - concept-erasure
 - {c['method']}
 ---
