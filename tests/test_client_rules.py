@@ -128,13 +128,12 @@ def test_released_single_files_are_what_comfyui_and_a1111_detect(family, variant
 
 
 def preset_modules(family: str, preset: str) -> dict[str, tuple]:
-    """{module: weight shape} of the LoRA-able weights a target preset selects (the UNet presets of
+    """{module: weight shape} of the LoRA-able weights a target preset selects (the UNet families' presets of
     erase.diffusion.families; for the transformers: every linear / convolution, or the text stream's entry)."""
-    from erase.diffusion.families import SDXL_PRESETS, UNET_PRESETS
+    from erase.diffusion.families import FAMILIES
 
     denoiser = released(family)[0]
-    pattern = {"text": r".*(add_[qkv]_proj|context_embedder)\.weight", "full": r".*"}.get(preset) or \
-        (SDXL_PRESETS if family == "sdxl" else UNET_PRESETS)[preset]
+    pattern = {"text": r".*(add_[qkv]_proj|context_embedder)\.weight", "full": r".*"}.get(preset) or FAMILIES[family].target_presets[preset]
     return {n.removesuffix(".weight"): tuple(p.shape) for n, p in denoiser.named_parameters()
             if n.endswith(".weight") and p.ndim in (2, 4) and re.fullmatch(pattern, n)}
 
