@@ -262,9 +262,9 @@ def tiny_sd2(path):
     return pipe
 
 
-def tiny_sdxl(path):
+def tiny_sdxl(path, prediction_type: str = "epsilon"):
     """SDXL shape: text_time added conditioning, two text encoders (CLIP 32 wide, OpenCLIP 64 wide with a projection),
-    two transformer layers in the second block, two resnets per block."""
+    two transformer layers in the second block, two resnets per block (``v_prediction``: an SDXL v-prediction finetune)."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModelWithProjection
 
@@ -279,22 +279,23 @@ def tiny_sdxl(path):
                                 projection_class_embeddings_input_dim=16 + 6 * 8)
     pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_text(tok, 32, "quick_gelu"), tokenizer=tok,
                                      text_encoder_2=_text(tok, 64, "gelu", CLIPTextModelWithProjection, projection_dim=16),
-                                     tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1))
+                                     tokenizer_2=tok, unet=unet, scheduler=EulerDiscreteScheduler(steps_offset=1, prediction_type=prediction_type))
     pipe.save_pretrained(str(path))
     return pipe
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "sdxl_v"])
 def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tmp_path):
     """The converter for the other families, through diffusers' own loader offline (tiny configs from the folder): the
-    family is detected from the configs, the UNet (a changed weight included), VAE and text encoders come back bit for bit."""
+    family is detected from the configs, the UNet (a changed weight included), VAE and text encoders come back bit for
+    bit; the metadata and markers say how to sample (SD 2.x 768-v, an SDXL v-prediction finetune)."""
     import diffusers
 
     from erase.export.formats import ExportSpec
     from erase.export.single_file import write as write_single_file
 
     base = tmp_path / "base"
-    pipe = (tiny_sd2 if family == "sd2" else tiny_sdxl)(base)
+    pipe = tiny_sd2(base) if family == "sd2" else tiny_sdxl(base, "v_prediction" if family == "sdxl_v" else "epsilon")
     parts = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if family == "sdxl" else ())
     with torch.no_grad():  # an "erased" UNet: one cross-attention weight changed
         w = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight
@@ -304,9 +305,11 @@ def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tm
               "settings": {"lr": 1}}
     (tmp_path / "out").mkdir()
     rec = write_single_file(tmp_path / "out", pipe.unet, {}, config, ExportSpec(("single_file",), "fp16"))
-    assert rec["family"] == family
+    assert rec["family"] == family.removesuffix("_v")
     with safe_open(str(tmp_path / "out" / "erased.safetensors"), "pt") as f:
-        keys = set(f.keys())
+        keys, meta = set(f.keys()), f.metadata()
+    assert meta["modelspec.architecture"] == {"sd2": "stable-diffusion-v2-768-v"}.get(family, "stable-diffusion-xl-v1-base")
+    assert ("v_pred" in keys) == (family == "sdxl_v")  # ComfyUI samples an SDXL file as epsilon without it
     if family == "sd2":
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
         assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
@@ -321,16 +324,22 @@ def test_sd2_and_sdxl_single_files_load_back_through_from_single_file(family, tm
         assert_bitwise(getattr(back, part).state_dict(), expected[part], torch.float16)
 
 
-def test_sdxl_lora_loads_through_diffusers(tmp_path):
-    """kohya keys in diffusers module names work for SDXL too (diffusers maps them without the SGM block renumbering)."""
+@pytest.mark.parametrize("style", ["kohya_sgm", "kohya"])
+def test_sdxl_lora_loads_through_diffusers(tmp_path, style):
+    """SDXL LoRAs are written in the original SGM names (``lora_unet_input_blocks_4_1_...``, as kohya writes them:
+    A1111 drops diffusers-named add_embedding / upsampler keys); diffusers renumbers them onto its blocks, and reads
+    diffusers-named kohya keys as well."""
     from erase.export.lora import extract_lora
 
     pipe = tiny_sdxl(tmp_path / "base")
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     name = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_v.weight"
     erased = {name: base[name] + torch.randn(64, 1) @ torch.randn(1, 96)}  # a rank-1 change
-    tensors, stats = extract_lora(erased, base, energy=0.99)
+    tensors, stats = extract_lora(erased, base, energy=0.99, style=style, config=dict(pipe.unet.config))
     assert stats["per_tensor"][name]["rank"] == 1 and stats["rel_error"] < 1e-6
+    key = {"kohya_sgm": "lora_unet_input_blocks_4_1_transformer_blocks_1_attn2_to_v",
+           "kohya": "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_v"}[style]
+    assert stats["per_tensor"][name]["key"] == key and f"{key}.lora_down.weight" in tensors
     save_file(tensors, str(tmp_path / "l.safetensors"))
     pipe.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
     pipe.fuse_lora()

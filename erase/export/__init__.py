@@ -3,7 +3,7 @@
 family (``layouts/``) and the offline converter (``convert``, ``python -m erase.export``)."""
 
 from erase.export.folder import base_identity, export, finish_stage, previous_export, staged_export, versions
-from erase.export.formats import CONFIG_NAME, DELTA_NAME, EXPORT_FORMATS, ExportSpec, spec_from_args
+from erase.export.formats import CONFIG_NAME, DELTA_NAME, EXPORT_FORMATS, ExportSpec, delta_name, denoiser_folder, spec_from_args
 
-__all__ = ["CONFIG_NAME", "DELTA_NAME", "EXPORT_FORMATS", "ExportSpec", "base_identity", "export", "finish_stage",
-           "previous_export", "spec_from_args", "staged_export", "versions"]
+__all__ = ["CONFIG_NAME", "DELTA_NAME", "EXPORT_FORMATS", "ExportSpec", "base_identity", "delta_name", "denoiser_folder", "export",
+           "finish_stage", "previous_export", "spec_from_args", "staged_export", "versions"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from erase.export.folder import finish_stage, previous_export, staged_export
-from erase.export.formats import (CONFIG_NAME, DEFAULT_LORA_ENERGY, DELTA_NAME, DTYPES, EXPORT_FORMATS, ExportSpec, base_kwargs,
+from erase.export.formats import (CONFIG_NAME, DEFAULT_LORA_ENERGY, DTYPES, EXPORT_FORMATS, ExportSpec, base_kwargs, delta_name,
                                   spec_from_args, write_formats)
 from erase.utils.errors import OneLineParser, UserError, cli_errors
 
@@ -36,19 +36,35 @@ def parse_args(input_args=None):
     return args
 
 
-def erased_unet(folder: Path, config: dict):
-    """The erased UNet of an export: ``unet/`` when present, else the base UNet with ``unet_delta.safetensors`` applied."""
-    from diffusers import UNet2DConditionModel
+def denoiser_of(config: dict) -> tuple[str, type]:
+    """(subfolder, diffusers class) of an export's denoiser: ``export.denoiser`` / ``denoiser_class`` in its
+    ``erase_config.json``; exports from before transformer families are a UNet."""
+    import diffusers
 
-    if (folder / "unet" / "config.json").is_file():
-        return UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    export = config.get("export") or {}
+    part = export.get("denoiser") or "unet"
+    cls = export.get("denoiser_class") or ("UNet2DConditionModel" if part == "unet" else None)
+    if cls is None:
+        from diffusers import DiffusionPipeline
+
+        name, kw = base_kwargs(config)
+        cls = DiffusionPipeline.load_config(name, revision=kw.get("revision"))[part][1]
+    return part, getattr(diffusers, cls)
+
+
+def erased_denoiser(folder: Path, config: dict):
+    """The erased denoiser of an export: ``unet/`` (``transformer/``) when present, else the base's with
+    ``unet_delta.safetensors`` (``transformer_delta.safetensors``) applied."""
+    part, cls = denoiser_of(config)
+    if (folder / part / "config.json").is_file():
+        return cls.from_pretrained(str(folder), subfolder=part)
     name, kw = base_kwargs(config)
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw)
-    delta = load_file(str(folder / DELTA_NAME))
-    missing = unet.load_state_dict(delta, strict=False).unexpected_keys
+    model = cls.from_pretrained(name, subfolder=part, **kw)
+    delta = load_file(str(folder / delta_name(part)))
+    missing = model.load_state_dict(delta, strict=False).unexpected_keys
     if missing:
-        raise UserError(f"{folder / DELTA_NAME} names tensors the base UNet does not have (first: {missing[0]})")
-    return unet
+        raise UserError(f"{folder / delta_name(part)} names tensors the base {part} does not have (first: {missing[0]})")
+    return model
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -77,21 +93,20 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
         raise UserError(f"{folder} has no {CONFIG_NAME}; give a folder written by erase/sd.py") from None
     except (OSError, ValueError) as e:
         raise UserError(f"{out / CONFIG_NAME} cannot be read ({e}); give a folder written by erase/sd.py") from None
-    if not isinstance(config, dict) or "method" not in config or not (out / DELTA_NAME).is_file():
-        raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {DELTA_NAME})")
+    part = ((config.get("export") or {}).get("denoiser") or "unet") if isinstance(config, dict) else "unet"
+    if not isinstance(config, dict) or "method" not in config or not (out / delta_name(part)).is_file():
+        raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {delta_name(part)})")
     base_path = (config.get("base_model") or {}).get("path")
     with hold_output_dir(out, base=base_path, by="erase.export") as claim:
         out = claim.path
-        unet = erased_unet(out, config)
-        check_weights(unet.state_dict().items(), f"the erased UNet of {out}", "; nothing was converted")
-        delta = load_file(str(out / DELTA_NAME))
+        model = erased_denoiser(out, config)
+        check_weights(model.state_dict().items(), f"the erased {part} of {out}", "; nothing was converted")
+        delta = load_file(str(out / delta_name(part)))
         name, kw = base_kwargs(config)
-        from diffusers import UNet2DConditionModel
-
-        base_unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw)
-        base_state = base_unet.state_dict()
+        base_model = denoiser_of(config)[1].from_pretrained(name, subfolder=part, **kw)
+        base_state = base_model.state_dict()
         base_tensors = {n: base_state[n].detach().clone() for n in delta}
-        del base_unet, base_state
+        del base_model, base_state
         had = list((config.get("export") or {}).get("formats") or ["diffusers"])
         wanted = tuple(f for f in EXPORT_FORMATS if f in set(had) | set(spec.formats))
         with staged_export(out) as stage:
@@ -99,9 +114,9 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
             for entry in sorted(keep):
                 if (out / entry).exists():
                     _link_or_copy(out / entry, stage / entry)
-            if "diffusers" in spec.formats and not (stage / "unet").exists() and not (stage / "model_index.json").exists():
-                unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
-            new = write_formats(stage, unet, base_tensors, config, ExportSpec(tuple(f for f in spec.formats if f != "diffusers"),
+            if "diffusers" in spec.formats and not (stage / part).exists() and not (stage / "model_index.json").exists():
+                model.save_pretrained(str(stage / part), safe_serialization=True)
+            new = write_formats(stage, model, base_tensors, config, ExportSpec(tuple(f for f in spec.formats if f != "diffusers"),
                                                                              spec.dtype, spec.lora_rank, spec.lora_energy))
             details = {**(config.get("export") or {}).get("details", {}), **new}
             config["export"] = {**(config.get("export") or {}), "formats": list(wanted), "details": details,

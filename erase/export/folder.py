@@ -1,5 +1,8 @@
 """The erased-model folder (docs/CONTRACTS.md): ``unet/``, ``unet_delta.safetensors``, ``erase_config.json``,
-``README.md`` and, on request, a full pipeline and the other formats (:mod:`erase.export.formats`).
+``README.md`` and, on request, a full pipeline and the other formats (:mod:`erase.export.formats`). A transformer
+denoiser (SD3, SD3.5, Flux) writes ``transformer/`` and ``transformer_delta.safetensors`` instead
+(:func:`erase.export.formats.denoiser_folder`, :func:`~erase.export.formats.delta_name`); ``erase_config.json``
+records which (``export.denoiser``).
 
 The whole export is built in a hidden per-process folder beside ``output_dir`` and then swapped in whole
 (:func:`erase.utils.folders.swap_in`): entries of an earlier export that the new one does not have (an old
@@ -22,13 +25,16 @@ import torch
 from safetensors.torch import save_file
 
 from erase.export.card import model_card
-from erase.export.formats import CONFIG_NAME, DELTA_NAME, ExportSpec, changed_tensors, write_formats, write_json
+from erase.export.formats import (CONFIG_NAME, DELTA_NAME, LORA_NAME, LORA_STATS_NAME, SINGLE_FILE_NAME, ExportSpec, changed_tensors,
+                                  delta_name, denoiser_folder, layout_family, write_formats, write_json)
 from erase.utils.folders import stale_temp, staging_dir, swap_in
 
 #: What an export of an earlier version (which did not list its files) may have written.
-#: What an export of an earlier version (which did not list its files) may have written.
 LEGACY_EXPORT_NAMES = {"unet", DELTA_NAME, CONFIG_NAME, "README.md", "model_index.json", "vae", "text_encoder", "tokenizer",
                        "scheduler", "safety_checker", "feature_extractor", "image_encoder", ".export.tmp"}
+#: What an export of this version may write besides those: a half-built one made only of these is removed.
+EXPORT_NAMES = LEGACY_EXPORT_NAMES | {"transformer", delta_name("transformer"), "text_encoder_2", "text_encoder_3", "tokenizer_2",
+                                      "tokenizer_3", SINGLE_FILE_NAME, LORA_NAME, LORA_STATS_NAME}
 
 
 def base_identity(name: str, revision: str | None = None, variant: str | None = None) -> dict:
@@ -67,13 +73,13 @@ def clean_stale_stages(out: Path) -> None:
     for p in out.parent.glob(f".{out.name}.*.tmp"):
         if pattern.fullmatch(p.name) and p.is_dir() and stale_temp(p):
             names = {e.name for e in p.iterdir()}
-            if names <= LEGACY_EXPORT_NAMES:
+            if names <= EXPORT_NAMES:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 import logging
 
                 logging.getLogger(__name__).warning("%s was left by an interrupted export and holds %s; move back what you "
-                                                    "need, then delete it", p, ", ".join(sorted(names - LEGACY_EXPORT_NAMES)))
+                                                    "need, then delete it", p, ", ".join(sorted(names - EXPORT_NAMES)))
 
 
 def versions() -> dict:
@@ -93,27 +99,33 @@ def delta_stats(delta: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -
     return {"tensors_changed": len(delta), "entries_changed": sum(p["changed"] for p in per.values()), "per_tensor": per}
 
 
-def export(output_dir: str | Path, unet, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None, spec=None) -> dict:
+def export(output_dir: str | Path, model, base_tensors: dict[str, torch.Tensor], config: dict, pipeline=None, spec=None,
+           denoiser: str | None = None) -> dict:
     """Build the export beside ``output_dir`` and swap it in whole; returns the delta statistics (also stored in
-    ``config['delta']``). ``spec`` (:class:`erase.export.formats.ExportSpec`, default diffusers only) names the formats
-    besides the delta. On any failure the staged export is removed and the folder is as it was."""
+    ``config['delta']``). ``model`` is the erased denoiser (a UNet, or an SD3 / Flux transformer); ``denoiser`` its
+    subfolder and delta name (``unet`` / ``transformer``; default from its class, :func:`denoiser_folder`). ``spec``
+    (:class:`erase.export.formats.ExportSpec`, default diffusers only) names the formats besides the delta. On any
+    failure the staged export is removed and the folder is as it was."""
 
     spec = spec or ExportSpec()
+    denoiser = denoiser or denoiser_folder(model)
     out = Path(output_dir).resolve()
     with staged_export(out) as stage:
-        state = unet.state_dict()
+        state = model.state_dict()
         delta = changed_tensors(state, base_tensors)
         config["delta"] = delta_stats(delta, base_tensors)
-        meta = {"format": "erase-unet-delta", "base_model": str(config["pretrained_model_name_or_path"]),
+        meta = {"format": f"erase-{denoiser}-delta", "base_model": str(config["pretrained_model_name_or_path"]),
                 "concept": str(config["concept"]), "method": str(config["method"]),
                 "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
-        save_file(delta, str(stage / DELTA_NAME), metadata=meta)
+        save_file(delta, str(stage / delta_name(denoiser)), metadata=meta)
         if pipeline is not None:
             pipeline.save_pretrained(str(stage), safe_serialization=True)
         elif "diffusers" in spec.formats:
-            unet.save_pretrained(str(stage / "unet"), safe_serialization=True)
-        details = write_formats(stage, unet, base_tensors, config, spec)
-        config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details}
+            model.save_pretrained(str(stage / denoiser), safe_serialization=True)
+        details = write_formats(stage, model, base_tensors, config, spec)
+        family = (details.get("single_file") or {}).get("family") or layout_family(model, config)
+        config["export"] = {"formats": list(spec.formats), "spec": spec.to_dict(), "details": details, "denoiser": denoiser,
+                            "denoiser_class": type(model).__name__, "family": family}
         finish_stage(stage, config, swap="built beside the folder and swapped in whole")
     return config["delta"]
 

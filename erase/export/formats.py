@@ -1,13 +1,15 @@
 """Export formats of an erased model (``--export_format diffusers,single_file,lora``): the spec and the seam.
 
 * ``diffusers``: ``unet/`` (the erased UNet, ``save_pretrained``) beside ``unet_delta.safetensors``; load it into the
-  base pipeline. Written by :func:`erase.export.folder.export`.
+  base pipeline. Written by :func:`erase.export.folder.export`. A transformer denoiser (SD3, SD3.5, Flux) goes to
+  ``transformer/`` beside ``transformer_delta.safetensors``: the names come from :func:`delta_name` /
+  :func:`denoiser_folder`, one place.
 * ``single_file``: ``erased.safetensors``, the whole pipeline in the original key layout of its family
   (:mod:`erase.export.single_file`, layouts in :mod:`erase.export.layouts`).
 * ``lora``: ``erased_lora.safetensors``, the change ``erased - base`` as a kohya LoRA (:mod:`erase.export.lora`), with
   ``erased_lora.json`` (rank and relative error per tensor) beside it.
 
-A format besides ``diffusers`` is one module with a ``write(stage, unet, base_tensors, config, spec, family)`` function,
+A format besides ``diffusers`` is one module with a ``write(stage, denoiser, base_tensors, config, spec, family)`` function,
 named in :data:`WRITERS`. Every file records the erase settings in its safetensors metadata and is written under a
 temporary name inside the export's staging folder, then renamed: with the staging folder swapped in whole
 (:func:`erase.utils.folders.swap_in`), a killed export never leaves a file that loads as a model.
@@ -32,15 +34,34 @@ EXPORT_FORMATS = ("diffusers", "single_file", "lora")
 #: format -> the module whose ``write`` adds it to a staged export (diffusers is the folder's own ``unet/``)
 WRITERS = {"single_file": "erase.export.single_file", "lora": "erase.export.lora"}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-DELTA_NAME = "unet_delta.safetensors"
+DENOISERS = ("unet", "transformer")
 CONFIG_NAME = "erase_config.json"
 SINGLE_FILE_NAME = "erased.safetensors"
 LORA_NAME = "erased_lora.safetensors"
 LORA_STATS_NAME = "erased_lora.json"
 DEFAULT_LORA_ENERGY = 0.99
 ENERGY_RANGE = Range(0, 1, lo_open=True)
-#: modelspec architecture ids (Stability's model metadata spec, read by A1111 / ComfyUI front ends)
-ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+def delta_name(denoiser: str = "unet") -> str:
+    """The file of the changed tensors of a ``denoiser`` (``unet`` or ``transformer``): ``unet_delta.safetensors``."""
+    if denoiser not in DENOISERS:
+        raise ValueError(f"denoiser {denoiser!r}; allowed: {', '.join(DENOISERS)}")
+    return f"{denoiser}_delta.safetensors"
+
+
+DELTA_NAME = delta_name("unet")
+
+
+def denoiser_folder(model) -> str:
+    """The pipeline subfolder of a denoiser module: ``unet`` for a UNet, ``transformer`` for a transformer (SD3, Flux),
+    from its diffusers class as ``model_index.json`` names it."""
+    name = type(model).__name__
+    if "UNet" in name:
+        return "unet"
+    if "Transformer" in name:
+        return "transformer"
+    raise ValueError(f"{name} is neither a UNet nor a transformer denoiser")
 
 
 def changed_tensors(state: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,38 +151,54 @@ def settings_metadata(config: dict) -> dict:
             "method": str(config["method"]), "settings": json.dumps(config.get("settings", {}), sort_keys=True, default=str)}
 
 
-def write_formats(stage: Path, unet, base_tensors: dict, config: dict, spec: ExportSpec) -> dict:
+def write_formats(stage: Path, denoiser, base_tensors: dict, config: dict, spec: ExportSpec) -> dict:
     """Every format of ``spec`` that has a writer (:data:`WRITERS`) into ``stage``, in :data:`EXPORT_FORMATS` order;
     returns one record per format written. A writer learns the layout family from the single file written before it,
-    else from the base's configs."""
+    else from the denoiser's config and the base's text encoders."""
     out, family = {}, None
     for fmt in spec.formats:
         if fmt not in WRITERS:
             continue
         if family is None and fmt != "single_file":
-            family = layout_family(unet, config)
-        out[fmt] = importlib.import_module(WRITERS[fmt]).write(stage, unet, base_tensors, config, spec, family)
+            family = layout_family(denoiser, config)
+        out[fmt] = importlib.import_module(WRITERS[fmt]).write(stage, denoiser, base_tensors, config, spec, family)
         family = family or out[fmt].get("family")
     return out
 
 
-def layout_family(unet, config: dict) -> str | None:
-    """The original-layout family of the erased UNet and its base's text encoders; None when it cannot be read (a
-    LoRA's keys do not depend on it, only its metadata does)."""
-    from erase.export.layouts.ldm import LayoutError, detect_family
+def layout_family(denoiser, config: dict) -> str | None:
+    """The original-layout family (:data:`erase.export.layouts.LAYOUTS`) of the erased denoiser (and, for a UNet, its
+    base's text encoders); None when it cannot be read (a LoRA's keys then follow the denoiser's type alone)."""
+    from erase.export.layouts import detect
+    from erase.export.layouts.ldm import LayoutError
 
     try:
-        name, kw = base_kwargs(config)
-        from diffusers import DiffusionPipeline
-
-        index = DiffusionPipeline.load_config(name, revision=kw.get("revision"))
-        texts = [_text_config(name, p, kw) for p in ("text_encoder", "text_encoder_2") if (index.get(p) or [None])[0]]
-        return detect_family(dict(unet.config), texts)[0]
+        texts = text_configs(config) if denoiser_folder(denoiser) == "unet" else []
+        return detect(dict(denoiser.config), texts)[0]
     except (LayoutError, OSError, ValueError):
         return None
 
 
-def _text_config(name: str, part: str, kw: dict) -> dict:
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def text_configs(config: dict) -> list[dict]:
+    """The base's text encoder configs in pipeline order (``model_index.json`` names them)."""
+    from diffusers import DiffusionPipeline
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(name, subfolder=part, revision=kw.get("revision")).to_dict()
+    name, kw = base_kwargs(config)
+    index = DiffusionPipeline.load_config(name, revision=kw.get("revision"))
+    return [AutoConfig.from_pretrained(name, subfolder=p, revision=kw.get("revision")).to_dict()
+            for p in TEXT_PARTS if (index.get(p) or [None])[0]]
+
+
+def scheduler_config(config: dict) -> dict | None:
+    """The base's ``scheduler/scheduler_config.json`` (its prediction type), None when it cannot be read."""
+    from diffusers import DDPMScheduler  # any scheduler class reads scheduler_config.json; the dict is as written
+
+    name, kw = base_kwargs(config)
+    try:
+        return dict(DDPMScheduler.load_config(name, subfolder="scheduler", revision=kw.get("revision")))
+    except (OSError, ValueError):
+        return None

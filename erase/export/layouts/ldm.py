@@ -29,17 +29,13 @@ class Family:
     unet: str
     vae: str
     text: tuple[tuple[str, str], ...]
-    pipeline: str  # the diffusers class whose from_single_file loads it
 
 
 FAMILIES: dict[str, Family] = {
-    "sd1": Family("sd1", "model.diffusion_model.", "first_stage_model.", (("cond_stage_model.transformer.", "clip"),),
-                  "StableDiffusionPipeline"),
-    "sd2": Family("sd2", "model.diffusion_model.", "first_stage_model.", (("cond_stage_model.model.", "open_clip"),),
-                  "StableDiffusionPipeline"),
+    "sd1": Family("sd1", "model.diffusion_model.", "first_stage_model.", (("cond_stage_model.transformer.", "clip"),)),
+    "sd2": Family("sd2", "model.diffusion_model.", "first_stage_model.", (("cond_stage_model.model.", "open_clip"),)),
     "sdxl": Family("sdxl", "model.diffusion_model.", "first_stage_model.",
-                   (("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip")),
-                   "StableDiffusionXLPipeline"),
+                   (("conditioner.embedders.0.transformer.", "clip"), ("conditioner.embedders.1.model.", "open_clip"))),
 }
 
 
@@ -78,45 +74,44 @@ def _resnet(rest: str) -> str:
     return f"{_RESNET[head]}.{tail}"
 
 
-def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    """A diffusers ``UNet2DConditionModel`` state dict in the LDM / SGM layout (without the ``model.diffusion_model.``
-    prefix): ``input_blocks.i.j``, ``middle_block.j``, ``output_blocks.i.j``; transformer blocks keep their names."""
+def unet_key_to_ldm(key: str, config: dict) -> str:
+    """One diffusers ``UNet2DConditionModel`` key (``module.param``) in the LDM / SGM layout (without the
+    ``model.diffusion_model.`` prefix); :class:`LayoutError` when the layout has no place for it."""
     lpb = config["layers_per_block"]
     if not isinstance(lpb, int):
         raise LayoutError(f"layers_per_block {lpb!r} per block; the LDM layout numbers blocks with one value")
-    n_up = len(config["up_block_types"])
-    up_attn = {i: "CrossAttn" in t for i, t in enumerate(config["up_block_types"])}
-    out = {}
-    for key, t in state.items():
-        mod, _, param = key.rpartition(".")
-        try:
-            if mod in _UNET_FIXED:
-                new = f"{_UNET_FIXED[mod]}.{param}"
-            elif m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-                b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-                i = 1 + b * (lpb + 1) + j
-                new = f"input_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
-            elif m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
-                new = f"input_blocks.{1 + int(m[1]) * (lpb + 1) + lpb}.0.op.{m[2]}"
-            elif m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
-                new = f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
-            elif m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
-                new = f"middle_block.1.{m[1]}"
-            elif m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-                b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-                i = b * (lpb + 1) + j
-                new = f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
-            elif m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
-                b = int(m[1])
-                if b >= n_up - 1:
-                    raise LayoutError("an upsampler in the last up block")
-                new = f"output_blocks.{b * (lpb + 1) + lpb}.{2 if up_attn[b] else 1}.conv.{m[2]}"
-            else:
-                raise LayoutError("no place in the LDM UNet layout")
-        except LayoutError as e:
-            raise LayoutError(f"UNet tensor {key!r}: {e}") from None
-        out[new] = t
-    return out
+    mod, _, param = key.rpartition(".")
+    try:
+        if mod in _UNET_FIXED:
+            return f"{_UNET_FIXED[mod]}.{param}"
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            i = 1 + b * (lpb + 1) + j
+            return f"input_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+        if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", key):
+            return f"input_blocks.{1 + int(m[1]) * (lpb + 1) + lpb}.0.op.{m[2]}"
+        if m := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        if m := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+            return f"middle_block.1.{m[1]}"
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+            i = b * (lpb + 1) + j
+            return f"output_blocks.{i}.0.{_resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+        if m := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", key):
+            b, up_types = int(m[1]), config["up_block_types"]
+            if b >= len(up_types) - 1:
+                raise LayoutError("an upsampler in the last up block")
+            return f"output_blocks.{b * (lpb + 1) + lpb}.{2 if 'CrossAttn' in up_types[b] else 1}.conv.{m[2]}"
+        raise LayoutError("no place in the LDM UNet layout")
+    except LayoutError as e:
+        raise LayoutError(f"UNet tensor {key!r}: {e}") from None
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """A diffusers ``UNet2DConditionModel`` state dict in the LDM / SGM layout (without the ``model.diffusion_model.``
+    prefix): ``input_blocks.i.j``, ``middle_block.j``, ``output_blocks.i.j``; transformer blocks keep their names."""
+    return {unet_key_to_ldm(key, config): t for key, t in state.items()}
 
 
 # ------------------------------------------------------------------------------------------------ VAE
@@ -164,7 +159,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.
 
 
 # ------------------------------------------------------------------------------------------------ text encoders
-def _text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF CLIP text keys with the ``text_model.`` wrapper (transformers >= 5.6 flattens ``CLIPTextModel``)."""
     out = {}
     for k, t in state.items():
@@ -176,7 +171,7 @@ def _text_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenAI CLIP (SD 1.x, SDXL's first encoder): HF names under ``text_model.`` (the prefix is added by the caller)."""
-    keys = _text_keys(state)
+    keys = text_keys(state)
     if "text_projection.weight" in keys:
         raise LayoutError("a projected OpenAI CLIP text encoder has no place in this layout")
     return keys
@@ -190,7 +185,7 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP (SD 2.x, SDXL's second encoder): ``transformer.resblocks.i`` with q, k, v fused into
     ``attn.in_proj_weight`` / ``in_proj_bias``, ``token_embedding``, ``positional_embedding``, ``ln_final`` and the
     ``text_projection`` matrix (transposed: OpenCLIP multiplies ``x @ P``)."""
-    keys = _text_keys(state)
+    keys = text_keys(state)
     out, qkv = {}, {}
     for key, t in keys.items():
         if key == "text_model.embeddings.token_embedding.weight":
@@ -217,11 +212,9 @@ def open_clip_to_ldm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _TEXT_LAYOUTS = {"clip": clip_to_ldm, "open_clip": open_clip_to_ldm}
 
 
-def pipeline_to_ldm(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict], text_states: list[dict],
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The whole pipeline as one flat state dict in ``family``'s layout: ``unet`` and ``vae`` are (state, config),
-    ``text_states`` the text encoders' state dicts in pipeline order. Floating tensors are cast to ``dtype``;
-    every tensor is a contiguous CPU tensor that owns its memory (safetensors refuses shared storage)."""
+def pipeline_keys(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict], text_states: list[dict]) -> dict[str, torch.Tensor]:
+    """The whole pipeline as one flat state dict in ``family``'s layout, tensors as given: ``unet`` and ``vae`` are
+    (state, config), ``text_states`` the text encoders' state dicts in pipeline order."""
     fam = FAMILIES[family]
     if len(text_states) != len(fam.text):
         raise LayoutError(f"{family} has {len(fam.text)} text encoder(s), got {len(text_states)}")
@@ -229,6 +222,18 @@ def pipeline_to_ldm(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict]
     flat.update({fam.vae + k: v for k, v in vae_to_ldm(*vae).items()})
     for (prefix, layout), state in zip(fam.text, text_states):
         flat.update({prefix + k: v for k, v in _TEXT_LAYOUTS[layout](state).items()})
+    return flat
+
+
+def pipeline_to_ldm(family: str, unet: tuple[dict, dict], vae: tuple[dict, dict], text_states: list[dict],
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """:func:`pipeline_keys` as tensors to write (:func:`materialize`)."""
+    return materialize(pipeline_keys(family, unet, vae, text_states), dtype)
+
+
+def materialize(flat: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Floating tensors cast to ``dtype``; every tensor a contiguous CPU tensor that owns its memory (safetensors
+    refuses shared storage). Any layout's flat state dict (meta tensors are for keys and shapes only)."""
     out = {}
     for k, t in flat.items():
         src = t.detach()
