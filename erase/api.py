@@ -75,46 +75,58 @@ def _config(folder: Path) -> dict:
 
 
 def load_erased(path, format: str | None = None, **kwargs):
-    """A ready pipeline from an export folder: the base named in ``erase_config.json`` with the erased UNet.
+    """A ready pipeline from an export folder: the base named in ``erase_config.json`` with the erased denoiser (the
+    UNet of SD 1.x / 2.x / XL, the transformer of SD3 / Flux).
 
-    ``format``: ``diffusers`` (``unet/`` or a full pipeline), ``single_file`` (``from_single_file`` with the base's
-    configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base UNet with ``unet_delta.safetensors``);
-    default: the first the folder has in that order. ``kwargs`` go to ``from_pretrained`` / ``from_single_file``
-    (e.g. ``torch_dtype``, ``local_files_only``).
+    ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
+    with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
+    ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order.
+    ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``).
     """
     import diffusers
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
 
-    from erase.export.formats import base_kwargs as _base_kwargs, LORA_NAME, SINGLE_FILE_NAME
+    from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, base_kwargs, delta_name
 
     folder = Path(path).expanduser()
     config = _config(folder)
     export = config.get("export") or {}
-    has = {"diffusers": (folder / "unet" / "config.json").is_file() or (folder / "model_index.json").is_file(),
+    denoiser = export.get("denoiser", "unet")  # exports before transformer families held a UNet
+    if denoiser not in DENOISERS:
+        raise ValueError(f"{folder / 'erase_config.json'} names denoiser {denoiser!r}; allowed: {', '.join(DENOISERS)}")
+    denoiser_cls = getattr(diffusers, export.get("denoiser_class") or ("UNet2DConditionModel" if denoiser == "unet" else ""), None)
+    delta = delta_name(denoiser)
+    has = {"diffusers": (folder / denoiser / "config.json").is_file() or (folder / "model_index.json").is_file(),
            "single_file": (folder / SINGLE_FILE_NAME).is_file(), "lora": (folder / LORA_NAME).is_file(),
-           "delta": (folder / "unet_delta.safetensors").is_file()}
+           "delta": (folder / delta).is_file()}
     if format is None:
         format = next((f for f in ("diffusers", "single_file", "lora", "delta") if has[f]), None)
         if format is None:
-            raise ValueError(f"{folder} holds no export (unet/, {SINGLE_FILE_NAME}, {LORA_NAME} or unet_delta.safetensors)")
+            raise ValueError(f"{folder} holds no export ({denoiser}/, {SINGLE_FILE_NAME}, {LORA_NAME} or {delta})")
     elif format not in has:
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:
         raise ValueError(f"{folder} has no {format} export; it has {', '.join(f for f, ok in has.items() if ok) or 'none'}")
-    base, base_kw = _base_kwargs(config)
+    base, base_kw = base_kwargs(config)
     if format == "diffusers" and (folder / "model_index.json").is_file():
         return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
     if format == "single_file":
         cls_name = ((export.get("details") or {}).get("single_file") or {}).get("pipeline_class", "StableDiffusionPipeline")
         return getattr(diffusers, cls_name).from_single_file(str(folder / SINGLE_FILE_NAME), config=base, **kwargs)
     if format == "diffusers":
-        unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet", torch_dtype=kwargs.get("torch_dtype"))
-        return DiffusionPipeline.from_pretrained(base, unet=unet, **base_kw, **kwargs)
+        if denoiser_cls is None:
+            raise ValueError(f"{folder / 'erase_config.json'} names no loadable denoiser class ({export.get('denoiser_class')!r})")
+        model = denoiser_cls.from_pretrained(str(folder), subfolder=denoiser, torch_dtype=kwargs.get("torch_dtype"))
+        return DiffusionPipeline.from_pretrained(base, **{denoiser: model}, **base_kw, **kwargs)
     pipe = DiffusionPipeline.from_pretrained(base, **base_kw, **kwargs)
     if format == "lora":
         pipe.load_lora_weights(str(folder), weight_name=LORA_NAME)
         return pipe
+    module = getattr(pipe, denoiser)
+    state = module.state_dict()
+    module.load_state_dict({k: v.to(state[k].dtype) for k, v in load_file(str(folder / delta)).items()}, strict=False)
+    return pipe
     delta = load_file(str(folder / "unet_delta.safetensors"))
     state = pipe.unet.state_dict()
     pipe.unet.load_state_dict({k: v.to(state[k].dtype) for k, v in delta.items()}, strict=False)

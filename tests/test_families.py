@@ -284,10 +284,10 @@ def test_bad_family_in_an_erased_folder_is_one_line(pipes, sdxl_run, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(sdxl_run / "unet", bad / "unet")
     cfg = json.loads((sdxl_run / "erase_config.json").read_text())
-    (bad / "erase_config.json").write_text(json.dumps({**cfg, "model_family": "flux"}))
+    (bad / "erase_config.json").write_text(json.dumps({**cfg, "model_family": "sd4"}))
     with pytest.raises(UserError) as err:
         load_pipeline(str(bad))
-    assert "names model family 'flux'; supported: sd1, sd2, sdxl" in str(err.value) and "\n" not in str(err.value)
+    assert "names model family 'sd4'; supported: sd1, sd2, sdxl, sd3, flux" in str(err.value) and "\n" not in str(err.value)
     assert isinstance(err.value, USER_FACING) and error_text(err).startswith("error: ")
 
 

@@ -64,7 +64,7 @@ class FlowObjective:
     """Rectified-flow velocity prediction with the family's logit-normal, shifted timestep density."""
 
     kind = "flow"
-    prediction_type = "flow"
+    prediction_type = "velocity"  # what the denoiser predicts: ε − x0
 
     def __init__(self, scheduler, latent_shape: tuple, logit_mean: float = 0.0, logit_std: float = 1.0, patch: int = 1):
         self.scheduler = scheduler

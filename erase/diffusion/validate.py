@@ -31,6 +31,7 @@ SD_DEFAULTS = {"topk": 2.0, "lam": 0.3}
 #: Adapter options that a method config may also have (the adapter uses them whatever the method).
 ADAPTER_OPTIONS = {"negative_guidance"}
 DEFAULT_FORGET_BOUND = 1.0  # ascent stops once L_f passes the MSE of predicting zero noise (unit-variance target)
+FLOW_FORGET_BOUND = 2.0  # the same for a flow family: the velocity ε − x0 of unit-variance latents has variance 2
 
 
 def validate(config) -> None:
@@ -48,9 +49,9 @@ def validate(config) -> None:
         raise UserError(f"--export_pipeline writes the diffusers format; --export_format {config.output.export_format!r} does not have it")
     config.concept_set = _concepts(config)
     config.family = _family(config)
+    _method_defaults(config)
     if config.family is not None:
         apply_family(config, config.family)
-    _method_defaults(config)
     _counts(config)
     _data(config)
     try:  # the method's own config checks (ranges, choices), before any work
@@ -63,6 +64,8 @@ def apply_family(config, family) -> None:
     """The defaults that depend on the model family (data guidance and sampler; an MMDiT's ``--targets xattn`` means its
     text paths), and the family's own refusals: a DDPM sampler cannot draw from a flow model nor the reverse."""
     d = config.data
+    if getattr(config, "bound_defaulted", False):
+        config.method_options["forget_bound"] = FLOW_FORGET_BOUND if family.objective == "flow" else DEFAULT_FORGET_BOUND
     if d.guidance_scale is None:
         d.guidance_scale = family.default_guidance
     if d.data_scheduler is None:
@@ -192,6 +195,7 @@ def _method_defaults(config) -> None:
     forget_loss = opts.get("forget_loss") or ("redirect" if method == "salun" else "esd" if method == "esd" else "ascent")
     if forget_loss == "ascent" and opts.get("forget_bound") is None and "forget_bound" in option_names(method, "diffusion"):
         opts["forget_bound"] = DEFAULT_FORGET_BOUND
+        config.bound_defaulted = True  # a flow family's own bound replaces it (apply_family)
     if forget_loss == "redirect" and not anchored:
         missing = next(c.name for c in config.concept_set.concepts if not c.anchor_prompt)
         raise UserError(f"--forget_loss redirect needs an anchor prompt; concept {missing!r} has none (give --anchor_prompt)")
