@@ -5,9 +5,12 @@ two or more dimensions (Linear/Conv: U(-1/√fan_in, 1/√fan_in)), ones for 1-d
 embeddings, zero for biases. ``uniform`` / ``normal`` use that same scale for every weight of two or more
 dimensions (embeddings included) and draw a Linear/Conv bias as PyTorch does, U(±1/√fan_in) with the fan-in of
 its module's *weight* (``normal``: the same variance); a bias whose module has no such weight is zeroed.
-Under every init but ``zero``, 1-d weights (GroupNorm / LayerNorm / BatchNorm / RMSNorm scales) go to 1 and norm
-biases to 0: a random scale near 0 would switch channels off. ``zero`` zeroes every selected entry, norm scales
-included: it is pruning (the selected connections and channels are removed, as SNIP prunes), not a re-initialisation.
+Under every init but ``zero``, the scales of normalisation modules (GroupNorm / LayerNorm / BatchNorm / RMSNorm and
+any module whose class name ends in ``Norm``, whatever the scale's dimensionality: a multi-dimensional LayerNorm, a
+per-expert RMSNorm) go to 1 and their shifts (``bias``, ``beta``) to 0: a random scale near 0 would switch channels
+off. ``zero`` zeroes every selected entry, norm scales included: it is pruning (the selected connections and
+channels are removed, as SNIP prunes), not a re-initialisation. Norms whose neutral scale is 0 (``x·(1 + w)``, as
+Gemma's RMSNorm; GlobalResponseNorm's residual ``γ``) are not told apart: their scales go to 1 too.
 Values are drawn piece by piece with one seeded generator, as if each tensor were drawn whole, so no full-size
 draw is held.
 """
@@ -15,6 +18,7 @@ draw is held.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -32,16 +36,23 @@ def _fan_in(shape) -> int:
 PIECE = 1 << 16
 
 
+def _is_shift(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf.endswith("bias") or leaf == "beta"
+
+
 def _rule(name: str, p: torch.Tensor, init: str, kind: str | None, fan_in: int | None) -> tuple[str, float]:
     """How a tensor is re-initialised: ``("const", value)``, ``("uniform", bound)`` or ``("normal", std)``."""
     if init == "zero":
         return "const", 0.0  # pruning: norm scales too
+    if kind == "norm":  # whatever its dimensionality: a scale goes to 1, a shift to 0
+        return "const", 0.0 if _is_shift(name) else 1.0
     if name.endswith("bias"):
-        if init == "default" or kind == "norm" or not fan_in:
+        if init == "default" or not fan_in:
             return "const", 0.0
         bound = 1.0 / math.sqrt(fan_in)  # nn.Linear / nn.Conv bias init, with the weight's fan-in
     elif p.dim() < 2:
-        return "const", 1.0  # norm scale
+        return "const", 1.0  # a 1-d weight of a module of unknown kind: taken for a norm scale
     elif kind == "embedding" and init == "default":
         return "normal", 1.0
     else:
@@ -81,8 +92,11 @@ def _reset_(p: torch.Tensor, mask: torch.Tensor, rule: tuple[str, float], genera
     return old, new
 
 
+_NORM_NAME = re.compile(r"Norm(\d[dD])?$|NormGated$")  # LayerNorm, RMSNorm, LayerNorm2d, FrozenBatchNorm2d, RMSNormGated
+
+
 def _is_norm(mod: nn.Module) -> bool:
-    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or type(mod).__name__.endswith("Norm")
+    return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)) or bool(_NORM_NAME.search(type(mod).__name__))
 
 
 def module_kinds(model: nn.Module) -> dict[str, str]:
