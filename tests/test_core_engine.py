@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -280,3 +281,60 @@ def test_first_per_epoch_counts_micro_batches(lam, mlp, digits_tensors, accelera
     with_term = [r["step"] for r in res.history if "forget_term" in r]
     assert projected == [1, 5, 9]
     assert with_term == ([1, 5, 9] if lam else [])
+
+
+class Recording(ClassifierAdapter):
+    """Records the labels of every forget batch the forget term sees (each example's label is its index here)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: list[list[int]] = []
+
+    def forget_term(self, kind, model, batch, bound=None, **kwargs):
+        self.seen.append(batch[1].tolist())
+        return super().forget_term(kind, model, batch, bound=bound, **kwargs)
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_forget_batches_are_drawn_only_when_used(lam, digits_tensors, accelerator, tmp_path):
+    """forget_steps=first_per_epoch: the forget stream advances only on the steps whose loss uses a forget batch, so
+    the forget micro-batches of each retain epoch are one pass over D_f (each example once); with λ = 0 nothing
+    is drawn. A run resumed from a checkpoint draws the same batches and ends with the same weights."""
+    import torch.nn as nn
+
+    x, y = digits_tensors
+    forget = (x[:12], torch.arange(12) % 10)  # the label of example i is i % 10: batches say which examples they hold
+    retain = (x[12:76], y[12:76])  # batch 4: 3 forget micro-batches, 16 retain micro-batches per epoch
+
+    def fresh():
+        torch.manual_seed(0)
+        return Recording(nn.Sequential(nn.Linear(64, 10)), forget, retain, num_classes=10, batch_size=4)
+
+    def cfg(out, steps, resume=None):
+        return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, gradient_accumulation_steps=2, checkpointing_steps=5,
+                            progress=False, log_every=1, resume_from_checkpoint=resume)
+
+    kw = dict(lam=lam, ablation="no_trim", forget_steps="first_per_epoch", forget_bound=3.0)
+    adapter = fresh()
+    res = run(adapter, build_method("scissorhands", **kw), cfg(tmp_path / "a", 16), accelerator=accelerator)
+    draws = [json.loads((tmp_path / "a" / f"checkpoint-{s}" / "erase_state.json").read_text())["streams"]["forget"]["draws"]
+             for s in (5, 10)]
+    if lam == 0.0:
+        assert adapter.seen == [] and draws == [0, 0]
+        return
+    # 8 optimizer steps per retain epoch; its first 2 steps hold the first 3 retain micro-batches: 2 forget micro-batches
+    # on each of steps 1, 2, 9, 10, and nothing drawn in between
+    assert [r["step"] for r in res.history if "forget_term" in r] == [1, 2, 9, 10]
+    assert draws == [4, 8] and len(adapter.seen) == 8
+    every = sorted(int(v) for v in forget[1])
+    assert sorted(i for b in adapter.seen[:3] for i in b) == every  # draws 0-2: the first pass over D_f
+    assert sorted(i for b in adapter.seen[3:6] for i in b) == every  # draws 3-5: the second, across the two epochs
+    part = fresh()
+    run(part, build_method("scissorhands", **kw), cfg(tmp_path / "b", 10), accelerator=accelerator)
+    resumed = fresh()
+    out = run(resumed, build_method("scissorhands", **kw), cfg(tmp_path / "b", 16, resume="latest"), accelerator=accelerator)
+    assert out.resumed_from.endswith("checkpoint-5")
+    assert part.seen[:4] + resumed.seen == adapter.seen
+    for a, b in zip(res.model.state_dict().values(), out.model.state_dict().values()):
+        assert torch.equal(a, b)
+

@@ -187,12 +187,13 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, config)
         logs = dict(method.before_step(ctx, model_p, step) or {})
+        draw_forget = ctx.forget is not None and method.needs_forget_batch(ctx, step)  # unused batches stay in D_f
         total = 0.0
         for micro in range(accum):
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model_p)
             with sync:
                 with acc.autocast():
-                    loss, parts = method.loss(ctx, model_p, next(ctx.forget) if ctx.forget is not None else None,
+                    loss, parts = method.loss(ctx, model_p, next(ctx.forget) if draw_forget else None,
                                               next(ctx.retain) if ctx.retain is not None else None)
                 acc.backward(loss / accum)
                 # read after the backward is queued: on an accelerator, reading it first would hold the backward

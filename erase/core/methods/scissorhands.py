@@ -149,6 +149,9 @@ class Scissorhands(Method):
         self._unchecked = True  # after_backward drops those that are not finite (from the norms it computes anyway)
         return {"memory_forget_loss": -float(loss.detach())}
 
+    def needs_forget_batch(self, ctx, step: int) -> bool:
+        return self._forget_active(ctx, step)
+
     def loss(self, ctx, model, forget_batch, retain_batch):
         lr = ctx.adapter.retain_loss(model, retain_batch)
         parts = {"retain_loss": lr.detach()}
