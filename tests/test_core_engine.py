@@ -119,19 +119,26 @@ def test_projection_keeps_forget_loss_from_dropping(project, mlp, digits_tensors
         assert "projected" not in res.history[-1] and after < before - 1e-4
 
 
-def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerator, tmp_path):
+def trained_adapter(trained_mlp, digits_tensors) -> ClassifierAdapter:
+    """A fresh copy of the trained digits MLP, forgetting the threes."""
     import torch.nn as nn
 
     forget, retain = split(digits_tensors)
+    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    m.load_state_dict(trained_mlp)
+    return ClassifierAdapter(m, forget, retain, num_classes=10, batch_size=16)
 
+
+def checkpointed(out, steps, resume=None, seed=7) -> EngineConfig:
+    return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, checkpointing_steps=3, progress=False,
+                        resume_from_checkpoint=resume, seed=seed)
+
+
+def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerator, tmp_path):
     def fresh():
-        m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-        m.load_state_dict(trained_mlp)
-        return ClassifierAdapter(m, forget, retain, num_classes=10, batch_size=16)
+        return trained_adapter(trained_mlp, digits_tensors)
 
-    def cfg(out, steps, resume=None):
-        return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, checkpointing_steps=3, progress=False,
-                            resume_from_checkpoint=resume, seed=7)
+    cfg = checkpointed
 
     kw = dict(topk=5.0, lam=0.2, forget_bound=2.0, memory_refresh=2)
     full = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "a", 8), accelerator=accelerator)
@@ -338,3 +345,37 @@ def test_forget_batches_are_drawn_only_when_used(lam, digits_tensors, accelerato
     for a, b in zip(res.model.state_dict().values(), out.model.state_dict().values()):
         assert torch.equal(a, b)
 
+
+@pytest.mark.parametrize("refresh", [1, 2])
+def test_memories_are_checkpointed_only_when_a_resume_uses_them(refresh, trained_mlp, digits_tensors, accelerator, tmp_path):
+    """memory_refresh=1 recomputes the memories at the first resumed step, so a checkpoint holds only the counters;
+    memory_refresh=2 keeps them. A checkpoint that holds them anyway (written by an earlier version) still resumes to
+    the uninterrupted run's weights."""
+    from safetensors import safe_open
+
+    def fresh():
+        return trained_adapter(trained_mlp, digits_tensors)
+
+    def cfg(out, steps, resume=None):
+        return checkpointed(out, steps, resume, seed=3)
+
+    kw = dict(topk=5.0, lam=0.2, memory_refresh=refresh)
+    full = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "a", 5), accelerator=accelerator)
+    with safe_open(str(tmp_path / "a" / "checkpoint-3" / "erase_state.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "counts" in keys and any(k.startswith("memory.") for k in keys) == (refresh > 1)
+
+    class Older(get_method_class("scissorhands")):  # saves its memories whatever memory_refresh is
+        def state_tensors(self):
+            out = super().state_tensors()
+            out.update({f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)})
+            return out
+
+    run(fresh(), Older(build_method("scissorhands", **kw).config), cfg(tmp_path / "b", 4), accelerator=accelerator)
+    with safe_open(str(tmp_path / "b" / "checkpoint-3" / "erase_state.safetensors"), "pt") as f:
+        assert any(k.startswith("memory.") for k in f.keys())
+    resumed = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "b", 5, resume=str(tmp_path / "b" / "checkpoint-3")),
+                  accelerator=accelerator)
+    assert resumed.method_summary == full.method_summary
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -241,7 +241,9 @@ class Scissorhands(Method):
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)}
+        # memory_refresh = 1: a resumed run recomputes the memories at its first step, so they are not saved
+        # (a checkpoint that holds them still loads: they are replaced before use)
+        out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)} if self.config.memory_refresh > 1 else {}
         out["counts"] = torch.tensor([self.counts[k] for k in COUNTS], dtype=torch.int64)
         return out
 
