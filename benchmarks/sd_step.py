@@ -2,17 +2,18 @@
 """Seconds and peak memory per Scissorhands repair step on a Stable Diffusion UNet (random weights, no hub).
 
 Modes:
-  ratio  (CPU): a mid-size UNet; one Scissorhands step through the real engine (``erase.core.run`` with the
-         diffusion adapter: memory refresh, retain + forget forwards, one backward, GEM projection, optimizer
-         step) against the bare passes that step needs written in plain PyTorch (same forwards / backwards /
-         optimizer step, no adapter, no projection). Target: ratio <= 1.10.
+  ratio  (CPU): a mid-size UNet (``--unet sd14``: the SD v1.4 architecture); one Scissorhands step through the real
+         engine (``erase.core.run`` with the diffusion adapter: memory refresh, retain + forget forwards, one
+         backward, GEM projection, optimizer step, check of the applied step) against the bare passes that step
+         needs written in plain PyTorch (same forwards / backwards / optimizer step, no adapter, no projection).
+         Target: ratio <= 1.10.
   trim   (CPU): peak RSS of Scissorhands' trim (SNIP saliency + top-k + re-initialisation) on the full SD v1.4
          UNet architecture, ``--targets full``, vs the parameter bytes. Target: <= 3.2x. Small latents (8x8)
          keep the activations small; peak RSS is sampled every 2 ms by a thread.
   cuda   (GPU): the SD v1.4 UNet at 512 px (64x64 latents), bf16, batch 8 and 16: s/step and peak GPU memory
          of the repair step (target: a default nudity erasure in <= 5 min, <= 24 GB on one H100).
 
-  python benchmarks/sd_step.py --mode ratio
+  python benchmarks/sd_step.py --mode ratio [--unet sd14] [--clock cpu]
   python benchmarks/sd_step.py --mode trim
   python benchmarks/sd_step.py --mode cuda --batch_sizes 8 16
 """
@@ -166,26 +167,34 @@ def bare_steps(unet, args, lam: float = 1.0) -> list[float]:
     return times[args.warmup:]
 
 
+UNETS = {"mid": (MID_UNET, "mid (block_out_channels 32,64,128,128; cross_attention_dim 128)"),
+         "sd14": (SD14_UNET, "SD v1.4 architecture, random weights")}
+
+
 def mode_ratio(args) -> dict:
-    """Interleaved repeats; the figure is the ratio of the fastest steps (least disturbed by other load)."""
+    """Interleaved repeats, each on a freshly built UNet; the figures are the ratio of the medians and of the fastest
+    steps (the least disturbed by other load)."""
+    import gc
+
     torch.set_num_threads(args.threads)
+    config, name = UNETS[args.unet]
     bare_all, eng_all = [], []
     for r in range(args.repeats):
-        unet = build_unet(MID_UNET)
-        bare = bare_steps(unet, args)
-        unet = build_unet(MID_UNET)
-        eng, _ = engine_steps(unet, args)
-        bare_all += bare
-        eng_all += eng
-        print(json.dumps({"repeat": r, "bare_s": statistics.median(bare), "scissorhands_s": statistics.median(eng)}), flush=True)
-    n = sum(p.numel() for p in build_unet(MID_UNET).parameters())
-    return {"mode": "ratio", "unet": "mid (block_out_channels 32,64,128,128; cross_attention_dim 128)", "unet_parameters": n,
+        for kind in ("bare", "engine"):
+            unet = build_unet(config)
+            steps = bare_steps(unet, args) if kind == "bare" else engine_steps(unet, args)[0]
+            (bare_all if kind == "bare" else eng_all).extend(steps)
+            del unet
+            gc.collect()  # one UNet at a time (the SD v1.4 one is 3.4 GB in float32)
+        print(json.dumps({"repeat": r, "bare_s": statistics.median(bare_all), "scissorhands_s": statistics.median(eng_all)}), flush=True)
+    n = sum(p.numel() for p in build_unet(config).parameters())
+    return {"mode": "ratio", "unet": name, "unet_parameters": n,
             "latent": args.latent, "batch": args.batch, "targets": args.targets, "threads": args.threads, "clock": args.clock,
             "steps_per_repeat": args.steps, "repeats": args.repeats,
             "bare_s_per_step": {"min": min(bare_all), "median": statistics.median(bare_all)},
             "scissorhands_s_per_step": {"min": min(eng_all), "median": statistics.median(eng_all)},
             "ratio": min(eng_all) / min(bare_all), "ratio_of_medians": statistics.median(eng_all) / statistics.median(bare_all),
-            "overhead_ms": overhead_ms(args)}
+            "overhead_ms": overhead_ms(args) if args.unet == "mid" else None}
 
 
 def overhead_ms(args) -> dict:
@@ -279,6 +288,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--topk", type=float, default=10.0)
     p.add_argument("--saliency_batches", type=int, default=1)
+    p.add_argument("--unet", choices=tuple(UNETS), default="mid", help="ratio mode: the mid-size UNet or the SD v1.4 architecture.")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="ratio mode: wall time, or this process's CPU time "
                    "(with one thread, what other jobs on a shared machine disturb least).")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared machine more threads oversubscribe).")
