@@ -46,15 +46,18 @@ def test_inner_products_equal_float64_sums(stage, monkeypatch):
     assert float(gram[0, 1]) == pytest.approx(reference_dot(a, c0), rel=1e-14)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_add_and_measure_equals_separate_passes(wide, monkeypatch):
+@pytest.mark.parametrize("wide,channels_last", [(False, False), (True, False), (False, True)])
+def test_add_and_measure_equals_separate_passes(wide, channels_last, monkeypatch):
     """The fused correction pass: the same update as a whole-tensor add, Σ|x||g| of the tensors before it and
     ⟨x_after, g⟩ (or ⟨origin − x_after, g⟩) after it, as separate float64 computations give them."""
     monkeypatch.setattr(inner, "STAGE_CPU", 16)
     dtype = torch.float64 if wide else torch.float32
     gen = torch.Generator().manual_seed(4)
-    shapes = [(3, 7), (5,), (40,)]
+    shapes = [(3, 7), (5,), (40,), (2, 3, 2, 2)]
     x = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    if channels_last:  # a conv weight in channels-last layout has no flat view
+        x[3] = x[3].to(memory_format=torch.channels_last)
+        assert not x[3].is_contiguous()
     mems = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(2)]
     origin = [t + 1e-3 * torch.randn(t.shape, generator=gen, dtype=dtype) for t in x] if wide else None
     want = [t.clone() for t in x]

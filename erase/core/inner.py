@@ -95,12 +95,19 @@ def add_and_measure_(tensors: Tensors, memories: Sequence[Tensors], coefs: Seque
     ``Σ_t ⟨|x_t|, |g^j_t|⟩`` of the tensors *before* the update and ``Σ_t ⟨y_t, g^j_t⟩`` *after* it, with ``y`` the
     updated tensors, or ``origin − tensors`` when ``origin`` is given. Returns both float64 vectors.
 
-    Each tensor and memory is read once (the update is applied piece by piece, between the two measurements); the
-    tensors must be contiguous (parameters are), so their flat views write through.
+    Each tensor and memory is read once: the update is applied piece by piece, between the two measurements, through
+    flat views of the tensors. A non-contiguous tensor (channels-last) has no flat view: then the three steps run
+    one after the other.
     """
-    if any(t is not None and not t.is_contiguous() for t in tensors):
-        raise ValueError("add_and_measure_ needs contiguous tensors")
     m = len(memories)
+    if any(t is not None and not t.is_contiguous() for t in tensors):
+        absolute = inner_products([tensors, *memories], [], [(0, 1 + j) for j in range(m)])
+        for mem, coef in zip(memories, coefs):
+            for t, o in zip(tensors, mem):
+                if t is not None and o is not None and coef != 0.0:
+                    t.add_(o.to(t.dtype), alpha=coef)
+        measured = [[b - t for b, t in zip(origin, tensors)]] if origin is not None else [tensors]
+        return absolute, inner_products([*measured, *memories], [(0, 1 + j) for j in range(m)])
     lists = [tensors, *([origin] if origin is not None else []), *memories]
     skip = 2 if origin is not None else 1  # memories start at views[skip]; rows: 0 before, 1 after, 2.. memories
     parts: list[torch.Tensor] = []
