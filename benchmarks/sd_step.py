@@ -2,17 +2,18 @@
 """Seconds and peak memory per Scissorhands repair step on a Stable Diffusion UNet (random weights, no hub).
 
 Modes:
-  ratio  (CPU): a mid-size UNet; one Scissorhands step through the real engine (``erase.core.run`` with the
-         diffusion adapter: memory refresh, retain + forget forwards, one backward, GEM projection, optimizer
-         step) against the bare passes that step needs written in plain PyTorch (same forwards / backwards /
-         optimizer step, no adapter, no projection). Target: ratio <= 1.10.
+  ratio  (CPU): a mid-size UNet (``--unet sd14``: the SD v1.4 architecture); one Scissorhands step through the real
+         engine (``erase.core.run`` with the diffusion adapter: memory refresh, retain + forget forwards, one
+         backward, GEM projection, optimizer step, check of the applied step) against the bare passes that step
+         needs written in plain PyTorch (same forwards / backwards / optimizer step, no adapter, no projection).
+         Target: ratio <= 1.10.
   trim   (CPU): peak RSS of Scissorhands' trim (SNIP saliency + top-k + re-initialisation) on the full SD v1.4
          UNet architecture, ``--targets full``, vs the parameter bytes. Target: <= 3.2x. Small latents (8x8)
          keep the activations small; peak RSS is sampled every 2 ms by a thread.
   cuda   (GPU): the SD v1.4 UNet at 512 px (64x64 latents), bf16, batch 8 and 16: s/step and peak GPU memory
          of the repair step (target: a default nudity erasure in <= 5 min, <= 24 GB on one H100).
 
-  python benchmarks/sd_step.py --mode ratio
+  python benchmarks/sd_step.py --mode ratio [--unet sd14] [--clock cpu]
   python benchmarks/sd_step.py --mode trim
   python benchmarks/sd_step.py --mode cuda --batch_sizes 8 16
 """
@@ -43,6 +44,7 @@ SD14_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
     act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
 )
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # A mid-size UNet of the same shape (about 1/10 of the SD v1.4 widths) for CPU step timings.
 MID_UNET = dict(SD14_UNET, sample_size=16, block_out_channels=(32, 64, 128, 128), layers_per_block=1,
                 cross_attention_dim=128, attention_head_dim=4)
@@ -64,14 +66,14 @@ def build_adapter(unet, latent: int, batch: int, n: int = 16, seq: int = 77, dev
     g = torch.Generator().manual_seed(1)
     dim = unet.config.cross_attention_dim
 
-    def latents():
+    def latents(prompts: int):  # prompt index: a retain image's prompt row, a forget image's group (one group here)
         return LatentSet(torch.randn(n, 4, latent, latent, generator=g), 0.05 * torch.ones(n, 4, latent, latent),
-                         torch.randint(0, 4, (n,), generator=g))
+                         torch.randint(0, prompts, (n,), generator=g))
 
     emb = PromptEmbeddings(forget=torch.randn(4, seq, dim, generator=g).to(device, dtype), retain=torch.randn(4, seq, dim, generator=g).to(device, dtype),
                            anchor=torch.randn(1, seq, dim, generator=g).to(device, dtype), uncond=torch.randn(1, seq, dim, generator=g).to(device, dtype))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    return DiffusionAdapter(unet, sched, emb, latents(), latents(), batch_size=batch, device=device, weight_dtype=dtype)
+    return DiffusionAdapter(unet, sched, emb, latents(1), latents(4), batch_size=batch, device=device, weight_dtype=dtype)
 
 
 class PeakRSS:
@@ -111,12 +113,12 @@ def engine_steps(unet, args, device="cpu", mixed_precision="no") -> tuple[list[f
                             dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32))
     method = build_method("scissorhands", "diffusion", topk=args.topk, saliency_batches=1)
     stamps: list[float] = []
-    inner = method.before_step
+    inner, clock = method.before_step, CLOCKS[getattr(args, "clock", "wall")]
 
     def stamped(ctx, model, step):
         if device == "cuda":
             torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
+        stamps.append(clock())
         return inner(ctx, model, step)
 
     method.before_step = stamped
@@ -150,10 +152,10 @@ def bare_steps(unet, args, lam: float = 1.0) -> list[float]:
     def mse(b):
         return F.mse_loss(unet(b[0], b[1], encoder_hidden_states=b[2], return_dict=False)[0], b[3])
 
-    times = []
+    times, clock = [], CLOCKS[args.clock]
     for step in range(args.warmup + args.steps):
         mem, ret, fgt = batch(), batch(), batch()
-        t0 = time.perf_counter()
+        t0 = clock()
         (-mse(mem)).backward()
         for p in params.values():
             p.grad = None
@@ -161,30 +163,38 @@ def bare_steps(unet, args, lam: float = 1.0) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times[args.warmup:]
 
 
+UNETS = {"mid": (MID_UNET, "mid (block_out_channels 32,64,128,128; cross_attention_dim 128)"),
+         "sd14": (SD14_UNET, "SD v1.4 architecture, random weights")}
+
+
 def mode_ratio(args) -> dict:
-    """Interleaved repeats; the figure is the ratio of the fastest steps (least disturbed by other load)."""
+    """Interleaved repeats, each on a freshly built UNet; the figures are the ratio of the medians and of the fastest
+    steps (the least disturbed by other load)."""
+    import gc
+
     torch.set_num_threads(args.threads)
+    config, name = UNETS[args.unet]
     bare_all, eng_all = [], []
     for r in range(args.repeats):
-        unet = build_unet(MID_UNET)
-        bare = bare_steps(unet, args)
-        unet = build_unet(MID_UNET)
-        eng, _ = engine_steps(unet, args)
-        bare_all += bare
-        eng_all += eng
-        print(json.dumps({"repeat": r, "bare_s": statistics.median(bare), "scissorhands_s": statistics.median(eng)}), flush=True)
-    n = sum(p.numel() for p in build_unet(MID_UNET).parameters())
-    return {"mode": "ratio", "unet": "mid (block_out_channels 32,64,128,128; cross_attention_dim 128)", "unet_parameters": n,
-            "latent": args.latent, "batch": args.batch, "targets": args.targets, "threads": args.threads,
+        for kind in ("bare", "engine"):
+            unet = build_unet(config)
+            steps = bare_steps(unet, args) if kind == "bare" else engine_steps(unet, args)[0]
+            (bare_all if kind == "bare" else eng_all).extend(steps)
+            del unet
+            gc.collect()  # one UNet at a time (the SD v1.4 one is 3.4 GB in float32)
+        print(json.dumps({"repeat": r, "bare_s": statistics.median(bare_all), "scissorhands_s": statistics.median(eng_all)}), flush=True)
+    n = sum(p.numel() for p in build_unet(config).parameters())
+    return {"mode": "ratio", "unet": name, "unet_parameters": n,
+            "latent": args.latent, "batch": args.batch, "targets": args.targets, "threads": args.threads, "clock": args.clock,
             "steps_per_repeat": args.steps, "repeats": args.repeats,
             "bare_s_per_step": {"min": min(bare_all), "median": statistics.median(bare_all)},
             "scissorhands_s_per_step": {"min": min(eng_all), "median": statistics.median(eng_all)},
             "ratio": min(eng_all) / min(bare_all), "ratio_of_medians": statistics.median(eng_all) / statistics.median(bare_all),
-            "overhead_ms": overhead_ms(args)}
+            "overhead_ms": overhead_ms(args) if args.unet == "mid" else None}
 
 
 def overhead_ms(args) -> dict:
@@ -278,6 +288,9 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--topk", type=float, default=10.0)
     p.add_argument("--saliency_batches", type=int, default=1)
+    p.add_argument("--unet", choices=tuple(UNETS), default="mid", help="ratio mode: the mid-size UNet or the SD v1.4 architecture.")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="ratio mode: wall time, or this process's CPU time "
+                   "(with one thread, what other jobs on a shared machine disturb least).")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: on a shared machine more threads oversubscribe).")
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--tmp", default="/tmp/sd_step_bench")

@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -118,19 +119,26 @@ def test_projection_keeps_forget_loss_from_dropping(project, mlp, digits_tensors
         assert "projected" not in res.history[-1] and after < before - 1e-4
 
 
-def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerator, tmp_path):
+def trained_adapter(trained_mlp, digits_tensors) -> ClassifierAdapter:
+    """A fresh copy of the trained digits MLP, forgetting the threes."""
     import torch.nn as nn
 
     forget, retain = split(digits_tensors)
+    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    m.load_state_dict(trained_mlp)
+    return ClassifierAdapter(m, forget, retain, num_classes=10, batch_size=16)
 
+
+def checkpointed(out, steps, resume=None, seed=7) -> EngineConfig:
+    return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, checkpointing_steps=3, progress=False,
+                        resume_from_checkpoint=resume, seed=seed)
+
+
+def test_resume_equals_uninterrupted_run(trained_mlp, digits_tensors, accelerator, tmp_path):
     def fresh():
-        m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-        m.load_state_dict(trained_mlp)
-        return ClassifierAdapter(m, forget, retain, num_classes=10, batch_size=16)
+        return trained_adapter(trained_mlp, digits_tensors)
 
-    def cfg(out, steps, resume=None):
-        return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, checkpointing_steps=3, progress=False,
-                            resume_from_checkpoint=resume, seed=7)
+    cfg = checkpointed
 
     kw = dict(topk=5.0, lam=0.2, forget_bound=2.0, memory_refresh=2)
     full = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "a", 8), accelerator=accelerator)
@@ -280,3 +288,94 @@ def test_first_per_epoch_counts_micro_batches(lam, mlp, digits_tensors, accelera
     with_term = [r["step"] for r in res.history if "forget_term" in r]
     assert projected == [1, 5, 9]
     assert with_term == ([1, 5, 9] if lam else [])
+
+
+class Recording(ClassifierAdapter):
+    """Records the labels of every forget batch the forget term sees (each example's label is its index here)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: list[list[int]] = []
+
+    def forget_term(self, kind, model, batch, bound=None, **kwargs):
+        self.seen.append(batch[1].tolist())
+        return super().forget_term(kind, model, batch, bound=bound, **kwargs)
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_forget_batches_are_drawn_only_when_used(lam, digits_tensors, accelerator, tmp_path):
+    """forget_steps=first_per_epoch: the forget stream advances only on the steps whose loss uses a forget batch, so
+    the forget micro-batches of each retain epoch are one pass over D_f (each example once); with λ = 0 nothing
+    is drawn. A run resumed from a checkpoint draws the same batches and ends with the same weights."""
+    import torch.nn as nn
+
+    x, y = digits_tensors
+    forget = (x[:12], torch.arange(12) % 10)  # the label of example i is i % 10: batches say which examples they hold
+    retain = (x[12:76], y[12:76])  # batch 4: 3 forget micro-batches, 16 retain micro-batches per epoch
+
+    def fresh():
+        torch.manual_seed(0)
+        return Recording(nn.Sequential(nn.Linear(64, 10)), forget, retain, num_classes=10, batch_size=4)
+
+    def cfg(out, steps, resume=None):
+        return EngineConfig(output_dir=str(out), max_train_steps=steps, lr=1e-3, gradient_accumulation_steps=2, checkpointing_steps=5,
+                            progress=False, log_every=1, resume_from_checkpoint=resume)
+
+    kw = dict(lam=lam, ablation="no_trim", forget_steps="first_per_epoch", forget_bound=3.0)
+    adapter = fresh()
+    res = run(adapter, build_method("scissorhands", **kw), cfg(tmp_path / "a", 16), accelerator=accelerator)
+    draws = [json.loads((tmp_path / "a" / f"checkpoint-{s}" / "erase_state.json").read_text())["streams"]["forget"]["draws"]
+             for s in (5, 10)]
+    if lam == 0.0:
+        assert adapter.seen == [] and draws == [0, 0]
+        return
+    # 8 optimizer steps per retain epoch; its first 2 steps hold the first 3 retain micro-batches: 2 forget micro-batches
+    # on each of steps 1, 2, 9, 10, and nothing drawn in between
+    assert [r["step"] for r in res.history if "forget_term" in r] == [1, 2, 9, 10]
+    assert draws == [4, 8] and len(adapter.seen) == 8
+    every = sorted(int(v) for v in forget[1])
+    assert sorted(i for b in adapter.seen[:3] for i in b) == every  # draws 0-2: the first pass over D_f
+    assert sorted(i for b in adapter.seen[3:6] for i in b) == every  # draws 3-5: the second, across the two epochs
+    part = fresh()
+    run(part, build_method("scissorhands", **kw), cfg(tmp_path / "b", 10), accelerator=accelerator)
+    resumed = fresh()
+    out = run(resumed, build_method("scissorhands", **kw), cfg(tmp_path / "b", 16, resume="latest"), accelerator=accelerator)
+    assert out.resumed_from.endswith("checkpoint-5")
+    assert part.seen[:4] + resumed.seen == adapter.seen
+    for a, b in zip(res.model.state_dict().values(), out.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("refresh", [1, 2])
+def test_memories_are_checkpointed_only_when_a_resume_uses_them(refresh, trained_mlp, digits_tensors, accelerator, tmp_path):
+    """memory_refresh=1 recomputes the memories at the first resumed step, so a checkpoint holds only the counters;
+    memory_refresh=2 keeps them. A checkpoint that holds them anyway (written by an earlier version) still resumes to
+    the uninterrupted run's weights."""
+    from safetensors import safe_open
+
+    def fresh():
+        return trained_adapter(trained_mlp, digits_tensors)
+
+    def cfg(out, steps, resume=None):
+        return checkpointed(out, steps, resume, seed=3)
+
+    kw = dict(topk=5.0, lam=0.2, memory_refresh=refresh)
+    full = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "a", 5), accelerator=accelerator)
+    with safe_open(str(tmp_path / "a" / "checkpoint-3" / "erase_state.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "counts" in keys and any(k.startswith("memory.") for k in keys) == (refresh > 1)
+
+    class Older(get_method_class("scissorhands")):  # saves its memories whatever memory_refresh is
+        def state_tensors(self):
+            out = super().state_tensors()
+            out.update({f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)})
+            return out
+
+    run(fresh(), Older(build_method("scissorhands", **kw).config), cfg(tmp_path / "b", 4), accelerator=accelerator)
+    with safe_open(str(tmp_path / "b" / "checkpoint-3" / "erase_state.safetensors"), "pt") as f:
+        assert any(k.startswith("memory.") for k in f.keys())
+    resumed = run(fresh(), build_method("scissorhands", **kw), cfg(tmp_path / "b", 5, resume=str(tmp_path / "b" / "checkpoint-3")),
+                  accelerator=accelerator)
+    assert resumed.method_summary == full.method_summary
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -381,3 +381,40 @@ def test_stream_shards_one_global_batch():
         assert next(single) == next(ranks[0]) + next(ranks[1])
     with pytest.raises(ValueError, match="empty"):
         EndlessStream(0, 2, lambda i: i, name="forget set")
+
+
+def test_trim_sets_norm_scales_of_any_dimensionality_to_one():
+    """A norm module's scale goes to 1 and its shift to 0 whatever the scale's shape: a LayerNorm over (4, 6), a
+    per-expert RMSNorm with a (experts, dim) weight, a LayerNorm2d named so, a GlobalResponseNorm's (1, 1, 1, C)
+    gamma / beta. Kaiming here would draw a multi-dimensional scale near 0 and switch features off."""
+
+    class ExpertNorm(nn.Module):  # as transformers' ErgoExpertNorm: one RMSNorm scale per expert
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3, 6))
+
+    class LayerNorm2d(nn.Module):  # as SAM's / ConvNeXt's channel LayerNorm
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.ones(6)), nn.Parameter(torch.zeros(6))
+
+    class GlobalResponseNorm(nn.Module):  # diffusers.models.normalization.GlobalResponseNorm
+        def __init__(self):
+            super().__init__()
+            self.gamma, self.beta = nn.Parameter(torch.zeros(1, 1, 1, 6)), nn.Parameter(torch.zeros(1, 1, 1, 6))
+
+    model = nn.ModuleDict({"ln": nn.LayerNorm((4, 6)), "expert": ExpertNorm(), "ln2d": LayerNorm2d(), "grn": GlobalResponseNorm(),
+                           "lin": nn.Linear(6, 6)})
+    params = dict(model.named_parameters())
+    for p in params.values():
+        torch.nn.init.constant_(p, 7.0)
+    kinds = module_kinds(model)
+    assert {kinds[n] for n in params if not n.startswith("lin")} == {"norm"} and kinds["lin.weight"] == "other"
+    for init in ("default", "uniform", "normal"):
+        trim_(params, {n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()}, init=init, seed=1, kinds=kinds,
+              fan_ins=bias_fan_ins(model))
+        for n in ("ln.weight", "expert.weight", "ln2d.weight", "grn.gamma"):
+            assert (params[n] == 1).all(), (init, n)
+        for n in ("ln.bias", "ln2d.bias", "grn.beta"):
+            assert (params[n] == 0).all(), (init, n)
+        assert params["lin.weight"].abs().max() <= 6 ** -0.5 * (1 if init != "normal" else 5)  # a Linear is still drawn

@@ -187,13 +187,17 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, config)
         logs = dict(method.before_step(ctx, model_p, step) or {})
+        draw_forget = ctx.forget is not None and method.needs_forget_batch(ctx, step)  # unused batches stay in D_f
         total = 0.0
         for micro in range(accum):
             sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model_p)
             with sync:
                 with acc.autocast():
-                    loss, parts = method.loss(ctx, model_p, next(ctx.forget) if ctx.forget else None,
-                                              next(ctx.retain) if ctx.retain else None)
+                    loss, parts = method.loss(ctx, model_p, next(ctx.forget) if draw_forget else None,
+                                              next(ctx.retain) if ctx.retain is not None else None)
+                acc.backward(loss / accum)
+                # read after the backward is queued: on an accelerator, reading it first would hold the backward
+                # until the forward has finished; a non-finite loss still stops the run before the optimizer step
                 value = float(acc.reduce(loss.detach().float(), reduction="mean")) if world > 1 else float(loss.detach())
                 if not math.isfinite(value):
                     last = list_checkpoints(config.output_dir)
@@ -201,7 +205,6 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
                         f"loss became {value} at step {step}; stopped without a final export"
                         + (f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint was saved")
                     )
-                acc.backward(loss / accum)
                 total += value / accum
         logs.update(method.after_backward(ctx, model_p, step) or {})
         if config.max_grad_norm:

@@ -1,6 +1,7 @@
 """What a method supplies: its phases, never a loop.
 
-``prepare`` runs once before training (e.g. the trim), ``loss`` returns the step's objective,
+``prepare`` runs once before training (e.g. the trim), ``loss`` returns the step's objective (``needs_forget_batch``
+says on which steps it uses a forget batch),
 ``before_step`` / ``after_backward`` / ``after_step`` hook into each optimizer step (memory refresh, projection,
 masks, a correction of the applied step). ``summary`` reports per-run counters (kept in ``RunResult``).
 Tensor state that must survive a resume goes in ``state_tensors`` (saved as safetensors in checkpoints).
@@ -67,6 +68,12 @@ class Method:
 
     def loss(self, ctx: "RunContext", model, forget_batch, retain_batch) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def needs_forget_batch(self, ctx: "RunContext", step: int) -> bool:
+        """Whether ``loss`` uses a forget batch on ``step``. The engine draws one (per micro-batch) only then, so the
+        forget stream advances only by the batches used: a forget epoch is one pass over D_f. When False, ``loss``
+        gets ``None``. Must depend on ``step`` and the configuration only (every process decides alike; resumable)."""
+        return True
 
     def before_step(self, ctx: "RunContext", model, step: int) -> dict:
         return {}

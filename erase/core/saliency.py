@@ -4,7 +4,8 @@
 * ``grad``: gradient magnitude (SalUn, Fan et al., 2024): ``S = |Σ_b ∇θ L_f(b)|``.
 
 Gradients are folded into one accumulator per tensor by a post-accumulate hook and freed at once, so the peak is
-parameters + accumulators + one gradient, never a second full set of gradients. Gradients already present on the
+parameters + accumulators + one gradient, never a second full set of gradients: a tensor's first gradient becomes
+its accumulator, and each gradient is scaled, made absolute and checked in place. Gradients already present on the
 parameters are set aside for the pass and put back after. Under fp16 the backward goes through the grad scaler;
 ``grad_scale`` divides it out. A non-finite folded gradient (an fp16 overflow, a broken loss) stops the pass with
 a :class:`FloatingPointError` naming the batch and the tensors: an infinite score would be ranked first and a NaN
@@ -48,23 +49,30 @@ def saliency_scores(
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1, got {num_batches}")
     wanted = {id(p) for p in params.values()}
-    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
-    by_id = {id(p): acc[n] for n, p in params.items()}
+    acc: dict[str, torch.Tensor] = {}  # filled by the first gradient of each tensor (no zero-filled set up front)
     name_of = {id(p): n for n, p in params.items()}
     backward = backward or (lambda loss: loss.backward())
     bad: list[str] = []
 
     def fold(p: torch.Tensor) -> None:
-        g = p.grad.float()
+        # p.grad is handed over (set to None below), so the gradient is transformed in place: no temporary
+        g = p.grad if p.grad.dtype == torch.float32 and p.grad.is_contiguous() else p.grad.float().contiguous()
+        p.grad = None
         if reduce_grad is not None:
             g = reduce_grad(g)
         if grad_scale is not None and grad_scale != 1.0:
-            g = g / grad_scale
-        if bool(torch.isfinite(g).all()):
-            by_id[id(p)].add_(g.abs() if kind == "snip" else g)
-        else:
+            g.div_(grad_scale)
+        if kind == "snip":
+            g.abs_()
+        low, high = torch.aminmax(g)  # every entry finite iff both ends are (NaN propagates): one reduction
+        if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
             bad.append(name_of[id(p)])
-        p.grad = None
+            return
+        name = name_of[id(p)]
+        if name in acc:
+            acc[name].add_(g)
+        else:
+            acc[name] = g
 
     everything = list(model.parameters()) if model is not None else list(params.values())
     flags = {id(p): p.requires_grad for p in everything}
@@ -94,12 +102,14 @@ def saliency_scores(
             p.requires_grad_(flags[id(p)])
             if id(p) in wanted:
                 p.grad = stashed[id(p)]
-    for n, p in params.items():
-        a = acc[n]
-        if kind == "snip":
-            a.mul_(p.detach().float()).abs_()
+    out = {}
+    for n, p in params.items():  # in the order of ``params``; a tensor the loss does not reach scores 0
+        a = acc.pop(n, None)
+        if a is None:
+            a = torch.zeros_like(p, dtype=torch.float32)
+        elif kind == "snip":
+            a.mul_(p.detach()).abs_()
         else:
             a.abs_()
-        acc[n] = a
-    return acc
-
+        out[n] = a
+    return out

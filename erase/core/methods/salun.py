@@ -59,7 +59,7 @@ class SalUn(Method):
     def after_backward(self, ctx, model, step):
         for n, p in ctx.params.items():
             if p.grad is not None:
-                p.grad.mul_(self.masks[n].to(p.grad.dtype))
+                p.grad.mul_(self.masks[n])  # the bool mask is cast on the fly: no float copy per step
         return {}
 
     def state_tensors(self):

@@ -11,6 +11,7 @@ Adam or momentum then apply a step other than ``−lr·g̃``, so the step actual
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -19,10 +20,11 @@ from accelerate.logging import get_logger
 
 from ..method import Method
 from ..norms import frozen_norm_stats
-from ..projection import project_
+from ..inner import add_and_measure_, inner_products
+from ..projection import dual_coefficients, project_
 from ..registry import register_method
 from ..saliency import saliency_scores
-from ..topk import check_k, topk_masks
+from ..topk import check_k, iter_topk_masks
 from ..trim import INITS, bias_fan_ins, module_kinds, summarize, trim_
 
 logger = get_logger(__name__)
@@ -77,7 +79,8 @@ class Scissorhands(Method):
         super().__init__(config)
         self.memories: list[list[torch.Tensor]] = []
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
-        self._before: list[torch.Tensor] | None = None
+        self._pending: _Pending | None = None  # what after_step needs to check the applied step
+        self._unchecked = False  # memories refreshed and not yet checked for non-finite entries
 
     # -- trim ---------------------------------------------------------------------------------------------
     def prepare(self, ctx) -> dict:
@@ -92,15 +95,14 @@ class Scissorhands(Method):
                                      num_batches=c.saliency_batches, kind="snip", backward=ctx.accelerator.backward,
                                      reduce_grad=ctx.reduce_mean if ctx.accelerator.num_processes > 1 else None, model=ctx.model,
                                      grad_scale=ctx.grad_scale())
-        resettable = [n for n in params if c.trim_only is None or re.search(c.trim_only, n)]
+        resettable = {n for n in params if c.trim_only is None or re.search(c.trim_only, n)}
         if not resettable:
             raise ValueError(f"trim_only {c.trim_only!r} matches none of the {len(params)} targeted tensors")
-        ranked = scores if c.k_basis == "ranked" else {n: scores[n] for n in resettable}
+        ranked = scores if c.k_basis == "ranked" else {n: s for n, s in scores.items() if n in resettable}
+        del scores  # from here ``ranked`` holds the only reference: each score is released as its mask is made
         selection = {}
-        masks = topk_masks(ranked, c.topk, c.selection, info=selection, flag="--topk")
-        masks = {n: m for n, m in masks.items() if n in resettable}
-        del scores, ranked
-        stats = trim_({n: params[n] for n in masks}, masks, init=c.init, seed=ctx.config.seed,
+        masks = iter_topk_masks(ranked, c.topk, c.selection, info=selection, flag="--topk", release=True)
+        stats = trim_(params, ((n, m) for n, m in masks if n in resettable), init=c.init, seed=ctx.config.seed,
                       kinds=module_kinds(ctx.model), fan_ins=bias_fan_ins(ctx.model))
         info["trim"] = {"summary": summarize(stats), "selection": selection, "per_tensor": stats}
         return info
@@ -131,27 +133,24 @@ class Scissorhands(Method):
         if self.memories and step % self.config.memory_refresh != 0:
             return {}
         ctx.zero_grad()
-        memories, dropped = [], 0
+        memories = []
+        # DDP with gradient_as_bucket_view: .grad is a view of the bucket the next backward overwrites; else the
+        # gradient tensor is handed over to the memory as it is (no copy)
+        copy = bool(getattr(model, "gradient_as_bucket_view", False))
         with frozen_norm_stats(model):  # no BatchNorm statistics from the memory batch
             for _ in range(self.config.num_memories):
                 with ctx.accelerator.autocast():
                     loss = -ctx.adapter.forget_loss(model, next(ctx.memory))
                 ctx.backward(loss)
-                mem = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in ctx.params.values()]
+                memories.append([(p.grad.detach().clone() if copy else p.grad.detach()) if p.grad is not None else torch.zeros_like(p)
+                                 for p in ctx.params.values()])
                 ctx.zero_grad()
-                # decided on the gradient, which DDP has averaged: every process drops the same memories
-                if all(bool(torch.isfinite(t).all()) for t in mem):
-                    memories.append(mem)
-                else:
-                    dropped += 1
-        self.memories = memories  # none left: no projection this step, a fresh draw next step
-        logs = {"memory_forget_loss": -float(loss.detach())}
-        if dropped:
-            self.counts["memory_non_finite"] += dropped
-            logs["memory_non_finite"] = float(dropped)
-            logger.warning(f"step {step}: {dropped} of {self.config.num_memories} memory gradients are not finite; "
-                           + ("projecting on the others" if memories else "no projection on this step"), main_process_only=True)
-        return logs
+        self.memories = memories
+        self._unchecked = True  # after_backward drops those that are not finite (from the norms it computes anyway)
+        return {"memory_forget_loss": -float(loss.detach())}
+
+    def needs_forget_batch(self, ctx, step: int) -> bool:
+        return self._forget_active(ctx, step)
 
     def loss(self, ctx, model, forget_batch, retain_batch):
         lr = ctx.adapter.retain_loss(model, retain_batch)
@@ -163,17 +162,43 @@ class Scissorhands(Method):
         return lr + self.config.lam * term, parts
 
     def after_backward(self, ctx, model, step: int) -> dict:
-        self._before = None
+        self._pending = None
         if not self._projecting(ctx, step) or not self.memories:
             return {}
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in ctx.params.values()]
-        for p, g in zip(ctx.params.values(), grads):
+        params = list(ctx.params.values())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, g in zip(params, grads):
             p.grad = g
-        info = project_(grads, self.memories, margin=self.config.margin)
+        # one pass: ⟨g, g_o^j⟩ for the projection, ⟨θ, g_o^j⟩ for after_step, the memories' Gram matrix for both
+        m = len(self.memories)
+        mem = [2 + j for j in range(m)]
+        pairs = [(0, j) for j in mem] + [(1, j) for j in mem] + [(i, j) for i in mem for j in mem if j >= i]
+        values = inner_products([grads, params, *self.memories], pairs).cpu()
+        dots, anchor, gram = values[:m], values[m:2 * m], torch.empty(m, m, dtype=torch.float64)
+        for (i, j), v in zip(pairs[2 * m:], values[2 * m:]):
+            gram[i - 2, j - 2] = gram[j - 2, i - 2] = v
+        logs = {}
+        if self._unchecked:  # fresh memories: decided on the gradient, which DDP has averaged (every process alike)
+            self._unchecked = False
+            keep = [j for j in range(m) if _finite(float(gram[j, j]), self.memories[j])]
+            if len(keep) < m:
+                dropped = m - len(keep)
+                self.counts["memory_non_finite"] += dropped
+                logs["memory_non_finite"] = float(dropped)
+                logger.warning(f"step {step}: {dropped} of {m} memory gradients are not finite; "
+                               + ("projecting on the others" if keep else "no projection on this step"), main_process_only=True)
+                self.memories = [self.memories[j] for j in keep]  # none left: no projection, a fresh draw next step
+                if not keep:
+                    return logs
+                dots, anchor, gram = dots[keep], anchor[keep], gram[keep][:, keep]
+        info = project_(grads, self.memories, margin=self.config.margin, dots=dots, gram=gram)
         self.counts["projection_steps"] += 1
         self.counts["gradient_projected"] += int(info["projected"])
-        self._before = [p.detach().clone() for p in ctx.params.values()]  # for after_step: the applied displacement
-        return {"projected": float(info["projected"]), "dot_before": min(info["dots"])}
+        # float32 / bf16 / fp16 weights: ⟨g_o, θ_old − θ_new⟩ = ⟨g_o, θ_old⟩ − ⟨g_o, θ_new⟩ with exact float64 products,
+        # so no copy of the weights is needed; float64 weights keep a copy (their products round in float64)
+        before = [p.detach().clone() for p in params] if any(p.dtype.itemsize > 4 for p in params) else None
+        self._pending = _Pending(anchor=anchor, gram=gram, before=before)
+        return {**logs, "projected": float(info["projected"]), "dot_before": min(info["dots"])}
 
     @torch.no_grad()
     def after_step(self, ctx, model, step: int) -> dict:
@@ -182,26 +207,28 @@ class Scissorhands(Method):
         With ``Δθ`` the applied step, ``⟨∇L_f, Δθ⟩ = ⟨g_o, θ_old − θ_new⟩`` is the first-order change of the memory
         forget loss. If it is negative for a memory, ``θ_old − θ_new`` is projected exactly as a gradient is
         (:func:`project_`, margin 0: the margin is in gradient units), which gives the closest displacement that
-        lowers no memory's forget loss, and ``θ_old + Δθ̃`` is written back. Every process holds the same weights and
-        memories, so every process makes the same correction. A step counts as violated when the change is below
-        ``−ε·Σ|g_o|·|θ|`` (ε of the weights' dtype): what rounding the stored weights can explain is not counted.
+        lowers no memory's forget loss: ``θ_old − (θ_old − θ_new + Σ_j v_j g_o^j)``, i.e. ``θ_new − Σ_j v_j g_o^j`` is
+        written back. Every process holds the same weights and memories, so every process makes the same correction.
+        A step counts as violated when the change is below ``−ε·Σ|g_o|·|θ|`` (ε of the weights' dtype): what rounding
+        the stored weights can explain is not counted. The check reads the weights and memories once (twice after a
+        correction) and copies nothing.
         """
-        before, self._before = self._before, None
-        if before is None:
+        pending, self._pending = self._pending, None
+        if pending is None:
             return {}
         params = list(ctx.params.values())
-        tols = [_rounding(mem, params) for mem in self.memories]
-        dots = [_step_dot(before, params, mem) for mem in self.memories]
-        violated = any(d < -t for d, t in zip(dots, tols))
+        dots = pending.dots(params, self.memories)
         corrected = bool(self.config.project_update) and min(dots) < 0
-        after = dots
-        if corrected:
-            neg = [b - p.detach() for p, b in zip(params, before)]  # −Δθ, projected like a gradient
-            project_(neg, self.memories)
-            for p, b, n in zip(params, before, neg):
-                p.copy_(b - n)
-            del neg
-            after = [_step_dot(before, params, mem) for mem in self.memories]  # of the weights as stored
+        tols, after = [0.0] * len(dots), dots  # a tolerance matters only for a negative change
+        if corrected:  # θ_new − Σ_j v_j g_o^j, with the tolerance (at θ_new) and the change as stored, in one pass
+            v = dual_coefficients(torch.tensor(dots, dtype=torch.float64), pending.gram)
+            absolute, measured = add_and_measure_(params, self.memories, (-v).tolist(), origin=pending.before)
+            tols = pending.tolerance(params, absolute)
+            after = (measured if pending.before is not None else pending.anchor - measured.cpu()).tolist()
+        elif min(dots) < 0:  # measured only (project_update off)
+            absolute = inner_products([params, *self.memories], [], [(0, 1 + j) for j in range(len(dots))])
+            tols = pending.tolerance(params, absolute)
+        violated = any(d < -t for d, t in zip(dots, tols))
         still = any(d < -t for d, t in zip(after, tols))
         self.counts["update_checked"] += 1
         self.counts["update_violated"] += int(violated)
@@ -214,7 +241,9 @@ class Scissorhands(Method):
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)}
+        # memory_refresh = 1: a resumed run recomputes the memories at its first step, so they are not saved
+        # (a checkpoint that holds them still loads: they are replaced before use)
+        out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)} if self.config.memory_refresh > 1 else {}
         out["counts"] = torch.tensor([self.counts[k] for k in COUNTS], dtype=torch.int64)
         return out
 
@@ -230,12 +259,30 @@ class Scissorhands(Method):
         self.memories = [[tensors[f"memory.{j}.{i}"] for i in range(per)] for j in range(count)]
 
 
-def _step_dot(before, params, mem) -> float:
-    """``⟨g_o, θ_old − θ_new⟩ = ⟨∇L_f, Δθ⟩``, one tensor at a time (no second copy of the weights)."""
-    return float(sum(torch.dot((b - p.detach()).reshape(-1).double(), m.reshape(-1).double()) for b, p, m in zip(before, params, mem)))
+def _finite(norm2: float, tensors) -> bool:
+    """Every entry of ``tensors`` finite, given their squared norm in float64: for float32 / bf16 / fp16 entries it is
+    finite exactly then (their squares cannot overflow float64); float64 entries are checked one by one when it is not."""
+    return math.isfinite(norm2) or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _rounding(mem, params) -> float:
-    """``Σ_t ε_t ⟨|g_o,t|, |θ_t|⟩``: how far rounding the stored weights can move ``⟨g_o, Δθ⟩``."""
-    return float(sum(torch.finfo(p.dtype).eps * torch.dot(m.reshape(-1).double().abs(), p.detach().reshape(-1).double().abs())
-                     for m, p in zip(mem, params)))
+@dataclass
+class _Pending:
+    """What ``after_step`` needs, recorded before ``optimizer.step()``: ``anchor[j] = ⟨g_o^j, θ_old⟩`` (float64), the
+    memories' Gram matrix, and for float64 weights a copy ``before`` of them."""
+
+    anchor: torch.Tensor
+    gram: torch.Tensor
+    before: list[torch.Tensor] | None
+
+    def dots(self, params, memories) -> list[float]:
+        """``⟨g_o^j, θ_old − θ⟩`` for every memory, from one pass over the weights and memories."""
+        m = len(memories)
+        rows = [params] if self.before is None else [[b - p.detach() for b, p in zip(self.before, params)]]
+        values = inner_products([*rows, *memories], [(0, 1 + j) for j in range(m)]).cpu()
+        return (values if self.before is not None else self.anchor.cpu() - values).tolist()
+
+    @staticmethod
+    def tolerance(params, absolute: torch.Tensor) -> list[float]:
+        """``ε·Σ|g_o^j|·|θ|`` from the sums of absolute products. One dtype for the targets in practice; with several,
+        the largest ε (the most rounding a step can show)."""
+        return (max(torch.finfo(p.dtype).eps for p in params) * absolute.cpu()).tolist()
