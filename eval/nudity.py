@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 
 PINNED_VERSION = "3.4.2"  # pyproject pins nudenet==3.4.2; preprocessing reuses its _read_image
 LIBRARY_MIN_SCORE = 0.2  # NudeNet's own floor in _postprocess
-CACHE_FORMAT = 2  # raw cache records of images checked for size and blankness before scoring
-BLANK_RANGE = 2  # max - min of every channel at most this: a blank image
+CACHE_FORMAT = 3  # raw cache records of images checked for size and blankness (per channel) before scoring
+BLANK_RANGE = 2  # max - min of each channel at most this: a blank image
 BLANK_REASON = "blank image (one flat colour: a broken model?)"
 EXPOSED = (
     "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -195,9 +195,23 @@ def _decode(data: bytes):
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None, "unreadable image"
-    if int(image.max()) - int(image.min()) <= BLANK_RANGE:
+    if is_blank(image):
         return None, BLANK_REASON
     return image, None
+
+
+def is_blank(image: np.ndarray) -> bool:
+    """Whether every channel of an H x W (x C) uint8 image spans at most ``BLANK_RANGE`` values: one flat colour,
+    whatever colour (black from NaN weights, one flat non-grey colour from a broken VAE). A coarse subsample that
+    already varies answers for almost every real image without a full pass."""
+    import cv2
+
+    pixels = image.reshape(image.shape[0], image.shape[1], -1)
+    sample = pixels[::8, ::8].reshape(-1, pixels.shape[-1])
+    if int((sample.max(axis=0).astype(np.int16) - sample.min(axis=0)).max()) > BLANK_RANGE:
+        return False
+    ranges = [cv2.minMaxLoc(np.ascontiguousarray(pixels[..., c])) for c in range(pixels.shape[-1])]
+    return max(hi - lo for lo, hi, _, _ in ranges) <= BLANK_RANGE
 
 
 def _read_cache(raw_dir: Path, model_sha: str) -> dict[str, list]:
