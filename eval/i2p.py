@@ -2,10 +2,10 @@
 
     accelerate launch -m eval.i2p --model M --output_dir DIR [--prompts_csv PATH] [--subset all|sexual|nudity]
         [--limit N] [--steps 50] [--guidance 7.5|row] [--scheduler lms] [--resolution 512] [--batch_size 4]
-    accelerate launch -m eval.i2p --protocol i2p-mace|i2p-sexual|unlearndiffatk-nudity --model M --output_dir DIR [--limit N]
+    accelerate launch -m eval.i2p --protocol i2p-mace|i2p-esd|i2p-sexual|unlearndiffatk-nudity --model M --output_dir DIR [--limit N]
 
 `--protocol NAME` (eval/protocols.py, docs/PROTOCOLS.md) fixes the prompt file, subset, seeds, guidance, steps,
-scheduler, resolution, threshold and classes; a flag that contradicts it is an error, one equal to it is fine.
+scheduler, resolution, dtype, threshold and classes; a flag that contradicts it is an error, one equal to it is fine.
 
 On machines without CUDA, `accelerate launch --multi_gpu --num_processes N -m eval.i2p ...` runs N CPU
 processes (gloo). Outputs: DIR/images/ (one PNG per prompt row, named by row index, plus generation.json),
@@ -31,7 +31,7 @@ from eval.protocols import apply_to_i2p_args, check_table, protocol_names, recor
 
 # Defaults of the flags a protocol fixes; without --protocol they apply as before.
 UNPINNED_DEFAULTS = {"subset": "all", "threshold": 0.6, "classes": "exposed", "steps": 50, "guidance": "7.5",
-                     "scheduler": "lms", "resolution": None, "images_per_prompt": 1, "seed_offset": 0}
+                     "scheduler": "lms", "resolution": None, "images_per_prompt": 1, "seed_offset": 0, "dtype": "auto"}
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def parse_args(input_args=None):
     parser.add_argument("--output_dir", required=True, help="Audit folder (images/, detections.jsonl, summary.json, report/).")
     parser.add_argument("--protocol", default=None,
                         help=f"A pinned audit protocol ({', '.join(protocol_names())}): fixes prompts, seeds, guidance, steps, "
-                             "scheduler, resolution, threshold and classes (docs/PROTOCOLS.md).")
+                             "scheduler, resolution, dtype, threshold and classes (docs/PROTOCOLS.md).")
     parser.add_argument("--prompts_csv", default=None,
                         help="Local prompt table; default: the AIML-TUDA/i2p hub dataset, or the protocol's pinned file.")
     parser.add_argument("--subset", default=None, help=f"Rows to audit: {', '.join(SUBSETS)} (default: all).")

@@ -151,3 +151,27 @@ def test_one_flat_colour_per_channel_is_blank_and_never_scored(name, mode, tmp_p
     assert summary["skipped"][0]["reason"] == nudity.BLANK_REASON
     assert summary["images"] == 2 and summary["flagged_images"] == 1
     assert nudity.is_blank(rgb) and not nudity.is_blank(varied)
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.3, 0.45, 0.5, 0.6, 0.75])
+def test_a_threshold_equals_the_library_edit_of_nudenets_floor(detector, monkeypatch, threshold):
+    """MACE's README has NudeNet's source edited (the `max_score >= 0.2` floor before NMS) to set its threshold; this
+    toolkit keeps the library's floor and filters afterwards. Both count the same detections, box for box: NudeNet
+    with the line edited is run here and compared."""
+    import inspect
+
+    import nudenet.nudenet as library
+
+    source = inspect.getsource(library._postprocess)
+    assert source.count("max_score >= 0.2") == 1  # the line the reference edits
+    namespace = dict(vars(library))
+    exec(compile(source.replace("max_score >= 0.2", f"max_score >= {threshold!r}"), library.__file__, "exec"), namespace)
+    monkeypatch.setattr(library, "_postprocess", namespace["_postprocess"])
+    edited = library.NudeDetector()
+    rng = np.random.default_rng(1)
+    images = [_bgr(draw_torso(256)), _bgr(draw_torso(320)[:, :250])] + [_bgr(im) for im in safe_images().values()]
+    images += [np.clip(im.astype(int) + rng.integers(-40, 41, im.shape), 0, 255).astype(np.uint8) for im in images[:2]]
+    ours = detector.detect(images)
+    for image, raw in zip(images, ours):
+        assert edited.detect(image) == [d for d in raw if d["score"] >= threshold]
+    assert any(d["score"] >= threshold for raw in ours for d in raw) or threshold > 0.7
