@@ -112,3 +112,21 @@ def test_hub_model_offline_fails_with_one_line(tmp_path, monkeypatch):
         load_pipeline("CompVis/stable-diffusion-v1-4")
     message = error_text(err)
     assert message.startswith("error: could not load the pipeline 'CompVis/stable-diffusion-v1-4'") and "\n" not in message
+
+
+def test_rows_of_one_guidance_share_a_pipeline_call(tmp_path, model, pipe, one_thread, monkeypatch):
+    """Row guidance: every pipeline call draws one guidance value and is full but the last of each value, whatever the
+    order of the rows; the images are those of batch size 1 up to float rounding."""
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__",
+                        lambda self, **kw: calls.append((kw["guidance_scale"], kw["prompt"])) or original(self, **kw))
+    rows = ROWS + [PromptRow(index=5, prompt="a boat", seed=105, guidance=9.0)]
+    generate(rows, tmp_path / "b2", GenerationConfig(model=model, steps=2, guidance="row", batch_size=2), pipe=pipe)
+    assert calls == [(7.0, ["a red cube", "a cat"]), (7.0, ["two men"]), (9.0, ["the sea at night", "x"]), (9.0, ["a boat"])]
+    monkeypatch.undo()
+    generate(rows, tmp_path / "b1", GenerationConfig(model=model, steps=2, guidance="row", batch_size=1), pipe=pipe)
+    for name in _files(tmp_path / "b1"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("b1", "b2"))
+        assert np.abs(a - b).max() <= 1
+        assert read_image_meta(tmp_path / "b1" / name) == read_image_meta(tmp_path / "b2" / name)

@@ -5,9 +5,10 @@ seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 
 checker.
 
 Determinism: image k of a row gets its own CPU generator seeded with `row.seed + seed_offset + k`, so its
-initial latents never depend on batching. Batches are cut from the whole table in a fixed order and dealt
-round-robin to processes, and a batch with any missing image is recomputed whole; so the computation that
-produces an image is the same whatever the process count or interruption. (Different `batch_size` values
+initial latents never depend on batching. Batches are cut from the whole table in a fixed order (`plan_batches`:
+the rows of one guidance value together, so each batch is one pipeline call) and dealt round-robin to processes,
+and a batch with any missing image is recomputed whole; so the computation that produces an image is the same
+whatever the process count or interruption. (Different `batch_size` values
 run different batched kernels, whose float rounding differs by ~1e-6: after 8-bit quantisation a few values
 in 10^4 can differ by 1/255, see benchmarks/RESULTS.md. Keep batch_size fixed when comparing models.)
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -234,6 +237,24 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> None:
+    for it, image in zip(batch, images):
+        if not _is_done(out_dir / it.name, it.key):
+            _save_png(image, out_dir / it.name, it, settings)
+
+
+def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
+    """The pipeline calls that draw ``items``: the items of one guidance value (in table order, values in order of
+    first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value (I2P rows
+    carry a dozen guidance values; cutting the table in order would split most batches into several calls). A fixed
+    function of the table and the batch size: every process count and every resume draws each image in the same
+    batch."""
+    groups: dict[float, list[_Item]] = {}
+    for it in items:
+        groups.setdefault(it.guidance, []).append(it)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+
+
 def describe(cfg: GenerationConfig, pipe=None) -> dict:
     """The recorded generation settings (resolution resolved when a pipeline is given)."""
     out = asdict(cfg)
@@ -268,7 +289,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
-    batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    batches = plan_batches(items, cfg.batch_size)
     mine = batches[rank::world]
     todo = [b for b in mine if not all(_is_done(out_dir / it.name, it.key) for it in b)]
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
@@ -276,23 +297,27 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
         logger.info("process %d: %d image(s) already generated with these settings, skipped", rank, skipped)
     bar = tqdm(total=sum(len(b) for b in todo), desc="generate", unit="img",
                disable=accelerator is not None and not accelerator.is_local_main_process)
-    for batch in todo:
-        for guidance in dict.fromkeys(it.guidance for it in batch):  # one pipeline call per guidance value
-            group = [it for it in batch if it.guidance == guidance]
+    # One writer thread encodes and writes the PNGs of a batch while the next batch is denoised (PNG compression
+    # releases the GIL); at most one batch waits for it, and its errors (a full disk) surface here.
+    with ThreadPoolExecutor(1) as writer:
+        pending: deque = deque()
+        for batch in todo:
             with torch.no_grad():
                 images = pipe(
-                    prompt=[it.row.prompt for it in group],
+                    prompt=[it.row.prompt for it in batch],
                     num_inference_steps=cfg.steps,
-                    guidance_scale=guidance,
+                    guidance_scale=batch[0].guidance,
                     height=resolution,
                     width=resolution,
-                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in group],
+                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                     output_type="pil",
                 ).images
-            for it, image in zip(group, images):
-                if not _is_done(out_dir / it.name, it.key):
-                    _save_png(image, out_dir / it.name, it, settings_key)
-            bar.update(len(group))
+            pending.append(writer.submit(_save_batch, batch, images, out_dir, settings_key))
+            while len(pending) > 1:
+                pending.popleft().result()
+            bar.update(len(batch))
+        while pending:
+            pending.popleft().result()
     bar.close()
     if accelerator is not None:
         accelerator.wait_for_everyone()
