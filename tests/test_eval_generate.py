@@ -7,7 +7,8 @@ from PIL import Image
 from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
 
 from erase.utils.errors import UserError
-from erase.diffusion.generate import generate, GenerationConfig, load_pipeline, PromptRow, read_image_meta
+from erase.diffusion.generate import (generate, GenerationConfig, load_pipeline, PromptRow, read_image_meta,
+                                      weights_fingerprint)
 from eval_fixtures import USER_FACING, error_text
 
 ROWS = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=g) for i, (p, g) in
@@ -45,7 +46,9 @@ def test_images_do_not_depend_on_batch_size_and_carry_their_row(tmp_path, model,
     settings = json.loads((tmp_path / "b1" / "generation.json").read_text())["settings"]
     assert settings | {"model": None} == {
         "model": None, "steps": 2, "guidance": "row", "scheduler": "lms", "resolution": 32, "images_per_prompt": 1,
-        "dtype": "auto", "seed_offset": 0, "safety_checker": None, "seeds": settings["seeds"]}
+        "dtype": "auto", "seed_offset": 0, "safety_checker": None, "seeds": settings["seeds"],
+        "weights_sha256": weights_fingerprint(pipe)}
+    assert sorted(settings["weights_sha256"]) == ["text_encoder", "unet", "vae"]
 
 
 def test_resume_skips_finished_images_and_redoes_changed_settings(tmp_path, model, pipe, one_thread, monkeypatch):
@@ -130,3 +133,26 @@ def test_rows_of_one_guidance_share_a_pipeline_call(tmp_path, model, pipe, one_t
         a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("b1", "b2"))
         assert np.abs(a - b).max() <= 1
         assert read_image_meta(tmp_path / "b1" / name) == read_image_meta(tmp_path / "b2" / name)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_images_drawn_with_other_weights_are_never_reused(tmp_path, model, component, one_thread, monkeypatch, caplog):
+    """Same model name, same settings, one weight changed in any component (a replaced base, a swapped VAE): every
+    image is drawn again, and the log names the component."""
+    pipe = load_pipeline(model, "lms")
+    out = tmp_path / "g"
+    cfg = GenerationConfig(model=model, steps=2, batch_size=2)
+    generate(ROWS[:3], out, cfg, pipe=pipe)
+    first = _files(out)
+    generate(ROWS[:3], out, cfg, pipe=pipe)  # unchanged: reused
+    assert _files(out) == first
+    with torch.no_grad():
+        next(iter(getattr(pipe, component).parameters())).view(-1)[0] += 0.5
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, **kw: calls.append(kw["prompt"]) or original(self, **kw))
+    generate(ROWS[:3], out, cfg, pipe=pipe)
+    assert sum(len(c) for c in calls) == 3
+    assert f"({component} changed" in caplog.text
+    recorded = json.loads((out / "generation.json").read_text())["settings"]["weights_sha256"]
+    assert recorded == weights_fingerprint(pipe)

@@ -100,3 +100,34 @@ def test_two_process_audit_equals_one_process(tmp_path, model, reference):
     assert sorted(p.name for p in (out / "raw").iterdir()) == ["part-0.jsonl", "part-1.jsonl"]
     skip = ("raw", "report")
     assert tree_bytes(out, skip) == tree_bytes(reference, skip)
+
+
+def test_a_replaced_base_folder_is_never_reused(tmp_path, model, one_thread, fresh_accelerate):
+    """An erased folder names its base by path. Replace the base folder (same path, another VAE, file times kept) and
+    rerun the audit: the images are drawn again from the new base, not taken from the folder."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    base = tmp_path / "base"
+    shutil.copytree(model, base)
+    erased = tmp_path / "erased"
+    UNet2DConditionModel.from_pretrained(model, subfolder="unet").save_pretrained(erased / "unet")
+    (erased / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(base), "method": "esd"}))
+    out = tmp_path / "audit"
+    argv = _argv(str(erased), out, "--limit", "2", "--no_report")
+    _run(argv)
+    first = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    weights = json.loads((out / "summary.json").read_text())["settings"]["generation"]["weights_sha256"]
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.25)
+    stat = (base / "vae" / "diffusion_pytorch_model.safetensors").stat()
+    vae.save_pretrained(base / "vae")
+    os.utime(base / "vae" / "diffusion_pytorch_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _run(argv)
+    again = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    assert again.keys() == first.keys() and all(again[n] != first[n] for n in first)
+    now = json.loads((out / "summary.json").read_text())["settings"]["generation"]["weights_sha256"]
+    assert now["vae"] != weights["vae"] and now["unet"] == weights["unet"] and now["text_encoder"] == weights["text_encoder"]

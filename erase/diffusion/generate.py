@@ -17,6 +17,7 @@ Resume: every PNG carries its settings key in iTXt metadata; a file whose key ma
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -116,6 +117,32 @@ def model_fingerprint(model: str) -> dict:
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     stats = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     return {"model": str(path.resolve()), "files": settings_hash({"files": stats})}
+
+
+def _tensor_sha256(t) -> str:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def weights_fingerprint(pipe) -> dict[str, str]:
+    """sha256 (16 hex) of every weight a pipeline draws with, per component (``unet``, ``vae``, text encoders, ...):
+    names, dtypes, shapes and bytes of its state dict. It identifies the base behind an erased folder, a replaced
+    base folder or a loaded pipeline whose VAE was swapped, where the model's name or path stays the same. Tensors
+    are hashed in threads (hashlib releases the GIL)."""
+    parts = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    states = {name: sorted(module.state_dict().items()) for name, module in sorted(parts.items())}
+    tensors = [t for state in states.values() for _, t in state]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = iter(list(pool.map(_tensor_sha256, tensors)))
+    out = {}
+    for name, state in states.items():
+        h = hashlib.sha256()
+        for key, t in state:
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:{next(digests)};".encode())
+        out[name] = h.hexdigest()[:16]
+    return out
 
 
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
@@ -237,6 +264,19 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _note_changed_weights(out_dir: Path, weights: dict) -> None:
+    """Say which components changed since the folder's images were drawn: those images are not reused (their key
+    holds the weights' fingerprint) and are drawn again."""
+    try:
+        before = read_json(out_dir / "generation.json", "generation manifest").get("settings", {}).get("weights_sha256")
+    except (UserError, AttributeError, OSError):
+        return
+    if isinstance(before, dict) and before != weights:
+        changed = sorted(k for k in set(before) | set(weights) if before.get(k) != weights.get(k))
+        logger.warning("%s was drawn with other weights (%s changed: a replaced base or component?); its images are "
+                       "drawn again", out_dir, ", ".join(changed))
+
+
 def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> None:
     for it, image in zip(batch, images):
         if not _is_done(out_dir / it.name, it.key):
@@ -277,7 +317,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
         pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = describe(cfg, pipe)
+    settings = {**describe(cfg, pipe), "weights_sha256": weights_fingerprint(pipe)}
     resolution = settings["resolution"]
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
@@ -285,6 +325,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
         for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write (never another live run's)
             if stale_temp(stale):
                 stale.unlink(missing_ok=True)
+        _note_changed_weights(out_dir, settings["weights_sha256"])
         atomic_write_json(out_dir / "generation.json", {"settings": settings, "settings_key": settings_key})
     if accelerator is not None:
         accelerator.wait_for_everyone()
