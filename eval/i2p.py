@@ -25,6 +25,7 @@ from erase.utils.errors import cli_errors, UserError
 from erase.utils.files import atomic_write_json, read_json
 from erase.utils.launch import make_accelerator, setup_logging
 from erase.diffusion.generate import add_generation_args, config_from_args, generate
+from eval.models import load_for
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
 from erase.diffusion.prompt_table import load_prompts, SUBSETS
 from eval.protocols import apply_to_i2p_args, check_table, protocol_names, record
@@ -101,6 +102,8 @@ def run(args, pipe=None) -> dict | None:
 def _audit(args, accelerator, table, output_dir: Path, images_dir: Path, pipe=None):
     """Generate, score and report into the held audit folder."""
     accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
+    if pipe is None:
+        pipe = load_for(args.generation, accelerator)
     records = generate(table.rows, images_dir, args.generation, accelerator, pipe=pipe)
     if accelerator.is_main_process:
         manifest = read_json(images_dir / "generation.json", "generation manifest")

@@ -29,6 +29,7 @@ from erase.utils.files import atomic_write_json
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
 from erase.diffusion.generate import add_generation_args, config_from_args, generate
+from eval.models import load_for
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def _evaluate(args, accelerator, table):
     """Generate and score into the held output folder."""
     accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     images_dir = Path(args.output_dir) / "images"
-    records = generate(table.rows, images_dir, args.generation, accelerator)
+    records = generate(table.rows, images_dir, args.generation, accelerator, pipe=load_for(args.generation, accelerator))
     result = None
     if accelerator.is_main_process:
         from PIL import Image

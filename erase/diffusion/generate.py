@@ -145,36 +145,62 @@ def weights_fingerprint(pipe) -> dict[str, str]:
     return out
 
 
+def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
+    """An erase/sd.py output's record: (erase_config.json, model family, base name, from_pretrained kwargs pinning the
+    base's revision), or one UserError line."""
+    from erase.diffusion.families import FAMILIES
+
+    config_path = Path(folder) / "erase_config.json"
+    erase_config = read_json(config_path, "erase config")
+    if not isinstance(erase_config, dict) or not erase_config.get("pretrained_model_name_or_path"):
+        raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
+    kwargs = {}
+    recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
+    if isinstance(recorded, dict) and recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
+        kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+    recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
+    if recorded_family not in FAMILIES:
+        raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")
+    return erase_config, FAMILIES[recorded_family], erase_config["pretrained_model_name_or_path"], kwargs
+
+
+def finish_pipeline(pipe, family, scheduler: str, device=None, source: str = "", base: str | None = None):
+    """A loaded pipeline made ready to audit: every weight present and finite (a NaN draws black images an audit would
+    call clean; the error names ``source``, the folder the user gave, and ``base`` for components that came from the
+    base), the audit's sampler, no progress bar, on ``device``."""
+    import diffusers
+
+    for name in family.components:  # a weights file missing tensors loads as meta tensors
+        what = f"the {name} of {source}" + (f" (from its base {base})" if base and name != "unet" else "")
+        check_weights(getattr(pipe, name).state_dict().items(), what)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
     """The model family's pipeline (erase.diffusion.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
-    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
-    import diffusers
+    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base; an export without
+    unet/, e.g. only a LoRA, loads through erase.api.load_erased: eval.models.load_audited)."""
     from diffusers import UNet2DConditionModel
 
-    from erase.diffusion.families import ConfigUnreadable, detect, FAMILIES
+    from erase.diffusion.families import ConfigUnreadable, detect
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if isinstance(dtype, str) or dtype is None:
         dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
     path = Path(model)
+    source, base = model, None
     kwargs = dict(dtype=dtype)
-    unet, family = None, None
+    family = None
     if path.is_dir() and not (path / "model_index.json").exists():
-        config_path = path / "erase_config.json"
-        if not config_path.exists():
+        if not (path / "erase_config.json").exists():
             raise UserError(f"{model} is neither a diffusers pipeline folder (model_index.json) nor an erase/sd.py output (erase_config.json)")
-        erase_config = read_json(config_path, "erase config")
-        base = erase_config.get("pretrained_model_name_or_path")
-        if not base:
-            raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
-        recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
-        if recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
-            kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
-        recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
-        if recorded_family not in FAMILIES:
-            raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")
-        family = FAMILIES[recorded_family]
+        _, family, base, pinned = read_export(path)
+        kwargs.update(pinned)
         try:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
         except (OSError, ValueError) as e:
@@ -192,13 +218,7 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         pipe = family.pipeline_cls().from_pretrained(model, **kwargs, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {model!r}: {str(e).strip().splitlines()[0]}") from None
-    for name in family.components:  # a weights file missing tensors loads as meta tensors
-        check_weights(getattr(pipe, name).state_dict().items(), f"the {name} of {model}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if device is not None:
-        pipe.to(device)
-    return pipe
+    return finish_pipeline(pipe, family, scheduler, device, source, base)
 
 
 def image_name(index: int, k: int) -> str:
@@ -306,13 +326,17 @@ def describe(cfg: GenerationConfig, pipe=None) -> dict:
     return out
 
 
+def generation_device(accelerator=None) -> torch.device:
+    return accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) -> list[dict]:
     """Generate the images of `rows` into `out_dir`; returns one record per image of the whole table."""
     from tqdm.auto import tqdm
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = generation_device(accelerator)
     if pipe is None:  # before any folder is made, so a bad model leaves nothing behind
         pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     out_dir = Path(out_dir)
