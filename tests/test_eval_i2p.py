@@ -1,5 +1,6 @@
 """End-to-end audits on a tiny random pipeline: resumed == uninterrupted == 2-process, bit for bit."""
 
+import errno
 import io
 import json
 import os
@@ -213,3 +214,71 @@ def reference_dir(tmp_path, model):
     if not out.exists():
         _run(_argv(model, out, "--limit", "2", "--no_report"))
     return out
+
+
+class _FullDisk:
+    """A disk that fills up at the ``after``-th write: that write is cut half way and raises ENOSPC, as a real full
+    disk does, and so does every write after it."""
+
+    def __init__(self, after: int):
+        self.left, self.hit = after, False
+
+    def wrap(self, f):
+        disk = self
+
+        class File:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def write(self, data):
+                if disk.left <= 0:
+                    disk.hit = True
+                    self._inner.write(data[: len(data) // 2])
+                    self._inner.flush()
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.left -= 1
+                return self._inner.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._inner.__exit__(*exc)
+
+        return File(f)
+
+
+@pytest.mark.parametrize("after", [0, 4, 13, 25])
+def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_path, model, reference, after, monkeypatch,
+                                                                         fresh_accelerate, one_thread):
+    """Whichever write meets the full disk (the manifest, a PNG, the detector's cache, the summary, the report): one
+    line, no half-written file kept, and the same command afterwards gives the uninterrupted audit, bit for bit."""
+    import types
+
+    from PIL import Image
+
+    from erase.utils import files
+    from eval import nudity
+
+    disk = _FullDisk(after)
+    monkeypatch.setattr(files, "os", types.SimpleNamespace(**{**vars(os), "fdopen": lambda *a, **k: disk.wrap(os.fdopen(*a, **k))}))
+    monkeypatch.setattr(nudity, "open", lambda *a, **k: disk.wrap(open(*a, **k)), raising=False)
+    out = tmp_path / "audit"
+    with pytest.raises(SystemExit) as err:
+        _run(_argv(model, out))
+    message = str(err.value.code)
+    assert disk.hit and message.startswith("error: no space left on device") and "\n" not in message
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    for png in (out / "images").glob("*.png"):
+        with Image.open(png) as im:
+            im.load()
+            assert im.text["eval:key"]
+    for done in ("summary.json", "detections.jsonl", "images/generation.json", "report/report.json"):
+        if (out / done).exists() and done.endswith(".json"):
+            json.loads((out / done).read_text())
+    monkeypatch.undo()
+    _run(_argv(model, out))
+    assert tree_bytes(out) == tree_bytes(reference)
