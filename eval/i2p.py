@@ -24,7 +24,7 @@ from erase.utils.folders import hold_output_dir
 from erase.utils.errors import cli_errors, UserError
 from erase.utils.files import atomic_write_json, read_json
 from erase.utils.launch import make_accelerator, setup_logging
-from erase.diffusion.generate import add_generation_args, config_from_args, generate
+from erase.diffusion.generate import add_generation_args, check_rows, config_from_args, generate
 from eval.models import load_for
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
 from erase.diffusion.prompt_table import load_prompts, SUBSETS
@@ -92,6 +92,7 @@ def run(args, pipe=None) -> dict | None:
     table = load_prompts(args.prompts_csv, args.subset, args.limit, need_guidance=args.generation.guidance == "row")
     if args.protocol_spec is not None:
         check_table(args.protocol_spec, table)
+    check_rows(table.rows, args.generation)  # inputs before outputs
     args.protocol_record = record(args.protocol_spec, args.limit)
     logger.info("%d prompt(s) from %s, subset %s%s", len(table.rows), table.source, table.subset,
                 f", protocol {args.protocol}" if args.protocol else "")

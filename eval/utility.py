@@ -28,7 +28,7 @@ from erase.utils.errors import cli_errors, UserError
 from erase.utils.files import atomic_write_json
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
-from erase.diffusion.generate import add_generation_args, config_from_args, generate
+from erase.diffusion.generate import add_generation_args, check_rows, config_from_args, generate
 from eval.models import load_for
 
 logger = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ def main(args):
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     table = load_prompts(args.prompts_csv, "all", args.limit, need_guidance=args.generation.guidance == "row")
+    check_rows(table.rows, args.generation)  # inputs before outputs
     if accelerator.is_main_process:
         make_fid_metric(args.fid_features, load_clip(args.clip_model) if args.fid_features == "clip" else None)
     with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.utility"):

@@ -255,6 +255,12 @@ def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
     return items
 
 
+def check_rows(rows, cfg: GenerationConfig) -> None:
+    """Every check generation makes on a table (each row's guidance present and finite, each image's seed
+    ``row seed + seed_offset + k`` inside the generator's range), before a model is loaded or a folder made."""
+    _items(rows, cfg, "")
+
+
 def read_image_meta(path: str | os.PathLike) -> dict:
     """The eval:* metadata a generated PNG carries ({} for any other file)."""
     from PIL import Image
