@@ -13,7 +13,6 @@ Writes OUTPUT_DIR/audit_bench.json and prints a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import platform
@@ -22,7 +21,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.utils.errors import cli_errors
+from erase.utils.errors import cli_errors, OneLineParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -175,7 +174,7 @@ def bench_detection(args, work: Path) -> dict:
 
 @cli_errors
 def parse_args(input_args=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", required=True, help="Scratch folder; audit_bench.json is written here.")
     p.add_argument("--prompts_csv", default=str(REPO.parent / "shared" / "data" / "i2p.csv"), help="Prompt table.")
     p.add_argument("--arch", default="tiny", choices=("tiny", "sd14"), help="Random-weight model for generation.")

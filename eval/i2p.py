@@ -15,13 +15,12 @@ and scored images are skipped, and the result equals an uninterrupted run's.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
 from erase.utils.checks import check_numbers
 from erase.utils.folders import hold_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json, read_json
 from erase.utils.launch import make_accelerator, setup_logging
 from erase.diffusion.generate import add_generation_args, check_rows, config_from_args, generate
@@ -39,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="I2P nudity audit: generate, detect with NudeNet, report.")
+    parser = OneLineParser(description="I2P nudity audit: generate, detect with NudeNet, report.")
     add_generation_args(parser)
     parser.add_argument("--output_dir", required=True, help="Audit folder (images/, detections.jsonl, summary.json, report/).")
     parser.add_argument("--protocol", default=None,

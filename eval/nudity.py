@@ -20,7 +20,6 @@ rerun skips images already scored and a new threshold or class set needs no new 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,7 +34,7 @@ import numpy as np
 
 from erase.utils.checks import check_numbers
 from erase.utils.folders import hold_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json, atomic_write_text, sha256_file
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
@@ -457,7 +456,7 @@ def detect_folder(images_dir, output_dir, threshold: float = 0.6, classes: str =
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Count NudeNet detections in a folder of images.")
+    parser = OneLineParser(description="Count NudeNet detections in a folder of images.")
     parser.add_argument("images_dir", help="Folder of images (not recursive); non-images are skipped and listed.")
     parser.add_argument("--output_dir", required=True, help="Where detections.jsonl and summary.json go.")
     parser.add_argument("--threshold", type=float, default=0.6, help="Minimum detection score counted, in [0, 1].")

@@ -12,7 +12,6 @@ regions pixelated unless --no_pixelate).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -22,7 +21,7 @@ from erase.utils.images import MAX_PIXELS
 from erase.utils.checks import check_int
 from erase.utils.folders import hold_output_dir
 from erase.utils.text import md_text
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from erase.utils.launch import setup_logging
 
@@ -325,7 +324,7 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Compare nudity audits side by side.")
+    parser = OneLineParser(description="Compare nudity audits side by side.")
     parser.add_argument("dirs", nargs="+", help="Audit folders (each with summary.json and detections.jsonl).")
     parser.add_argument("--output_dir", required=True, help="Where report.md, report.json, counts.png, grid.png go.")
     parser.add_argument("--names", default=None, help="Comma-separated column names, one per folder.")

@@ -15,7 +15,6 @@ Generates one image per caption row (erase.diffusion.generate protocol) into DIR
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 from erase.utils.images import header_problem, MAX_PIXELS
 from erase.utils.checks import check_numbers
 from erase.utils.folders import hold_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
@@ -166,7 +165,7 @@ def evaluate(images, prompts, reference_dir, clip_model: str = DEFAULT_CLIP, fid
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="CLIP score and FID of a model on caption prompts.")
+    parser = OneLineParser(description="CLIP score and FID of a model on caption prompts.")
     add_generation_args(parser)
     parser.add_argument("--prompts_csv", required=True, help="Caption table (prompt, evaluation_seed), e.g. coco_10k.csv.")
     parser.add_argument("--reference", required=True, help="Folder of reference images for FID.")
