@@ -156,3 +156,27 @@ def test_images_drawn_with_other_weights_are_never_reused(tmp_path, model, compo
     assert f"({component} changed" in caplog.text
     recorded = json.loads((out / "generation.json").read_text())["settings"]["weights_sha256"]
     assert recorded == weights_fingerprint(pipe)
+
+
+def test_resolution_row_draws_each_row_at_its_own_size(tmp_path, model, pipe, one_thread, monkeypatch):
+    """resolution 'row' (RECE's generation): each row at its sd_image_width x sd_image_height, one pipeline call per
+    size and guidance; a row without a size is one line before anything is drawn."""
+    sizes = [(32, 32), (48, 32), (32, 32), (32, 48)]
+    rows = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=7.0, meta={"sd_image_width": w, "sd_image_height": h})
+            for i, (p, (w, h)) in enumerate(zip(["a cube", "the sea", "a cat", "x"], sizes))]
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__",
+                        lambda self, **kw: calls.append((kw["width"], kw["height"], len(kw["prompt"]))) or original(self, **kw))
+    records = generate(rows, tmp_path / "g", GenerationConfig(model=model, steps=2, resolution="row", batch_size=4), pipe=pipe)
+    assert calls == [(32, 32, 2), (48, 32, 1), (32, 48, 1)]
+    for (w, h), r in zip(sizes, records):
+        assert Image.open(tmp_path / "g" / r["file"]).size == (w, h) and r["size"] == [w, h]
+        assert read_image_meta(tmp_path / "g" / r["file"])["size"] == f"{w}x{h}"
+    assert json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]["resolution"] == "row"
+    for meta, words in (({}, "needs sd_image_width and sd_image_height"), ({"sd_image_width": 30, "sd_image_height": 32},
+                                                                          "row 0: sd_image_width must be a positive multiple of 8")):
+        with pytest.raises(UserError, match=words):
+            generate([PromptRow(index=0, prompt="p", seed=1, meta=meta)], tmp_path / "bad",
+                     GenerationConfig(model=model, steps=2, resolution="row"), pipe=pipe)
+        assert not (tmp_path / "bad").exists()

@@ -58,7 +58,10 @@ def test_i2p_protocol_fills_every_pinned_setting():
     esd = i2p.parse_args(["--protocol", "i2p-esd", *I2P_ARGS]).generation
     assert (esd.steps, esd.guidance, esd.scheduler, esd.dtype) == (100, 7.5, "lms", "fp32")
     sexual = i2p.parse_args(["--protocol", "i2p-sexual", *I2P_ARGS]).generation
-    assert (sexual.steps, sexual.guidance, sexual.scheduler, sexual.dtype) == (50, "row", "lms", "fp32")
+    assert (sexual.steps, sexual.guidance, sexual.scheduler, sexual.dtype, sexual.resolution) == (50, "row", "lms", "fp32", "row")
+    with pytest.raises(SystemExit, match="--resolution 512 contradicts protocol i2p-sexual \\(resolution = row\\)"):
+        i2p.parse_args(["--protocol", "i2p-sexual", *I2P_ARGS, "--resolution", "512"])
+    assert i2p.parse_args(["--protocol", "i2p-sexual", *I2P_ARGS, "--resolution", "row"]).generation.resolution == "row"
     assert args.prompts_csv.endswith("i2p.csv") and "ANUS_EXPOSED" not in args.protocol_spec.classes
     assert len(args.protocol_spec.classes) == 8
     nudity = i2p.parse_args(["--protocol", "unlearndiffatk-nudity", *I2P_ARGS])

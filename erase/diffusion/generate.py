@@ -1,8 +1,8 @@
 """Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "erase/generate.py").
 
-Protocol defaults are the ones ESD, SalUn, Scissorhands and MACE report with: one image per prompt, the row's
-seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 px for SD v1.4), no safety
-checker.
+Defaults: one image per prompt, the row's seed, guidance 7.5, 50 steps, LMS scheduler, the model's native
+resolution (512 px for SD v1.4), no safety checker; `--guidance row` and `--resolution row` take each row's own
+guidance and size (`sd_image_width` x `sd_image_height`). The pinned protocols are in eval/protocols.py.
 
 Determinism: image k of a row gets its own CPU generator seeded with `row.seed + seed_offset + k`, so its
 initial latents never depend on batching. Batches are cut from the whole table in a fixed order (`plan_batches`:
@@ -47,6 +47,7 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 META_PREFIX = "eval:"
+SIZE_COLUMNS = ("sd_image_width", "sd_image_height")  # a prompt row's own size, for resolution 'row' 
 
 
 @dataclass
@@ -55,7 +56,7 @@ class GenerationConfig:
     steps: int = 50
     guidance: float | str = 7.5  # a number, or "row" for each row's own guidance
     scheduler: str = "lms"
-    resolution: int | None = None  # None = unet sample_size * vae scale factor
+    resolution: int | str | None = None  # None = unet sample_size * vae scale factor; "row": each row's own size
     batch_size: int = 4
     images_per_prompt: int = 1
     dtype: str = "auto"  # auto = fp16 on CUDA, fp32 elsewhere
@@ -77,8 +78,24 @@ class GenerationConfig:
         for name in ("steps", "batch_size", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution is not None and self.resolution != "row":
+            self.resolution = _size(self.resolution, "resolution")
+
+
+def _size(value, what: str) -> int:
+    """A side in px: a positive multiple of 8 (the VAE's factor), or one UserError line naming ``what``."""
+    side = value
+    if isinstance(side, float) and side.is_integer():
+        side = int(side)
+    if isinstance(side, str) and side.strip().isdigit():
+        side = int(side)
+    if isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8:
+        raise UserError(f"{what} must be a positive multiple of 8, got {value!r}")
+    return side
+
+
+def _resolution_flag(text: str):
+    return "row" if text.strip() == "row" else text
 
 
 def add_generation_args(parser) -> None:
@@ -87,7 +104,9 @@ def add_generation_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--guidance", default="7.5", help="Guidance scale, or 'row' for each row's own.")
     parser.add_argument("--scheduler", default="lms", help=f"Sampler: {', '.join(SCHEDULERS)}.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image size in px; default: the model's native size.")
+    parser.add_argument("--resolution", type=_resolution_flag, default=None,
+                        help="Image size in px, or 'row' for each row's sd_image_width x sd_image_height; "
+                             "default: the model's native size.")
     parser.add_argument("--batch_size", type=int, default=4, help="Prompts per generation batch.")
     parser.add_argument("--images_per_prompt", type=int, default=1, help="Images per prompt row (seeds seed+k).")
     parser.add_argument("--seed_offset", type=int, default=0, help="Added to every row seed.")
@@ -232,6 +251,7 @@ class _Item:
     seed: int
     guidance: float
     key: str = field(default="")
+    size: tuple[int, int] | None = None  # (width, height) with resolution 'row'; None: the run's resolution
 
     @property
     def name(self) -> str:
@@ -245,12 +265,20 @@ def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
         if guidance is None:
             raise UserError(f"guidance 'row' needs a guidance column; row {row.index} has none")
         check_finite(f"row {row.index}: guidance", guidance, NON_NEGATIVE, optional=False)
+        size = None
+        if cfg.resolution == "row":
+            missing = [c for c in SIZE_COLUMNS if row.meta.get(c) is None]
+            if missing:
+                raise UserError(f"resolution 'row' needs {' and '.join(SIZE_COLUMNS)} columns; row {row.index} has no "
+                                f"{', '.join(missing)}")
+            size = tuple(_size(row.meta[c], f"row {row.index}: {c}") for c in SIZE_COLUMNS)
         for k in range(cfg.images_per_prompt):
             seed = int(row.seed) + cfg.seed_offset + k
             if not 0 <= seed <= GENERATOR_SEED_MAX:
                 raise UserError(f"row {row.index}: seed {seed} (row seed + seed offset + k) is outside [0, {GENERATOR_SEED_MAX}]")
-            item = _Item(row=row, k=k, seed=seed, guidance=float(guidance))
-            item.key = settings_hash({"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance})
+            item = _Item(row=row, k=k, seed=seed, guidance=float(guidance), size=size)
+            identity = {"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance}
+            item.key = settings_hash(identity if size is None else {**identity, "size": list(size)})
             items.append(item)
     return items
 
@@ -283,6 +311,8 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> None:
     info = PngInfo()
     meta = {"key": item.key, "settings": settings, "row": item.row.index, "k": item.k, "seed": item.seed,
             "guidance": item.guidance, "prompt": item.row.prompt}
+    if item.size is not None:
+        meta["size"] = f"{item.size[0]}x{item.size[1]}"
     for k, v in meta.items():
         info.add_itxt(META_PREFIX + k, str(v))
     buf = io.BytesIO()
@@ -310,14 +340,14 @@ def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> Non
 
 
 def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
-    """The pipeline calls that draw ``items``: the items of one guidance value (in table order, values in order of
-    first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value (I2P rows
-    carry a dozen guidance values; cutting the table in order would split most batches into several calls). A fixed
+    """The pipeline calls that draw ``items``: the items of one guidance value and size (in table order, values in
+    order of first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value
+    (I2P rows carry a dozen guidance values; cutting the table in order would split most batches into several calls). A fixed
     function of the table and the batch size: every process count and every resume draws each image in the same
     batch."""
-    groups: dict[float, list[_Item]] = {}
+    groups: dict[tuple, list[_Item]] = {}
     for it in items:
-        groups.setdefault(it.guidance, []).append(it)
+        groups.setdefault((it.guidance, it.size), []).append(it)
     return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
@@ -343,6 +373,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     device = generation_device(accelerator)
+    check_rows(rows, cfg)  # before any folder is made: a bad table leaves nothing behind
     if pipe is None:  # before any folder is made, so a bad model leaves nothing behind
         pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     out_dir = Path(out_dir)
@@ -378,8 +409,8 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
                     prompt=[it.row.prompt for it in batch],
                     num_inference_steps=cfg.steps,
                     guidance_scale=batch[0].guidance,
-                    height=resolution,
-                    width=resolution,
+                    height=batch[0].size[1] if batch[0].size else resolution,
+                    width=batch[0].size[0] if batch[0].size else resolution,
                     generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                     output_type="pil",
                 ).images
@@ -393,6 +424,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return [
-        {"file": it.name, "row": it.row.index, "k": it.k, "seed": it.seed, "guidance": it.guidance, "prompt": it.row.prompt}
+        {"file": it.name, "row": it.row.index, "k": it.k, "seed": it.seed, "guidance": it.guidance, "prompt": it.row.prompt,
+         **({"size": list(it.size)} if it.size else {})}
         for it in items
     ]
