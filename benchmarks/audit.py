@@ -6,8 +6,11 @@
 
 Generation: erase.diffusion.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
 (`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
-Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, threaded reads) vs. the
-loop ESD/SalUn-style scripts run: `NudeDetector().detect(path)` with a new detector per image.
+Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, decoding in threads ahead of
+the detector) vs. the loop ESD/SalUn/MACE-style scripts run (`NudeDetector().detect(path)`, a new detector per image),
+and the bound: the ONNX forward passes alone, inputs decoded beforehand (naive / bound is the most any implementation
+can gain); also the decoding alone, one thread. Every timed method runs once per round, rounds interleaved, medians.
+Plan: the pipeline calls generation makes for a whole I2P table with each row's guidance (a count, stub pipeline).
 Writes OUTPUT_DIR/audit_bench.json and prints a markdown table.
 """
 
@@ -102,6 +105,47 @@ def bench_generation(args, work: Path) -> dict:
             "arch": args.arch, "dtype": str(pipe.unet.dtype), "device": str(device)}
 
 
+def bench_plan(args, work: Path) -> dict:
+    """How many pipeline calls erase.diffusion.generate makes for a whole I2P table at ``--plan_batch_size`` with each
+    row's guidance, and how full they are: a count, not a timing (the pipeline is replaced by a stub that returns
+    tiny blank images), so it holds on any machine. On a GPU a call costs about the same up to the batch size, so the
+    number of calls is what generation time scales with."""
+    import contextlib
+
+    from PIL import Image
+
+    from erase.diffusion.generate import generate, GenerationConfig, load_pipeline
+    from erase.diffusion.prompt_table import load_prompts
+    from eval.tiny import build_tiny_pipeline
+
+    model = build_tiny_pipeline(work / "tiny-sd", sample_size=32, block_out_channels=(32, 64)) \
+        if not (work / "tiny-sd").exists() else str(work / "tiny-sd")
+    pipe = load_pipeline(model, "lms", "fp32", "cpu")
+    rows = load_prompts(args.prompts_csv, args.plan_subset, None, need_guidance=True).rows
+    sizes = []
+
+    class Stub:
+        def __init__(self, n):
+            self.images = [Image.new("RGB", (8, 8))] * n
+
+    @contextlib.contextmanager
+    def stubbed():
+        cls = type(pipe)
+        original = cls.__call__
+        cls.__call__ = lambda self, **kw: sizes.append(len(kw["prompt"])) or Stub(len(kw["prompt"]))
+        try:
+            yield
+        finally:
+            cls.__call__ = original
+
+    with stubbed():
+        generate(rows, work / "plan", GenerationConfig(model=model, steps=1, guidance="row",
+                                                       batch_size=args.plan_batch_size), pipe=pipe)
+    return {"subset": args.plan_subset, "rows": len(rows), "batch_size": args.plan_batch_size, "calls": len(sizes),
+            "mean_images_per_call": sum(sizes) / len(sizes), "guidance_values": len({r.guidance for r in rows}),
+            "fewest_calls_possible": -(-len(rows) // args.plan_batch_size)}
+
+
 def make_detection_images(folder: Path, n: int, size: int) -> list[Path]:
     """n PNGs: the drawn torso NudeNet flags and a face, with different noise so none are identical."""
     import numpy as np
@@ -133,7 +177,7 @@ def bench_detection(args, work: Path) -> dict:
     import numpy as np
     from nudenet import NudeDetector
 
-    from eval.nudity import NudityDetector, score_images
+    from eval.nudity import _decode, _read, NudityDetector, score_images
 
     paths = make_detection_images(work / "det-images", args.detect_images, args.detect_size)
     NudeDetector().detect(str(paths[0]))  # warm the file cache and onnxruntime
@@ -154,21 +198,26 @@ def bench_detection(args, work: Path) -> dict:
         for batch in inputs:
             detector.session.run(None, {detector.input_name: batch})
 
-    per_image = {"naive": [], "ours": [], "bound": []}
-    counts = {"naive": args.naive_images, "ours": len(paths), "bound": len(paths)}
+    def decode():  # the work eval.nudity does besides the passes: read, hash, check, decode, letterbox (one thread)
+        for p in paths:
+            detector.preprocess(_decode(_read(p)[1])[0])
+
+    per_image = {"naive": [], "ours": [], "bound": [], "decode": []}
+    counts = {"naive": args.naive_images, "ours": len(paths), "bound": len(paths), "decode": len(paths)}
     results = {}
     for r in range(args.rounds):
-        order = list(per_image)[r % 3:] + list(per_image)[: r % 3]  # rotate, so no method always runs first
+        order = list(per_image)[r % 4:] + list(per_image)[: r % 4]  # rotate, so no method always runs first
         for name in order:
             start = time.perf_counter()
-            results[name] = {"naive": naive, "ours": ours, "bound": bound}[name]()
+            results[name] = {"naive": naive, "ours": ours, "bound": bound, "decode": decode}[name]()
             per_image[name].append((time.perf_counter() - start) / counts[name])
     med = {k: statistics.median(v) for k, v in per_image.items()}
     agree = all(results["ours"][p.name] == d for p, d in zip(paths, results["naive"]))
     return {"images": len(paths), "naive_images": args.naive_images, "image_size": args.detect_size, "rounds": args.rounds,
             "seconds_per_image_median": med, "seconds_per_image_all": per_image,
             "speedup": med["naive"] / med["ours"], "bound": med["naive"] / med["bound"],
-            "share_of_bound": med["bound"] / med["ours"], "same_detections_as_naive": agree, "batch_size": bs,
+            "share_of_bound": med["bound"] / med["ours"], "decode_over_bound": med["decode"] / med["bound"],
+            "same_detections_as_naive": agree, "batch_size": bs,
             "providers": detector.session.get_providers()}
 
 
@@ -182,6 +231,8 @@ def parse_args(input_args=None):
     p.add_argument("--gen_batch_size", type=int, default=8, help="Batched generation size compared with 1.")
     p.add_argument("--gen_guidance", default="row", help="Guidance: 'row' (each I2P row's own, as i2p-sexual) or a number.")
     p.add_argument("--gen_subset", default="sexual", help="I2P subset the prompts come from (all, sexual, nudity).")
+    p.add_argument("--plan_subset", default="sexual", help="I2P subset whose pipeline calls are counted (bench_plan).")
+    p.add_argument("--plan_batch_size", type=int, default=16, help="Batch size of the counted plan.")
     p.add_argument("--steps", type=int, default=10, help="Denoising steps.")
     p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16.")
@@ -196,7 +247,7 @@ def parse_args(input_args=None):
 
 
 #: What a run writes into --output_dir; a rerun removes these (and only these) for a cold measurement.
-OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "audit_bench.json")
+OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "plan", "audit_bench.json")
 
 
 @cli_errors
@@ -220,12 +271,14 @@ def _bench(args, work: Path) -> dict:
     result["detection"] = bench_detection(args, work)
     if not args.skip_generation:
         result["generation"] = bench_generation(args, work)
+        result["plan"] = bench_plan(args, work)
     (work / "audit_bench.json").write_text(json.dumps(result, indent=2))
     d = result["detection"]
     m = d["seconds_per_image_median"]
     print(f"| detection ({d['images']} x {d['image_size']} px, {d['rounds']} rounds) | naive {1 / m['naive']:.2f} img/s "
           f"| eval.nudity {1 / m['ours']:.2f} img/s | {d['speedup']:.2f}x | bound (ONNX passes alone) {d['bound']:.2f}x, "
-          f"ours at {100 * d['share_of_bound']:.0f}% of it | same detections: {d['same_detections_as_naive']} |")
+          f"ours at {100 * d['share_of_bound']:.0f}% of it; decoding alone {100 * d['decode_over_bound']:.0f}% of the passes "
+          f"| same detections: {d['same_detections_as_naive']} |")
     if "generation" in result:
         g = result["generation"]
         rates = list(g["images_per_s"].values())
@@ -234,6 +287,10 @@ def _bench(args, work: Path) -> dict:
               f"| batch 1 {rates[0]:.2f} img/s | batch {args.gen_batch_size} {rates[-1]:.2f} img/s | {g['speedup']:.2f}x "
               f"| batch 1 vs {args.gen_batch_size}: max pixel diff {g['max_pixel_diff_across_batch_sizes']}, "
               f"{100 * g['fraction_of_values_differing']:.3f}% of values differ |")
+        c = result["plan"]
+        print(f"| pipeline calls, I2P {c['subset']} ({c['rows']} rows, {c['guidance_values']} guidance values), batch "
+              f"{c['batch_size']} | {c['calls']} calls, {c['mean_images_per_call']:.1f} images per call | fewest possible "
+              f"{c['fewest_calls_possible']} |")
     return result
 
 
