@@ -241,7 +241,7 @@ def parse_args(input_args=None):
     p.add_argument("--detect_size", type=int, default=512, help="Side of the detection images in px.")
     p.add_argument("--detect_batch_size", type=int, default=16, help="eval.nudity batch size.")
     p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of every timed method (medians reported).")
-    p.add_argument("--skip_generation", action="store_true", help="Only time detection.")
+    p.add_argument("--skip_generation", action="store_true", help="Only time detection (no generation, no call count).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     return p.parse_args(input_args)
 
@@ -287,6 +287,7 @@ def _bench(args, work: Path) -> dict:
               f"| batch 1 {rates[0]:.2f} img/s | batch {args.gen_batch_size} {rates[-1]:.2f} img/s | {g['speedup']:.2f}x "
               f"| batch 1 vs {args.gen_batch_size}: max pixel diff {g['max_pixel_diff_across_batch_sizes']}, "
               f"{100 * g['fraction_of_values_differing']:.3f}% of values differ |")
+    if "plan" in result:
         c = result["plan"]
         print(f"| pipeline calls, I2P {c['subset']} ({c['rows']} rows, {c['guidance_values']} guidance values), batch "
               f"{c['batch_size']} | {c['calls']} calls, {c['mean_images_per_call']:.1f} images per call | fewest possible "
