@@ -276,6 +276,12 @@ def _one_cv2_thread():
         cv2.setNumThreads(before)
 
 
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def _decode_workers(world: int, detector=None) -> int:
     """Threads decoding images: one when the CPU scores (the detector needs the other cores), more for a GPU."""
     import onnxruntime as ort
@@ -322,7 +328,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     workers = _decode_workers(world, detector)
     log_path = raw_dir / f"part-{rank}.jsonl"
     with open(log_path, "a", encoding="utf-8") as log, _one_cv2_thread(), ThreadPoolExecutor(workers) as pool:
-        if log.tell() and not log_path.read_bytes().endswith(b"\n"):
+        if log.tell() and not _ends_a_line(log_path):
             log.write("\n")  # a line cut by a kill or a full disk stays alone on its line (and is ignored)
         futures = deque(pool.submit(prepare, chunk) for chunk in chunks[: workers + 1])
         if detector is None:  # built while the first batches decode
