@@ -47,7 +47,7 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 META_PREFIX = "eval:"
-SIZE_COLUMNS = ("sd_image_width", "sd_image_height")  # a prompt row's own size, for resolution 'row' 
+SIZE_COLUMNS = ("sd_image_width", "sd_image_height")  # a prompt row's own size, for resolution 'row'
 
 
 @dataclass
@@ -341,10 +341,10 @@ def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> Non
 
 def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
     """The pipeline calls that draw ``items``: the items of one guidance value and size (in table order, values in
-    order of first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value
-    (I2P rows carry a dozen guidance values; cutting the table in order would split most batches into several calls). A fixed
-    function of the table and the batch size: every process count and every resume draws each image in the same
-    batch."""
+    order of first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value.
+    (I2P rows carry a dozen guidance values; cutting the table in order split most batches into several calls.) A
+    fixed function of the table and the batch size: every process count and every resume draws each image in the
+    same batch."""
     groups: dict[tuple, list[_Item]] = {}
     for it in items:
         groups.setdefault((it.guidance, it.size), []).append(it)
