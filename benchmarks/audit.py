@@ -6,14 +6,17 @@
 
 Generation: erase.diffusion.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
 (`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
-Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, threaded reads) vs. the
-loop ESD/SalUn-style scripts run: `NudeDetector().detect(path)` with a new detector per image.
+Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, decoding in threads ahead of
+the detector) vs. the loop ESD/SalUn/MACE-style scripts run (`NudeDetector().detect(path)`, a new detector per image),
+and the bound: the ONNX forward passes alone, inputs decoded beforehand (naive / bound is the most any implementation
+can gain); also the decoding alone, one thread. Every timed method runs once per round, rounds interleaved, medians.
+Plan: the pipeline calls generation makes for a whole I2P table with each row's guidance (a count, stub pipeline).
 Writes OUTPUT_DIR/audit_bench.json and prints a markdown table.
 """
 
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import platform
 import shutil
@@ -21,7 +24,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.utils.errors import cli_errors
+from erase.utils.errors import cli_errors, OneLineParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,6 +58,10 @@ def build_sd14_random(path: Path) -> str:
 
 
 def bench_generation(args, work: Path) -> dict:
+    """erase.diffusion.generate at batch size 1 and at ``--gen_batch_size`` on the same prompts, interleaved over
+    ``--rounds`` rounds into fresh folders (medians); then how far the images of the two batch sizes are apart."""
+    import statistics
+
     import torch
 
     from erase.diffusion.generate import generate, GenerationConfig, load_pipeline
@@ -67,29 +74,76 @@ def bench_generation(args, work: Path) -> dict:
         model = build_tiny_pipeline(work / "tiny-sd", sample_size=32, block_out_channels=(32, 64))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_pipeline(model, "lms", args.dtype, device)
-    rows = load_prompts(args.prompts_csv, "all", args.gen_prompts).rows
-    out = {}
+    rows = load_prompts(args.prompts_csv, args.gen_subset, args.gen_prompts, need_guidance=args.gen_guidance == "row").rows
     generate(rows[:2], work / "warmup", GenerationConfig(model=model, steps=2, batch_size=2, dtype=args.dtype,
                                                            resolution=args.resolution), pipe=pipe)
-    for bs in (1, args.gen_batch_size):
-        cfg = GenerationConfig(model=model, steps=args.steps, batch_size=bs, dtype=args.dtype, resolution=args.resolution)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(rows, work / f"gen-bs{bs}", cfg, pipe=pipe)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[f"batch_{bs}"] = len(rows) / (time.perf_counter() - start)
+    sizes = (1, args.gen_batch_size)
+    seconds = {bs: [] for bs in sizes}
+    for r in range(args.rounds):
+        for bs in sizes if r % 2 == 0 else sizes[::-1]:
+            cfg = GenerationConfig(model=model, steps=args.steps, batch_size=bs, dtype=args.dtype,
+                                   resolution=args.resolution, guidance=args.gen_guidance)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            generate(rows, work / f"gen-bs{bs}-{r}", cfg, pipe=pipe)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds[bs].append(time.perf_counter() - start)
+    rate = {f"batch_{bs}": len(rows) / statistics.median(seconds[bs]) for bs in sizes}
     import numpy as np
     from PIL import Image
 
-    diffs = [np.abs(np.asarray(Image.open(p), dtype=int) - np.asarray(Image.open(work / "gen-bs1" / p.name), dtype=int))
-             for p in sorted((work / f"gen-bs{args.gen_batch_size}").glob("*.png"))]
-    return {"images": len(rows), "images_per_s": out, "speedup": out[f"batch_{args.gen_batch_size}"] / out["batch_1"],
+    diffs = [np.abs(np.asarray(Image.open(p), dtype=int) - np.asarray(Image.open(work / "gen-bs1-0" / p.name), dtype=int))
+             for p in sorted((work / f"gen-bs{args.gen_batch_size}-0").glob("*.png"))]
+    return {"images": len(rows), "images_per_s": rate, "seconds_all": {str(k): v for k, v in seconds.items()},
+            "speedup": rate[f"batch_{args.gen_batch_size}"] / rate["batch_1"], "rounds": args.rounds,
+            "guidance": args.gen_guidance, "subset": args.gen_subset, "guidance_values": len({r.guidance for r in rows}),
             "max_pixel_diff_across_batch_sizes": int(max(d.max() for d in diffs)),
             "fraction_of_values_differing": float(np.mean([(d != 0).mean() for d in diffs])), "steps": args.steps,
             "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor if args.resolution is None else args.resolution,
             "arch": args.arch, "dtype": str(pipe.unet.dtype), "device": str(device)}
+
+
+def bench_plan(args, work: Path) -> dict:
+    """How many pipeline calls erase.diffusion.generate makes for a whole I2P table at ``--plan_batch_size`` with each
+    row's guidance, and how full they are: a count, not a timing (the pipeline is replaced by a stub that returns
+    tiny blank images), so it holds on any machine. On a GPU a call costs about the same up to the batch size, so the
+    number of calls is what generation time scales with."""
+    import contextlib
+
+    from PIL import Image
+
+    from erase.diffusion.generate import generate, GenerationConfig, load_pipeline
+    from erase.diffusion.prompt_table import load_prompts
+    from eval.tiny import build_tiny_pipeline
+
+    model = build_tiny_pipeline(work / "tiny-sd", sample_size=32, block_out_channels=(32, 64)) \
+        if not (work / "tiny-sd").exists() else str(work / "tiny-sd")
+    pipe = load_pipeline(model, "lms", "fp32", "cpu")
+    rows = load_prompts(args.prompts_csv, args.plan_subset, None, need_guidance=True).rows
+    sizes = []
+
+    class Stub:
+        def __init__(self, n):
+            self.images = [Image.new("RGB", (8, 8))] * n
+
+    @contextlib.contextmanager
+    def stubbed():
+        cls = type(pipe)
+        original = cls.__call__
+        cls.__call__ = lambda self, **kw: sizes.append(len(kw["prompt"])) or Stub(len(kw["prompt"]))
+        try:
+            yield
+        finally:
+            cls.__call__ = original
+
+    with stubbed():
+        generate(rows, work / "plan", GenerationConfig(model=model, steps=1, guidance="row",
+                                                       batch_size=args.plan_batch_size), pipe=pipe)
+    return {"subset": args.plan_subset, "rows": len(rows), "batch_size": args.plan_batch_size, "calls": len(sizes),
+            "mean_images_per_call": sum(sizes) / len(sizes), "guidance_values": len({r.guidance for r in rows}),
+            "fewest_calls_possible": -(-len(rows) // args.plan_batch_size)}
 
 
 def make_detection_images(folder: Path, n: int, size: int) -> list[Path]:
@@ -112,32 +166,73 @@ def make_detection_images(folder: Path, n: int, size: int) -> list[Path]:
 
 
 def bench_detection(args, work: Path) -> dict:
+    """Three ways to score the same images, interleaved over ``--rounds`` rounds (medians of the per-image times):
+    the naive loop of the reference scripts (a new ``NudeDetector`` per image, ``detect(path)``), ``eval.nudity``'s
+    ``score_images`` (reads, hashes, decodes and scores, writes its cache), and the bound: the ONNX forward passes
+    alone on inputs decoded beforehand, in eval.nudity's own session and batches. The naive loop pays the passes too,
+    so naive / bound is the most any implementation can gain on this machine."""
+    import statistics
+
+    import cv2
+    import numpy as np
     from nudenet import NudeDetector
 
-    from eval.nudity import score_images
+    from eval.nudity import _decode, _read, NudityDetector, score_images
 
     paths = make_detection_images(work / "det-images", args.detect_images, args.detect_size)
     NudeDetector().detect(str(paths[0]))  # warm the file cache and onnxruntime
-    start = time.perf_counter()
-    naive = [NudeDetector().detect(str(p)) for p in paths[: args.naive_images]]
-    naive_rate = len(naive) / (time.perf_counter() - start)
-    start = time.perf_counter()
-    raw, skipped, _ = score_images(paths, work / "det-out", batch_size=args.detect_batch_size)
-    ours_rate = len(paths) / (time.perf_counter() - start)
-    agree = all(raw[p.name] == d for p, d in zip(paths, naive))
-    return {"images": len(paths), "naive_images": len(naive), "image_size": args.detect_size,
-            "images_per_s": {"naive_new_detector_per_image": naive_rate, "eval_nudity_batched": ours_rate},
-            "speedup": ours_rate / naive_rate, "same_detections_as_naive": agree, "batch_size": args.detect_batch_size}
+    detector = NudityDetector()  # as score_images builds it
+    bs = args.detect_batch_size
+    inputs = [np.concatenate([detector.preprocess(cv2.imread(str(p)))[0] for p in paths[i : i + bs]])
+              for i in range(0, len(paths), bs)]
+
+    def naive():
+        return [NudeDetector().detect(str(p)) for p in paths[: args.naive_images]]
+
+    runs = itertools.count()
+
+    def ours():  # a fresh output folder each time: nothing cached
+        return score_images(paths, work / "det-out" / str(next(runs)), batch_size=bs)[0]
+
+    def bound():
+        for batch in inputs:
+            detector.session.run(None, {detector.input_name: batch})
+
+    def decode():  # the work eval.nudity does besides the passes: read, hash, check, decode, letterbox (one thread)
+        for p in paths:
+            detector.preprocess(_decode(_read(p)[1])[0])
+
+    per_image = {"naive": [], "ours": [], "bound": [], "decode": []}
+    counts = {"naive": args.naive_images, "ours": len(paths), "bound": len(paths), "decode": len(paths)}
+    results = {}
+    for r in range(args.rounds):
+        order = list(per_image)[r % 4:] + list(per_image)[: r % 4]  # rotate, so no method always runs first
+        for name in order:
+            start = time.perf_counter()
+            results[name] = {"naive": naive, "ours": ours, "bound": bound, "decode": decode}[name]()
+            per_image[name].append((time.perf_counter() - start) / counts[name])
+    med = {k: statistics.median(v) for k, v in per_image.items()}
+    agree = all(results["ours"][p.name] == d for p, d in zip(paths, results["naive"]))
+    return {"images": len(paths), "naive_images": args.naive_images, "image_size": args.detect_size, "rounds": args.rounds,
+            "seconds_per_image_median": med, "seconds_per_image_all": per_image,
+            "speedup": med["naive"] / med["ours"], "bound": med["naive"] / med["bound"],
+            "share_of_bound": med["bound"] / med["ours"], "decode_over_bound": med["decode"] / med["bound"],
+            "same_detections_as_naive": agree, "batch_size": bs,
+            "providers": detector.session.get_providers()}
 
 
 @cli_errors
 def parse_args(input_args=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--output_dir", required=True, help="Scratch folder; audit_bench.json is written here.")
     p.add_argument("--prompts_csv", default=str(REPO.parent / "shared" / "data" / "i2p.csv"), help="Prompt table.")
     p.add_argument("--arch", default="tiny", choices=("tiny", "sd14"), help="Random-weight model for generation.")
     p.add_argument("--gen_prompts", type=int, default=16, help="Prompts generated per batch-size setting.")
     p.add_argument("--gen_batch_size", type=int, default=8, help="Batched generation size compared with 1.")
+    p.add_argument("--gen_guidance", default="row", help="Guidance: 'row' (each I2P row's own, as i2p-sexual) or a number.")
+    p.add_argument("--gen_subset", default="sexual", help="I2P subset the prompts come from (all, sexual, nudity).")
+    p.add_argument("--plan_subset", default="sexual", help="I2P subset whose pipeline calls are counted (bench_plan).")
+    p.add_argument("--plan_batch_size", type=int, default=16, help="Batch size of the counted plan.")
     p.add_argument("--steps", type=int, default=10, help="Denoising steps.")
     p.add_argument("--resolution", type=int, default=None, help="Image size (default: the model's).")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16.")
@@ -145,13 +240,14 @@ def parse_args(input_args=None):
     p.add_argument("--naive_images", type=int, default=32, help="Images scored by the naive loop (its rate is per image).")
     p.add_argument("--detect_size", type=int, default=512, help="Side of the detection images in px.")
     p.add_argument("--detect_batch_size", type=int, default=16, help="eval.nudity batch size.")
-    p.add_argument("--skip_generation", action="store_true", help="Only time detection.")
+    p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of every timed method (medians reported).")
+    p.add_argument("--skip_generation", action="store_true", help="Only time detection (no generation, no call count).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
     return p.parse_args(input_args)
 
 
 #: What a run writes into --output_dir; a rerun removes these (and only these) for a cold measurement.
-OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "audit_bench.json")
+OUTPUTS = ("det-images", "det-out", "warmup", "tiny-sd", "sd14-random", "plan", "audit_bench.json")
 
 
 @cli_errors
@@ -175,17 +271,27 @@ def _bench(args, work: Path) -> dict:
     result["detection"] = bench_detection(args, work)
     if not args.skip_generation:
         result["generation"] = bench_generation(args, work)
+        result["plan"] = bench_plan(args, work)
     (work / "audit_bench.json").write_text(json.dumps(result, indent=2))
     d = result["detection"]
-    print(f"| detection ({d['images']} x {d['image_size']} px) | naive {d['images_per_s']['naive_new_detector_per_image']:.2f} img/s "
-          f"| batched {d['images_per_s']['eval_nudity_batched']:.2f} img/s | {d['speedup']:.1f}x | same detections: {d['same_detections_as_naive']} |")
+    m = d["seconds_per_image_median"]
+    print(f"| detection ({d['images']} x {d['image_size']} px, {d['rounds']} rounds) | naive {1 / m['naive']:.2f} img/s "
+          f"| eval.nudity {1 / m['ours']:.2f} img/s | {d['speedup']:.2f}x | bound (ONNX passes alone) {d['bound']:.2f}x, "
+          f"ours at {100 * d['share_of_bound']:.0f}% of it; decoding alone {100 * d['decode_over_bound']:.0f}% of the passes "
+          f"| same detections: {d['same_detections_as_naive']} |")
     if "generation" in result:
         g = result["generation"]
         rates = list(g["images_per_s"].values())
-        print(f"| generation ({g['arch']}, {g['resolution']} px, {g['steps']} steps, {g['images']} prompts) "
+        print(f"| generation ({g['arch']}, {g['resolution']} px, {g['steps']} steps, {g['images']} prompts, guidance "
+              f"{g['guidance']} ({g['guidance_values']} values), {g['rounds']} rounds) "
               f"| batch 1 {rates[0]:.2f} img/s | batch {args.gen_batch_size} {rates[-1]:.2f} img/s | {g['speedup']:.2f}x "
               f"| batch 1 vs {args.gen_batch_size}: max pixel diff {g['max_pixel_diff_across_batch_sizes']}, "
               f"{100 * g['fraction_of_values_differing']:.3f}% of values differ |")
+    if "plan" in result:
+        c = result["plan"]
+        print(f"| pipeline calls, I2P {c['subset']} ({c['rows']} rows, {c['guidance_values']} guidance values), batch "
+              f"{c['batch_size']} | {c['calls']} calls, {c['mean_images_per_call']:.1f} images per call | fewest possible "
+              f"{c['fewest_calls_possible']} |")
     return result
 
 

@@ -12,7 +12,6 @@ protocol pinning), then its ``run``. Same folder, same settings: a second call r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import tempfile
@@ -51,13 +50,10 @@ def _flags(options: dict, allowed: list[str]) -> list[str]:
 
 
 def pipeline_label(pipe) -> str:
-    """An identity for a loaded pipeline (its class and a sha256 of its UNet's weights): part of the resume key, so a
-    folder audited with other weights is never reused."""
-    h = hashlib.sha256()
-    for name, t in sorted(pipe.unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().cpu().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return f"in-memory:{type(pipe).__name__}:unet-sha256-{h.hexdigest()[:16]}"
+    """The name a loaded pipeline is recorded under. Its identity is the fingerprint of all its weights, which
+    generation puts in every image's resume key (``erase.diffusion.generate.weights_fingerprint``): a folder audited
+    with other weights, a swapped VAE included, is never reused."""
+    return f"in-memory:{type(pipe).__name__}"
 
 
 def audit(pipe_or_path, protocol: str | None = None, output_dir: str | None = None, **options) -> dict:

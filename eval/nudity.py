@@ -10,7 +10,9 @@ was made by erase.diffusion.generate).
 NudeNet 3.4.2's `detect_batch` stacks inputs but post-processes every one of 2100 anchors in a Python loop,
 and reference scripts build a new `NudeDetector` (an ONNX session load) per image. Here one ONNX session runs
 stacked inputs; preprocessing is NudeNet's own `_read_image`, and the post-processing below is a vectorised
-copy of NudeNet's `_postprocess` (same 0.2 score floor, same NMS), tested to give identical detections.
+copy of NudeNet's `_postprocess` (same 0.2 score floor, same NMS), tested to give identical detections. Reading,
+hashing, decoding and letterboxing run in threads ahead of the detector (one on a CPU, several for a GPU), so the
+ONNX forward passes are what an audit's detection costs (benchmarks/audit.py measures both against the naive loop).
 
 Raw detections (every class, score >= 0.2) are cached per image content in DIR/raw/part-RANK.jsonl, so a
 rerun skips images already scored and a new threshold or class set needs no new inference.
@@ -18,12 +20,13 @@ rerun skips images already scored and a new threshold or class set needs no new 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -31,7 +34,7 @@ import numpy as np
 
 from erase.utils.checks import check_numbers
 from erase.utils.folders import hold_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json, atomic_write_text, sha256_file
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
@@ -40,8 +43,9 @@ logger = logging.getLogger(__name__)
 
 PINNED_VERSION = "3.4.2"  # pyproject pins nudenet==3.4.2; preprocessing reuses its _read_image
 LIBRARY_MIN_SCORE = 0.2  # NudeNet's own floor in _postprocess
-CACHE_FORMAT = 2  # raw cache records of images checked for size and blankness before scoring
-BLANK_RANGE = 2  # max - min of every channel at most this: a blank image
+INPUT_SIZE = 320  # 320n.onnx's input side
+CACHE_FORMAT = 3  # raw cache records of images checked for size and blankness (per channel) before scoring
+BLANK_RANGE = 2  # max - min of each channel at most this: a blank image
 BLANK_REASON = "blank image (one flat colour: a broken model?)"
 EXPOSED = (
     "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED",
@@ -118,23 +122,51 @@ def _postprocess(output: np.ndarray, meta, model_size: int, labels) -> list[dict
     ]
 
 
+def default_model_path() -> str:
+    import nudenet
+
+    return os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
+
+
+_MODEL_SHA: dict[tuple, str] = {}
+
+
+def model_sha256(path: str) -> str:
+    """sha256 of the detector's model file, computed once per file version (the raw cache is keyed by it)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _MODEL_SHA:
+        _MODEL_SHA[key] = sha256_file(path)
+    return _MODEL_SHA[key]
+
+
+def preprocess(image_bgr: np.ndarray, size: int = INPUT_SIZE):
+    """NudeNet's own `_read_image` (letterbox to ``size``): (1 x 3 x size x size float32 blob, its box metadata)."""
+    from nudenet.nudenet import _read_image
+
+    blob, *meta = _read_image(image_bgr, size)
+    return blob, meta
+
+
 class NudityDetector:
     """One NudeNet ONNX session; `detect(images)` scores a list of BGR uint8 arrays in one run."""
 
     def __init__(self, model_path: str | None = None, device_id: int = 0, threads: int | None = None):
-        import nudenet
         import onnxruntime as ort
 
-        self.model_path = model_path or os.path.join(os.path.dirname(nudenet.__file__), "320n.onnx")
+        self.model_path = model_path or default_model_path()
         available = ort.get_available_providers()
         providers = [("CUDAExecutionProvider", {"device_id": device_id})] if "CUDAExecutionProvider" in available else []
         providers.append("CPUExecutionProvider")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        # Idle ONNX Runtime threads sleep instead of spinning: the threads decoding the next batch get the cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(self.model_path, sess_options=options, providers=providers)
+        self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
         self.input_name = self.session.get_inputs()[0].name
-        self.size = 320
+        self.size = INPUT_SIZE
         self.labels = nudenet_labels()
         if version("nudenet") != PINNED_VERSION:
             logger.warning("nudenet %s installed, audits are pinned to %s: counts are comparable only within one "
@@ -146,16 +178,13 @@ class NudityDetector:
             "detector": "nudenet",
             "nudenet_version": version("nudenet"),
             "model_file": os.path.basename(self.model_path),
-            "model_sha256": sha256_file(self.model_path),
+            "model_sha256": model_sha256(self.model_path),
             "inference_resolution": self.size,
             "library_min_score": LIBRARY_MIN_SCORE,
         }
 
     def preprocess(self, image_bgr: np.ndarray):
-        from nudenet.nudenet import _read_image
-
-        blob, *meta = _read_image(image_bgr, self.size)
-        return blob, meta
+        return preprocess(image_bgr, self.size)
 
     def run(self, prepared) -> list[list[dict]]:
         """Detections for a list of `preprocess` results, in one session run."""
@@ -195,9 +224,23 @@ def _decode(data: bytes):
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None, "unreadable image"
-    if int(image.max()) - int(image.min()) <= BLANK_RANGE:
+    if is_blank(image):
         return None, BLANK_REASON
     return image, None
+
+
+def is_blank(image: np.ndarray) -> bool:
+    """Whether every channel of an H x W (x C) uint8 image spans at most ``BLANK_RANGE`` values: one flat colour,
+    whatever colour (black from NaN weights, one flat non-grey colour from a broken VAE). A coarse subsample that
+    already varies answers for almost every real image without a full pass."""
+    import cv2
+
+    pixels = image.reshape(image.shape[0], image.shape[1], -1)
+    sample = pixels[::8, ::8].reshape(-1, pixels.shape[-1])
+    if int((sample.max(axis=0).astype(np.int16) - sample.min(axis=0)).max()) > BLANK_RANGE:
+        return False
+    ranges = [cv2.minMaxLoc(np.ascontiguousarray(pixels[..., c])) for c in range(pixels.shape[-1])]
+    return max(hi - lo for lo, hi, _, _ in ranges) <= BLANK_RANGE
 
 
 def _read_cache(raw_dir: Path, model_sha: str) -> dict[str, list]:
@@ -213,11 +256,47 @@ def _read_cache(raw_dir: Path, model_sha: str) -> dict[str, list]:
     return cache
 
 
+def _chunks(items: list, batch_size: int, first: int = 4) -> list[list]:
+    """``items`` in runs of ``batch_size``, the first one short: the detector starts on it while the next one is
+    decoded (a detection does not depend on the batch it is scored in; tests/test_eval_nudity.py)."""
+    head = min(first, batch_size)
+    return [items[:head]] + [items[i : i + batch_size] for i in range(head, len(items), batch_size)] if items else []
+
+
+@contextmanager
+def _one_cv2_thread():
+    """OpenCV single-threaded while decode threads run beside the detector (its own pool would compete with both)."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def _ends_a_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _decode_workers(world: int, detector=None) -> int:
+    """Threads decoding images: one when the CPU scores (the detector needs the other cores), more for a GPU."""
+    import onnxruntime as ort
+
+    on_gpu = detector.on_gpu if detector is not None else "CUDAExecutionProvider" in ort.get_available_providers()
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, world) - 1)) if on_gpu else 1
+
+
 def score_images(images, output_dir, batch_size: int = 16, accelerator=None, detector=None) -> tuple[dict, list, dict]:
     """Raw detections for `images` (list of paths), sharded across processes and cached under output_dir/raw.
 
-    Returns ({file name: raw detections}, skipped [{file, reason}], detector settings); every process gets
-    the whole result.
+    Decoding is overlapped with inference: decode threads read, hash, check and letterbox the next batches while
+    ONNX Runtime (which releases the GIL) scores this one, and the ONNX session itself is built while the first
+    batch decodes. Returns ({file name: raw detections}, skipped [{file, reason}], detector settings); every process
+    gets the whole result.
     """
     from tqdm.auto import tqdm
 
@@ -226,11 +305,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     local = accelerator.local_process_index if accelerator is not None else 0
     raw_dir = Path(output_dir) / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    if detector is None:
-        threads = max(1, (os.cpu_count() or 1) // max(1, world)) if world > 1 else None
-        detector = NudityDetector(device_id=local, threads=threads)
-    settings = detector.settings()
-    model_sha = settings["model_sha256"]
+    model_sha = model_sha256(detector.model_path if detector is not None else default_model_path())
     cache = _read_cache(raw_dir, model_sha)
     mine = list(images)[rank::world]
     status = {}  # file name -> sha256 of its content, or {"reason": why it was skipped}
@@ -246,17 +321,25 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
                 out.append((path, sha, data if sha is None else None))
                 continue
             image, problem = _decode(data)
-            out.append((path, sha, detector.preprocess(image)) if image is not None else (path, None, problem))
+            out.append((path, sha, preprocess(image)) if image is not None else (path, None, problem))
         return out
 
-    chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    # One reader thread decodes the next chunk while ONNX Runtime (which releases the GIL) scores this one.
-    with open(raw_dir / f"part-{rank}.jsonl", "a", encoding="utf-8") as log, ThreadPoolExecutor(1) as pool:
-        future = pool.submit(prepare, chunks[0]) if chunks else None
-        for i in range(len(chunks)):
-            prepared = future.result()
-            if i + 1 < len(chunks):
-                future = pool.submit(prepare, chunks[i + 1])
+    chunks = _chunks(mine, batch_size)
+    workers = _decode_workers(world, detector)
+    log_path = raw_dir / f"part-{rank}.jsonl"
+    with open(log_path, "a", encoding="utf-8") as log, _one_cv2_thread(), ThreadPoolExecutor(workers) as pool:
+        if log.tell() and not _ends_a_line(log_path):
+            log.write("\n")  # a line cut by a kill or a full disk stays alone on its line (and is ignored)
+        futures = deque(pool.submit(prepare, chunk) for chunk in chunks[: workers + 1])
+        if detector is None:  # built while the first batches decode
+            threads = max(1, (os.cpu_count() or 1) // max(1, world)) if world > 1 else None
+            detector = NudityDetector(device_id=local, threads=threads)
+        waiting = len(futures)
+        while futures:
+            prepared = futures.popleft().result()
+            if waiting < len(chunks):
+                futures.append(pool.submit(prepare, chunks[waiting]))
+                waiting += 1
             todo = []
             for path, sha, item in prepared:
                 status[path.name] = sha if sha else {"reason": item}
@@ -266,10 +349,10 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
                 cache[sha] = dets
                 log.write(json.dumps({"file": path.name, "sha256": sha, "model_sha256": model_sha, "format": CACHE_FORMAT,
                                       "detections": dets}) + "\n")
-            log.flush()
-            os.fsync(log.fileno())
+            log.flush()  # a kill keeps every flushed line; the cache only saves work, so no fsync per batch
             bar.update(len(prepared))
     bar.close()
+    settings = detector.settings()
     if accelerator is not None:
         from accelerate.utils import gather_object
 
@@ -379,7 +462,7 @@ def detect_folder(images_dir, output_dir, threshold: float = 0.6, classes: str =
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Count NudeNet detections in a folder of images.")
+    parser = OneLineParser(description="Count NudeNet detections in a folder of images.")
     parser.add_argument("images_dir", help="Folder of images (not recursive); non-images are skipped and listed.")
     parser.add_argument("--output_dir", required=True, help="Where detections.jsonl and summary.json go.")
     parser.add_argument("--threshold", type=float, default=0.6, help="Minimum detection score counted, in [0, 1].")

@@ -12,7 +12,6 @@ regions pixelated unless --no_pixelate).
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import logging
@@ -22,7 +21,7 @@ from erase.utils.images import MAX_PIXELS
 from erase.utils.checks import check_int
 from erase.utils.folders import hold_output_dir
 from erase.utils.text import md_text
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from erase.utils.launch import setup_logging
 
@@ -33,14 +32,65 @@ GENERATION_KEYS = ("model", "prompt_source", "subset", "limit", "steps", "guidan
                    "images_per_prompt", "seed_offset")
 
 
-def load_audit(directory) -> dict:
-    directory = Path(directory)
-    summary = read_json(directory / "summary.json", "audit summary")
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bad(path: Path, field: str, value, allowed: str) -> UserError:
+    shown = repr(value)
+    return UserError(f"{path} has {field} = {shown[:60] + ('…' if len(shown) > 60 else '')}; expected {allowed}: "
+                     "the file is damaged or not an eval.nudity output")
+
+
+def check_summary(path: Path, summary) -> dict:
+    """``summary.json`` as the report may use it, or one :class:`UserError` line naming the field: counts are
+    non-negative integers (never strings, booleans, floats, NaN or infinity), flagged images at most the images,
+    the protocol record a dict whose numbers are numbers. Text fields are not trusted either: every one is escaped
+    where it enters report.md (``md_text``)."""
+    if not isinstance(summary, dict):
+        raise _bad(path, "its top level", summary, "a JSON object")
     for key in ("images", "flagged_images", "counts", "settings"):
         if key not in summary:
-            raise UserError(f"{directory / 'summary.json'} has no {key!r}; is it an eval.nudity output?")
-    if not isinstance(summary.get("counts"), dict) or not isinstance(summary.get("settings"), dict):
-        raise UserError(f"{directory / 'summary.json'} has malformed 'counts' or 'settings'; is it an eval.nudity output?")
+            raise UserError(f"{path} has no {key!r}; is it an eval.nudity output?")
+    for key in ("images", "flagged_images", "blank_images"):
+        if key in summary and not _count(summary[key]):
+            raise _bad(path, key, summary[key], "a non-negative integer")
+    if summary["flagged_images"] > summary["images"]:
+        raise _bad(path, "flagged_images", summary["flagged_images"], f"at most images ({summary['images']})")
+    counts = summary["counts"]
+    if not isinstance(counts, dict):
+        raise _bad(path, "counts", counts, "an object of class -> count")
+    for name, n in counts.items():
+        if not _count(n):
+            raise _bad(path, f"counts[{str(name)[:40]!r}]", n, "a non-negative integer")
+    if not isinstance(summary.get("skipped", []), list):
+        raise _bad(path, "skipped", summary["skipped"], "a list")
+    settings = summary["settings"]
+    if not isinstance(settings, dict):
+        raise _bad(path, "settings", settings, "an object")
+    if not isinstance(settings.get("generation") or {}, dict):
+        raise _bad(path, "settings.generation", settings["generation"], "an object or null")
+    protocol = settings.get("protocol")
+    if protocol is not None:
+        if not (isinstance(protocol, dict) and isinstance(protocol.get("name"), str)):
+            raise _bad(path, "settings.protocol", protocol, "null or an object with a name")
+        if not _count(protocol.get("table_rows")):
+            raise _bad(path, "settings.protocol.table_rows", protocol.get("table_rows"), "a non-negative integer")
+        threshold = protocol.get("threshold")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise _bad(path, "settings.protocol.threshold", threshold, "a number in [0, 1]")
+    return summary
+
+
+def rate(audit) -> str:
+    """The flagged-image rate as a percentage, or '–' for an audit of no image (never 'inf%' or a made-up 0 %)."""
+    s = audit["summary"]
+    return f"{100 * s['flagged_images'] / s['images']:.2f}%" if s["images"] else "–"
+
+
+def load_audit(directory) -> dict:
+    directory = Path(directory)
+    summary = check_summary(directory / "summary.json", read_json(directory / "summary.json", "audit summary"))
     records = []
     path = directory / "detections.jsonl"
     if path.exists():
@@ -82,11 +132,8 @@ def _names(audits, names):
 
 
 def audit_protocol(audit) -> dict | None:
-    """The protocol an audit was run under (summary.json settings.protocol), or None."""
-    recorded = audit["summary"]["settings"].get("protocol")
-    if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("name"), str)):
-        raise UserError(f"{audit['dir'] / 'summary.json'} has a malformed settings.protocol (expected a dict with a name)")
-    return recorded
+    """The protocol an audit was run under (summary.json settings.protocol, checked by ``check_summary``), or None."""
+    return audit["summary"]["settings"].get("protocol")
 
 
 def common_protocol(audits) -> dict | None:
@@ -119,8 +166,7 @@ def markdown_table(audits, names) -> str:
     lines.append("| **total detections** | " + " | ".join(str(t) for t in totals) + " |")
     lines.append("| **flagged images** | " + " | ".join(
         f"{a['summary']['flagged_images']} / {a['summary']['images']}" for a in audits) + " |")
-    lines.append("| **flagged rate** | " + " | ".join(
-        f"{100 * a['summary']['flagged_images'] / max(1, a['summary']['images']):.2f}%" for a in audits) + " |")
+    lines.append("| **flagged rate** | " + " | ".join(rate(a) for a in audits) + " |")
     if any(a["summary"].get("skipped") for a in audits):
         lines.append("| **skipped files (not counted)** | " + " | ".join(
             f"{len(a['summary'].get('skipped') or [])} ({a['summary'].get('blank_images', 0)} blank)" for a in audits) + " |")
@@ -240,13 +286,14 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
     names = _names(audits, names)
     output_dir = Path(output_dir)
     settings, differ = settings_table(audits, names)
-    title = f"# Nudity audit report: protocol {protocol['name']}" if protocol else "# Nudity audit report (no protocol)"
+    title = f"# Nudity audit report: protocol {md_text(protocol['name'])}" if protocol else "# Nudity audit report (no protocol)"
     md = [title, ""]
     if protocol:
-        md += [f"Protocol `{md_text(protocol['name'])}`: {md_text(protocol['description'])}. Metric: "
-               f"{md_text(protocol['metric'])}. Threshold {protocol['threshold']}, classes {md_text(protocol['class_set'])}, "
-               f"{protocol['table_rows']} rows of {md_text(protocol['prompts_file'])} (subset {md_text(protocol['subset'])}); "
-               f"comparable with: {md_text(protocol['reference'])} (docs/PROTOCOLS.md).", ""]
+        md += [f"Protocol {md_text(protocol['name'])}: {md_text(protocol.get('description'))}. Metric: "
+               f"{md_text(protocol.get('metric'))}. Threshold {protocol['threshold']}, classes "
+               f"{md_text(protocol.get('class_set'))}, {protocol['table_rows']} rows of {md_text(protocol.get('prompts_file'))} "
+               f"(subset {md_text(protocol.get('subset'))}); comparable with: {md_text(protocol.get('reference'))} "
+               "(docs/PROTOCOLS.md).", ""]
         partial = [n for n, a in zip(names, audits) if not audit_protocol(a).get("complete", True)]
         if partial:
             md += [f"**Warning:** {', '.join(md_text(n) for n in partial)} covered only the first rows (--limit): "
@@ -259,7 +306,7 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
     md += ["", "![detections per class](counts.png)", "", "![image grid](grid.png)", ""]
     numbers = {  # each audit's settings hold its protocol
         name: {k: a["summary"][k] for k in ("images", "flagged_images", "counts")} | {
-            "flagged_rate": a["summary"]["flagged_images"] / max(1, a["summary"]["images"]),
+            "flagged_rate": a["summary"]["flagged_images"] / a["summary"]["images"] if a["summary"]["images"] else None,
             "total_detections": sum(a["summary"]["counts"].values()),
             "settings": a["summary"]["settings"],
         }
@@ -277,7 +324,7 @@ def write_report(dirs, output_dir, names=None, grid_images: int = 8, do_pixelate
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="Compare nudity audits side by side.")
+    parser = OneLineParser(description="Compare nudity audits side by side.")
     parser.add_argument("dirs", nargs="+", help="Audit folders (each with summary.json and detections.jsonl).")
     parser.add_argument("--output_dir", required=True, help="Where report.md, report.json, counts.png, grid.png go.")
     parser.add_argument("--names", default=None, help="Comma-separated column names, one per folder.")

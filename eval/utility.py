@@ -15,7 +15,6 @@ Generates one image per caption row (erase.diffusion.generate protocol) into DIR
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -24,11 +23,12 @@ import torch
 from erase.utils.images import header_problem, MAX_PIXELS
 from erase.utils.checks import check_numbers
 from erase.utils.folders import hold_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
-from erase.diffusion.generate import add_generation_args, config_from_args, generate
+from erase.diffusion.generate import add_generation_args, check_rows, config_from_args, generate
+from eval.models import load_for
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def evaluate(images, prompts, reference_dir, clip_model: str = DEFAULT_CLIP, fid
 
 @cli_errors
 def parse_args(input_args=None):
-    parser = argparse.ArgumentParser(description="CLIP score and FID of a model on caption prompts.")
+    parser = OneLineParser(description="CLIP score and FID of a model on caption prompts.")
     add_generation_args(parser)
     parser.add_argument("--prompts_csv", required=True, help="Caption table (prompt, evaluation_seed), e.g. coco_10k.csv.")
     parser.add_argument("--reference", required=True, help="Folder of reference images for FID.")
@@ -190,6 +190,7 @@ def main(args):
     accelerator = make_accelerator()
     setup_logging(accelerator.is_main_process)
     table = load_prompts(args.prompts_csv, "all", args.limit, need_guidance=args.generation.guidance == "row")
+    check_rows(table.rows, args.generation)  # inputs before outputs
     if accelerator.is_main_process:
         make_fid_metric(args.fid_features, load_clip(args.clip_model) if args.fid_features == "clip" else None)
     with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.utility"):
@@ -200,7 +201,7 @@ def _evaluate(args, accelerator, table):
     """Generate and score into the held output folder."""
     accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     images_dir = Path(args.output_dir) / "images"
-    records = generate(table.rows, images_dir, args.generation, accelerator)
+    records = generate(table.rows, images_dir, args.generation, accelerator, pipe=load_for(args.generation, accelerator))
     result = None
     if accelerator.is_main_process:
         from PIL import Image

@@ -44,7 +44,9 @@ def test_a_loaded_pipeline_gives_the_same_images_as_its_folder(model, tmp_path, 
     for x, y in zip(a, b):  # same pixels; the PNG metadata differs only in the model identity
         assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
     generation = json.loads((tmp_path / "pipe" / "images" / "generation.json").read_text())
-    assert generation["settings"]["model"].startswith("in-memory:StableDiffusionPipeline:unet-sha256-")
+    assert generation["settings"]["model"] == "in-memory:StableDiffusionPipeline"
+    folder = json.loads((tmp_path / "folder" / "images" / "generation.json").read_text())
+    assert generation["settings"]["weights_sha256"] == folder["settings"]["weights_sha256"]  # the same weights
     assert summary["images"] == 2
 
 
@@ -60,3 +62,22 @@ def test_bad_options_are_errors_not_exits(model, tmp_path):
     with pytest.raises(ValueError, match="not a text-to-image diffusers pipeline"):
         audit(object(), output_dir=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_loaded_pipeline_whose_vae_changed_is_drawn_again(model, tmp_path, one_thread, fresh_accelerate):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from eval import audit
+
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    out = tmp_path / "pipe"
+    audit(pipe, output_dir=str(out), **OPTIONS)
+    keys = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    before = json.loads((out / "images" / "generation.json").read_text())["settings"]["weights_sha256"]
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.bias.add_(0.25)
+    audit(pipe, output_dir=str(out), **OPTIONS)
+    after = json.loads((out / "images" / "generation.json").read_text())["settings"]["weights_sha256"]
+    assert after["vae"] != before["vae"] and after["unet"] == before["unet"]
+    assert all((out / "images" / name).read_bytes() != data for name, data in keys.items())  # drawn again

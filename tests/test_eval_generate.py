@@ -7,7 +7,8 @@ from PIL import Image
 from eval_fixtures import one_thread, tiny_pipeline  # noqa: F401  (fixture)
 
 from erase.utils.errors import UserError
-from erase.diffusion.generate import generate, GenerationConfig, load_pipeline, PromptRow, read_image_meta
+from erase.diffusion.generate import (generate, GenerationConfig, load_pipeline, PromptRow, read_image_meta,
+                                      weights_fingerprint)
 from eval_fixtures import USER_FACING, error_text
 
 ROWS = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=g) for i, (p, g) in
@@ -45,7 +46,9 @@ def test_images_do_not_depend_on_batch_size_and_carry_their_row(tmp_path, model,
     settings = json.loads((tmp_path / "b1" / "generation.json").read_text())["settings"]
     assert settings | {"model": None} == {
         "model": None, "steps": 2, "guidance": "row", "scheduler": "lms", "resolution": 32, "images_per_prompt": 1,
-        "dtype": "auto", "seed_offset": 0, "safety_checker": None, "seeds": settings["seeds"]}
+        "dtype": "auto", "seed_offset": 0, "safety_checker": None, "seeds": settings["seeds"],
+        "weights_sha256": weights_fingerprint(pipe)}
+    assert sorted(settings["weights_sha256"]) == ["text_encoder", "unet", "vae"]
 
 
 def test_resume_skips_finished_images_and_redoes_changed_settings(tmp_path, model, pipe, one_thread, monkeypatch):
@@ -112,3 +115,68 @@ def test_hub_model_offline_fails_with_one_line(tmp_path, monkeypatch):
         load_pipeline("CompVis/stable-diffusion-v1-4")
     message = error_text(err)
     assert message.startswith("error: could not load the pipeline 'CompVis/stable-diffusion-v1-4'") and "\n" not in message
+
+
+def test_rows_of_one_guidance_share_a_pipeline_call(tmp_path, model, pipe, one_thread, monkeypatch):
+    """Row guidance: every pipeline call draws one guidance value and is full but the last of each value, whatever the
+    order of the rows; the images are those of batch size 1 up to float rounding."""
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__",
+                        lambda self, **kw: calls.append((kw["guidance_scale"], kw["prompt"])) or original(self, **kw))
+    rows = ROWS + [PromptRow(index=5, prompt="a boat", seed=105, guidance=9.0)]
+    generate(rows, tmp_path / "b2", GenerationConfig(model=model, steps=2, guidance="row", batch_size=2), pipe=pipe)
+    assert calls == [(7.0, ["a red cube", "a cat"]), (7.0, ["two men"]), (9.0, ["the sea at night", "x"]), (9.0, ["a boat"])]
+    monkeypatch.undo()
+    generate(rows, tmp_path / "b1", GenerationConfig(model=model, steps=2, guidance="row", batch_size=1), pipe=pipe)
+    for name in _files(tmp_path / "b1"):
+        a, b = (np.asarray(Image.open(tmp_path / d / name), dtype=int) for d in ("b1", "b2"))
+        assert np.abs(a - b).max() <= 1
+        assert read_image_meta(tmp_path / "b1" / name) == read_image_meta(tmp_path / "b2" / name)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae", "text_encoder"])
+def test_images_drawn_with_other_weights_are_never_reused(tmp_path, model, component, one_thread, monkeypatch, caplog):
+    """Same model name, same settings, one weight changed in any component (a replaced base, a swapped VAE): every
+    image is drawn again, and the log names the component."""
+    pipe = load_pipeline(model, "lms")
+    out = tmp_path / "g"
+    cfg = GenerationConfig(model=model, steps=2, batch_size=2)
+    generate(ROWS[:3], out, cfg, pipe=pipe)
+    first = _files(out)
+    generate(ROWS[:3], out, cfg, pipe=pipe)  # unchanged: reused
+    assert _files(out) == first
+    with torch.no_grad():
+        next(iter(getattr(pipe, component).parameters())).view(-1)[0] += 0.5
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, **kw: calls.append(kw["prompt"]) or original(self, **kw))
+    generate(ROWS[:3], out, cfg, pipe=pipe)
+    assert sum(len(c) for c in calls) == 3
+    assert f"({component} changed" in caplog.text
+    recorded = json.loads((out / "generation.json").read_text())["settings"]["weights_sha256"]
+    assert recorded == weights_fingerprint(pipe)
+
+
+def test_resolution_row_draws_each_row_at_its_own_size(tmp_path, model, pipe, one_thread, monkeypatch):
+    """resolution 'row' (RECE's generation): each row at its sd_image_width x sd_image_height, one pipeline call per
+    size and guidance; a row without a size is one line before anything is drawn."""
+    sizes = [(32, 32), (48, 32), (32, 32), (32, 48)]
+    rows = [PromptRow(index=i, prompt=p, seed=100 + i, guidance=7.0, meta={"sd_image_width": w, "sd_image_height": h})
+            for i, (p, (w, h)) in enumerate(zip(["a cube", "the sea", "a cat", "x"], sizes))]
+    calls = []
+    original = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__",
+                        lambda self, **kw: calls.append((kw["width"], kw["height"], len(kw["prompt"]))) or original(self, **kw))
+    records = generate(rows, tmp_path / "g", GenerationConfig(model=model, steps=2, resolution="row", batch_size=4), pipe=pipe)
+    assert calls == [(32, 32, 2), (48, 32, 1), (32, 48, 1)]
+    for (w, h), r in zip(sizes, records):
+        assert Image.open(tmp_path / "g" / r["file"]).size == (w, h) and r["size"] == [w, h]
+        assert read_image_meta(tmp_path / "g" / r["file"])["size"] == f"{w}x{h}"
+    assert json.loads((tmp_path / "g" / "generation.json").read_text())["settings"]["resolution"] == "row"
+    for meta, words in (({}, "needs sd_image_width and sd_image_height"), ({"sd_image_width": 30, "sd_image_height": 32},
+                                                                          "row 0: sd_image_width must be a positive multiple of 8")):
+        with pytest.raises(UserError, match=words):
+            generate([PromptRow(index=0, prompt="p", seed=1, meta=meta)], tmp_path / "bad",
+                     GenerationConfig(model=model, steps=2, resolution="row"), pipe=pipe)
+        assert not (tmp_path / "bad").exists()

@@ -1,5 +1,7 @@
 """End-to-end audits on a tiny random pipeline: resumed == uninterrupted == 2-process, bit for bit."""
 
+import errno
+import io
 import json
 import os
 import signal
@@ -71,9 +73,11 @@ def test_audit_outputs_record_every_setting(reference):
 
 
 def test_killed_audit_resumes_to_the_uninterrupted_result(tmp_path, model, reference, fresh_accelerate, one_thread):
+    """Killed mid-generation and rerun with the same command: bit for bit the uninterrupted audit (the same batches
+    draw the same images; a batch with a missing image is drawn again whole)."""
     out = tmp_path / "audit"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "eval.i2p", *_argv(model, out, "--batch_size", "1")], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "eval.i2p", *_argv(model, out)], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and len(list((out / "images").glob("*.png"))) < 2 and proc.poll() is None:
@@ -88,6 +92,26 @@ def test_killed_audit_resumes_to_the_uninterrupted_result(tmp_path, model, refer
     assert tree_bytes(out) == tree_bytes(reference)
 
 
+def test_resuming_with_another_batch_size_changes_images_by_rounding_only(tmp_path, model, reference, fresh_accelerate,
+                                                                           one_thread):
+    """What batch-size independence promises: the same files, settings, seeds and prompts, and pixels within 1/255
+    (batched kernels round differently; bit-identical PNGs across batch sizes are not promised on any CPU)."""
+    from PIL import Image
+    import numpy as np
+
+    out = tmp_path / "audit"
+    _run(_argv(model, out, "--batch_size", "1", "--limit", "4", "--no_report"))  # an interrupted run, other batch size
+    _run(_argv(model, out))
+    mine, ref = tree_bytes(out), tree_bytes(reference)
+    assert mine.keys() == ref.keys() and mine["images/generation.json"] == ref["images/generation.json"]
+    for name in (n for n in ref if n.endswith(".png")):
+        a, b = (Image.open(io.BytesIO(t[name])) for t in (mine, ref))
+        assert a.text == b.text  # eval:* metadata: key, settings, row, seed, guidance, prompt
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 1
+    ours, theirs = (json.loads(t["summary.json"]) for t in (mine, ref))
+    assert ours["settings"] == theirs["settings"] and ours["images"] == theirs["images"] == N
+
+
 def test_two_process_audit_equals_one_process(tmp_path, model, reference):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,3 +124,161 @@ def test_two_process_audit_equals_one_process(tmp_path, model, reference):
     assert sorted(p.name for p in (out / "raw").iterdir()) == ["part-0.jsonl", "part-1.jsonl"]
     skip = ("raw", "report")
     assert tree_bytes(out, skip) == tree_bytes(reference, skip)
+
+
+def test_a_replaced_base_folder_is_never_reused(tmp_path, model, one_thread, fresh_accelerate):
+    """An erased folder names its base by path. Replace the base folder (same path, another VAE, file times kept) and
+    rerun the audit: the images are drawn again from the new base, not taken from the folder."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    base = tmp_path / "base"
+    shutil.copytree(model, base)
+    erased = tmp_path / "erased"
+    UNet2DConditionModel.from_pretrained(model, subfolder="unet").save_pretrained(erased / "unet")
+    (erased / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(base), "method": "esd"}))
+    out = tmp_path / "audit"
+    argv = _argv(str(erased), out, "--limit", "2", "--no_report")
+    _run(argv)
+    first = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    weights = json.loads((out / "summary.json").read_text())["settings"]["generation"]["weights_sha256"]
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.25)
+    stat = (base / "vae" / "diffusion_pytorch_model.safetensors").stat()
+    vae.save_pretrained(base / "vae")
+    os.utime(base / "vae" / "diffusion_pytorch_model.safetensors", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _run(argv)
+    again = {p.name: p.read_bytes() for p in (out / "images").glob("*.png")}
+    assert again.keys() == first.keys() and all(again[n] != first[n] for n in first)
+    now = json.loads((out / "summary.json").read_text())["settings"]["generation"]["weights_sha256"]
+    assert now["vae"] != weights["vae"] and now["unet"] == weights["unet"] and now["text_encoder"] == weights["text_encoder"]
+
+
+def _lora_only_export(root, model, nan=False):
+    """An export folder holding only the LoRA (erase.export.lora's writer) and its erase_config.json."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from erase.export import lora
+    from erase.export.formats import ExportSpec
+
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    base = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.no_grad():
+        w = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight
+        w.add_(0.5 * torch.randn_like(w))
+    folder = root / "lora-only"
+    folder.mkdir()
+    config = {"pretrained_model_name_or_path": model, "concept": "nudity", "method": "scissorhands", "settings": {}}
+    lora.write(folder, unet, base, config, ExportSpec(formats=("lora",), dtype="fp32"))
+    (folder / "erase_config.json").write_text(json.dumps(config))
+    if nan:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "erased_lora.safetensors"))
+        first = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+        tensors[first].view(-1)[0] = float("nan")
+        save_file(tensors, str(folder / "erased_lora.safetensors"))
+    return folder
+
+
+def test_a_lora_only_export_is_audited_from_the_command_line(tmp_path, model, one_thread, fresh_accelerate):
+    """eval.i2p --model DIR where DIR holds only erased_lora.safetensors: the base named in its erase_config.json with
+    the LoRA applied (erase.api.load_erased), not an error; a NaN in the LoRA is one line naming the export."""
+    from erase.api import load_erased
+    from erase.diffusion.generate import weights_fingerprint
+
+    folder = _lora_only_export(tmp_path, model)
+    out = tmp_path / "audit"
+    summary = _run(_argv(str(folder), out, "--limit", "2", "--no_report"))
+    assert summary["images"] == 2
+    recorded = summary["settings"]["generation"]["weights_sha256"]
+    base = json.loads((reference_dir(tmp_path, model) / "images" / "generation.json").read_text())["settings"]
+    assert recorded == weights_fingerprint(load_erased(folder, safety_checker=None, requires_safety_checker=False))
+    assert recorded["unet"] != base["weights_sha256"]["unet"] and recorded["vae"] == base["weights_sha256"]["vae"]
+    (tmp_path / "nan").mkdir()
+    bad = _lora_only_export(tmp_path / "nan", model, nan=True)
+    with pytest.raises(SystemExit) as err:
+        _run(_argv(str(bad), tmp_path / "audit-nan", "--limit", "2", "--no_report"))
+    message = str(err.value.code)
+    assert message.startswith(f"error: the unet of {bad} has non-finite") and "\n" not in message
+    assert not (tmp_path / "audit-nan" / "summary.json").exists()
+
+
+def reference_dir(tmp_path, model):
+    """A two-row audit of the base itself."""
+    out = tmp_path / "base-audit"
+    if not out.exists():
+        _run(_argv(model, out, "--limit", "2", "--no_report"))
+    return out
+
+
+class _FullDisk:
+    """A disk that fills up at the ``after``-th write: that write is cut half way and raises ENOSPC, as a real full
+    disk does, and so does every write after it."""
+
+    def __init__(self, after: int):
+        self.left, self.hit = after, False
+
+    def wrap(self, f):
+        disk = self
+
+        class File:
+            def __init__(self, inner):
+                self._inner = inner
+
+            def write(self, data):
+                if disk.left <= 0:
+                    disk.hit = True
+                    self._inner.write(data[: len(data) // 2])
+                    self._inner.flush()
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.left -= 1
+                return self._inner.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._inner, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return self._inner.__exit__(*exc)
+
+        return File(f)
+
+
+@pytest.mark.parametrize("after", [0, 4, 13, 25])
+def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_path, model, reference, after, monkeypatch,
+                                                                         fresh_accelerate, one_thread):
+    """Whichever write meets the full disk (the manifest, a PNG, the detector's cache, the summary, the report): one
+    line, no half-written file kept, and the same command afterwards gives the uninterrupted audit, bit for bit."""
+    import types
+
+    from PIL import Image
+
+    from erase.utils import files
+    from eval import nudity
+
+    disk = _FullDisk(after)
+    monkeypatch.setattr(files, "os", types.SimpleNamespace(**{**vars(os), "fdopen": lambda *a, **k: disk.wrap(os.fdopen(*a, **k))}))
+    monkeypatch.setattr(nudity, "open", lambda *a, **k: disk.wrap(open(*a, **k)), raising=False)
+    out = tmp_path / "audit"
+    with pytest.raises(SystemExit) as err:
+        _run(_argv(model, out))
+    message = str(err.value.code)
+    assert disk.hit and message.startswith("error: no space left on device") and "\n" not in message
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    for png in (out / "images").glob("*.png"):
+        with Image.open(png) as im:
+            im.load()
+            assert im.text["eval:key"]
+    for done in ("summary.json", "detections.jsonl", "images/generation.json", "report/report.json"):
+        if (out / done).exists() and done.endswith(".json"):
+            json.loads((out / done).read_text())
+    monkeypatch.undo()
+    _run(_argv(model, out))
+    assert tree_bytes(out) == tree_bytes(reference)

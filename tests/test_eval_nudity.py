@@ -119,3 +119,59 @@ def test_cli_bad_input_exits_nonzero_without_traceback(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == f"error: image folder not found: {tmp_path / 'missing'}"
     assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+FLAT = {  # one flat colour per channel, whatever the colour: what a broken model or VAE draws
+    "black": (0, 0, 0), "white": (255, 255, 255), "grey": (128, 128, 128), "red": (200, 10, 10),
+    "teal": (0, 128, 128), "near-flat": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLAT))
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_one_flat_colour_per_channel_is_blank_and_never_scored(name, mode, tmp_path):
+    """Blank is decided per channel: a flat non-grey colour spans 0..255 across channels and must not pass as an
+    image the detector found clean. Images that vary in any channel are scored."""
+    from PIL import Image
+
+    rgb = np.zeros((64, 48, 3), np.uint8)
+    if FLAT[name] is None:  # flat up to BLANK_RANGE of noise in each channel
+        rgb = (np.random.default_rng(0).integers(0, nudity.BLANK_RANGE + 1, rgb.shape) + [90, 20, 200]).astype(np.uint8)
+    else:
+        rgb[:] = FLAT[name]
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(rgb).convert(mode).save(folder / "00000_0.png")
+    varied = rgb.copy()
+    varied[:, :24] = rgb[:, :24] + 128  # two flat halves 128 apart (uint8 wraps): not one colour
+    Image.fromarray(varied).convert(mode).save(folder / "00001_0.png")
+    save_rgb(folder / "00002_0.png", draw_torso(256))
+    summary = nudity.main(nudity.parse_args([str(folder), "--output_dir", str(tmp_path / "out")]))
+    assert summary["blank_images"] == 1 and [s["file"] for s in summary["skipped"]] == ["00000_0.png"]
+    assert summary["skipped"][0]["reason"] == nudity.BLANK_REASON
+    assert summary["images"] == 2 and summary["flagged_images"] == 1
+    assert nudity.is_blank(rgb) and not nudity.is_blank(varied)
+
+
+@pytest.mark.parametrize("threshold", [0.25, 0.3, 0.45, 0.5, 0.6, 0.75])
+def test_a_threshold_equals_the_library_edit_of_nudenets_floor(detector, monkeypatch, threshold):
+    """MACE's README has NudeNet's source edited (the `max_score >= 0.2` floor before NMS) to set its threshold; this
+    toolkit keeps the library's floor and filters afterwards. Both count the same detections, box for box: NudeNet
+    with the line edited is run here and compared."""
+    import inspect
+
+    import nudenet.nudenet as library
+
+    source = inspect.getsource(library._postprocess)
+    assert source.count("max_score >= 0.2") == 1  # the line the reference edits
+    namespace = dict(vars(library))
+    exec(compile(source.replace("max_score >= 0.2", f"max_score >= {threshold!r}"), library.__file__, "exec"), namespace)
+    monkeypatch.setattr(library, "_postprocess", namespace["_postprocess"])
+    edited = library.NudeDetector()
+    rng = np.random.default_rng(1)
+    images = [_bgr(draw_torso(256)), _bgr(draw_torso(320)[:, :250])] + [_bgr(im) for im in safe_images().values()]
+    images += [np.clip(im.astype(int) + rng.integers(-40, 41, im.shape), 0, 255).astype(np.uint8) for im in images[:2]]
+    ours = detector.detect(images)
+    for image, raw in zip(images, ours):
+        assert edited.detect(image) == [d for d in raw if d["score"] >= threshold]
+    assert any(d["score"] >= threshold for raw in ours for d in raw) or threshold > 0.7

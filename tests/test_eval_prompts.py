@@ -94,3 +94,33 @@ def test_audit_cli_rejects_bad_input_before_writing(tmp_path, fresh_accelerate):
 def test_hub_table_offline_fails_with_one_line_naming_the_local_option():
     message = _fail(None)
     assert "could not load AIML-TUDA/i2p from the hub" in message and "--prompts_csv" in message
+
+
+@needs_data
+@pytest.mark.parametrize("command, extra", [
+    ("eval.i2p", ["--prompts_csv", str(DATA / "i2p.csv"), "--limit", "3"]),
+    ("eval.utility", ["--prompts_csv", str(DATA / "coco_10k.csv"), "--limit", "3", "--reference", "REF"]),
+])
+@pytest.mark.parametrize("flags, words", [
+    (["--seed_offset", "-5"], "seed_offset -5 is outside [0, "),
+    (["--seed_offset", str(2**63)], "is outside [0, "),
+    (["--seed_offset", str(2**63 - 1)], "(row seed + seed offset + k) is outside [0, "),  # overflows with the row's seed
+    (["--seed_offset", "1.5"], "invalid int value: '1.5'"),
+    (["--images_per_prompt", "0"], "images_per_prompt must be >= 1"),
+])
+def test_seeds_out_of_range_are_one_line_before_anything_is_written(tmp_path, command, extra, flags, words,
+                                                                     fresh_accelerate, capsys):
+    """Every seed an audit draws (row seed + --seed_offset + k) is a valid generator seed, checked with the other
+    inputs: a negative or overflowing one is one line, and no folder is made."""
+    import importlib
+
+    module = importlib.import_module(command)
+    (tmp_path / "ref").mkdir()
+    out = tmp_path / "out"
+    argv = ["--model", str(tmp_path / "no-model"), "--output_dir", str(out), *flags,
+            *[str(tmp_path / "ref") if a == "REF" else a for a in extra]]
+    with pytest.raises(SystemExit) as err:
+        module.main(module.parse_args(argv))
+    message = str(err.value.code) if err.value.code != 2 else capsys.readouterr().err.strip()  # argparse's own exit
+    assert words in message and "\n" not in message
+    assert not out.exists()

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,3 +74,108 @@ def test_differing_settings_are_called_out_and_bad_dirs_fail(audits, tmp_path):
         report.write_report([tmp_path / "nothing"], tmp_path / "r2")
     with pytest.raises(USER_FACING, match="--names has 1 name"):
         report.write_report(audits, tmp_path / "r3", names=["a"])
+
+
+HOSTILE = "<script>alert(1)</script> | *x* [link](javascript:alert(1)) `code` ![img](http://x/y.png)"
+
+
+def _leaves(obj, path=()):
+    """(path, value) of every leaf of a JSON object."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _leaves(v, path + (i,))
+    else:
+        yield path, obj
+
+
+def _set(obj, path, value):
+    for k in path[:-1]:
+        obj = obj[k]
+    obj[path[-1]] = value
+
+
+def _summary_with_protocol(audits):
+    from eval.protocols import get_protocol, record
+
+    summary = json.loads((audits[0] / "summary.json").read_text())
+    summary["settings"]["protocol"] = record(get_protocol("i2p-sexual"))
+    summary["settings"]["generation"] = {"model": "m", "steps": 3, "guidance": "row", "scheduler": "lms"}
+    summary["skipped"] = [{"file": "x.png", "reason": "blank image"}]
+    summary["blank_images"] = 1
+    return summary
+
+
+def test_every_text_field_of_a_summary_reaches_the_report_inert(audits, tmp_path):
+    """Whatever string a summary.json holds, in any field the report shows, report.md gets it escaped."""
+    summary = _summary_with_protocol(audits)
+    texts = [p for p, v in _leaves(summary) if isinstance(v, str)]
+    assert len(texts) > 20  # the protocol record, settings, generation settings, skipped files
+    bad = json.loads(json.dumps(summary))
+    for path in texts:
+        _set(bad, path, HOSTILE)
+    bad["counts"] = {HOSTILE: 1, **summary["counts"]}
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(bad))
+    report.write_report([folder], tmp_path / "r", names=[HOSTILE])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert HOSTILE not in md and "&lt;script&gt;" in md
+    ours = {"![detections per class](counts.png)", "![image grid](grid.png)"}
+    text = "\n".join(line for line in md.splitlines() if line not in ours)
+    assert "<" not in text and not re.search(r"(?<!\\)[\]`*]", text.replace("**", ""))  # no live link, code or emphasis
+    assert all(line.count("|") - line.count("\\|") == 3 for line in md.splitlines() if line.startswith("| "))
+
+
+NOT_COUNTS = ["3", -1, 1.5, True, None, float("nan"), float("inf"), [2], {"n": 2}]
+
+
+@pytest.mark.parametrize("field", ["images", "flagged_images", "blank_images", ("counts", "FEMALE_BREAST_EXPOSED"),
+                                   ("settings", "protocol", "table_rows")])
+@pytest.mark.parametrize("value", NOT_COUNTS, ids=repr)
+def test_a_count_that_is_not_a_count_is_one_line_naming_it(audits, tmp_path, field, value):
+    summary = _summary_with_protocol(audits)
+    path = field if isinstance(field, tuple) else (field,)
+    _set(summary, path, value)
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))  # NaN and Infinity are what json writes for them
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) as err:
+        report.main(report.parse_args([str(folder), "--output_dir", str(out)]))
+    message = str(err.value.code)
+    assert message.startswith("error: ") and "\n" not in message and path[-1] in message and "non-negative integer" in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"flagged_images": 3, "images": 2}, "at most images (2)"),
+    ({"counts": [1, 2]}, "an object of class -> count"),
+    ({"settings": "x"}, "settings = 'x'"),
+    ({"skipped": "none"}, "skipped = 'none'"),
+    ({"settings": {"protocol": {"name": "p", "table_rows": 4, "threshold": "0.6"}}}, "settings.protocol.threshold"),
+    ({"settings": {"protocol": {"name": "p", "table_rows": 4, "threshold": 1.5}}}, "a number in [0, 1]"),
+    ({"settings": {"protocol": ["p"]}}, "null or an object with a name"),
+    ({"settings": {"generation": "m"}}, "settings.generation"),
+])
+def test_malformed_summaries_are_one_line(audits, tmp_path, change, words):
+    summary = {**json.loads((audits[0] / "summary.json").read_text()), **change}
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(UserError) as err:
+        report.write_report([folder], tmp_path / "r")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_audit_of_no_image_has_no_rate(audits, tmp_path):
+    summary = {**json.loads((audits[0] / "summary.json").read_text()), "images": 0, "flagged_images": 0}
+    summary["counts"] = {k: 0 for k in summary["counts"]}
+    folder = tmp_path / "none"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    numbers = report.write_report([folder], tmp_path / "r", names=["none"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| **flagged rate** | – |" in md and "inf" not in md and numbers["none"]["flagged_rate"] is None

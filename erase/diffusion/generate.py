@@ -1,13 +1,14 @@
 """Batched, sharded, resumable text-to-image generation for audits (see docs/CONTRACTS.md, "erase/diffusion/generate.py").
 
-Protocol defaults are the ones ESD, SalUn, Scissorhands and MACE report with: one image per prompt, the row's
-seed, guidance 7.5, 50 steps, LMS scheduler, the model's native resolution (512 px for SD v1.4), no safety
-checker.
+Defaults: one image per prompt, the row's seed, guidance 7.5, 50 steps, LMS scheduler, the model's native
+resolution (512 px for SD v1.4), no safety checker; `--guidance row` and `--resolution row` take each row's own
+guidance and size (`sd_image_width` x `sd_image_height`). The pinned protocols are in eval/protocols.py.
 
 Determinism: image k of a row gets its own CPU generator seeded with `row.seed + seed_offset + k`, so its
-initial latents never depend on batching. Batches are cut from the whole table in a fixed order and dealt
-round-robin to processes, and a batch with any missing image is recomputed whole; so the computation that
-produces an image is the same whatever the process count or interruption. (Different `batch_size` values
+initial latents never depend on batching. Batches are cut from the whole table in a fixed order (`plan_batches`:
+the rows of one guidance value together, so each batch is one pipeline call) and dealt round-robin to processes,
+and a batch with any missing image is recomputed whole; so the computation that produces an image is the same
+whatever the process count or interruption. (Different `batch_size` values
 run different batched kernels, whose float rounding differs by ~1e-6: after 8-bit quantisation a few values
 in 10^4 can differ by 1/255, see benchmarks/RESULTS.md. Keep batch_size fixed when comparing models.)
 
@@ -16,9 +17,12 @@ Resume: every PNG carries its settings key in iTXt metadata; a file whose key ma
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,6 +48,7 @@ SCHEDULERS = {
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
 META_PREFIX = "eval:"
+SIZE_COLUMNS = ("sd_image_width", "sd_image_height")  # a prompt row's own size, for resolution 'row'
 
 
 @dataclass
@@ -52,7 +57,7 @@ class GenerationConfig:
     steps: int = 50
     guidance: float | str = 7.5  # a number, or "row" for each row's own guidance
     scheduler: str = "lms"
-    resolution: int | None = None  # None = unet sample_size * vae scale factor
+    resolution: int | str | None = None  # None = unet sample_size * vae scale factor; "row": each row's own size
     batch_size: int = 4
     images_per_prompt: int = 1
     dtype: str = "auto"  # auto = fp16 on CUDA, fp32 elsewhere
@@ -74,8 +79,24 @@ class GenerationConfig:
         for name in ("steps", "batch_size", "images_per_prompt"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution is not None and self.resolution != "row":
+            self.resolution = _size(self.resolution, "resolution")
+
+
+def _size(value, what: str) -> int:
+    """A side in px: a positive multiple of 8 (the VAE's factor), or one UserError line naming ``what``."""
+    side = value
+    if isinstance(side, float) and side.is_integer():
+        side = int(side)
+    if isinstance(side, str) and side.strip().isdigit():
+        side = int(side)
+    if isinstance(side, bool) or not isinstance(side, int) or side < 8 or side % 8:
+        raise UserError(f"{what} must be a positive multiple of 8, got {value!r}")
+    return side
+
+
+def _resolution_flag(text: str):
+    return "row" if text.strip() == "row" else text
 
 
 def add_generation_args(parser) -> None:
@@ -84,7 +105,9 @@ def add_generation_args(parser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="Denoising steps.")
     parser.add_argument("--guidance", default="7.5", help="Guidance scale, or 'row' for each row's own.")
     parser.add_argument("--scheduler", default="lms", help=f"Sampler: {', '.join(SCHEDULERS)}.")
-    parser.add_argument("--resolution", type=int, default=None, help="Image size in px; default: the model's native size.")
+    parser.add_argument("--resolution", type=_resolution_flag, default=None,
+                        help="Image size in px, or 'row' for each row's sd_image_width x sd_image_height; "
+                             "default: the model's native size.")
     parser.add_argument("--batch_size", type=int, default=4, help="Prompts per generation batch.")
     parser.add_argument("--images_per_prompt", type=int, default=1, help="Images per prompt row (seeds seed+k).")
     parser.add_argument("--seed_offset", type=int, default=0, help="Added to every row seed.")
@@ -116,36 +139,88 @@ def model_fingerprint(model: str) -> dict:
     return {"model": str(path.resolve()), "files": settings_hash({"files": stats})}
 
 
+def _tensor_sha256(t) -> str:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def weights_fingerprint(pipe) -> dict[str, str]:
+    """sha256 (16 hex) of every weight a pipeline draws with, per component (``unet``, ``vae``, text encoders, ...):
+    names, dtypes, shapes and bytes of its state dict. It identifies the base behind an erased folder, a replaced
+    base folder or a loaded pipeline whose VAE was swapped, where the model's name or path stays the same. Tensors
+    are hashed in threads (hashlib releases the GIL)."""
+    parts = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    states = {name: sorted(module.state_dict().items()) for name, module in sorted(parts.items())}
+    tensors = [t for state in states.values() for _, t in state]
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+        digests = iter(list(pool.map(_tensor_sha256, tensors)))
+    out = {}
+    for name, state in states.items():
+        h = hashlib.sha256()
+        for key, t in state:
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}:{next(digests)};".encode())
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
+    """An erase/sd.py output's record: (erase_config.json, model family, base name, from_pretrained kwargs pinning the
+    base's revision), or one UserError line."""
+    from erase.diffusion.families import FAMILIES
+
+    config_path = Path(folder) / "erase_config.json"
+    erase_config = read_json(config_path, "erase config")
+    if not isinstance(erase_config, dict) or not erase_config.get("pretrained_model_name_or_path"):
+        raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
+    kwargs = {}
+    recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
+    if isinstance(recorded, dict) and recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
+        kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+    recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
+    if recorded_family not in FAMILIES:
+        raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")
+    return erase_config, FAMILIES[recorded_family], erase_config["pretrained_model_name_or_path"], kwargs
+
+
+def finish_pipeline(pipe, family, scheduler: str, device=None, source: str = "", base: str | None = None):
+    """A loaded pipeline made ready to audit: every weight present and finite (a NaN draws black images an audit would
+    call clean; the error names ``source``, the folder the user gave, and ``base`` for components that came from the
+    base), the audit's sampler, no progress bar, on ``device``."""
+    import diffusers
+
+    for name in family.components:  # a weights file missing tensors loads as meta tensors
+        what = f"the {name} of {source}" + (f" (from its base {base})" if base and name != "unet" else "")
+        check_weights(getattr(pipe, name).state_dict().items(), what)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
     """The model family's pipeline (erase.diffusion.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
-    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base)."""
-    import diffusers
+    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base; an export without
+    unet/, e.g. only a LoRA, loads through erase.api.load_erased: eval.models.load_audited)."""
     from diffusers import UNet2DConditionModel
 
-    from erase.diffusion.families import ConfigUnreadable, detect, FAMILIES
+    from erase.diffusion.families import ConfigUnreadable, detect
 
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
     if isinstance(dtype, str) or dtype is None:
         dtype = resolve_dtype(dtype, torch.device(device or "cpu"))
     path = Path(model)
+    source, base = model, None
     kwargs = dict(dtype=dtype)
-    unet, family = None, None
+    family = None
     if path.is_dir() and not (path / "model_index.json").exists():
-        config_path = path / "erase_config.json"
-        if not config_path.exists():
+        if not (path / "erase_config.json").exists():
             raise UserError(f"{model} is neither a diffusers pipeline folder (model_index.json) nor an erase/sd.py output (erase_config.json)")
-        erase_config = read_json(config_path, "erase config")
-        base = erase_config.get("pretrained_model_name_or_path")
-        if not base:
-            raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
-        recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
-        if recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
-            kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
-        recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
-        if recorded_family not in FAMILIES:
-            raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")
-        family = FAMILIES[recorded_family]
+        _, family, base, pinned = read_export(path)
+        kwargs.update(pinned)
         try:
             unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
         except (OSError, ValueError) as e:
@@ -163,13 +238,7 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         pipe = family.pipeline_cls().from_pretrained(model, **kwargs, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:
         raise UserError(f"could not load the pipeline {model!r}: {str(e).strip().splitlines()[0]}") from None
-    for name in family.components:  # a weights file missing tensors loads as meta tensors
-        check_weights(getattr(pipe, name).state_dict().items(), f"the {name} of {model}")
-    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if device is not None:
-        pipe.to(device)
-    return pipe
+    return finish_pipeline(pipe, family, scheduler, device, source, base)
 
 
 def image_name(index: int, k: int) -> str:
@@ -183,6 +252,7 @@ class _Item:
     seed: int
     guidance: float
     key: str = field(default="")
+    size: tuple[int, int] | None = None  # (width, height) with resolution 'row'; None: the run's resolution
 
     @property
     def name(self) -> str:
@@ -196,14 +266,28 @@ def _items(rows, cfg: GenerationConfig, base_key: str) -> list[_Item]:
         if guidance is None:
             raise UserError(f"guidance 'row' needs a guidance column; row {row.index} has none")
         check_finite(f"row {row.index}: guidance", guidance, NON_NEGATIVE, optional=False)
+        size = None
+        if cfg.resolution == "row":
+            missing = [c for c in SIZE_COLUMNS if row.meta.get(c) is None]
+            if missing:
+                raise UserError(f"resolution 'row' needs {' and '.join(SIZE_COLUMNS)} columns; row {row.index} has no "
+                                f"{', '.join(missing)}")
+            size = tuple(_size(row.meta[c], f"row {row.index}: {c}") for c in SIZE_COLUMNS)
         for k in range(cfg.images_per_prompt):
             seed = int(row.seed) + cfg.seed_offset + k
             if not 0 <= seed <= GENERATOR_SEED_MAX:
                 raise UserError(f"row {row.index}: seed {seed} (row seed + seed offset + k) is outside [0, {GENERATOR_SEED_MAX}]")
-            item = _Item(row=row, k=k, seed=seed, guidance=float(guidance))
-            item.key = settings_hash({"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance})
+            item = _Item(row=row, k=k, seed=seed, guidance=float(guidance), size=size)
+            identity = {"settings": base_key, "prompt": row.prompt, "seed": item.seed, "guidance": item.guidance}
+            item.key = settings_hash(identity if size is None else {**identity, "size": list(size)})
             items.append(item)
     return items
+
+
+def check_rows(rows, cfg: GenerationConfig) -> None:
+    """Every check generation makes on a table (each row's guidance present and finite, each image's seed
+    ``row seed + seed_offset + k`` inside the generator's range), before a model is loaded or a folder made."""
+    _items(rows, cfg, "")
 
 
 def read_image_meta(path: str | os.PathLike) -> dict:
@@ -228,11 +312,44 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> None:
     info = PngInfo()
     meta = {"key": item.key, "settings": settings, "row": item.row.index, "k": item.k, "seed": item.seed,
             "guidance": item.guidance, "prompt": item.row.prompt}
+    if item.size is not None:
+        meta["size"] = f"{item.size[0]}x{item.size[1]}"
     for k, v in meta.items():
         info.add_itxt(META_PREFIX + k, str(v))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _note_changed_weights(out_dir: Path, weights: dict) -> None:
+    """Say which components changed since the folder's images were drawn: those images are not reused (their key
+    holds the weights' fingerprint) and are drawn again."""
+    try:
+        before = read_json(out_dir / "generation.json", "generation manifest").get("settings", {}).get("weights_sha256")
+    except (UserError, AttributeError, OSError):
+        return
+    if isinstance(before, dict) and before != weights:
+        changed = sorted(k for k in set(before) | set(weights) if before.get(k) != weights.get(k))
+        logger.warning("%s was drawn with other weights (%s changed: a replaced base or component?); its images are "
+                       "drawn again", out_dir, ", ".join(changed))
+
+
+def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> None:
+    for it, image in zip(batch, images):
+        if not _is_done(out_dir / it.name, it.key):
+            _save_png(image, out_dir / it.name, it, settings)
+
+
+def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
+    """The pipeline calls that draw ``items``: the items of one guidance value and size (in table order, values in
+    order of first appearance) cut into batches of ``batch_size``, so every call is full but the last of each value.
+    (I2P rows carry a dozen guidance values; cutting the table in order split most batches into several calls.) A
+    fixed function of the table and the batch size: every process count and every resume draws each image in the
+    same batch."""
+    groups: dict[tuple, list[_Item]] = {}
+    for it in items:
+        groups.setdefault((it.guidance, it.size), []).append(it)
+    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 def describe(cfg: GenerationConfig, pipe=None) -> dict:
@@ -248,18 +365,23 @@ def describe(cfg: GenerationConfig, pipe=None) -> dict:
     return out
 
 
+def generation_device(accelerator=None) -> torch.device:
+    return accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) -> list[dict]:
     """Generate the images of `rows` into `out_dir`; returns one record per image of the whole table."""
     from tqdm.auto import tqdm
 
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
-    device = accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = generation_device(accelerator)
+    check_rows(rows, cfg)  # before any folder is made: a bad table leaves nothing behind
     if pipe is None:  # before any folder is made, so a bad model leaves nothing behind
         pipe = load_pipeline(cfg.model, cfg.scheduler, resolve_dtype(cfg.dtype, device), device)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = describe(cfg, pipe)
+    settings = {**describe(cfg, pipe), "weights_sha256": weights_fingerprint(pipe)}
     resolution = settings["resolution"]
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
@@ -267,11 +389,12 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
         for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write (never another live run's)
             if stale_temp(stale):
                 stale.unlink(missing_ok=True)
+        _note_changed_weights(out_dir, settings["weights_sha256"])
         atomic_write_json(out_dir / "generation.json", {"settings": settings, "settings_key": settings_key})
     if accelerator is not None:
         accelerator.wait_for_everyone()
 
-    batches = [items[i : i + cfg.batch_size] for i in range(0, len(items), cfg.batch_size)]
+    batches = plan_batches(items, cfg.batch_size)
     mine = batches[rank::world]
     todo = [b for b in mine if not all(_is_done(out_dir / it.name, it.key) for it in b)]
     skipped = sum(len(b) for b in mine) - sum(len(b) for b in todo)
@@ -279,27 +402,32 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
         logger.info("process %d: %d image(s) already generated with these settings, skipped", rank, skipped)
     bar = tqdm(total=sum(len(b) for b in todo), desc="generate", unit="img",
                disable=accelerator is not None and not accelerator.is_local_main_process)
-    for batch in todo:
-        for guidance in dict.fromkeys(it.guidance for it in batch):  # one pipeline call per guidance value
-            group = [it for it in batch if it.guidance == guidance]
+    # One writer thread encodes and writes the PNGs of a batch while the next batch is denoised (PNG compression
+    # releases the GIL); at most one batch waits for it, and its errors (a full disk) surface here.
+    with ThreadPoolExecutor(1) as writer:
+        pending: deque = deque()
+        for batch in todo:
             with torch.no_grad():
                 images = pipe(
-                    prompt=[it.row.prompt for it in group],
+                    prompt=[it.row.prompt for it in batch],
                     num_inference_steps=cfg.steps,
-                    guidance_scale=guidance,
-                    height=resolution,
-                    width=resolution,
-                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in group],
+                    guidance_scale=batch[0].guidance,
+                    height=batch[0].size[1] if batch[0].size else resolution,
+                    width=batch[0].size[0] if batch[0].size else resolution,
+                    generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                     output_type="pil",
                 ).images
-            for it, image in zip(group, images):
-                if not _is_done(out_dir / it.name, it.key):
-                    _save_png(image, out_dir / it.name, it, settings_key)
-            bar.update(len(group))
+            pending.append(writer.submit(_save_batch, batch, images, out_dir, settings_key))
+            while len(pending) > 1:
+                pending.popleft().result()
+            bar.update(len(batch))
+        while pending:
+            pending.popleft().result()
     bar.close()
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return [
-        {"file": it.name, "row": it.row.index, "k": it.k, "seed": it.seed, "guidance": it.guidance, "prompt": it.row.prompt}
+        {"file": it.name, "row": it.row.index, "k": it.k, "seed": it.seed, "guidance": it.guidance, "prompt": it.row.prompt,
+         **({"size": list(it.size)} if it.size else {})}
         for it in items
     ]

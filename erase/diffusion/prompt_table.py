@@ -20,7 +20,8 @@ logger = logging.getLogger(__name__)
 I2P_HUB_ID = "AIML-TUDA/i2p"
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
-META_COLUMNS = ("categories", "nudity_percentage", "inappropriate_percentage", "hard", "case_number", "image_id")
+META_COLUMNS = ("categories", "nudity_percentage", "inappropriate_percentage", "hard", "case_number", "image_id",
+                "sd_image_width", "sd_image_height")  # the size I2P's own images were drawn at (resolution 'row')
 
 
 def _sexual(row) -> bool:

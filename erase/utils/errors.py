@@ -23,7 +23,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def cli_errors(main):
     """Decorate a command line's ``main``: a :class:`UserError` (or another ``ValueError`` subclass listed by the
-    library as a user-facing error, see ``USER_ERRORS``) becomes ``SystemExit("error: ...")``, one line, status 1."""
+    library as a user-facing error, see ``USER_ERRORS``) becomes ``SystemExit("error: ...")``, one line, status 1;
+    so does a full disk or quota (:func:`disk_full_message`), wherever the write that hit it was."""
     import functools
 
     @functools.wraps(main)
@@ -33,8 +34,24 @@ def cli_errors(main):
         except USER_ERRORS as e:
             message = str(e).removeprefix("error: ")
             raise SystemExit(f"error: {message}") from None
+        except OSError as e:
+            message = disk_full_message(e)
+            if message is None:
+                raise
+            raise SystemExit(f"error: {message}") from None
 
     return wrapper
+
+
+def disk_full_message(error: OSError) -> str | None:
+    """The one line for an ``OSError`` that says the disk or the user's quota is full, else None (every other
+    ``OSError`` stays a traceback: it may be a bug)."""
+    import errno
+
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return f"no space left on device{where} ({error.strerror or 'disk full'}): free some space and rerun the same command"
 
 
 # Exceptions whose message is meant for the user as it stands. Library modules append their own error classes
