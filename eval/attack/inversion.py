@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -58,6 +59,7 @@ BUDGETS = {  # named budgets: every field they set, a flag that contradicts one 
 
 @dataclass
 class InversionConfig(ConceptImagesConfig):
+    ONE_TEXT_ENCODER: ClassVar[bool] = True  # it learns an input token of one text encoder
     inversion_lr: float = field(default=5e-3, metadata={"help": "learning rate of the token embedding"})
     inversion_batch_size: int = field(default=4, metadata={"help": "images per step"})
     optimizer: str = field(default="adam", metadata={"help": "adam or adamw (decoupled weight decay)"})

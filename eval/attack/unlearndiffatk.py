@@ -1,25 +1,18 @@
 """UnlearnDiffAtk (Zhang et al., ECCV 2024): a few adversarial prompt tokens that make the erased model denoise an
-image of the concept as well as it can; does it draw the concept from that typed prompt?
+image of the concept as well as it can; does it draw the concept from that typed prompt? (docs/ATTACK.md)
 
     python -m eval.attack --attack unlearndiffatk --model M --concept three --output_dir DIR
     accelerate launch -m eval.attack --attack unlearndiffatk ...      # prompts shared by processes
 
-Per prompt (one unit): the original prompt is judged on the attacked and the base model (``pre``); a *target* image
-of the concept is drawn by the base model (or read from ``--target_images``); ``restarts`` sets of
-``num_adv_tokens`` random tokens prepended to the prompt are optimised together (``utils/prefix_search.py``) for
-``timestep_blocks`` blocks of ``iterations`` iterations, the reference code's budget (50 x 40) and schedule; after
-every ``judge_every`` blocks the current prompt *text* of each restart is judged and a restart stops at its first
-success (the reference's counting). Prompts longer than ``max_prompt_tokens`` are not attacked (the reference drops
-them; they count through their ``pre`` check in ``asr_reference``).
-
-Controls, on the kept prefix (the first successful one, else the last judged one): the prefix before the prompt with
-every concept word stripped (``words.py``: the judge's word list) and the prefix alone, on the attacked and the base
-model; and ``random``: random prefixes before the prompt (the restart's initial tokens first, then fresh draws; as
-many tries as the attack had judged checks unless ``random_tries``), first success counted, as the reference's
-``random`` attacker. Everything the attack learned is kept: ``adversarial_prompts.txt`` and ``artefacts.json``.
-
-Outputs in ``output_dir``: ``units/p<i>.json`` (one per finished prompt, written atomically: a killed run redoes only
-unfinished ones), ``attacks.jsonl`` (one line per prompt and restart), ``summary.json``, ``target/``.
+Per prompt (one unit): the original prompt judged on the attacked and the base model (``pre``); a *target* image of
+the concept drawn by the base model; ``restarts`` sets of ``num_adv_tokens`` random tokens before the prompt,
+optimised as one batch (``utils/prefix_search.py``) for ``timestep_blocks`` blocks of ``iterations`` iterations (the
+reference code's 50 x 40 and schedule), the prompt *text* of each restart judged after every ``judge_every`` blocks,
+a restart stopping at its first success (the reference's counting). Prompts longer than ``max_prompt_tokens`` are
+only checked. Controls on the kept prefix: random prefixes (the reference's ``random`` attacker), the prefix before
+the prompt with every concept word stripped, the prefix alone. What it learned: ``adversarial_prompts.txt`` and
+``artefacts.json``. Outputs: ``units/p<i>.json`` (one per finished prompt: a killed run redoes only unfinished
+ones), ``attacks.jsonl``, ``summary.json``, ``target/``.
 """
 
 from __future__ import annotations
@@ -56,6 +49,7 @@ TARGET_RULES = ("offset", "row")
 @dataclass
 class UnlearnDiffAtkConfig(AttackConfig):
     USES_PROMPT_TABLE: ClassVar[bool] = True  # its prompts may come from --prompts_csv / --protocol rows
+    ONE_TEXT_ENCODER: ClassVar[bool] = True  # it optimises input tokens of one text encoder
 
     num_adv_tokens: int = field(default=5, metadata={"help": "adversarial tokens prepended to each prompt (k)"})
     timestep_blocks: int = field(default=50, metadata={

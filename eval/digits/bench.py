@@ -10,7 +10,11 @@ The ``retrain`` row is the reference every erasure is measured against: the base
 scratch without the erased digits' images (``eval.digits retrain``; one model per seed, the seed as training seed,
 cached by settings + held-out digits). ``--attacks NAME,...`` adds robustness columns: each attack of the
 ``eval.attack`` registry is run by name, with one budget (``ATTACK_BUDGET`` + ``--attack_options``), on the base,
-every retrain model and every erased model; its columns are the ``headline`` of its summary.json.
+every retrain model and every erased model; its columns are the ``headline`` of its summary.json, budget curves
+(``relearn_<step>``, ``inversion_<step>``, ``uda_asr_<iterations>``), and for each column ``<column>_gap``: the
+model's value minus the retrain reference's at the same budget with the same images of the concept (the base
+model's). ``eval/digits/tables.py`` writes results.md, the targets and chart.png (each attack's budget curve beside
+the retrain curve).
 """
 
 from __future__ import annotations

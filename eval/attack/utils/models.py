@@ -94,9 +94,24 @@ def pipeline_text(pipe):
     return family, text_from_pipeline(family, pipe)
 
 
-def require_one_text_encoder(pipe, attack: str) -> None:
+def require_one_text_encoder(pipe, attack: str, family=None) -> None:
     """The prompt attacks optimise the input tokens of one text encoder; a family with two (SDXL) is refused."""
-    family, _ = pipeline_text(pipe)
+    family = family or pipeline_text(pipe)[0]
     if len(family.text_encoders) != 1:
         raise UserError(f"{attack} optimises the tokens of one text encoder; {family.title} conditions on "
                         f"{len(family.text_encoders)}: not supported yet (relearn works on every family)")
+
+
+def check_family(info: ModelInfo, attack: str) -> None:
+    """``require_one_text_encoder`` from a local base's UNet config alone (before any output is written)."""
+    import json
+
+    from erase.diffusion.families import FAMILIES, family_of
+
+    config = Path(info.base) / "unet" / "config.json"
+    if config.is_file():
+        try:
+            family = FAMILIES[family_of(json.loads(config.read_text(encoding="utf-8")))]
+        except (OSError, ValueError, KeyError):
+            return  # loading the pipeline will say what is wrong with it
+        require_one_text_encoder(None, attack, family)

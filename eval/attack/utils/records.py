@@ -63,11 +63,13 @@ def hold_attack_folder(cfg, attack: str):
     folder (``--overwrite`` for a foreign one), never the attacked model's or its base's folder, locked for the run
     (a second run on it is refused), one line for a path that cannot be created. Held by the main process only."""
     from erase.utils.folders import hold_output_dir
-    from eval.attack.utils.models import check_unet_file, resolve_model
+    from eval.attack.utils.models import check_family, check_unet_file, resolve_model
     from eval.judges.registry import judge_entry
 
     info = resolve_model(cfg.model)  # inputs before outputs: a bad one leaves nothing behind
     check_unet_file(info)
+    if getattr(cfg, "ONE_TEXT_ENCODER", False):
+        check_family(info, attack)
     entry = judge_entry(cfg.concept)
     if entry.check_model is not None:
         entry.check_model(cfg.model)
