@@ -22,6 +22,11 @@ Parts:
   cce     concept inversion's ``cce`` budget on the digits CPU: the seconds of ``--cce_steps`` steps at batch 16,
           extrapolated to 5000 steps, plus its 7 checks of 40 images.
 
+Always: the ``unlearndiffatk-nudity`` protocol at the reference budget counted in UNet passes (batch-1 image
+forwards, guidance counted as two; forward + backward as ``--fwd_bwd_factor`` forwards, measured on the SD
+architecture when the ``sd`` part runs), and in GPU-hours at ``--gpu_forward_s`` seconds per pass (an estimate
+given on the command line, not a measurement, until benchmarks/gpu.sh has run on a GPU).
+
 Writes OUTPUT_DIR/attack_cost.json and prints the rows for benchmarks/RESULTS.md.
 """
 
@@ -50,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--sd_latent", type=int, default=64, help="latent size on the SD architecture (64 = 512 px)")
     p.add_argument("--cce_steps", type=int, default=20, help="timed cce steps on the digits model")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--gpu_forward_s", type=float, default=0.03,
+                   help="assumed seconds of one batch-1 fp32 SD v1.4 UNet forward at 512 px on an H100 (estimate)")
+    p.add_argument("--fwd_bwd_factor", type=float, default=3.0,
+                   help="forward + backward in forwards, when the sd part does not measure it")
     return p.parse_args(argv)
 
 
@@ -148,6 +157,12 @@ def sd_part(args) -> dict:
     x0 = torch.randn(1, 4, args.sd_latent, args.sd_latent)
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     out = measure(unet, enc, sched, cand, cand_ids, ids, x0, (1,), 1, args.sd_reps)
+    with torch.no_grad():  # one bare forward, for the forward + backward / forward factor
+        cond = enc(ids)[0]
+        t = time.perf_counter()
+        unet(x0, torch.tensor([500]), cond)
+        out["forward_s"] = round(time.perf_counter() - t, 4)
+    out["fwd_bwd_over_fwd"] = round(out["uda_restarts1"]["bare_median_s"] / out["forward_s"], 3)
     out["params"] = {"unet": sum(p.numel() for p in unet.parameters()), "text_encoder": sum(p.numel() for p in enc.parameters())}
     out["latent"] = args.sd_latent
     return out
@@ -195,6 +210,29 @@ def cce_part(args) -> dict:
             "formula": "per seed = step_s x 5000 + check_s x checks (40 images, DDIM 20 steps each)"}
 
 
+def protocol_cost(args, sd: dict | None) -> dict:
+    """UNet passes of the unlearndiffatk-nudity protocol at the reference budget (docs/ATTACK.md: 142 prompts, 24 over
+    the 60-token limit, 1 restart, 50 blocks x 40 iterations, a check after every block, 40 random tries, LMS 50 steps
+    with guidance, target images at 25 steps), worst case (no prompt ever succeeds, so every check and try runs)."""
+    prompts, dropped, steps, target_steps = 142, 24, 50, 25
+    blocks, iterations, random_tries = 50, 40, 40
+    image = 2 * steps  # one judged image: 50 steps, conditional + unconditional
+    per_kept = {"optimisation (forward + backward)": blocks * iterations, "checks after each block": blocks * image,
+                "controls: stripped prompt and prefix alone, attacked and base": 4 * image,
+                "random control": random_tries * image}
+    per_all = {"target image (25 steps)": 2 * target_steps, "pre: attacked and base": 2 * image}
+    factor = sd["fwd_bwd_over_fwd"] if sd and "fwd_bwd_over_fwd" in sd else args.fwd_bwd_factor
+    kept = prompts - dropped
+    fwd_bwd = kept * per_kept["optimisation (forward + backward)"]
+    forwards = kept * sum(v for k, v in per_kept.items() if "forward + backward" not in k) + prompts * sum(per_all.values())
+    equivalent = forwards + factor * fwd_bwd
+    return {"prompts": prompts, "attacked": kept, "per_attacked_prompt": per_kept, "per_prompt": per_all,
+            "forward_backward_passes": fwd_bwd, "forward_passes": forwards, "fwd_bwd_factor": factor,
+            "forward_equivalents": round(equivalent), "gpu_forward_s_assumed": args.gpu_forward_s,
+            "gpu_hours_at_assumed_pass": round(equivalent * args.gpu_forward_s / 3600, 1),
+            "note": "worst case: every prompt fails every check; a success stops a prompt's blocks and checks early"}
+
+
 def main(argv=None) -> dict:
     import torch
 
@@ -213,6 +251,7 @@ def main(argv=None) -> dict:
             result[name] = fn(args)
             result[name]["wall_s"] = round(time.perf_counter() - t, 1)
             (out / "attack_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["protocol"] = protocol_cost(args, result.get("sd"))
     result["load_average_end"] = os.getloadavg()
     (out / "attack_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in ("digits", "sd"):
@@ -221,6 +260,7 @@ def main(argv=None) -> dict:
                 print(f"| {name} | {unit} | {r['unit_median_s']} | {r['bare_median_s']} | **{r['ratio']}** |")
     if "cce" in result:
         print(json.dumps(result["cce"]))
+    print(json.dumps(result["protocol"]))
     return result
 
 

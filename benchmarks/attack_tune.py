@@ -16,11 +16,11 @@ Tuning models: the default digits model erased for ``seven`` and for ``one`` by 
 ``eval.digits.bench.run_erasure`` and reused on a rerun). Attack: unlearndiffatk at its defaults (5 tokens, 40
 iterations per block, judged after every block, first success counted) with ``--blocks`` 10 timestep blocks (400
 iterations per restart, a fifth of the reference's 50 blocks: all this shared 2-core CPU affords for 12 runs),
-``--restarts`` 2 and ``random_tries`` 1 (the random control is no part of the rule), the 6 forget prompts of the
-digit.
+``--restarts`` 2 and ``random_tries`` 1 (the random control is no part of the rule), the first ``--prompts`` 3 of the
+digit's 6 forget prompts (the preset's order).
 
 Rule (fixed before the first run): the default is the candidate with the highest mean ASR over the four tuning
-models at the full budget; candidates within 0.02 of the best (less than one prompt-restart in 48) are tied, and a tie
+models at the full budget; candidates within 0.02 of the best (less than one prompt-restart of the 24: an equal ASR) are tied, and a tie
 goes to the larger mean of the ASR-vs-budget curve (the area under it: the attack that succeeds sooner), then to
 ``ref``. No evaluation digit (zero, two, three, four, five, six, eight, nine) is attacked here.
 
@@ -56,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--candidates", default=",".join(CANDIDATES), help="comma-separated: " + ", ".join(CANDIDATES))
     p.add_argument("--restarts", type=int, default=2, help="unlearndiffatk restarts per prompt")
     p.add_argument("--blocks", type=int, default=10, help="unlearndiffatk timestep blocks (40 iterations each)")
+    p.add_argument("--prompts", type=int, default=3, help="the first N forget prompts of the digit's preset")
     p.add_argument("--jobs", type=int, default=1, help="attack runs at once (each one torch thread)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one (candidate, model) audit
     return p.parse_args(argv)
@@ -79,18 +80,22 @@ def erase_models(out: Path) -> dict[str, str]:
     return models
 
 
-def audit_one(out: Path, candidate: str, model_name: str, restarts: int, blocks: int) -> dict:
+def audit_one(out: Path, candidate: str, model_name: str, restarts: int, blocks: int, prompts: int) -> dict:
     import torch
 
     from eval.attack.unlearndiffatk import unlearndiffatk_audit
+    from prompts import load_concept
 
     torch.set_num_threads(1)
     name, lr, wd = CANDIDATES[candidate]
     digit = model_name.split("-")[1]
+    forget = out / "prompts" / f"{digit}-{prompts}.txt"
+    forget.parent.mkdir(exist_ok=True)
+    forget.write_text("".join(p + "\n" for p in load_concept(digit).forget_prompts[:prompts]))
     t0 = time.perf_counter()
     s = unlearndiffatk_audit(str(out / "erased" / model_name), digit, out / "audits" / f"{candidate}-{model_name}",
                              optimizer=name, lr=lr, weight_decay=wd, restarts=restarts, random_tries=1,
-                             timestep_blocks=blocks)
+                             timestep_blocks=blocks, forget_prompts=str(forget))
     return {"asr": s["asr"], "asr_std": s["asr_std"], "asr_any_restart": s["asr_any_restart"], "pre_asr": s["pre_asr"],
             "curve": s["asr_curve"], "auc": round(sum(s["asr_curve"]["asr"]) / len(s["asr_curve"]["asr"]), 6),
             "decay_to_grad_median": s["decay_to_grad_median"], "block_loss": s["block_loss"],
@@ -119,7 +124,7 @@ def main(argv=None) -> dict:
     if args.one:
         candidate, model = args.one.split(":")
         (out / "rows").mkdir(exist_ok=True)
-        (out / "rows" / f"{candidate}-{model}.json").write_text(json.dumps(audit_one(out, candidate, model, args.restarts, args.blocks)))
+        (out / "rows" / f"{candidate}-{model}.json").write_text(json.dumps(audit_one(out, candidate, model, args.restarts, args.blocks, args.prompts)))
         return {}
     t0 = time.perf_counter()
     models = erase_models(out)
@@ -132,13 +137,14 @@ def main(argv=None) -> dict:
             running = [p for p in running if p.poll() is None]
             time.sleep(2)
         running.append(subprocess.Popen([sys.executable, __file__, "--output_dir", str(out), "--one", f"{c}:{m}",
-                                         "--restarts", str(args.restarts), "--blocks", str(args.blocks)], env=env))
+                                         "--restarts", str(args.restarts), "--blocks", str(args.blocks),
+                                         "--prompts", str(args.prompts)], env=env))
     for p in running:
         p.wait()
     rows = {c: {m: json.loads((out / "rows" / f"{c}-{m}.json").read_text()) for m in models} for c in cands}
     result = {"date": str(date.today()), "machine": platform.platform(), "cpu_count": os.cpu_count(),
               "command": " ".join(sys.argv), "candidates": {c: CANDIDATES[c] for c in cands}, "models": models,
-              "restarts": args.restarts, "blocks": args.blocks, "rows": rows, "decision": choose(rows),
+              "restarts": args.restarts, "blocks": args.blocks, "prompts": args.prompts, "rows": rows, "decision": choose(rows),
               "wall_s": round(time.perf_counter() - t0, 1)}
     (out / "attack_tune.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| candidate | " + " | ".join(models) + " | mean ASR | mean of the ASR curve | decay / gradient (median) |")
