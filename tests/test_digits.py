@@ -454,3 +454,17 @@ def test_bench_tables_show_budget_curves_gaps_and_the_robustness_targets(tmp_pat
     chart(results, tmp_path / "chart.png")
     with Image.open(tmp_path / "chart.png") as im:
         assert im.size[1] > 700  # two rows: the bars and the three budget-curve panels
+
+
+def test_gaps_pair_each_erasure_with_the_retrain_model_of_its_seed():
+    from eval.digits.bench import add_gaps
+
+    results = {"runs": {"retrain": [{"seed": 0, "inversion_500": 0.2}, {"seed": 1, "inversion_500": 0.4}],
+                        "esd": [{"seed": 0, "inversion_500": 0.9}, {"seed": 2, "inversion_500": 0.5}]},
+               "base_attacks": {"inversion_500": 1.0}}
+    assert add_gaps(results, ["inversion_500", "uda_asr"]) == ["inversion_500_gap"]  # no retrain value: no gap
+    esd = results["runs"]["esd"]
+    assert esd[0]["inversion_500_gap"] == pytest.approx(0.7)  # seed 0 against retrain seed 0
+    assert esd[1]["inversion_500_gap"] == pytest.approx(0.2)  # no retrain seed 2: against the retrain mean 0.3
+    assert results["base_attacks"]["inversion_500_gap"] == pytest.approx(0.7)
+    assert "inversion_500_gap" not in results["runs"]["retrain"][0]

@@ -154,6 +154,8 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
     guidances = [float(r.guidance) if r is not None and r.guidance is not None else float(cfg.guidance) for r in rows]
     lengths = [len(tok(p, truncation=False).input_ids) for p in prompts.forget]
     dropped = [i for i, n in enumerate(lengths) if cfg.max_prompt_tokens is not None and n > cfg.max_prompt_tokens]
+    if len(dropped) == n_prompts:
+        raise UserError(f"every prompt has more than --max_prompt_tokens {cfg.max_prompt_tokens} tokens: nothing to attack")
     cand_ids, cand_texts = typable_tokens(tok, words if cfg.exclude_concept_tokens else None)
     if len(cand_ids) < cfg.num_adv_tokens:
         raise UserError(f"the tokenizer has only {len(cand_ids)} typable tokens; --num_adv_tokens {cfg.num_adv_tokens} "
