@@ -60,7 +60,9 @@ class UnlearnDiffAtkConfig(AttackConfig):
     optimizer: str = field(default="adam", metadata={
         "help": "adam (weight decay as L2 on the gradient, as the reference) or adamw (decoupled)"})
     lr: float = field(default=0.01, metadata={"help": "learning rate on the adversarial token embeddings"})
-    weight_decay: float = field(default=0.1, metadata={"help": "weight decay of the optimiser"})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "weight decay of the optimiser (the reference's 0.1 was tuned for its one-hot variable; 0 was chosen "
+                "on the tuning digits, benchmarks/attack_tune.py)"})
     judge_every: int = field(default=1, metadata={
         "help": "judge the current prompt every N blocks (and after the last); a restart stops at its first success"})
     images_per_prompt: int = field(default=1, metadata={
