@@ -286,3 +286,77 @@ def test_concept_with_no_judge_is_a_one_line_error(tiny, tmp_path):
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: no judge for concept 'van_gogh'; judged concepts:") and "nudity" in err[-1]
     assert "three" in err[-1] and "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------- rails
+def _cli_error(argv) -> str:
+    from eval.attack.__main__ import main
+
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code not in (0, None)
+    return error_text(err)
+
+
+def test_an_erased_unet_with_a_nan_weight_is_refused_before_anything_is_written(stub_judge, erased, tmp_path):
+    """A NaN export draws black images a judge calls "not the concept": the audit must refuse it, not report 0 %."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model, prompts = erased
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = next((broken / "unet").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(weights))
+    msg = _cli_error(_argv(broken, prompts, tmp_path / "out"))
+    assert "non-finite" in msg and "erased UNet" in msg and "\n" not in msg
+    assert not (tmp_path / "out").exists()
+    from eval.attack.utils.models import load_attacked, resolve_model  # the loaded weights are checked too
+
+    with pytest.raises(UserError, match="non-finite"):
+        load_attacked(resolve_model(str(broken)), "ddim", torch.device("cpu"))
+
+
+def test_output_folder_rails(stub_judge, erased, tiny, tmp_path):
+    """A user's folder, the attacked model's or its base's folder, a held folder, an impossible path: one line each,
+    no file touched; the folder is marked as ours once an audit wrote it."""
+    from erase.utils.folders import claim_output_dir
+
+    model, prompts = erased
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "summary.json").write_text("my own results")
+    msg = _cli_error(_argv(model, prompts, user))
+    assert "holds files this tool did not write (summary.json)" in msg and "--overwrite" in msg
+    assert (user / "summary.json").read_text() == "my own results" and sorted(p.name for p in user.iterdir()) == ["summary.json"]
+    assert "base model folder" in _cli_error(_argv(model, prompts, Path(tiny) / "audit"))
+    assert "lies inside the attacked model's folder" in _cli_error(_argv(model, prompts, model / "audit"))
+    assert "cannot be created" in _cli_error(_argv(model, prompts, "/proc/x"))
+    held = claim_output_dir(tmp_path / "held")
+    try:
+        assert "is in use by another run" in _cli_error(_argv(model, prompts, tmp_path / "held"))
+    finally:
+        held.release()
+    assert not (Path(tiny) / "audit").exists() and not (model / "audit").exists()
+
+
+def test_the_audit_folder_is_ours_and_a_rerun_may_write_into_it(audit):
+    from erase.utils.folders import LOCK_NAME, MARKER_NAME
+
+    assert (audit / MARKER_NAME).is_file() and not (audit / LOCK_NAME).exists()  # marked, lock released
+
+
+def test_judges_are_one_file_each_on_the_registry():
+    """eval/judges: the registry and one module per built-in judge; eval.attack.register_judge is the same function."""
+    import eval.attack
+    import eval.judges
+    from eval.judges.registry import judge_entry
+
+    assert eval.attack.register_judge is eval.judges.register_judge
+    files = sorted(p.stem for p in (ROOT / "eval" / "judges").glob("*.py"))
+    assert files == ["__init__", "digits", "nudity", "registry"]
+    assert judge_entry("3").concept == "three" and judge_entry("three").words == ("three", "3")
+    assert {"topless", "breast", "nude", "lingerie"} <= set(judge_entry("nudity").words)

@@ -169,7 +169,7 @@ def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
     assert len(preds) == 80
     main_preds = [p for p in preds if p["audit"] == "main"]
     assert np.mean([p["predicted"] == 3 for p in main_preds if p["digit"] == 3]) == pytest.approx(s["forget_acc"])
-    assert {p["seed"] for p in main_preds if p["digit"] == 3} == {0, 1, 1000, 1001}
+    assert {p["seed"] for p in main_preds if p["digit"] == 3} == {10**8 + k for k in (0, 1, 1000, 1001)}  # held-out noise
     assert all((out / "images" / p["audit"] / p["file"]).is_file() for p in preds)
 
 
@@ -289,16 +289,16 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     assert main(["quickstart", "--model", str(model), "--output_dir", "qs", "--max_train_steps", "2",
                  "--num_images", "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2",
                  "--train_batch_size", "1", "--relearn", "--retrain",
-                 "--attack_options", json.dumps({"relearn": {"relearn_seeds": [0]}})]) == 0
+                 "--attack_options", json.dumps({"relearn": {"relearn_seeds": [0], "eval_steps": [0, 2, 5]}})]) == 0
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "three" and r["settings"]["methods"] == ["scissorhands"]
     assert r["settings"]["max_train_steps"] == 2 and r["settings"]["seeds"] == [0]
     run = r["runs"]["scissorhands"][0]
     assert run["seed"] == 0 and run["wall_seconds"] > 0 and run["peak_rss_mb"] > 50
     assert run["update_violations"] == 0  # the applied update never lowered the memory forget loss
-    assert all(0.0 <= run[f"relearn_{k}"] <= 1.0 for k in (0, 10, 25))
+    assert all(0.0 <= run[f"relearn_{k}"] <= 1.0 for k in (0, 2, 5))
     relearned = json.loads((out / "relearn" / "scissorhands-seed0" / "summary.json").read_text())
-    assert relearned["relearn"]["steps"] == [0, 10, 25] and relearned["relearn"]["hit_rate"][2] == run["relearn_25"]
+    assert relearned["relearn"]["steps"] == [0, 2, 5] and relearned["relearn"]["hit_rate"][2] == run["relearn_5"]
     assert "accelerate.commands.launch" in run["command"] and "--max_train_steps" in run["command"]
     agg = r["methods"]["scissorhands"]
     assert agg["forget_acc"] == {"mean": run["forget_acc"], "std": 0.0, "n": 1}
@@ -326,13 +326,13 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     card = json.loads((Path(trained["models"]["0"]) / "digits_model.json").read_text())
     assert card["training_data"]["images_per_digit"][3] == 0 and card["fingerprint"] == trained["fingerprints"]["0"]
     # attack columns: the same relearn budget on the base, the retrain model and the erased model
-    assert r["attack_columns"] == ["relearn_0", "relearn_10", "relearn_25"]
+    assert r["attack_columns"] == ["relearn_0", "relearn_2", "relearn_5"]
     assert r["settings"]["attacks"]["relearn"]["options"] == {
-        "relearn_params": "all", "eval_steps": [0, 10, 25], "relearn_seeds": [0], "num_images": 1, "steps": 2, "guidance": 4.0}
+        "relearn_params": "all", "eval_steps": [0, 2, 5], "relearn_seeds": [0], "num_images": 1, "steps": 2, "guidance": 4.0}
     for row, cells in (("base", r["base_attacks"]), ("retrain-seed0", r["retrain"]),
                        ("scissorhands-seed0", r["methods"]["scissorhands"])):
         audit = json.loads((out / "relearn" / row / "summary.json").read_text())
-        assert audit["relearn"]["steps"] == [0, 10, 25] and list(audit["relearn"]["per_seed"]) == ["0"]
+        assert audit["relearn"]["steps"] == [0, 2, 5] and list(audit["relearn"]["per_seed"]) == ["0"]
         assert audit["settings"]["num_target_images"] == 8 and audit["relearn_targets"] is None
         assert {c: cells[c]["mean"] for c in r["attack_columns"]} == audit["headline"]
     # a retrain model cannot draw the digit: its relearning learns from the images the base model drew for its row
@@ -342,9 +342,21 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     assert retrain_audit["settings"]["target_images"]["prompts"] == base_audit["settings"]["target_images"]["prompts"]
     assert retrain_audit["target_images_judged"]["hits"] == base_audit["target_images_judged"]["hits"]
     assert "| retrain (never saw the digit) |" in md and "## Robustness" in md
-    assert "| model | relearn_0 | relearn_10 | relearn_25 |" in md
-    for row in ("base (no erasure)", "retrain (never saw the digit)", "scissorhands"):
-        assert md.count(f"| {row} |") == 2  # the main table and the robustness table
+    assert "| model | relearn_0 | relearn_2 | relearn_5 |" in md
+    assert md.count("| retrain (never saw the digit) |") == 2  # the main table and the robustness table
+    for row in ("base (no erasure)", "scissorhands"):
+        assert md.count(f"| {row} |") == 3  # ... and the gap table
+    # the gap: the erased model's hit rate minus the retrain model's of the same seed, at every budget
+    retrain_run = r["runs"]["retrain"][0]
+    for c in r["attack_columns"]:
+        assert run[f"{c}_gap"] == pytest.approx(run[c] - retrain_run[c])
+        assert agg[f"{c}_gap"]["mean"] == pytest.approx(run[f"{c}_gap"])
+        assert r["base_attacks"][f"{c}_gap"]["mean"] == pytest.approx(r["base_attacks"][c]["mean"] - retrain_run[c])
+    assert "| model | relearn_0_gap | relearn_2_gap | relearn_5_gap |" in md and "gap_rule" in r["settings"]
+    assert any(t["target"].startswith("Scissorhands") and "retrain reference" in t["target"] for t in r["targets"]) is False
+    from eval.digits.tables import curves
+
+    assert curves(r["attack_columns"]) == {"relearn": [(0, "relearn_0"), (2, "relearn_2"), (5, "relearn_5")]}
 
 
 def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
@@ -403,3 +415,56 @@ def test_retrain_model_never_saw_the_erased_digit(tiny_digits_model, digits_cach
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == mtime
     with pytest.raises(SystemExit, match="unknown digit 'eleven'"):
         main(["retrain", "--digits", "eleven"])
+
+
+def test_bench_tables_show_budget_curves_gaps_and_the_robustness_targets(tmp_path):
+    """From a results dict: the gap targets of issue 17 are checked on the gap columns, the markdown has the gap table
+    and chart.png has a budget-curve panel per attack (retrain beside the methods)."""
+    from PIL import Image
+
+    from eval.digits.tables import chart, markdown, targets
+
+    def cell(x):
+        return {"mean": x, "std": 0.0, "n": 1}
+
+    base = {"forget_acc": 1.0, "retain_acc": 0.99, "retain_fd": 100.0, "heldout_forget_acc": 1.0, "heldout_retain_acc": 0.99,
+            "per_digit_acc": {str(d): 1.0 for d in range(10)}}
+    cols = ["relearn_0", "relearn_25", "inversion_0", "inversion_500", "inversion_2000", "uda_asr_40", "uda_asr_2000",
+            "uda_minus_control"]
+    retrain = {"relearn_0": 0.0, "relearn_25": 0.5, "inversion_0": 0.0, "inversion_500": 0.2, "inversion_2000": 0.3,
+               "uda_asr_40": 0.0, "uda_asr_2000": 0.1, "uda_minus_control": 0.0}
+    sh = {"relearn_0": 0.0, "relearn_25": 0.55, "inversion_0": 0.05, "inversion_500": 0.9, "inversion_2000": 1.0,
+          "uda_asr_40": 0.1, "uda_asr_2000": 0.2, "uda_minus_control": 0.04}
+    methods = {"scissorhands": {**{k: cell(v) for k, v in sh.items()}, **{f"{k}_gap": cell(sh[k] - retrain[k]) for k in cols},
+                                "forget_acc": cell(0.0), "retain_acc": cell(0.99), "retain_fd": cell(101.0)}}
+    results = {"concept": "seven", "digits": [7], "base_model": "m", "base": base, "methods": methods,
+               "retrain": {**{k: cell(v) for k, v in retrain.items()}, "forget_acc": cell(0.0), "retain_acc": cell(0.99),
+                           "retain_fd": cell(99.0)},
+               "base_attacks": {k: cell(1.0) for k in cols}, "attack_columns": cols,
+               "settings": {"max_train_steps": 1, "seeds": [0], "num_images": 1, "steps": 2, "guidance": 4.0,
+                            "attacks": {"relearn": {"options": {}}}}}
+    results["targets"] = targets(results)
+    got = {t["target"]: t["met"] for t in results["targets"] if "retrain reference" in t["target"]}
+    assert got == {"Scissorhands inversion at 500 steps: gap to the retrain reference <= 10 points": False,
+                   "Scissorhands inversion at 2000 steps: gap to the retrain reference <= 10 points": False,
+                   "Scissorhands relearning at 25 steps: gap to the retrain reference <= 10 points": True,
+                   "Scissorhands unlearndiffatk asr_minus_control: gap to the retrain reference <= 5 points": True}
+    md = markdown(results)
+    assert "### Gap to the retrain reference" in md and "| scissorhands | 0.0 ± 0.0 | 5.0 ± 0.0 | 5.0 ± 0.0 | 70.0 ± 0.0 |" in md
+    chart(results, tmp_path / "chart.png")
+    with Image.open(tmp_path / "chart.png") as im:
+        assert im.size[1] > 700  # two rows: the bars and the three budget-curve panels
+
+
+def test_gaps_pair_each_erasure_with_the_retrain_model_of_its_seed():
+    from eval.digits.bench import add_gaps
+
+    results = {"runs": {"retrain": [{"seed": 0, "inversion_500": 0.2}, {"seed": 1, "inversion_500": 0.4}],
+                        "esd": [{"seed": 0, "inversion_500": 0.9}, {"seed": 2, "inversion_500": 0.5}]},
+               "base_attacks": {"inversion_500": 1.0}}
+    assert add_gaps(results, ["inversion_500", "uda_asr"]) == ["inversion_500_gap"]  # no retrain value: no gap
+    esd = results["runs"]["esd"]
+    assert esd[0]["inversion_500_gap"] == pytest.approx(0.7)  # seed 0 against retrain seed 0
+    assert esd[1]["inversion_500_gap"] == pytest.approx(0.2)  # no retrain seed 2: against the retrain mean 0.3
+    assert results["base_attacks"]["inversion_500_gap"] == pytest.approx(0.7)
+    assert "inversion_500_gap" not in results["runs"]["retrain"][0]

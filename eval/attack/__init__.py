@@ -1,11 +1,14 @@
 """Attack audits: does an erased concept come back? ``python -m eval.attack --attack NAME ...`` (docs/ATTACK.md).
 
-Public API: ``register_attack`` / ``available_attacks`` (one module per attack in this package, found at first use),
-``register_judge`` / ``judged_concepts`` / ``load_judge`` (one judge per concept; built-ins in ``judges.py``), and
-``relearn_audit(model_dir, concept, output_dir, **options)`` for in-process use (e.g. by the digits benchmark).
+Layout: ``registry.py`` (attacks by name; the judge names re-exported from ``eval/judges``), one module per attack
+(``relearn.py``, ``unlearndiffatk.py``, ``inversion.py``: found at first use), ``replay.py`` (apply what an attack
+learned to another model: ``python -m eval.attack --replay DIR --model M``), and ``utils/`` (what every attack
+shares, one module per concern).
+
+Public API: ``register_attack`` / ``available_attacks``, ``register_judge`` / ``judged_concepts`` / ``load_judge``,
+and ``relearn_audit(model_dir, concept, output_dir, **options)`` for in-process use (e.g. by the digits benchmark).
 """
 
-from eval.attack import judges  # noqa: F401  (registers the built-in judges)
 from eval.attack.registry import (  # noqa: F401
     Judge,
     available_attacks,

@@ -25,40 +25,24 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from eval.attack.context import (
-    ConceptImagesConfig,
-    PASS_RATE,
-    begin,
-    concept_images,
-    draw,
-    endless_batches,
-    first_step_over,
-    int_list,
-    judge_images,
-    load_attacked,
-    noise_target,
-    optional_number,
-    pipeline_text,
-    read_cell,
-    save_pngs,
-    str_list,
-    versions,
-)
-from eval.attack.registry import load_judge, register_attack
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text, settings_hash
+from eval.attack.registry import load_judge, register_attack, run_audit
+from eval.attack.utils.checks import PASS_RATE, check_seeds, draw, first_step_over, judge_images, save_pngs
+from eval.attack.utils.config import ConceptImagesConfig, cast_fields, int_list, str_list
+from eval.attack.utils.images import concept_images, describe_images
+from eval.attack.utils.losses import FixedBatch, endless_batches, noise_target
+from eval.attack.utils.models import load_attacked, pipeline_text
+from eval.attack.utils.records import begin, prepare_cells, read_cell, versions
 
 logger = logging.getLogger(__name__)
 
 PARAM_SETS = ("all", "targets")
 SUMMARY_KEYS = {"all": "relearn", "targets": "relearn_targets"}
-EVAL_LOSS_DRAWS = 4  # fixed (noise, timestep) draws per target image for the deterministic eval loss
-EVAL_LOSS_SEED = 1234
 
 
 @dataclass
@@ -79,20 +63,10 @@ class RelearnConfig(ConceptImagesConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, cast in (("num_target_images", int), ("target_seed", int), ("relearn_lr", float),
-                           ("relearn_batch_size", int)):
-            setattr(self, name, optional_number(getattr(self, name), cast, name))
-        if self.num_target_images < 1:
-            raise UserError(f"--num_target_images must be >= 1, got {self.num_target_images}")
-        if self.target_images and not Path(self.target_images).is_dir():
-            raise UserError(f"--target_images folder not found: {self.target_images}")
+        cast_fields(self, {"relearn_lr": float, "relearn_batch_size": int}, {"relearn_batch_size": 1})
         from erase.utils.checks import check_numbers
 
         check_numbers({"relearn_lr": self.relearn_lr})
-        if not self.relearn_lr > 0:
-            raise UserError(f"--relearn_lr must be > 0, got {self.relearn_lr}")
-        if self.relearn_batch_size < 1:
-            raise UserError(f"--relearn_batch_size must be >= 1, got {self.relearn_batch_size}")
         self.params_explicit = self.relearn_params is not None
         self.relearn_params = str_list(self.relearn_params or PARAM_SETS, "relearn_params", PARAM_SETS)
         self.relearn_seeds = int_list(self.relearn_seeds, "relearn_seeds")
@@ -172,30 +146,18 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     n = len(images.files)
 
     # A fixed batch of noisy latents: the eval loss at every check is comparable (the training loss is noise-dominated).
-    g = torch.Generator().manual_seed(EVAL_LOSS_SEED)
-    fix_idx = torch.arange(n).repeat_interleave(EVAL_LOSS_DRAWS)
-    fix_z = (mean.cpu()[fix_idx] + std.cpu()[fix_idx] * torch.randn(mean.cpu()[fix_idx].shape, generator=g)) * sf
-    fix_noise = torch.randn(fix_z.shape, generator=g)
-    fix_t = torch.randint(0, num_t, (len(fix_idx),), generator=g)
-    fix_z, fix_noise, fix_t = fix_z.to(device), fix_noise.to(device), fix_t.to(device)
+    fixed = FixedBatch(mean, std, sf, noise_sched, device)
 
-    @torch.no_grad()
     def eval_loss() -> float:
-        total = 0.0
-        for i in range(0, len(fix_idx), cfg.relearn_batch_size):
-            sl = slice(i, i + cfg.relearn_batch_size)
-            noisy = noise_sched.add_noise(fix_z[sl], fix_noise[sl], fix_t[sl])
-            pred = unet(noisy, fix_t[sl], **conditioning(cond[fix_idx[sl].to(device)])).sample
-            target = noise_target(noise_sched, fix_z[sl], fix_noise[sl], fix_t[sl])
-            total += F.mse_loss(pred.float(), target.float(), reduction="sum").item()
-        return total / fix_z.numel()
+        return fixed.loss(lambda noisy, t, idx: unet(noisy, t, **conditioning(cond[idx.to(device)])).sample,
+                          cfg.relearn_batch_size)
 
     check_prompts = [prompts.forget[i % len(prompts.forget)] for i in range(cfg.num_images)]
-    check_seeds = [cfg.eval_seed + i for i in range(cfg.num_images)]
+    seeds = check_seeds(cfg.eval_seed, cfg.num_images)
 
     def check(folder: str) -> dict:
         unet.eval()
-        pixels = draw(pipe, check_prompts, check_seeds, cfg.steps, float(cfg.guidance), resolution,
+        pixels = draw(pipe, check_prompts, seeds, cfg.steps, float(cfg.guidance), resolution,
                       cfg.generation_batch_size)
         unet.train()
         if cfg.save_images:
@@ -208,18 +170,13 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         "model_fingerprint": model_fingerprint(cfg.model), "base_fingerprint": model_fingerprint(info.base),
         "erase_config": info.erase_config, "concept": cfg.concept, "prompt_source": prompts.source,
         "forget_prompts": prompts.forget, "generation_prompts": prompts.generation,
-        "target_images": {"source": images.source, "count": n, "files": [f.name for f in images.files],
-                          "prompts": images.prompts, "seeds": images.seeds,
-                          "seed_rule": None if cfg.target_images else "target_seed + i, prompt i mod len(generation_prompts)",
-                          "drawn_by": None if cfg.target_images else "base model",
-                          "generation": None if cfg.target_images else {k: v for k, v in gen_kw.items() if k != "batch_size"}},
+        "target_images": describe_images(cfg, images, gen_kw),
         "num_target_images": n, "target_seed": None if cfg.target_images else cfg.target_seed,
         "optimizer": {"name": "adam", "lr": cfg.relearn_lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
         "batch_size": cfg.relearn_batch_size,
         "loss": f"MSE to the {noise_sched.config.prediction_type} target (plain noise prediction), timesteps uniform in "
                 f"[0, {num_t}), latents = VAE posterior sample x {sf:.5g}, each image with its own prompt, no dropout",
-        "eval_loss": f"the same loss on a fixed batch ({EVAL_LOSS_DRAWS} draws of noise and timestep per image, seed "
-                     f"{EVAL_LOSS_SEED})",
+        "eval_loss": fixed.describe(),
         "steps": list(cfg.eval_steps), "relearn_seeds": list(cfg.relearn_seeds), "relearn_params": param_sets,
         "targets": {"spec": spec, "exclude": exclude, "source": spec_source}, "generation": cfg.generation(),
         "resolution": resolution, "judge": {"concept": cfg.concept, **judge.settings},
@@ -234,10 +191,7 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     keys = {c: settings_hash({**common, "steps": list(cfg.eval_steps), "param_set": c[0], "seed": c[1],
                               "params": sorted(selections[c[0]]) if c[0] != "all" else "all"}) for c in cell_names}
     cells_dir = out / "cells"
-    if is_main:
-        cells_dir.mkdir(parents=True, exist_ok=True)
-        for stale in cells_dir.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
+    prepare_cells(cells_dir, is_main)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     mine = list(cell_names)[rank::world]
@@ -379,9 +333,4 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
 def relearn_audit(model_dir: str, concept: str, output_dir: str, accelerator=None, **options) -> dict:
     """The relearning audit in-process (what ``python -m eval.attack --attack relearn`` runs); ``options`` are
     :class:`RelearnConfig` fields, e.g. ``num_images=40, relearn_seeds=(0, 1, 2), eval_steps=(0, 10, 25)``."""
-    known = {f.name for f in fields(RelearnConfig)} - {"model", "concept", "output_dir"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise UserError(f"unknown relearn option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    cfg = RelearnConfig(model=str(model_dir), concept=concept, output_dir=str(output_dir), **options)
-    return run_relearn(cfg, accelerator=accelerator)
+    return run_audit("relearn", model_dir, concept, output_dir, accelerator, **options)

@@ -10,7 +10,11 @@ The ``retrain`` row is the reference every erasure is measured against: the base
 scratch without the erased digits' images (``eval.digits retrain``; one model per seed, the seed as training seed,
 cached by settings + held-out digits). ``--attacks NAME,...`` adds robustness columns: each attack of the
 ``eval.attack`` registry is run by name, with one budget (``ATTACK_BUDGET`` + ``--attack_options``), on the base,
-every retrain model and every erased model; its columns are the ``headline`` of its summary.json.
+every retrain model and every erased model; its columns are the ``headline`` of its summary.json, budget curves
+(``relearn_<step>``, ``inversion_<step>``, ``uda_asr_<iterations>``), and for each column ``<column>_gap``: the
+model's value minus the retrain reference's at the same budget with the same images of the concept (the base
+model's). ``eval/digits/tables.py`` writes results.md, the targets and chart.png (each attack's budget curve beside
+the retrain curve).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.digits.model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
+from eval.digits.tables import chart, grid, markdown, targets
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +114,16 @@ def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
     return score(ns)
 
 
-RELEARN_STEPS = (0, 10, 25)
+RELEARN_STEPS = (0, 10, 25, 50, 100)
+INVERSION_STEPS = (0, 100, 250, 500, 1000, 2000)
 # The budget of each attack, the same for every model of a table (the audit generation settings are the bench's:
-# --num_images, --steps, --guidance). An attack not listed runs with its config's defaults. --attack_options
-# overrides, again for every model.
-ATTACK_BUDGET = {"relearn": {"relearn_params": "all", "eval_steps": RELEARN_STEPS, "relearn_seeds": (0, 1, 2)}}
+# --num_images, --steps, --guidance), as budget curves: relearning checked at 0/10/25/50/100 steps, inversion at
+# 0/100/250/500/1000/2000, unlearndiffatk judged after each of its 50 blocks of 40 iterations (2 restarts, as its
+# optimiser was chosen with). An attack not listed runs with its config's defaults. --attack_options overrides, again
+# for every model (e.g. {"inversion": {"budget": "cce"}}: the concept-inversion paper's 5000 steps, a GPU job).
+ATTACK_BUDGET = {"relearn": {"relearn_params": "all", "eval_steps": RELEARN_STEPS, "relearn_seeds": (0, 1, 2)},
+                 "inversion": {"eval_steps": INVERSION_STEPS},
+                 "unlearndiffatk": {"restarts": 2}}
 
 
 def parse_attacks(args) -> tuple[list[str], dict]:
@@ -217,6 +227,22 @@ def run_attacks(model: str, args, out: Path, row: str, learn_from_base: bool = F
     return columns
 
 
+def add_gaps(results: dict, columns: list[str]) -> list[str]:
+    """``<column>_gap`` on every run and on the base row: its value minus the retrain reference's at the same budget
+    (the retrain model of the same seed, else the retrain mean); the gap columns' names."""
+    retrain = {r["seed"]: r for r in results["runs"].get("retrain", [])}
+    mean = {c: float(np.mean([r[c] for r in retrain.values() if r.get(c) is not None]))
+            for c in columns if any(r.get(c) is not None for r in retrain.values())}
+    gaps = [f"{c}_gap" for c in columns if c in mean]
+    rows = [r for m, runs in results["runs"].items() if m != "retrain" for r in runs]
+    for row in rows + [results["base_attacks"]]:
+        ref = retrain.get(row.get("seed"), {})
+        for c in mean:
+            if row.get(c) is not None:
+                row[f"{c}_gap"] = row[c] - (ref[c] if ref.get(c) is not None else mean[c])
+    return gaps
+
+
 def _repair(run_dir: Path) -> dict:
     """How often a projected step's applied update still lowered the memory forget loss (Scissorhands only)."""
     repair = json.loads((run_dir / "erase_config.json").read_text()).get("repair") or {}
@@ -225,6 +251,8 @@ def _repair(run_dir: Path) -> dict:
 
 def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
     """An earlier audit of this very erasure with the same audit settings, or None (a rerun resumes the table)."""
+    from eval.digits.score import ROW_SEED_RULE
+
     path, record = score_dir / "summary.json", run_dir.parent / f"{run_dir.name}.json"
     if not (path.is_file() and record.is_file() and (run_dir / "erase_config.json").is_file()):
         return None
@@ -234,7 +262,8 @@ def _reusable_score(run_dir: Path, score_dir: Path, args) -> dict | None:
     st, gen = summary.get("settings", {}), summary.get("settings", {}).get("generation", {})
     same = (st.get("erase_config") == json.loads((run_dir / "erase_config.json").read_text())
             and st.get("num_images_per_digit_per_seed") == args.num_images and st.get("seeds") == [0]
-            and gen.get("steps") == args.steps and gen.get("guidance") == args.guidance and "heldout" in summary)
+            and gen.get("steps") == args.steps and gen.get("guidance") == args.guidance and "heldout" in summary
+            and st.get("row_seed_rule") == ROW_SEED_RULE)
     return summary if same else None
 
 
@@ -255,155 +284,6 @@ def _aggregate(runs: list[dict], columns=()) -> dict:
             out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
                       "n": len(vals)}
     return out
-
-
-def _fmt(cell: dict | None, pct: bool) -> str:
-    if not cell:
-        return "–"
-    if pct:
-        return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}"
-    return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-
-
-def markdown(results: dict) -> str:
-    word = results["concept"]
-    lines = [
-        f"# Erasing the digit {word}: digits benchmark",
-        "",
-        f"Base model `{results['base_model']}`; {results['settings']['max_train_steps']} steps per method, "
-        f"seeds {results['settings']['seeds']}; audit: {results['settings']['num_images']} images per digit, "
-        f"{results['settings']['steps']} DDIM steps, guidance {results['settings']['guidance']}. Accuracies in %, "
-        "mean ± std over seeds; FD = Fréchet distance of the retain generations to real digits in the judge's "
-        "feature space (lower is better).",
-        "",
-        "| method | forget acc ↓ | retain acc ↑ | retain FD ↓ | held-out forget ↓ | held-out retain ↑ | wall s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    base = results["base"]
-    lines.append(f"| base (no erasure) | {100 * base['forget_acc']:.1f} | {100 * base['retain_acc']:.1f} | "
-                 f"{base['retain_fd']:.2f} | {100 * (base['heldout_forget_acc'] or 0):.1f} | "
-                 f"{100 * (base['heldout_retain_acc'] or 0):.1f} | – | – |")
-    rows = dict(results["methods"])
-    if results.get("retrain"):
-        rows = {"retrain (never saw the digit)": results["retrain"], **rows}
-    for m, agg in rows.items():
-        lines.append(f"| {m} | {_fmt(agg.get('forget_acc'), True)} | {_fmt(agg.get('retain_acc'), True)} | "
-                     f"{_fmt(agg.get('retain_fd'), False)} | {_fmt(agg.get('heldout_forget_acc'), True)} | "
-                     f"{_fmt(agg.get('heldout_retain_acc'), True)} | {_fmt(agg.get('wall_seconds'), False)} | "
-                     f"{_fmt(agg.get('peak_rss_mb'), False)} |")
-    columns = results.get("attack_columns") or []
-    if columns:
-        budget = results["settings"]["attacks"]
-        lines += ["", "## Robustness", "",
-                  "Each attack run with one budget on every model (" + "; ".join(
-                      f"{n}: {json.dumps(b['options'], sort_keys=True)}" for n, b in budget.items()) + "). "
-                  "Columns are each attack's headline (hit rate of the judge, %), mean ± std over seeds.", "",
-                  "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        for m, agg in {"base (no erasure)": results["base_attacks"], **rows}.items():
-            lines.append(f"| {m} | " + " | ".join(_fmt(agg.get(c), True) for c in columns) + " |")
-    lines += ["", "## Targets", ""]
-    for t in results["targets"]:
-        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['value']})")
-    return "\n".join(lines) + "\n"
-
-
-def targets(results: dict) -> list[dict]:
-    """Issue 8's targets for Scissorhands, checked on this run's numbers (means over seeds)."""
-    base, methods = results["base"], results["methods"]
-    per = base["per_digit_acc"]
-    several = len(results.get("digits") or [0]) > 1
-    out = [{"target": "base draws each digit correctly >= 90%", "met": min(per.values()) >= 0.9,
-            "value": f"min per-digit {100 * min(per.values()):.1f}%"}]
-    sh = methods.get("scissorhands")
-    if not sh:
-        return out
-    f, r, fd = sh["forget_acc"]["mean"], sh["retain_acc"]["mean"], sh["retain_fd"]["mean"]
-    hf = sh.get("heldout_forget_acc", {}).get("mean")
-    worst = max(sh.get("forget_acc_max", {}).get("mean", f), f)
-    out.append({"target": "Scissorhands forget_acc <= 2%" + (" for each erased digit" if several else ""),
-                "met": worst <= 0.02, "value": f"{100 * worst:.1f}%"})
-    if hf is not None:
-        out.append({"target": "Scissorhands forget_acc <= 2% under held-out phrasings", "met": hf <= 0.02, "value": f"{100 * hf:.1f}%"})
-    slack = 0.02 if several else 0.01
-    out.append({"target": f"Scissorhands retain_acc >= base - {100 * slack:.0f} point(s)", "met": r >= base["retain_acc"] - slack,
-                "value": f"{100 * r:.1f}% vs base {100 * base['retain_acc']:.1f}%"})
-    out.append({"target": "Scissorhands retain FD <= 1.3 x base", "met": fd <= 1.3 * base["retain_fd"],
-                "value": f"{fd:.1f} vs base {base['retain_fd']:.1f} ({fd / base['retain_fd']:.2f}x)"})
-    erasers = {m: a for m, a in methods.items() if a["forget_acc"]["mean"] <= 0.02}
-    if len(methods) > 1:
-        best = min(erasers, key=lambda m: (-erasers[m]["retain_acc"]["mean"], erasers[m]["retain_fd"]["mean"])) if erasers else None
-        out.append({"target": "Scissorhands best of all methods (forget <= 2%, highest retain, ties by lower FD)",
-                    "met": best == "scissorhands",
-                    "value": f"best: {best or 'none erases'}" + (f" (retain {100 * erasers[best]['retain_acc']['mean']:.1f}, "
-                                                               f"FD {erasers[best]['retain_fd']['mean']:.1f})" if best else "")})
-    rel = {m: a.get("relearn_25", {}).get("mean") for m, a in methods.items()}
-    refs = [rel[m] for m in ("esd", "salun") if rel.get(m) is not None]
-    if rel.get("scissorhands") is not None and refs:
-        out.append({"target": "Scissorhands relearning hit rate at 25 steps <= min(ESD, SalUn) + 10 points",
-                    "met": rel["scissorhands"] <= min(refs) + 0.10,
-                    "value": f"{100 * rel['scissorhands']:.1f}% vs " + ", ".join(f"{m} {100 * rel[m]:.1f}%" for m in ("esd", "salun") if rel.get(m) is not None)})
-    bad = sh.get("update_violations", {}).get("mean")
-    if bad is not None:
-        out.append({"target": "no projected step whose applied update lowers the memory forget loss (first order)",
-                    "met": bad == 0, "value": f"{bad:g} violating steps per run"})
-    return out
-
-
-def chart(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = ({"retrain": results["retrain"]} if results.get("retrain") else {}) | results["methods"]
-    names = ["base"] + list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    panels = (("forget_acc", "forget acc % (lower is better)", 100, (0, 100)), ("retain_acc", "retain acc %", 100, (0, 100)),
-              ("retain_fd", "retain FD (lower is better)", 1, None))
-    for ax, (key, title, scale, ylim) in zip(axes, panels):
-        vals = [results["base"][key]] + [rows[m][key]["mean"] for m in rows]
-        errs = [0.0] + [rows[m][key]["std"] for m in rows]
-        colors = ["grey"] + (["C2"] if "retrain" in rows else []) + ["C0"] * len(results["methods"])
-        ax.bar(names, [scale * v for v in vals], yerr=[scale * e for e in errs], color=colors)
-        if key == "retain_fd":
-            ax.axhline(1.3 * results["base"][key], color="C3", ls="--", lw=1, label="1.3 x base")
-            ax.legend(fontsize=8)
-        ax.set_title(title)
-        if ylim:
-            ax.set_ylim(*ylim)
-        ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"erasing {results['concept']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def grid(score_dir: Path, path: Path, per_digit: int = 8) -> None:
-    """Sample images of the main audit, one row per digit labelled with the digit it was prompted for (erased
-    digits marked), upscaled 4x (nearest)."""
-    from PIL import Image, ImageDraw
-
-    summary = json.loads((score_dir / "summary.json").read_text())
-    erased = set(summary.get("digits") or [summary.get("digit")])
-    preds = [json.loads(ln) for ln in (score_dir / "predictions.jsonl").read_text().splitlines()]
-    preds = [p for p in preds if p["audit"] == "main"]
-    cell = None
-    rows = {}
-    for p in preds:
-        rows.setdefault(p["digit"], [])
-        if len(rows[p["digit"]]) < per_digit:
-            im = Image.open(score_dir / "images" / "main" / p["file"]).convert("L")
-            cell = im.size[0] * 4
-            rows[p["digit"]].append(im.resize((cell, cell), Image.NEAREST))
-    digits = sorted(rows)
-    label = 84
-    canvas = Image.new("L", (label + per_digit * (cell + 2), len(digits) * (cell + 2)), 128)
-    draw = ImageDraw.Draw(canvas)
-    for i, d in enumerate(digits):
-        draw.text((4, i * (cell + 2) + cell // 2 - 6), f"{d} {DIGIT_WORDS[d]}" + (" (x)" if d in erased else ""), fill=255)
-        for j, im in enumerate(rows[d]):
-            canvas.paste(im, (label + j * (cell + 2), i * (cell + 2)))
-    canvas.save(path)
 
 
 def bench(args) -> dict:
@@ -466,11 +346,12 @@ def bench(args) -> dict:
             logger.info("audit: %s-seed%s already done, reused", m, s)
         extra = {"seed": s, **info, **_repair(run_dir), **attacked(run_dir, f"{m}-seed{s}")}
         results["runs"].setdefault(m, []).append(_row(summary, extra))
+    gap_columns = add_gaps(results, columns) if retrain_info else []
     for m in methods:
-        results["methods"][m] = _aggregate(results["runs"][m], columns)
+        results["methods"][m] = _aggregate(results["runs"][m], columns + gap_columns)
         grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
     results["retrain"] = _aggregate(results["runs"]["retrain"], columns) if retrain_info else None
-    results["base_attacks"] = _aggregate([results["base_attacks"]], columns)
+    results["base_attacks"] = _aggregate([results["base_attacks"]], columns + gap_columns)
     results["attack_columns"] = columns
     grid(out / "base", out / "grid_base.png")
     results["settings"] = {
@@ -482,6 +363,9 @@ def bench(args) -> dict:
                         "budget_rule": "the same options for the base, every retrain model and every erased model"}
                     for n in attacks},
         "retrain": retrain_info,
+        "gap_rule": "<column>_gap = the run's value - the retrain model of the same seed's (the retrain mean when that "
+                    "seed has none; for the base row, the retrain mean): the same budget and the same images of the "
+                    "concept (the base model's)",
         "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim",
         "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
     }

@@ -25,6 +25,11 @@ from eval.digits.model import (
 logger = logging.getLogger(__name__)
 
 SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", batch_size=100)
+# Audit images are drawn on held-out noise: erase/sd.py draws forget image i with seed S + i, concept j's with
+# S + 100000 j + i, retain image i with S + 1_000_000 + i, the attacks their concept images with 2_000_000 + i; the
+# audit's seeds start at 10**8 (eval.attack's checks use the same offset, eval/attack/utils/checks.py).
+AUDIT_SEED_OFFSET = 10**8
+ROW_SEED_RULE = "10**8 + 1000 * seed + position of the image within its digit"
 BENCH_DEFAULTS = dict(max_train_steps=100, train_batch_size=16, num_forget_images=64, num_retain_images=192)
 
 
@@ -80,14 +85,15 @@ def _prompt_sets(args) -> tuple[dict[int, list[str]], dict[int, list[str]], str]
 
 def _rows(groups: dict[int, list[str]], n: int, seeds: list[int], start: int = 0):
     """One PromptRow per image: for each seed s, n images per digit cycling over its prompts.
-    Row seed = 1000 * s + position within the digit, so an image's seed depends only on (s, digit slot)."""
+    Row seed = 10**8 + 1000 * s + position within the digit (held-out noise: no erasure trains on it), so an
+    image's seed depends only on (s, digit slot)."""
     from erase.diffusion.prompt_table import PromptRow
 
     rows, index = [], start
     for s in seeds:
         for d, prompts in groups.items():
             for i in range(n):
-                rows.append(PromptRow(index=index, prompt=prompts[i % len(prompts)], seed=1000 * s + i,
+                rows.append(PromptRow(index=index, prompt=prompts[i % len(prompts)], seed=AUDIT_SEED_OFFSET + 1000 * s + i,
                                       meta={"digit": d, "seed_base": s}))
                 index += 1
     return rows
@@ -182,7 +188,7 @@ def score(args) -> dict:
             {DIGIT_WORDS[d]: p for d, p in forget.items()},
             "retain_prompts": {DIGIT_WORDS[d]: p for d, p in retain.items()},
             "num_images_per_digit_per_seed": args.num_images, "seeds": args.seeds,
-            "row_seed_rule": "1000 * seed + position of the image within its digit",
+            "row_seed_rule": ROW_SEED_RULE, "seed_offset": AUDIT_SEED_OFFSET,
             "generation": describe(gen_cfg, pipe),
             "judge": {"fingerprint": judge.config.fingerprint(), "test_accuracy": judge.meta["test_accuracy"],
                       "features": "penultimate layer, 128-d", "fd_reference": "all real sklearn digits of the retain digits"},
