@@ -6,7 +6,6 @@ Models are built from the real configs of benchmarks/architectures.py (SD v1.4, 
 SD3.5-large, FLUX.1-dev) with random weights, directly on the GPU: nothing is downloaded. The run is a list of *pieces*,
 most important first (``--list`` prints them with their planned seconds), each measured by benchmarks/gpu_rows.py:
 
-* ``memory_plan``: benchmarks/memory_plan.py's expected GPU memory of a default erasure per MMDiT model (CPU, meta);
 * ``repair:ARCH:bN[:ckpt]``: a default ``--concept nudity`` erasure's trim and repair steps through the run's own stages
   (Scissorhands, the family's ``xattn`` targets, top-k 2 %, redirect forget term, distill retain term, bf16 mixed
   precision, native resolution) at batch N, with or without gradient checkpointing: seconds, peak GPU memory (an
@@ -14,7 +13,8 @@ most important first (``--list`` prints them with their planned seconds), each m
 * ``generation:ARCH``: the family pipeline's throughput (the I2P protocol's LMS 50 steps for the UNets; flow-matching
   Euler at the pipeline's default steps and the family's guidance for SD3 / Flux);
 * ``attacks:sd14``: the UNet and text-encoder passes one unlearndiffatk unit and one inversion step need (issue 21);
-* ``detection``: NudeNet images/s.
+* ``detection``: NudeNet images/s;
+* ``memory_plan``: benchmarks/memory_plan.py's whole table (CPU, meta device).
 
 After every piece the JSON is rewritten (atomically): a run cut short keeps what it measured, and ``--resume`` finishes
 it. Each architecture's ``erasure_estimate`` (a whole default erasure from its measured pieces) is recomputed as they
@@ -46,10 +46,11 @@ from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 MMDIT_ORDER = ("sd35_medium", "sd35_large", "flux_dev")
 UNET_ORDER = ("sd14", "sdxl")
-#: pieces in the order they run: what issue 18 asks first (the MMDiT rows at batch 1 and what their estimate needs),
-#: then issue 21's attack passes and detection, the UNet rows, and the larger batches last
-PIECES = (["memory_plan"] + [f"repair:{a}:b1:ckpt" for a in MMDIT_ORDER] + [f"repair:{a}:b1" for a in MMDIT_ORDER]
-          + [f"generation:{a}" for a in MMDIT_ORDER] + ["attacks:sd14", "detection"]
+#: pieces in the order they run: what issue 18 asks first (the MMDiT rows at batch 1 and what their estimate needs; each
+#: carries its memory-plan expectation), then issue 21's attack passes and detection, memory_plan.py's whole table (CPU),
+#: the UNet rows, and the larger batches last
+PIECES = ([f"repair:{a}:b1:ckpt" for a in MMDIT_ORDER] + [f"repair:{a}:b1" for a in MMDIT_ORDER]
+          + [f"generation:{a}" for a in MMDIT_ORDER] + ["attacks:sd14", "detection", "memory_plan"]
           + [p for a in UNET_ORDER for p in (f"repair:{a}:b1", f"repair:{a}:b1:ckpt")] + [f"generation:{a}" for a in UNET_ORDER]
           + [f"repair:{a}:b2:ckpt" for a in MMDIT_ORDER] + [p for a in UNET_ORDER for p in (f"repair:{a}:b8", f"repair:{a}:b8:ckpt")])
 #: per mode: timed repair steps after warm-up, generation batch (UNet / MMDiT) and the step counts of its two timed
@@ -61,8 +62,8 @@ SETTINGS = {"gpu": {"steps": 3, "warmup": 1, "gen_batch": {"unet": 16, "transfor
 #: what the time plan assumes (one H100 SXM: NVIDIA's datasheet peaks, dense bf16 / fp16 tensor cores and fp32 without
 #: them; the shares of it un-compiled PyTorch sustains on these passes are assumptions, checked by every run: each piece
 #: records its planned and its measured seconds); a forward + backward counts as 3 forwards
-H100 = {"half_tflops": 989.0, "fp32_tflops": 67.0, "half_utilisation": 0.35, "fp32_utilisation": 0.6, "startup_s": 20.0,
-        "build_s": 2.0, "build_s_per_billion_parameters": 0.5, "memory_plan_s_per_model": 3.0, "detection_s": 10.0,
+H100 = {"half_tflops": 989.0, "fp32_tflops": 67.0, "half_utilisation": 0.35, "fp32_utilisation": 0.6, "startup_s": 30.0,
+        "build_s": 2.0, "build_s_per_billion_parameters": 0.5, "t5_build_s": 5.0, "memory_plan_s_per_model": 3.0, "detection_s": 10.0,
         "repair_overhead": 1.3, "forward_backward_in_forwards": 3}
 DEFAULT_BUDGET_S = 540
 
@@ -94,11 +95,19 @@ def flops(arch) -> dict:
     return count_flops(arch)
 
 
+def repair_forwards(checkpointing: bool) -> tuple[int, int]:
+    """Forward-equivalents of a repair step and of the trim, as the plan counts them: a step is the memory refresh, the
+    redirect and the distill term, each a no-grad forward (anchor / frozen base) and a forward + backward (+ a
+    recomputation with checkpointing); the trim is the method's saliency batches of the redirect term."""
+    from erase.core.methods.scissorhands import ScissorhandsConfig
+
+    one = 1 + H100["forward_backward_in_forwards"] + int(checkpointing)
+    return 3 * one, ScissorhandsConfig().saliency_batches * one
+
+
 def planned_seconds(name: str, archs: dict, settings: dict) -> float:
     """Seconds ``name`` should take on one H100 (see :data:`H100`): its passes x the FLOPs counted on the meta device /
     the assumed throughput, plus building its models."""
-    from erase.core.methods.scissorhands import ScissorhandsConfig
-
     p, h = parse_piece(name), H100
     half = h["half_tflops"] * 1e12 * h["half_utilisation"]
     fb = h["forward_backward_in_forwards"]
@@ -110,11 +119,7 @@ def planned_seconds(name: str, archs: dict, settings: dict) -> float:
     f = flops(arch)
     build = h["build_s"] + h["build_s_per_billion_parameters"] * f["denoiser_parameters"] / 1e9
     if p["kind"] == "repair":
-        # a step: memory refresh, redirect and distill terms, each a no-grad forward and a forward + backward (+ a
-        # recomputation with checkpointing); the trim: saliency batches of the redirect term
-        ckpt = int(p["checkpointing"])
-        step = 3 * (1 + fb + ckpt)
-        trim = ScissorhandsConfig().saliency_batches * (1 + fb + ckpt)
+        step, trim = repair_forwards(p["checkpointing"])
         forwards = trim + (settings["warmup"] + settings["steps"]) * step
         return build + h["repair_overhead"] * forwards * p["batch"] * f["denoiser_forward"] / half
     if p["kind"] == "generation":
@@ -124,12 +129,13 @@ def planned_seconds(name: str, archs: dict, settings: dict) -> float:
         batch = settings["gen_batch"][family_of(arch).denoiser]
         steps = 1 + sum(settings["gen_steps"])
         work = steps * batch * generation_settings(arch)["passes_per_step"] * f["denoiser_forward"] + 3 * batch * f["vae_decode"]
-        return build + work / half
+        t5 = h["t5_build_s"] if arch.t5_tokens else 0.0  # the full text stack: T5-XXL alone is 4.7 B parameters
+        return build + t5 + work / half
     if p["kind"] == "attacks":
-        from benchmarks.gpu_rows import ATTACK_BUDGET
+        from benchmarks.gpu_rows import attack_budget
 
-        sizes = {1, 4, ATTACK_BUDGET["inversion_batch_size"]}
-        forwards = (settings["attack_repeats"] + 1) * (2 * fb * sum(sizes) + ATTACK_BUDGET["loss_eval_draws"])
+        b = attack_budget()  # per repeat and warm-up: bare UNet passes and chained iterations at each size, one selection
+        forwards = (settings["attack_repeats"] + 1) * (2 * fb * sum(b["batch_sizes"]) + b["loss_eval_draws"])
         return build + forwards * f["denoiser_forward"] / (h["fp32_tflops"] * 1e12 * h["fp32_utilisation"])
     raise ValueError(f"unknown piece {name!r}")
 
@@ -241,11 +247,17 @@ def run_piece(name: str, result: dict, archs: dict, settings: dict, device) -> s
             row.update(memory_expectation(arch.name, p["batch"]))
             if "peak_gpu_gib" in row:
                 row["measured_over_expected"] = row["peak_gpu_gib"] / row["expected_allocated_gib"]
+        if "s_per_step" in row:  # the throughput the plan's pass count implies (to check its utilisation)
+            per_step = repair_forwards(p["checkpointing"])[0]
+            row["implied_tflops"] = per_step * p["batch"] * flops(arch)["denoiser_forward"] / row["s_per_step"] / 1e12
+            row["implied_tflops_counts"] = f"{per_step} forwards of {flops(arch)['denoiser_forward'] / 1e12:.3g} TFLOP per sample per step"
         entry.setdefault("repair", {})[p["label"]] = row
     elif p["kind"] == "generation":
         from benchmarks.gpu_models import family_of
 
         row = gpu_rows.generation_row(arch, device, settings["gen_batch"][family_of(arch).denoiser], settings["gen_steps"])
+        if "per_step_s" in row:  # denoiser FLOPs of a step over its measured seconds
+            row["achieved_tflops"] = row["passes_per_step"] * row["batch"] * flops(arch)["denoiser_forward"] / row["per_step_s"] / 1e12
         entry["generation"] = row
     else:
         row = gpu_rows.attack_row(arch, device, settings["attack_repeats"])

@@ -269,6 +269,16 @@ ATTACK_BUDGET = {"loss_eval_draws": 8, "judged_images_per_restart": 5, "judged_i
                  "inversion_steps": 2000, "reference_iterations_per_prompt": 50 * 40}
 
 
+def attack_budget() -> dict:
+    """:data:`ATTACK_BUDGET` with the unlearndiffatk-nudity protocol's own (eval/protocols.py) and the batch sizes the
+    passes are timed at: 1 (today's one restart at a time), the restarts batched, inversion's batch."""
+    from eval.protocols import PROTOCOLS
+
+    protocol = PROTOCOLS["unlearndiffatk-nudity"]
+    budget = dict(ATTACK_BUDGET, prompts=protocol.table_rows, judge_steps=protocol.steps, **protocol.attack)
+    return {**budget, "batch_sizes": sorted({1, budget["restarts"], budget["inversion_batch_size"]})}
+
+
 def attack_row(arch, device, repeats: int = 5) -> dict:
     """The passes one unlearndiffatk unit and one inversion step need on ``arch`` (SD v1.4), in fp32 as
     ``eval.attack.context.load_attacked`` loads the models, each timed bare (median of ``repeats`` after a warm-up):
@@ -284,11 +294,8 @@ def attack_row(arch, device, repeats: int = 5) -> dict:
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from eval.protocols import PROTOCOLS
-
-    protocol = PROTOCOLS["unlearndiffatk-nudity"]
-    budget = dict(ATTACK_BUDGET, prompts=protocol.table_rows, judge_steps=protocol.steps, **protocol.attack)
-    restarts, draws, inv_b = budget["restarts"], budget["loss_eval_draws"], budget["inversion_batch_size"]
+    budget = attack_budget()
+    draws = budget["loss_eval_draws"]
     free(device)
     family = family_of(arch)
     torch.manual_seed(0)
@@ -344,8 +351,9 @@ def attack_row(arch, device, repeats: int = 5) -> dict:
         return statistics.median(_timed(fn, device) for _ in range(repeats))
 
     try:
-        sizes = sorted({1, restarts, inv_b})
+        sizes = budget["batch_sizes"]
         row = {"dtype": "float32", "resolution": arch.resolution, "repeats": repeats, "budget": budget,
+               "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
                "unet_parameters": sum(p.numel() for p in unet.parameters()), "text_parameters": sum(p.numel() for p in enc.parameters()),
                "unet_forward_backward_s": {str(b): median(lambda b=b: unet_fb(b)) for b in sizes},
                "text_forward_backward_s": {str(b): median(lambda b=b: text_fb(b)) for b in sizes},

@@ -110,7 +110,7 @@ def test_the_attack_costs_follow_from_the_measured_passes(smoke):
 def test_pieces_are_chosen_by_pattern_and_a_bad_one_is_one_line(tmp_path):
     assert gpu_figures.select(["repair:*:b1"], ["repair:sd*"]) == ["repair:flux_dev:b1"]
     assert gpu_figures.select(None, ["repair:*", "generation:*", "memory_plan"]) == ["attacks:sd14", "detection"]
-    with pytest.raises(SystemExit, match=r"^error: --only 'repair:sd3:\*' matches no piece; pieces: memory_plan, ") as err:
+    with pytest.raises(SystemExit, match=r"^error: --only 'repair:sd3:\*' matches no piece; pieces: repair:sd35_medium:b1:ckpt, ") as err:
         gpu_figures.main(["--smoke", "--only", "repair:sd3:*", "--output", str(tmp_path / "x.json")])
     assert "\n" not in str(err.value) and not (tmp_path / "x.json").exists()
     with pytest.raises(UserError, match="--budget_s must be > 0"):
