@@ -357,12 +357,15 @@ def _start(out: Path, args, mode: str, settings: dict, device, pieces: list[str]
             raise UserError(f"--resume: {out} holds a {earlier.get('mode')!r} run, this is a {mode!r} run")
         earlier["command"] = earlier["command"] + " ; " + " ".join(sys.argv)
         earlier["plan"]["pieces"].update(plan(pieces, archs, settings)["pieces"])
-        return earlier
-    used = sorted({parse_piece(p)["arch"] for p in pieces if parse_piece(p)["arch"]})
-    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "mode": mode, "smoke": args.smoke,
-            **_device_info(device), "settings": settings, "plan": plan(pieces, archs, settings), "pieces": {},
-            "archs": {n: {"family": archs[n].family, "hub_id": archs[n].hub_id, "resolution": archs[n].resolution,
-                          "flops_at_batch_1": flops(archs[n])} for n in used}}
+        result = earlier
+    else:
+        result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "mode": mode,
+                  "smoke": args.smoke, **_device_info(device), "settings": settings, "plan": plan(pieces, archs, settings),
+                  "pieces": {}, "archs": {}}
+    for n in sorted({parse_piece(p)["arch"] for p in pieces if parse_piece(p)["arch"]}):
+        result["archs"].setdefault(n, {"family": archs[n].family, "hub_id": archs[n].hub_id, "resolution": archs[n].resolution,
+                                       "flops_at_batch_1": flops(archs[n])})
+    return result
 
 
 if __name__ == "__main__":

@@ -129,9 +129,12 @@ def test_a_piece_over_the_budget_is_skipped_and_resume_runs_it(tmp_path):
     first = json.loads(out.read_text())
     assert first["pieces"]["generation:sd14"]["status"].startswith("skipped: planned")
     assert "generation" not in first["archs"]["sd14"] and not first["archs"]["sd14"]["erasure_estimate"]["complete"]
-    gpu_figures.main(["--smoke", "--only", "generation:sd14", "--resume", "--output", str(out)])
+    gpu_figures.main(["--smoke", "--only", "generation:sd14", "detection", "--resume", "--output", str(out)])
     again = json.loads(out.read_text())
     assert again["pieces"]["generation:sd14"]["status"] == "done" and again["archs"]["sd14"]["generation"]["images_per_s"] > 0
+    det = again["detection"]  # a piece the first run did not select
+    assert again["pieces"]["detection"]["status"] == "done" and det["images"] == 4 and det["images_per_s"] > 0
+    assert det["detector"] == "nudenet" and "CPUExecutionProvider" in det["providers"]
     assert again["date"] == first["date"] and " ; " in again["command"]  # the same run, finished
     with pytest.raises(UserError, match=r"--resume: .* holds a 'smoke' run, this is a 'gpu' run"):
         gpu_figures._start(out, SimpleNamespace(resume=True), "gpu", gpu_figures.SETTINGS["gpu"], torch.device("cpu"), [], {})
