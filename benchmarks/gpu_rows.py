@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,6 +118,7 @@ def repair_row(arch, batch: int, checkpointing: bool, device, steps: int = 3, wa
         targeted = select_targets(config, parts.denoiser, family)
         check_selection(config, targeted)
         method = build_method(config.method, "diffusion", **config.method_options)
+        row["method_config"] = dataclasses.asdict(method.config)  # every option, defaults resolved (saliency batches, ...)
         placement = place(parts, accelerator, arch.resolution, targeted)
         row.update({"load_" + k: v for k, v in peak_gib(device).items()})
         data = synthetic_data(config, arch, out_dir / "data")
@@ -141,6 +143,7 @@ def repair_row(arch, batch: int, checkpointing: bool, device, steps: int = 3, wa
         row.update(oom=True, oom_in=phase, error=str(e).strip().splitlines()[0][:300])
     finally:
         release(accelerator)
+        shutil.rmtree(out_dir, ignore_errors=True)  # nothing is written there (no checkpoints, no data): the config's folder
     row.update(peak_gib(device))
     if not row.get("oom"):
         times = dict(stamps[:2])

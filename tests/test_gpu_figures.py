@@ -44,6 +44,7 @@ def test_repair_rows_run_the_default_recipe_with_the_run_placement(smoke, arch, 
     assert row["batch"] == 1 and row["gradient_checkpointing"] == label.endswith("ckpt")
     assert row["method"] == "scissorhands" and row["targets"] == "xattn" and row["retain_loss"] == "distill"
     assert row["method_options"] == {"forget_loss": "redirect", "lam": 0.3, "topk": 2.0}
+    assert row["method_config"]["saliency_batches"] == 4 and row["method_config"]["project"] is True
     assert row["objective"]["objective"] == objective and row["resolution"] == SMOKE_ARCHS[arch].resolution
     assert row["steps_timed"] == 1 and len(row["step_seconds"]) == 2 and row["s_per_step"] == row["step_seconds"][1] > 0
     assert row["prepare_s"] > 0 and "oom" not in row
