@@ -306,8 +306,16 @@ def main(argv=None) -> dict:
     budget = args.budget_s if args.budget_s is not None else (None if args.smoke else DEFAULT_BUDGET_S)
     if budget is not None and budget <= 0:
         raise UserError(f"--budget_s must be > 0, got {args.budget_s:g}")
-    logging.disable(logging.WARNING)
-    out = Path(args.output)
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the libraries' warnings about random weights, for this run only
+    try:
+        return _run(Path(args.output), args, mode, settings, archs, device, pieces, budget, started)
+    finally:
+        logging.disable(quiet)
+
+
+def _run(out: Path, args, mode: str, settings: dict, archs: dict, device, pieces: list[str], budget: float | None, started: float) -> dict:
+    """The pieces in order, the JSON rewritten after each (see the module docstring)."""
     result = _start(out, args, mode, settings, device, pieces, archs)
 
     def save():

@@ -18,6 +18,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -83,7 +84,32 @@ def synthetic_data(config, arch, data_dir: Path):
     return EraseData(data_dir, forget, None, latents, arch.resolution, [concept.name])
 
 
+@contextmanager
+def own_accelerate_state():
+    """The row's own accelerate state, reset before and after it: the process-wide ``AcceleratorState`` keeps the mixed
+    precision it was first created with and refuses another (a bf16 row after a caller's fp32 run, or the reverse), so
+    each row starts and leaves it empty (as tests/eval_fixtures.py does around an in-process audit)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    try:
+        yield
+    finally:
+        reset()
+
+
 def repair_row(arch, batch: int, checkpointing: bool, device, steps: int = 3, warmup: int = 1, mixed_precision: str = "bf16") -> dict:
+    """See :func:`_repair_row`; in a fresh accelerate state."""
+    with own_accelerate_state():
+        return _repair_row(arch, batch, checkpointing, device, steps, warmup, mixed_precision)
+
+
+def _repair_row(arch, batch: int, checkpointing: bool, device, steps: int, warmup: int, mixed_precision: str) -> dict:
     """A default erasure's stages 1-5 (erase/diffusion/run.py ``_stages``, with the run's functions) on random weights:
     the denoiser built in fp32 on the device and placed by ``load.place`` (untrained weights in the mixed-precision
     dtype, the targets fp32 masters), the prompt tables encoded by the family's text stack and the stack and VAE moved to
