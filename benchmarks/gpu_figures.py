@@ -1,35 +1,39 @@
 #!/usr/bin/env python
-"""Every GPU figure of issue 10 in one JSON (run by ``benchmarks/gpu.sh``; under 8 minutes on one H100-class GPU).
+"""Every GPU figure of issues 10, 18 and 21 in one JSON, on one CUDA GPU, within a time budget (run by
+``benchmarks/gpu.sh``; planned at about 6 minutes on one H100, capped at 9).
 
-Models are built from the real configs written out below (SD v1.4 and SDXL base 1.0: UNet, VAE, CLIP text
-encoders) with random weights: nothing is downloaded. Measured:
+Models are built from the real configs of benchmarks/architectures.py (SD v1.4, SDXL base 1.0, SD3.5-medium,
+SD3.5-large, FLUX.1-dev) with random weights, directly on the GPU: nothing is downloaded. The run is a list of *pieces*,
+most important first (``--list`` prints them with their planned seconds), each measured by benchmarks/gpu_rows.py:
 
-* ``repair``: seconds per Scissorhands repair step through the real engine (``erase.core.run`` with the family's
-  diffusion adapter and its default recipe: xattn targets, top-k 2 %, redirect forget term, distillation retain term
-  against a frozen bf16 copy of the base, GEM projection, Adam), mixed precision bf16, at the family's native
-  resolution (512 / 1024 px), batch 1 (erase/sd.py's default) and 8, with and without gradient checkpointing; peak
-  GPU memory (``torch.cuda.max_memory_allocated``) of each.
-* ``generation``: I2P-protocol generation throughput (images/s): the family's pipeline, fp16 (``--dtype auto`` on
-  CUDA), 50 LMS steps, guidance 7.5, batch 16, native resolution.
-* ``detection``: NudeNet (eval.nudity.NudityDetector, the audits' detector) images/s on batches of 16 images.
-* ``erasure_estimate``: a whole default ``erase/sd.py --concept nudity`` run extrapolated from the above: 100 forget
-  images at 50 steps (generation throughput), saliency (4 batches ~ 4 steps at batch 1) and 100 repair steps at
-  batch 1; compared with the targets (SD v1.4 <= 5 min and <= 24 GB; SDXL <= 15 min and <= 40 GB).
+* ``repair:ARCH:bN[:ckpt]``: a default ``--concept nudity`` erasure's trim and repair steps through the run's own stages
+  (Scissorhands, the family's ``xattn`` targets, top-k 2 %, redirect forget term, distill retain term, bf16 mixed
+  precision, native resolution) at batch N, with or without gradient checkpointing: seconds, peak GPU memory (an
+  out-of-memory row is recorded as such), and, for the MMDiT models, memory_plan.py's expectation beside it;
+* ``generation:ARCH``: the family pipeline's throughput (the I2P protocol's LMS 50 steps for the UNets; flow-matching
+  Euler at the pipeline's default steps and the family's guidance for SD3 / Flux);
+* ``attacks:sd14``: the UNet and text-encoder passes one unlearndiffatk unit and one inversion step need (issue 21);
+* ``detection``: NudeNet images/s;
+* ``memory_plan``: benchmarks/memory_plan.py's whole table (CPU, meta device).
 
-``--smoke`` runs the same code on tiny configs on CPU (1 timed step, 2 denoising steps, 2 images) to check it.
+After every piece the JSON is rewritten (atomically): a run cut short keeps what it measured, and ``--resume`` finishes
+it. Each architecture's ``erasure_estimate`` (a whole default erasure from its measured pieces) is recomputed as they
+come in. A piece whose planned seconds (FLOPs counted on the meta device at the assumed H100 throughput, scaled by how
+the finished pieces compared with their plan) would overrun ``--budget_s`` is skipped and recorded as such.
 
-    python benchmarks/gpu_figures.py --output gpu_figures.json
-    python benchmarks/gpu_figures.py --smoke --output /tmp/gpu_smoke.json
+    python benchmarks/gpu_figures.py --output gpu_figures.json [--only PATTERN ...] [--skip PATTERN ...]
+    python benchmarks/gpu_figures.py --list                      # the pieces and the H100 time plan; no GPU needed
+    python benchmarks/gpu_figures.py --smoke --output /tmp/gpu_smoke.json   # tiny configs on a CPU: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import fnmatch
+import functools
 import json
-import statistics
+import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,282 +41,338 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.sd_step import SD14_UNET  # noqa: E402
-from erase.utils.errors import cli_errors  # noqa: E402
+from benchmarks.architectures import ARCHS, MMDIT, SMOKE_ARCHS  # noqa: E402
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
-# unet/config.json of stabilityai/stable-diffusion-xl-base-1.0, written out.
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu",
-    norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), use_linear_projection=True,
-    transformer_layers_per_block=(1, 2, 10), addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-# vae/config.json of both (SDXL's differs in sample_size and scaling_factor only).
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
-# text_encoder/config.json: CLIP ViT-L/14 (SD v1.4, SDXL's first encoder) and OpenCLIP ViT-bigG/14 (SDXL's second).
-CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
-
-ARCHS = {
-    "sd14": {"family": "sd1", "unet": SD14_UNET, "vae": dict(VAE, sample_size=512, scaling_factor=0.18215), "text": [CLIP_L],
-             "resolution": 512, "target_minutes": 5, "target_gib": 24},
-    "sdxl": {"family": "sdxl", "unet": SDXL_UNET, "vae": dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
-             "text": [CLIP_L, CLIP_BIGG], "resolution": 1024, "target_minutes": 15, "target_gib": 40},
-}
-# --smoke: the same architectures shrunk to run on a CPU in seconds (16 px images).
-SMOKE = {
-    "sd14": {**ARCHS["sd14"], "resolution": 16,
-             "unet": dict(SD14_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64), layers_per_block=1, cross_attention_dim=32,
-                          attention_head_dim=2),
-             "vae": dict(VAE, sample_size=16, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1),
-             "text": [dict(CLIP_L, vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           projection_dim=32)]},
-    "sdxl": {**ARCHS["sdxl"], "resolution": 16,
-             "unet": dict(SDXL_UNET, sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=32,
-                          attention_head_dim=(2, 4, 4), transformer_layers_per_block=(1, 1, 2), addition_time_embed_dim=8,
-                          projection_class_embeddings_input_dim=6 * 8 + 16),
-             "vae": dict(VAE, sample_size=16, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, scaling_factor=0.13025),
-             "text": [dict(CLIP_L, vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           projection_dim=16),
-                      dict(CLIP_BIGG, vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           projection_dim=16)]},
-}
-SD_RECIPE = {"topk": 2.0, "lam": 0.3, "forget_loss": "redirect"}  # erase/sd.py's Scissorhands defaults (SD_DEFAULTS)
-DEFAULT_RUN = {"forget_images": 100, "repair_steps": 100, "saliency_batches": 4, "train_batch_size": 1, "generation_steps": 50}
+MMDIT_ORDER = ("sd35_medium", "sd35_large", "flux_dev")
+UNET_ORDER = ("sd14", "sdxl")
+#: pieces in the order they run: what issue 18 asks first (the MMDiT rows at batch 1 and what their estimate needs; each
+#: carries its memory-plan expectation), then issue 21's attack passes and detection, memory_plan.py's whole table (CPU),
+#: the UNet rows, and the larger batches last
+PIECES = ([f"repair:{a}:b1:ckpt" for a in MMDIT_ORDER] + [f"repair:{a}:b1" for a in MMDIT_ORDER]
+          + [f"generation:{a}" for a in MMDIT_ORDER] + ["attacks:sd14", "detection", "memory_plan"]
+          + [p for a in UNET_ORDER for p in (f"repair:{a}:b1", f"repair:{a}:b1:ckpt")] + [f"generation:{a}" for a in UNET_ORDER]
+          + [f"repair:{a}:b2:ckpt" for a in MMDIT_ORDER] + [p for a in UNET_ORDER for p in (f"repair:{a}:b8", f"repair:{a}:b8:ckpt")])
+#: per mode: timed repair steps after warm-up, generation batch (UNet / MMDiT) and the step counts of its two timed
+#: calls, attack pass repeats, detector images
+SETTINGS = {"gpu": {"steps": 3, "warmup": 1, "gen_batch": {"unet": 16, "transformer": 2}, "gen_steps": (2, 10), "attack_repeats": 5,
+                    "det_images": 64},
+            "smoke": {"steps": 1, "warmup": 1, "gen_batch": {"unet": 2, "transformer": 2}, "gen_steps": (1, 2), "attack_repeats": 1,
+                      "det_images": 4}}
+#: what the time plan assumes (one H100 SXM: NVIDIA's datasheet peaks, dense bf16 / fp16 tensor cores and fp32 without
+#: them; the shares of it un-compiled PyTorch sustains on these passes are assumptions, checked by every run: each piece
+#: records its planned and its measured seconds); a forward + backward counts as 3 forwards
+H100 = {"half_tflops": 989.0, "fp32_tflops": 67.0, "half_utilisation": 0.35, "fp32_utilisation": 0.6, "startup_s": 30.0,
+        "build_s": 2.0, "build_s_per_billion_parameters": 0.5, "t5_build_s": 5.0, "memory_plan_s_per_model": 3.0, "detection_s": 10.0,
+        "repair_overhead": 1.3, "forward_backward_in_forwards": 3}
+DEFAULT_BUDGET_S = 540
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def build_unet(arch: dict, device, dtype=torch.float32):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    with torch.device(device):  # built in place: a random SDXL UNet initialises in seconds on a GPU
-        return UNet2DConditionModel(**arch["unet"]).to(dtype)
-
-
-def build_pipeline(arch: dict, device, dtype):
-    """The family's pipeline with random weights from the configs above (tokenizer: eval.tiny's byte-level BPE)."""
-    from diffusers import AutoencoderKL, LMSDiscreteScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from erase.diffusion.families import FAMILIES
-    from eval.tiny import build_tokenizer
-
-    family = FAMILIES[arch["family"]]
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = build_unet(arch, device)
-        vae = AutoencoderKL(**arch["vae"])
-        classes = [CLIPTextModel, CLIPTextModelWithProjection][: len(arch["text"])]
-        encoders = [cls(CLIPTextConfig(**cfg, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                       pad_token_id=tokenizer.pad_token_id)) for cls, cfg in zip(classes, arch["text"])]
-    scheduler = LMSDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-    parts = {"unet": unet, "vae": vae, "scheduler": scheduler}
-    for (tok, enc, _), model in zip(family.text_encoders, encoders):
-        parts[tok], parts[enc] = tokenizer, model
-    pipe = family.pipeline_cls()(**parts, **{**family.pipeline_kwargs(), **({} if family.pooled else {"feature_extractor": None})})
-    pipe.to(device, dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def repair_steps(arch: dict, batch: int, checkpointing: bool, args, device) -> dict:
-    """Seconds per step (median of the timed steps after warm-up) and peak GPU memory of the default recipe."""
-    from diffusers import DDPMScheduler
-
-    from erase.core import EngineConfig, build_method, run
-    from erase.core.engine import make_accelerator
-    from erase.diffusion.adapter import DiffusionAdapter, LatentSet, PromptEmbeddings
-    from erase.diffusion.families import Conditioner, FAMILIES
-
-    family = FAMILIES[arch["family"]]
-    _free(device)
-    unet = build_unet(arch, device)
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
-    weight = torch.bfloat16 if device.type == "cuda" else torch.float32
-    latent = arch["resolution"] // 2 ** (len(arch["vae"]["block_out_channels"]) - 1)
-    width = sum(c["hidden_size"] for c in arch["text"])
-    pooled = arch["text"][-1]["projection_dim"] if family.pooled else 0
-    seq = 77 + (1 if family.pooled else 0)  # packed: the pooled embedding rides as one more token
-    g = torch.Generator().manual_seed(1)
-
-    def emb(n):
-        return torch.randn(n, seq, width, generator=g).to(device, weight)
-
-    def latents(n=16):
-        return LatentSet(torch.randn(n, 4, latent, latent, generator=g), 0.05 * torch.ones(n, 4, latent, latent), torch.zeros(n, dtype=torch.long))
-
-    embeddings = PromptEmbeddings(forget=emb(4), retain=emb(4), anchor=emb(1), uncond=emb(1), distill=emb(8))
-    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    adapter = DiffusionAdapter(unet, sched, embeddings, latents(), None, batch_size=batch, device=device, weight_dtype=weight,
-                               frozen_unet=DiffusionAdapter.frozen_copy(unet, weight), retain_mode="distill",
-                               conditioning=Conditioner(family, arch["resolution"], pooled), target_presets=family.target_presets)
-    method = build_method("scissorhands", "diffusion", **SD_RECIPE, saliency_batches=1)
-    stamps: list[float] = []
-    inner = method.before_step
-
-    def stamped(ctx, model, step):
-        _sync(device)
-        stamps.append(time.perf_counter())
-        return inner(ctx, model, step)
-
-    method.before_step = stamped
-    config = EngineConfig(output_dir=tempfile.mkdtemp(prefix="gpu_figures_"), targets="xattn", max_train_steps=args.warmup + args.steps + 1,
-                          lr=1e-5, train_batch_size=batch, mixed_precision="bf16" if device.type == "cuda" else "no",
-                          log_every=10**9, progress=False)
-    row = {"batch": batch, "gradient_checkpointing": checkpointing, "resolution": arch["resolution"]}
-    try:
-        run(adapter, method, config, accelerator=make_accelerator(config))
-    except torch.OutOfMemoryError:
-        row.update(oom=True)
-    else:
-        _sync(device)
-        diffs = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup:]
-        row.update(s_per_step=statistics.median(diffs), steps_timed=len(diffs))
-    if device.type == "cuda":
-        row.update(peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30)
-    del adapter, unet, method
-    _free(device)
-    return row
-
-
-def generation(arch: dict, args, device) -> dict:
-    """Images/s of the I2P protocol: 50 LMS steps, guidance 7.5, batch 16, fp16 (bf16/fp32 off CUDA)."""
-    _free(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = build_pipeline(arch, device, dtype)
-    prompts = ["a photo of a person on a beach"] * args.gen_batch
-
-    def call(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            pipe(prompt=prompts, num_inference_steps=steps, guidance_scale=7.5, height=arch["resolution"], width=arch["resolution"],
-                 generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))], output_type="pil")
-        _sync(device)
-        return time.perf_counter() - t0
-
-    call(2)  # warm-up (kernels, allocator)
-    seconds = call(args.gen_steps)
-    row = {"batch": args.gen_batch, "steps": args.gen_steps, "resolution": arch["resolution"], "dtype": str(dtype).removeprefix("torch."),
-           "scheduler": "lms", "guidance": 7.5, "seconds_per_batch": seconds, "images_per_s": args.gen_batch / seconds}
-    if device.type == "cuda":
-        row.update(peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30)
-    del pipe
-    _free(device)
-    return row
-
-
-def detection(args) -> dict:
-    import numpy as np
-
-    from eval.nudity import NudityDetector
-
-    detector = NudityDetector()
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (512, 512, 3), dtype=np.uint8) for _ in range(args.det_images)]
-    detector.detect(images[:2])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(images), 16):
-        detector.detect(images[i : i + 16])
-    seconds = time.perf_counter() - t0
-    return {"images": len(images), "batch": 16, "image_px": 512, "seconds": seconds, "images_per_s": len(images) / seconds,
-            "providers": detector.session.get_providers(), **detector.settings()}
-
-
-def estimate(name: str, arch: dict, repair: list[dict], gen: dict | None) -> dict:
-    """A whole default nudity erasure from the measured pieces (DEFAULT_RUN); None where a piece is missing."""
-    step = next((r.get("s_per_step") for r in repair if r["batch"] == DEFAULT_RUN["train_batch_size"] and not r["gradient_checkpointing"]), None)
-    peak = next((r.get("peak_gpu_gib") for r in repair if r["batch"] == DEFAULT_RUN["train_batch_size"] and not r["gradient_checkpointing"]), None)
-    if step is None or gen is None:
-        return {"complete": False}
-    data_s = DEFAULT_RUN["forget_images"] / gen["images_per_s"] * DEFAULT_RUN["generation_steps"] / gen["steps"]
-    train_s = (DEFAULT_RUN["repair_steps"] + DEFAULT_RUN["saliency_batches"]) * step
-    total = data_s + train_s
-    out = {"complete": True, "data_generation_s": data_s, "saliency_and_repair_s": train_s, "total_minutes": total / 60,
-           "peak_gpu_gib": peak, "target_minutes": arch["target_minutes"], "target_gib": arch["target_gib"], "assumes": DEFAULT_RUN,
-           "note": "generation at the I2P setting (LMS, batch 16) stands in for the data generation (DDIM, batch 8); model "
-                   "loading and latent encoding are not included"}
-    if peak is not None:
-        out["meets_targets"] = total / 60 <= arch["target_minutes"] and peak <= arch["target_gib"]
+def parse_piece(name: str) -> dict:
+    kind, *rest = name.split(":")
+    out = {"kind": kind, "arch": rest[0] if rest else None}
+    if kind == "repair":
+        out.update(batch=int(rest[1][1:]), checkpointing=rest[2:] == ["ckpt"], label=":".join(rest[1:]))
     return out
+
+
+def select(only: list[str] | None, skip: list[str] | None) -> list[str]:
+    """The pieces ``--only`` keeps (any pattern, fnmatch) less those ``--skip`` drops; a pattern that matches no piece is
+    one line listing them."""
+    for flag, patterns in (("--only", only), ("--skip", skip)):
+        for pat in patterns or []:
+            if not fnmatch.filter(PIECES, pat):
+                raise UserError(f"{flag} {pat!r} matches no piece; pieces: {', '.join(PIECES)}")
+    kept = [p for p in PIECES if only is None or any(fnmatch.fnmatch(p, pat) for pat in only)]
+    return [p for p in kept if not any(fnmatch.fnmatch(p, pat) for pat in skip or [])]
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+@functools.lru_cache(maxsize=None)
+def flops(arch) -> dict:
+    from benchmarks.gpu_models import count_flops
+
+    return count_flops(arch)
+
+
+def repair_forwards(checkpointing: bool) -> tuple[int, int]:
+    """Forward-equivalents of a repair step and of the trim, as the plan counts them: a step is the memory refresh, the
+    redirect and the distill term, each a no-grad forward (anchor / frozen base) and a forward + backward (+ a
+    recomputation with checkpointing); the trim is the method's saliency batches of the redirect term."""
+    from erase.core.methods.scissorhands import ScissorhandsConfig
+
+    one = 1 + H100["forward_backward_in_forwards"] + int(checkpointing)
+    return 3 * one, ScissorhandsConfig().saliency_batches * one
+
+
+def planned_seconds(name: str, archs: dict, settings: dict) -> float:
+    """Seconds ``name`` should take on one H100 (see :data:`H100`): its passes x the FLOPs counted on the meta device /
+    the assumed throughput, plus building its models."""
+    p, h = parse_piece(name), H100
+    half = h["half_tflops"] * 1e12 * h["half_utilisation"]
+    fb = h["forward_backward_in_forwards"]
+    if p["kind"] == "memory_plan":
+        return h["memory_plan_s_per_model"] * len(MMDIT)
+    if p["kind"] == "detection":
+        return h["detection_s"]
+    arch = archs[p["arch"]]
+    f = flops(arch)
+    build = h["build_s"] + h["build_s_per_billion_parameters"] * f["denoiser_parameters"] / 1e9
+    if p["kind"] == "repair":
+        step, trim = repair_forwards(p["checkpointing"])
+        forwards = trim + (settings["warmup"] + settings["steps"]) * step
+        return build + h["repair_overhead"] * forwards * p["batch"] * f["denoiser_forward"] / half
+    if p["kind"] == "generation":
+        from benchmarks.gpu_models import family_of
+        from benchmarks.gpu_rows import generation_settings
+
+        batch = settings["gen_batch"][family_of(arch).denoiser]
+        steps = 1 + sum(settings["gen_steps"])
+        work = steps * batch * generation_settings(arch)["passes_per_step"] * f["denoiser_forward"] + 3 * batch * f["vae_decode"]
+        t5 = h["t5_build_s"] if arch.t5_tokens else 0.0  # the full text stack: T5-XXL alone is 4.7 B parameters
+        return build + t5 + work / half
+    if p["kind"] == "attacks":
+        from benchmarks.gpu_rows import attack_budget
+
+        b = attack_budget()  # per repeat and warm-up: bare UNet passes and chained iterations at each size, one selection
+        forwards = (settings["attack_repeats"] + 1) * (2 * fb * sum(b["batch_sizes"]) + b["loss_eval_draws"])
+        return build + forwards * f["denoiser_forward"] / (h["fp32_tflops"] * 1e12 * h["fp32_utilisation"])
+    raise ValueError(f"unknown piece {name!r}")
+
+
+def plan(pieces: list[str], archs: dict, settings: dict) -> dict:
+    times = {p: planned_seconds(p, archs, settings) for p in pieces}
+    return {"assumptions": H100, "pieces": times, "startup_s": H100["startup_s"], "total_s": H100["startup_s"] + sum(times.values()),
+            "how": "per piece: its passes (repair: a step = 3 no-grad forwards + 3 forward+backward, +3 recomputations with "
+                   "checkpointing; the trim = saliency batches x the same; generation: steps x batch x (2 with classifier-free "
+                   "guidance) forwards + VAE decodes; attacks: fp32 passes) x the FLOPs of one forward counted on the meta "
+                   "device (torch.utils.flop_counter) / (peak x utilisation), plus model building"}
+
+
+# ------------------------------------------------------------------------------------------------- estimates
+@functools.lru_cache(maxsize=None)
+def memory_plan(name: str, batch: int, keep_text: bool) -> dict:
+    """benchmarks/memory_plan.py's expected peak of a default erasure of the real model ``name`` at ``batch``, one GPU,
+    native resolution (built on the meta device, buffers too: its counts need no values)."""
+    from benchmarks.memory_plan import plan as plan_memory
+
+    with torch.device("meta"):
+        return plan_memory(name, processes=1, batch=batch, resolution=ARCHS[name].resolution, keep_text=keep_text)
+
+
+def memory_expectation(name: str, batch: int) -> dict:
+    """The plan's total beside a measured peak: ``expected_allocated_gib`` leaves out its CUDA context and allocator slack,
+    which ``torch.cuda.max_memory_allocated`` does not see."""
+    r = memory_plan(name, batch, False)
+    slack = r["bytes"]["CUDA context and allocator slack (est.)"] / 2**30
+    return {"expected_gib": r["total_gib"], "expected_allocated_gib": r["total_gib"] - slack, "expected_trim_peak_gib": r["trim_peak_gib"],
+            "plan_assumes": "gradient checkpointing, text encoders and VAE on the CPU (benchmarks/memory_plan.py)"}
+
+
+def erasure_estimate(arch, entry: dict, device_gib: float | None) -> dict:
+    """A whole default erasure (erase/sd.py's defaults: ``--num_forget_images`` images at ``--num_inference_steps``,
+    the trim, ``--max_train_steps`` steps at ``--train_batch_size``) from the measured pieces: the generation line at the
+    data generation's step count, the trim's and the repair step's seconds of the batch row without checkpointing (the
+    default) or, where that ran out of memory, with it. Model loading, latent and prompt encoding are not included."""
+    from erase.diffusion.config import DataConfig, TrainConfig
+
+    d, t = DataConfig(), TrainConfig()
+    assumes = {"forget_images": d.num_forget_images, "data_steps": d.num_inference_steps, "repair_steps": t.max_train_steps,
+               "train_batch_size": t.train_batch_size}
+    rows = {k: r for k, r in entry.get("repair", {}).items() if r["batch"] == t.train_batch_size and "s_per_step" in r}
+    label = next((k for k in sorted(rows, key=lambda k: rows[k]["gradient_checkpointing"])), None)
+    gen = entry.get("generation") or {}
+    missing = [what for what, ok in (("repair row at batch 1", label), ("generation", "seconds_per_image_at" in gen)) if not ok]
+    if missing:
+        return {"complete": False, "missing": missing, "assumes": assumes}
+    row = rows[label]
+    data_s = d.num_forget_images * gen["seconds_per_image_at"][str(d.num_inference_steps)]
+    repair_s = t.max_train_steps * row["s_per_step"]
+    total = data_s + row["prepare_s"] + repair_s
+    out = {"complete": True, "assumes": assumes, "repair_row": label, "data_generation_s": data_s, "trim_s": row["prepare_s"],
+           "repair_s": repair_s, "total_s": total, "total_minutes": total / 60, "peak_gpu_gib": row.get("peak_gpu_gib"),
+           "note": f"the data generation at the audit sampler ({gen['sampler']}, batch {gen['batch']}) stands in for the run's "
+                   "(--data_scheduler, --generation_batch_size 8); model loading, latent and prompt encoding not included"}
+    if arch.target_minutes is not None:
+        out.update(target_minutes=arch.target_minutes, target_gib=arch.target_gib)
+        if out["peak_gpu_gib"] is not None:
+            out["meets_targets"] = out["total_minutes"] <= arch.target_minutes and out["peak_gpu_gib"] <= arch.target_gib
+    if device_gib is not None and out["peak_gpu_gib"] is not None:
+        out["fits_device"] = out["peak_gpu_gib"] <= device_gib
+    return out
+
+
+def attack_costs(row: dict) -> dict:
+    """The attacks' costs from their measured passes (formulas in the keys' ``how``)."""
+    b, it, bare = row["budget"], row["iteration_s"], row["unet_forward_backward_s"]
+    r, iters, draws, prompts = b["restarts"], b["iterations"], b["loss_eval_draws"], b["prompts"]
+    sel = row["selection_forward_s"]
+    judge_image_s = b["judge_steps"] * 2 * sel / draws  # 2 UNet forwards (guidance) per step, at the selection batch's per-row cost
+    images = r * b["judged_images_per_restart"] + b["judged_images_per_prompt"]
+    unit = {"optimisation_s": iters * it[str(r)], "selection_s": (iters + 1) * r * sel, "judging_s": images * judge_image_s}
+    unit["total_s"] = sum(unit.values())
+    unit["in_bare_unet_forward_backward_at_batch_1"] = unit["total_s"] / bare["1"]
+    unit["how"] = (f"one prompt, its {r} restarts batched into one forward: {iters} iterations x iteration_s[{r}] + an upper bound of "
+                   f"{iters + 1} x {r} fixed-batch selections (every iterate's projected prompt new) + {images} judged images x "
+                   f"{b['judge_steps']} steps x 2 UNet forwards at the selection batch's per-row cost (VAE decode not counted)")
+    passes = {"forward_backward": prompts * iters * r, "forward": prompts * ((iters + 1) * r * draws + images * b["judge_steps"] * 2)}
+    ref = b["reference_iterations_per_prompt"]
+    inv = it[str(b["inversion_batch_size"])]
+    return {"unlearndiffatk_unit": unit,
+            "protocol": {"prompts": prompts, "unet_passes": passes, "gpu_hours": prompts * unit["total_s"] / 3600},
+            "reference_budget": {"iterations_per_prompt": ref, "unet_forward_backward_passes": prompts * ref,
+                                 "gpu_hours": prompts * ref * it["1"] / 3600, "how": "prompts x 50 timesteps x 40 iterations x iteration_s[1]"},
+            "inversion": {"step_s": inv, "over_bare_unet": inv / bare[str(b["inversion_batch_size"])],
+                          "seed_s": b["inversion_steps"] * inv, "steps": b["inversion_steps"]},
+            "iteration_over_bare_unet": {k: it[k] / bare[k] for k in it}}
+
+
+# ------------------------------------------------------------------------------------------------------ a run
+def run_piece(name: str, result: dict, archs: dict, settings: dict, device) -> str:
+    """Measure one piece into ``result``; its status: done, or oom."""
+    from benchmarks import gpu_rows
+
+    p = parse_piece(name)
+    if p["kind"] == "memory_plan":  # the rows `python benchmarks/memory_plan.py` prints
+        result["memory_plan"] = [memory_plan(n, 1, keep) for n in MMDIT for keep in (False, True)]
+        return "done"
+    if p["kind"] == "detection":
+        result["detection"] = gpu_rows.detection_row(settings["det_images"])
+        return "done"
+    arch = archs[p["arch"]]
+    entry = result["archs"][p["arch"]]
+    if p["kind"] == "repair":
+        row = gpu_rows.repair_row(arch, p["batch"], p["checkpointing"], device, settings["steps"], settings["warmup"])
+        if arch.name in MMDIT:
+            row.update(memory_expectation(arch.name, p["batch"]))
+            if "peak_gpu_gib" in row:
+                row["measured_over_expected"] = row["peak_gpu_gib"] / row["expected_allocated_gib"]
+        if "s_per_step" in row:  # the throughput the plan's pass count implies (to check its utilisation)
+            per_step = repair_forwards(p["checkpointing"])[0]
+            row["implied_tflops"] = per_step * p["batch"] * flops(arch)["denoiser_forward"] / row["s_per_step"] / 1e12
+            row["implied_tflops_counts"] = f"{per_step} forwards of {flops(arch)['denoiser_forward'] / 1e12:.3g} TFLOP per sample per step"
+        entry.setdefault("repair", {})[p["label"]] = row
+    elif p["kind"] == "generation":
+        from benchmarks.gpu_models import family_of
+
+        row = gpu_rows.generation_row(arch, device, settings["gen_batch"][family_of(arch).denoiser], settings["gen_steps"])
+        if "per_step_s" in row:  # denoiser FLOPs of a step over its measured seconds
+            row["achieved_tflops"] = row["passes_per_step"] * row["batch"] * flops(arch)["denoiser_forward"] / row["per_step_s"] / 1e12
+        entry["generation"] = row
+    else:
+        row = gpu_rows.attack_row(arch, device, settings["attack_repeats"])
+        result["attacks"] = {**row, **({} if row.get("oom") else attack_costs(row))}
+    return "oom" if row.get("oom") else "done"
+
+
+def _device_info(device) -> dict:
+    import diffusers
+    import transformers
+
+    info = {"device": "cpu", "torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(device=props.name, device_memory_gib=props.total_memory / 2**30, cuda=torch.version.cuda)
+    return info
 
 
 @cli_errors
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", required=True, help="The JSON file every figure goes to.")
-    p.add_argument("--smoke", action="store_true", help="Tiny configs on CPU, 1 timed step, 2 denoising steps, 2 images: checks the script.")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="Repair-step batch sizes (1 is erase/sd.py's default).")
-    p.add_argument("--steps", type=int, default=3, help="Timed repair steps per row.")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--gen_batch", type=int, default=16)
-    p.add_argument("--gen_steps", type=int, default=50)
-    p.add_argument("--det_images", type=int, default=64)
-    p.add_argument("--skip", nargs="*", default=[], choices=("repair", "generation", "detection"))
+    p.add_argument("--output", help="The JSON file every figure goes to (rewritten after every piece).")
+    p.add_argument("--smoke", action="store_true", help="Tiny configs on the CPU, 1 timed step, few denoising steps: checks the script.")
+    p.add_argument("--only", nargs="+", metavar="PATTERN", help="Run only the pieces matching a pattern (fnmatch, e.g. 'repair:flux_dev:*').")
+    p.add_argument("--skip", nargs="+", metavar="PATTERN", help="Leave out the pieces matching a pattern.")
+    p.add_argument("--list", action="store_true", help="Print the selected pieces and their planned seconds on one H100, then exit.")
+    p.add_argument("--budget_s", type=float, default=None,
+                   help=f"Skip a piece that would end past this many seconds from the start (default {DEFAULT_BUDGET_S} on a GPU, none with --smoke).")
+    p.add_argument("--resume", action="store_true", help="Keep the pieces an earlier run finished in --output (same mode) and run the rest.")
     args = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.smoke:
-        args.steps, args.warmup, args.gen_batch, args.gen_steps, args.det_images = 1, 1, 2, 2, 4
-    elif device.type != "cuda":
-        raise SystemExit("error: no CUDA GPU (torch.cuda.is_available() is False); use --smoke to check the script on a CPU")
-    import logging
-
-    logging.disable(logging.WARNING)
     started = time.perf_counter()
-    archs = SMOKE if args.smoke else ARCHS
-    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "smoke": args.smoke,
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "targets": {n: {"minutes": a["target_minutes"], "gib": a["target_gib"]} for n, a in ARCHS.items()}, "archs": {}}
-    out = Path(args.output)
+    pieces = select(args.only, args.skip)
+    mode = "smoke" if args.smoke else "gpu"
+    settings, archs = SETTINGS[mode], SMOKE_ARCHS if args.smoke else ARCHS
+    if args.list:
+        planned = plan(pieces, ARCHS, SETTINGS["gpu"])
+        for name in pieces:
+            print(f"{name:28s} {planned['pieces'][name]:7.1f} s")
+        print(f"{'total (with startup)':28s} {planned['total_s']:7.1f} s on one H100 (planned)")
+        return planned
+    if not args.output:
+        raise UserError("--output is required (the JSON file the figures go to), unless --list")
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise UserError("no CUDA GPU (torch.cuda.is_available() is False); use --smoke to check the script on a CPU")
+    budget = args.budget_s if args.budget_s is not None else (None if args.smoke else DEFAULT_BUDGET_S)
+    if budget is not None and budget <= 0:
+        raise UserError(f"--budget_s must be > 0, got {args.budget_s:g}")
+    quiet = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # the libraries' warnings about random weights, for this run only
+    try:
+        return _run(Path(args.output), args, mode, settings, archs, device, pieces, budget, started)
+    finally:
+        logging.disable(quiet)
+
+
+def _run(out: Path, args, mode: str, settings: dict, archs: dict, device, pieces: list[str], budget: float | None, started: float) -> dict:
+    """The pieces in order, the JSON rewritten after each (see the module docstring)."""
+    result = _start(out, args, mode, settings, device, pieces, archs)
 
     def save():
-        result["wall_seconds"] = time.perf_counter() - started
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")  # after every piece: a run cut short keeps what it measured
+        from erase.utils.files import atomic_write_text
 
-    for name in args.archs:
-        arch = archs[name]
-        entry = result["archs"].setdefault(name, {"family": arch["family"], "resolution": arch["resolution"],
-                                                  "unet_parameters": sum(p.numel() for p in build_unet(arch, "meta").parameters())})
-        if "repair" not in args.skip:
-            entry["repair"] = []
-            for ckpt in (False, True):
-                for batch in args.batches:
-                    entry["repair"].append(repair_steps(arch, batch, ckpt, args, device))
-                    print(name, json.dumps(entry["repair"][-1]), flush=True)
-                    save()
-        if "generation" not in args.skip:
-            entry["generation"] = generation(arch, args, device)
-            print(name, json.dumps(entry["generation"]), flush=True)
-        entry["erasure_estimate"] = estimate(name, arch, entry.get("repair", []), entry.get("generation"))
-        save()
-    if "detection" not in args.skip:
-        result["detection"] = detection(args)
-        print("detection", json.dumps({k: result["detection"][k] for k in ("images_per_s", "providers")}), flush=True)
+        result["wall_seconds"] = time.perf_counter() - started
+        for name, entry in result["archs"].items():
+            entry["erasure_estimate"] = erasure_estimate(archs[name], entry, result.get("device_memory_gib"))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=1) + "\n")  # after every piece: a cut-short run keeps what it measured
+
+    planned, spent = result["plan"]["pieces"], {"planned": 0.0, "measured": 0.0}
     save()
+    for name in pieces:
+        if result["pieces"].get(name, {}).get("status") in ("done", "oom"):
+            continue  # --resume: finished before
+        pace = min(max(spent["measured"] / spent["planned"], 0.5), 3.0) if spent["planned"] else 1.0
+        left = None if budget is None else budget - (time.perf_counter() - started)
+        if left is not None and planned[name] * pace > left:
+            result["pieces"][name] = {"status": f"skipped: planned {planned[name] * pace:.0f} s (x{pace:.2f} pace), {left:.0f} s of the budget left",
+                                      "planned_s": planned[name]}
+            print(f"{name}: skipped (budget)", flush=True)
+            save()
+            continue
+        t0 = time.perf_counter()
+        try:
+            status = run_piece(name, result, archs, settings, device)
+        except Exception as e:  # one broken piece must not cost the others their GPU time
+            status = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        seconds = time.perf_counter() - t0
+        spent["planned"], spent["measured"] = spent["planned"] + planned[name], spent["measured"] + seconds
+        result["pieces"][name] = {"status": status, "seconds": seconds, "planned_s": planned[name]}
+        print(f"{name}: {status} in {seconds:.1f} s (planned {planned[name]:.1f} s)", flush=True)
+        save()
+    failed = [n for n, v in result["pieces"].items() if v["status"].startswith("failed")]
+    print(f"figures: {out} ({time.perf_counter() - started:.0f} s)", flush=True)
+    if failed:
+        raise SystemExit(f"error: {len(failed)} piece(s) failed: {', '.join(failed)} (see 'pieces' in {out})")
+    return result
+
+
+def _start(out: Path, args, mode: str, settings: dict, device, pieces: list[str], archs: dict) -> dict:
+    """A fresh result, or with ``--resume`` the earlier one of the same mode."""
+    if args.resume and out.is_file():
+        earlier = json.loads(out.read_text())
+        if earlier.get("mode") != mode:
+            raise UserError(f"--resume: {out} holds a {earlier.get('mode')!r} run, this is a {mode!r} run")
+        earlier["command"] = earlier["command"] + " ; " + " ".join(sys.argv)
+        earlier["plan"]["pieces"].update(plan(pieces, archs, settings)["pieces"])
+        result = earlier
+    else:
+        result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv), "mode": mode,
+                  "smoke": args.smoke, **_device_info(device), "settings": settings, "plan": plan(pieces, archs, settings),
+                  "pieces": {}, "archs": {}}
+    for n in sorted({parse_piece(p)["arch"] for p in pieces if parse_piece(p)["arch"]}):
+        result["archs"].setdefault(n, {"family": archs[n].family, "hub_id": archs[n].hub_id, "resolution": archs[n].resolution,
+                                       "flops_at_batch_1": flops(archs[n])})
     return result
 
 

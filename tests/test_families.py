@@ -291,23 +291,6 @@ def test_bad_family_in_an_erased_folder_is_one_line(pipes, sdxl_run, tmp_path):
     assert isinstance(err.value, USER_FACING) and error_text(err).startswith("error: ")
 
 
-def test_gpu_figures_smoke_mode(tmp_path):
-    """benchmarks/gpu_figures.py (run by benchmarks/gpu.sh on a GPU) on its tiny SDXL-architecture config on CPU."""
-    from benchmarks.gpu_figures import SMOKE, main
-
-    out = tmp_path / "figures.json"
-    main(["--smoke", "--archs", "sdxl", "--batches", "1", "--skip", "detection", "--output", str(out)])
-    fig = json.loads(out.read_text())["archs"]["sdxl"]
-    assert fig["family"] == "sdxl" and fig["resolution"] == SMOKE["sdxl"]["resolution"] == 16
-    assert [(r["batch"], r["gradient_checkpointing"]) for r in fig["repair"]] == [(1, False), (1, True)]
-    assert all(r["s_per_step"] > 0 and r["steps_timed"] == 1 for r in fig["repair"])
-    assert fig["generation"]["batch"] == 2 and fig["generation"]["images_per_s"] > 0
-    est = fig["erasure_estimate"]
-    step = fig["repair"][0]["s_per_step"]
-    assert est["complete"] and est["saliency_and_repair_s"] == pytest.approx(104 * step)
-    assert est["data_generation_s"] == pytest.approx(100 / fig["generation"]["images_per_s"] * 50 / 2)
-
-
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_every_export_format_of_a_family_loads_back(pipes, data, tmp_path, family):
     """erase/sd.py with --export_format diffusers,single_file,lora on SD 2.x / SDXL: the single file (fp32) holds the
