@@ -189,3 +189,51 @@ def test_the_api_takes_robust(tiny, tmp_path):
     assert config.settings()["robust_steps"] == config.robustness.robust_steps  # the defaults are filled and recorded
     with pytest.raises(UserError, match="--robust_tokens is an option of the robust erasure"):
         EraseConfig.from_options(tiny, "three", output_dir=str(tmp_path), robust_tokens=3).validate()
+
+
+class _CountingAdversary:
+    """A model-agnostic stand-in: records when it is asked to search and what the weights were then."""
+
+    def __init__(self):
+        self.calls, self.count = [], 0
+
+    def refresh(self, ctx, model, step):
+        self.count += 1
+        first = next(iter(ctx.params.values()))
+        self.calls.append((step, float(first.detach().abs().sum())))
+        return {"searched": float(self.count)}
+
+    def state_tensors(self):
+        return {"count": torch.tensor([self.count])}
+
+    def load_state_tensors(self, tensors):
+        self.count = int(tensors["count"][0]) if "count" in tensors else 0
+
+    def describe(self):
+        return {"kind": "counting"}
+
+
+def test_the_core_wrapper_searches_before_the_trim_and_every_r_steps(mlp, digits_tensors, tmp_path):
+    """erase.core.robust on a classifier (no diffusion): a search before prepare on the untrimmed weights, then at steps
+    R, 2R, ...; its state rides in the checkpoint under robust.*; the record is the inner method's."""
+    from accelerate import Accelerator
+
+    from classify.adapter import ClassifierAdapter
+    from erase.core import EngineConfig, build_method, run
+    from erase.core.robust import RobustMethod
+
+    x, y = digits_tensors
+    adapter = ClassifierAdapter(mlp, (x[y == 3], y[y == 3]), (x[y != 3], y[y != 3]), num_classes=10, batch_size=16)
+    adversary = _CountingAdversary()
+    method = RobustMethod(build_method("scissorhands", topk=50.0, saliency_batches=1), adversary, every=3)
+    untrimmed = float(next(iter(mlp.parameters())).detach().abs().sum())
+    res = run(adapter, method, EngineConfig(output_dir=str(tmp_path), max_train_steps=7, lr=1e-3, checkpointing_steps=4,
+                                            progress=False), accelerator=Accelerator(cpu=True))
+    assert [s for s, _ in adversary.calls] == [0, 3, 6]
+    assert adversary.calls[0][1] == untrimmed and res.prepare_info["trim"]["summary"]["reset"] > 0  # searched, then trimmed
+    assert method.name == "scissorhands" and res.prepare_info["robust"] == {"every": 3, "first_search": {"searched": 1.0}, "kind": "counting"}
+    assert res.method_summary["robust_searches"] == 3 and "projection_steps" in res.method_summary
+    state = load_file(str(tmp_path / "checkpoint-4" / "erase_state.safetensors"))
+    assert int(state["robust.count"][0]) == 2 and "counts" in state  # the adversary's and Scissorhands' own state
+    with pytest.raises(ValueError, match="no forget term"):
+        RobustMethod(build_method("ft"), adversary, every=3)
