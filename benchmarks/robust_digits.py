@@ -116,7 +116,8 @@ def row(summary: dict, **extra) -> dict:
 
 
 def job(kind: str, name: str | None, digit: int, seed: int, a) -> dict:
-    """One row: ``base`` (the base model), ``retrain`` (the reference of this seed) or ``point`` ``name``."""
+    """One row: ``base`` (the base model), ``data`` (the forget data of this seed), ``retrain`` (the reference of this
+    seed) or ``point`` ``name``."""
     import torch
 
     from eval.digits.bench import run_attacks, run_erasure
@@ -135,12 +136,19 @@ def job(kind: str, name: str | None, digit: int, seed: int, a) -> dict:
         r = row(audit(model, digit, out / "scores" / f"retrain-seed{seed}"))
         return {"kind": kind, "point": "retrain", "digit": digit, "seed": seed, "model": model, **r,
                 **run_attacks(model, args, out, f"retrain-seed{seed}", learn_from_base=True)}
+    data_dir = out / "data" / f"seed{seed}"
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "data":  # the forget images and latents, made before any timed erasure (a 0-step run that needs no retain set)
+        args = bench_args(digit, a)
+        args.max_train_steps = 0
+        with open(data_dir.parent / f".seed{seed}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            run_erasure(base, digit, "esd", seed, out / "runs" / f".data-seed{seed}", data_dir, args)
+        return {"kind": kind, "point": "data", "digit": digit, "seed": seed}
     point = a.points[name]
     args = bench_args(digit, a, point["flags"])
     run_dir = out / "runs" / f"{name}-seed{seed}"
-    data_dir = out / "data" / f"seed{seed}"
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(data_dir.parent / f".seed{seed}.lock", "w") as lock:  # one erasure per data folder generates it
+    with open(data_dir.parent / f".seed{seed}.lock", "w") as lock:  # one erasure per data folder at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
         info = run_erasure(base, digit, point["method"], seed, run_dir, data_dir, args)
     record = json.loads((run_dir / "erase_config.json").read_text())
@@ -280,14 +288,16 @@ def _main(a) -> dict:
     rows = []
     names = list(a.points)
     with ProcessPoolExecutor(max_workers=a.workers) as pool:
-        # the base first (its attacks draw the images of the concept the retrain rows learn from), with the first
-        # point of each (digit, seed) (which generates that data folder); then the rest, points interleaved by seed
+        # the base first (its attacks draw the images of the concept the retrain rows learn from) and the data of each
+        # (digit, seed), so no timed erasure generates it; then the retrain rows and the points, interleaved by seed
         first = [pool.submit(job, "base", None, d, 0, a) for d in a.digit_list]
-        first += [pool.submit(job, "point", names[0], d, s, a) for d in a.digit_list for s in a.seed_list]
+        first += [pool.submit(job, "data", None, d, s, a) for d in a.digit_list for s in a.seed_list]
         for f in first:
-            rows.append(_log(f.result()))
+            r = f.result()
+            if r["kind"] != "data":
+                rows.append(_log(r))
         rest = [pool.submit(job, "retrain", None, d, s, a) for d in a.digit_list for s in a.seed_list]
-        rest += [pool.submit(job, "point", n, d, s, a) for d in a.digit_list for s in a.seed_list for n in names[1:]]
+        rest += [pool.submit(job, "point", n, d, s, a) for d in a.digit_list for s in a.seed_list for n in names]
         for f in rest:
             rows.append(_log(f.result()))
     agg = aggregate(a, rows)
