@@ -162,6 +162,17 @@ def test_two_processes_match_one(tiny, data_dir, tmp_path):
         torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("row", [["--method", "esd", "--esd_ddim_steps", 2], ["--method", "salun", "--saliency_batches", 1],
+                                 ["--method", "ga", "--forget_bound", 5]], ids=["esd", "salun", "ga"])
+def test_every_method_with_a_forget_term_runs_robust(tiny, data_dir, tmp_path, row):
+    in_process(["--pretrained_model_name_or_path", tiny, "--concept", "three", "--output_dir", tmp_path, "--data_dir", data_dir,
+                *SMALL_DATA, "--max_train_steps", 3, "--lr", "1e-3", *ROBUST, *row])
+    cfg = json.loads((tmp_path / "erase_config.json").read_text())
+    assert cfg["method"] == row[1] and cfg["repair"]["robust_searches"] == 2  # before prepare and at step 2
+    assert cfg["settings"]["robust"] is True and cfg["prepare"]["robust"]["concepts"][0]["templates"][0] == "a handwritten digit {}"
+    assert cfg["delta"]["tensors_changed"] > 0
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--robust_every", 5], "--robust_every is an option of the robust erasure; add --robust"),
     (["--robust", "--robust_every", 0], "--robust_every must be an integer >= 1, got 0"),
