@@ -145,6 +145,31 @@ class DataConfig:
     resolution: int | None = field(default=None, metadata=_help("Image size (default: UNet sample size x VAE scale factor)."))
 
 
+@dataclass
+class RobustConfig:
+    """The robust erasure (issue 17; erase/diffusion/robust.py, docs/ROBUST.md): token embeddings learned on the model
+    being erased join the forget term. Unset options take the defaults chosen on the digits tuning digits."""
+
+    robust: bool = field(default=False, metadata=_help(
+        "Robust erasure: before the trim and every --robust_every steps, learn a token embedding per concept by textual "
+        "inversion on the current model and add it, in the concept's prompts, to the forget conditions (every method with "
+        "a forget term)."))
+    robust_every: int | None = field(default=None, metadata=_help("Steps between two searches (default 25)."))
+    robust_tokens: int | None = field(default=None, metadata=_help(
+        "Learned tokens kept per concept: the newest searches' (default 4)."))
+    robust_steps: int | None = field(default=None, metadata=_help("Adam steps of one search (default 100)."))
+    robust_lr: float | None = field(default=None, metadata=_help("Learning rate of the search (default 5e-3)."))
+    robust_batch_size: int | None = field(default=None, metadata=_help("Forget images per search step (default 8)."))
+    robust_start: str | None = field(default=None, metadata=_help(
+        "Where a search starts: init (the neutral init word, as the attack does) or last (the concept's newest token).",
+        choices=("init", "last")))
+    robust_words: str | None = field(default=None, metadata=_help(
+        "Comma-separated words the learned token replaces in the concept's prompts (default: the words of its forget "
+        "prompts that no retain prompt uses, e.g. three,3)."))
+    robust_init_word: str | None = field(default=None, metadata=_help(
+        "One-token word a search starts from (default: the first one-token word of object, thing, image, picture)."))
+
+
 #: The sections of an :class:`EraseConfig`, in the order their flags are listed, with their help headings.
 SECTIONS: dict[str, tuple[type, str]] = {
     "model": (ModelConfig, "model"),
@@ -153,6 +178,7 @@ SECTIONS: dict[str, tuple[type, str]] = {
     "train": (TrainConfig, "optimisation"),
     "output": (OutputConfig, "checkpoints and output"),
     "data": (DataConfig, "data"),
+    "robustness": (RobustConfig, "robust erasure (--robust)"),
 }
 
 
@@ -170,6 +196,7 @@ class EraseConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    robustness: RobustConfig = field(default_factory=RobustConfig)
 
     def __getattr__(self, name: str):
         if name.startswith("_"):

@@ -36,6 +36,7 @@ from erase.diffusion.conditioning import encode, prompt_tables
 from erase.diffusion.config import EraseConfig
 from erase.diffusion.load import Components, load_components, place, resolve_family, select_targets
 from erase.diffusion.record import build_record, engine_config, run_settings
+from erase.diffusion.robust import build_robust, robust_settings
 from erase.diffusion.validate import export_spec
 from erase.utils.checks import check_free_space, check_weights
 from erase.utils.errors import UserError
@@ -182,13 +183,17 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
 
     # 4. adapter, 5. engine: the method's prepare (trim), the repair, checkpoint-{step}, resume
     adapter = build_adapter(config, parts, placement, data, tables, embeddings, method, targeted)
+    method = build_robust(config, parts, placement, data, tables, adapter, method)  # --robust: the adversary joins (issue 17)
     base_tensors = {n: p.detach().to("cpu", copy=True) for n, p in targeted.items()}  # for the delta
     logger.info(f"{config.method} on {len(targeted)} tensors ({sum(p.numel() for p in targeted.values()):,} parameters) of the "
                 f"{'UNet' if family.denoiser == 'unet' else family.denoiser}; "
                 f"{len(adapter.forget_set)} forget / {len(adapter.retain_set) if adapter.retain_set else 0} retain images at "
                 f"{placement.resolution}px, retain term {adapter.retain_mode}")
     try:
-        result = run(adapter, method, engine, accelerator=accelerator, settings=run_settings(config, data, tables))
+        settings = run_settings(config, data, tables)
+        if config.robustness.robust:  # only then: a plain run's resume record stays what it was
+            settings.update(robust_settings(config))
+        result = run(adapter, method, engine, accelerator=accelerator, settings=settings)
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
     except (FloatingPointError, TopKError, CheckpointError) as e:

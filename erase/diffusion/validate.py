@@ -54,6 +54,9 @@ def validate(config) -> None:
         apply_family(config, config.family)
     _counts(config)
     _data(config)
+    from erase.diffusion.robust import check_robust  # --robust (issue 17): its options and defaults
+
+    check_robust(config)
     try:  # the method's own config checks (ranges, choices), before any work
         build_method(config.method, "diffusion", **config.method_options)
     except (TypeError, ValueError) as e:
