@@ -64,14 +64,14 @@ def build_adapter(unet, latent: int, batch: int, n: int = 16, seq: int = 77, dev
     g = torch.Generator().manual_seed(1)
     dim = unet.config.cross_attention_dim
 
-    def latents():
+    def latents(rows: int):  # a forget image's index is its group (one here), a retain image's its prompt row (of 4)
         return LatentSet(torch.randn(n, 4, latent, latent, generator=g), 0.05 * torch.ones(n, 4, latent, latent),
-                         torch.randint(0, 4, (n,), generator=g))
+                         torch.randint(0, rows, (n,), generator=g))
 
     emb = PromptEmbeddings(forget=torch.randn(4, seq, dim, generator=g).to(device, dtype), retain=torch.randn(4, seq, dim, generator=g).to(device, dtype),
                            anchor=torch.randn(1, seq, dim, generator=g).to(device, dtype), uncond=torch.randn(1, seq, dim, generator=g).to(device, dtype))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-    return DiffusionAdapter(unet, sched, emb, latents(), latents(), batch_size=batch, device=device, weight_dtype=dtype)
+    return DiffusionAdapter(unet, sched, emb, latents(1), latents(4), batch_size=batch, device=device, weight_dtype=dtype)
 
 
 class PeakRSS:

@@ -232,3 +232,37 @@ def test_the_engine_refuses_repair_steps_for_a_closed_form_method():
 
     with pytest.raises(ValueError, match="method speed is a closed-form edit with no repair steps; max_train_steps must be 0, got 3"):
         engine_run(None, build_method("speed", "diffusion"), EngineConfig(max_train_steps=3, progress=False))
+
+
+@pytest.mark.parametrize("k, m", [(4, 10), (40, 10), (6, 60)])  # few erase rows / more than the width; priors fewer / more
+def test_speeds_factored_delta_is_the_papers_formula(k, m):
+    """speed_delta's push-through / Woodbury / small-Gram route gives the official script's ΔW, formed densely."""
+    from types import SimpleNamespace
+
+    from erase.core.methods.speed import dense_delta, speed_delta
+
+    g = torch.Generator().manual_seed(k + m)
+    d, n = 24, 3
+    w = torch.randn(16, d, generator=g, dtype=torch.float64)
+    c_rows, a_rows = torch.randn(k, d, generator=g, dtype=torch.float64), torch.randn(k, d, generator=g, dtype=torch.float64)
+    priors = torch.randn(m, d, generator=g, dtype=torch.float64) * torch.linspace(0.01, 1, d, dtype=torch.float64)
+    k2 = torch.randn(d, 2, generator=g, dtype=torch.float64)
+    c, dd = c_rows / n**0.5, (a_rows - c_rows) / n**0.5
+    if k > d:
+        q, r = torch.linalg.qr(c)
+        c, dd = r, q.T @ dd
+    cfg = SimpleNamespace(aug_num=0, prior_filter=True, null_threshold=0.1, retain_scale=0.7, invariance_lamb=0.0)
+    fast, facts = speed_delta(w, c, dd, priors, k2, cfg, g)
+    slow = dense_delta(w, c_rows.T @ c_rows / n, a_rows.T @ c_rows / n, priors, k2, 0.1, 0.7, 0.0)
+    torch.testing.assert_close(fast, slow, rtol=1e-7, atol=1e-9 * float(slow.abs().max()))
+    assert float(slow.norm()) > 1e-3 * float(w.norm()) and 0 < facts["null_space_dim"] < d
+    assert float((fast @ k2).norm()) < 1e-8 * float(fast.norm() * k2.norm())  # the null text kept exactly
+
+
+@pytest.mark.parametrize("shape", [(16, 24), (24, 16), (20, 20)])
+def test_speeds_augmentation_direction_is_the_least_right_singular_vector(shape):
+    from erase.core.methods.speed import least_right_singular_vector
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]), dtype=torch.float64)
+    v, ref = least_right_singular_vector(w), torch.linalg.svd(w, full_matrices=False).Vh[-1:]
+    assert v.shape == (1, shape[1]) and float((v @ ref.T).abs()) == pytest.approx(1.0, abs=1e-9)

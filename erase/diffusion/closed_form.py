@@ -53,15 +53,7 @@ class TextView:
 
     # -- layers -----------------------------------------------------------------------------------------------
     def layers(self, model: nn.Module, params: dict) -> list[TextLayer]:
-        """The family's text-input linear layers whose weight is among the targeted ``params``, in model order."""
-        targeted = {id(p) for p in params.values()}
-        out = []
-        for name, module in model.named_modules():
-            for pattern, stream, role in self.family.text_layers:
-                if re.fullmatch(pattern, name) and isinstance(module, nn.Linear) and id(module.weight) in targeted:
-                    out.append(TextLayer(name, module, stream, role))
-                    break
-        return out
+        return find_text_layers(model, self.family.text_layers, params)
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def features(self, table: str, stream: str) -> TextFeatures:
@@ -106,3 +98,16 @@ class TextView:
         if start != length:
             raise ValueError(f"the {self.family.title} token layout ({start} positions) does not match its conditioning ({length})")
         return segments, torch.tensor(last, dtype=torch.long).T.reshape(len(prompts), len(segments))
+
+
+def find_text_layers(model: nn.Module, patterns, params: dict) -> list[TextLayer]:
+    """The linear layers of ``model`` named by ``patterns`` ((module-name regex, stream, role), a family's
+    ``text_layers``) whose weight is among the targeted ``params``, in model order."""
+    targeted = {id(p) for p in params.values()}
+    out = []
+    for name, module in model.named_modules():
+        for pattern, stream, role in patterns:
+            if re.fullmatch(pattern, name) and isinstance(module, nn.Linear) and id(module.weight) in targeted:
+                out.append(TextLayer(name, module, stream, role))
+                break
+    return out

@@ -35,7 +35,11 @@ Where we differ, and why:
   through its own generator; k-means is Lloyd's from k distinct rows (``kmeans_pytorch``, which the authors use, starts
   from random rows too). Where the null text is all zeros (SDXL's ``force_zeros_for_empty_prompt`` unconditional
   branch), every layer maps it to zero whatever the edit and K₂ is left out.
-* Eigen- and singular-value decompositions and the solves run in float64 (the authors' in float32).
+* The same ΔW is computed factored (:func:`speed_delta`): the erased concepts' inputs have k << d rows, so every
+  d x d inverse goes through a k x k solve and the null space through the priors' own Gram matrix, a layer costing
+  O(d² k) instead of O(d³) (``dense_delta`` is the formula as the authors write it; tests/test_closed_form.py checks the
+  two agree). Decompositions and solves run in float64 (the authors' in float32); a singular K₂ system (the null text
+  inside the priors' span, where P K₂ = 0 and its invariance already holds) is solved by pseudo-inverse.
 """
 
 from __future__ import annotations
@@ -103,15 +107,14 @@ class SPEED(Method):
                 forget, anchor = adapter.text_features("forget", stream), adapter.text_features("anchor", stream)
                 keep, null = adapter.text_features("preserve", stream), adapter.text_features("uncond", stream)
                 n_concepts = len(forget.concepts) or len(set(forget.group))
-                d = int(forget.values.shape[-1])
-                s_cc, s_ac = _moments(forget, anchor, rule, d)
+                c, dd = _factors(forget, anchor, rule)
                 priors = _priors(keep, forget.concepts, g)
                 n_priors = int(priors.shape[0])
                 k2 = _null_text(null, g)
                 stats = []
                 for layer in (x for x in layers if x.stream == stream):
                     w = layer.module.weight.detach().to(torch.float64)
-                    delta, facts = speed_delta(w, s_cc, s_ac, priors.to(w.device), k2.to(w.device), cfg, g)
+                    delta, facts = speed_delta(w, c.to(w.device), dd.to(w.device), priors.to(w.device), k2.to(w.device), cfg, g)
                     set_weight(layer, w + delta)
                     stats.append({"layer": layer.name, **facts})
                 info[stream] = {"targets": len(forget), "priors": n_priors, "null_text_keys": int(k2.shape[1]), "layers": stats}
@@ -124,15 +127,17 @@ class SPEED(Method):
         raise RuntimeError("speed is a closed-form edit: it has no loss and takes no repair steps")
 
 
-def _moments(forget, anchor, rule: str, d: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """S_cc = mean over forget prompts of CᵀC and S_ac of AᵀC (each prompt's inputs at ``rule``, its anchor's aligned)."""
-    s_cc = torch.zeros(d, d, dtype=torch.float64, device=forget.values.device)
-    s_ac = torch.zeros_like(s_cc)
-    for i in range(len(forget)):
-        c, a = (t.to(torch.float64) for t in aligned(forget, i, anchor, forget.anchor[i], rule))
-        s_cc += c.T @ c
-        s_ac += a.T @ c
-    return s_cc / len(forget), s_ac / len(forget)
+def _factors(forget, anchor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, D), float64, with S_cc = CᵀC and S_ac − S_cc = DᵀC (means over the forget prompts): C the forget prompts'
+    inputs at ``rule``, D their anchors' (aligned) minus C, both over √(number of prompts); more rows than the width
+    are reduced to the width (C = QR: C ← R, D ← QᵀD) without changing either product."""
+    pairs = [aligned(forget, i, anchor, forget.anchor[i], rule) for i in range(len(forget))]
+    c = torch.cat([x for x, _ in pairs]).to(torch.float64) / math.sqrt(len(forget))
+    dd = torch.cat([a for _, a in pairs]).to(torch.float64) / math.sqrt(len(forget)) - c
+    if c.shape[0] > c.shape[1]:
+        q, r = torch.linalg.qr(c)
+        c, dd = r, q.T @ dd
+    return c, dd
 
 
 def _priors(keep, concepts: list[str], g: torch.Generator) -> torch.Tensor:
@@ -166,32 +171,79 @@ def _augment(chunk: torch.Tensor, p0: torch.Tensor, erase: torch.Tensor, n: int,
     return made[norms > norms.mean()]
 
 
-def speed_delta(w: torch.Tensor, s_cc: torch.Tensor, s_ac: torch.Tensor, priors: torch.Tensor, k2: torch.Tensor, cfg,
+def speed_delta(w: torch.Tensor, c: torch.Tensor, dd: torch.Tensor, priors: torch.Tensor, k2: torch.Tensor, cfg,
                 g: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """ΔW for one layer (float64) and what its prior refinement kept (see the module docstring)."""
-    d = w.shape[1]
-    eye = torch.eye(d, dtype=torch.float64, device=w.device)
-    erase = w @ (s_ac - s_cc) @ torch.linalg.inv(eye + s_cc)
-    v_min = torch.linalg.svd(w, full_matrices=False).Vh[-1:]  # W's least right singular vector, (1, d)
+    """ΔW for one layer (float64) and what its prior refinement kept (see the module docstring), from the factors of
+    :func:`_factors` (k rows, k <= d): every d x d inverse of the formula is taken through a k x k one (push-through and
+    Woodbury identities: (I + CᵀC)⁻¹ and M = (CᵀC P + βI)⁻¹) and the null space through the priors' own Gram matrix
+    when they are fewer than d, so a layer costs O(d² k) instead of O(d³); ``dense_delta`` is the formula as written."""
+    d, k = w.shape[1], c.shape[0]
+    eye_k = torch.eye(k, dtype=torch.float64, device=w.device)
+    erase = (w @ dd.T) @ torch.linalg.solve(eye_k + c @ c.T, c)  # W (S_ac − S_cc)(I + S_cc)⁻¹
+    v_min = least_right_singular_vector(w)
     p0 = v_min.T @ v_min
     kept = priors
     if cfg.aug_num > 0 and cfg.prior_filter:
         norms = (priors @ erase.T).norm(dim=1)
         kept = priors[norms > norms.mean()]
-    refined, count = torch.zeros(d, d, dtype=torch.float64, device=w.device), 0
+    chunks = []
     for i in range(0, kept.shape[0], CHUNK):
         chunk = kept[i : i + CHUNK]
-        if cfg.aug_num > 0:
-            chunk = torch.cat([chunk, _augment(chunk, p0, erase, cfg.aug_num, g)])
-        refined += chunk.T @ chunk
-        count += chunk.shape[0]
-    evals, evecs = torch.linalg.eigh(refined / max(count, 1))
-    null = evecs[:, evals < cfg.null_threshold]
-    p = null @ null.T
-    m = torch.linalg.inv(s_cc @ p + cfg.retain_scale * eye)
-    inner = eye
+        chunks.append(torch.cat([chunk, _augment(chunk, p0, erase, cfg.aug_num, g)]) if cfg.aug_num > 0 else chunk)
+    refined = torch.cat(chunks)
+    span = _span(refined / math.sqrt(max(refined.shape[0], 1)), cfg.null_threshold)  # (d, r): P = I − span spanᵀ
+
+    def proj(x):  # x P
+        return x - (x @ span) @ span.T
+
+    cp = proj(c)  # C P
+    gram = cfg.retain_scale * eye_k + cp @ c.T  # βI + C P Cᵀ (k x k)
+
+    def times_m(z):  # z M = z (CᵀC P + βI)⁻¹
+        return (z - (z @ c.T) @ torch.linalg.solve(gram, cp)) / cfg.retain_scale
+
+    y = cp  # C P, then C P (I − M K₂ (K₂ᵀ P M K₂ + γI)⁻¹ K₂ᵀ P)
     if k2.shape[1]:
-        gram = k2.T @ p @ m @ k2 + cfg.invariance_lamb * torch.eye(k2.shape[1], dtype=torch.float64, device=w.device)
-        inner = eye - m @ k2 @ torch.linalg.pinv(gram) @ k2.T @ p
-    delta = w @ (s_ac - s_cc) @ p @ inner @ m
-    return delta, {"priors_kept": int(kept.shape[0]), "refined_priors": count, "null_space_dim": int(null.shape[1])}
+        pk2 = proj(k2.T).T  # P K₂
+        mk2 = (k2 - c.T @ torch.linalg.solve(gram, c @ pk2)) / cfg.retain_scale  # M K₂
+        h = pk2.T @ mk2 + cfg.invariance_lamb * torch.eye(k2.shape[1], dtype=torch.float64, device=w.device)
+        y = cp - (cp @ mk2) @ torch.linalg.pinv(h) @ pk2.T
+    delta = (w @ dd.T) @ times_m(y)
+    return delta, {"priors_kept": int(kept.shape[0]), "refined_priors": int(refined.shape[0]), "null_space_dim": d - int(span.shape[1])}
+
+
+def least_right_singular_vector(w: torch.Tensor) -> torch.Tensor:
+    """(1, d): the right singular vector of W's least singular value among its min(out, in) (``torch.svd``'s last
+    column of V, as the official script takes it), from the eigenvectors of the smaller of WᵀW and WWᵀ."""
+    if w.shape[0] >= w.shape[1]:
+        return torch.linalg.eigh(w.T @ w).eigenvectors[:, :1].T
+    u = torch.linalg.eigh(w @ w.T).eigenvectors[:, :1]
+    v = w.T @ u
+    norm = v.norm()
+    if norm <= torch.finfo(w.dtype).eps * w.norm():  # W has a zero singular value there: fall back to the SVD
+        return torch.linalg.svd(w, full_matrices=False).Vh[-1:]
+    return (v / norm).T
+
+
+def _span(r: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(d, r) orthonormal eigenvectors of RᵀR whose eigenvalue is at least ``threshold`` (the complement of the null
+    space), through R Rᵀ when R has fewer rows than columns (same non-zero eigenvalues; u = Rᵀv / √λ)."""
+    if r.shape[0] >= r.shape[1]:
+        evals, evecs = torch.linalg.eigh(r.T @ r)
+        return evecs[:, evals >= threshold]
+    evals, evecs = torch.linalg.eigh(r @ r.T)
+    big = evals >= threshold
+    return (r.T @ evecs[:, big]) / evals[big].sqrt()
+
+
+def dense_delta(w, s_cc, s_ac, refined, k2, null_threshold: float, retain_scale: float, invariance_lamb: float) -> torch.Tensor:
+    """The official script's ΔW as written, every d x d matrix formed (a reference for tests): P from the eigenvectors
+    of mean RᵀR below the threshold, M = (S_cc P + βI)⁻¹, ΔW = W (S_ac − S_cc) P (I − M K₂ (K₂ᵀ P M K₂ + γI)⁻¹ K₂ᵀ P) M."""
+    d = w.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    evals, evecs = torch.linalg.eigh(refined.T @ refined / refined.shape[0])
+    null = evecs[:, evals < null_threshold]
+    p = null @ null.T
+    m = torch.linalg.inv(s_cc @ p + retain_scale * eye)
+    inner = eye - m @ k2 @ torch.linalg.inv(k2.T @ p @ m @ k2 + invariance_lamb * torch.eye(k2.shape[1], dtype=torch.float64)) @ k2.T @ p
+    return w @ (s_ac - s_cc) @ p @ inner @ m
