@@ -31,14 +31,14 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.architectures import FLUX_DEV, SD35_MEDIUM  # noqa: E402
-from benchmarks.gpu_figures import SDXL_UNET  # noqa: E402
-from benchmarks.sd_step import MID_UNET, SD14_UNET, build_unet, engine_steps  # noqa: E402
-from erase.core.adapter import Adapter  # noqa: E402
-from erase.core.closed_form import TextFeatures  # noqa: E402
-from erase.utils.errors import cli_errors  # noqa: E402
+from benchmarks.architectures import FLUX_DEV, SD35_MEDIUM
+from benchmarks.gpu_figures import SDXL_UNET
+from benchmarks.sd_step import MID_UNET, SD14_UNET, build_unet, engine_steps
+from erase.core.adapter import Adapter
+from erase.core.closed_form import TextFeatures
+from erase.utils.errors import cli_errors
 
 #: name -> (family, denoiser class, config, token segments as (length, begin token?), token width, pooled width)
 ARCHS = {

@@ -228,7 +228,8 @@ def test_a_closed_form_edit_needs_a_text_input_layer_among_the_targets(bases, tm
 
 
 def test_the_engine_refuses_repair_steps_for_a_closed_form_method():
-    from erase.core import EngineConfig, build_method, run as engine_run
+    from erase.core import EngineConfig, build_method
+    from erase.core import run as engine_run
 
     with pytest.raises(ValueError, match="method speed is a closed-form edit with no repair steps; max_train_steps must be 0, got 3"):
         engine_run(None, build_method("speed", "diffusion"), EngineConfig(max_train_steps=3, progress=False))

@@ -15,10 +15,14 @@ the empty prompt's is its first token. A pooled stream is one vector per prompt,
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from .method import Method
 
 #: the text streams a layer may read, and the roles a text-input layer plays
 STREAMS = ("tokens", "pooled")
@@ -116,17 +120,11 @@ def _blocks(chunks: list[torch.Tensor]):
 
 
 def gram(chunks: list[torch.Tensor], d: int, scale: float = 1.0, dtype=torch.float64) -> torch.Tensor:
-    """``scale · Σ X^T X`` over (n, d) chunks: the d x d second moment of their rows."""
-    return cross(chunks, chunks, d, scale, dtype)
-
-
-def cross(lefts: list[torch.Tensor], rights: list[torch.Tensor], d: int, scale: float = 1.0, dtype=torch.float64) -> torch.Tensor:
-    """``scale · Σ A^T C`` over paired (n, d) chunks (Σ a c^T over paired rows)."""
-    out = torch.zeros(d, d, dtype=dtype, device=lefts[0].device if lefts else None)
-    for run in _blocks(lefts):
-        a = torch.cat([lefts[i] for i in run]).to(dtype)
-        c = a if lefts is rights else torch.cat([rights[i] for i in run]).to(dtype)
-        out += a.T @ c
+    """``scale · Σ XᵀX`` over (n, d) chunks: the d x d second moment of their rows, a few stacked blocks at a time."""
+    out = torch.zeros(d, d, dtype=dtype, device=chunks[0].device if chunks else None)
+    for run in _blocks(chunks):
+        x = torch.cat([chunks[i] for i in run]).to(dtype)
+        out += x.T @ x
     return out * scale
 
 
@@ -166,3 +164,36 @@ def set_weight(layer: TextLayer, weight: torch.Tensor) -> None:
     """Write ``weight`` into the layer in place (its dtype and device kept, outside autograd)."""
     with torch.no_grad():
         layer.module.weight.copy_(weight.to(layer.module.weight.dtype))
+
+
+class ClosedFormMethod(Method):
+    """A closed-form editor: its whole edit is :meth:`edit`, run as ``prepare`` (timed, recorded with
+    ``closed_form: true`` and ``repair_steps: 0``); it has no loss, reads no stream and takes no repair step."""
+
+    tasks = ("diffusion",)
+    uses_forget = False
+    uses_retain = False
+    closed_form = True
+
+    def edit(self, ctx) -> dict:
+        """Edit the text-input layers in place; return what to record, with ``concepts`` (how many were erased)."""
+        raise NotImplementedError
+
+    def prepare(self, ctx) -> dict:
+        start = time.perf_counter()
+        info = self.edit(ctx)
+        seconds = time.perf_counter() - start
+        return {"closed_form": True, "repair_steps": 0, **info, "edit_seconds": seconds,
+                "seconds_per_concept": seconds / max(1, int(info.get("concepts", 1)))}
+
+    def loss(self, ctx, model, forget_batch, retain_batch):
+        raise RuntimeError(f"{self.name} is a closed-form edit: it has no loss and takes no repair steps")
+
+
+def check_scales(config, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """A ``ValueError`` naming the first field of ``config`` that is not a finite number > 0 (``positive``) or >= 0
+    (``non_negative``); ``None`` (a computed default) passes."""
+    for name in positive + non_negative:
+        value = getattr(config, name)
+        if value is not None and (not math.isfinite(value) or value < 0 or (name in positive and value == 0)):
+            raise ValueError(f"{name} must be a finite number {'> 0' if name in positive else '>= 0'}, got {value}")

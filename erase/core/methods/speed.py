@@ -46,13 +46,20 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..closed_form import ClosedFormError, aligned, kmeans, rows, set_weight, text_layers
-from ..method import Method
+from ..closed_form import (
+    ClosedFormError,
+    ClosedFormMethod,
+    aligned,
+    check_scales,
+    kmeans,
+    rows,
+    set_weight,
+    text_layers,
+)
 from ..registry import register_method
 
 NULL_CLUSTERS = 3  # k-means centres of the null text's tokens after its first (the official script's num_clusters)
@@ -79,23 +86,15 @@ class SPEEDConfig:
     def __post_init__(self):
         if self.aug_num < 0:
             raise ValueError(f"aug_num must be >= 0, got {self.aug_num}")
-        for name, positive in (("null_threshold", True), ("retain_scale", True), ("invariance_lamb", False)):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0 or (positive and value == 0):
-                raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+        check_scales(self, positive=("null_threshold", "retain_scale"), non_negative=("invariance_lamb",))
 
 
 @register_method
-class SPEED(Method):
+class SPEED(ClosedFormMethod):
     name = "speed"
     config_cls = SPEEDConfig
-    tasks = ("diffusion",)
-    uses_forget = False
-    uses_retain = False
-    closed_form = True
 
-    def prepare(self, ctx) -> dict:
-        start = time.perf_counter()
+    def edit(self, ctx) -> dict:
         cfg, adapter = self.config, ctx.adapter
         roles = {"V": ("value",), "K": ("key",), "KV": ("key", "value")}[cfg.params] + ("embed",)
         layers = text_layers(adapter, ctx.params, roles, self.name)
@@ -118,13 +117,7 @@ class SPEED(Method):
                     set_weight(layer, w + delta)
                     stats.append({"layer": layer.name, **facts})
                 info[stream] = {"targets": len(forget), "priors": n_priors, "null_text_keys": int(k2.shape[1]), "layers": stats}
-        seconds = time.perf_counter() - start
-        return {"closed_form": True, "repair_steps": 0, "token_positions": rule, "concepts": n_concepts, "priors": n_priors,
-                "layers_edited": len(layers), "streams": info, "edit_seconds": seconds,
-                "seconds_per_concept": seconds / max(1, n_concepts)}
-
-    def loss(self, ctx, model, forget_batch, retain_batch):
-        raise RuntimeError("speed is a closed-form edit: it has no loss and takes no repair steps")
+        return {"token_positions": rule, "concepts": n_concepts, "priors": n_priors, "layers_edited": len(layers), "streams": info}
 
 
 def _factors(forget, anchor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:

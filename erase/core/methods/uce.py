@@ -24,9 +24,9 @@ same sums.
 
 Where we differ, and why:
 
-* The solve is factored: W = W_old · T with T = (λI + s_e Σ a cᵀ + s_p Σ p pᵀ)(λI + s_e Σ c cᵀ + s_p Σ p pᵀ)⁻¹ (the
-  same closed form, since v* = W_old a and W_old p), so one d x d solve serves every layer of a stream instead of one
-  per layer; it runs in float64 (the paper's code inverts in float32).
+* The solve is factored: since v* = W_old a and W_old p, W = W_old (I + s_e (A − C)ᵀ C D⁻¹) with D = λI + s_e CᵀC +
+  s_p PᵀP (:func:`uce_update`), the same closed form, so one d x d solve serves every layer of a stream instead of one
+  per layer, and a layer's update is a rank-k product for k erase rows; float64 (the paper's code inverts in float32).
 * Biased layers (the MMDiT embedders): the target is W_old a, the output before the bias, so the edited layer gives the
   anchor's output with its bias once (the authors' Flux script targets ``module(a)``, the bias included, which the
   unchanged bias then adds a second time).
@@ -38,14 +38,19 @@ Where we differ, and why:
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from ..closed_form import aligned, cross, gram, rows, set_weight, text_layers
-from ..method import Method
+from ..closed_form import (
+    ClosedFormMethod,
+    aligned,
+    check_scales,
+    gram,
+    rows,
+    set_weight,
+    text_layers,
+)
 from ..registry import register_method
 
 
@@ -63,23 +68,15 @@ class UCEConfig:
                                                              "off: values only (SD3 / Flux: no keys take the prompt)."})
 
     def __post_init__(self):
-        for name in ("lamb", "erase_scale", "preserve_scale"):
-            value = getattr(self, name)
-            if value is not None and (not math.isfinite(value) or value < 0 or (name == "lamb" and value == 0)):
-                raise ValueError(f"{name} must be a finite number {'> 0' if name == 'lamb' else '>= 0'}, got {value}")
+        check_scales(self, positive=("lamb",), non_negative=("erase_scale", "preserve_scale"))
 
 
 @register_method
-class UCE(Method):
+class UCE(ClosedFormMethod):
     name = "uce"
     config_cls = UCEConfig
-    tasks = ("diffusion",)
-    uses_forget = False
-    uses_retain = False
-    closed_form = True
 
-    def prepare(self, ctx) -> dict:
-        start = time.perf_counter()
+    def edit(self, ctx) -> dict:
         cfg, adapter = self.config, ctx.adapter
         roles = ("key", "value", "embed") if cfg.with_to_k else ("value", "embed")
         layers = text_layers(adapter, ctx.params, roles, self.name)
@@ -93,29 +90,29 @@ class UCE(Method):
                 s_p = cfg.preserve_scale if cfg.preserve_scale is not None else max(0.1, 1.0 / (1 + len(keep)))
                 pairs = [aligned(forget, i, anchor, forget.anchor[i], rule) for i in range(len(forget))]
                 kept = [rows(t, i, "every" if rule == "last_onward" else "last") for t in (empty, keep) for i in range(len(t))]
-                transform = uce_transform([c for c, _ in pairs], [a for _, a in pairs], kept, cfg.lamb, cfg.erase_scale, s_p)
+                left, right = uce_update([c for c, _ in pairs], [a for _, a in pairs], kept, cfg.lamb, cfg.erase_scale, s_p)
                 for layer in (x for x in layers if x.stream == stream):
-                    w = layer.module.weight
-                    set_weight(layer, w.detach().to(transform) @ transform)
+                    w = layer.module.weight.detach().to(left)
+                    set_weight(layer, w + (w @ left) @ right)
                 info[stream] = {"erase_pairs": len(pairs), "erase_inputs": sum(int(c.shape[0]) for c, _ in pairs),
                                 "preserve_inputs": sum(int(p.shape[0]) for p in kept), "preserve_scale": s_p,
                                 "layers": [x.name for x in layers if x.stream == stream]}
-        seconds = time.perf_counter() - start
-        return {"closed_form": True, "repair_steps": 0, "token_positions": rule, "concepts": n_concepts,
-                "preserved_prompts": n_preserve, "layers_edited": len(layers), "streams": info,
-                "edit_seconds": seconds, "seconds_per_concept": seconds / max(1, n_concepts)}
-
-    def loss(self, ctx, model, forget_batch, retain_batch):
-        raise RuntimeError("uce is a closed-form edit: it has no loss and takes no repair steps")
+        return {"token_positions": rule, "concepts": n_concepts, "preserved_prompts": n_preserve, "layers_edited": len(layers),
+                "streams": info}
 
 
-def uce_transform(erase: list[torch.Tensor], anchors: list[torch.Tensor], preserve: list[torch.Tensor], lamb: float,
-                  erase_scale: float, preserve_scale: float) -> torch.Tensor:
-    """T (d x d, float64) with W_new = W_old · T for every layer reading these inputs (rows are input vectors):
-    T = (λI + s_e Σ aᵀc + s_p Σ pᵀp)(λI + s_e Σ cᵀc + s_p Σ pᵀp)⁻¹."""
-    d = int(erase[0].shape[-1])
-    eye = torch.eye(d, dtype=torch.float64, device=erase[0].device)
-    kept = gram(preserve, d, preserve_scale) if preserve else torch.zeros_like(eye)
-    num = lamb * eye + cross(anchors, erase, d, erase_scale) + kept
-    den = lamb * eye + gram(erase, d, erase_scale) + kept
-    return torch.linalg.solve(den, num.T).T  # den is symmetric: num · den⁻¹ = (den⁻¹ numᵀ)ᵀ
+def uce_update(erase: list[torch.Tensor], anchors: list[torch.Tensor], preserve: list[torch.Tensor], lamb: float,
+               erase_scale: float, preserve_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R), float64, with W_new = W_old + (W_old L) R for every layer reading these inputs (rows are input vectors):
+    the closed form W_old (λI + s_e Σ aᵀc + s_p Σ pᵀp)(λI + s_e Σ cᵀc + s_p Σ pᵀp)⁻¹ is W_old (I + s_e (A − C)ᵀ C D⁻¹)
+    with D the second factor, so L = s_e (A − C)ᵀ (d x k) and R = C D⁻¹ (k x d) for the k erase rows; with k > d they
+    are multiplied out (L ← L R, R ← I)."""
+    c = torch.cat(erase).to(torch.float64)
+    d = int(c.shape[1])
+    eye = torch.eye(d, dtype=torch.float64, device=c.device)
+    den = lamb * eye + gram([c], d, erase_scale) + (gram(preserve, d, preserve_scale) if preserve else 0)
+    right = torch.linalg.solve(den, c.T).T  # C D⁻¹ (D symmetric)
+    left = erase_scale * (torch.cat(anchors).to(torch.float64) - c).T
+    if c.shape[0] > d:
+        return left @ right, eye
+    return left, right
