@@ -52,6 +52,18 @@ class Adapter:
     def retain_stream(self, seed: int, rank: int = 0, world: int = 1) -> EndlessStream:
         raise NotImplementedError
 
+    # -- closed-form editors (erase/core/closed_form.py) ----------------------------------------------------
+    def text_layers(self, params: dict) -> list:
+        """The linear layers among the targeted ``params`` whose input is the prompt alone, as
+        :class:`erase.core.closed_form.TextLayer` (the diffusion adapter: a UNet's cross-attention keys and values, an
+        MMDiT's context and pooled-text embedders). An adapter without text inputs has none to give."""
+        raise NotImplementedError(f"the {self.task} adapter has no layers whose input is a prompt")
+
+    def text_features(self, table: str, stream: str):
+        """What the layers of ``stream`` ("tokens" / "pooled") see for the prompts of ``table`` ("forget", "anchor",
+        "preserve": the concept set's retain prompts, "uncond"), as :class:`erase.core.closed_form.TextFeatures`."""
+        raise NotImplementedError(f"the {self.task} adapter has no text inputs")
+
     # -- hooks --------------------------------------------------------------------------------------------
     def extra_state(self) -> dict:
         """JSON-able facts about the adapter recorded with a run (data sizes, model id, ...)."""

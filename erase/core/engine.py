@@ -123,6 +123,9 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
     ``settings``: the caller's own result-changing settings (data, prompts, base model), recorded in every
     checkpoint and compared, with the method's and the engine's, before a resume (:mod:`.checkpoints`).
     """
+    if method.closed_form and config.max_train_steps:
+        raise ValueError(f"method {method.name} is a closed-form edit with no repair steps; max_train_steps must be 0, "
+                         f"got {config.max_train_steps}")
     acc = accelerator or make_accelerator(config)
     if accelerator is not None:
         release(acc)  # a shared Accelerator may still hold an earlier caller's objects

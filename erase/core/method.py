@@ -1,7 +1,7 @@
 """What a method supplies: its phases, never a loop.
 
-``prepare`` runs once before training (e.g. the trim), ``loss`` returns the step's objective (``needs_forget_batch``
-says on which steps it uses a forget batch),
+``prepare`` runs once before training (e.g. the trim; a closed-form editor's whole edit), ``loss`` returns the step's
+objective (``needs_forget_batch`` says on which steps it uses a forget batch),
 ``before_step`` / ``after_backward`` / ``after_step`` hook into each optimizer step (memory refresh, projection,
 masks, a correction of the applied step). ``summary`` reports per-run counters (kept in ``RunResult``).
 Tensor state that must survive a resume goes in ``state_tensors`` (saved as safetensors in checkpoints).
@@ -59,6 +59,9 @@ class Method:
     tasks: ClassVar[tuple[str, ...]] = ("classify", "diffusion", "generic")
     uses_forget: ClassVar[bool] = True
     uses_retain: ClassVar[bool] = True
+    #: a closed-form editor (UCE, SPEED) makes its whole edit in ``prepare`` from prompts alone: the run takes no
+    #: repair steps (``max_train_steps`` must be 0; the engine refuses more), reads no data streams and needs no images
+    closed_form: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config

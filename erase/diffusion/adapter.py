@@ -290,6 +290,20 @@ class DiffusionAdapter(Adapter):
             raise ValueError("this method needs retain images (the retain latent set is empty)")
         return self._stream("retain", self.retain_set, seed, rank, world, self.batch_size)
 
+    # -- closed-form editors (UCE, SPEED): erase/diffusion/closed_form.py --------------------------------------
+    text_view = None  # a closed_form.TextView, set by build_adapter
+
+    def text_layers(self, params):
+        if self.text_view is None:
+            raise NotImplementedError("this diffusion adapter was built without its prompt tables (build_adapter sets them)")
+        return self.text_view.layers(self.model, params)
+
+    def text_features(self, table, stream):
+        if self.text_view is None:
+            raise NotImplementedError("this diffusion adapter was built without its prompt tables (build_adapter sets them)")
+        return self.text_view.features(table, stream)
+    # -- end of the closed-form hooks --------------------------------------------------------------------------
+
     def extra_state(self):
         return {"forget_images": len(self.forget_set), "retain_images": len(self.retain_set) if self.retain_set is not None else 0,
                 "retain_mode": self.retain_mode, "distill_empty_fraction": self.distill_empty_fraction,
@@ -330,10 +344,15 @@ def build_adapter(config, parts, placement, data, tables, embeddings: PromptEmbe
     retain = LatentSet(*data.latents["retain"], torch.tensor(tables.retain_rows, dtype=torch.long)) if data.retain else None
     o = config.objective
     objective = parts.family.make_objective(parts.noise_scheduler, tuple(data.latents["forget"][0].shape[1:]))
-    return DiffusionAdapter(parts.denoiser, parts.noise_scheduler, embeddings, forget, retain, batch_size=config.train.train_batch_size,
-                            scaling_factor=float(getattr(parts.vae.config, "scaling_factor", 0.18215)), device=placement.device,
-                            weight_dtype=placement.weight_dtype, negative_guidance=o.negative_guidance, esd_ddim_steps=o.esd_ddim_steps,
-                            esd_start_guidance=o.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
-                            distill_empty_fraction=o.distill_empty_fraction, conditioning=parts.conditioner(placement.resolution),
-                            target_presets=parts.family.target_presets, objective=objective,
-                            shift_factor=parts.vae.config.get("shift_factor"))
+    adapter = DiffusionAdapter(parts.denoiser, parts.noise_scheduler, embeddings, forget, retain, batch_size=config.train.train_batch_size,
+                               scaling_factor=float(getattr(parts.vae.config, "scaling_factor", 0.18215)), device=placement.device,
+                               weight_dtype=placement.weight_dtype, negative_guidance=o.negative_guidance, esd_ddim_steps=o.esd_ddim_steps,
+                               esd_start_guidance=o.esd_start_guidance, frozen_unet=frozen, retain_mode=retain_mode,
+                               distill_empty_fraction=o.distill_empty_fraction, conditioning=parts.conditioner(placement.resolution),
+                               target_presets=parts.family.target_presets, objective=objective,
+                               shift_factor=parts.vae.config.get("shift_factor"))
+    # closed-form editors read the text-input layers and their inputs per prompt table (computed on first use only)
+    from erase.diffusion.closed_form import TextView
+
+    adapter.text_view = TextView(parts.family, parts.text, tables, embeddings, adapter.conditioning, config.concept_set)
+    return adapter

@@ -89,7 +89,8 @@ class TrainConfig:
     lr_scheduler: str = field(default="constant", metadata=_help("Learning-rate schedule.", choices=("constant", "linear", "cosine")))
     lr_warmup_steps: int = field(default=0, metadata=_help("Linear warm-up steps."))
     max_grad_norm: float | None = field(default=None, metadata=_help("Clip the gradient norm (after the projection)."))
-    max_train_steps: int = field(default=100, metadata=_help("Repair optimizer steps."))
+    max_train_steps: int | None = field(default=None, metadata=_help(
+        "Repair optimizer steps (default: 100; 0 for a closed-form method, uce or speed, which takes no other value)."))
     train_batch_size: int = field(default=1, metadata=_help("Per-process batch size of the forget and retain streams."))
     gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
     mixed_precision: str | None = field(default=None, metadata=_help(

@@ -28,6 +28,7 @@ from accelerate.utils import set_seed
 
 from erase.core import NonFiniteLossError, TopKError, build_method, run
 from erase.core.checkpoints import CheckpointError, read_state
+from erase.core.closed_form import ClosedFormError
 from erase.core.engine import RunResult, make_accelerator
 from erase.core.registry import get_method_class
 from erase.diffusion import data as data_stage
@@ -196,7 +197,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         result = run(adapter, method, engine, accelerator=accelerator, settings=settings)
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
-    except (FloatingPointError, TopKError, CheckpointError) as e:
+    except (FloatingPointError, TopKError, CheckpointError, ClosedFormError) as e:  # ClosedFormError: uce / speed
         raise UserError(str(e)) from None
 
     # 6. record and export (main process): finite weights only, built beside the folder and swapped in whole

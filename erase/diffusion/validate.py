@@ -49,6 +49,7 @@ def validate(config) -> None:
         raise UserError(f"--export_pipeline writes the diffusers format; --export_format {config.output.export_format!r} does not have it")
     config.concept_set = _concepts(config)
     config.family = _family(config)
+    _closed_form(config)
     _method_defaults(config)
     if config.family is not None:
         apply_family(config, config.family)
@@ -211,6 +212,28 @@ def _method_defaults(config) -> None:
             re.compile(opts["trim_only"])
         except re.error as e:
             raise UserError(f"--trim_only {opts['trim_only']!r} is not a valid regex: {e}") from None
+
+
+def _closed_form(config) -> None:
+    """Repair steps default to 100; a closed-form editor (uce, speed) takes none and reads no images: it keeps the concept
+    set's retain prompts in its closed form, so the retain term and image options do not apply to it."""
+    t, o, d = config.train, config.objective, config.data
+    if not get_method_class(config.method, "diffusion").closed_form:
+        if t.max_train_steps is None:
+            t.max_train_steps = 100
+        return
+    m = config.method
+    if t.max_train_steps:
+        raise UserError(f"--method {m} is a closed-form edit with no repair steps: --max_train_steps must be 0 (or unset), "
+                        f"got {t.max_train_steps}")
+    t.max_train_steps = 0
+    for flag in ("forget_images", "retain_images"):
+        if getattr(d, flag):
+            raise UserError(f"--method {m} edits from prompts alone and reads no images; --{flag} does not apply")
+    if o.retain_loss not in (None, "distill"):
+        raise UserError(f"--method {m} keeps the concept set's retain prompts in its closed form; --retain_loss {o.retain_loss} "
+                        "does not apply (leave it unset)")
+    o.retain_loss = "distill"  # the retain prompts are encoded (as the distill term's): the edit's preserved set
 
 
 def _counts(config) -> None:

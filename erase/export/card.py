@@ -27,6 +27,13 @@ def model_card(config: dict) -> str:
     trim = (c.get("prepare") or {}).get("trim", {}).get("summary")
     trim_line = (f"- Trim: {trim['reset']:,} of {trim['targeted']:,} targeted weights re-initialised "
                  f"({100 * trim['fraction']:.2f} %, {trim['tensors_touched']} tensors).\n") if trim else ""
+    prep = c.get("prepare") or {}
+    repair_line = (f"- Repair: {s['max_train_steps']} steps, lr {s['lr']}, batch {s['train_batch_size']} x {c['num_processes']} process(es) x "
+                   f"{s['gradient_accumulation_steps']} accumulation, forget loss `{c['method_config'].get('forget_loss') or '-'}`, retain loss "
+                   f"`{c['data'].get('retain_loss', 'data')}`, seed {s['seed']}\n")
+    if prep.get("closed_form"):  # uce, speed: one closed-form edit of the text-input layers from prompts, no repair steps
+        repair_line = (f"- Edit: closed form, no repair steps: {prep.get('layers_edited', 0)} text-input layers in "
+                       f"{prep.get('edit_seconds', 0.0):.2f} s ({prep.get('seconds_per_concept', 0.0):.2f} s a concept)\n")
     family = c.get("model_family") or (c.get("export") or {}).get("family") or "sd1"
     pipe_cls = c.get("pipeline_class") or _layout_pipeline((c.get("export") or {}).get("family"))  # the family's pipeline
     formats = (c.get("export") or {}).get("formats") or ["diffusers"]
@@ -52,8 +59,7 @@ tags:
 # {base} with the concept{'s' if len(concepts) > 1 else ''} "{concept}" erased
 
 {lines}- Method: **{c['method']}** on the {md_text(s['targets'])} targets ({c['targets']['num_tensors']} tensors, {c['targets']['num_parameters']:,} parameters)
-{trim_line}- Repair: {s['max_train_steps']} steps, lr {s['lr']}, batch {s['train_batch_size']} x {c['num_processes']} process(es) x {s['gradient_accumulation_steps']} accumulation, forget loss `{c['method_config'].get('forget_loss') or '-'}`, retain loss `{c['data'].get('retain_loss', 'data')}`, seed {s['seed']}
-- Data: {c['data']['forget']['count']} forget and {c['data']['retain']['count'] if c['data'].get('retain') else 0} retain images ({md_text(c['data']['forget']['source'])})
+{trim_line}{repair_line}- Data: {c['data']['forget']['count']} forget and {c['data']['retain']['count'] if c['data'].get('retain') else 0} retain images ({md_text(c['data']['forget']['source'])})
 - Changed: {c['delta']['tensors_changed']} tensors, {c['delta']['entries_changed']:,} entries (`{delta_file}` holds only those)
 - Wall time: {c['wall_seconds']:.1f} s; diffusers {c['versions']['diffusers']}, torch {c['versions']['torch']}
 

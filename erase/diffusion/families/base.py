@@ -26,6 +26,13 @@ UNET_PRESETS: dict[str, str] = {
     "full": r".*",
 }
 
+#: The UNet's layers whose input is the prompt alone (closed-form editors: erase/diffusion/closed_form.py): module-name
+#: regex, the text stream it reads ("tokens": the cross-attention context), its role. An MMDiT's: families/mmdit.py.
+UNET_TEXT_LAYERS: tuple[tuple[str, str, str], ...] = (
+    (r".*\.attn2\.to_k", "tokens", "key"),
+    (r".*\.attn2\.to_v", "tokens", "value"),
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -61,6 +68,9 @@ class Family:
     latent_patch: int = 1
     #: what a preset of ``--targets`` means in words, for ``--list_targets`` and the record
     preset_notes: dict | None = None
+    #: the denoiser's layers whose input is the prompt alone: (module-name regex, text stream, role), for closed-form
+    #: editors (UCE, SPEED; erase/diffusion/closed_form.py)
+    text_layers: tuple = UNET_TEXT_LAYERS
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -142,6 +152,11 @@ class TextStack:
                 h = pack(h, pooled)
             out.append(h)
         return torch.cat(out)
+
+    def token_segments(self) -> list:
+        """(tokenizer, length) of each tokenizer's run of the token stream, in order (closed-form editors find a prompt's
+        last word token in each): SD 1.x / 2.x / XL one CLIP window (SDXL's two encoders share it, joined feature-wise)."""
+        return [(self.tokenizers[0], self.max_length)]
 
     def uncond(self, device) -> torch.Tensor:
         """The unconditional branch of guidance: the empty prompt, or zeros where the pipeline zeroes it."""

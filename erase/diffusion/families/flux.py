@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from erase.diffusion.families.base import Conditioner, Family
-from erase.diffusion.families.mmdit import MMDIT_PRESETS, PRESET_NOTES, PipelineTextStack
+from erase.diffusion.families.mmdit import MMDIT_PRESETS, MMDIT_TEXT_LAYERS, PRESET_NOTES, PipelineTextStack
 
 GUIDANCE = 3.5  # FluxPipeline.__call__'s default guidance_scale: the distilled guidance dev is queried at
 
@@ -20,6 +20,10 @@ class FluxTextStack(PipelineTextStack):
 
     def pooled_dim(self) -> int:
         return int(self.encoders[0].config.hidden_size)
+
+    def token_segments(self) -> list:
+        """T5's tokens alone (CLIP gives only the pooled vector)."""
+        return [(self.tokenizers[1], self.sequence_length)]
 
     def _embed(self, prompts, device):
         hidden, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=device, max_sequence_length=self.sequence_length)
@@ -66,4 +70,4 @@ FAMILY = Family("flux", "FLUX.1 (dev, schnell)", "FluxPipeline",
                 "last", True, 1024, MMDIT_PRESETS, matches=_matches, denoiser="transformer",
                 denoiser_class="FluxTransformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler", objective="flow",
                 text_stack=FluxTextStack, conditioner=FluxConditioner, default_guidance=GUIDANCE, data_scheduler="flow_euler",
-                latent_patch=2, preset_notes=PRESET_NOTES)
+                latent_patch=2, preset_notes=PRESET_NOTES, text_layers=MMDIT_TEXT_LAYERS)

@@ -46,6 +46,13 @@ PRESET_NOTES = {
     "full": "the whole transformer",
 }
 
+#: The layers whose input is the prompt alone (closed-form editors): the token stream's embedder and the first linear
+#: layer of the pooled path (its second one follows an activation).
+MMDIT_TEXT_LAYERS: tuple[tuple[str, str, str], ...] = (
+    (r"context_embedder", "tokens", "embed"),
+    (r"time_text_embed\.text_embedder\.linear_1", "pooled", "embed"),
+)
+
 
 class PipelineTextStack(TextStack):
     """The text side of an MMDiT family, encoded by its pipeline's own ``encode_prompt`` over the shared text encoders

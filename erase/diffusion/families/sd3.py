@@ -8,7 +8,7 @@ transformer config's class."""
 from __future__ import annotations
 
 from erase.diffusion.families.base import Conditioner, Family
-from erase.diffusion.families.mmdit import MMDIT_PRESETS, PRESET_NOTES, PipelineTextStack
+from erase.diffusion.families.mmdit import MMDIT_PRESETS, MMDIT_TEXT_LAYERS, PRESET_NOTES, PipelineTextStack
 
 
 class SD3TextStack(PipelineTextStack):
@@ -16,6 +16,10 @@ class SD3TextStack(PipelineTextStack):
 
     def pooled_dim(self) -> int:
         return int(self.encoders[0].config.projection_dim) + int(self.encoders[1].config.projection_dim)
+
+    def token_segments(self) -> list:
+        """CLIP's window (L and G joined feature-wise, padded to T5's width), then T5's tokens."""
+        return [(self.tokenizers[0], int(self.tokenizers[0].model_max_length)), (self.tokenizers[2], self.sequence_length)]
 
     def _embed(self, prompts, device):
         hidden, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=device, do_classifier_free_guidance=False,
@@ -51,4 +55,4 @@ FAMILY = Family("sd3", "Stable Diffusion 3 / 3.5", "StableDiffusion3Pipeline",
                 "penultimate", True, 1024, MMDIT_PRESETS, matches=_matches, denoiser="transformer",
                 denoiser_class="SD3Transformer2DModel", scheduler_class="FlowMatchEulerDiscreteScheduler", objective="flow",
                 text_stack=SD3TextStack, conditioner=SD3Conditioner, default_guidance=7.0, data_scheduler="flow_euler",
-                preset_notes=PRESET_NOTES)
+                preset_notes=PRESET_NOTES, text_layers=MMDIT_TEXT_LAYERS)
