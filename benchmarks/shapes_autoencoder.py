@@ -48,7 +48,7 @@ def main(argv=None) -> None:
         vae = build_models(cfg, build_clip_tokenizer(cfg.max_length))[0]
         opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
         warm = max(1, args.steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s, warm=warm: min(1.0, (s + 1) / warm) * 0.5 * (
             1 + math.cos(math.pi * min(1.0, s / args.steps))))
         gen = torch.Generator().manual_seed(0)
         start = time.process_time()

@@ -12,7 +12,6 @@ highest mean of retain and composition accuracy. Writes ``OUT/base.json`` and ``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from types import SimpleNamespace

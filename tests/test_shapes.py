@@ -97,12 +97,12 @@ def test_render_draws_exactly_the_scene():
     assert set(map(tuple, striped.reshape(-1, 3))) - {(255, 255, 255), tuple(blue)}  # anti-aliased edges only
 
     pair = render(_scene(("star", "red"), ("circle", "blue"), layout="h2", kind="pair", relation="left of", seed=1))
-    xs_red = np.nonzero((np.abs(pair.astype(int) - red).sum(-1) < 60))[1]
-    xs_blue = np.nonzero((np.abs(pair.astype(int) - blue).sum(-1) < 60))[1]
+    xs_red = np.nonzero(np.abs(pair.astype(int) - red).sum(-1) < 60)[1]
+    xs_blue = np.nonzero(np.abs(pair.astype(int) - blue).sum(-1) < 60)[1]
     assert xs_red.max() < 16 <= xs_blue.min()  # left of: each in its half
     for n, layout in ((2, "v2"), (3, "three")):
         img = render(_scene(*[("heart", "green")] * n, layout=layout, kind="count", bg="grey", seed=n))
-        assert label((np.abs(img.astype(int) - 128).sum(-1) > 30))[1] == n
+        assert label(np.abs(img.astype(int) - 128).sum(-1) > 30)[1] == n
 
 
 def test_objects_stay_inside_their_slot_windows():
@@ -144,7 +144,7 @@ def test_captions_name_the_scene_and_heldout_phrasings_are_disjoint():
     train_all = {c for s in scenes for c in world.captions(s, "train")}
     held_all = {c for s in scenes for c in world.captions(s, "heldout")}
     assert not train_all & held_all
-    frames = lambda table: {t for ts in table.values() for t in ts}  # noqa: E731
+    frames = lambda table: {t for ts in table.values() for t in ts}
     assert not frames(world.TRAIN_TEMPLATES) & frames(world.HELDOUT_TEMPLATES)
     # erasure inputs use training phrasings only; audits of held-out groups never do
     for c in ("star", "red", "striped"):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from eval.shapes import world
 from eval.shapes.model import cache_root, world_signature
-from eval.shapes.render import BACKGROUND_RGB, render, slot_boxes
+from eval.shapes.render import BACKGROUND_RGB, cached_renders, render, slot_boxes
 
 logger = logging.getLogger(__name__)
 
@@ -159,18 +159,8 @@ def judge_data(cfg: JudgeConfig, split: str) -> tuple[list, np.ndarray]:
     key = hashlib.sha256(json.dumps({"n": len(scenes), "seed": cfg.data_seed, "split": split, "r": cfg.resolution,
                                      "world": world_signature()}, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "shapes" / f"judge-data-{key}-{split}.npy"
-    if path.is_file():
-        images = np.load(path)
-        if len(images) == len(scenes):
-            return scenes, images
-    images = np.stack([_background(s, i, cfg.resolution) if s is None else render(s, cfg.resolution)
-                       for i, s in enumerate(scenes)])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, path)
-    return scenes, images
+    return scenes, cached_renders(path, len(scenes), lambda: np.stack(
+        [_background(s, i, cfg.resolution) if s is None else render(s, cfg.resolution) for i, s in enumerate(scenes)]))
 
 
 def layout_of(scene) -> str:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from eval.digits.model import cache_root  # one cache for every world: $ERASE_CACHE or ~/.cache/scissorhands
 from eval.shapes import world
 from eval.shapes.render import RENDER_VERSION
 from eval.shapes.tokenizer import vocab_sha256
@@ -92,11 +92,6 @@ def world_signature() -> dict:
             "heldout_templates": world.HELDOUT_TEMPLATES, "relations": world.RELATION_WORDS, "render": RENDER_VERSION}
 
 
-def cache_root() -> Path:
-    """``$ERASE_CACHE`` or ``~/.cache/scissorhands``."""
-    return Path(os.environ.get("ERASE_CACHE") or Path.home() / ".cache" / "scissorhands")
-
-
 def default_model_dir(cfg: ShapesModelConfig | None = None) -> Path:
     cfg = cfg or ShapesModelConfig()
     return cache_root() / "shapes" / f"model-{cfg.fingerprint()}"
@@ -136,9 +131,3 @@ def build_models(cfg: ShapesModelConfig, tokenizer):
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels:].fill_(-6.0)
     return vae, unet, text
-
-
-def sd_scheduler_config() -> dict:
-    """SD v1.4's noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")

@@ -140,6 +140,26 @@ def render_many(scenes, side: int = 32) -> np.ndarray:
     return np.stack([render(s, side) for s in scenes]) if scenes else np.zeros((0, side, side, 3), np.uint8)
 
 
+def cached_renders(path, count: int, make) -> np.ndarray:
+    """``np.load(path)`` if it holds ``count`` images, else ``make()`` saved there first (written to a temporary name
+    and renamed, so a reader never sees half a file)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_file():
+        images = np.load(path)
+        if len(images) == count:
+            return images
+    images = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, images)
+    os.replace(tmp, path)
+    return images
+
+
 def slot_boxes(layout: str, side: int) -> list[tuple[int, int, int, int]]:
     """The window (x0, y0, x1, y1) of each slot of ``layout``: the whole image for one object, else a square of half
     the side around the slot's centre (clamped to the image). An object of the layout stays inside its window."""

@@ -38,7 +38,8 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]
     """CLIP's vocabulary (token -> id, 49,408 entries) and its merges, read from the vendored file."""
     if not VOCAB_FILE.is_file():
         raise FileNotFoundError(f"the CLIP BPE file {VOCAB_FILE} is missing from this installation")
-    lines = gzip.open(VOCAB_FILE, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(VOCAB_FILE, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = tuple(tuple(line.split()) for line in lines[1:NUM_MERGES + 1])
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIALS)

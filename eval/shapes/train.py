@@ -23,15 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from eval.digits.model import _ema_update, sd_scheduler_config
 from eval.shapes import world
-from eval.shapes.model import (
-    FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_models, cache_root, is_trained, read_model_card,
-    sd_scheduler_config, world_signature,
-)
-from eval.shapes.render import render_many
+from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_models, cache_root,
+                               is_trained, read_model_card, world_signature)
+from eval.shapes.render import cached_renders, render_many
 from eval.shapes.tokenizer import build_clip_tokenizer, vocab_sha256
 
 logger = logging.getLogger(__name__)
+
 
 def scene_images(num_scenes: int, seed: int, resolution: int) -> tuple[list, np.ndarray]:
     """The training scenes and their renders ``(N, R, R, 3)`` uint8, cached in ``$ERASE_CACHE/shapes/scenes-<hash>.npy``
@@ -40,17 +40,7 @@ def scene_images(num_scenes: int, seed: int, resolution: int) -> tuple[list, np.
     key = hashlib.sha256(json.dumps({"n": num_scenes, "seed": seed, "resolution": resolution, "world": world_signature()},
                                     sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "shapes" / f"scenes-{key}.npy"
-    if path.is_file():
-        images = np.load(path)
-        if images.shape == (num_scenes, resolution, resolution, 3):
-            return scenes, images
-    images = render_many(scenes, resolution)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, images)
-    os.replace(tmp, path)
-    return scenes, images
+    return scenes, cached_renders(path, num_scenes, lambda: render_many(scenes, resolution))
 
 
 def caption_table(scenes, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
@@ -67,15 +57,6 @@ def caption_table(scenes, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.
     for i, cs in enumerate(per_scene):
         table[i, : len(cs)] = torch.tensor([row[c] for c in cs])
     return ids, table, torch.tensor([len(cs) for cs in per_scene]), texts
-
-
-def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-            else:
-                ema[k].copy_(v)
 
 
 def _cosine(opt, steps: int):
