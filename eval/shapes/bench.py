@@ -331,4 +331,7 @@ def bench(args) -> dict:
     atomic_write_text(out / "results.md", markdown(results))
     atomic_write_json(out / "results.json", results)
     print(markdown(results))
+    grids = sorted(str(g) for g in out.glob("grid_*.png"))
+    print(f"chart: {out / 'chart.png'}\ngrids (rows naming {concept} marked red): {', '.join(grids)}\n"
+          f"results: {out / 'results.json'}, {out / 'results.md'}")
     return results
