@@ -1,0 +1,337 @@
+"""The shapes table: erase one concept with several methods through ``erase/sd.py``, audit each, tabulate.
+
+Every method gets the same step budget, batch size, forget / anchor / retain prompts (``OUT/concept/``, from
+:func:`eval.shapes.concepts.preset`) and forget / retain images (generated once per seed by the base model into
+``OUT/data/seed-<s>`` and shared). Each erasure is its own ``accelerate launch erase/sd.py`` process, so its wall time,
+CPU time and peak resident memory are measured alone (``erase_seconds`` is the wall time). The ``retrain`` row is the
+base settings trained from scratch without any scene of the concept (one model per seed, the seed as training seed,
+cached). Writes ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``),
+``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<row>.png`` (sample images per audit group, the erased
+concept's rows marked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from erase.io import UserError, atomic_write_json, atomic_write_text
+from eval.shapes.concepts import GROUPS, preset
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+# Per-method erase/sd.py settings on the shapes model: the digits benchmark's (a tiny UNet needs a larger step than
+# SD's 1e-5). Not tuned here: issue 19 retunes every method on the tuning concepts star, red and striped only.
+METHOD_ARGS = {
+    "scissorhands": ["--lr", "1e-3"],
+    "esd": ["--lr", "1e-3", "--esd_ddim_steps", "20", "--esd_start_guidance", "4.0"],
+    "salun": ["--lr", "1e-3"],
+    "ga": ["--lr", "1e-4"],
+    "ft": ["--lr", "1e-3"],
+}
+COLUMNS = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc",
+           "retain_heldout_acc", "retain_fd", "erase_seconds", "cpu_seconds", "peak_rss_mb")
+PERCENT = {c for c in COLUMNS if c.endswith("_acc")}
+TARGETS = {"forget": 0.02, "drop": 0.02, "fd_ratio": 1.15}  # issue 19, section 5
+
+
+def check_methods(args) -> list[str]:
+    from erase.core import available_methods
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    known = available_methods("diffusion")
+    bad = [m for m in methods if m not in known]
+    if bad or not methods:
+        raise UserError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from: {', '.join(known)}")
+    if len(set(methods)) != len(methods):
+        raise UserError(f"--methods {args.methods!r} names a method twice")
+    return methods
+
+
+def concept_files(out: Path, concept: str) -> dict:
+    """Write the concept's forget and retain prompt files into ``out/concept``; returns the preset."""
+    p = preset(concept)
+    folder = out / "concept"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "forget.txt", "\n".join(p["forget_prompts"]) + "\n")
+    atomic_write_text(folder / "retain.txt", "\n".join(p["retain_prompts"]) + "\n")
+    atomic_write_json(folder / "preset.json", p)
+    return p
+
+
+def _launch_cmd(launcher: str) -> list[str]:
+    if launcher == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    return [sys.executable]
+
+
+def run_erasure(base: str, concept: str, anchor: str, method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
+    """One ``erase/sd.py`` run in its own process (reused when an earlier run had the same command); returns wall
+    seconds, CPU seconds, peak RSS and the command."""
+    out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
+    folder = Path(args.output_dir).absolute() / "concept"
+    cmd = _launch_cmd(args.launcher) + [
+        str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(Path(base).absolute()), "--concept", concept,
+        "--forget_prompts", str(folder / "forget.txt"), "--retain_prompts", str(folder / "retain.txt"),
+        "--anchor_prompt", anchor, "--method", method, "--max_train_steps", str(args.max_train_steps),
+        "--seed", str(seed), "--output_dir", str(out_dir), "--data_dir", str(data_dir),
+        "--train_batch_size", str(args.train_batch_size), "--num_forget_images", str(args.num_forget_images),
+        "--num_retain_images", str(args.num_retain_images), "--num_inference_steps", str(args.steps),
+        "--guidance_scale", str(args.guidance), "--generation_batch_size", "64", "--log_every", "1000",
+    ] + METHOD_ARGS.get(method, []) + shlex.split(args.erase_args or "")
+    record = out_dir.parent / f"{out_dir.name}.json"
+    if record.is_file() and (out_dir / "erase_config.json").is_file():
+        done = json.loads(record.read_text())
+        if done.get("command") == cmd:
+            logger.info("erase: %s already done, reused", out_dir.name)
+            return done
+    logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
+    log = out_dir.parent / f"{out_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise UserError(f"erase/sd.py --method {method} --seed {seed} failed (exit {code}): {tail[0]} (log: {log})")
+    info = {"erase_seconds": time.time() - start, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024.0, "command": cmd, "log": str(log)}
+    atomic_write_json(record, info)
+    return info
+
+
+def _score(model: str, concept: str, out: Path, args) -> dict:
+    from eval.shapes.score import SCORE_DEFAULTS, score
+
+    summary_path = out / "summary.json"
+    if summary_path.is_file():  # resume: the same audit of the same model is not redone
+        summary = json.loads(summary_path.read_text())
+        st = summary.get("settings", {})
+        erase_cfg = json.loads((Path(model) / "erase_config.json").read_text()) if (Path(model) / "erase_config.json").is_file() else None
+        if (st.get("erase_config") == erase_cfg and st.get("num_images_per_group_per_seed") == args.num_images
+                and st.get("generation", {}).get("steps") == args.steps and st.get("generation", {}).get("guidance") == args.guidance
+                and st.get("model") == str(model) and summary_path.stat().st_mtime >= _mtime(model)):
+            logger.info("audit: %s already done, reused", out.name)
+            return summary
+    ns = SimpleNamespace(model=str(model), concepts=[concept], num_images=args.num_images, seeds=[0], steps=args.steps,
+                         guidance=args.guidance, scheduler="ddim", batch_size=SCORE_DEFAULTS["batch_size"], output_dir=str(out))
+    return score(ns)
+
+
+def _mtime(model: str) -> float:
+    marker = Path(model) / "erase_config.json"
+    return marker.stat().st_mtime if marker.is_file() else 0.0
+
+
+def row(summary: dict, extra: dict | None = None) -> dict:
+    keep = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc",
+            "retain_heldout_acc", "retain_fd", "per_concept_acc", "attribute_acc", "composition", "neighbour_acc_per_value")
+    return {**{k: summary.get(k) for k in keep}, **(extra or {})}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out = {}
+    for k in COLUMNS:
+        vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
+    return out
+
+
+def _cell(cell, pct: bool) -> str:
+    if not cell:
+        return "–"
+    if isinstance(cell, (int, float)):
+        return f"{100 * cell:.1f}" if pct else f"{cell:.2f}"
+    return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}" if pct else f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+
+
+def markdown(results: dict) -> str:
+    st = results["settings"]
+    cols = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc",
+            "retain_fd", "erase_seconds")
+    heads = ("forget ↓", "held-out forget ↓", "neighbour ↑", "co-occur ↑", "composition ↑", "retain ↑", "retain FD ↓", "erase s")
+    lines = [f"# Erasing the {results['kind']} {results['concept']}: shapes benchmark", "",
+             f"Base model `{results['base_model']}`; {st['max_train_steps']} steps per method, seeds {st['seeds']}; audit: "
+             f"{st['num_images']} images per group (retain {3 * st['num_images']}), {st['steps']} DDIM steps, guidance "
+             f"{st['guidance']}. Accuracies in %, mean ± std over seeds; FD = Fréchet distance of the retain generations "
+             "to renders of their prompts in the judges' features (lower is better).", "",
+             "| row | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+    rows = {"base (no erasure)": results["base"]}
+    if results.get("retrain"):
+        rows["retrain (never saw it)"] = results["retrain"]
+    rows.update(results["methods"])
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(r.get(c), c in PERCENT) for c in cols) + " |")
+    lines += ["", "## Targets (issue 19, Scissorhands)", ""]
+    for t in results["targets"]:
+        lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['value']})")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict) -> list[dict]:
+    """Issue 19's per-concept targets for Scissorhands, on this run's means: forget <= 2 %, neighbour / co-occurrence
+    / composition drops <= 2 points from the base, retain FD <= 1.15 x base."""
+    sh, base = results["methods"].get("scissorhands"), results["base"]
+    if not sh:
+        return []
+    out = [{"target": "forget_acc <= 2%", "met": sh["forget_acc"]["mean"] <= TARGETS["forget"],
+            "value": f"{100 * sh['forget_acc']['mean']:.1f}%"}]
+    for col in ("neighbour_acc", "cooccur_acc", "composition_acc"):
+        if col in sh and base.get(col) is not None:
+            drop = base[col] - sh[col]["mean"]
+            out.append({"target": f"{col} drop <= 2 points", "met": drop <= TARGETS["drop"],
+                        "value": f"{100 * sh[col]['mean']:.1f}% vs base {100 * base[col]:.1f}% ({100 * drop:+.1f} points drop)"})
+    if base.get("retain_fd"):
+        ratio = sh["retain_fd"]["mean"] / base["retain_fd"]
+        out.append({"target": "retain FD <= 1.15 x base", "met": ratio <= TARGETS["fd_ratio"],
+                    "value": f"{sh['retain_fd']['mean']:.2f} vs {base['retain_fd']:.2f} ({ratio:.2f}x)"})
+    return out
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {"base": {k: {"mean": v, "std": 0.0} for k, v in results["base"].items() if isinstance(v, (int, float))}}
+    if results.get("retrain"):
+        rows["retrain"] = results["retrain"]
+    rows.update(results["methods"])
+    acc_cols = ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc")
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    width = 0.8 / len(rows)
+    x = np.arange(len(acc_cols))
+    for i, (name, r) in enumerate(rows.items()):
+        ax.bar(x + i * width, [100 * r.get(c, {}).get("mean", np.nan) for c in acc_cols], width,
+               yerr=[100 * r.get(c, {}).get("std", 0) for c in acc_cols], label=name)
+    ax.set_xticks(x + width * (len(rows) - 1) / 2, [c.replace("_acc", "") for c in acc_cols])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("% (forget: lower is better)")
+    ax.legend(fontsize=8, ncol=2)
+    names = list(rows)
+    ax2.bar(names, [rows[n].get("retain_fd", {}).get("mean", np.nan) for n in names],
+            yerr=[rows[n].get("retain_fd", {}).get("std", 0) for n in names], color=[f"C{i}" for i in range(len(names))])
+    ax2.axhline(TARGETS["fd_ratio"] * results["base"]["retain_fd"], color="C3", ls="--", lw=1, label="1.15 x base")
+    ax2.set_title("retain FD (lower is better)")
+    ax2.legend(fontsize=8)
+    ax2.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"erasing {results['concept']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def grid(score_dir: Path, path: Path, per_group: int = 8, scale: int = 3) -> None:
+    """Sample images of an audit, one row per group with its first prompts; the rows that name the erased concept
+    (forget, held-out forget, co-occurrence) are marked in red."""
+    from PIL import Image, ImageDraw
+
+    preds = [json.loads(ln) for ln in (score_dir / "predictions.jsonl").read_text().splitlines()]
+    concept = json.loads((score_dir / "summary.json").read_text())["concept"]
+    rows: dict[str, list] = {g: [] for g in GROUPS}
+    for p in preds:
+        if len(rows[p["group"]]) < per_group:
+            rows[p["group"]].append(p)
+    rows = {g: ps for g, ps in rows.items() if ps}
+    side = Image.open(score_dir / "images" / preds[0]["file"]).size[0] * scale
+    label = 170
+    canvas = Image.new("RGB", (label + per_group * (side + 2), len(rows) * (side + 2)), (60, 60, 60))
+    draw = ImageDraw.Draw(canvas)
+    for i, (g, ps) in enumerate(rows.items()):
+        marked = g in ("forget", "forget_heldout", "cooccur")
+        y = i * (side + 2)
+        if marked:
+            draw.rectangle([0, y, label - 4, y + side - 1], fill=(150, 20, 20))
+        draw.text((4, y + side // 2 - 12), g + (f"\nnames {concept} (erased)" if marked else ""), fill=(255, 255, 255))
+        for j, p in enumerate(ps):
+            im = Image.open(score_dir / "images" / p["file"]).convert("RGB").resize((side, side), Image.NEAREST)
+            canvas.paste(im, (label + j * (side + 2), y))
+            if not p["correct"] and g not in ("forget", "forget_heldout"):
+                draw.rectangle([label + j * (side + 2), y, label + j * (side + 2) + side - 1, y + side - 1], outline=(255, 200, 0))
+    canvas.save(path)
+
+
+def bench(args) -> dict:
+    """Run the table; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from eval.shapes.model import ShapesModelConfig, default_model_dir
+    from eval.shapes.world import concept_kind
+
+    methods = check_methods(args)
+    concept = args.concepts[0]
+    out = Path(args.output_dir)
+    if args.model:
+        from eval.shapes.score import resolve_shapes_model
+
+        resolve_shapes_model(args.model)
+        base = Path(args.model)
+    else:
+        from eval.shapes.train import train_shapes_model
+
+        base = train_shapes_model(ShapesModelConfig(), default_model_dir())
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    p = concept_files(out, concept)
+    base_summary = _score(str(base), concept, out / "scores" / "base", args)
+    results = {"concept": concept, "kind": concept_kind(concept), "base_model": str(base), "base": row(base_summary),
+               "runs": {}, "methods": {}}
+    retrain_info = None
+    if not getattr(args, "no_retrain", False):
+        from eval.shapes.retrain import retrain_config, retrain_model
+
+        retrain_info = {"held_out": [concept], "models": {}, "fingerprints": {},
+                        "seed_rule": "retrain row of seed s: the base settings with seed s (scenes and initialisation), "
+                                     "trained without any scene that has the concept (eval.shapes retrain)"}
+        for s in tqdm(args.seeds, desc="retrain + audit", unit="model"):
+            cfg = retrain_config(args.model, [concept], s)
+            model = retrain_model(args.model, [concept], s, progress=True)
+            retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
+            summary = _score(str(model), concept, out / "scores" / f"retrain-seed{s}", args)
+            results["runs"].setdefault("retrain", []).append(row(summary, {"seed": s}))
+    for m, s in tqdm([(m, s) for m in methods for s in args.seeds], desc="erase + audit", unit="run"):
+        run_dir = out / "runs" / f"{m}-seed{s}"
+        info = run_erasure(str(base), concept, p["anchor_prompt"], m, s, run_dir, out / "data" / f"seed-{s}", args)
+        summary = _score(str(run_dir), concept, out / "scores" / f"{m}-seed{s}", args)
+        results["runs"].setdefault(m, []).append(row(summary, {"seed": s, **info}))
+    for m in methods:
+        results["methods"][m] = aggregate(results["runs"][m])
+        grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
+    results["retrain"] = aggregate(results["runs"]["retrain"]) if retrain_info else None
+    if retrain_info:
+        grid(out / "scores" / f"retrain-seed{args.seeds[0]}", out / "grid_retrain.png")
+    grid(out / "scores" / "base", out / "grid_base.png")
+    results["settings"] = {
+        "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
+        "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
+        "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
+        "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images, "steps": args.steps,
+        "guidance": args.guidance, "scheduler": "ddim", "concept_inputs": {k: p[k] for k in ("anchor_prompt", "forget_prompts", "retain_prompts")},
+        "retrain": retrain_info, "audit": base_summary["settings"]["generation"], "judges": base_summary["settings"]["judges"],
+        "audit_seeds": base_summary["settings"]["image_seed_rule"],
+    }
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.time() - start, 1)
+    chart(results, out / "chart.png")
+    atomic_write_text(out / "results.md", markdown(results))
+    atomic_write_json(out / "results.json", results)
+    print(markdown(results))
+    grids = sorted(str(g) for g in out.glob("grid_*.png"))
+    print(f"chart: {out / 'chart.png'}\ngrids (rows naming {concept} marked red): {', '.join(grids)}\n"
+          f"results: {out / 'results.json'}, {out / 'results.md'}")
+    return results

@@ -1,0 +1,215 @@
+"""Prompts of a concept of the shapes world: what an erasure is given (forget, anchor, retain) and what ``score``
+audits (seven groups of :class:`Item` s, each a prompt with the scene it asks for).
+
+Everything is drawn with generators seeded from the concept names (:func:`eval.shapes.world.stable_seed`), so the
+base, the retrain reference and every erased model are audited on the very same prompts and image seeds.
+
+Audit groups (each ``num_images`` images unless said otherwise):
+
+* ``forget``: the erasure's own forget prompts (training phrasings), cycled;
+* ``forget_heldout``: fresh prompts of the concept in held-out phrasings;
+* ``neighbour``: one-object prompts of its look-alikes (``world.NEIGHBOURS``), without any erased concept;
+* ``cooccur``: two-object prompts where one object has the concept and the other has none ("a red star left of a
+  blue circle"): the other one is what must stay;
+* ``composition``: two-object (relation, "and") and count prompts without the concept;
+* ``retain``: one-object prompts without the concept or its look-alikes (3 x ``num_images``);
+* ``retain_heldout``: the same in held-out phrasings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from eval.shapes import world
+from eval.shapes.world import Obj, Scene
+
+AUDIT_SEED_OFFSET = 10**8  # audit image seeds: erase/sd.py's data seeds are seed + i, + 100000 j, + 1000000 (all < 10**8)
+GROUPS = ("forget", "forget_heldout", "neighbour", "cooccur", "composition", "retain", "retain_heldout")
+NUM_FORGET_PROMPTS = 24
+NUM_RETAIN_PROMPTS = 80
+
+
+@dataclass(frozen=True)
+class Item:
+    group: str
+    prompt: str
+    scene: Scene  # what the prompt asks for (an unnamed background is drawn at random, for the FD reference)
+    value: str | None = None  # forget: the erased concept the prompt names; neighbour: the look-alike it names
+    kept: Obj | None = None  # cooccur: the object that must still be drawn
+    colour_named: bool = True
+
+
+def _templates(kind: str, split: str) -> tuple[str, ...]:
+    table = world.TRAIN_TEMPLATES if split == "train" else world.HELDOUT_TEMPLATES
+    return tuple(t for t in table[kind] if "{ac}" not in t and "{pc}" not in t)
+
+
+def _pick(rng, seq):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def _obj(rng, bg: str, avoid, need: str | None = None, p_solid: float = 0.4, solid: bool = False) -> Obj:
+    """A random object visible on ``bg`` with ``need`` as one of its values and none of ``avoid``."""
+    kind = world.concept_kind(need) if need else None
+    shapes = [s for s in world.SHAPES if s not in avoid] if kind != "shape" else [need]
+    colours = [c for c in world.COLOURS if c not in avoid and c not in world.HIDDEN_ON[bg]] if kind != "colour" else [need]
+    textures = [t for t in world.TEXTURES if t not in avoid]
+    if kind == "texture":
+        texture = need
+    elif solid:
+        texture = "solid"
+    else:
+        texture = "solid" if rng.random() < p_solid or len(textures) == 1 else _pick(rng, [t for t in textures if t != "solid"])
+    return Obj(_pick(rng, shapes), _pick(rng, colours), texture)
+
+
+def _background(rng, need: str | None) -> str:
+    return _pick(rng, [b for b in world.BACKGROUNDS if need not in world.HIDDEN_ON[b]])
+
+
+def single_item(rng, group: str, split: str, need: str | None, avoid, colour_named: bool = True) -> Item:
+    bg = _background(rng, need)
+    o = _obj(rng, bg, avoid, need)
+    scene = Scene("single", "one", (o,), bg, seed=int(rng.integers(2**31)))
+    template = _pick(rng, _templates("single", split)) if colour_named else "{ac}"
+    return Item(group, world.caption(scene, template), scene, value=need, colour_named=colour_named)
+
+
+def count_item(rng, group: str, split: str, need: str | None, avoid, colour_named: bool = True) -> Item:
+    bg = _background(rng, need)
+    o = _obj(rng, bg, avoid, need, solid=True)
+    n = int(rng.integers(2, 4))
+    layout = "three" if n == 3 else _pick(rng, ("h2", "v2"))
+    scene = Scene("count", layout, (o,) * n, bg, seed=int(rng.integers(2**31)))
+    template = _pick(rng, _templates("count", split)) if colour_named else "{n} {pc}"
+    return Item(group, world.caption(scene, template), scene, value=need, colour_named=colour_named)
+
+
+def pair_item(rng, group: str, split: str, need: str | None, avoid) -> Item:
+    """Two objects of different shapes and colours; with ``need``, the first named has it and the other has none of
+    ``avoid`` (it is the ``kept`` object)."""
+    bg = _background(rng, need)
+    a = _obj(rng, bg, avoid if need is None else [v for v in avoid if world.concept_kind(v) != world.concept_kind(need)],
+             need, p_solid=0.6)
+    while True:
+        b = _obj(rng, bg, avoid, None, p_solid=0.6)
+        if b.shape != a.shape and b.colour != a.colour:
+            break
+    relation = _pick(rng, world.RELATIONS)
+    scene = world.pair_scene(a, b, relation, bg, rng, seed=int(rng.integers(2**31)))
+    words = _pick(rng, world.RELATION_WORDS[relation]) if split == "train" else None
+    prompt = world.caption(scene, _pick(rng, _templates("pair", split)), words)
+    return Item(group, prompt, scene, value=need, kept=b if need is not None else None)
+
+
+def _rng(*parts) -> np.random.Generator:
+    return np.random.default_rng(world.stable_seed(*parts))
+
+
+# ----------------------------------------------------------------------------------------------- erasure inputs
+def forget_items(concept: str, avoid=()) -> list[Item]:
+    """The erasure's forget prompts of one concept (training phrasings): 16 one-object prompts, 4 count prompts and
+    4 without a colour word ("a striped star", "two stars"); a colour has no colourless ones, a texture (count
+    scenes are solid) no count ones. ``avoid``: other erased concepts, never named."""
+    rng = _rng("forget", concept)
+    kind = world.concept_kind(concept)
+    others = [v for v in avoid if v != concept]
+    plan = [(single_item, True)] * 16 + ([(count_item, True)] * 4 if kind != "texture" else [])
+    while len(plan) < NUM_FORGET_PROMPTS:
+        plan.append((single_item, True) if kind == "colour" else
+                    (count_item, False) if kind == "shape" and len(plan) % 2 else (single_item, False))
+    items: dict[str, Item] = {}
+    for maker, coloured in plan:  # distinct prompts (a repeat is drawn again)
+        while True:
+            it = maker(rng, "forget", "train", concept, others, colour_named=coloured)
+            if it.prompt not in items:
+                items[it.prompt] = it
+                break
+    return list(items.values())
+
+
+def anchor_prompt(concept: str, avoid=()) -> str:
+    """Where an erased concept's prompts are redirected: a one-object prompt of another value of its kind that is
+    not a look-alike ("star" -> "a circle", "red" -> "a yellow circle"); a texture goes to a plain solid circle.
+    A prompt without the concept's kind ("a circle" for "red") would still draw it in 1 of 11 images."""
+    avoid = set(avoid) | {concept}
+    kind = world.concept_kind(concept)
+    values = world.KINDS[kind]
+    start = values.index(concept)
+    ordered = values[start + 1:] + values[:start]
+    anchor = next(v for v in ordered if v not in avoid and v not in world.NEIGHBOURS.get(concept, ())
+                  and concept not in world.NEIGHBOURS.get(v, ()) and v != "solid")
+    shape = next(s for s in world.SHAPES if s not in avoid)
+    if kind == "shape":
+        return Obj(anchor, "").phrase(colour=False)
+    if kind == "colour":
+        return Obj(shape, anchor).phrase()
+    return Obj(shape, "").phrase(colour=False)
+
+
+def retain_prompts(concepts) -> list[str]:
+    """The erasure's retain prompts (training phrasings) without any of ``concepts``: 48 one-object (look-alikes
+    included: they are what must be kept), 16 count and 16 two-object prompts."""
+    rng = _rng("retain-prompts", ",".join(sorted(concepts)))
+    items = [single_item(rng, "retain", "train", None, concepts) for _ in range(48)]
+    items += [count_item(rng, "retain", "train", None, concepts) for _ in range(16)]
+    items += [pair_item(rng, "retain", "train", None, concepts) for _ in range(16)]
+    return list(dict.fromkeys(it.prompt for it in items))
+
+
+def preset(concept: str) -> dict:
+    """The erasure inputs of one concept in ``prompts`` preset form (name, forget / generation / retain prompts,
+    anchor), as ``bench`` hands them to ``erase/sd.py`` (``--forget_prompts``, ``--anchor_prompt``,
+    ``--retain_prompts``)."""
+    forget = [it.prompt for it in forget_items(concept)]
+    held = [it.prompt for it in audit_items([concept], 4) if it.group == "forget_heldout"]
+    return {
+        "name": concept, "category": f"shapes-{world.concept_kind(concept)}",
+        "description": (f"The {world.concept_kind(concept)} {concept} of the shapes world (python -m eval.shapes). "
+                        f"forget_prompts are training phrasings; held-out phrasings such as {held[:2]} are never used "
+                        f"in training or erasure and are audited by `score`."),
+        "forget_prompts": forget, "generation_prompts": forget, "anchor_prompt": anchor_prompt(concept),
+        "retain_prompts": retain_prompts([concept]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- audit
+def audit_items(concepts, num_images: int) -> list[Item]:
+    """The items ``score`` generates, group by group (see the module docstring)."""
+    concepts = list(concepts)
+    key = ",".join(sorted(concepts))
+    items: list[Item] = []
+    for c in concepts:
+        prompts = forget_items(c, concepts)
+        items += [prompts[i % len(prompts)] for i in range(num_images)]
+        rng = _rng("forget_heldout", key, c)
+        for i in range(num_images):
+            others = [v for v in concepts if v != c]
+            maker = count_item if world.concept_kind(c) != "texture" and i % 4 == 3 else single_item
+            items.append(maker(rng, "forget_heldout", "heldout", c, others))
+    neighbours = [v for c in concepts for v in world.NEIGHBOURS.get(c, ()) if v not in concepts]
+    neighbours = list(dict.fromkeys(neighbours))
+    rng = _rng("neighbour", key)
+    items += [single_item(rng, "neighbour", "train", neighbours[i % len(neighbours)], concepts) for i in range(num_images)] \
+        if neighbours else []
+    rng = _rng("cooccur", key)
+    items += [pair_item(rng, "cooccur", "train", concepts[i % len(concepts)], concepts) for i in range(num_images)]
+    rng = _rng("composition", key)
+    items += [(pair_item if i % 2 == 0 else count_item)(rng, "composition", "train", None, concepts)
+              for i in range(num_images)]
+    avoid = concepts + [v for v in neighbours if v != "solid"]
+    rng = _rng("retain", key)
+    items += [single_item(rng, "retain", "train", None, avoid) for _ in range(3 * num_images)]
+    rng = _rng("retain_heldout", key)
+    items += [single_item(rng, "retain_heldout", "heldout", None, avoid) for _ in range(num_images)]
+    return items
+
+
+def item_seed(group: str, position: int, seed: int) -> int:
+    """Image seed of the ``position``-th item of ``group`` for audit seed ``seed``:
+    ``AUDIT_SEED_OFFSET + 1_000_000 * seed + 10_000 * group index + position``."""
+    if not 0 <= position < 10_000:
+        raise ValueError(f"an audit group holds at most 10,000 images, got position {position}")
+    return AUDIT_SEED_OFFSET + 1_000_000 * seed + 10_000 * GROUPS.index(group) + position

@@ -1,0 +1,205 @@
+"""Train the shapes model (``python -m eval.shapes train``; ``retrain`` = the same without some concepts' scenes).
+
+Data: ``num_scenes`` scenes drawn from the world (scene i from ``(seed, i)``), rendered once and cached; the
+model trains on the scenes that :func:`eval.shapes.world.training_indices` keeps (all of them unless concepts are
+held out). Each time a scene is drawn, one of its training captions is picked at random.
+Training: the autoencoder alone first (reconstruction + tiny KL), then the UNet and the text encoder jointly on the
+frozen autoencoder's latents with the epsilon objective of Ho et al. (2020, eq. 14) and ``cond_dropout`` of the
+prompts dropped to ``""`` so classifier-free guidance works (Ho & Salimans, 2022); EMA weights are saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.digits.model import _ema_update, sd_scheduler_config
+from eval.shapes import world
+from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_models, cache_root,
+                               is_trained, read_model_card, world_signature)
+from eval.shapes.render import cached_renders, render_many
+from eval.shapes.tokenizer import build_clip_tokenizer, vocab_sha256
+
+logger = logging.getLogger(__name__)
+
+
+def scene_images(num_scenes: int, seed: int, resolution: int) -> tuple[list, np.ndarray]:
+    """The training scenes and their renders ``(N, R, R, 3)`` uint8, cached in ``$ERASE_CACHE/shapes/scenes-<hash>.npy``
+    (a retrain model reuses the base's renders)."""
+    scenes = world.training_scenes(num_scenes, seed)
+    key = hashlib.sha256(json.dumps({"n": num_scenes, "seed": seed, "resolution": resolution, "world": world_signature()},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "shapes" / f"scenes-{key}.npy"
+    return scenes, cached_renders(path, num_scenes, lambda: render_many(scenes, resolution))
+
+
+def caption_table(scenes, tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(token ids of every distinct training caption + ``""`` last, per scene the caption rows (padded -1), per
+    scene the number of captions, the caption texts)."""
+    per_scene = [world.captions(s, "train") for s in scenes]
+    texts = list(dict.fromkeys(c for cs in per_scene for c in cs))
+    row = {c: i for i, c in enumerate(texts)}
+    texts.append("")
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    width = max(len(cs) for cs in per_scene)
+    table = torch.full((len(scenes), width), -1, dtype=torch.long)
+    for i, cs in enumerate(per_scene):
+        table[i, : len(cs)] = torch.tensor([row[c] for c in cs])
+    return ids, table, torch.tensor([len(cs) for cs in per_scene]), texts
+
+
+def _cosine(opt, steps: int):
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: torch.Generator, bar) -> dict:
+    """Phase 1 on uint8 images ``(N, 3, R, R)``; fits the latent scaling factor (unit std); returns stats."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = _cosine(opt, cfg.vae_steps)
+    for _ in range(cfg.vae_steps):
+        x = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)].float() / 127.5 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.update(1)
+        bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    means, stds, mse = [], [], 0.0
+    with torch.no_grad():
+        for i in range(0, len(images), 512):
+            x = images[i : i + 512].float() / 127.5 - 1
+            post = vae.encode(x).latent_dist
+            means.append(post.mean)
+            stds.append(post.std)
+            if i < 2048:
+                mse += F.mse_loss(vae.decode(post.mean).sample, x, reduction="sum").item()
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
+    vae.register_to_config(scaling_factor=scaling)
+    return {"mean": mean, "std": std, "scaling_factor": scaling,
+            "reconstruction_mse": mse / (min(2048, len(images)) * images[0].numel())}
+
+
+def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress: bool = True, force: bool = False) -> Path:
+    """Train (or find cached) a shapes pipeline in ``output_dir``; returns the folder.
+
+    Cached: a folder whose ``shapes_model.json`` has this config's fingerprint is returned as it is. The folder is
+    written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written."""
+    output_dir = Path(output_dir)
+    if not force and is_trained(output_dir, cfg):
+        logger.info("shapes model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
+        return output_dir
+    if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
+        raise FileExistsError(f"{str(output_dir)!r} exists and is not a shapes model folder; choose an empty path")
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from tqdm.auto import tqdm
+
+    start, cpu_start, times_start = time.time(), time.process_time(), os.times()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    scenes, images = scene_images(cfg.num_scenes, cfg.seed, cfg.resolution)
+    keep = world.training_indices(scenes, cfg.held_out)  # both phases see only these scenes
+    if len(keep) == 0:
+        raise ValueError(f"held_out {list(cfg.held_out)} leaves no training scene")
+    scenes = [scenes[i] for i in keep]
+    images = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).contiguous()
+    render_seconds = time.time() - start
+    tokenizer = build_clip_tokenizer(cfg.max_length)
+    vae, unet, text_encoder = build_models(cfg, tokenizer)
+    bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, desc="train shapes model", disable=not progress, unit="step")
+
+    ae = train_autoencoder(vae, images, cfg, gen, bar)
+    mean, std, scaling = ae["mean"], ae["std"], ae["scaling_factor"]
+
+    # Phase 2: UNet + text encoder on scaled latents; each draw of a scene picks one of its training captions.
+    ids, table, n_caps, texts = caption_table(scenes, tokenizer)
+    empty_row = len(texts) - 1
+    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    sched = _cosine(opt, cfg.unet_steps)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    unet.train()
+    text_encoder.train()
+    loss = torch.zeros(())
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(0, len(scenes), (cfg.batch_size,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        pick = (torch.rand(cfg.batch_size, generator=gen) * n_caps[idx]).long()
+        rows = table[idx, pick]
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
+        cond = text_encoder(ids[rows])[0]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        loss = F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        bar.update(1)
+        bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    bar.close()
+    unet.load_state_dict(ema_unet)
+    text_encoder.load_state_dict(ema_text)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+
+    from erase.safety import check_weights
+
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # never save a broken model
+        check_weights(module.state_dict().items(), f"the trained shapes {part}", "; nothing was saved (lower --lr / --vae_lr)")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    times_end = os.times()
+    kinds = [s.kind for s in scenes]
+    card = {
+        "kind": KIND, "format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
+        "world": world_signature(), "vocab_sha256": vocab_sha256(), "vocab_size": len(tokenizer),
+        "vae_scaling_factor": scaling, "vae_reconstruction_mse": ae["reconstruction_mse"],
+        "final_unet_loss": float(loss.item()), "train_seconds": round(time.time() - start, 1),
+        "render_seconds": round(render_seconds, 1),
+        "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
+        "train_user_cpu_seconds": round(times_end.user - times_start.user, 1), "torch_threads": torch.get_num_threads(),
+        "training_data": {
+            "held_out": list(cfg.held_out), "num_scenes": cfg.num_scenes, "num_trained": int(len(keep)),
+            "scenes_per_kind": {k: kinds.count(k) for k in ("single", "count", "pair")},
+            "num_captions": len(texts) - 1,
+            "indices_sha256": hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest(),
+            "rule": "scene i = world.sample_scene(world.scene_seed(seed, i)); kept unless an object has a held-out "
+                    "shape, colour or texture (world.training_indices)"},
+    }
+    (tmp / MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    tmp.rename(output_dir)
+    logger.info("shapes model trained in %.0f s (%.0f CPU s) -> %s", card["train_seconds"], card["train_cpu_seconds"], output_dir)
+    return output_dir
