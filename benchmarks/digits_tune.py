@@ -20,7 +20,6 @@ in ``--workers`` processes (one torch thread each); finished erasures and audits
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

@@ -23,7 +23,8 @@ COLUMNS = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "
 
 
 def main(argv=None) -> dict:
-    from erase.io import atomic_write_json, atomic_write_text, setup_logging
+    from erase.utils.files import atomic_write_json, atomic_write_text
+    from erase.utils.launch import setup_logging
     from eval.shapes.judges import load_judges
     from eval.shapes.model import ShapesModelConfig, default_model_dir, read_model_card
     from eval.shapes.score import SCORE_DEFAULTS, score

@@ -32,7 +32,7 @@ import torch
 
 from erase.core import available_methods, get_method_class
 from erase.core.options import add_method_options, option_names
-from erase.core.topk import TopKError, check_k
+from erase.core.topk import TopKError
 from erase.utils.checks import check_numbers, OPTION_RANGES, Range, SEED_MAX
 from erase.utils.folders import claim_output_dir
 from erase.utils.errors import cli_errors, UserError

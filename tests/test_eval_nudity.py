@@ -5,7 +5,6 @@ import pytest
 from eval_fixtures import draw_torso, run_cli, safe_images, save_rgb
 
 from eval import nudity
-from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text
 
 

@@ -1,7 +1,6 @@
 import pytest
 from eval_fixtures import DATA, fresh_accelerate, run_cli  # noqa: F401  (fixture)
 
-from erase.utils.errors import UserError
 from erase.diffusion.prompt_table import load_prompts
 from eval_fixtures import USER_FACING, error_text
 

@@ -6,7 +6,6 @@ import torch
 from eval_fixtures import DATA, fresh_accelerate, one_thread, save_rgb, tiny_clip, tiny_pipeline  # noqa: F401
 
 from eval import utility
-from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING
 
 

@@ -10,13 +10,11 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text, random_image_folders
 
 SMALL = ["--saliency_batches", "1", "--log_every", "1", "--lr", "1e-3", "--topk", "20", "--max_train_steps", "2"]

@@ -230,7 +230,6 @@ def test_data_resumes_and_user_folders(tiny, data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_cleanly(tiny, data_dir, tmp_path):
-    from erase.utils.errors import UserError
 
     with pytest.raises(USER_FACING) as err:
         in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,
@@ -260,7 +259,6 @@ def test_several_concepts_in_one_run(tiny, tmp_path):
 
 
 def test_topk_selecting_nothing_is_one_line(tiny, data_dir, tmp_path):
-    from erase.utils.errors import UserError
 
     with pytest.raises(USER_FACING) as err:
         in_process(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path, "--data_dir", data_dir,

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from erase.utils.errors import UserError
 from eval_fixtures import USER_FACING, error_text
 
 ROOT = Path(__file__).resolve().parents[1]

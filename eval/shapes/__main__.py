@@ -12,8 +12,9 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from erase.io import OneLineParser, UserError, cli_errors
-from erase.safety import check_int, check_numbers, hold_output_dir
+from erase.utils.errors import cli_errors, OneLineParser, UserError
+from erase.utils.checks import check_int, check_numbers
+from erase.utils.folders import hold_output_dir
 from eval.shapes.model import ShapesModelConfig, default_model_dir
 from eval.shapes.world import parse_concepts
 
@@ -67,7 +68,7 @@ def parse_args(input_args=None):
     p.add_argument("--concept", required=True, help="the erased concept(s): a shape, colour or texture, several comma-separated")
     _audit_args(p, SCORE_DEFAULTS)
     p.add_argument("--seeds", default="0", help="comma-separated audit seeds; each adds num_images per group")
-    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampler (erase.generate names)")
+    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampler (erase.diffusion.generate names)")
     p.add_argument("--batch_size", type=int, default=SCORE_DEFAULTS["batch_size"], help="images per pipeline call")
     p.add_argument("--output_dir", required=True, help="folder for summary.json, predictions.jsonl and images")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
@@ -101,7 +102,7 @@ def parse_args(input_args=None):
                            help="add the retrain row (one more model to train, ~20 CPU minutes, cached)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     args = parser.parse_args(input_args)
-    check_numbers(args)  # every float finite and in range (erase.safety.OPTION_RANGES)
+    check_numbers(args)  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
 
     if args.command == "retrain":
         try:
@@ -152,7 +153,7 @@ def train(args) -> Path:
 
 @cli_errors
 def main(input_args=None) -> int:
-    from erase.io import setup_logging
+    from erase.utils.launch import setup_logging
 
     setup_logging()
     args = parse_args(input_args)

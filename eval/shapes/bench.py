@@ -24,7 +24,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from erase.io import UserError, atomic_write_json, atomic_write_text
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.shapes.concepts import GROUPS, preset
 
 logger = logging.getLogger(__name__)

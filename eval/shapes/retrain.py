@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from erase.io import UserError
+from erase.utils.errors import UserError
 from eval.shapes.model import ShapesModelConfig, default_model_dir
 
 

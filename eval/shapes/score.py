@@ -1,6 +1,6 @@
 """Audit one shapes model (a base, a retrain reference or an erase/sd.py output): ``python -m eval.shapes score``.
 
-Generates the audit groups of :func:`eval.shapes.concepts.audit_items` through ``erase.generate`` (the code of the
+Generates the audit groups of :func:`eval.shapes.concepts.audit_items` through ``erase.diffusion.generate`` (the code of the
 SD v1.4 audits), reads every image with the judges (:mod:`eval.shapes.judges`) and writes ``OUT/summary.json``:
 
 * ``forget_acc``: share of the concept's prompts (the erasure's own) in which the judges still find it (any object
@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from erase.io import UserError, atomic_write_json, atomic_write_text, read_json
+from erase.utils.errors import UserError
+from erase.utils.files import atomic_write_json, atomic_write_text, read_json
 from eval.shapes import world
 from eval.shapes.concepts import AUDIT_SEED_OFFSET, GROUPS, audit_items, item_seed
 
@@ -146,7 +147,7 @@ def score_inputs(args) -> tuple:
 
 def rows_for(items, seeds):
     """One PromptRow per (seed, item); image seed from :func:`eval.shapes.concepts.item_seed`."""
-    from erase.prompt_table import PromptRow
+    from erase.diffusion.prompt_table import PromptRow
 
     rows, k = [], 0
     for s in seeds:
@@ -164,7 +165,7 @@ def score(args, judges=None) -> dict:
     :class:`eval.shapes.judges.Judges` (default: the cached default judges, trained first if absent)."""
     from PIL import Image
 
-    from erase.generate import GenerationConfig, describe, generate, load_pipeline
+    from erase.diffusion.generate import describe, generate, GenerationConfig, load_pipeline
     from eval.digits.judge import frechet_distance
     from eval.shapes.judges import load_judges
     from eval.shapes.render import render_many

@@ -169,7 +169,7 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
 
-    from erase.safety import check_weights
+    from erase.utils.checks import check_weights
 
     for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # never save a broken model
         check_weights(module.state_dict().items(), f"the trained shapes {part}", "; nothing was saved (lower --lr / --vae_lr)")
