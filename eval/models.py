@@ -3,7 +3,7 @@
     from eval.models import load_audited
     pipe = load_audited("nudity-erased", scheduler="ddim", dtype=torch.float32, device="cuda")
 
-A hub id, a diffusers pipeline folder, or an erase/sd.py output with its UNet in ``unet/`` loads through
+A hub id, a diffusers pipeline folder, or an erase/sd.py output with its denoiser in ``unet/`` (``transformer/`` for SD3 / Flux) loads through
 ``erase.diffusion.generate.load_pipeline``. An export without ``unet/`` (only ``erased_lora.safetensors``, only the
 single file, only the delta: what a user shares) loads through ``erase.api.load_erased``, the same loader a notebook
 uses: the base named in its ``erase_config.json`` with the export applied. Either way every weight is checked
@@ -15,23 +15,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from erase.diffusion.generate import (finish_pipeline, GenerationConfig, generation_device, load_pipeline, read_export,
+from erase.diffusion.generate import (check_sampler, finish_pipeline, GenerationConfig, generation_device, load_pipeline, read_export,
                                       resolve_dtype, SCHEDULERS)
 from erase.utils.errors import UserError
 
 
-def export_without_unet(model: str) -> bool:
-    """An erase/sd.py output folder that has no ``unet/`` (and is not itself a pipeline folder)."""
+def export_without_denoiser(model: str) -> bool:
+    """An erase/sd.py output folder that has no denoiser folder (``unet/``, or ``transformer/`` for SD3 / Flux) and is
+    not itself a pipeline folder."""
     path = Path(model)
     return (path.is_dir() and (path / "erase_config.json").is_file() and not (path / "model_index.json").exists()
-            and not (path / "unet").is_dir())
+            and not (path / "unet").is_dir() and not (path / "transformer").is_dir())
 
 
 def load_audited(model: str, scheduler: str = "lms", dtype=None, device=None):
     """The pipeline ``model`` names, ready for ``erase.diffusion.generate.generate`` (see the module docstring)."""
     import torch
 
-    if not export_without_unet(model):
+    if not export_without_denoiser(model):
         return load_pipeline(model, scheduler, dtype, device)
     if scheduler not in SCHEDULERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
@@ -40,6 +41,7 @@ def load_audited(model: str, scheduler: str = "lms", dtype=None, device=None):
     from erase.api import load_erased
 
     _, family, base, _ = read_export(model)
+    check_sampler(scheduler, family)
     try:
         pipe = load_erased(model, dtype=dtype, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:  # load_erased's own messages are one line already

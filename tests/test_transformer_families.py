@@ -158,3 +158,35 @@ def test_every_export_of_a_transformer_loads_back(dits, reference, fmt):
     pipe.set_progress_bar_config(disable=True)
     img = pipe("a photo", num_inference_steps=1, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert img.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(img)).all()
+
+
+@pytest.mark.parametrize("keep", ["all", "lora"])
+def test_an_audit_draws_with_the_erased_transformer(dits, reference, tmp_path, keep):
+    """eval's loader (eval.models.load_audited, what eval.i2p / eval.utility call) on a Flux export: its transformer/
+    folder over the base, or only the LoRA a user shares; a UNet sampler is one line naming the family."""
+    from eval.models import load_audited
+    from erase.diffusion.generate import GenerationConfig, generate
+    from erase.diffusion.prompt_table import PromptRow
+    from erase.utils.errors import UserError
+
+    folder = reference
+    if keep == "lora":
+        folder = tmp_path / "shared"
+        folder.mkdir()
+        for name in ("erase_config.json", "erased_lora.safetensors", "erased_lora.json"):
+            shutil.copy(reference / name, folder / name)
+    with pytest.raises(UserError, match="--scheduler lms does not sample a flux model.*flow_euler"):
+        load_audited(str(folder), scheduler="lms")
+    pipe = load_audited(str(folder), scheduler="flow_euler")
+    assert type(pipe).__name__ == "FluxPipeline" and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    state = {k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k}
+    erased, base = transformer_state(reference), transformer_state(dits["flux_dev"])
+    changed = [k for k in erased if not torch.equal(erased[k], base[k])]
+    assert changed
+    if keep == "all":
+        assert all(torch.equal(state[k], erased[k]) for k in erased)
+    else:  # the shared LoRA is loaded onto the base as an active adapter, not ignored
+        assert pipe.get_active_adapters()
+    cfg = GenerationConfig(model=str(folder), steps=2, guidance=3.5, scheduler="flow_euler", resolution=32, batch_size=2)
+    records = generate([PromptRow(index=i, prompt=p, seed=i) for i, p in enumerate(["a photo", "a cat"])], tmp_path / "img", cfg, pipe=pipe)
+    assert len(records) == 2 and all((tmp_path / "img" / r["file"]).is_file() for r in records)

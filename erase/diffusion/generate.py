@@ -184,14 +184,28 @@ def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
     return erase_config, FAMILIES[recorded_family], erase_config["pretrained_model_name_or_path"], kwargs
 
 
+FLOW_SCHEDULERS = ("flow_euler",)
+
+
+def check_sampler(scheduler: str, family) -> None:
+    """One line when ``scheduler`` cannot sample ``family``: a flow-matching family (SD3, Flux) draws only with a flow
+    sampler, a noise-prediction family (SD 1.x / 2.x / XL) never with one."""
+    flow = family.objective == "flow"
+    if flow != (scheduler in FLOW_SCHEDULERS):
+        allowed = FLOW_SCHEDULERS if flow else tuple(s for s in SCHEDULERS if s not in FLOW_SCHEDULERS)
+        raise UserError(f"--scheduler {scheduler} does not sample a {family.name} model "
+                        f"({'rectified flow' if flow else 'noise prediction'}); choose one of: {', '.join(allowed)}")
+
+
 def finish_pipeline(pipe, family, scheduler: str, device=None, source: str = "", base: str | None = None):
     """A loaded pipeline made ready to audit: every weight present and finite (a NaN draws black images an audit would
     call clean; the error names ``source``, the folder the user gave, and ``base`` for components that came from the
     base), the audit's sampler, no progress bar, on ``device``."""
     import diffusers
 
+    check_sampler(scheduler, family)
     for name in family.components:  # a weights file missing tensors loads as meta tensors
-        what = f"the {name} of {source}" + (f" (from its base {base})" if base and name != "unet" else "")
+        what = f"the {name} of {source}" + (f" (from its base {base})" if base and name != family.denoiser else "")
         check_weights(getattr(pipe, name).state_dict().items(), what)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -202,10 +216,9 @@ def finish_pipeline(pipe, family, scheduler: str, device=None, source: str = "",
 
 def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
     """The model family's pipeline (erase.diffusion.families: StableDiffusionPipeline for SD 1.x / 2.x, StableDiffusionXLPipeline
-    for SDXL) from a hub id, a pipeline folder, or an erase/sd.py output (unet/ over its base; an export without
-    unet/, e.g. only a LoRA, loads through erase.api.load_erased: eval.models.load_audited)."""
-    from diffusers import UNet2DConditionModel
-
+    for SDXL, StableDiffusion3Pipeline for SD3 / SD3.5, FluxPipeline for FLUX.1) from a hub id, a pipeline folder, or an
+    erase/sd.py output (its denoiser folder, unet/ or transformer/, over its base; an export without one, e.g. only a
+    LoRA, loads through erase.api.load_erased: eval.models.load_audited)."""
     from erase.diffusion.families import ConfigUnreadable, detect
 
     if scheduler not in SCHEDULERS:
@@ -222,11 +235,10 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
         _, family, base, pinned = read_export(path)
         kwargs.update(pinned)
         try:
-            unet = UNet2DConditionModel.from_pretrained(str(path), subfolder="unet", dtype=dtype)
+            kwargs[family.denoiser] = family.denoiser_cls().from_pretrained(str(path), subfolder=family.denoiser, dtype=dtype)
         except (OSError, ValueError) as e:
-            raise UserError(f"could not load the erased UNet of {model}: {str(e).strip().splitlines()[0]}") from None
+            raise UserError(f"could not load the erased {family.denoiser} of {model}: {str(e).strip().splitlines()[0]}") from None
         model = base
-        kwargs["unet"] = unet
     elif not path.exists() and (model.startswith((".", "/")) or model.count("/") != 1):
         raise UserError(f"model not found: {model} (give a pipeline folder, an erase/sd.py output or a hub id)")
     if family is None:
@@ -234,6 +246,7 @@ def load_pipeline(model: str, scheduler: str = "lms", dtype=None, device=None):
             family = detect(model, kwargs.get("revision"))
         except ConfigUnreadable as e:  # e.g. a hub id offline without a cache
             raise UserError(f"could not load the pipeline {model!r}: {e}") from None
+    check_sampler(scheduler, family)
     try:
         pipe = family.pipeline_cls().from_pretrained(model, **kwargs, **family.pipeline_kwargs())
     except (OSError, ValueError) as e:
