@@ -175,9 +175,11 @@ def erasure_estimate(arch, entry: dict, device_gib: float | None) -> dict:
     data generation's step count, the trim's and the repair step's seconds of the batch row without checkpointing (the
     default) or, where that ran out of memory, with it. Model loading, latent and prompt encoding are not included."""
     from erase.diffusion.config import DataConfig, TrainConfig
+    from erase.diffusion.validate import DEFAULT_REPAIR_STEPS
 
     d, t = DataConfig(), TrainConfig()
-    assumes = {"forget_images": d.num_forget_images, "data_steps": d.num_inference_steps, "repair_steps": t.max_train_steps,
+    steps = t.max_train_steps if t.max_train_steps is not None else DEFAULT_REPAIR_STEPS
+    assumes = {"forget_images": d.num_forget_images, "data_steps": d.num_inference_steps, "repair_steps": steps,
                "train_batch_size": t.train_batch_size}
     rows = {k: r for k, r in entry.get("repair", {}).items() if r["batch"] == t.train_batch_size and "s_per_step" in r}
     label = next((k for k in sorted(rows, key=lambda k: rows[k]["gradient_checkpointing"])), None)
@@ -187,7 +189,7 @@ def erasure_estimate(arch, entry: dict, device_gib: float | None) -> dict:
         return {"complete": False, "missing": missing, "assumes": assumes}
     row = rows[label]
     data_s = d.num_forget_images * gen["seconds_per_image_at"][str(d.num_inference_steps)]
-    repair_s = t.max_train_steps * row["s_per_step"]
+    repair_s = steps * row["s_per_step"]
     total = data_s + row["prepare_s"] + repair_s
     out = {"complete": True, "assumes": assumes, "repair_row": label, "data_generation_s": data_s, "trim_s": row["prepare_s"],
            "repair_s": repair_s, "total_s": total, "total_minutes": total / 60, "peak_gpu_gib": row.get("peak_gpu_gib"),

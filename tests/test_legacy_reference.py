@@ -1,6 +1,7 @@
 """The run gives what it gave before it became a config and stages (issue 16): every case of
 tests/data/make_legacy_reference.py, rerun through today's erase/sd.py, changes the same tensors to the same values
-(bit for bit where the reference was made on the same CPU kernels, else within float rounding), resets the same
+(bit for bit where the reference was made on the same CPU kernels and no applied step was corrected, else within
+float rounding: issue 21 writes a corrected step in one rounding instead of three), resets the same
 weights in the trim, counts the same projection events, and records the settings a resume compares exactly as the
 old code did, so its checkpoints stay resumable."""
 
@@ -35,14 +36,18 @@ def test_a_run_equals_the_one_made_before_the_refactor(name, pipes, tmp_path_fac
     assert facts["flags"] == ref["flags"]
     assert sorted(delta) == sorted(ref["delta"])  # the same tensors changed
     same_kernels = ref["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and ref["torch"] == torch.__version__
+    # issue 21 writes a corrected step as theta_new - v g_o in one rounding (the old code: three, from a copy of theta_old),
+    # so a run whose projection corrected an applied step is the same run up to float rounding from that step on
+    exact = same_kernels and not ref["repair"].get("update_corrected")
     for n, t in delta.items():
         want = ref["delta"][n]
-        if same_kernels:
+        if exact:
             assert hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest() == want["sha256"], n
-        else:  # another CPU: the same run up to float rounding
-            assert float(t.double().sum()) == pytest.approx(want["sum"], rel=1e-4, abs=1e-6), n
+        else:  # the same run up to float rounding: the sum to a small fraction of the delta's norm, the norm closely
+            norm = (t.numel() * want["sumsq"]) ** 0.5
+            assert abs(float(t.double().sum()) - want["sum"]) <= 1e-4 * norm + 1e-9, n
             assert float(t.double().square().sum()) == pytest.approx(want["sumsq"], rel=1e-4), n
     assert facts["trim_reset"] == ref["trim_reset"]
     assert facts["repair"] == ref["repair"]
-    assert facts["history_loss"] == (ref["history_loss"] if same_kernels else pytest.approx(ref["history_loss"], rel=1e-4))
+    assert facts["history_loss"] == (ref["history_loss"] if exact else pytest.approx(ref["history_loss"], rel=1e-4))
     assert facts["record"] == ref["record"]  # a checkpoint of the old code passes the resume check of the new

@@ -80,6 +80,7 @@ class ObjectiveConfig:
     esd_start_guidance: float = field(default=3.0, metadata=_help("ESD: guidance scale used to sample x_t."))
 
 
+
 @dataclass
 class TrainConfig:
     """The shared optimisation loop (erase.core.engine)."""

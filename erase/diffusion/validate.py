@@ -22,6 +22,8 @@ from erase.utils.checks import check_int, check_numbers
 from erase.utils.errors import UserError
 from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file
 
+#: repair steps of a trained method when --max_train_steps is not given (a closed-form method takes 0)
+DEFAULT_REPAIR_STEPS = 100
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
 FORGET_LOSSES = ("ascent", "redirect", "esd")
 TARGET_PRESET_NAMES = ("xattn", "selfattn", "noxattn", "full")
@@ -220,7 +222,7 @@ def _closed_form(config) -> None:
     t, o, d = config.train, config.objective, config.data
     if not get_method_class(config.method, "diffusion").closed_form:
         if t.max_train_steps is None:
-            t.max_train_steps = 100
+            t.max_train_steps = DEFAULT_REPAIR_STEPS
         return
     m = config.method
     if t.max_train_steps:
