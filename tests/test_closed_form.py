@@ -206,8 +206,8 @@ def test_every_export_loads_back(bases, erased, family, fmt):
 @pytest.mark.parametrize("argv, words", [
     (["--method", "uce", "--max_train_steps", "5"], "--method uce is a closed-form edit with no repair steps: --max_train_steps must be 0"),
     (["--method", "speed", "--retain_loss", "data"], "--retain_loss data does not apply"),
-    (["--method", "uce", "--lamb", "0"], "lamb must be a finite number > 0"),
-    (["--method", "speed", "--null_threshold", "-1"], "null_threshold must be a finite number > 0"),
+    (["--method", "uce", "--lamb", "0"], "--lamb 0 is outside the allowed range > 0"),
+    (["--method", "speed", "--null_threshold", "-1"], "--null_threshold -1 is outside the allowed range > 0"),
     (["--method", "uce", "--aug_num", "3"], "--aug_num is not an option of method uce (it belongs to speed)"),
 ])
 def test_bad_closed_form_flags_are_one_line(bases, capsys, argv, words):

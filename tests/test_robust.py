@@ -176,7 +176,7 @@ def test_every_method_with_a_forget_term_runs_robust(tiny, data_dir, tmp_path, r
 @pytest.mark.parametrize("flags, words", [
     (["--robust_every", 5], "--robust_every is an option of the robust erasure; add --robust"),
     (["--robust", "--robust_every", 0], "--robust_every must be an integer >= 1, got 0"),
-    (["--robust", "--robust_lr", "-1"], "--robust_lr must be a finite number > 0, got -1.0"),
+    (["--robust", "--robust_lr", "-1"], "--robust_lr -1 is outside the allowed range > 0"),
     (["--robust", "--robust_words", " , "], "--robust_words ' , ' names no word"),
     (["--robust", "--method", "ft"], "--robust adds adversarial conditions to the forget term; --method ft has none"),
     (["--robust", "--robust_start", "middle"], "argument --robust_start: invalid choice: 'middle'"),
