@@ -379,3 +379,25 @@ def test_memories_are_checkpointed_only_when_a_resume_uses_them(refresh, trained
     assert resumed.method_summary == full.method_summary
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED", "MEGATRON_LM"])
+def test_sharded_parameters_are_refused_before_anything_runs(kind, mlp, digits_tensors, tmp_path):
+    """A sharded launch would give the trim and the projection shards, not tensors: refused in one line, weights untouched."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from erase.core import ShardingError
+
+    forget, retain = split(digits_tensors)
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    adapter = ClassifierAdapter(mlp, forget, retain, num_classes=10, batch_size=32)
+    fake = SimpleNamespace(distributed_type=getattr(DistributedType, kind))
+    with pytest.raises(ShardingError, match=f"shards parameters \\({kind}\\).*--multi_gpu"):
+        run(adapter, build_method("scissorhands"), EngineConfig(output_dir=str(tmp_path), max_train_steps=1), accelerator=fake)
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+    from erase.core.engine import check_sharding
+
+    for fine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_sharding(SimpleNamespace(distributed_type=getattr(DistributedType, fine)))

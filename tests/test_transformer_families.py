@@ -102,6 +102,9 @@ def test_every_method_erases_from_a_transformer(dits, data, tmp_path, family, me
     changed = sorted(n for n in base if not torch.equal(base[n], erased[n]))
     assert changed and set(changed) <= set(cfg["targets"]["tensors"])  # only the targets moved
     assert sorted(load_file(str(out / "transformer_delta.safetensors"))) == changed
+    from erase.diffusion.families.mmdit import PRESET_NOTES
+
+    assert cfg["target_path"] == PRESET_NOTES[cfg["settings"]["targets"]]  # the record names the text path the run cut
 
 
 @pytest.fixture(scope="module")
@@ -190,3 +193,12 @@ def test_an_audit_draws_with_the_erased_transformer(dits, reference, tmp_path, k
     cfg = GenerationConfig(model=str(folder), steps=2, guidance=3.5, scheduler="flow_euler", resolution=32, batch_size=2)
     records = generate([PromptRow(index=i, prompt=p, seed=i) for i, p in enumerate(["a photo", "a cat"])], tmp_path / "img", cfg, pipe=pipe)
     assert len(records) == 2 and all((tmp_path / "img" / r["file"]).is_file() for r in records)
+
+
+def test_the_documented_multi_gpu_config_is_what_accelerate_reads():
+    """docs/accelerate/multi_gpu_bf16.yaml (docs/FAMILIES.md, 'Scale') parses with accelerate's own loader as data
+    parallelism in bf16: the launch the engine supports (a sharded one is refused: test_core_engine)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(Path(__file__).parents[1] / "docs" / "accelerate" / "multi_gpu_bf16.yaml"))
+    assert cfg.distributed_type.name == "MULTI_GPU" and cfg.mixed_precision == "bf16" and cfg.num_processes >= 2

@@ -43,6 +43,25 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class ShardingError(ValueError):
+    """The run was launched with sharded parameters (FSDP, DeepSpeed ZeRO-3, Megatron): the trim's global top-k, the
+    saliency accumulators and the projection's inner products read each targeted tensor whole on every process, so
+    they would run on shards and silently give another result. Data parallelism (DDP) is what the engine supports."""
+
+
+#: accelerate's distributed types whose parameters are sharded across processes
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def check_sharding(accelerator) -> None:
+    """A :class:`ShardingError` when ``accelerator`` shards parameters (see :data:`SHARDED`)."""
+    kind = getattr(getattr(accelerator, "distributed_type", None), "name", str(getattr(accelerator, "distributed_type", "")))
+    if kind in SHARDED:
+        raise ShardingError(f"the accelerate config shards parameters ({kind}); the trim and the projection need every targeted "
+                            "tensor whole on each process: launch with data parallelism (--multi_gpu, one full copy per "
+                            "GPU; docs/FAMILIES.md, 'Scale', gives the memory per GPU for each family)")
+
+
 @dataclass
 class EngineConfig:
     output_dir: str = field(default="runs/erase", metadata={"help": "Where checkpoints and outputs go."})
@@ -127,6 +146,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         raise ValueError(f"method {method.name} is a closed-form edit with no repair steps; max_train_steps must be 0, "
                          f"got {config.max_train_steps}")
     acc = accelerator or make_accelerator(config)
+    check_sharding(acc)
     if accelerator is not None:
         release(acc)  # a shared Accelerator may still hold an earlier caller's objects
     set_seed(config.seed)

@@ -62,6 +62,8 @@ def build_record(config, family, method, engine: EngineConfig, result, adapter, 
         "settings": config.settings(),
         "engine": asdict(engine),
         "targets": result.targets,
+        # which part of the denoiser the targets are (for an MMDiT: which text path was cut), as --list_targets says it
+        "target_path": (family.preset_notes or {}).get(config.objective.targets),
         "prepare": result.prepare_info,
         "history": result.history,
         "repair": result.method_summary,

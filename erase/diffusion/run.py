@@ -26,10 +26,10 @@ import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
-from erase.core import NonFiniteLossError, TopKError, build_method, run
+from erase.core import NonFiniteLossError, ShardingError, TopKError, build_method, run
 from erase.core.checkpoints import CheckpointError, read_state
 from erase.core.closed_form import ClosedFormError
-from erase.core.engine import RunResult, make_accelerator
+from erase.core.engine import check_sharding, make_accelerator, RunResult
 from erase.core.registry import get_method_class
 from erase.diffusion import data as data_stage
 from erase.diffusion.adapter import build_adapter
@@ -143,6 +143,10 @@ def _claimed(config: EraseConfig):
 def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     engine = engine_config(config)
     accelerator = make_accelerator(engine)
+    try:
+        check_sharding(accelerator)  # before any image is drawn
+    except ShardingError as e:
+        raise UserError(str(e)) from None
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
@@ -197,7 +201,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         result = run(adapter, method, engine, accelerator=accelerator, settings=settings)
     except NonFiniteLossError as e:
         raise UserError(f"{e} (lower --lr / --lam or set --forget_bound)") from None
-    except (FloatingPointError, TopKError, CheckpointError, ClosedFormError) as e:  # ClosedFormError: uce / speed
+    except (FloatingPointError, TopKError, CheckpointError, ClosedFormError, ShardingError) as e:  # ClosedFormError: uce / speed
         raise UserError(str(e)) from None
 
     # 6. record and export (main process): finite weights only, built beside the folder and swapped in whole
