@@ -73,7 +73,7 @@ def _replay(cfg: ReplayConfig) -> dict:
 
     from erase.diffusion.generate import model_fingerprint
     from eval.attack.utils.checks import draw, save_pngs
-    from eval.attack.utils.models import load_attacked, require_one_text_encoder, resolve_model
+    from eval.attack.utils.models import load_attacked, require_one_text_encoder, resolution_of, resolve_model, set_denoiser
     from eval.judges.registry import GENERATION_DEFAULTS, judge_entry, load_judge
 
     start = time.perf_counter()
@@ -86,9 +86,8 @@ def _replay(cfg: ReplayConfig) -> dict:
     check = m["check"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe, unet = load_attacked(info, check["scheduler"], device)
-    if pipe.unet is not unet:
-        pipe.register_modules(unet=unet)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    set_denoiser(pipe, unet)
+    resolution = resolution_of(pipe)
     batch = cfg.generation_batch_size or {**GENERATION_DEFAULTS, **entry.generation}["batch_size"]
 
     def judged(texts, seeds, guidance, folder):
