@@ -362,9 +362,12 @@ def run_unlearndiffatk(cfg: UnlearnDiffAtkConfig, accelerator=None) -> dict | No
                     "prefix_only": {"prompt": alone, "attacked": on_attacked[alone], "base": on_base[alone]}},
             })
         if multi:  # the same prefix text in every tokenizer: its tokens there, what they decode to, the re-tokenisation
-            for x in out_r:
+            for r, x in enumerate(out_r):
                 x["tokenizers"] = {name: per_tokenizer(e, x["adv_token_ids"], x["adversarial_prompt"], prompts.forget[i])
                                    for e, (_, name, _) in enumerate(family.text_encoders)}
+                for e, y in enumerate(x["tokenizers"].values()):  # how far this encoder's variable moved from its start
+                    start = cand[e][torch.tensor(draws[r][0], device=device)]
+                    y["embedding_moved"] = round(float((search.adv[e].detach()[r] - start).norm()), 6)
                 x["reencodes"] = all(y["reencodes"] for y in x["tokenizers"].values())
         out_r[0]["decay_ratio_median"] = round(float(np.median(search.decay_ratio)), 4) if search.decay_ratio else None
         return out_r, round(attack_s, 3)
