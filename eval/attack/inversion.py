@@ -130,6 +130,20 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str | None = None,
     return new_id, init[0] if init is not None else None
 
 
+def caption_encoder(text_encoder, token_id: int, caption_ids):
+    """``encode(vecs, idx)`` for a one-encoder family (SD 1.x / 2.x): the captions' ids (N, L) (rows ``idx``, all if
+    None) through the encoder, every ``token_id`` replaced by ``vecs[0]``; the last hidden states."""
+    def encode(vecs, idx=None):
+        def rows(input_ids):
+            mask = input_ids == token_id
+            return (mask, vecs[0].expand(int(mask.sum()), -1)) if mask.any() else None
+
+        with TokenEmbeddingOverride(text_encoder, rows):
+            return text_encoder(caption_ids if idx is None else caption_ids[idx])[0].float()
+
+    return encode
+
+
 class TokenInversion:
     """One learned token embedding per text encoder (frozen encoders and denoiser): ``step(idx, generator)`` is one
     optimisation step on the images ``idx`` (posterior sample, noise, timestep drawn from ``generator``, the loss the
@@ -202,14 +216,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
         with torch.no_grad():
             caption_ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                               return_tensors="pt").input_ids.to(device)
-
-        def encode(vecs, idx=None):
-            def rows(input_ids):
-                mask = input_ids == new_id
-                return (mask, vecs[0].expand(int(mask.sum()), -1)) if mask.any() else None
-
-            with TokenEmbeddingOverride(enc, rows):
-                return enc(caption_ids if idx is None else caption_ids[idx])[0].float()
+        encode = caption_encoder(enc, new_id, caption_ids)
     n = len(images.files)
     optimizer = OptimizerSpec(cfg.optimizer, cfg.inversion_lr, cfg.weight_decay)
     fixed = FixedBatch(mean, std, den, device)
