@@ -59,26 +59,26 @@ def attack(argv: list) -> None:
     assert main([str(a) for a in argv]) == 0
 
 
-@pytest.fixture(scope="module")
-def uda(judge, erased, tmp_path_factory):
+def each_family(name: str, judge, erased, tmp_path_factory, *extra) -> dict:
+    """``python -m eval.attack --attack name`` on every family's erased export: family -> its output folder."""
     out = {}
     for f, (_, model, prompts) in erased.items():
-        out[f] = tmp_path_factory.mktemp(f"uda-{f}") / "out"
-        attack(["--attack", "unlearndiffatk", "--model", model, "--concept", judge, "--output_dir", out[f], "--forget_prompts",
-                prompts, "--timestep_blocks", 2, "--iterations", 2, "--num_adv_tokens", 3, "--concept_words", "bright",
-                *sampler(f)])
+        out[f] = tmp_path_factory.mktemp(f"{name}-{f}") / "out"
+        attack(["--attack", name, "--model", model, "--concept", judge, "--output_dir", out[f], "--forget_prompts", prompts,
+                "--concept_words", "bright", *extra, *sampler(f)])
     return out
+
+
+@pytest.fixture(scope="module")
+def uda(judge, erased, tmp_path_factory):
+    return each_family("unlearndiffatk", judge, erased, tmp_path_factory, "--timestep_blocks", 2, "--iterations", 2,
+                       "--num_adv_tokens", 3)
 
 
 @pytest.fixture(scope="module")
 def inv(judge, erased, tmp_path_factory):
-    out = {}
-    for f, (_, model, prompts) in erased.items():
-        out[f] = tmp_path_factory.mktemp(f"inv-{f}") / "out"
-        attack(["--attack", "inversion", "--model", model, "--concept", judge, "--output_dir", out[f], "--forget_prompts",
-                prompts, "--eval_steps", "0,2", "--num_target_images", 2, "--inversion_batch_size", 2, "--inversion_lr", "0.05",
-                "--concept_words", "bright", "--init_word", "photo", *sampler(f)])
-    return out
+    return each_family("inversion", judge, erased, tmp_path_factory, "--eval_steps", "0,2", "--num_target_images", 2,
+                       "--inversion_batch_size", 2, "--inversion_lr", "0.05", "--init_word", "photo")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
