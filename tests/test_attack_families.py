@@ -160,3 +160,18 @@ def test_a_unet_sampler_on_a_flow_model_is_one_line(judge, erased, tmp_path):
     line = str(err.value.code)
     assert line.startswith("error: --scheduler ddim does not sample a flux model") and "flow_euler" in line and "\n" not in line
     assert not (tmp_path / "o").exists()
+
+
+def test_replay_of_a_multi_encoder_word(inv, erased, tmp_path):
+    """--replay puts every encoder's row back: on the model it was learned on it gives the attack's own last verdict;
+    an SD3 word on a Flux model (its T5 is narrower) is one line naming the encoder."""
+    from eval.attack.__main__ import main
+
+    assert main(["--replay", str(inv["sd3"]), "--model", str(erased["sd3"][1]), "--output_dir", str(tmp_path / "r")]) == 0
+    r = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert r["per_seed"]["0"]["hit_rate"] == r["per_seed"]["0"]["hit_rate_when_learned"]
+    with pytest.raises(SystemExit) as err:
+        main(["--replay", str(inv["sd3"]), "--model", str(erased["flux_dev"][1]), "--output_dir", str(tmp_path / "x")])
+    line = str(err.value.code)
+    assert "has width 128, the t5 encoder of" in line and "takes 64: it was learned on another text encoder" in line
+    assert not (tmp_path / "x" / "summary.json").exists()
