@@ -89,8 +89,9 @@ def bare_pass(unet, x, t, cond):
 def measure(unet, enc, sched, cand, cand_ids, ids, x0, restarts_list, inv_batch, reps) -> dict:
     import torch
 
-    from eval.attack.inversion import TokenInversion
-    from eval.attack.utils.prefix_search import OptimizerSpec, PrefixSearch
+    from eval.attack.inversion import TokenInversion, caption_encoder
+    from eval.attack.utils.losses import Denoising
+    from eval.attack.utils.prefix_search import OptimizerSpec, PrefixSearch, one_encoder
 
     out = {}
     unet.requires_grad_(False).eval()
@@ -98,8 +99,8 @@ def measure(unet, enc, sched, cand, cand_ids, ids, x0, restarts_list, inv_batch,
     with torch.no_grad():
         cond1 = enc(ids)[0].float()
     for R in restarts_list:
-        search = PrefixSearch(unet, enc, sched, cand, cand_ids, ids, x0, torch.randint(0, len(cand_ids), (R, 5)),
-                              list(range(R)), OptimizerSpec("adam", 0.01, 0.1))
+        search = PrefixSearch(unet, Denoising.sd1(sched), one_encoder(enc, ids, 5), [cand], cand_ids, x0,
+                              torch.randint(0, len(cand_ids), (R, 5)), list(range(R)), OptimizerSpec("adam", 0.01, 0.1))
         rows = list(range(R))
         x = sched.add_noise(x0.expand(R, -1, -1, -1), torch.randn(R, *x0.shape[1:]), torch.full((R,), 500))
         out[f"uda_restarts{R}"] = paired(lambda: search.step(500, rows), bare_pass(unet, x, torch.full((R,), 500),
@@ -109,8 +110,8 @@ def measure(unet, enc, sched, cand, cand_ids, ids, x0, restarts_list, inv_batch,
     new_id = int(cand_ids[0])
     caption = ids.clone()
     caption[0, 2] = new_id
-    inv = TokenInversion(unet, enc, sched, new_id, cand[0], mean, std, 1.0, caption.expand(n, -1),
-                         OptimizerSpec("adam", 5e-3, 0.0))
+    inv = TokenInversion(unet, Denoising.sd1(sched, 1.0), caption_encoder(enc, new_id, caption.expand(n, -1)), [cand[0]],
+                         mean, std, OptimizerSpec("adam", 5e-3, 0.0))
     gen = torch.Generator().manual_seed(0)
     idx = list(range(inv_batch))
     x = sched.add_noise(mean[idx], torch.randn(inv_batch, *x0.shape[1:]), torch.full((inv_batch,), 500))
@@ -173,7 +174,8 @@ def cce_part(args) -> dict:
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
-    from eval.attack.inversion import BUDGETS, TokenInversion
+    from eval.attack.inversion import BUDGETS, TokenInversion, caption_encoder
+    from eval.attack.utils.losses import Denoising
     from eval.attack.utils.prefix_search import OptimizerSpec
     from eval.digits.model import default_model_dir
 
@@ -186,9 +188,9 @@ def cce_part(args) -> dict:
     ids = tok(["a handwritten digit image"] * n, padding="max_length", max_length=tok.model_max_length,
               return_tensors="pt").input_ids
     token_id = int(ids[0, 4])
-    inv = TokenInversion(pipe.unet, enc, DDPMScheduler.from_config(pipe.scheduler.config), token_id,
-                         enc.get_input_embeddings().weight[token_id].detach(), torch.randn(n, 4, s, s),
-                         torch.full((n, 4, s, s), 0.1), 1.0, ids,
+    inv = TokenInversion(pipe.unet, Denoising.sd1(DDPMScheduler.from_config(pipe.scheduler.config), 1.0),
+                         caption_encoder(enc, token_id, ids), [enc.get_input_embeddings().weight[token_id].detach()],
+                         torch.randn(n, 4, s, s), torch.full((n, 4, s, s), 0.1),
                          OptimizerSpec(b["optimizer"], b["inversion_lr"], b["weight_decay"]))
     gen = torch.Generator().manual_seed(0)
     idx = list(range(b["inversion_batch_size"]))

@@ -30,7 +30,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 
@@ -40,10 +39,11 @@ from eval.attack.registry import load_judge, register_attack, run_audit
 from eval.attack.utils.checks import check_seeds, draw, first_step_over, judge_images, save_pngs
 from eval.attack.utils.config import ConceptImagesConfig, apply_budget, cast_fields, int_list
 from eval.attack.utils.images import concept_images, describe_images
-from eval.attack.utils.losses import FixedBatch, endless_batches, noise_target
-from eval.attack.utils.models import load_attacked, require_one_text_encoder
+from eval.attack.utils.losses import Denoising, FixedBatch, endless_batches
+from eval.attack.utils.models import load_attacked, pipeline_text, resolution_of, set_denoiser
 from eval.attack.utils.prefix_search import OPTIMIZERS, OptimizerSpec
 from eval.attack.utils.records import begin, prepare_cells, read_cell, versions, write_artefacts
+from eval.attack.utils.text import PromptEncoders, embedding_keys
 from eval.attack.utils.tokens import TokenEmbeddingOverride
 from eval.attack.utils.words import replace_words, word_list
 
@@ -59,7 +59,6 @@ BUDGETS = {  # named budgets: every field they set, a flag that contradicts one 
 
 @dataclass
 class InversionConfig(ConceptImagesConfig):
-    ONE_TEXT_ENCODER: ClassVar[bool] = True  # it learns an input token of one text encoder
     inversion_lr: float = field(default=5e-3, metadata={"help": "learning rate of the token embedding"})
     inversion_batch_size: int = field(default=4, metadata={"help": "images per step"})
     optimizer: str = field(default="adam", metadata={"help": "adam or adamw (decoupled weight decay)"})
@@ -97,14 +96,16 @@ class InversionConfig(ConceptImagesConfig):
             raise UserError(f"--token must be non-empty with no spaces, got {self.token!r}")
 
 
-def pick_init_word(tokenizer, init_word: str | None) -> str:
-    """``init_word``, or the first of ``INIT_WORDS`` that is one token of this tokenizer."""
+def pick_init_word(tokenizers, init_word: str | None) -> str:
+    """``init_word``, or the first of ``INIT_WORDS`` that is one token of every tokenizer (one, or a list)."""
     if init_word is not None:
         return init_word
+    tokenizers = tokenizers if isinstance(tokenizers, (list, tuple)) else [tokenizers]
     for word in INIT_WORDS:
-        if len(tokenizer(word, add_special_tokens=False).input_ids) == 1:
+        if all(len(t(word, add_special_tokens=False).input_ids) == 1 for t in tokenizers):
             return word
-    raise UserError(f"none of {', '.join(INIT_WORDS)} is one token of this tokenizer; give --init_word WORD")
+    raise UserError(f"none of {', '.join(INIT_WORDS)} is one token of {'every' if len(tokenizers) > 1 else 'this'} "
+                    "tokenizer; give --init_word WORD")
 
 
 def add_token(tokenizer, text_encoder, token: str, init_word: str | None = None, vector=None) -> tuple[int, int | None]:
@@ -119,7 +120,8 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str | None = None,
         raise UserError(f"--token {token!r} is already in the vocabulary; pick a new string")
     tokenizer.add_tokens([token])
     new_id = tokenizer.convert_tokens_to_ids(token)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    if new_id >= text_encoder.get_input_embeddings().weight.shape[0]:  # T5's table has spare rows: no shrinking
+        text_encoder.resize_token_embeddings(len(tokenizer))
     with torch.no_grad():
         weight = text_encoder.get_input_embeddings().weight
         weight[new_id] = weight[init[0]] if init is not None else vector.to(weight)
@@ -128,40 +130,40 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str | None = None,
     return new_id, init[0] if init is not None else None
 
 
-class TokenInversion:
-    """One learned token embedding on a frozen text encoder and UNet: ``step(idx, generator)`` is one optimisation
-    step on the images ``idx`` (posterior sample, noise, timestep drawn from ``generator``)."""
+def caption_encoder(text_encoder, token_id: int, caption_ids):
+    """``encode(vecs, idx)`` for a one-encoder family (SD 1.x / 2.x): the captions' ids (N, L) (rows ``idx``, all if
+    None) through the encoder, every ``token_id`` replaced by ``vecs[0]``; the last hidden states."""
+    def encode(vecs, idx=None):
+        def rows(input_ids):
+            mask = input_ids == token_id
+            return (mask, vecs[0].expand(int(mask.sum()), -1)) if mask.any() else None
 
-    def __init__(self, unet, text_encoder, scheduler, token_id: int, init_vec, mean, std, scale: float, caption_ids,
-                 optimizer: OptimizerSpec):
+        with TokenEmbeddingOverride(text_encoder, rows):
+            return text_encoder(caption_ids if idx is None else caption_ids[idx])[0].float()
+
+    return encode
+
+
+class TokenInversion:
+    """One learned token embedding per text encoder (frozen encoders and denoiser): ``step(idx, generator)`` is one
+    optimisation step on the images ``idx`` (posterior sample, noise, timestep drawn from ``generator``, the loss the
+    family's objective: ``utils.losses.Denoising``). ``encode(vecs, idx)`` -> the captions' conditioning (all if
+    ``idx`` is None) with each encoder's token row replaced by its vector."""
+
+    def __init__(self, model, denoising, encode, init_vecs: list, mean, std, optimizer: OptimizerSpec):
         import torch
 
-        self.unet, self.enc, self.sched, self.token_id = unet, text_encoder, scheduler, token_id
-        self.mean, self.std, self.scale, self.caption_ids = mean, std, scale, caption_ids
-        self.vec = torch.nn.Parameter(init_vec.clone())
-        self.opt = optimizer.build([self.vec])
-        self.num_t = int(scheduler.config.num_train_timesteps)
+        self.model, self.den, self.encode_with = model, denoising, encode
+        self.mean, self.std = mean, std
+        self.vecs = [torch.nn.Parameter(v.clone()) for v in init_vecs]
+        self.opt = optimizer.build(self.vecs)
 
-    def encode(self, ids, vec=None):
-        vec = self.vec if vec is None else vec
-
-        def rows(input_ids):
-            mask = input_ids == self.token_id
-            return (mask, vec.expand(int(mask.sum()), -1)) if mask.any() else None
-
-        with TokenEmbeddingOverride(self.enc, rows):
-            return self.enc(ids)[0].float()
+    def encode(self, idx=None, vecs=None):
+        return self.encode_with(self.vecs if vecs is None else vecs, idx)
 
     def step(self, idx: list[int], generator) -> float:
-        import torch
-        import torch.nn.functional as F
-
-        device = self.mean.device
-        z = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=generator).to(device)) * self.scale
-        noise = torch.randn(z.shape, generator=generator).to(device)
-        t = torch.randint(0, self.num_t, (len(idx),), generator=generator).to(device)
-        pred = self.unet(self.sched.add_noise(z, noise, t), t, self.encode(self.caption_ids[idx])).sample
-        loss = F.mse_loss(pred.float(), noise_target(self.sched, z, noise, t).float())
+        z, noise, t = self.den.sample(self.mean, self.std, idx, generator)
+        loss = self.den.loss(self.model, z, noise, t, self.encode(idx))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -172,7 +174,6 @@ class TokenInversion:
                  help="concept inversion: learn one new token's embedding on the attacked model (Pham et al. 2024)")
 def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     import torch
-    from diffusers import DDPMScheduler
     from safetensors.torch import save
     from tqdm.auto import tqdm
 
@@ -184,46 +185,55 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
     words, words_source = word_list(cfg.concept, cfg.concept_words)
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
-    require_one_text_encoder(pipe, "inversion")
-    tok, enc = pipe.tokenizer, pipe.text_encoder
-    init_word = pick_init_word(tok, cfg.init_word)
-    new_id, init_id = add_token(tok, enc, cfg.token, init_word)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    family, text = pipeline_text(pipe)
+    encoders = PromptEncoders(text, device)
+    multi = len(encoders.encoders) > 1  # SDXL, SD3, Flux: the new word has a learned row in every encoder's table
+    init_word = pick_init_word(encoders.tokenizers, cfg.init_word)
+    added = [add_token(t, e, cfg.token, init_word) for t, e in zip(encoders.tokenizers, encoders.encoders)]
+    new_ids, init_ids = [a[0] for a in added], [a[1] for a in added]
+    keys_of = embedding_keys(family)  # the names of each encoder's row in the embedding file
+    (new_id, init_id), tok, enc = added[0], encoders.tokenizers[0], encoders.encoders[0]
+    resolution = resolution_of(pipe)
 
-    # 1. Images of the concept by the base model (the pipeline still holds the base UNet), as the relearn attack.
+    # 1. Images of the concept by the base model (the pipeline still holds the base denoiser), as the relearn attack.
     concept = concept_images(cfg, run, pipe, judge, resolution, accelerator)
     images, gen_kw, target_judged = concept.images, concept.generation, concept.judged
     captions = [replace_words(p, words, cfg.token) for p in images.prompts]
-    if pipe.unet is not unet:
-        pipe.register_modules(unet=unet)
-    for m in (enc, unet, pipe.vae):
+    set_denoiser(pipe, unet)
+    for m in (*encoders.encoders, unet, pipe.vae):
         m.requires_grad_(False)
         m.eval()
-    with torch.no_grad():
-        caption_ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
-    weight = enc.get_input_embeddings().weight
-    init_vec = weight[init_id].detach().clone()
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    sf = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
+    weights = [e.get_input_embeddings().weight for e in encoders.encoders]
+    init_vecs = [w[i].detach().clone() for w, i in zip(weights, init_ids)]
     mean, std = concept.mean.to(device), concept.std.to(device)
+    den = Denoising.of_pipeline(pipe, text, resolution, tuple(mean.shape[1:]), unet)
+    if multi:  # the captions through the family's text stack, the token's row of every encoder replaced
+
+        def encode(vecs, idx=None):
+            texts = captions if idx is None else [captions[j] for j in idx]
+            return encoders.encode(texts, encoders.token_rows(new_ids, vecs))
+    else:
+        with torch.no_grad():
+            caption_ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                              return_tensors="pt").input_ids.to(device)
+        encode = caption_encoder(enc, new_id, caption_ids)
     n = len(images.files)
     optimizer = OptimizerSpec(cfg.optimizer, cfg.inversion_lr, cfg.weight_decay)
-    fixed = FixedBatch(mean, std, sf, noise_sched, device)
-    probe = TokenInversion(unet, enc, noise_sched, new_id, init_vec, mean, std, sf, caption_ids, optimizer)
+    fixed = FixedBatch(mean, std, den, device)
 
-    def eval_loss(vec) -> float:
+    def eval_loss(vecs) -> float:
         with torch.no_grad():
-            cond = probe.encode(caption_ids, vec)  # the captions once, not once per fixed batch slice
-        return fixed.loss(lambda noisy, t, idx: unet(noisy, t, cond[idx.to(device)]).sample, cfg.inversion_batch_size)
+            cond = encode(vecs)  # the captions once, not once per fixed batch slice
+        return fixed.loss(lambda noisy, t, idx: den.predict(unet, noisy, t, cond[idx.to(device)]), cfg.inversion_batch_size)
 
     check_prompts = [replace_words(prompts.forget[i % len(prompts.forget)], words, cfg.token) for i in range(cfg.num_images)]
     orig_prompts = [prompts.forget[i % len(prompts.forget)] for i in range(cfg.num_images)]
     seeds = check_seeds(cfg.eval_seed, cfg.num_images)
 
-    def check(vec, texts, folder: str) -> dict:
+    def check(vecs, texts, folder: str) -> dict:
         with torch.no_grad():
-            weight[new_id] = vec  # the pipeline tokenises the text: the token's row is the learned vector
+            for w, i, v in zip(weights, new_ids, vecs):
+                w[i] = v  # the pipeline tokenises the text: the token's row is the learned vector
         pixels = draw(pipe, texts, seeds, cfg.steps, float(cfg.guidance), resolution, cfg.generation_batch_size)
         if cfg.save_images:
             save_pngs(pixels, out / "images" / folder)
@@ -239,12 +249,21 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
         "init_token_id": init_id, "target_images": describe_images(cfg, images, gen_kw, captions),
         "optimizer": {**optimizer.describe(), "on": "the new token's embedding only (1 x D); text encoder and UNet frozen"},
         "batch_size": cfg.inversion_batch_size, "budget": cfg.budget,
-        "loss": f"MSE to the {noise_sched.config.prediction_type} target of the attacked UNet, timesteps uniform in "
-                f"[0, {probe.num_t}), latents = VAE posterior sample x {sf:.5g}, each image with its caption",
+        "loss": f"MSE to the {den.prediction_type} target of the attacked UNet, timesteps uniform in "
+                f"[0, {den.num_t}), latents = VAE posterior sample x {den.scale:.5g}, each image with its caption",
         "eval_loss": fixed.describe(),
         "steps": list(cfg.eval_steps), "inversion_seeds": list(cfg.inversion_seeds), "generation": cfg.generation(),
         "resolution": resolution, "judge": {"concept": cfg.concept, **judge.settings},
     }
+    if multi:  # the SD 1.x / 2.x settings (and so their resume keys) stay as they were
+        settings.update({
+            "model_family": family.name, "text_encoders": dict(zip(keys_of, (e for _, e, _ in family.text_encoders))),
+            "token_ids": dict(zip(keys_of, new_ids)), "init_token_ids": dict(zip(keys_of, init_ids)),
+            "optimizer": {**optimizer.describe(), "on": "the new token's row of every text encoder's embedding table "
+                          f"({', '.join(f'{k} 1 x {v.numel()}' for k, v in zip(keys_of, init_vecs))}); encoders and "
+                          f"{family.denoiser} frozen"},
+            "loss": den.describe(family.denoiser) + "; each image with its caption, encoded by the family's text stack "
+                    "(every encoder, the pooled path included)"})
     common = {k: v for k, v in settings.items() if k not in ("inversion_seeds", "budget")}
     keys = {s: settings_hash({**common, "seed": s}) for s in cfg.inversion_seeds}
     cells_dir, emb_dir = out / "cells", out / "embeddings"
@@ -264,7 +283,7 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
                disable=accelerator is not None and not accelerator.is_local_main_process)
     for seed in todo:
         t_cell = time.perf_counter()
-        inv = TokenInversion(unet, enc, noise_sched, new_id, init_vec, mean, std, sf, caption_ids, optimizer)
+        inv = TokenInversion(unet, den, encode, init_vecs, mean, std, optimizer)
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         stream = endless_batches(n, cfg.inversion_batch_size, gen)
@@ -273,31 +292,37 @@ def run_inversion(cfg: InversionConfig, accelerator=None) -> dict | None:
             if step in cfg.eval_steps:
                 t0 = time.perf_counter()
                 if pre is None:
-                    pre = check(init_vec, orig_prompts, f"seed{seed}/pre")
-                checks.append(check(inv.vec.detach(), check_prompts, f"seed{seed}/step{step:05d}"))
-                eval_losses.append(eval_loss(inv.vec.detach()))
+                    pre = check(init_vecs, orig_prompts, f"seed{seed}/pre")
+                vecs = [v.detach() for v in inv.vecs]
+                checks.append(check(vecs, check_prompts, f"seed{seed}/step{step:05d}"))
+                eval_losses.append(eval_loss(vecs))
                 check_seconds += time.perf_counter() - t0
                 bar.set_postfix(seed=seed, step=step, hit=f"{checks[-1]['hit_rate']:.2f}", eval_loss=f"{eval_losses[-1]:.4f}")
             if step == max_step:
                 break
             train_losses.append(inv.step(next(stream), gen))
             bar.update(1)
-        learned = inv.vec.detach().float().cpu().reshape(1, -1).contiguous()
+        learned = [v.detach().float().cpu().reshape(1, -1).contiguous() for v in inv.vecs]
         meta = {"token": cfg.token, "init_word": init_word, "steps": str(max_step), "seed": str(seed),
                 "lr": str(cfg.inversion_lr), "optimizer": cfg.optimizer, "concept": cfg.concept,
                 "attack": "inversion (eval.attack)", "settings_hash": keys[seed]}
-        atomic_write_bytes(emb_dir / f"seed{seed}.safetensors", save({cfg.token: learned}, metadata=meta))
+        if multi:
+            meta.update(model_family=family.name, layout="one (1, D) row per text encoder: " + ", ".join(keys_of))
+        tensors = dict(zip(keys_of, learned)) if multi else {cfg.token: learned[0]}
+        atomic_write_bytes(emb_dir / f"seed{seed}.safetensors", save(tensors, metadata=meta))
+        norms = [{"init": float(v0.norm()), "learned": float(v.norm()), "moved": float((v[0] - v0.cpu()).norm())}
+                 for v0, v in zip(init_vecs, learned)]
         atomic_write_json(cells_dir / f"seed{seed}.json", {
             "key": keys[seed], "seed": seed, "steps": list(cfg.eval_steps), "pre": pre,
             "hit_rate": [c["hit_rate"] for c in checks], "hits": [c["hits"] for c in checks], "n": [c["n"] for c in checks],
             "checks": checks, "eval_loss": eval_losses, "train_loss": train_losses,
-            "embedding_norm": {"init": float(init_vec.norm()), "learned": float(learned.norm()),
-                               "moved": float((learned[0] - init_vec.cpu()).norm())},
+            "embedding_norm": dict(zip(keys_of, norms)) if multi else norms[0],
             "seconds": round(time.perf_counter() - t_cell, 2), "check_seconds": round(check_seconds, 2),
             "device": str(device), "torch_threads": torch.get_num_threads()})
     bar.close()
     with torch.no_grad():
-        weight[new_id] = init_vec
+        for w, i, v in zip(weights, new_ids, init_vecs):
+            w[i] = v
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not is_main:
@@ -362,6 +387,10 @@ def summarise(cfg, cells: dict, settings: dict, info, run, todo, target_judged, 
         "attack": "inversion", "kind": "token_embeddings", "concept": cfg.concept,
         "learned_on": {"model": cfg.model, "base_model": info.base, "model_fingerprint": settings["model_fingerprint"]},
         "what": "one learned token embedding per inversion seed (safetensors, diffusers' textual-inversion layout)",
+        **({"model_family": settings["model_family"], "encoders": settings["text_encoders"],
+            "what": "one learned row per text encoder and inversion seed (safetensors: {encoder key: (1, D)}, the token "
+                    "in its metadata; SDXL's keys clip_l / clip_g are the layout of SDXL textual-inversion files)"}
+           if "text_encoders" in settings else {}),
         "token": cfg.token, "init_word": settings["init_word"], "steps": max(cfg.eval_steps),
         "embeddings": {str(s): f"embeddings/seed{s}.safetensors" for s in cells},
         "hit_rate_when_learned": {str(s): c["hit_rate"][-1] for s, c in cells.items()},

@@ -35,8 +35,8 @@ from eval.attack.registry import load_judge, register_attack, run_audit
 from eval.attack.utils.checks import PASS_RATE, check_seeds, draw, first_step_over, judge_images, save_pngs
 from eval.attack.utils.config import ConceptImagesConfig, cast_fields, int_list, str_list
 from eval.attack.utils.images import concept_images, describe_images
-from eval.attack.utils.losses import FixedBatch, endless_batches, noise_target
-from eval.attack.utils.models import load_attacked, pipeline_text
+from eval.attack.utils.losses import Denoising, FixedBatch, endless_batches
+from eval.attack.utils.models import load_attacked, pipeline_family, pipeline_text, resolution_of, set_denoiser
 from eval.attack.utils.records import begin, prepare_cells, read_cell, versions
 
 logger = logging.getLogger(__name__)
@@ -94,13 +94,9 @@ def targets_spec(cfg: RelearnConfig, erase_config: dict | None) -> tuple[str | N
                                                 "hit rate of the judge over relearning steps")
 def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
     import torch
-    import torch.nn.functional as F
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     from erase.core.targets import TargetError, describe, select_parameters
-    from erase.diffusion.adapter import TARGET_PRESETS
-    from erase.diffusion.families import Conditioner
     from erase.diffusion.generate import model_fingerprint
 
     run = begin(cfg, accelerator)
@@ -118,39 +114,36 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
+    family = pipeline_family(pipe)
     selections = {"all": dict(unet.named_parameters())}
     if "targets" in param_sets:
-        try:
-            selections["targets"] = select_parameters(unet, spec, exclude, TARGET_PRESETS)
+        try:  # the family's presets (an MMDiT's text paths, SDXL's noxattn), as erase/sd.py named them
+            selections["targets"] = select_parameters(unet, spec, exclude, family.target_presets)
         except TargetError as e:
             raise UserError(f"targets from {spec_source}: {e}") from None
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = resolution_of(pipe)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
 
     # 1. Images of the concept, drawn by the base model (the pipeline still holds the base UNet here).
     concept = concept_images(cfg, run, pipe, judge, resolution, accelerator)
     images, gen_kw, target_judged, mean, std = concept.images, concept.generation, concept.judged, concept.mean, concept.std
-    # Each image's prompt, encoded as the model's family conditions its UNet (SDXL: both encoders, pooled, time ids).
+    # Each image's prompt, encoded as the model's family conditions its denoiser (SDXL: both encoders, pooled, time
+    # ids; SD3 / Flux: CLIP and T5 tokens, pooled projections), and the family's objective (noise or flow velocity).
     family, text = pipeline_text(pipe)
     cond = text.encode(images.prompts, device).float()
-    conditioning = Conditioner(family, resolution, text.pooled_dim())
-    if pipe.unet is not unet:
-        pipe.register_modules(unet=unet)
+    set_denoiser(pipe, unet)
     unet.train()
     initial = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_t = int(noise_sched.config.num_train_timesteps)
-    sf = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
     mean, std = mean.to(device), std.to(device)
+    den = Denoising.of_pipeline(pipe, text, resolution, tuple(mean.shape[1:]), unet)
     n = len(images.files)
 
     # A fixed batch of noisy latents: the eval loss at every check is comparable (the training loss is noise-dominated).
-    fixed = FixedBatch(mean, std, sf, noise_sched, device)
+    fixed = FixedBatch(mean, std, den, device)
 
     def eval_loss() -> float:
-        return fixed.loss(lambda noisy, t, idx: unet(noisy, t, **conditioning(cond[idx.to(device)])).sample,
-                          cfg.relearn_batch_size)
+        return fixed.loss(lambda noisy, t, idx: den.predict(unet, noisy, t, cond[idx.to(device)]), cfg.relearn_batch_size)
 
     check_prompts = [prompts.forget[i % len(prompts.forget)] for i in range(cfg.num_images)]
     seeds = check_seeds(cfg.eval_seed, cfg.num_images)
@@ -174,8 +167,9 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
         "num_target_images": n, "target_seed": None if cfg.target_images else cfg.target_seed,
         "optimizer": {"name": "adam", "lr": cfg.relearn_lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
         "batch_size": cfg.relearn_batch_size,
-        "loss": f"MSE to the {noise_sched.config.prediction_type} target (plain noise prediction), timesteps uniform in "
-                f"[0, {num_t}), latents = VAE posterior sample x {sf:.5g}, each image with its own prompt, no dropout",
+        "loss": f"MSE to the {den.prediction_type} target (plain noise prediction), timesteps uniform in "
+                f"[0, {den.num_t}), latents = VAE posterior sample x {den.scale:.5g}, each image with its own prompt, no dropout"
+                if not den.flow else den.describe(family.denoiser) + ", each image with its own prompt, no dropout",
         "eval_loss": fixed.describe(),
         "steps": list(cfg.eval_steps), "relearn_seeds": list(cfg.relearn_seeds), "relearn_params": param_sets,
         "targets": {"spec": spec, "exclude": exclude, "source": spec_source}, "generation": cfg.generation(),
@@ -238,11 +232,8 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
             if step == max_step:
                 break
             idx = next(stream)
-            z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen).to(device)) * sf
-            noise = torch.randn(z.shape, generator=gen).to(device)
-            t = torch.randint(0, num_t, (len(idx),), generator=gen).to(device)
-            pred = unet(noise_sched.add_noise(z, noise, t), t, **conditioning(cond[idx])).sample
-            loss = F.mse_loss(pred.float(), noise_target(noise_sched, z, noise, t).float())
+            z, noise, t = den.sample(mean, std, idx, gen)
+            loss = den.loss(unet, z, noise, t, cond[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

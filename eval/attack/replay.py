@@ -73,7 +73,7 @@ def _replay(cfg: ReplayConfig) -> dict:
 
     from erase.diffusion.generate import model_fingerprint
     from eval.attack.utils.checks import draw, save_pngs
-    from eval.attack.utils.models import load_attacked, require_one_text_encoder, resolve_model
+    from eval.attack.utils.models import load_attacked, resolution_of, resolve_model, set_denoiser
     from eval.judges.registry import GENERATION_DEFAULTS, judge_entry, load_judge
 
     start = time.perf_counter()
@@ -86,9 +86,8 @@ def _replay(cfg: ReplayConfig) -> dict:
     check = m["check"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe, unet = load_attacked(info, check["scheduler"], device)
-    if pipe.unet is not unet:
-        pipe.register_modules(unet=unet)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    set_denoiser(pipe, unet)
+    resolution = resolution_of(pipe)
     batch = cfg.generation_batch_size or {**GENERATION_DEFAULTS, **entry.generation}["batch_size"]
 
     def judged(texts, seeds, guidance, folder):
@@ -117,7 +116,6 @@ def _replay(cfg: ReplayConfig) -> dict:
                             "stripped_control": "the same prefixes before the prompts with the concept's words stripped"}})
         summary["headline"] = {"replay_asr": summary["asr"], "replay_stripped": summary["stripped_control"]}
     else:
-        require_one_text_encoder(pipe, "a replayed token embedding")
         summary.update(_replay_embeddings(cfg, pipe, judged))
     summary["check"] = {**check, "resolution_here": resolution, "generation_batch_size": batch}
     summary["judge"] = {"concept": cfg.concept, **judge.settings}
@@ -132,31 +130,43 @@ def _replay_embeddings(cfg: ReplayConfig, pipe, judged) -> dict:
     from safetensors import SafetensorError, safe_open
 
     from eval.attack.inversion import add_token
+    from eval.attack.utils.models import pipeline_text
+    from eval.attack.utils.text import embedding_keys
 
     m, check = cfg.manifest, cfg.manifest["check"]
-    tok, enc, token = pipe.tokenizer, pipe.text_encoder, m["token"]
-    width = enc.get_input_embeddings().weight.shape[1]
+    family, text = pipeline_text(pipe)
+    token, multi = m["token"], len(text.encoders) > 1
+    keys = embedding_keys(family) if multi else (token,)  # a multi-encoder file: one row per encoder (inversion.py)
     vectors = {}
     for name, rel in sorted(m["embeddings"].items()):
         path = Path(cfg.replay) / rel
         try:
             with safe_open(str(path), "pt") as f:
-                vectors[name] = f.get_tensor(token).reshape(-1).float()
+                missing = [k for k in keys if k not in f.keys()]
+                if missing and multi:
+                    raise UserError(f"--replay {cfg.replay}: the embedding {rel} has no row {missing[0]!r} for "
+                                    f"{family.title}'s encoders ({', '.join(keys)}): it was learned on another family")
+                vectors[name] = [f.get_tensor(k).reshape(-1).float() for k in keys]
         except (OSError, SafetensorError, KeyError) as e:
             raise UserError(f"--replay {cfg.replay}: cannot read the embedding {rel} ({str(e).splitlines()[0]})") from None
-        if vectors[name].numel() != width:
-            raise UserError(f"--replay {cfg.replay}: the embedding {rel} has width {vectors[name].numel()}, the text "
-                            f"encoder of {cfg.model} takes {width}: it was learned on another text encoder")
-    new_id, _ = add_token(tok, enc, token, vector=next(iter(vectors.values())))
+        for key, enc, vec in zip(keys, text.encoders, vectors[name]):
+            width = enc.get_input_embeddings().weight.shape[1]
+            if vec.numel() != width:
+                what = "the text encoder" if not multi else f"the {key} encoder"
+                raise UserError(f"--replay {cfg.replay}: the embedding {rel} has width {vec.numel()}, {what} of "
+                                f"{cfg.model} takes {width}: it was learned on another text encoder")
+    first = next(iter(vectors.values()))
+    new_ids = [add_token(t, e, token, vector=v)[0] for t, e, v in zip(text.tokenizers, text.encoders, first)]
     init = m.get("init_word")
     seeds, guidance = [int(s) for s in check["seeds"]], float(check["guidance"])
     pre = judged(check["original_prompts"], seeds, guidance, "pre")
     control = judged([p.replace(token, init) for p in check["prompts"]], seeds, guidance, "control") if init else None
-    weight = enc.get_input_embeddings().weight
+    weights = [e.get_input_embeddings().weight for e in text.encoders]
     per = {}
-    for name, vec in vectors.items():
+    for name, vecs in vectors.items():
         with torch.no_grad():
-            weight[new_id] = vec.to(weight)
+            for w, i, v in zip(weights, new_ids, vecs):
+                w[i] = v.to(w)
         flags = judged(check["prompts"], seeds, guidance, f"seed{name}")
         per[name] = {"hit_rate": _rate(flags), "hits": int(sum(flags)), "n": len(flags),
                      "hit_rate_when_learned": m.get("hit_rate_when_learned", {}).get(name)}

@@ -133,6 +133,11 @@ class TextStack:
 
     @torch.no_grad()
     def encode(self, prompts: list[str], device, batch_size: int = 32) -> torch.Tensor:
+        return self.encode_with_grad(prompts, device, batch_size)
+
+    def encode_with_grad(self, prompts: list[str], device, batch_size: int = 32) -> torch.Tensor:
+        """:meth:`encode` with autograd left as the caller has it (the prompt attacks of eval.attack learn input
+        embeddings through the family's own encoding)."""
         out = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]

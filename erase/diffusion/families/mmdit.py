@@ -76,8 +76,7 @@ class PipelineTextStack(TextStack):
     def _embed(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def encode(self, prompts: list[str], device, batch_size: int = 32) -> torch.Tensor:
+    def encode_with_grad(self, prompts: list[str], device, batch_size: int = 32) -> torch.Tensor:
         out = []
         for i in range(0, len(prompts), batch_size):
             hidden, pooled = self._embed(prompts[i : i + batch_size], device)

@@ -8,6 +8,8 @@ from pathlib import Path
 from erase.utils.errors import UserError
 from erase.utils.files import read_json
 
+DENOISERS = ("unet", "transformer")  # the denoiser folder of an erase/sd.py output (erase.diffusion.families)
+
 
 @dataclass
 class ModelInfo:
@@ -28,8 +30,8 @@ def resolve_model(model: str) -> ModelInfo:
         base = config.get("pretrained_model_name_or_path") if isinstance(config, dict) else None
         if not base:
             raise UserError(f"{path / 'erase_config.json'} has no 'pretrained_model_name_or_path' naming the base model")
-        if not (path / "unet").is_dir():
-            raise UserError(f"{model} has an erase_config.json but no unet/ folder")
+        if not any((path / d).is_dir() for d in DENOISERS):
+            raise UserError(f"{model} has an erase_config.json but no unet/ or transformer/ folder")
         return ModelInfo(str(model), str(base), config)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -50,22 +52,22 @@ def check_unet_file(info: ModelInfo) -> None:
 
     from erase.utils.checks import check_weights
 
-    for path in sorted((Path(info.model) / "unet").glob("*.safetensors")):
+    for path in sorted(p for d in DENOISERS for p in (Path(info.model) / d).glob("*.safetensors")):
         try:
             with safe_open(str(path), "pt") as f:
-                check_weights(((k, f.get_tensor(k)) for k in f.keys()), f"the erased UNet of {info.model}",
+                check_weights(((k, f.get_tensor(k)) for k in f.keys()), f"the erased {'UNet' if path.parent.name == 'unet' else path.parent.name} of {info.model}",
                               "; an audit of it would judge black images: re-export the model")
         except (OSError, SafetensorError) as e:
             raise UserError(f"could not read {path}: {str(e).strip().splitlines()[0]}") from None
 
 
 def load_attacked(info: ModelInfo, scheduler: str, device):
-    """(pipeline of the base model, the attacked UNet): the pipeline still holds the base UNet; swap it with
-    ``pipe.register_modules(unet=...)`` once the base model's work (drawing target images) is done.
+    """(pipeline of the base model, the attacked denoiser): the pipeline still holds the base denoiser (its UNet or
+    transformer); swap it with :func:`set_denoiser` once the base model's work (drawing target images) is done.
 
-    Non-finite weights are refused in one line (the base's by ``load_pipeline``, the erased UNet's here): a UNet
-    with one NaN weight draws black images that a judge calls "not the concept", the worst wrong answer an attack
-    audit can give."""
+    Non-finite weights are refused in one line (the base's by ``load_pipeline``, the erased denoiser's here): a
+    denoiser with one NaN weight draws black images that a judge calls "not the concept", the worst wrong answer an
+    attack audit can give."""
     import torch
 
     from erase.diffusion.generate import load_pipeline
@@ -74,44 +76,77 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     pipe = load_pipeline(info.base, scheduler=scheduler, dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
     if not info.erased:
-        return pipe, pipe.unet
-    from diffusers import UNet2DConditionModel
-
+        return pipe, denoiser_of(pipe)
+    family = pipeline_family(pipe)
     try:
-        unet = UNet2DConditionModel.from_pretrained(info.model, subfolder="unet", dtype=torch.float32)
+        model = family.denoiser_cls().from_pretrained(info.model, subfolder=family.denoiser, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise UserError(f"could not load the UNet of {info.model!r}: {str(e).strip().splitlines()[0]}") from None
-    check_weights(unet.state_dict().items(), f"the erased UNet of {info.model}",
+        raise UserError(f"could not load the {family.denoiser} of {info.model!r}: {str(e).strip().splitlines()[0]}") from None
+    what = "UNet" if family.denoiser == "unet" else family.denoiser
+    check_weights(model.state_dict().items(), f"the erased {what} of {info.model}",
                   "; an audit of it would judge black images: re-export the model")
-    return pipe, unet.to(device)
+    return pipe, model.to(device)
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser: its ``unet`` (SD 1.x / 2.x / XL) or ``transformer`` (SD3, Flux)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+
+
+def set_denoiser(pipe, model) -> None:
+    """Put ``model`` into the pipeline as its denoiser (a no-op when it already is)."""
+    if denoiser_of(pipe) is not model:
+        pipe.register_modules(**{"unet" if getattr(pipe, "unet", None) is not None else "transformer": model})
+
+
+def pipeline_family(pipe):
+    """The model family (erase.diffusion.families) of a loaded pipeline, from its denoiser's config."""
+    from erase.diffusion.families import FAMILIES, family_of
+
+    kind = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    return FAMILIES[family_of(dict(denoiser_of(pipe).config), kind)]
+
+
+def resolution_of(pipe) -> int:
+    """The image size the attacks draw and learn at: the denoiser's sample size x the VAE's scale factor (the UNet
+    families' rule, unchanged); a transformer without one (Flux): the VAE's sample size, else the family's native size."""
+    sample = denoiser_of(pipe).config.get("sample_size")
+    if getattr(pipe, "unet", None) is not None or sample:
+        return sample * pipe.vae_scale_factor
+    return int(pipe.vae.config.get("sample_size") or pipeline_family(pipe).native_resolution)
 
 
 def pipeline_text(pipe):
-    """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the UNet (erase.diffusion.families)."""
-    from erase.diffusion.families import FAMILIES, family_of, text_from_pipeline
+    """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the denoiser
+    (erase.diffusion.families)."""
+    from erase.diffusion.families import text_from_pipeline
 
-    family = FAMILIES[family_of(dict(pipe.unet.config))]
+    family = pipeline_family(pipe)
     return family, text_from_pipeline(family, pipe)
 
 
-def require_one_text_encoder(pipe, attack: str, family=None) -> None:
-    """The prompt attacks optimise the input tokens of one text encoder; a family with two (SDXL) is refused."""
+def require_one_text_encoder(pipe, what: str, family=None) -> None:
+    """A replayed token embedding is one vector for one text encoder; a family with several is refused."""
     family = family or pipeline_text(pipe)[0]
     if len(family.text_encoders) != 1:
-        raise UserError(f"{attack} optimises the tokens of one text encoder; {family.title} conditions on "
-                        f"{len(family.text_encoders)}: not supported yet (relearn works on every family)")
+        raise UserError(f"{what} is learned for one text encoder; {family.title} conditions on "
+                        f"{len(family.text_encoders)}: not supported yet")
 
 
-def check_family(info: ModelInfo, attack: str) -> None:
-    """``require_one_text_encoder`` from a local base's UNet config alone (before any output is written)."""
+def check_family(info: ModelInfo, scheduler: str) -> None:
+    """The sampler against a local base's family, from its denoiser config alone (before any output is written): a
+    flow family (SD3, Flux) draws only with ``flow_euler``, a UNet never with it."""
     import json
 
     from erase.diffusion.families import FAMILIES, family_of
+    from erase.diffusion.generate import check_sampler
 
-    config = Path(info.base) / "unet" / "config.json"
-    if config.is_file():
-        try:
-            family = FAMILIES[family_of(json.loads(config.read_text(encoding="utf-8")))]
-        except (OSError, ValueError, KeyError):
-            return  # loading the pipeline will say what is wrong with it
-        require_one_text_encoder(None, attack, family)
+    for kind in DENOISERS:
+        config = Path(info.base) / kind / "config.json"
+        if config.is_file():
+            try:
+                family = FAMILIES[family_of(json.loads(config.read_text(encoding="utf-8")), kind)]
+            except (OSError, ValueError, KeyError):
+                return  # loading the pipeline will say what is wrong with it
+            check_sampler(scheduler, family)
+            return

@@ -68,8 +68,8 @@ def hold_attack_folder(cfg, attack: str):
 
     info = resolve_model(cfg.model)  # inputs before outputs: a bad one leaves nothing behind
     check_unet_file(info)
-    if getattr(cfg, "ONE_TEXT_ENCODER", False):
-        check_family(info, attack)
+    if getattr(cfg, "scheduler", None):
+        check_family(info, cfg.scheduler)  # a sampler that cannot draw the family (lms on Flux) is one line
     entry = judge_entry(cfg.concept)
     if entry.check_model is not None:
         entry.check_model(cfg.model)

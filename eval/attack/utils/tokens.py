@@ -48,13 +48,19 @@ class TokenEmbeddingOverride:
     """While active, the text encoder's token-embedding output at chosen places is replaced by given vectors.
 
     ``rows(input_ids) -> (mask, values)``: ``mask`` (B, L) bool, ``values`` (mask.sum(), D) in mask order. A forward
-    hook on ``text_encoder.get_input_embeddings()``, so it works for any CLIP-like encoder and keeps gradients to
-    ``values``."""
+    hook on ``text_encoder.get_input_embeddings()`` and on every other embedding module sharing its weight (T5's
+    encoder calls its own ``embed_tokens``, tied to ``shared``), so it works for CLIP and T5 encoders and keeps
+    gradients to ``values``."""
 
     def __init__(self, text_encoder, rows):
+        import torch
+
         self.module = text_encoder.get_input_embeddings()
+        weight = self.module.weight
+        self.modules = [self.module] + [m for m in text_encoder.modules() if m is not self.module
+                                        and isinstance(m, torch.nn.Embedding) and m.weight is weight]
         self.rows = rows
-        self.handle = None
+        self.handles = []
 
     def _hook(self, module, inputs, output):
         got = self.rows(inputs[0])
@@ -66,9 +72,10 @@ class TokenEmbeddingOverride:
         return out
 
     def __enter__(self):
-        self.handle = self.module.register_forward_hook(self._hook)
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
         return self
 
     def __exit__(self, *exc):
-        self.handle.remove()
-        self.handle = None
+        for h in self.handles:
+            h.remove()
+        self.handles = []
