@@ -96,7 +96,7 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
     part = ((config.get("export") or {}).get("denoiser") or "unet") if isinstance(config, dict) else "unet"
     if not isinstance(config, dict) or "method" not in config or not (out / delta_name(part)).is_file():
         raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {delta_name(part)})")
-    base_path = (config.get("base_model") or {}).get("path")
+    base_path = (config.get("base_model") or {}).get("path") or (config.get("base_model") or {}).get("hub_id")
     with hold_output_dir(out, base=base_path, by="erase.export") as claim:
         out = claim.path
         model = erased_denoiser(out, config)

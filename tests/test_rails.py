@@ -1,0 +1,209 @@
+"""Issue 20: every tool inside the rails (docs/RELIABILITY.md). The shared mechanisms are tested in the general case:
+locks that are not regular files, ``--check`` on folders a run could not take, folders bad input leaves behind, the
+hub cache as an output folder, a kill at every step of an export swap (beside and inside the folder), and the
+inputs an audit reads (image folders with link loops, target patterns from an audited config). No model is loaded
+unless a test says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erase.utils import folders
+from erase.utils.folders import LOCK_NAME, MARKER_NAME, check_output_dir, claim_output_dir
+from eval_fixtures import USER_FACING, error_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_line(err) -> str:
+    msg = error_text(err)
+    assert "\n" not in msg and msg.strip(), msg
+    return msg
+
+
+# ----------------------------------------------------------------------------------------------- the lock
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "folder", "fifo"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_and_its_target_untouched(tmp_path, kind):
+    out, victim = tmp_path / "out", tmp_path / "victim.txt"
+    out.mkdir()
+    (out / MARKER_NAME).write_text("{}")
+    victim.write_text("precious")
+    lock = out / LOCK_NAME
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "dangling":
+        lock.symlink_to(tmp_path / "created-through-the-link")
+    elif kind == "folder":
+        lock.mkdir()
+    else:
+        os.mkfifo(lock)
+    for attempt in (lambda: claim_output_dir(out), lambda: check_output_dir(out, probe=True)):
+        with pytest.raises(USER_FACING) as err:
+            attempt()
+        assert LOCK_NAME in one_line(err) and ("link" in one_line(err) or "not a regular file" in one_line(err))
+    assert victim.read_text() == "precious" and not (tmp_path / "created-through-the-link").exists()
+
+
+# ----------------------------------------------------------------------------------------------- --check
+def test_check_says_what_the_claim_would_for_a_locked_or_read_only_folder(tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); from erase.utils.folders import "
+                               "claim_output_dir; c = claim_output_dir(sys.argv[2]); print('held', flush=True); sys.stdin.read()",
+                               str(ROOT), str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(USER_FACING) as err:
+            check_output_dir(out, probe=True)
+        assert f"pid {holder.pid}" in one_line(err) and "in use" in one_line(err)
+        check_output_dir(out)  # without the probe (every process of a launch checks before the main one claims)
+    finally:
+        holder.communicate("")
+    check_output_dir(out, probe=True)  # released: ok again
+    if os.geteuid() == 0:
+        return  # root writes anywhere; the read-only case needs an ordinary user
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for path in (ro, ro / "new" / "deeper"):
+            with pytest.raises(USER_FACING) as err:
+                check_output_dir(path)
+            assert "not writable" in one_line(err) and "read-only" in one_line(err)
+    finally:
+        ro.chmod(0o755)
+
+
+def test_check_of_erase_sd_refuses_a_folder_in_use(tmp_path, capsys):
+    from erase.sd import main, parse_args
+    from eval.tiny import build_tiny_pipeline
+
+    base = build_tiny_pipeline(tmp_path / "tiny", sample_size=16, block_out_channels=(8, 16))
+    out = tmp_path / "out"
+    with claim_output_dir(out):
+        with pytest.raises(SystemExit) as err:
+            main(parse_args(["--pretrained_model_name_or_path", base, "--concept", "nudity", "--output_dir", str(out), "--check"]))
+        assert err.value.code not in (0, None)
+        assert "in use by another run" in (capsys.readouterr().err + str(err.value.code))
+
+
+# ----------------------------------------------------------------------------------------------- nothing left behind
+def test_a_claim_that_wrote_nothing_leaves_no_marker_only_folder(tmp_path):
+    new, empty, kept = tmp_path / "new" / "deeper", tmp_path / "empty", tmp_path / "kept"
+    empty.mkdir()
+    with claim_output_dir(new), claim_output_dir(empty):
+        pass  # bad input found after the claim: the run writes nothing
+    assert not new.parent.exists() and empty.is_dir() and not list(empty.iterdir())
+    with claim_output_dir(kept) as claim:
+        (claim.path / "result.json").write_text("{}")
+    assert sorted(p.name for p in kept.iterdir()) == sorted([MARKER_NAME, "result.json"])
+
+
+# ----------------------------------------------------------------------------------------------- the hub cache
+def test_a_hub_base_cache_and_the_cache_root_are_never_output_folders(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--tiny" / "snapshots" / "0123abcd"
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    for path, words in [(snapshot, "the cached base model org/tiny"), (snapshot / "unet", "the cached base model org/tiny"),
+                        (cache / "models--org--tiny", "the cached base model org/tiny"), (cache, "holds the cached base model"),
+                        (tmp_path, "holds the cached base model"), (cache / "models--other--x", "lies inside the model hub's cache")]:
+        with pytest.raises(USER_FACING) as err:
+            claim_output_dir(path, base="org/tiny", overwrite=True)
+        assert words in one_line(err), path
+    assert sorted(p.name for p in snapshot.iterdir()) == ["model_index.json", "unet"]
+    check_output_dir(tmp_path / "elsewhere", base="org/tiny")
+
+
+# ----------------------------------------------------------------------------------------------- a kill during the export swap
+OLD, NEW = {"unet": "old weights", "README.md": "old card"}, {"unet": "new weights", "README.md": "new card", "extra.safetensors": "new"}
+
+_CHILD = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from erase.utils import folders
+target, inside, kill_at = Path(sys.argv[2]), sys.argv[3] == "inside", int(sys.argv[4])
+stage = target / folders.temp_name("export") if inside else target.parent / folders.temp_name(target.name + ".new")
+stage.mkdir()
+for name, text in json.loads(sys.argv[5]).items():
+    (stage / name).mkdir() if name == "unet" else None
+    (stage / name / "w.txt" if name == "unet" else stage / name).write_text(text)
+files = sorted(p.name for p in stage.iterdir()) + ["erase_config.json"]
+(stage / "erase_config.json").write_text(json.dumps({"method": "m", "pretrained_model_name_or_path": "b", "export": {"files": files}}))
+moves = [0]
+def counted(real):
+    def move(*a, **k):
+        if moves[0] == kill_at:
+            os._exit(137)  # as SIGKILL: no cleanup runs
+        moves[0] += 1
+        return real(*a, **k)
+    return move
+Path.rename = counted(Path.rename)
+folders._exchange = counted(folders._exchange)
+old = json.loads((target / "erase_config.json").read_text())["export"]["files"] if (target / "erase_config.json").exists() else []
+folders.swap_in(target, stage, set(old), keep_last=("erase_config.json",))
+print("moves", moves[0])
+"""
+
+
+def _folder_with(target: Path, export: dict | None) -> None:
+    target.mkdir()
+    (target / MARKER_NAME).write_text("{}")
+    (target / LOCK_NAME).write_text("{}")
+    (target / "notes.txt").write_text("mine")
+    (target / "checkpoint-2").mkdir()
+    (target / "checkpoint-2" / "erase_state.json").write_text("{}")
+    if export:
+        (target / "unet").mkdir()
+        for name, text in export.items():
+            (target / name / "w.txt" if name == "unet" else target / name).write_text(text)
+        files = sorted(export) + ["erase_config.json"]
+        (target / "erase_config.json").write_text(json.dumps({"method": "m", "pretrained_model_name_or_path": "b",
+                                                              "export": {"files": files}}))
+
+
+def _swap_killed_at(tmp_path, inside: bool, kill_at: int, export: dict | None):
+    target = tmp_path / f"out-{kill_at}"
+    _folder_with(target, export)
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(target), "inside" if inside else "beside", str(kill_at),
+                        json.dumps(NEW)], capture_output=True, text=True)
+    assert r.returncode in (0, 137), r.stderr
+    return target, r
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["beside", "inside"])
+@pytest.mark.parametrize("first", [False, True], ids=["reexport", "first-export"])
+def test_a_kill_at_any_step_of_the_swap_is_recovered_when_the_folder_is_next_claimed(tmp_path, inside, first):
+    """Kill the swap before each of its moves (and not at all): the next claim of the folder finds the checkpoints,
+    the user's files and one whole export (the old one or the new one) at top level, and nothing staged anywhere."""
+    from erase.core.checkpoints import list_checkpoints
+
+    kill_at, finished = 0, False
+    while not finished:
+        target, r = _swap_killed_at(tmp_path, inside, kill_at, None if first else OLD)
+        finished = r.returncode == 0
+        with claim_output_dir(target):
+            names = {p.name for p in target.iterdir()}
+            assert {"notes.txt", "checkpoint-2", MARKER_NAME, LOCK_NAME} <= names, (kill_at, names)
+            assert [p.name for p in list_checkpoints(target)] == ["checkpoint-2"]
+            assert not [p for p in (*target.iterdir(), *tmp_path.iterdir()) if p.name.endswith(".tmp") or p.name == ".swap.json"]
+            if (target / "erase_config.json").exists():
+                export = json.loads((target / "erase_config.json").read_text())["export"]["files"]
+                which = NEW if "extra.safetensors" in export else OLD
+                assert set(export) == set(which) | {"erase_config.json"} and set(export) <= names
+                assert (target / "unet" / "w.txt").read_text() == which["unet"] and (target / "README.md").read_text() == which["README.md"]
+                assert not (names - set(export) - {"notes.txt", "checkpoint-2", MARKER_NAME, LOCK_NAME})  # no mix
+            else:  # only a first export killed before it was swapped in has none
+                assert first and not names & {"unet", "README.md", "extra.safetensors"}, (kill_at, names)
+        kill_at += 1
+    assert kill_at >= 3
