@@ -81,13 +81,12 @@ def load_erased(path, format: str | None = None, **kwargs):
     ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
     with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
     ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order.
-    ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``).
+    ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``). A weight
+    that is not finite, in any component, is a ``ValueError`` naming the export.
     """
     import diffusers
-    from diffusers import DiffusionPipeline
-    from safetensors.torch import load_file
 
-    from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, base_kwargs, delta_name
+    from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, delta_name
 
     folder = Path(path).expanduser()
     config = _config(folder)
@@ -108,6 +107,39 @@ def load_erased(path, format: str | None = None, **kwargs):
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:
         raise ValueError(f"{folder} has no {format} export; it has {', '.join(f for f, ok in has.items() if ok) or 'none'}")
+    file = {"single_file": SINGLE_FILE_NAME, "lora": LORA_NAME, "delta": delta}.get(format)
+    if file is not None:  # the file itself: a NaN a loader would drop or fold into a scale (a LoRA's alpha) is still a broken file
+        from safetensors import safe_open
+
+        from erase.utils.checks import check_weights
+
+        with safe_open(str(folder / file), "pt") as f:
+            check_weights(((k, f.get_tensor(k)) for k in f.keys()), f"{folder / file}", "; re-export the model")
+    return _finite(_load(folder, format, config, export, denoiser, denoiser_cls, kwargs), folder, format)
+
+
+def _finite(pipe, folder: Path, format: str):
+    """``pipe`` when every weight of every component is finite; else one line naming the export and the component (a
+    NaN weight draws black images that an audit would call clean)."""
+    import torch
+
+    from erase.utils.checks import check_weights
+
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            check_weights(part.state_dict().items(), f"the {name} of the {format} export {folder}",
+                          "; re-export the model (or check its base model's files)")
+    return pipe
+
+
+def _load(folder: Path, format: str, config: dict, export: dict, denoiser: str, denoiser_cls, kwargs: dict):
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from erase.export.formats import LORA_NAME, SINGLE_FILE_NAME, base_kwargs, delta_name
+
+    delta = delta_name(denoiser)
     base, base_kw = base_kwargs(config)
     if format == "diffusers" and (folder / "model_index.json").is_file():
         return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
@@ -126,8 +158,4 @@ def load_erased(path, format: str | None = None, **kwargs):
     module = getattr(pipe, denoiser)
     state = module.state_dict()
     module.load_state_dict({k: v.to(state[k].dtype) for k, v in load_file(str(folder / delta)).items()}, strict=False)
-    return pipe
-    delta = load_file(str(folder / "unet_delta.safetensors"))
-    state = pipe.unet.state_dict()
-    pipe.unet.load_state_dict({k: v.to(state[k].dtype) for k, v in delta.items()}, strict=False)
     return pipe
