@@ -17,7 +17,6 @@ docs/ARCHITECTURE.md). It runs in the current process under the current accelera
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from pathlib import Path
 
@@ -65,22 +64,25 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
 
 
 def _config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "erase_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{folder} has no erase_config.json; give a folder written by erase/sd.py or erase_concept") from None
+    from erase.export.local import read_record
+
+    if not (folder / "erase_config.json").is_file():
+        raise ValueError(f"{folder} has no erase_config.json; give a folder written by erase/sd.py or erase_concept")
+    config = read_record(folder)  # with this machine's local paths (erase_local.json) put back
     if not isinstance(config, dict) or "method" not in config:
         raise ValueError(f"{folder / 'erase_config.json'} is not an erase/sd.py export record")
     return config
 
 
-def load_erased(path, format: str | None = None, **kwargs):
+def load_erased(path, format: str | None = None, base: str | None = None, **kwargs):
     """A ready pipeline from an export folder: the base named in ``erase_config.json`` with the erased denoiser (the
     UNet of SD 1.x / 2.x / XL, the transformer of SD3 / Flux).
 
     ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
     with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
     ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order.
+    ``base``: the base model's folder or hub id, where the export's record does not lead to it (a shared copy of an
+    export made on a local base: its path stays in the maker's ``erase_local.json``, :mod:`erase.export.local`).
     ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``). A weight
     that is not finite, in any component, is a ``ValueError`` naming the export.
     """
@@ -90,6 +92,12 @@ def load_erased(path, format: str | None = None, **kwargs):
 
     folder = Path(path).expanduser()
     config = _config(folder)
+    recorded = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
+    if base is not None:
+        config["base_model"], config["pretrained_model_name_or_path"] = {"path": str(base)}, str(base)
+    elif recorded.get("path") and not Path(recorded["path"]).expanduser().is_dir():
+        raise ValueError(f"the base model of {folder} was the local folder {recorded['path']!r} on the machine that made the "
+                         "export (its full path stays in that machine's erase_local.json); pass base=\"path/to/that/model\"")
     export = config.get("export") or {}
     denoiser = export.get("denoiser", "unet")  # exports before transformer families held a UNet
     if denoiser not in DENOISERS:

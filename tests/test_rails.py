@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from erase.utils import folders
 from erase.utils.folders import LOCK_NAME, MARKER_NAME, check_output_dir, claim_output_dir
 from eval_fixtures import USER_FACING, error_text
 
@@ -85,7 +85,7 @@ def test_check_of_erase_sd_refuses_a_folder_in_use(tmp_path, capsys):
     from eval.tiny import build_tiny_pipeline
 
     base = build_tiny_pipeline(tmp_path / "tiny", sample_size=16, block_out_channels=(8, 16))
-    out = tmp_path / "out"
+    out = tmp_path / "out"  # a folder that another run holds
     with claim_output_dir(out):
         with pytest.raises(SystemExit) as err:
             main(parse_args(["--pretrained_model_name_or_path", base, "--concept", "nudity", "--output_dir", str(out), "--check"]))
@@ -207,3 +207,174 @@ def test_a_kill_at_any_step_of_the_swap_is_recovered_when_the_folder_is_next_cla
                 assert first and not names & {"unet", "README.md", "extra.safetensors"}, (kill_at, names)
         kill_at += 1
     assert kill_at >= 3
+
+
+# ----------------------------------------------------------------------------------------------- an audit's inputs
+def test_a_symlink_loop_in_an_image_folder_is_a_named_skip_and_in_a_caption_one_line(tmp_path):
+    from erase.utils.images import read_caption, require_images, scan_images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").symlink_to("b.png")
+    (folder / "b.png").symlink_to("a.png")
+    (folder / "self.jpg").symlink_to("self.jpg")
+    (folder / "c.txt").symlink_to("d.txt")
+    (folder / "d.txt").symlink_to("c.txt")
+    good, bad, _ = scan_images(folder)
+    assert not good and all("symlink loop" in b["reason"] for b in bad)
+    assert {b["file"] for b in bad} == {"a.png", "b.png", "self.jpg", "c.txt", "d.txt"}
+    with pytest.raises(USER_FACING) as err:
+        require_images(folder, "--forget_images")
+    assert "a.png: symlink loop" in one_line(err) and "self.jpg" in one_line(err)
+    with pytest.raises(USER_FACING) as err:
+        read_caption(folder / "c.txt", folder)
+    assert "symlink loop" in one_line(err)
+
+
+@pytest.mark.parametrize("pattern", [r"(?:[\w.]|[a-z])*(?<=\d\d\d)", r"(.*)(.*)(.*)(.*)(.*)(.*)\6\5\4\3\2\1"])
+@pytest.mark.parametrize("where", ["targets", "exclude"])
+def test_a_catastrophic_target_pattern_is_one_line_within_its_time_bound(monkeypatch, pattern, where):
+    """A pattern read from an audited model's erase_config.json (relearn's 'targets' set) is matched under a time
+    bound: the selection stops with a TargetError naming it instead of hanging."""
+    import time
+
+    import torch.nn as nn
+
+    import erase.core.targets as targets
+    from erase.core.targets import TargetError, select_parameters
+
+    monkeypatch.setattr(targets, "MATCH_SECONDS", 0.2)
+    model = nn.ModuleDict({f"down_blocks_{i}_attentions_0_transformer_blocks_0_attn2_to_k": nn.Linear(2, 2) for i in range(3)})
+    start = time.perf_counter()
+    with pytest.raises(TargetError) as err:
+        select_parameters(model, pattern, None) if where == "targets" else select_parameters(model, "all", pattern)
+    assert time.perf_counter() - start < 3 and "takes over 0.2 s" in str(err.value) and repr(pattern) in str(err.value)
+    assert list(select_parameters(model, r".*\.weight", r".*_1_.*")) == [f"down_blocks_{i}_attentions_0_transformer_blocks_0_attn2_to_k.weight"
+                                                                       for i in (0, 2)]  # ordinary patterns as before
+
+
+def test_bare_urls_domains_and_emails_are_inert_markdown():
+    from erase.utils.text import md_text
+
+    evil = "see http://e.vil/x, HTTPS://e.vil, ftp://e.vil, www.e.vil, e.vil/path and a@e.vil or mailto:a@e.vil"
+    out = md_text(evil)
+    import re
+
+    assert not re.search(r"(?<!\\)://|www\.|e\.vil", out, re.IGNORECASE) and "@" not in out.replace("&#8203;@", "")
+    assert md_text("lr 0.001, v1.4, 7.5") == "lr 0.001, v1.4, 7.5"  # numbers stay as they are
+    for render in _renderers():
+        html = render(out)
+        assert "<a" not in html and "e.vil/x" in html, html
+
+
+def _renderers():
+    """The markdown renderers installed here that autolink bare URLs (GFM's cmark-gfm, markdown-it with linkify)."""
+    found = []
+    try:
+        import cmarkgfm
+
+        found.append(cmarkgfm.github_flavored_markdown_to_html)
+    except ImportError:
+        pass
+    try:
+        import linkify_it  # noqa: F401  (markdown-it's linkify needs it)
+        from markdown_it import MarkdownIt
+
+        found.append(MarkdownIt("gfm-like").render)
+    except ImportError:
+        pass
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- an export on the tiny pipeline
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """One step of Scissorhands in every format, with prompts that carry URLs, from a base in a folder named like a user's."""
+    from eval_fixtures import random_image_folders
+    from erase.sd import main, parse_args
+
+    root = tmp_path_factory.mktemp("private-user-dirs")
+    random_image_folders(root, seed=0)
+    (root / "forget.txt").write_text("a cube from http://e.vil/x\nwww.e.vil cube\n")
+    out = root / "erased"
+    main(parse_args([str(a) for a in ["--pretrained_model_name_or_path", tiny, "--concept", "cube", "--forget_prompts", root / "forget.txt",
+                                      "--forget_images", root / "forget", "--retain_images", root / "retain", "--data_dir", root / "data",
+                                      "--output_dir", out, "--saliency_batches", "1", "--lr", "1e-3", "--topk", "20",
+                                      "--max_train_steps", "1", "--export_format", "diffusers,single_file,lora"]]))
+    return out
+
+
+def _shared_files(out: Path) -> dict[str, str]:
+    """Every text a user shares with the export: the card, the JSON files but the local record, every safetensors header."""
+    from safetensors import safe_open
+
+    texts = {p.name: p.read_text() for p in out.iterdir() if p.suffix in (".md", ".json") and p.name != "erase_local.json"}
+    for p in [*out.glob("*.safetensors"), *out.glob("*/*.safetensors")]:
+        with safe_open(str(p), "pt") as f:
+            texts[str(p.relative_to(out))] = json.dumps(f.metadata())
+    return texts
+
+
+def test_no_local_path_in_a_shared_file_and_the_local_record_loads_the_base(exported, tiny, tmp_path):
+    from erase.api import load_erased
+
+    root = str(exported.parent)
+    texts = _shared_files(exported)
+    assert {"README.md", "erase_config.json", "erased.safetensors", "erased_lora.safetensors", "unet_delta.safetensors"} <= set(texts)
+    leaks = {name: text.count(root) for name, text in texts.items() if root in text or str(Path(tiny).parent) in text}
+    assert not leaks
+    meta = json.loads(texts["erased.safetensors"])
+    assert meta["base_model"] == Path(tiny).name and meta["modelspec.title"] == f"{Path(tiny).name} without cube"
+    assert "http://" not in texts["README.md"] and "www.e" not in texts["README.md"]  # bare URLs of a prompt are inert
+    local = json.loads((exported / "erase_local.json").read_text())
+    assert local["paths"]["pretrained_model_name_or_path"] == str(Path(tiny).resolve())
+    assert local["paths"]["settings.forget_prompts"] == str(exported.parent / "forget.txt") and "share" in local["note"]
+    assert "erase_local.json" in json.loads(texts["erase_config.json"])["export"]["files"]
+    assert type(load_erased(exported, format="delta")).__name__ == "StableDiffusionPipeline"  # found through the local record
+    shared = tmp_path / "shared"  # a copy without the local record, as shared: one line, or the base given
+    shutil.copytree(exported, shared, ignore=shutil.ignore_patterns("erase_local.json", "data"))
+    with pytest.raises(ValueError, match="was the local folder 'sd'.*pass base="):
+        load_erased(shared, format="delta")
+    assert type(load_erased(shared, format="delta", base=tiny)).__name__ == "StableDiffusionPipeline"
+
+
+@pytest.mark.parametrize("fmt, name", [("lora", "erased_lora.safetensors"), ("single_file", "erased.safetensors"),
+                                       ("delta", "unet_delta.safetensors"), ("diffusers", "unet/diffusion_pytorch_model.safetensors")])
+def test_load_erased_never_returns_non_finite_weights_and_names_the_export(exported, tmp_path, fmt, name):
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from erase.api import load_erased
+
+    out = tmp_path / "nan"
+    shutil.copytree(exported, out, ignore=shutil.ignore_patterns("data"))
+    with safe_open(str(out / name), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(out / name))
+    key = sorted(k for k in tensors if tensors[k].is_floating_point())[0]  # a LoRA's first is an alpha: folded into a scale
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(out / name), metadata=meta)
+    with pytest.raises(ValueError) as err:
+        load_erased(out, format=fmt, torch_dtype=torch.float32)
+    assert "non-finite" in str(err.value) and str(out) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_cut_latents_cache_is_encoded_again(exported, tiny, tmp_path, caplog):
+    from erase.sd import main, parse_args
+
+    root = exported.parent
+    caches = sorted((root / "data").glob("latents-*.safetensors"))
+    assert caches
+    for cache in caches:
+        whole = cache.read_bytes()
+        cache.write_bytes(whole[: len(whole) // 2])  # cut by a full disk or a kill
+    main(parse_args([str(a) for a in ["--pretrained_model_name_or_path", tiny, "--concept", "cube", "--forget_prompts", root / "forget.txt",
+                                      "--forget_images", root / "forget", "--retain_images", root / "retain", "--data_dir", root / "data",
+                                      "--output_dir", tmp_path / "again", "--saliency_batches", "1", "--lr", "1e-3", "--topk", "20",
+                                      "--max_train_steps", "1"]]))
+    assert "encoding the images again" in caplog.text
+    from safetensors.torch import load_file
+
+    assert all(load_file(str(c))["mean"].shape[0] == 4 for c in caches)

@@ -170,8 +170,10 @@ def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
     base's revision), or one UserError line."""
     from erase.diffusion.families import FAMILIES
 
+    from erase.export.local import read_record
+
     config_path = Path(folder) / "erase_config.json"
-    erase_config = read_json(config_path, "erase config")
+    erase_config = read_record(folder)  # with this machine's local paths (erase_local.json) put back
     if not isinstance(erase_config, dict) or not erase_config.get("pretrained_model_name_or_path"):
         raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
     kwargs = {}

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from erase.export.card import model_card
+from erase.export.local import LOCAL_NAME, shared, write_record
 from erase.export.formats import (CONFIG_NAME, DELTA_NAME, LORA_NAME, LORA_STATS_NAME, SINGLE_FILE_NAME, ExportSpec, changed_tensors,
                                   delta_name, denoiser_folder, layout_family, write_formats, write_json)
 from erase.utils.folders import stale_temp, staging_dir, swap_in
@@ -34,7 +35,7 @@ LEGACY_EXPORT_NAMES = {"unet", DELTA_NAME, CONFIG_NAME, "README.md", "model_inde
                        "scheduler", "safety_checker", "feature_extractor", "image_encoder", ".export.tmp"}
 #: What an export of this version may write besides those: a half-built one made only of these is removed.
 EXPORT_NAMES = LEGACY_EXPORT_NAMES | {"transformer", delta_name("transformer"), "text_encoder_2", "text_encoder_3", "tokenizer_2",
-                                      "tokenizer_3", SINGLE_FILE_NAME, LORA_NAME, LORA_STATS_NAME}
+                                      "tokenizer_3", SINGLE_FILE_NAME, LORA_NAME, LORA_STATS_NAME, LOCAL_NAME}
 
 
 def base_identity(name: str, revision: str | None = None, variant: str | None = None) -> dict:
@@ -114,9 +115,10 @@ def export(output_dir: str | Path, model, base_tensors: dict[str, torch.Tensor],
         state = model.state_dict()
         delta = changed_tensors(state, base_tensors)
         config["delta"] = delta_stats(delta, base_tensors)
-        meta = {"format": f"erase-{denoiser}-delta", "base_model": str(config["pretrained_model_name_or_path"]),
+        public = shared(config)  # no local path in a file meant to be shared (erase.export.local)
+        meta = {"format": f"erase-{denoiser}-delta", "base_model": str(public["pretrained_model_name_or_path"]),
                 "concept": str(config["concept"]), "method": str(config["method"]),
-                "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
+                "settings": json.dumps(public["settings"], sort_keys=True, default=str)}
         save_file(delta, str(stage / delta_name(denoiser)), metadata=meta)
         if pipeline is not None:
             pipeline.save_pretrained(str(stage), safe_serialization=True)
@@ -147,7 +149,9 @@ def staged_export(out: Path):
 
 
 def finish_stage(stage: Path, config: dict, **record) -> None:
-    """The model card and ``erase_config.json`` of a staged export, whose ``export`` entry lists its files."""
-    (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}), **record)
-    write_json(stage / CONFIG_NAME, config)
+    """The model card, ``erase_config.json`` and the local record (``erase_local.json``, :mod:`erase.export.local`) of a
+    staged export, whose ``export`` entry lists its files."""
+    (stage / "README.md").write_text(model_card(shared(config)), encoding="utf-8")
+    local = {LOCAL_NAME} if shared(config) != config else set()
+    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME} | local), **record)
+    write_record(stage, config, write_json)

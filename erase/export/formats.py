@@ -149,6 +149,9 @@ def base_kwargs(config: dict) -> tuple[str, dict]:
 
 
 def settings_metadata(config: dict) -> dict:
+    from erase.export.local import shared
+
+    config = shared(config)  # no local path in a shared file
     return {"base_model": str(config["pretrained_model_name_or_path"]), "concept": str(config["concept"]),
             "method": str(config["method"]), "settings": json.dumps(config.get("settings", {}), sort_keys=True, default=str)}
 
