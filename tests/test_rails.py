@@ -378,3 +378,23 @@ def test_a_cut_latents_cache_is_encoded_again(exported, tiny, tmp_path, caplog):
     from safetensors.torch import load_file
 
     assert all(load_file(str(c))["mean"].shape[0] == 4 for c in caches)
+
+
+@pytest.mark.parametrize("given", ["", " ", ",", "lora,", [], ["diffusers", ""]])
+def test_an_empty_export_format_is_one_line(tiny, tmp_path, capsys, given):
+    """An empty --export_format (or export_format=[] in the API) is refused, never silently the default."""
+    from types import SimpleNamespace
+
+    from erase.export.formats import spec_from_args
+    from erase.sd import main, parse_args
+
+    with pytest.raises(USER_FACING) as err:
+        spec_from_args(SimpleNamespace(export_format=given))
+    assert "empty name" in one_line(err)
+    assert spec_from_args(SimpleNamespace()).formats == ("diffusers",)  # not given: the default
+    if isinstance(given, str):
+        with pytest.raises(SystemExit) as err:
+            main(parse_args(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", str(tmp_path / "o"),
+                             "--export_format", given, "--check"]))
+        assert err.value.code not in (0, None) and "--export_format" in (capsys.readouterr().err + str(err.value.code))
+        assert not (tmp_path / "o").exists()
