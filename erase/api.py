@@ -93,8 +93,9 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
     folder = Path(path).expanduser()
     config = _config(folder)
     recorded = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
-    if base is not None:
-        config["base_model"], config["pretrained_model_name_or_path"] = {"path": str(base)}, str(base)
+    if base is not None:  # the digests stay: the base given must hold the weights the export was made from
+        config["base_model"] = {"path": str(base), "weights_sha256": recorded.get("weights_sha256")}
+        config["pretrained_model_name_or_path"] = str(base)
     elif recorded.get("path") and not Path(recorded["path"]).expanduser().is_dir():
         raise ValueError(f"the base model of {folder} was the local folder {recorded['path']!r} on the machine that made the "
                          "export (its full path stays in that machine's erase_local.json); pass base=\"path/to/that/model\"")
@@ -115,6 +116,10 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:
         raise ValueError(f"{folder} has no {format} export; it has {', '.join(f for f, ok in has.items() if ok) or 'none'}")
+    if format != "single_file" and not (format == "diffusers" and (folder / "model_index.json").is_file()):
+        from erase.export.folder import check_base_weights
+
+        check_base_weights(config.get("base_model") or {}, skip=(denoiser,) if format == "diffusers" else ())
     file = {"single_file": SINGLE_FILE_NAME, "lora": LORA_NAME, "delta": delta}.get(format)
     if file is not None:  # the file itself: a NaN a loader would drop or fold into a scale (a LoRA's alpha) is still a broken file
         from safetensors import safe_open

@@ -132,7 +132,10 @@ import json, os, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from erase.utils import folders
-target, inside, kill_at = Path(sys.argv[2]), sys.argv[3] == "inside", int(sys.argv[4])
+target, mode, kill_at = Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+inside = mode == "inside"
+if mode == "renames":  # a platform without renameat2: two renames
+    folders._exchange = lambda a, b: False
 stage = target / folders.temp_name("export") if inside else target.parent / folders.temp_name(target.name + ".new")
 stage.mkdir()
 for name, text in json.loads(sys.argv[5]).items():
@@ -172,25 +175,25 @@ def _folder_with(target: Path, export: dict | None) -> None:
                                                               "export": {"files": files}}))
 
 
-def _swap_killed_at(tmp_path, inside: bool, kill_at: int, export: dict | None):
+def _swap_killed_at(tmp_path, mode: str, kill_at: int, export: dict | None):
     target = tmp_path / f"out-{kill_at}"
     _folder_with(target, export)
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(target), "inside" if inside else "beside", str(kill_at),
+    r = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT), str(target), mode, str(kill_at),
                         json.dumps(NEW)], capture_output=True, text=True)
     assert r.returncode in (0, 137), r.stderr
     return target, r
 
 
-@pytest.mark.parametrize("inside", [False, True], ids=["beside", "inside"])
+@pytest.mark.parametrize("mode", ["beside", "renames", "inside"])
 @pytest.mark.parametrize("first", [False, True], ids=["reexport", "first-export"])
-def test_a_kill_at_any_step_of_the_swap_is_recovered_when_the_folder_is_next_claimed(tmp_path, inside, first):
+def test_a_kill_at_any_step_of_the_swap_is_recovered_when_the_folder_is_next_claimed(tmp_path, mode, first):
     """Kill the swap before each of its moves (and not at all): the next claim of the folder finds the checkpoints,
     the user's files and one whole export (the old one or the new one) at top level, and nothing staged anywhere."""
     from erase.core.checkpoints import list_checkpoints
 
     kill_at, finished = 0, False
     while not finished:
-        target, r = _swap_killed_at(tmp_path, inside, kill_at, None if first else OLD)
+        target, r = _swap_killed_at(tmp_path, mode, kill_at, None if first else OLD)
         finished = r.returncode == 0
         with claim_output_dir(target):
             names = {p.name for p in target.iterdir()}
@@ -398,3 +401,37 @@ def test_an_empty_export_format_is_one_line(tiny, tmp_path, capsys, given):
                              "--export_format", given, "--check"]))
         assert err.value.code not in (0, None) and "--export_format" in (capsys.readouterr().err + str(err.value.code))
         assert not (tmp_path / "o").exists()
+
+
+def test_a_replaced_base_is_refused_wherever_an_export_reloads_it(exported, tiny, tmp_path):
+    """The export records a sha256 of every weights file of its base; replace the base's VAE (same path, file times
+    kept): load_erased in every format that reloads the base, and the audits' loader, refuse it in one line."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from erase.api import load_erased
+    from erase.diffusion.generate import read_export
+
+    base, export = tmp_path / "base", tmp_path / "export"
+    shutil.copytree(tiny, base)
+    shutil.copytree(exported, export, ignore=shutil.ignore_patterns("data"))
+    local = json.loads((export / "erase_local.json").read_text())
+    for key in ("pretrained_model_name_or_path", "base_model.path"):
+        local["paths"][key] = str(base)
+    (export / "erase_local.json").write_text(json.dumps(local))
+    assert "vae/diffusion_pytorch_model.safetensors" in json.loads((export / "erase_config.json").read_text())["base_model"]["weights_sha256"]
+    load_erased(export, format="delta")  # the same weights: loads
+    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
+    stat = vae_file.stat()
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.25)
+    vae.save_pretrained(base / "vae")
+    os.utime(vae_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    for fmt in ("diffusers", "lora", "delta"):
+        with pytest.raises(ValueError, match="not the one this export was made from: vae/diffusion_pytorch_model.safetensors"):
+            load_erased(export, format=fmt)
+    with pytest.raises(USER_FACING) as err:
+        read_export(export)
+    assert "vae/diffusion_pytorch_model.safetensors" in one_line(err)
+    load_erased(export, format="single_file")  # carries its own VAE and text encoder: the base gives only configs

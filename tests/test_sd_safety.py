@@ -122,7 +122,9 @@ def test_topk_that_selects_nothing_is_refused(tiny, inputs, tmp_path):
 
 # ----------------------------------------------------------------------------------------------- the export
 def test_export_records_the_resolved_base_and_escapes_the_card(base_run, tiny):
-    cfg = json.loads((base_run / "erase_config.json").read_text())
+    from erase.export.local import read_record
+
+    cfg = read_record(base_run)  # the shared config names the folder, the local record (erase_local.json) the path
     assert cfg["pretrained_model_name_or_path"] == str(Path(tiny).resolve()) == cfg["base_model"]["path"]
     assert "model_index.json" in cfg["export"]["files"] and "unet" in cfg["export"]["files"]
     card = (base_run / "README.md").read_text()
@@ -144,7 +146,7 @@ def test_reexport_replaces_the_old_export_whole(base_run, tiny, inputs, tmp_path
     names = {p.name for p in out.iterdir()}
     assert "model_index.json" not in names and "vae" not in names and "text_encoder" not in names
     assert {"unet", "erase_config.json", "checkpoint-1", "checkpoint-2", "my-notes.txt"} <= names
-    assert json.loads((out / "erase_config.json").read_text())["pretrained_model_name_or_path"] == str(Path(tiny).resolve())
+    assert json.loads((out / "erase_local.json").read_text())["paths"]["pretrained_model_name_or_path"] == str(Path(tiny).resolve())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing staged is left beside it
 
 

@@ -180,6 +180,10 @@ def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
     recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
     if isinstance(recorded, dict) and recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
         kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+    if isinstance(recorded, dict):  # the base's VAE and text encoders must be the ones the export was made from
+        from erase.export.folder import check_base_weights
+
+        check_base_weights(recorded, skip=((erase_config.get("export") or {}).get("denoiser") or "unet",))
     recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
     if recorded_family not in FAMILIES:
         raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")

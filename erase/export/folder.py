@@ -56,6 +56,50 @@ def base_identity(name: str, revision: str | None = None, variant: str | None = 
     return out
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def base_folder(base: dict) -> Path | None:
+    """The folder the recorded base loads from on this machine: its path, or its hub snapshot in the local cache."""
+    if base.get("path"):
+        path = Path(base["path"]).expanduser()
+        return path if path.is_dir() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base["hub_id"], "model_index.json", revision=base.get("commit") or base.get("revision"))
+    except Exception:  # not cached, or an older huggingface_hub
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_weights_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of every weights file of the base's components (``vae/...safetensors``, ``text_encoder/...``), by path
+    in the folder: what identifies the base behind an export where its path stays the same (a replaced folder, file
+    times kept)."""
+    from erase.utils.files import sha256_file
+
+    return {f"{p.parent.name}/{p.name}": sha256_file(p) for p in sorted(folder.glob("*/*"))
+            if p.suffix in WEIGHT_SUFFIXES and p.is_file()}
+
+
+def check_base_weights(base: dict, skip: tuple[str, ...] = ()) -> None:
+    """One line when the base the record names now holds other weights than at export (components in ``skip``, the
+    erased denoiser an export carries itself, are not compared). Records of older versions hold no digests."""
+    recorded = base.get("weights_sha256")
+    folder = base_folder(base)
+    if not isinstance(recorded, dict) or folder is None:
+        return
+    from erase.utils.errors import UserError
+
+    now = base_weights_sha256(folder)
+    differ = sorted(k for k, v in recorded.items() if k.split("/")[0] not in skip and now.get(k) != v)
+    if differ:
+        raise UserError(f"the base model at {folder} is not the one this export was made from: {', '.join(differ[:3])}"
+                        f"{' and more' if len(differ) > 3 else ''} changed or went missing since; restore that base "
+                        "(or pass the right one) before loading")
+
+
 def previous_export(out: Path) -> set[str]:
     """Names of the export ``out`` holds now (from its ``erase_config.json``), which a new export replaces."""
     try:

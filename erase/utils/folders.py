@@ -431,26 +431,26 @@ def recover_swaps(folder: Path) -> list[str]:
     """Finish or undo what a process killed during an export swap left, before anything reads ``folder`` (run under
     its lock, before checkpoints are resolved). Returns what was done (also logged).
 
-    Beside ``folder`` (``.NAME.new.PID.tmp``): the checkpoints, data and files it had carried go back into the
-    folder; a stage with no carried entry (a half-built export, or the previous export left by a completed
-    exchange) is removed; where the folder itself is gone (two-rename platforms) the complete stage becomes it.
-    Inside (``.export.PID.tmp`` / ``.old.PID.tmp``): a swap that had started is finished, a half-built stage is
-    removed."""
+    Beside ``folder`` (``.NAME.new.PID.tmp``): what the stage had carried (checkpoints, data, files) goes back, all of
+    it where the folder was left with nothing (two-rename platforms); a stage with no carried entry (half built, or
+    the old export after an exchange) is removed. Inside (``.export.PID.tmp`` / ``.old.PID.tmp``): a swap that had
+    started is finished, a half-built stage is removed."""
     done = []
     name = re.escape(folder.name)
-    for stage in sorted(folder.parent.glob(f".{folder.name}.*.tmp")):
+    try:  # not glob: a folder name may hold [ or *
+        beside = sorted(p for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.") and p.name.endswith(".tmp"))
+    except OSError:
+        beside = []
+    for stage in beside:
         m = re.fullmatch(rf"\.{name}\.(new|old)\.\d+\.tmp", stage.name)
         if not m or not _dead_stage(stage):
             continue
         manifest = _read_manifest(stage / MANIFEST)
-        if manifest is not None and not folder.exists():
-            (stage / MANIFEST).unlink()
-            stage.rename(folder)
-            done.append(f"made the complete export {stage.name} the folder")
-            continue
-        if manifest is not None:
-            export = set(manifest["export"]) | {MANIFEST}
-            for entry in sorted(stage.iterdir()):
+        if manifest is not None:  # a folder left with no entry of its own (killed between two renames) takes all
+            empty = not folder.exists() or {p.name for p in folder.iterdir()} <= {LOCK_NAME, MARKER_NAME}
+            export = {MANIFEST} | (set() if empty else set(manifest["export"]))
+            folder.mkdir(exist_ok=True)
+            for entry in sorted(stage.iterdir(), key=lambda e: (e.name in manifest["keep_last"], e.name)):
                 if entry.name in export:
                     continue
                 if not (folder / entry.name).exists() and not (folder / entry.name).is_symlink():
@@ -479,8 +479,7 @@ def recover_swaps(folder: Path) -> list[str]:
             for p in filter(None, (trash, staged)):
                 shutil.rmtree(p, ignore_errors=True)
                 done.append(f"removed {p.name}")
-        for p in folder.glob(f"{MANIFEST}"):
-            p.unlink()
+        (folder / MANIFEST).unlink(missing_ok=True)
     for line in done:
         logger.warning("%s: %s (an interrupted export)", folder, line)
     return done
