@@ -132,7 +132,8 @@ def test_config_and_model_card(tiny, reference, data_dir):
     assert [r["seed"] for r in manifest["forget"]["images"]] == [0, 1, 2, 3]
     assert manifest["forget"]["images"][0]["prompt"] == cfg["concept_prompts"]["generation_prompts"][0]
     card = (reference / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers\n") and f"base_model: {tiny}" in card
+    assert card.startswith("---\nlibrary_name: diffusers\n") and f"base_model: {Path(tiny).name}\n" in card
+    assert tiny not in card  # no local path in the card
     assert "nudity" in card and "scissorhands" in card and "UNet2DConditionModel.from_pretrained" in card
     assert "StableDiffusionPipeline.from_pretrained" in card
     assert f"{trim['summary']['reset']:,} of" in card
