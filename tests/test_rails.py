@@ -105,6 +105,19 @@ def test_a_claim_that_wrote_nothing_leaves_no_marker_only_folder(tmp_path):
     assert sorted(p.name for p in kept.iterdir()) == sorted([MARKER_NAME, "result.json"])
 
 
+def test_bad_input_found_after_the_claim_leaves_neither_the_output_nor_the_data_folder(tiny, tmp_path):
+    """A target pattern that matches nothing is found once the model loads, after the folders were claimed."""
+    from eval_fixtures import random_image_folders
+    from erase.sd import main, parse_args
+
+    random_image_folders(tmp_path, seed=1)
+    with pytest.raises(USER_FACING) as err:
+        main(parse_args([str(a) for a in ["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--forget_images",
+                                          tmp_path / "forget", "--retain_images", tmp_path / "retain", "--targets", r"nothing\..*",
+                                          "--data_dir", tmp_path / "new" / "data", "--output_dir", tmp_path / "new" / "out"]]))
+    assert "nothing" in one_line(err) and not (tmp_path / "new").exists()
+
+
 # ----------------------------------------------------------------------------------------------- the hub cache
 def test_a_hub_base_cache_and_the_cache_root_are_never_output_folders(tmp_path, monkeypatch):
     from huggingface_hub import constants
