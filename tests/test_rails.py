@@ -66,8 +66,12 @@ def test_check_says_what_the_claim_would_for_a_locked_or_read_only_folder(tmp_pa
     finally:
         holder.communicate("")
     check_output_dir(out, probe=True)  # released: ok again
+    if Path("/proc/sys").is_dir() and not os.access("/proc/sys", os.W_OK):  # read-only even for root
+        with pytest.raises(USER_FACING) as err:
+            check_output_dir("/proc/sys/scissorhands-out", probe=True)
+        assert "not writable" in one_line(err)
     if os.geteuid() == 0:
-        return  # root writes anywhere; the read-only case needs an ordinary user
+        return  # root writes into any folder; the read-only folder case needs an ordinary user
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
