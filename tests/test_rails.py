@@ -84,11 +84,10 @@ def test_check_says_what_the_claim_would_for_a_locked_or_read_only_folder(tmp_pa
         ro.chmod(0o755)
 
 
-def test_check_of_erase_sd_refuses_a_folder_in_use(tmp_path, capsys):
+def test_check_of_erase_sd_refuses_a_folder_in_use(tiny, tmp_path, capsys):
     from erase.sd import main, parse_args
-    from eval.tiny import build_tiny_pipeline
 
-    base = build_tiny_pipeline(tmp_path / "tiny", sample_size=16, block_out_channels=(8, 16))
+    base = tiny
     out = tmp_path / "out"  # a folder that another run holds
     with claim_output_dir(out):
         with pytest.raises(SystemExit) as err:
