@@ -357,6 +357,29 @@ def test_no_local_path_in_a_shared_file_and_the_local_record_loads_the_base(expo
     assert type(load_erased(shared, format="delta", base=tiny)).__name__ == "StableDiffusionPipeline"
 
 
+def test_the_local_record_round_trips_every_path_and_nothing_else(tmp_path):
+    """Every absolute path that exists here, wherever it sits in the config (nested, in lists), is shared as its last
+    component and read back whole; prompts, hub ids and relative names are left as they are."""
+    from erase.export.formats import write_json
+    from erase.export.local import read_record, split_paths, write_record
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.txt").write_text("x")
+    config = {"method": "m", "pretrained_model_name_or_path": "org/model", "output_dir": str(tmp_path / "out"),
+              "settings": {"forget_prompts": str(tmp_path / "in" / "p.txt"), "seed": 0, "data": [str(tmp_path / "in"), "rel/dir"]},
+              "concepts": [{"forget_prompts": ["/imagine a cat", "a [cat](http://e.vil)"]}], "none": None}
+    (tmp_path / "out").mkdir()
+    shared, paths = split_paths(config)
+    assert shared["settings"]["forget_prompts"] == "p.txt" and shared["settings"]["data"] == ["in", "rel/dir"]
+    assert shared["output_dir"] == "out" and shared["concepts"] == config["concepts"] and shared["pretrained_model_name_or_path"] == "org/model"
+    assert set(paths) == {"output_dir", "settings.forget_prompts", "settings.data[0]"}
+    write_record(tmp_path / "out", config, write_json)
+    assert str(tmp_path) not in (tmp_path / "out" / "erase_config.json").read_text()
+    assert read_record(tmp_path / "out") == config
+    (tmp_path / "out" / "erase_local.json").unlink()  # a shared copy: the names only
+    assert read_record(tmp_path / "out") == shared
+
+
 @pytest.mark.parametrize("fmt, name", [("lora", "erased_lora.safetensors"), ("single_file", "erased.safetensors"),
                                        ("delta", "unet_delta.safetensors"), ("diffusers", "unet/diffusion_pytorch_model.safetensors")])
 def test_load_erased_never_returns_non_finite_weights_and_names_the_export(exported, tmp_path, fmt, name):

@@ -23,11 +23,11 @@ LOCAL_NOTE = ("paths on the machine that wrote this export (the base model, the 
 
 
 def _local_path(value: str) -> bool:
-    """An absolute path of this machine (not a hub id, a prompt or a name)."""
-    if "\n" in value or not os.path.isabs(value):
+    """An absolute path that exists on this machine (not a hub id, a name, or a prompt that starts with "/")."""
+    if "\n" in value or not os.path.isabs(value) or Path(value) == Path(Path(value).anchor):
         return False
     try:
-        return Path(value).exists() or Path(value).parent.is_dir()
+        return Path(value).exists()
     except (OSError, ValueError):
         return False
 
