@@ -17,7 +17,6 @@ docs/ARCHITECTURE.md). It runs in the current process under the current accelera
 from __future__ import annotations
 
 import contextlib
-import json
 import tempfile
 from pathlib import Path
 
@@ -65,32 +64,41 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
 
 
 def _config(folder: Path) -> dict:
-    try:
-        config = json.loads((folder / "erase_config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{folder} has no erase_config.json; give a folder written by erase/sd.py or erase_concept") from None
+    from erase.export.local import read_record
+
+    if not (folder / "erase_config.json").is_file():
+        raise ValueError(f"{folder} has no erase_config.json; give a folder written by erase/sd.py or erase_concept")
+    config = read_record(folder)  # with this machine's local paths (erase_local.json) put back
     if not isinstance(config, dict) or "method" not in config:
         raise ValueError(f"{folder / 'erase_config.json'} is not an erase/sd.py export record")
     return config
 
 
-def load_erased(path, format: str | None = None, **kwargs):
+def load_erased(path, format: str | None = None, base: str | None = None, **kwargs):
     """A ready pipeline from an export folder: the base named in ``erase_config.json`` with the erased denoiser (the
     UNet of SD 1.x / 2.x / XL, the transformer of SD3 / Flux).
 
     ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
     with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
     ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order.
-    ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``).
+    ``base``: the base model's folder or hub id, where the export's record does not lead to it (a shared copy of an
+    export made on a local base: its path stays in the maker's ``erase_local.json``, :mod:`erase.export.local`).
+    ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``). A weight
+    that is not finite, in any component, is a ``ValueError`` naming the export.
     """
     import diffusers
-    from diffusers import DiffusionPipeline
-    from safetensors.torch import load_file
 
-    from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, base_kwargs, delta_name
+    from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, delta_name
 
     folder = Path(path).expanduser()
     config = _config(folder)
+    recorded = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
+    if base is not None:  # the digests stay: the base given must hold the weights the export was made from
+        config["base_model"] = {"path": str(base), "weights_sha256": recorded.get("weights_sha256")}
+        config["pretrained_model_name_or_path"] = str(base)
+    elif recorded.get("path") and not Path(recorded["path"]).expanduser().is_dir():
+        raise ValueError(f"the base model of {folder} was the local folder {recorded['path']!r} on the machine that made the "
+                         "export (its full path stays in that machine's erase_local.json); pass base=\"path/to/that/model\"")
     export = config.get("export") or {}
     denoiser = export.get("denoiser", "unet")  # exports before transformer families held a UNet
     if denoiser not in DENOISERS:
@@ -108,6 +116,43 @@ def load_erased(path, format: str | None = None, **kwargs):
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:
         raise ValueError(f"{folder} has no {format} export; it has {', '.join(f for f, ok in has.items() if ok) or 'none'}")
+    if format != "single_file" and not (format == "diffusers" and (folder / "model_index.json").is_file()):
+        from erase.export.folder import check_base_weights
+
+        check_base_weights(config.get("base_model") or {}, skip=(denoiser,) if format == "diffusers" else ())
+    file = {"single_file": SINGLE_FILE_NAME, "lora": LORA_NAME, "delta": delta}.get(format)
+    if file is not None:  # the file itself: a NaN a loader would drop or fold into a scale (a LoRA's alpha) is still a broken file
+        from safetensors import safe_open
+
+        from erase.utils.checks import check_weights
+
+        with safe_open(str(folder / file), "pt") as f:
+            check_weights(((k, f.get_tensor(k)) for k in f.keys()), f"{folder / file}", "; re-export the model")
+    return _finite(_load(folder, format, config, export, denoiser, denoiser_cls, kwargs), folder, format)
+
+
+def _finite(pipe, folder: Path, format: str):
+    """``pipe`` when every weight of every component is finite; else one line naming the export and the component (a
+    NaN weight draws black images that an audit would call clean)."""
+    import torch
+
+    from erase.utils.checks import check_weights
+
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module):
+            check_weights(part.state_dict().items(), f"the {name} of the {format} export {folder}",
+                          "; re-export the model (or check its base model's files)")
+    return pipe
+
+
+def _load(folder: Path, format: str, config: dict, export: dict, denoiser: str, denoiser_cls, kwargs: dict):
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from erase.export.formats import LORA_NAME, SINGLE_FILE_NAME, base_kwargs, delta_name
+
+    delta = delta_name(denoiser)
     base, base_kw = base_kwargs(config)
     if format == "diffusers" and (folder / "model_index.json").is_file():
         return DiffusionPipeline.from_pretrained(str(folder), **kwargs)
@@ -126,8 +171,4 @@ def load_erased(path, format: str | None = None, **kwargs):
     module = getattr(pipe, denoiser)
     state = module.state_dict()
     module.load_state_dict({k: v.to(state[k].dtype) for k, v in load_file(str(folder / delta)).items()}, strict=False)
-    return pipe
-    delta = load_file(str(folder / "unet_delta.safetensors"))
-    state = pipe.unet.state_dict()
-    pipe.unet.load_state_dict({k: v.to(state[k].dtype) for k, v in delta.items()}, strict=False)
     return pipe

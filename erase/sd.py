@@ -92,7 +92,7 @@ def main(config: EraseConfig):
     if cli.list_targets:
         return print_targets(config)
     if cli.check:
-        user_images = preflight(config)
+        user_images = preflight(config, probe=True)
         print(f"ok: {config.method} on {config.concept_set.name!r} would write to {Path(config.output.output_dir).resolve()}"
               + "".join(f"; {k} images: {len(v.files)}" for k, v in user_images.items()))
         return None

@@ -44,6 +44,8 @@ def load_audited(model: str, scheduler: str = "lms", dtype=None, device=None):
     check_sampler(scheduler, family)
     try:
         pipe = load_erased(model, dtype=dtype, **family.pipeline_kwargs())
+    except UserError:
+        raise  # one line naming the export already (a non-finite weight)
     except (OSError, ValueError) as e:  # load_erased's own messages are one line already
         raise UserError(f"could not load the export {model}: {str(e).strip().splitlines()[0]}") from None
     return finish_pipeline(pipe, family, scheduler, device, model, base)

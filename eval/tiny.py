@@ -143,8 +143,8 @@ def build_tiny_pipeline(
       projections in the transformer blocks, text encoder with gelu (OpenCLIP's activation).
     * ``sdxl``: SDXL base layout: ``addition_embed_type="text_time"`` (size ``time_ids`` + pooled text embedding,
       ``projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + pooled width``), a per-block
-      transformer depth, two text encoders (``CLIPTextModel`` + ``CLIPTextModelWithProjection``, each
-      ``cross_attention_dim // 2`` wide, concatenated), two tokenizers, Euler scheduler (epsilon),
+      transformer depth, two text encoders (``CLIPTextModel`` a quarter and
+      ``CLIPTextModelWithProjection`` three quarters of ``cross_attention_dim`` wide, concatenated), two tokenizers, Euler scheduler (epsilon),
       ``force_zeros_for_empty_prompt``.
     * ``sd3`` / ``sd35`` / ``flux_dev`` / ``flux_schnell``: the MMDiT families, see :func:`build_tiny_dit` (the VAE
       has ``block_out_channels``, the latent is ``sample_size`` square, the CLIP encoders are ``cross_attention_dim``
@@ -198,7 +198,10 @@ def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_bloc
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    time_dim, width = 8, cross_attention_dim // 2
+    # two widths, as SDXL's CLIP-L (768) and bigG (1280): with equal ones, diffusers' from_single_file takes CLIP-L's
+    # weights for text_encoder_2 (it tells the encoders apart by width) and leaves its text_projection unloaded
+    time_dim, width_1 = 8, cross_attention_dim // 4
+    width = cross_attention_dim - width_1
     n = len(block_out_channels)
     vae, unet, _ = build_components(
         tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
@@ -207,7 +210,7 @@ def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_bloc
                     "projection_class_embeddings_input_dim": 6 * time_dim + width,
                     "transformer_layers_per_block": tuple(range(1, n + 1))},
     )
-    text_encoder = CLIPTextModel(text_config(tokenizer, width, max_length))
+    text_encoder = CLIPTextModel(text_config(tokenizer, width_1, max_length))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, width, max_length, hidden_act="gelu"))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
                                        timestep_spacing="leading")

@@ -305,7 +305,9 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_digits_model, judge, tmp_pa
     assert {t["target"] for t in r["targets"]} >= {"base draws each digit correctly >= 90%",
                                                    "Scissorhands forget_acc <= 2%", "Scissorhands retain FD <= 1.3 x base",
                                                    "Scissorhands retain_acc >= base - 1 point(s)"}
-    cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
+    from erase.export.local import read_record
+
+    cfg = read_record(out / "runs" / "scissorhands-seed0")  # with the local record's paths
     assert cfg["method"] == "scissorhands" and cfg["pretrained_model_name_or_path"] == str(model)
     scored = json.loads((out / "scores" / "scissorhands-seed0" / "summary.json").read_text())
     assert scored["settings"]["erased"] is True and scored["forget_acc"] == run["forget_acc"]

@@ -204,7 +204,7 @@ def test_a_lora_only_export_is_audited_from_the_command_line(tmp_path, model, on
     with pytest.raises(SystemExit) as err:
         _run(_argv(str(bad), tmp_path / "audit-nan", "--limit", "2", "--no_report"))
     message = str(err.value.code)
-    assert message.startswith(f"error: the unet of {bad} has non-finite") and "\n" not in message
+    assert message.startswith(f"error: {bad}/erased_lora.safetensors has non-finite") and "\n" not in message
     assert not (tmp_path / "audit-nan" / "summary.json").exists()
 
 

@@ -183,7 +183,8 @@ def test_sdxl_export_loads_over_its_base(pipes, sdxl_run):
 
     cfg = json.loads((sdxl_run / "erase_config.json").read_text())
     assert cfg["model_family"] == "sdxl" and cfg["pipeline_class"] == "StableDiffusionXLPipeline"
-    assert cfg["adapter"]["time_ids"] == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0] and cfg["adapter"]["pooled_dim"] == 8
+    assert cfg["adapter"]["time_ids"] == [16.0, 16.0, 0.0, 0.0, 16.0, 16.0]
+    assert cfg["adapter"]["pooled_dim"] == 12  # text_encoder_2's width: 3/4 of cross_attention_dim 16 (eval.tiny)
     assert cfg["adapter"]["hidden_state"] == "penultimate" and cfg["targets"]["num_tensors"] == 40
     unet = UNet2DConditionModel.from_pretrained(str(sdxl_run), subfolder="unet")
     new, base = unet.state_dict(), load_file(f"{pipes['sdxl']}/unet/diffusion_pytorch_model.safetensors")

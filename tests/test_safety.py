@@ -235,6 +235,7 @@ def test_one_run_per_folder_and_stale_locks_are_taken_over(tmp_path):
     finally:
         first.release()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    out.mkdir(exist_ok=True)  # the first claim wrote nothing: it left no folder behind
     (out / LOCK_NAME).write_text(json.dumps({"pid": int(dead), "host": "here"}))  # left by a killed run
     with claim_output_dir(out) as claim:
         assert json.loads((claim.path / LOCK_NAME).read_text())["pid"] == os.getpid()

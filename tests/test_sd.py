@@ -95,7 +95,7 @@ def test_export_reloads_and_only_targets_change(tiny, reference):
         assert torch.equal(t, new[n])
     with safe_open(str(reference / "unet_delta.safetensors"), "pt") as f:
         meta = f.metadata()
-    assert meta["base_model"] == tiny and meta["concept"] == "nudity" and meta["method"] == "scissorhands"
+    assert meta["base_model"] == Path(tiny).name and meta["concept"] == "nudity" and meta["method"] == "scissorhands"
     assert json.loads(meta["settings"])["topk"] == 20
     # --export_pipeline: the folder is a full pipeline that generates
     pipe = StableDiffusionPipeline.from_pretrained(str(reference), safety_checker=None)
@@ -107,7 +107,10 @@ def test_export_reloads_and_only_targets_change(tiny, reference):
 
 
 def test_config_and_model_card(tiny, reference, data_dir):
-    cfg = json.loads((reference / "erase_config.json").read_text())
+    from erase.export.local import read_record
+
+    assert json.loads((reference / "erase_config.json").read_text())["pretrained_model_name_or_path"] == Path(tiny).name
+    cfg = read_record(reference)  # the local record (erase_local.json) holds the path
     assert cfg["pretrained_model_name_or_path"] == tiny and cfg["concept"] == "nudity" and cfg["method"] == "scissorhands"
     assert cfg["settings"]["targets"] == "xattn" and cfg["settings"]["lr"] == 1e-3 and cfg["seed"] == 0
     assert cfg["targets"]["num_tensors"] == 20
@@ -129,7 +132,8 @@ def test_config_and_model_card(tiny, reference, data_dir):
     assert [r["seed"] for r in manifest["forget"]["images"]] == [0, 1, 2, 3]
     assert manifest["forget"]["images"][0]["prompt"] == cfg["concept_prompts"]["generation_prompts"][0]
     card = (reference / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers\n") and f"base_model: {tiny}" in card
+    assert card.startswith("---\nlibrary_name: diffusers\n") and f"base_model: {Path(tiny).name}\n" in card
+    assert tiny not in card  # no local path in the card
     assert "nudity" in card and "scissorhands" in card and "UNet2DConditionModel.from_pretrained" in card
     assert "StableDiffusionPipeline.from_pretrained" in card
     assert f"{trim['summary']['reset']:,} of" in card

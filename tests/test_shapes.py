@@ -335,7 +335,9 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
     assert r["retrain"]["forget_acc"]["mean"] == r["runs"]["retrain"][0]["forget_acc"]
     trained = Path(r["settings"]["retrain"]["models"]["0"])
     assert json.loads((trained / "shapes_model.json").read_text())["training_data"]["held_out"] == ["star"]
-    cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
+    from erase.export.local import read_record
+
+    cfg = read_record(out / "runs" / "scissorhands-seed0")  # with the local record's paths
     assert cfg["method"] == "scissorhands" and cfg["pretrained_model_name_or_path"] == str(tiny_model.absolute())
     forget = (out / "concept" / "forget.txt").read_text().splitlines()
     assert len(forget) == 24 and all("star" in p.split() or "stars" in p.split() for p in forget)

@@ -176,8 +176,8 @@ def test_an_audit_draws_with_the_erased_transformer(dits, reference, tmp_path, k
     if keep == "lora":
         folder = tmp_path / "shared"
         folder.mkdir()
-        for name in ("erase_config.json", "erased_lora.safetensors", "erased_lora.json"):
-            shutil.copy(reference / name, folder / name)
+        for name in ("erase_config.json", "erase_local.json", "erased_lora.safetensors", "erased_lora.json"):
+            shutil.copy(reference / name, folder / name)  # on this machine: with the local record of the base's path
     with pytest.raises(UserError, match="--scheduler lms does not sample a flux model.*flow_euler"):
         load_audited(str(folder), scheduler="lms")
     pipe = load_audited(str(folder), scheduler="flow_euler")

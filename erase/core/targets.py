@@ -49,8 +49,42 @@ def resolve_patterns(spec, presets: Mapping[str, str] | None = None) -> list[str
     return patterns
 
 
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(re.fullmatch(p, name) for p in patterns)
+#: The most time one spec may take to match every parameter name of a model: far above any sane pattern (a
+#: few ms for a UNet), far below a catastrophic one (``(a|a)*b`` backtracks exponentially), which an audited model's
+#: ``erase_config.json`` may carry.
+MATCH_SECONDS = 2.0
+
+
+class Matcher:
+    """``fullmatch`` of user patterns against parameter names, bounded in time (the ``regex`` module's timeout, as
+    Python's ``re`` cannot be interrupted): a pattern that exceeds :data:`MATCH_SECONDS` in total is a
+    :class:`TargetError` naming it, never a hang."""
+
+    def __init__(self, patterns: Iterable[str], seconds: float | None = None):
+        import regex
+
+        self.patterns = [(p, regex.compile(p)) for p in patterns]
+        self.seconds = MATCH_SECONDS if seconds is None else seconds
+        self.left = {p: self.seconds for p in set(p for p, _ in self.patterns)}
+
+    def __call__(self, name: str) -> bool:
+        import time
+
+        for p, compiled in self.patterns:
+            start = time.perf_counter()
+            try:
+                hit = compiled.fullmatch(name, timeout=max(self.left[p], 1e-3))
+            except TimeoutError:
+                raise TargetError(f"target pattern {p!r} takes over {self.seconds:g} s to match the parameter names "
+                                  "(a pattern that backtracks catastrophically?); give a simpler one") from None
+            self.left[p] -= time.perf_counter() - start
+            if hit:
+                return True
+        return False
+
+
+def matches(name: str, patterns: Iterable[str] | Matcher) -> bool:
+    return (patterns if isinstance(patterns, Matcher) else Matcher(patterns))(name)
 
 
 def select_parameters(
@@ -64,7 +98,8 @@ def select_parameters(
     if not include:
         raise TargetError("no target given: pass a preset name or a regex")
     drop = resolve_patterns(exclude, presets)
-    chosen = {n: p for n, p in model.named_parameters() if matches(n, include) and not matches(n, drop)}
+    include, drop = Matcher(include), Matcher(drop)
+    chosen = {n: p for n, p in model.named_parameters() if include(n) and not drop(n)}
     if not chosen:
         shown = targets if isinstance(targets, str) else ",".join(_as_list(targets))
         raise TargetError(

@@ -157,15 +157,31 @@ def _vae_fingerprint(vae) -> str:
     return settings_hash({"config": {k: str(v) for k, v in dict(vae.config).items()}, "probe": probe})
 
 
+def _read_cache(path: Path, count: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached (mean, std) of ``count`` images, or None (then they are encoded again) when the file is missing or
+    is not a whole cache of them: cut by a full disk or a kill, garbled, another tensor layout."""
+    if not path.is_file():
+        return None
+    try:
+        t = load_file(str(path))
+        mean, std = t["mean"], t["std"]
+        if mean.shape != std.shape or mean.shape[0] != count or not (torch.isfinite(mean).all() and torch.isfinite(std).all()):
+            raise ValueError(f"{tuple(mean.shape)} / {tuple(std.shape)} for {count} images, or not finite")
+    except Exception as e:  # safetensors raises its own error types for a cut header or data
+        logger.warning("the latents cache %s is unusable (%s); encoding the images again", path, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        return None
+    return mean, std
+
+
 @torch.no_grad()
 def encode_latents(images: ImageSet, vae, resolution: int, cache_dir: Path, device, dtype, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of the VAE posterior of every image, float32 on CPU; cached in ``cache_dir``."""
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in images.files]
     key = settings_hash({"files": stats, "source": images.source, "resolution": resolution, "vae": _vae_fingerprint(vae)})
     path = cache_dir / f"latents-{images.split}-{key}.safetensors"
-    if path.is_file():
-        t = load_file(str(path))
-        return t["mean"], t["std"]
+    cached = _read_cache(path, len(images.files))
+    if cached is not None:
+        return cached
     means, stds = [], []
     for i in range(0, len(images.files), batch_size):
         x = torch.stack([load_image(f, resolution) for f in images.files[i : i + batch_size]]).to(device, dtype)

@@ -170,14 +170,20 @@ def read_export(folder: str | os.PathLike) -> tuple[dict, object, str, dict]:
     base's revision), or one UserError line."""
     from erase.diffusion.families import FAMILIES
 
+    from erase.export.local import read_record
+
     config_path = Path(folder) / "erase_config.json"
-    erase_config = read_json(config_path, "erase config")
+    erase_config = read_record(folder)  # with this machine's local paths (erase_local.json) put back
     if not isinstance(erase_config, dict) or not erase_config.get("pretrained_model_name_or_path"):
         raise UserError(f"{config_path} has no 'pretrained_model_name_or_path' naming the base model")
     kwargs = {}
     recorded = erase_config.get("base_model") or {}  # the base as resolved at export: pin its revision
     if isinstance(recorded, dict) and recorded.get("hub_id") and (recorded.get("commit") or recorded.get("revision")):
         kwargs["revision"] = recorded.get("commit") or recorded.get("revision")
+    if isinstance(recorded, dict):  # the base's VAE and text encoders must be the ones the export was made from
+        from erase.export.folder import check_base_weights
+
+        check_base_weights(recorded, skip=((erase_config.get("export") or {}).get("denoiser") or "unet",))
     recorded_family = erase_config.get("model_family") or "sd1"  # exports before families were all SD 1.x
     if recorded_family not in FAMILIES:
         raise UserError(f"{config_path} names model family {recorded_family!r}; supported: {', '.join(FAMILIES)}")

@@ -11,7 +11,7 @@ from dataclasses import asdict
 import torch
 
 from erase.core import EngineConfig
-from erase.export.folder import base_identity, versions
+from erase.export.folder import base_folder, base_identity, base_weights_sha256, versions
 
 
 def engine_config(config) -> EngineConfig:
@@ -48,6 +48,9 @@ def build_record(config, family, method, engine: EngineConfig, result, adapter, 
     """``erase_config.json`` before the export adds its ``delta`` and ``export`` entries."""
     m, concepts, t = config.model, config.concept_set, config.train
     base = base_identity(m.pretrained_model_name_or_path, m.revision, m.variant)
+    folder = base_folder(base)
+    if folder is not None:  # what the export was made from, checked where a base is reloaded (erase.api.load_erased)
+        base["weights_sha256"] = base_weights_sha256(folder)
     return {
         "pretrained_model_name_or_path": base.get("path") or base["hub_id"],
         "model_family": family.name,

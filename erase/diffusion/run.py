@@ -41,7 +41,7 @@ from erase.diffusion.robust import build_robust, robust_settings
 from erase.diffusion.validate import export_spec
 from erase.utils.checks import check_free_space, check_weights
 from erase.utils.errors import UserError
-from erase.utils.folders import check_output_dir, hold_output_dir, mark_ours
+from erase.utils.folders import MARKER_NAME, check_output_dir, hold_output_dir, mark_ours
 
 logger = get_logger(__name__)
 
@@ -57,17 +57,13 @@ class EraseResult:
     engine: RunResult
 
 
-def local_base(config: EraseConfig) -> str | None:
-    path = Path(config.model.pretrained_model_name_or_path).expanduser()
-    return str(path) if path.exists() else None
-
-
-def preflight(config: EraseConfig) -> dict:
+def preflight(config: EraseConfig, probe: bool = False) -> dict:
     """Every check that needs the file system but no model, on every process before any work (``--check`` runs only
     this): output and data folders (erase.utils.folders), user image folders and their captions (erase.utils.images),
-    and an explicit checkpoint. Returns the user image sets."""
-    base, out = local_base(config), config.output
-    folder = check_output_dir(out.output_dir, base=base, overwrite=out.overwrite)
+    and an explicit checkpoint; ``probe`` (``--check``) also what taking the folder's lock would say. Returns the user
+    image sets."""
+    base, out = config.model.pretrained_model_name_or_path, config.output  # a local folder or a hub id (its cache)
+    folder = check_output_dir(out.output_dir, base=base, overwrite=out.overwrite, probe=probe)
     d = config.data
     if d.data_dir and not Path(d.data_dir).expanduser().resolve().is_relative_to(folder):
         check_output_dir(d.data_dir, flag="--data_dir", base=base, overwrite=out.overwrite)
@@ -128,16 +124,23 @@ def _claimed(config: EraseConfig):
     user_images = preflight(config)
     out = config.output
     # One run per output folder: the main process (rank 0 of any launcher) holds its lock until the run ends.
-    with hold_output_dir(out.output_dir, base=local_base(config), overwrite=out.overwrite, by="erase/sd.py") as claim:
-        d = config.data
+    with hold_output_dir(out.output_dir, base=config.model.pretrained_model_name_or_path, overwrite=out.overwrite, by="erase/sd.py") as claim:
+        d, folder, new, marked = config.data, None, False, False
         if claim is not None and d.data_dir and not Path(d.data_dir).expanduser().resolve().is_relative_to(claim.path):
             folder = Path(d.data_dir).expanduser()
+            new, marked = not folder.exists(), not (folder / MARKER_NAME).exists()
             try:
                 folder.mkdir(parents=True, exist_ok=True)
                 mark_ours(folder, by="erase/sd.py")
             except OSError as e:
                 raise UserError(f"--data_dir {d.data_dir} is not writable ({e.strerror})") from None
-        yield user_images
+        try:
+            yield user_images
+        finally:  # a data folder the run marked and left without data (bad input found later) goes back as it was
+            if marked and {p.name for p in folder.iterdir()} == {MARKER_NAME}:
+                (folder / MARKER_NAME).unlink()
+                if new:
+                    folder.rmdir()
 
 
 def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:

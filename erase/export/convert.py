@@ -3,7 +3,6 @@ offline (the formats it has stay); built beside the folder and swapped in whole,
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -12,6 +11,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from erase.export.folder import finish_stage, previous_export, staged_export
+from erase.export.local import read_record
 from erase.export.formats import (CONFIG_NAME, DEFAULT_LORA_ENERGY, DTYPES, EXPORT_FORMATS, ExportSpec, base_kwargs, delta_name,
                                   spec_from_args, write_formats)
 from erase.utils.errors import OneLineParser, UserError, cli_errors
@@ -87,16 +87,13 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
     from erase.utils.folders import hold_output_dir
 
     out = Path(folder).expanduser()
-    try:
-        config = json.loads((out / CONFIG_NAME).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{folder} has no {CONFIG_NAME}; give a folder written by erase/sd.py") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{out / CONFIG_NAME} cannot be read ({e}); give a folder written by erase/sd.py") from None
+    if not (out / CONFIG_NAME).is_file():
+        raise UserError(f"{folder} has no {CONFIG_NAME}; give a folder written by erase/sd.py")
+    config = read_record(out)  # with this machine's local paths (erase_local.json) put back
     part = ((config.get("export") or {}).get("denoiser") or "unet") if isinstance(config, dict) else "unet"
     if not isinstance(config, dict) or "method" not in config or not (out / delta_name(part)).is_file():
         raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {delta_name(part)})")
-    base_path = (config.get("base_model") or {}).get("path")
+    base_path = (config.get("base_model") or {}).get("path") or (config.get("base_model") or {}).get("hub_id")
     with hold_output_dir(out, base=base_path, by="erase.export") as claim:
         out = claim.path
         model = erased_denoiser(out, config)

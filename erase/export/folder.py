@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from erase.export.card import model_card
+from erase.export.local import LOCAL_NAME, shared, write_record
 from erase.export.formats import (CONFIG_NAME, DELTA_NAME, LORA_NAME, LORA_STATS_NAME, SINGLE_FILE_NAME, ExportSpec, changed_tensors,
                                   delta_name, denoiser_folder, layout_family, write_formats, write_json)
 from erase.utils.folders import stale_temp, staging_dir, swap_in
@@ -34,7 +35,7 @@ LEGACY_EXPORT_NAMES = {"unet", DELTA_NAME, CONFIG_NAME, "README.md", "model_inde
                        "scheduler", "safety_checker", "feature_extractor", "image_encoder", ".export.tmp"}
 #: What an export of this version may write besides those: a half-built one made only of these is removed.
 EXPORT_NAMES = LEGACY_EXPORT_NAMES | {"transformer", delta_name("transformer"), "text_encoder_2", "text_encoder_3", "tokenizer_2",
-                                      "tokenizer_3", SINGLE_FILE_NAME, LORA_NAME, LORA_STATS_NAME}
+                                      "tokenizer_3", SINGLE_FILE_NAME, LORA_NAME, LORA_STATS_NAME, LOCAL_NAME}
 
 
 def base_identity(name: str, revision: str | None = None, variant: str | None = None) -> dict:
@@ -53,6 +54,50 @@ def base_identity(name: str, revision: str | None = None, variant: str | None = 
     except Exception:  # not cached, or an older huggingface_hub: the id and revision are still recorded
         pass
     return out
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def base_folder(base: dict) -> Path | None:
+    """The folder the recorded base loads from on this machine: its path, or its hub snapshot in the local cache."""
+    if base.get("path"):
+        path = Path(base["path"]).expanduser()
+        return path if path.is_dir() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(base["hub_id"], "model_index.json", revision=base.get("commit") or base.get("revision"))
+    except Exception:  # not cached, or an older huggingface_hub
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def base_weights_sha256(folder: Path) -> dict[str, str]:
+    """sha256 of every weights file of the base's components (``vae/...safetensors``, ``text_encoder/...``), by path
+    in the folder: what identifies the base behind an export where its path stays the same (a replaced folder, file
+    times kept)."""
+    from erase.utils.files import sha256_file
+
+    return {f"{p.parent.name}/{p.name}": sha256_file(p) for p in sorted(folder.glob("*/*"))
+            if p.suffix in WEIGHT_SUFFIXES and p.is_file()}
+
+
+def check_base_weights(base: dict, skip: tuple[str, ...] = ()) -> None:
+    """One line when the base the record names now holds other weights than at export (components in ``skip``, the
+    erased denoiser an export carries itself, are not compared). Records of older versions hold no digests."""
+    recorded = base.get("weights_sha256")
+    folder = base_folder(base)
+    if not isinstance(recorded, dict) or folder is None:
+        return
+    from erase.utils.errors import UserError
+
+    now = base_weights_sha256(folder)
+    differ = sorted(k for k, v in recorded.items() if k.split("/")[0] not in skip and now.get(k) != v)
+    if differ:
+        raise UserError(f"the base model at {folder} is not the one this export was made from: {', '.join(differ[:3])}"
+                        f"{' and more' if len(differ) > 3 else ''} changed or went missing since; restore that base "
+                        "(or pass the right one) before loading")
 
 
 def previous_export(out: Path) -> set[str]:
@@ -114,9 +159,10 @@ def export(output_dir: str | Path, model, base_tensors: dict[str, torch.Tensor],
         state = model.state_dict()
         delta = changed_tensors(state, base_tensors)
         config["delta"] = delta_stats(delta, base_tensors)
-        meta = {"format": f"erase-{denoiser}-delta", "base_model": str(config["pretrained_model_name_or_path"]),
+        public = shared(config)  # no local path in a file meant to be shared (erase.export.local)
+        meta = {"format": f"erase-{denoiser}-delta", "base_model": str(public["pretrained_model_name_or_path"]),
                 "concept": str(config["concept"]), "method": str(config["method"]),
-                "settings": json.dumps(config["settings"], sort_keys=True, default=str)}
+                "settings": json.dumps(public["settings"], sort_keys=True, default=str)}
         save_file(delta, str(stage / delta_name(denoiser)), metadata=meta)
         if pipeline is not None:
             pipeline.save_pretrained(str(stage), safe_serialization=True)
@@ -147,7 +193,9 @@ def staged_export(out: Path):
 
 
 def finish_stage(stage: Path, config: dict, **record) -> None:
-    """The model card and ``erase_config.json`` of a staged export, whose ``export`` entry lists its files."""
-    (stage / "README.md").write_text(model_card(config), encoding="utf-8")
-    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME}), **record)
-    write_json(stage / CONFIG_NAME, config)
+    """The model card, ``erase_config.json`` and the local record (``erase_local.json``, :mod:`erase.export.local`) of a
+    staged export, whose ``export`` entry lists its files."""
+    (stage / "README.md").write_text(model_card(shared(config)), encoding="utf-8")
+    local = {LOCAL_NAME} if shared(config) != config else set()
+    config["export"].update(files=sorted({p.name for p in stage.iterdir()} | {CONFIG_NAME} | local), **record)
+    write_record(stage, config, write_json)

@@ -101,8 +101,10 @@ class ExportSpec:
 def spec_from_args(args) -> ExportSpec:
     """The :class:`ExportSpec` of parsed flags (``export_format``, ``export_dtype``, ``lora_rank``, ``lora_energy``),
     checked: every bad value is one :class:`UserError` line naming it and what is allowed."""
-    formats = parse_formats(getattr(args, "export_format", "diffusers") or "diffusers")
-    dtype = getattr(args, "export_dtype", None) or "fp16"
+    given = getattr(args, "export_format", None)  # absent: the default; given empty ('', []): one line, never the default
+    formats = parse_formats("diffusers" if given is None else ",".join(map(str, given)) if isinstance(given, (list, tuple)) else given)
+    dtype = getattr(args, "export_dtype", None)
+    dtype = "fp16" if dtype is None else dtype
     if dtype not in DTYPES:
         raise UserError(f"--export_dtype {dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
     rank, energy = getattr(args, "lora_rank", None), getattr(args, "lora_energy", None)
@@ -147,6 +149,9 @@ def base_kwargs(config: dict) -> tuple[str, dict]:
 
 
 def settings_metadata(config: dict) -> dict:
+    from erase.export.local import shared
+
+    config = shared(config)  # no local path in a shared file
     return {"base_model": str(config["pretrained_model_name_or_path"]), "concept": str(config["concept"]),
             "method": str(config["method"]), "settings": json.dumps(config.get("settings", {}), sort_keys=True, default=str)}
 

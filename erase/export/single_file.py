@@ -10,6 +10,7 @@ from pathlib import Path
 
 from erase.export.formats import (DTYPES, SINGLE_FILE_NAME, TEXT_PARTS, ExportSpec, base_kwargs, save_tensors, scheduler_config,
                                   settings_metadata)
+from erase.export.local import shared
 from erase.utils.errors import UserError
 
 
@@ -53,7 +54,7 @@ def write(stage: Path, model, base_tensors: dict, config: dict, spec: ExportSpec
     flat = materialize(flat, DTYPES[spec.dtype])
     meta = {"format": "erase-single-file", "family": family, "dtype": spec.dtype, **settings_metadata(config),
             "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": architecture(family, model_config, parts.get("scheduler")),
-            "modelspec.title": f"{config['pretrained_model_name_or_path']} without {config['concept']}"[:200]}
+            "modelspec.title": f"{shared(config)['pretrained_model_name_or_path']} without {config['concept']}"[:200]}
     save_tensors(flat, stage / SINGLE_FILE_NAME, meta)
     return {"files": [SINGLE_FILE_NAME], "family": family, "family_detected_from": why, "dtype": spec.dtype,
             "pipeline_class": LAYOUTS[family].pipeline, "tensors": len(flat), "bytes": (stage / SINGLE_FILE_NAME).stat().st_size}

@@ -32,7 +32,11 @@ def list_inputs(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or p.name in SIDECAR_NAMES:
             continue
-        if p.is_symlink() and root not in p.resolve().parents:  # never read outside the folder
+        real = _resolved(p) if p.is_symlink() else p
+        if real is None:
+            skipped.append({"file": p.name, "reason": "symlink loop (a link that leads back to itself)"})
+            continue
+        if p.is_symlink() and root not in real.parents:  # never read outside the folder
             skipped.append({"file": p.name, "reason": "symlink leading out of the folder"})
             continue
         if not p.is_file():
@@ -42,6 +46,14 @@ def list_inputs(folder: str | os.PathLike) -> tuple[list[Path], list[dict]]:
         else:
             skipped.append({"file": p.name, "reason": "not an image file"})
     return images, skipped
+
+
+def _resolved(path: Path) -> Path | None:
+    """Where ``path`` leads, or None for a symlink loop (Python raises RuntimeError or OSError for one)."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):
+        return None
 
 
 def _open_header(source):
@@ -112,7 +124,9 @@ def read_caption(path: Path, folder) -> str | None:
     if not (path.is_file() or path.is_symlink()):
         return None
     root = Path(folder).resolve()
-    real = path.resolve()
+    real = _resolved(path)
+    if real is None:
+        raise UserError(f"caption {path} is a symlink loop (a link that leads back to itself); replace it with the file")
     if root not in real.parents:
         raise UserError(f"caption {path} is a symlink leading out of {folder}; copy the file into the folder")
     if not real.is_file():

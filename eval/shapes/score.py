@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from erase.utils.errors import UserError
-from erase.utils.files import atomic_write_json, atomic_write_text, read_json
+from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.shapes import world
 from eval.shapes.concepts import AUDIT_SEED_OFFSET, GROUPS, audit_items, item_seed
 
@@ -50,7 +50,9 @@ def resolve_shapes_model(model: str) -> tuple[dict, str, dict | None]:
         raise UserError(f"model folder not found: {model}")
     erase_config, base = None, str(path)
     if (path / "erase_config.json").is_file():
-        erase_config = read_json(path / "erase_config.json", "erase config")
+        from erase.export.local import read_record
+
+        erase_config = read_record(path)  # with this machine's local paths (erase_local.json) put back
         base = erase_config.get("pretrained_model_name_or_path") or ""
         if not (path / "unet").is_dir():
             raise UserError(f"{model} has an erase_config.json but no unet/ folder")

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from erase.utils.errors import UserError
-from erase.utils.files import read_json
 
 DENOISERS = ("unet", "transformer")  # the denoiser folder of an erase/sd.py output (erase.diffusion.families)
 
@@ -26,7 +25,9 @@ def resolve_model(model: str) -> ModelInfo:
     """Base and erase config of an erase/sd.py output; a pipeline folder or hub id is its own base."""
     path = Path(model)
     if path.is_dir() and (path / "erase_config.json").is_file():
-        config = read_json(path / "erase_config.json", "erase config")
+        from erase.export.local import read_record
+
+        config = read_record(path)  # with this machine's local paths (erase_local.json) put back
         base = config.get("pretrained_model_name_or_path") if isinstance(config, dict) else None
         if not base:
             raise UserError(f"{path / 'erase_config.json'} has no 'pretrained_model_name_or_path' naming the base model")

@@ -86,8 +86,7 @@ def hold_attack_folder(cfg, attack: str):
         if folder == model or model in folder.parents or folder in model.parents:
             raise UserError(f"--output_dir {cfg.output_dir} {'is' if folder == model else 'lies inside' if model in folder.parents else 'holds'} "
                             f"the attacked model's folder {model}; choose a folder outside it")
-    base = info.base if Path(info.base).expanduser().exists() else None
-    with hold_output_dir(cfg.output_dir, base=base, overwrite=cfg.overwrite, by=f"eval.attack {attack}") as claim:
+    with hold_output_dir(cfg.output_dir, base=info.base, overwrite=cfg.overwrite, by=f"eval.attack {attack}") as claim:
         yield claim
 
 
