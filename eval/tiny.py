@@ -130,6 +130,7 @@ def build_tiny_pipeline(
     max_length: int = 77,
     seed: int = 0,
     family: str = "sd1",
+    sdxl_first_width: int | None = None,
 ) -> str:
     """Write a pipeline folder of model family ``family`` (one of :data:`TINY_FAMILIES`) with random weights to `path`;
     return it.
@@ -145,7 +146,8 @@ def build_tiny_pipeline(
       ``projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + pooled width``), a per-block
       transformer depth, two text encoders (``CLIPTextModel`` a quarter and
       ``CLIPTextModelWithProjection`` three quarters of ``cross_attention_dim`` wide, concatenated), two tokenizers, Euler scheduler (epsilon),
-      ``force_zeros_for_empty_prompt``.
+      ``force_zeros_for_empty_prompt``. ``sdxl_first_width`` sets the first encoder's width (the fixtures made before the
+      two widths differed used half: tests/data/make_legacy_reference.py).
     * ``sd3`` / ``sd35`` / ``flux_dev`` / ``flux_schnell``: the MMDiT families, see :func:`build_tiny_dit` (the VAE
       has ``block_out_channels``, the latent is ``sample_size`` square, the CLIP encoders are ``cross_attention_dim``
       wide; ``layers_per_block`` does not apply).
@@ -159,7 +161,8 @@ def build_tiny_pipeline(
 
     tokenizer = build_tiny_tokenizer(max_length)
     if family == "sdxl":
-        return _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length)
+        return _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length,
+                          sdxl_first_width)
     vae, unet, text_encoder = build_components(
         tokenizer, unet_channels=block_out_channels, vae_channels=block_out_channels, latent_size=sample_size,
         text_width=cross_attention_dim, max_length=max_length, layers_per_block=layers_per_block,
@@ -194,13 +197,14 @@ def _sd2_unet(n_blocks: int) -> dict:
     return {"attention_head_dim": tuple(2 * (i + 1) for i in range(n_blocks)), "use_linear_projection": True}
 
 
-def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length) -> str:
+def _tiny_sdxl(path, tokenizer, sample_size, block_out_channels, layers_per_block, cross_attention_dim, max_length,
+               first_width: int | None = None) -> str:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     # two widths, as SDXL's CLIP-L (768) and bigG (1280): with equal ones, diffusers' from_single_file takes CLIP-L's
     # weights for text_encoder_2 (it tells the encoders apart by width) and leaves its text_projection unloaded
-    time_dim, width_1 = 8, cross_attention_dim // 4
+    time_dim, width_1 = 8, first_width or cross_attention_dim // 4
     width = cross_attention_dim - width_1
     n = len(block_out_channels)
     vae, unet, _ = build_components(

@@ -47,7 +47,9 @@ def run_case(name: str, family: str, flags: list[str], work: Path, pipes: dict) 
     from eval.tiny import build_tiny_pipeline
 
     if family not in pipes:
-        pipes[family] = build_tiny_pipeline(work / f"tiny-{family}", family=family)
+        # the tiny SDXL of the reference's day: two text encoders of equal width (half of cross_attention_dim 32)
+        extra = {"sdxl_first_width": 16} if family == "sdxl" else {}
+        pipes[family] = build_tiny_pipeline(work / f"tiny-{family}", family=family, **extra)
     base = pipes[family]
     out = work / name
     steps = int(flags[flags.index("--max_train_steps") + 1])
