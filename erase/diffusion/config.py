@@ -163,7 +163,7 @@ class RobustConfig:
     robust_lr: float | None = field(default=None, metadata=_help("Learning rate of the search (default 5e-3)."))
     robust_batch_size: int | None = field(default=None, metadata=_help("Forget images per search step (default 8)."))
     robust_start: str | None = field(default=None, metadata=_help(
-        "Where a search starts: init (the neutral init word, as the attack does) or last (the concept's newest token).",
+        "Where a search starts: init (the neutral init word, as the attack does) or last (the concept's newest token; default, chosen on the tuning digits).",
         choices=("init", "last")))
     robust_words: str | None = field(default=None, metadata=_help(
         "Comma-separated words the learned token replaces in the concept's prompts (default: the words of its forget "

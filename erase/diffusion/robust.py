@@ -45,8 +45,9 @@ from erase.diffusion.adapter import example_key
 from erase.utils.errors import UserError
 
 #: The choices of ``--robust``, made on the digits model's tuning digits seven and one only (docs/ROBUST.md).
+# point D of the tuning grid, the one the written rule chose on the tuning digits seven and one (docs/ROBUST.md)
 ROBUST_DEFAULTS = {"robust_every": 25, "robust_tokens": 4, "robust_steps": 100, "robust_lr": 5e-3, "robust_batch_size": 8,
-                   "robust_start": "init"}
+                   "robust_start": "last"}
 ROBUST_STARTS = ("init", "last")
 #: neutral words a search starts from (as textual-inversion attacks do): the first one-token word, else the first word's
 #: mean token embedding
