@@ -323,16 +323,24 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["quickstart", "--model", str(tiny_model), "--output_dir", "qs", "--max_train_steps", "2", "--num_images",
                  "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2", "--train_batch_size", "1",
-                 "--launcher", "python", "--retrain"]) == 0
+                 "--launcher", "python", "--retrain", "--methods", "scissorhands,uce"]) == 0
     out = tmp_path / "qs"
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "star" and r["kind"] == "shape" and set(r) >= {"base", "retrain", "methods", "runs", "settings"}
     run = r["runs"]["scissorhands"][0]
     assert run["seed"] == 0 and run["erase_seconds"] > 0 and run["peak_rss_mb"] > 50
+    assert 0 < run["method_seconds"] < run["erase_seconds"]  # the method's own part, without start-up and data
     assert "--forget_prompts" in run["command"] and "--anchor_prompt" in run["command"] and "a heart" in run["command"]
-    for col in ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc", "retain_fd", "erase_seconds"):
+    for col in ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc", "retain_fd", "erase_seconds",
+                "method_seconds"):
         assert r["methods"]["scissorhands"][col] == {"mean": run[col], "std": 0.0, "n": 1}, col
     assert r["retrain"]["forget_acc"]["mean"] == r["runs"]["retrain"][0]["forget_acc"]
+    # a closed-form editor runs through the same command line with no repair step (erase/sd.py refuses steps for it)
+    uce = r["runs"]["uce"][0]
+    assert uce["command"][uce["command"].index("--max_train_steps") + 1] == "0" and r["settings"]["closed_form"] == ["uce"]
+    uce_cfg = json.loads((out / "runs" / "uce-seed0" / "erase_config.json").read_text())
+    assert uce_cfg["prepare"]["closed_form"] is True and uce_cfg["prepare"]["repair_steps"] == 0
+    assert 0 < uce["method_seconds"] < uce["erase_seconds"] and "| uce |" in (out / "results.md").read_text()
     trained = Path(r["settings"]["retrain"]["models"]["0"])
     assert json.loads((trained / "shapes_model.json").read_text())["training_data"]["held_out"] == ["star"]
     cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
