@@ -311,6 +311,29 @@ def test_cli_subprocess_bad_concept_exits_nonzero_with_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- bench
+def test_table_prints_a_measured_zero_and_says_when_a_target_cannot_be_measured():
+    """A base figure of exactly 0 is a figure (it printed as a dash); a drop target on a base at or under 2 % is
+    neither met nor missed."""
+    from eval.shapes.bench import markdown, targets
+
+    cell = lambda v: {"mean": v, "std": 0.0, "n": 1}  # noqa: E731
+    base = {"forget_acc": 0.175, "neighbour_acc": 0.3, "cooccur_acc": 0.0, "composition_acc": 0.025, "retain_acc": 0.2,
+            "retain_fd": 10.0}
+    sh = {"forget_acc": cell(0.0), "neighbour_acc": cell(0.25), "cooccur_acc": cell(0.0), "composition_acc": cell(0.01),
+          "retain_acc": cell(0.2), "retain_fd": cell(10.5), "erase_seconds": cell(3.0)}
+    r = {"concept": "star", "kind": "shape", "base_model": "m", "base": base, "retrain": None, "methods": {"scissorhands": sh},
+         "settings": {"max_train_steps": 100, "seeds": [0], "num_images": 40, "steps": 20, "guidance": 4.0}}
+    r["targets"] = targets(r)
+    verdict = {t["target"].split()[0]: t["met"] for t in r["targets"]}
+    assert verdict == {"forget_acc": True, "neighbour_acc": False, "cooccur_acc": None, "composition_acc": True,
+                       "retain": True}
+    md = markdown(r)
+    base_row = next(ln for ln in md.splitlines() if ln.startswith("| base"))
+    assert base_row.split(" | ")[4] == "0.0" and "NOT MEASURABLE: cooccur_acc" in md and "MISSED: neighbour_acc" in md
+    r["base"] = {**base, "forget_acc": 0.0}
+    assert targets(r)[0]["met"] is None
+
+
 def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_path, monkeypatch):
     """The quick start, reduced, with the retrain row: erase/sd.py runs through its command line on the shapes model,
     every row is audited, results.json has the digits bench's schema, the chart and the marked grids are drawn."""
@@ -323,16 +346,24 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["quickstart", "--model", str(tiny_model), "--output_dir", "qs", "--max_train_steps", "2", "--num_images",
                  "1", "--steps", "2", "--num_forget_images", "2", "--num_retain_images", "2", "--train_batch_size", "1",
-                 "--launcher", "python", "--retrain"]) == 0
+                 "--launcher", "python", "--retrain", "--methods", "scissorhands,uce"]) == 0
     out = tmp_path / "qs"
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "star" and r["kind"] == "shape" and set(r) >= {"base", "retrain", "methods", "runs", "settings"}
     run = r["runs"]["scissorhands"][0]
     assert run["seed"] == 0 and run["erase_seconds"] > 0 and run["peak_rss_mb"] > 50
+    assert 0 < run["method_seconds"] < run["erase_seconds"]  # the method's own part, without start-up and data
     assert "--forget_prompts" in run["command"] and "--anchor_prompt" in run["command"] and "a heart" in run["command"]
-    for col in ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc", "retain_fd", "erase_seconds"):
+    for col in ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc", "retain_fd", "erase_seconds",
+                "method_seconds"):
         assert r["methods"]["scissorhands"][col] == {"mean": run[col], "std": 0.0, "n": 1}, col
     assert r["retrain"]["forget_acc"]["mean"] == r["runs"]["retrain"][0]["forget_acc"]
+    # a closed-form editor runs through the same command line with no repair step (erase/sd.py refuses steps for it)
+    uce = r["runs"]["uce"][0]
+    assert uce["command"][uce["command"].index("--max_train_steps") + 1] == "0" and r["settings"]["closed_form"] == ["uce"]
+    uce_cfg = json.loads((out / "runs" / "uce-seed0" / "erase_config.json").read_text())
+    assert uce_cfg["prepare"]["closed_form"] is True and uce_cfg["prepare"]["repair_steps"] == 0
+    assert 0 < uce["method_seconds"] < uce["erase_seconds"] and "| uce |" in (out / "results.md").read_text()
     trained = Path(r["settings"]["retrain"]["models"]["0"])
     assert json.loads((trained / "shapes_model.json").read_text())["training_data"]["held_out"] == ["star"]
     from erase.export.local import read_record
