@@ -474,3 +474,15 @@ def test_a_replaced_base_is_refused_wherever_an_export_reloads_it(exported, tiny
         read_export(export)
     assert "vae/diffusion_pytorch_model.safetensors" in one_line(err)
     load_erased(export, format="single_file")  # carries its own VAE and text encoder: the base gives only configs
+
+
+def test_an_atomic_write_has_the_mode_a_plain_write_would_have(tmp_path):
+    """mkstemp's 0600 never reaches the final file: an export or a results file is as readable as open() makes it."""
+    import os
+
+    from erase.utils.files import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()) and os.path.isfile(tmp_path / "a.json")

@@ -11,6 +11,11 @@ from pathlib import Path
 
 from erase.utils.errors import UserError
 
+# the process's umask, read once: a file written atomically gets the mode a plain open() would give it (mkstemp makes
+# 0600, which would hide a shared export or results file from the other users of a machine)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file in the same folder, then rename it over `path`."""
@@ -21,6 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
