@@ -75,12 +75,66 @@ def tiny(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
+def _digits_model():
+    from eval.digits.model import DigitsModelConfig
+
+    cfg = DigitsModelConfig()
+    return cfg, USER_CACHE / "digits" / f"model-{cfg.fingerprint()}"
+
+
+#: the background process training the digits model, when a selected test needs it and the cache has none
+_BACKGROUND: dict = {}
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need the trained digits model run last, and the model (when the cache has none, as on a fresh machine)
+    trains meanwhile in a background process, on the core the single-threaded tests leave idle."""
+    needs = [it for it in items if "digits_base_model" in getattr(it, "fixturenames", ())]
+    if not needs:
+        return
+    items[:] = [it for it in items if "digits_base_model" not in getattr(it, "fixturenames", ())] + needs
+    from eval.digits.model import is_trained
+
+    cfg, path = _digits_model()
+    if is_trained(path, cfg):
+        return
+    import subprocess
+    import tempfile
+
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from eval.digits.model import DigitsModelConfig, train_digits_model; "
+            "train_digits_model(DigitsModelConfig(), Path(sys.argv[2]), progress=False)")
+    log = tempfile.NamedTemporaryFile("w+", prefix="digits-model-", suffix=".log", delete=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    _BACKGROUND.update(proc=subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(path)], cwd=ROOT, env=env,
+                                             stdout=log, stderr=subprocess.STDOUT), log=log.name, path=path)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A background training still running when the session ends (-x, a deselection) is stopped, its folder removed."""
+    proc = _BACKGROUND.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        import shutil
+
+        proc.kill()
+        proc.wait()
+        path = _BACKGROUND["path"]
+        shutil.rmtree(path.parent / f"{path.name}.tmp-{proc.pid}", ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def digits_base_model():
     """The default digits model of ``python -m eval.digits train`` (the quick start's base), found in the user's cache or
-    trained into it on first use (about 2 minutes on 2 cores): tests that need a model that really draws digits take
-    it from here, never from what another test or command happened to leave behind."""
-    from eval.digits.model import DigitsModelConfig, train_digits_model
+    trained into it on first use (about 2 minutes on 2 cores; started in the background at collection, above): tests
+    that need a model that really draws digits take it from here, never from what another test or command happened to
+    leave behind."""
+    from eval.digits.model import train_digits_model
 
-    cfg = DigitsModelConfig()
-    return train_digits_model(cfg, USER_CACHE / "digits" / f"model-{cfg.fingerprint()}", progress=False)
+    proc = _BACKGROUND.pop("proc", None)
+    if proc is not None:
+        log = Path(_BACKGROUND["log"])
+        if proc.wait() != 0:  # trained here instead, and the background's output says why it failed
+            print(log.read_text()[-3000:], file=sys.stderr)
+        log.unlink(missing_ok=True)
+    cfg, path = _digits_model()
+    return train_digits_model(cfg, path, progress=False)
