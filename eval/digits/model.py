@@ -244,6 +244,53 @@ def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
 
 
 # ----------------------------------------------------------------------------------------------- training
+def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, cfg, gen, schedule, bar) -> float:
+    """Phase 2 of a world model (the digits model here, eval.shapes too): the UNet and the text encoder trained together
+    on scaled latents with the noise-prediction loss, ``cfg.cond_dropout`` of the prompts replaced by the empty one
+    (row ``empty_row`` of the token ids ``ids``), an EMA of both loaded at the end. ``latents`` = (mean, std, scaling
+    factor) of the images; ``draw_rows(idx)`` gives the prompt rows of the drawn images (it may draw from ``gen``);
+    ``schedule(opt)`` the learning-rate scheduler. Every draw comes from ``gen`` in a fixed order. Returns the last loss."""
+    from diffusers import DDPMScheduler
+
+    mean, std, scaling = latents
+    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
+    sched = schedule(opt)
+    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
+    unet.train()
+    text_encoder.train()
+    loss = torch.zeros(())
+    for step in range(cfg.unet_steps):
+        idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        rows = draw_rows(idx)
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
+        rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
+        cond = text_encoder(ids[rows])[0]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+        loss = F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        bar.update(1)
+        bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    bar.close()
+    unet.load_state_dict(ema_unet)
+    text_encoder.load_state_dict(ema_text)
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return float(loss.item())
+
+
 def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress: bool = True,
                        force: bool = False) -> Path:
     """Train (or find cached) a digits pipeline in ``output_dir``; returns the folder.
@@ -255,7 +302,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     if not force and is_trained(output_dir, cfg):
         logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
         return output_dir
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
@@ -301,44 +348,17 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
                     return_tensors="pt").input_ids
     n_t = len(TRAIN_TEMPLATES)
     empty_row = len(flat) - 1
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
-                                   if k not in ("set_alpha_to_one", "steps_offset")})
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     warmup = max(1, cfg.unet_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))))
-    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
-    unet.train()
-    text_encoder.train()
-    for step in range(cfg.unet_steps):
-        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+
+    def schedule(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, s / cfg.unet_steps))))
+
+    def draw_rows(idx):
         tmpl = torch.randint(0, n_t, (cfg.batch_size,), generator=gen)
-        rows = labels[idx] * n_t + tmpl
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
-        rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
-        cond = text_encoder(ids[rows])[0]
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        bar.update(1)
-        bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-    bar.close()
-    unet.load_state_dict(ema_unet)
-    text_encoder.load_state_dict(ema_text)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+        return labels[idx] * n_t + tmpl
+
+    loss = train_denoiser(unet, text_encoder, ids, (mean, std, scaling_factor), draw_rows, empty_row, cfg, gen, schedule, bar)
 
     from erase.utils.checks import check_weights
 
@@ -355,7 +375,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         "config": cfg.to_dict(), "train_templates": list(TRAIN_TEMPLATES),
         "heldout_templates": list(HELDOUT_TEMPLATES), "digit_words": list(DIGIT_WORDS),
         "vae_scaling_factor": scaling_factor, "vae_reconstruction_mse": vae_mse,
-        "final_unet_loss": float(loss.item()), "train_seconds": round(time.time() - start, 1),
+        "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "torch_threads": torch.get_num_threads(),
         "training_data": {"held_out_digits": list(cfg.held_out_digits), "num_images": int(len(keep)),
                           "images_per_digit": np.bincount(labels.numpy(), minlength=10).tolist(),

@@ -27,20 +27,15 @@ import numpy as np
 
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
+from eval.digits.bench import METHOD_ARGS  # noqa: F401  (the shapes bench's per-method settings, below)
 from eval.shapes.concepts import GROUPS, preset
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 # Per-method erase/sd.py settings on the shapes model: the digits benchmark's (a tiny UNet needs a larger step than
-# SD's 1e-5). Not tuned here: issue 19 retunes every method on the tuning concepts star, red and striped only.
-METHOD_ARGS = {
-    "scissorhands": ["--lr", "1e-3"],
-    "esd": ["--lr", "1e-3", "--esd_ddim_steps", "20", "--esd_start_guidance", "4.0"],
-    "salun": ["--lr", "1e-3"],
-    "ga": ["--lr", "1e-4"],
-    "ft": ["--lr", "1e-3"],
-}
+# SD's 1e-5), imported above. Not tuned here: issue 19 retunes every method on the tuning concepts star, red and
+# striped only.
 COLUMNS = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc",
            "retain_heldout_acc", "retain_fd", "erase_seconds", "method_seconds", "cpu_seconds", "peak_rss_mb")
 PERCENT = {c for c in COLUMNS if c.endswith("_acc")}

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.digits.model import _ema_update, sd_scheduler_config
+from eval.digits.model import sd_scheduler_config, train_denoiser
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_models, cache_root,
                                is_trained, read_model_card, world_signature)
@@ -109,7 +109,7 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
         return output_dir
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a shapes model folder; choose an empty path")
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     start, cpu_start, times_start = time.time(), time.process_time(), os.times()
@@ -132,42 +132,12 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     # Phase 2: UNet + text encoder on scaled latents; each draw of a scene picks one of its training captions.
     ids, table, n_caps, texts = caption_table(scenes, tokenizer)
     empty_row = len(texts) - 1
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
-                                   if k not in ("set_alpha_to_one", "steps_offset")})
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    sched = _cosine(opt, cfg.unet_steps)
-    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
-    unet.train()
-    text_encoder.train()
-    loss = torch.zeros(())
-    for step in range(cfg.unet_steps):
-        idx = torch.randint(0, len(scenes), (cfg.batch_size,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+    def draw_rows(idx):  # one of each drawn scene's training captions
         pick = (torch.rand(cfg.batch_size, generator=gen) * n_caps[idx]).long()
-        rows = table[idx, pick]
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
-        rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
-        cond = text_encoder(ids[rows])[0]
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        loss = F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
-        bar.update(1)
-        bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-    bar.close()
-    unet.load_state_dict(ema_unet)
-    text_encoder.load_state_dict(ema_text)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+        return table[idx, pick]
+
+    loss = train_denoiser(unet, text_encoder, ids, (mean, std, scaling), draw_rows, empty_row, cfg, gen,
+                          lambda opt: _cosine(opt, cfg.unet_steps), bar)
 
     from erase.utils.checks import check_weights
 
@@ -185,7 +155,7 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
         "kind": KIND, "format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
         "world": world_signature(), "vocab_sha256": vocab_sha256(), "vocab_size": len(tokenizer),
         "vae_scaling_factor": scaling, "vae_reconstruction_mse": ae["reconstruction_mse"],
-        "final_unet_loss": float(loss.item()), "train_seconds": round(time.time() - start, 1),
+        "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "render_seconds": round(render_seconds, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "train_user_cpu_seconds": round(times_end.user - times_start.user, 1), "torch_threads": torch.get_num_threads(),
