@@ -39,6 +39,12 @@ def resolve_digits_model(model: str) -> tuple[dict, str, dict | None]:
 
     Anything else is a ``UserError``: the digits judge only means something on a digits model.
     """
+    return resolve_world_model(model, "digits", read_model_card)
+
+
+def resolve_world_model(model: str, kind: str, read_card) -> tuple[dict, str, dict | None]:
+    """(model card of the base, base folder, erase_config or None) for a base or erased folder of a world model
+    (``kind``: digits, shapes; ``read_card(folder)``: its card or None); anything else is a ``UserError``."""
     path = Path(model)
     if not path.is_dir():
         raise UserError(f"model folder not found: {model}")
@@ -51,10 +57,10 @@ def resolve_digits_model(model: str) -> tuple[dict, str, dict | None]:
         base = erase_config.get("pretrained_model_name_or_path") or ""
         if not (path / "unet").is_dir():
             raise UserError(f"{model} has an erase_config.json but no unet/ folder")
-    card = read_model_card(base) if base and Path(base).is_dir() else None
+    card = read_card(base) if base and Path(base).is_dir() else None
     if card is None:
         what = f"{model} (base {base!r})" if erase_config is not None else model
-        raise UserError(f"{what} is not a digits model (no digits_model.json); train one with `python -m eval.digits train`")
+        raise UserError(f"{what} is not a {kind} model (no {kind}_model.json); train one with `python -m eval.{kind} train`")
     return card, base, erase_config
 
 

@@ -43,24 +43,10 @@ SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", b
 def resolve_shapes_model(model: str) -> tuple[dict, str, dict | None]:
     """(model card of the base shapes model, base folder, erase_config or None) for a base or erased folder;
     anything else is a ``UserError`` (the judges only mean something on a shapes model)."""
+    from eval.digits.score import resolve_world_model
     from eval.shapes.model import read_model_card
 
-    path = Path(model)
-    if not path.is_dir():
-        raise UserError(f"model folder not found: {model}")
-    erase_config, base = None, str(path)
-    if (path / "erase_config.json").is_file():
-        from erase.export.local import read_record
-
-        erase_config = read_record(path)  # with this machine's local paths (erase_local.json) put back
-        base = erase_config.get("pretrained_model_name_or_path") or ""
-        if not (path / "unet").is_dir():
-            raise UserError(f"{model} has an erase_config.json but no unet/ folder")
-    card = read_model_card(base) if base and Path(base).is_dir() else None
-    if card is None:
-        what = f"{model} (base {base!r})" if erase_config is not None else model
-        raise UserError(f"{what} is not a shapes model (no shapes_model.json); train one with `python -m eval.shapes train`")
-    return card, base, erase_config
+    return resolve_world_model(model, "shapes", read_model_card)
 
 
 # ----------------------------------------------------------------------------------------------- judging
