@@ -203,6 +203,21 @@ def check_sampler(scheduler: str, family) -> None:
                         f"({'rectified flow' if flow else 'noise prediction'}); choose one of: {', '.join(allowed)}")
 
 
+def family_sampler(model: str) -> str:
+    """The family's own sampler for ``model`` (a pipeline folder, an erase/sd.py output or a hub id): ddim for SD 1.x /
+    2.x / XL, flow_euler for SD3 / Flux (``Family.data_scheduler``); what an audit whose protocol leaves the sampler to
+    the model (the digits and shapes judges) samples with."""
+    from erase.diffusion.families import ConfigUnreadable, detect
+
+    path = Path(model)
+    if path.is_dir() and not (path / "model_index.json").exists() and (path / "erase_config.json").exists():
+        return read_export(path)[1].data_scheduler
+    try:
+        return detect(model).data_scheduler
+    except ConfigUnreadable as e:
+        raise UserError(f"could not read the model family of {model!r}: {e}") from None
+
+
 def finish_pipeline(pipe, family, scheduler: str, device=None, source: str = "", base: str | None = None):
     """A loaded pipeline made ready to audit: every weight present and finite (a NaN draws black images an audit would
     call clean; the error names ``source``, the folder the user gave, and ``base`` for components that came from the
@@ -379,6 +394,10 @@ def describe(cfg: GenerationConfig, pipe=None) -> dict:
         size = (denoiser.config.get("sample_size") if denoiser is not None else None) or getattr(pipe, "default_sample_size", None)
         out["resolution"] = int(size) * pipe.vae_scale_factor
     out.pop("batch_size")  # does not change images
+    if pipe is not None:  # what every call of the family's pipeline gets (MMDiT: T5's sequence length)
+        from erase.diffusion.families import family_of_pipeline
+
+        out.update(family_of_pipeline(pipe).call_kwargs(pipe))
     out["seeds"] = "image k of a row: row seed + seed_offset + k, one CPU torch.Generator per image"
     out["safety_checker"] = None
     return out
@@ -402,6 +421,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {**describe(cfg, pipe), "weights_sha256": weights_fingerprint(pipe)}
     resolution = settings["resolution"]
+    call_kwargs = {k: settings[k] for k in ("max_sequence_length",) if k in settings}
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
     if rank == 0:
@@ -435,6 +455,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
                     width=batch[0].size[0] if batch[0].size else resolution,
                     generator=[torch.Generator("cpu").manual_seed(it.seed) for it in batch],
                     output_type="pil",
+                    **call_kwargs,
                 ).images
             pending.append(writer.submit(_save_batch, batch, images, out_dir, settings_key))
             while len(pending) > 1:

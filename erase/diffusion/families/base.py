@@ -103,6 +103,17 @@ class Family:
 
         return getattr(diffusers, self.pipeline_class)
 
+    def call_kwargs(self, pipe) -> dict:
+        """Keyword arguments every generation call of this family's pipeline gets, so that it conditions on the prompt as
+        the erasure does (:class:`TextStack`): for an MMDiT, T5's sequence length, the pipeline's default capped by the T5
+        tokenizer's ``model_max_length`` (the real SD3 / Flux tokenizers hold 512, so the defaults 256 / 512 stand; a small
+        model trained on short prompts, like the digits transformer, is sampled at the length it learned)."""
+        default = getattr(self.text_stack, "max_sequence_length", None)
+        tok = getattr(pipe, self.text_encoders[-1][0], None)
+        if default is None or tok is None:
+            return {}
+        return {"max_sequence_length": min(int(default), int(tok.model_max_length))}
+
     def pipeline_kwargs(self) -> dict:
         """Keyword arguments every ``from_pretrained`` / constructor call of this family's pipeline gets."""
         if self.denoiser != "unet":

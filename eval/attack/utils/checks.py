@@ -29,11 +29,14 @@ def draw(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float
     """``(N, H, W, 3)`` uint8 images, each from its own seeded CPU generator, ``batch_size`` per pipeline call."""
     import torch
 
+    from erase.diffusion.families import family_of_pipeline
+
+    extra = family_of_pipeline(pipe).call_kwargs(pipe)  # MMDiT: T5's length, as the erasure encodes
     out = []
     for i in range(0, len(prompts), batch_size):
         with torch.no_grad():
             images = pipe(prompt=prompts[i:i + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                          height=resolution, width=resolution, output_type="np",
+                          height=resolution, width=resolution, output_type="np", **extra,
                           generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]).images
         out.append((np.asarray(images) * 255).round().astype(np.uint8))  # as diffusers' numpy_to_pil
     return np.concatenate(out)

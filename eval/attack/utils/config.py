@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from erase.utils.errors import UserError
+from eval.attack.utils.models import resolve_model
 from eval.judges.registry import GENERATION_DEFAULTS, JudgeEntry, judge_entry
 
 
@@ -150,6 +151,10 @@ class AttackConfig:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
         if self.prompts_csv and not Path(self.prompts_csv).is_file():
             raise UserError(f"--prompts_csv file not found: {self.prompts_csv}")
+        if self.scheduler is None:  # the judge leaves the sampler to the model (digits, shapes): its family's own
+            from erase.diffusion.generate import family_sampler
+
+            self.scheduler = family_sampler(resolve_model(self.model).base)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         check_numbers(vars(self))  # every float finite and in range (erase.utils.checks.OPTION_RANGES)

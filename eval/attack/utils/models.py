@@ -102,10 +102,9 @@ def set_denoiser(pipe, model) -> None:
 
 def pipeline_family(pipe):
     """The model family (erase.diffusion.families) of a loaded pipeline, from its denoiser's config."""
-    from erase.diffusion.families import FAMILIES, family_of
+    from erase.diffusion.families import family_of_pipeline
 
-    kind = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
-    return FAMILIES[family_of(dict(denoiser_of(pipe).config), kind)]
+    return family_of_pipeline(pipe)
 
 
 def resolution_of(pipe) -> int:
