@@ -63,7 +63,7 @@ def audit(pipe, name: str, out: Path, args, judge, real_retain) -> dict:
     ns = SimpleNamespace(digit=DIGIT, digits=[DIGIT], forget_prompts=None, retain_prompts=None)
     forget, retain, _ = _prompt_sets(ns)
     gen_cfg = GenerationConfig(model=f"exports-{name}", steps=SCORE_DEFAULTS["steps"], guidance=SCORE_DEFAULTS["guidance"],
-                               scheduler=SCORE_DEFAULTS["scheduler"], batch_size=SCORE_DEFAULTS["batch_size"])
+                               scheduler="ddim", batch_size=SCORE_DEFAULTS["batch_size"])
     pipe.scheduler = getattr(diffusers, SCHEDULERS[gen_cfg.scheduler]).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     pipe.to("cpu")

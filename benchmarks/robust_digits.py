@@ -105,7 +105,7 @@ def audit(model: str, digit: int, out: Path) -> dict:
         return json.loads(summary.read_text())
     ns = SimpleNamespace(model=str(model), digit=digit, digits=[digit], concept=DIGIT_WORDS[digit], forget_prompts=None,
                          retain_prompts=None, num_images=SCORE_DEFAULTS["num_images"], seeds=[0], steps=SCORE_DEFAULTS["steps"],
-                         guidance=SCORE_DEFAULTS["guidance"], scheduler="ddim", batch_size=100, no_heldout=False, output_dir=str(out))
+                         guidance=SCORE_DEFAULTS["guidance"], scheduler=None, batch_size=100, no_heldout=False, output_dir=str(out))
     return score(ns)
 
 

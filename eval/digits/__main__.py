@@ -15,7 +15,7 @@ from pathlib import Path
 from erase.utils.errors import cli_errors, UserError
 from erase.utils.checks import check_int, check_numbers
 from erase.utils.folders import hold_output_dir
-from eval.digits.model import DigitsModelConfig, default_model_dir, parse_digits
+from eval.digits.model import DENOISERS, DigitsModelConfig, default_model_dir, parse_digits
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS, score, score_inputs
 
 logger = logging.getLogger("eval.digits")
@@ -67,7 +67,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0", help="comma-separated base seeds; each adds num_images per digit")
     p.add_argument("--steps", type=int, default=SCORE_DEFAULTS["steps"], help="sampling steps")
     p.add_argument("--guidance", type=float, default=SCORE_DEFAULTS["guidance"], help="classifier-free guidance")
-    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampling scheduler (erase.diffusion.generate names)")
+    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampling scheduler (erase.diffusion.generate names; default: the model family's own, ddim for the UNet "
+                        "digits model, flow_euler for the sd3 one)")
     p.add_argument("--batch_size", type=int, default=SCORE_DEFAULTS["batch_size"], help="images per pipeline call")
     p.add_argument("--no_heldout", action="store_true",
                    help="skip the extra audit under held-out phrasings (only with the preset prompts)")
@@ -87,6 +88,9 @@ def parse_args(input_args=None) -> argparse.Namespace:
         p.add_argument("--output_dir", required=out is None, default=out,
                        help="folder for results.json, results.md, chart.png, grid_<method>.png and the runs")
         p.add_argument("--model", default=None, help="base digits model (default: the cached default, trained if absent)")
+        p.add_argument("--denoiser", default="unet",
+                       help=f"{' or '.join(DENOISERS)}; without --model: the default digits model of this kind (unet: SD v1.4's kind; sd3: the "
+                            "SD3-kind transformer trained with rectified flow), trained if absent")
         p.add_argument("--max_train_steps", type=int, default=BENCH_DEFAULTS["max_train_steps"],
                        help="erase/sd.py steps, the same for every method")
         p.add_argument("--train_batch_size", type=int, default=BENCH_DEFAULTS["train_batch_size"],
@@ -152,6 +156,11 @@ def parse_args(input_args=None) -> argparse.Namespace:
             check_int("--seeds", s, 0, 2**32 - 1)
     if args.command in ("bench", "quickstart"):
         from eval.digits.bench import parse_attacks
+
+        if args.denoiser not in DENOISERS:
+            raise UserError(f"unknown --denoiser {args.denoiser!r}; choose one of: {', '.join(DENOISERS)}")
+        if args.model and args.denoiser != "unet":
+            raise UserError(f"--denoiser {args.denoiser} picks the default model; with --model the model's own denoiser is used")
 
         args.attacks, args.attack_options = parse_attacks(args)
     if args.command not in ("train", "retrain"):

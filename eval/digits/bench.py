@@ -110,7 +110,7 @@ def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
     digits = [digit] if isinstance(digit, int) else list(digit)
     ns = SimpleNamespace(model=str(model), digit=digits[0], digits=digits, concept=concept_name(digits), forget_prompts=None,
                          retain_prompts=None, num_images=args.num_images, seeds=[0], steps=args.steps,
-                         guidance=args.guidance, scheduler="ddim", batch_size=100, no_heldout=False, output_dir=str(out))
+                         guidance=args.guidance, scheduler=None, batch_size=100, no_heldout=False, output_dir=str(out))
     return score(ns)
 
 
@@ -298,13 +298,14 @@ def bench(args) -> dict:
     if bad or not methods:
         raise UserError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from: {', '.join(known)}")
     out = Path(args.output_dir)
-    base = Path(args.model) if args.model else default_model_dir()
+    default = DigitsModelConfig(denoiser=getattr(args, "denoiser", "unet"))
+    base = Path(args.model) if args.model else default_model_dir(default)
     if args.model:
         from eval.digits.score import resolve_digits_model
 
         resolve_digits_model(str(base))
     else:
-        train_digits_model(DigitsModelConfig(), base)
+        train_digits_model(default, base)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     attacks = list(getattr(args, "attacks", None) or [])
@@ -324,14 +325,14 @@ def bench(args) -> dict:
         from eval.digits.retrain import retrain_config, retrain_model
 
         retrain_info = {"held_out_digits": list(args.digits), "models": {}, "fingerprints": {},
-                        "config": retrain_config(str(base) if args.model else None, args.digits, args.seeds[0]).to_dict(),
+                        "config": retrain_config(str(base), args.digits, args.seeds[0]).to_dict(),
                         "seed_rule": "retrain row of seed s: the base settings with seed s, trained without the erased "
                                      "digits' images (eval.digits retrain)",
                         "attack_images": "the retrain row's attacks learn from the images of the concept the base model "
                                          "drew for the base row (base-concept-images/<attack>/): it cannot draw them itself"}
         for s in tqdm(args.seeds, desc="retrain + audit", unit="model"):
-            cfg = retrain_config(str(base) if args.model else None, args.digits, s)
-            model = retrain_model(str(base) if args.model else None, args.digits, s, progress=False)
+            cfg = retrain_config(str(base), args.digits, s)  # the base's own settings (its card), seed s
+            model = retrain_model(str(base), args.digits, s, progress=False)
             retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
             summary = _score(str(model), args.digits, out / "scores" / f"retrain-seed{s}", args)
             results["runs"].setdefault("retrain", []).append(_row(summary, {"seed": s, **attacked(model, f"retrain-seed{s}", learn_from_base=True)}))
@@ -366,7 +367,7 @@ def bench(args) -> dict:
         "gap_rule": "<column>_gap = the run's value - the retrain model of the same seed's (the retrain mean when that "
                     "seed has none; for the base row, the retrain mean): the same budget and the same images of the "
                     "concept (the base model's)",
-        "steps": args.steps, "guidance": args.guidance, "scheduler": "ddim",
+        "steps": args.steps, "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"]["scheduler"],
         "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
     }
     results["targets"] = targets(results)

@@ -4,6 +4,9 @@ Same parts as SD v1.4 (AutoencoderKL, UNet2DConditionModel with cross-attention,
 a DDIM scheduler with SD's beta schedule), saved with ``StableDiffusionPipeline.save_pretrained`` so every
 tool that loads SD v1.4 loads it too, only small enough to train on a laptop CPU in a few minutes.
 
+``--denoiser sd3`` trains the SD3 kind instead: an MMDiT transformer with CLIP-L, CLIP-G and T5 and the 16-channel VAE,
+with the rectified-flow objective, saved with ``StableDiffusion3Pipeline.save_pretrained`` (eval/digits/transformer.py).
+
 Data: the 1,797 8x8 digits (ink 0..16) upscaled bilinearly to 16 px, grey copied to 3 channels, in [-1, 1].
 Training: the autoencoder alone first (reconstruction + tiny KL), then the UNet and the text encoder jointly on
 the frozen autoencoder's latents with the epsilon objective of Ho et al. (2020, eq. 14) and 10% of prompts
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when training code changes what a given config produces
 MODEL_CARD = "digits_model.json"
+DENOISERS = ("unet", "sd3")  # the digits model's denoiser kinds (DigitsModelConfig.denoiser)
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -143,18 +147,22 @@ class DigitsModelConfig:
     vae_batch_size: int = field(default=64, metadata={"help": "autoencoder batch size"})
     vae_lr: float = field(default=2e-3, metadata={"help": "autoencoder learning rate"})
     vae_kl_weight: float = field(default=1e-5, metadata={"help": "weight of the KL term of the autoencoder"})
-    unet_steps: int = field(default=800, metadata={"help": "UNet + text encoder training steps"})
-    lr: float = field(default=2e-3, metadata={"help": "UNet + text encoder peak learning rate (cosine decay)"})
-    batch_size: int = field(default=64, metadata={"help": "UNet + text encoder batch size"})
+    unet_steps: int = field(default=800, metadata={"help": "denoiser (UNet or transformer) + text encoder training steps"})
+    lr: float = field(default=2e-3, metadata={"help": "denoiser + text encoder peak learning rate (cosine decay)"})
+    batch_size: int = field(default=64, metadata={"help": "denoiser + text encoder batch size"})
     cond_dropout: float = field(default=0.1, metadata={"help": "share of prompts replaced by '' (for CFG)"})
-    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved UNet / text encoder"})
-    unet_channels: tuple = field(default=(32, 64), metadata={"help": "UNet block widths"})
+    ema_decay: float = field(default=0.995, metadata={"help": "EMA decay of the saved denoiser / text encoder(s)"})
+    unet_channels: tuple = field(default=(32, 64), metadata={"help": "UNet block widths (unet denoiser)"})
     vae_channels: tuple = field(default=(16, 32), metadata={"help": "autoencoder block widths"})
-    text_width: int = field(default=64, metadata={"help": "CLIP text encoder hidden size = cross-attention dim"})
+    text_width: int = field(default=64, metadata={"help": "CLIP text encoder hidden size = cross-attention dim (sd3: CLIP-L's; CLIP-G twice, T5 four times)"})
     text_layers: int = field(default=2, metadata={"help": "CLIP text encoder layers"})
     max_length: int = field(default=16, metadata={"help": "tokenizer model_max_length"})
     held_out_digits: tuple = field(default=(), metadata={
         "help": "digits whose images are left out of training (the benchmark's retrain reference); none by default"})
+    denoiser: str = field(default="unet", metadata={
+        "help": "unet: SD v1.4's kind (noise prediction); sd3: an SD3-kind MMDiT transformer with CLIP-L, CLIP-G and T5, "
+                "trained with rectified flow (eval/digits/transformer.py)"})
+    dit_layers: int = field(default=3, metadata={"help": "sd3 denoiser only: joint blocks (as many heads of 64)"})
 
     def __post_init__(self):
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
@@ -170,6 +178,10 @@ class DigitsModelConfig:
             raise ValueError("step counts and batch sizes must be positive")
         if not 0 <= self.cond_dropout < 1:
             raise ValueError(f"cond_dropout must lie in [0, 1), got {self.cond_dropout}")
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser {self.denoiser!r} is not one of {', '.join(DENOISERS)}")
+        if not 1 <= int(self.dit_layers) <= 24:
+            raise ValueError(f"dit_layers must lie in 1..24, got {self.dit_layers}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -178,6 +190,8 @@ class DigitsModelConfig:
             d["held_out_digits"] = list(self.held_out_digits)
         else:  # a model trained on every digit keeps the fingerprint (and cache folder) it had before this field
             d.pop("held_out_digits")
+        if self.denoiser == "unet":  # likewise a UNet model: the transformer's settings are not its
+            d.pop("denoiser"), d.pop("dit_layers")
         return d
 
     def fingerprint(self) -> str:
@@ -244,24 +258,35 @@ def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
 
 
 # ----------------------------------------------------------------------------------------------- training
-def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, cfg, gen, schedule, bar) -> float:
-    """Phase 2 of a world model (the digits model here, eval.shapes too): the UNet and the text encoder trained together
-    on scaled latents with the noise-prediction loss, ``cfg.cond_dropout`` of the prompts replaced by the empty one
-    (row ``empty_row`` of the token ids ``ids``), an EMA of both loaded at the end. ``latents`` = (mean, std, scaling
-    factor) of the images; ``draw_rows(idx)`` gives the prompt rows of the drawn images (it may draw from ``gen``);
-    ``schedule(opt)`` the learning-rate scheduler. Every draw comes from ``gen`` in a fixed order. Returns the last loss."""
-    from diffusers import DDPMScheduler
-
+def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, cfg, gen, schedule, bar, loss_fn=None) -> float:
+    """Phase 2 of a world model (the digits model here, eval.shapes too): the denoiser and the text encoder(s) trained
+    together on scaled latents, ``cfg.cond_dropout`` of the prompts replaced by the empty one (row ``empty_row``), an
+    EMA of every module loaded at the end. ``latents`` = (mean, std, scaling factor) of the images (the mean already
+    shifted for a VAE with a shift factor); ``draw_rows(idx)`` gives the prompt rows of the drawn images (it may draw
+    from ``gen``); ``schedule(opt)`` the learning-rate scheduler; ``text_encoder`` one module or a list of them;
+    ``loss_fn(z, rows)`` the loss of a batch (default: the UNet's noise-prediction loss over the first encoder's ``ids[rows]``).
+    Every draw comes from ``gen`` in a fixed order. Returns the last loss."""
     mean, std, scaling = latents
-    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
-                                   if k not in ("set_alpha_to_one", "steps_offset")})
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    if loss_fn is None:
+        from diffusers import DDPMScheduler
+
+        noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
+                                       if k not in ("set_alpha_to_one", "steps_offset")})
+
+        def loss_fn(z, rows):
+            cond = encoders[0](ids[rows])[0]
+            noise = torch.randn(z.shape, generator=gen)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
+            return F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
+
+    modules = [unet] + encoders
+    params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
     sched = schedule(opt)
-    ema_unet = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    ema_text = {k: v.detach().clone() for k, v in text_encoder.state_dict().items()}
-    unet.train()
-    text_encoder.train()
+    emas = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+    for m in modules:
+        m.train()
     loss = torch.zeros(())
     for step in range(cfg.unet_steps):
         idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
@@ -269,25 +294,21 @@ def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, 
         rows = draw_rows(idx)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
         rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
-        cond = text_encoder(ids[rows])[0]
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-        loss = F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
+        loss = loss_fn(z, rows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
+        for ema, m in zip(emas, modules):
+            _ema_update(ema, m, decay)
         bar.update(1)
-        bar.set_postfix(phase="unet", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        bar.set_postfix(phase="denoiser", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
     bar.close()
-    unet.load_state_dict(ema_unet)
-    text_encoder.load_state_dict(ema_text)
-    unet.eval().requires_grad_(False)
-    text_encoder.eval().requires_grad_(False)
+    for ema, m in zip(emas, modules):
+        m.load_state_dict(ema)
+        m.eval().requires_grad_(False)
     return float(loss.item())
 
 
@@ -315,7 +336,16 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     keep = training_indices(labels.numpy(), cfg.held_out_digits)  # both phases see only these images
     images, labels = images[torch.from_numpy(keep)].repeat(1, 3, 1, 1), labels[torch.from_numpy(keep)]
     tokenizer = build_tokenizer(cfg.max_length)
-    vae, unet, text_encoder = build_models(cfg, tokenizer)
+    flow = cfg.denoiser == "sd3"
+    if flow:  # an SD3-kind transformer (eval/digits/transformer.py)
+        from eval.digits.transformer import build_mmdit_models
+        from eval.tiny import build_t5_tokenizer
+
+        t5_tokenizer = build_t5_tokenizer(vocabulary_words(), cfg.max_length)
+        vae, unet, encoders = build_mmdit_models(cfg, tokenizer, t5_tokenizer)
+    else:
+        vae, unet, text_encoder = build_models(cfg, tokenizer)
+        encoders = [text_encoder]
     total = cfg.vae_steps + cfg.unet_steps
     bar = tqdm(total=total, desc="train digits model", disable=not progress, unit="step")
 
@@ -338,8 +368,11 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         post = vae.encode(images).latent_dist
         mean, std = post.mean, post.std
         vae_mse = F.mse_loss(vae.decode(mean).sample, images).item()
+    shift_factor = float(mean.mean()) if flow else None  # SD3's VAE: latents are (z - shift) * scale
+    if flow:
+        mean = mean - shift_factor
     scaling_factor = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.register_to_config(scaling_factor=scaling_factor, **({"shift_factor": shift_factor} if flow else {}))
 
     # Phase 2: UNet + text encoder on scaled latents, prompts drawn from the training templates.
     prompt_table = [[p for p in digit_prompts(d)] for d in range(10)]
@@ -358,15 +391,25 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         tmpl = torch.randint(0, n_t, (cfg.batch_size,), generator=gen)
         return labels[idx] * n_t + tmpl
 
-    loss = train_denoiser(unet, text_encoder, ids, (mean, std, scaling_factor), draw_rows, empty_row, cfg, gen, schedule, bar)
+    loss_fn = None
+    if flow:
+        from eval.digits.transformer import flow_loss, flow_pipeline, token_ids
+
+        loss_fn = flow_loss(unet, encoders, *token_ids(tokenizer, t5_tokenizer, flat), gen)
+    loss = train_denoiser(unet, encoders, ids, (mean, std, scaling_factor), draw_rows, empty_row, cfg, gen, schedule, bar,
+                          loss_fn=loss_fn)
 
     from erase.utils.checks import check_weights
 
-    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # never save a broken model
+    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if flow else ("unet", "text_encoder")
+    for part, module in list(zip(names, [unet] + encoders)) + [("vae", vae)]:  # never save a broken model
         check_weights(module.state_dict().items(), f"the trained digits {part}", "; nothing was saved (lower --lr / --vae_lr)")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if flow:
+        pipe = flow_pipeline(vae, unet, encoders, tokenizer, t5_tokenizer)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -374,7 +417,9 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         "kind": "digits", "format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(),
         "config": cfg.to_dict(), "train_templates": list(TRAIN_TEMPLATES),
         "heldout_templates": list(HELDOUT_TEMPLATES), "digit_words": list(DIGIT_WORDS),
-        "vae_scaling_factor": scaling_factor, "vae_reconstruction_mse": vae_mse,
+        "denoiser": cfg.denoiser, "vae_scaling_factor": scaling_factor, "vae_reconstruction_mse": vae_mse,
+        **({"vae_shift_factor": shift_factor, "objective": "rectified flow (velocity), logit-normal sigma, shift 1.0"}
+           if flow else {}),
         "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "torch_threads": torch.get_num_threads(),
         "training_data": {"held_out_digits": list(cfg.held_out_digits), "num_images": int(len(keep)),

@@ -24,7 +24,9 @@ from eval.digits.model import (
 
 logger = logging.getLogger(__name__)
 
-SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", batch_size=100)
+# scheduler None: the model family's own sampler (erase.diffusion.generate.family_sampler): DDIM for the UNet digits
+# model, flow-matching Euler for the SD3-kind transformer
+SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler=None, batch_size=100)
 # Audit images are drawn on held-out noise: erase/sd.py draws forget image i with seed S + i, concept j's with
 # S + 100000 j + i, retain image i with S + 1_000_000 + i, the attacks their concept images with 2_000_000 + i; the
 # audit's seeds start at 10**8 (eval.attack's checks use the same offset, eval/attack/utils/checks.py).
@@ -55,8 +57,8 @@ def resolve_world_model(model: str, kind: str, read_card) -> tuple[dict, str, di
 
         erase_config = read_record(path)  # with this machine's local paths (erase_local.json) put back
         base = erase_config.get("pretrained_model_name_or_path") or ""
-        if not (path / "unet").is_dir():
-            raise UserError(f"{model} has an erase_config.json but no unet/ folder")
+        if not any((path / d).is_dir() for d in ("unet", "transformer")):
+            raise UserError(f"{model} has an erase_config.json but no unet/ or transformer/ folder")
     card = read_card(base) if base and Path(base).is_dir() else None
     if card is None:
         what = f"{model} (base {base!r})" if erase_config is not None else model
@@ -152,16 +154,17 @@ def score_inputs(args) -> tuple:
 def score(args) -> dict:
     """Run the audit; writes OUT/summary.json (atomically, last) and OUT/predictions.jsonl."""
     from eval.digits.judge import frechet_distance, load_judge
-    from erase.diffusion.generate import describe, GenerationConfig, load_pipeline
+    from erase.diffusion.generate import describe, family_sampler, GenerationConfig, load_pipeline
     from eval.digits.model import load_digit_images
 
     model, card, base, erase_config, forget, retain, source = score_inputs(args)
     out = Path(args.output_dir)
-    gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+    scheduler = args.scheduler or family_sampler(model)
+    gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=scheduler,
                                batch_size=args.batch_size)
     start = time.time()
     judge = load_judge()
-    pipe = load_pipeline(model, scheduler=args.scheduler, dtype="fp32", device="cpu")
+    pipe = load_pipeline(model, scheduler=scheduler, dtype="fp32", device="cpu")
     real_x, real_y = load_digit_images(judge.config.resolution)
     _, real_feats = judge.predict(real_x, grey=True)
     retain_digits = sorted(retain)
