@@ -148,3 +148,15 @@ def test_bad_denoiser_settings_are_one_line_and_write_nothing(argv, message, tmp
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "torchvision" not in ln]
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[-1], proc.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_retrain_reference_keeps_the_transformer(tiny_dit_model):
+    """The retrain reference of a transformer model is the same transformer settings without the digit."""
+    from eval.digits.model import default_model_dir
+    from eval.digits.retrain import retrain_config
+
+    cfg = retrain_config(str(tiny_dit_model), [3], seed=1)
+    card = json.loads((tiny_dit_model / "digits_model.json").read_text())
+    assert cfg.denoiser == "sd3" and cfg.held_out_digits == (3,) and cfg.seed == 1
+    assert cfg.dit_layers == card["config"]["dit_layers"] and cfg.text_width == card["config"]["text_width"]
+    assert default_model_dir(cfg).name != f"model-{card['fingerprint']}"

@@ -32,7 +32,8 @@ def markdown(results: dict) -> str:
         "",
         f"Base model `{results['base_model']}`; {results['settings']['max_train_steps']} steps per method, "
         f"seeds {results['settings']['seeds']}; audit: {results['settings']['num_images']} images per digit, "
-        f"{results['settings']['steps']} DDIM steps, guidance {results['settings']['guidance']}. Accuracies in %, "
+        f"{results['settings']['steps']} {results['settings'].get('scheduler', 'ddim')} steps, guidance {results['settings']['guidance']}. "
+        "Accuracies in %, "
         "mean ± std over seeds; FD = Fréchet distance of the retain generations to real digits in the judge's "
         "feature space (lower is better).",
         "",
