@@ -40,10 +40,10 @@ def tiny_dit_model(dit_cache, tmp_path_factory):
 def test_condition_is_the_pipelines_encode_prompt():
     """What the transformer trains on is what StableDiffusion3Pipeline.encode_prompt gives at sampling time (the
     T5 length capped by its tokenizer: Family.call_kwargs), prompts and the empty prompt alike."""
+    from erase.diffusion.families import FAMILIES
     from eval.digits.model import DigitsModelConfig, build_tokenizer, vocabulary_words
     from eval.digits.transformer import build_mmdit_models, flow_pipeline, sd3_condition, token_ids
     from eval.tiny import build_t5_tokenizer
-    from erase.diffusion.families import FAMILIES
 
     cfg = DigitsModelConfig(**TINY_DIT)
     torch.manual_seed(0)
@@ -160,3 +160,37 @@ def test_retrain_reference_keeps_the_transformer(tiny_dit_model):
     assert cfg.denoiser == "sd3" and cfg.held_out_digits == (3,) and cfg.seed == 1
     assert cfg.dit_layers == card["config"]["dit_layers"] and cfg.text_width == card["config"]["text_width"]
     assert default_model_dir(cfg).name != f"model-{card['fingerprint']}"
+
+
+def test_robust_tokens_reach_t5_on_the_transformer(tiny_dit_model, tmp_path):
+    """--robust on an MMDiT: the learned token has a vector per encoder, T5's included. T5's encoder calls its own
+    embed_tokens (tied to shared, which get_input_embeddings returns), so the injection hooks every module sharing the
+    weight; before, T5's vector never entered the graph and the search stopped with an autograd error."""
+    from transformers import T5EncoderModel
+
+    from erase.diffusion.robust import TokenInjection
+    from erase.sd import main, parse_args
+
+    t5 = T5EncoderModel.from_pretrained(str(tiny_dit_model), subfolder="text_encoder_3").eval()
+    ids = torch.tensor([[4, 7, 1], [7, 4, 1]])
+    vec = torch.zeros(t5.config.d_model, requires_grad=True)
+    plain = t5(ids)[0]
+    with TokenInjection([t5], [7], [vec]):
+        hooked = t5(ids)[0]
+    assert not torch.allclose(hooked, plain)
+    (g,) = torch.autograd.grad(hooked.sum(), [vec])
+    assert g.abs().sum() > 0
+    out = tmp_path / "robust"
+    main(parse_args([str(a) for a in ["--pretrained_model_name_or_path", tiny_dit_model, "--concept", "three",
+                                      "--output_dir", out, "--num_forget_images", 2, "--num_retain_images", 2,
+                                      "--num_inference_steps", 2, "--generation_batch_size", 2, "--saliency_batches", 1,
+                                      "--max_train_steps", 2, "--train_batch_size", 1, "--lr", "1e-3", "--robust",
+                                      "--robust_steps", 2, "--robust_batch_size", 2, "--robust_every", 1,
+                                      "--checkpointing_steps", 1]]))
+    cfg = json.loads((out / "erase_config.json").read_text())
+    assert cfg["model_family"] == "sd3" and cfg["settings"]["robust"] is True and cfg["repair"]["robust_searches"] >= 2
+    from safetensors.torch import load_file
+
+    state = load_file(str(out / "checkpoint-1" / "erase_state.safetensors"))
+    assert {"robust.vec.0.0.0", "robust.vec.0.0.1", "robust.vec.0.0.2"} <= set(state)  # CLIP-L, CLIP-G, T5
+    assert state["robust.vec.0.0.2"].shape == (t5.config.d_model,)

@@ -151,7 +151,8 @@ def _word_vector(tokenizer, encoder, word: str) -> torch.Tensor:
 
 class TokenInjection:
     """While active, each text encoder's token-embedding output at its marker id is replaced by that encoder's vector
-    (a forward hook on ``get_input_embeddings()``; gradients reach the vectors)."""
+    (a forward hook on each token-embedding module its forward calls: T5's ``embed_tokens`` as well as ``shared``;
+    gradients reach the vectors)."""
 
     def __init__(self, encoders, marker_ids: list[int], vectors: list[torch.Tensor]):
         self.items = list(zip(encoders, marker_ids, vectors))
@@ -169,7 +170,10 @@ class TokenInjection:
         return hook
 
     def __enter__(self):
-        self.handles = [enc.get_input_embeddings().register_forward_hook(self._hook(m, v)) for enc, m, v in self.items]
+        from erase.diffusion.families.base import token_embedding_modules
+
+        self.handles = [module.register_forward_hook(self._hook(m, v)) for enc, m, v in self.items
+                        for module in token_embedding_modules(enc)]
         return self
 
     def __exit__(self, *exc):

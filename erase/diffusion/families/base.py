@@ -34,6 +34,15 @@ UNET_TEXT_LAYERS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def token_embedding_modules(text_encoder) -> list:
+    """The token-embedding modules a text encoder's forward calls: ``get_input_embeddings()`` and every other
+    ``nn.Embedding`` sharing its weight (T5's encoder calls its own ``embed_tokens``, tied to ``shared``, which
+    ``get_input_embeddings()`` returns), so a forward hook on each sees the tokens of CLIP and T5 alike."""
+    module = text_encoder.get_input_embeddings()
+    return [module] + [m for m in text_encoder.modules()
+                       if m is not module and isinstance(m, torch.nn.Embedding) and m.weight is module.weight]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str

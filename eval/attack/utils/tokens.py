@@ -53,12 +53,10 @@ class TokenEmbeddingOverride:
     gradients to ``values``."""
 
     def __init__(self, text_encoder, rows):
-        import torch
+        from erase.diffusion.families.base import token_embedding_modules
 
-        self.module = text_encoder.get_input_embeddings()
-        weight = self.module.weight
-        self.modules = [self.module] + [m for m in text_encoder.modules() if m is not self.module
-                                        and isinstance(m, torch.nn.Embedding) and m.weight is weight]
+        self.modules = token_embedding_modules(text_encoder)
+        self.module = self.modules[0]
         self.rows = rows
         self.handles = []
 
