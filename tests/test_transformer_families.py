@@ -55,7 +55,9 @@ def test_detection_and_targets_name_each_text_path(dits, capsys):
     assert {f: detect(p).name for f, p in dits.items()} == FAMILY
     for preset, must, never in (("text", ("context_embedder.weight", "add_k_proj"), ("time_text_embed",)),
                                 ("pooled", ("time_text_embed.text_embedder.linear_1.weight",), ("add_k_proj", "context_embedder")),
-                                ("xattn", ("context_embedder.weight", "add_v_proj", "time_text_embed.text_embedder"), ("to_q.weight", "ff.net"))):
+                                ("text_pooled", ("context_embedder.weight", "add_v_proj", "time_text_embed.text_embedder"), ("to_q.weight", "ff.net")),
+                                # the default: the token stream, chosen on the tuning digits (docs/FAMILIES.md)
+                                ("xattn", ("context_embedder.weight", "add_v_proj", "to_add_out"), ("time_text_embed", "to_q.weight", "ff.net"))):
         for f in ("sd35", "flux_dev"):
             info = run(["--pretrained_model_name_or_path", dits[f], "--list_targets", "--targets", preset])
             names = " ".join(info["tensors"])

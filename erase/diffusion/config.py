@@ -65,7 +65,7 @@ class ObjectiveConfig:
 
     targets: str = field(default="xattn", metadata=_help(
         f"Trainable denoiser parameters: a preset ({', '.join(TARGET_PRESET_NAMES)}; SD3 / Flux also text, pooled, text_pooled, "
-        "joint_attn, and xattn means their two text paths) or a regex over parameter names."))
+        "joint_attn, and xattn means their token stream, text) or a regex over parameter names."))
     exclude: str | None = field(default=None, metadata=_help("Preset or regex of parameters never touched (wins over --targets)."))
     retain_loss: str | None = field(default=None, metadata=_help(
         "What keeps the rest: distill (match the frozen base's prediction for the retain prompts at fresh pure-noise latents: "

@@ -9,7 +9,9 @@ concatenated tokens of the single blocks) and as a pooled CLIP vector in the tim
 
 * ``text``: the token stream's entry and the joint blocks' text-stream attention projections;
 * ``pooled``: the pooled path (``time_text_embed.text_embedder``);
-* ``xattn`` = ``text_pooled``: both (the default; see docs/FAMILIES.md for why);
+* ``text_pooled``: both;
+* ``xattn`` = ``text``, the default: chosen by the transformer digits table on the tuning digits seven and one by the
+  written rule of ``benchmarks/digits_tune.py`` (docs/FAMILIES.md, "Which text path is cut", gives the table);
 * ``joint_attn``: every attention projection of every block, image and text streams (and Flux's single blocks);
 * ``selfattn``: the image stream's attention projections; ``noxattn``: everything but the text paths; ``full``.
 """
@@ -29,7 +31,7 @@ MMDIT_PRESETS: dict[str, str] = {
     "text": rf"({_CONTEXT}|{_TEXT_STREAM})",
     "pooled": _POOLED,
     "text_pooled": rf"({_CONTEXT}|{_TEXT_STREAM}|{_POOLED})",
-    "xattn": rf"({_CONTEXT}|{_TEXT_STREAM}|{_POOLED})",
+    "xattn": rf"({_CONTEXT}|{_TEXT_STREAM})",  # the default: the token stream (chosen on the tuning digits, see above)
     "joint_attn": rf"({_TEXT_STREAM}|{_IMAGE_ATTN})",
     "selfattn": _IMAGE_ATTN,
     "noxattn": rf"(?!{_CONTEXT}$|{_TEXT_STREAM}$|{_POOLED}$).*",
@@ -39,7 +41,8 @@ PRESET_NOTES = {
     "text": "the token stream: context_embedder and the joint blocks' text-stream q/k/v/out projections",
     "pooled": "the pooled CLIP path into the timestep/adaLN embedding (time_text_embed.text_embedder)",
     "text_pooled": "both text paths: the token stream and the pooled path",
-    "xattn": "both text paths (text_pooled): an MMDiT has no cross-attention; these are where the prompt enters",
+    "xattn": "the default, the token stream (text): an MMDiT has no cross-attention; chosen on the tuning digits over "
+             "text_pooled, pooled, joint_attn and full (docs/FAMILIES.md)",
     "joint_attn": "every attention projection of every block, image and text streams",
     "selfattn": "the image stream's attention projections",
     "noxattn": "everything but the two text paths",
