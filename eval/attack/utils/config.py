@@ -96,7 +96,8 @@ class AttackConfig:
     guidance: float | None = field(default=None, metadata={
         "help": "classifier-free guidance (default: the judge's protocol; digits 4)"})
     scheduler: str | None = field(default=None, metadata={
-        "help": "sampler, erase.diffusion.generate names (default: the judge's protocol; digits ddim)"})
+        "help": "sampler, erase.diffusion.generate names (default: the judge's protocol; digits: the model family's own, "
+                "ddim for the UNet model, flow_euler for the transformer)"})
     generation_batch_size: int | None = field(default=None, metadata={
         "help": "images per pipeline call (default: the judge's protocol; digits 100); does not change images beyond float rounding"})
     eval_seed: int = field(default=0, metadata={
@@ -151,13 +152,13 @@ class AttackConfig:
             raise UserError(f"--limit must be >= 1, got {self.limit}")
         if self.prompts_csv and not Path(self.prompts_csv).is_file():
             raise UserError(f"--prompts_csv file not found: {self.prompts_csv}")
-        if self.scheduler is None:  # the judge leaves the sampler to the model (digits, shapes): its family's own
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        check_numbers(vars(self))  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
+        if self.scheduler is None:  # the judge leaves the sampler to the model (digits): its family's own
             from erase.diffusion.generate import family_sampler
 
             self.scheduler = family_sampler(resolve_model(self.model).base)
-        if self.scheduler not in SCHEDULERS:
-            raise UserError(f"unknown --scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
-        check_numbers(vars(self))  # every float finite and in range (erase.utils.checks.OPTION_RANGES)
         out = Path(self.output_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--output_dir {self.output_dir} exists and is not a folder")
