@@ -1,7 +1,7 @@
 """The digits judge: ``zero`` .. ``nine`` (aliases ``0`` .. ``9``), the digits CNN of ``eval.digits.judge``.
 
 An image is a hit when its predicted digit is the concept's (a CNN trained on real sklearn digits). Generation as
-``eval.digits score`` (DDIM, 20 steps, guidance 4, 40 images per check). Only meaningful on a digits model: any other
+``eval.digits score`` (20 steps of the family's sampler: DDIM, flow-Euler for the transformer; guidance 4, 40 images per check). Only meaningful on a digits model: any other
 model is rejected. The words naming a digit in a prompt: its word and its numeral ("three", "3").
 """
 
