@@ -80,6 +80,20 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def private_erase_cache(path: Path):
+    """``ERASE_CACHE`` pointed at ``path`` (a fixture's own model cache) while the block runs, then as it was."""
+    old = os.environ.get("ERASE_CACHE")
+    os.environ["ERASE_CACHE"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("ERASE_CACHE", None)
+        else:
+            os.environ["ERASE_CACHE"] = old
+
+
 @pytest.fixture
 def fresh_accelerate():
     """Leave accelerate's global state as found: reset it after the test only if the test created it."""

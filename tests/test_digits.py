@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_fixtures import error_text
+from eval_fixtures import error_text, private_erase_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,14 +26,8 @@ def digits_cache(tmp_path_factory):
     import torch
 
     torch.set_num_threads(1)  # tests share 2 cores with other suites; oversubscribed threads crawl
-    path = tmp_path_factory.mktemp("erase_cache")
-    old = os.environ.get("ERASE_CACHE")
-    os.environ["ERASE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ERASE_CACHE", None)
-    else:
-        os.environ["ERASE_CACHE"] = old
+    with private_erase_cache(tmp_path_factory.mktemp("erase_cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,11 @@ TINY_DIT = dict(vae_steps=3, unet_steps=3, batch_size=8, vae_batch_size=8, vae_c
 
 @pytest.fixture(scope="module")
 def dit_cache(tmp_path_factory):
-    import os
+    from eval_fixtures import private_erase_cache
 
     torch.set_num_threads(1)
-    path = tmp_path_factory.mktemp("erase_cache_dit")
-    old = os.environ.get("ERASE_CACHE")
-    os.environ["ERASE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ERASE_CACHE", None)
-    else:
-        os.environ["ERASE_CACHE"] = old
+    with private_erase_cache(tmp_path_factory.mktemp("erase_cache_dit")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +132,14 @@ def test_quickstart_on_the_transformer_erases_audits_and_attacks(tiny_dit_model,
     (["train", "--denoiser", "sd3", "--dit_layers", "0"], "dit_layers must lie in 1..24, got 0"),
 ])
 def test_bad_denoiser_settings_are_one_line_and_write_nothing(argv, message, tmp_path):
+    import os
     import subprocess
     import sys
 
     argv = [str(tmp_path / "m") if a == "MODEL" else a for a in argv] + ["--output_dir", str(tmp_path / "o")]
     (tmp_path / "m").mkdir()
     proc = subprocess.run([sys.executable, "-m", "eval.digits", *argv], cwd=Path(__file__).resolve().parents[1],
-                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "ERASE_CACHE": str(tmp_path / "c")})
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "ERASE_CACHE": str(tmp_path / "c")})
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "torchvision" not in ln]
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[-1], proc.stderr
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()

@@ -23,14 +23,10 @@ TINY_JUDGE = dict(num_train_scenes=600, num_test_scenes=200, epochs=4, width=16,
 @pytest.fixture(scope="module")
 def shapes_cache(tmp_path_factory):
     """A private ERASE_CACHE (scene renders, models, judges) for this module."""
-    path = tmp_path_factory.mktemp("shapes_cache")
-    old = os.environ.get("ERASE_CACHE")
-    os.environ["ERASE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("ERASE_CACHE", None)
-    else:
-        os.environ["ERASE_CACHE"] = old
+    from eval_fixtures import private_erase_cache
+
+    with private_erase_cache(tmp_path_factory.mktemp("shapes_cache")) as path:
+        yield path
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,7 @@ def check_sampler(scheduler: str, family) -> None:
 def family_sampler(model: str) -> str:
     """The family's own sampler for ``model`` (a pipeline folder, an erase/sd.py output or a hub id): ddim for SD 1.x /
     2.x / XL, flow_euler for SD3 / Flux (``Family.data_scheduler``); what an audit whose protocol leaves the sampler to
-    the model (the digits and shapes judges) samples with."""
+    the model (the digits judges) samples with."""
     from erase.diffusion.families import ConfigUnreadable, detect
 
     path = Path(model)
