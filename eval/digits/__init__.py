@@ -1,6 +1,7 @@
 """The digits benchmark: a concept erasure anyone can run and check on a laptop CPU.
 
     python -m eval.digits train --output_dir DIR          # tiny SD-format text-to-image model of digits (cached)
+    python -m eval.digits train --denoiser sd3            # the same as an SD3-kind transformer, rectified flow (cached)
     python -m eval.digits retrain --digits three          # the same model trained without the digit's images (cached)
     python -m eval.digits score --model M --concept three --output_dir OUT
     python -m eval.digits bench --concept three --methods scissorhands,esd,salun,ga,ft --seeds 0,1,2 --output_dir OUT
