@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="Also write the figures here.")
     args = p.parse_args(argv)
     rows = [plan(n, args.processes, keep_text=keep) for n in MMDIT for keep in (False, True)]
-    print("| model | parameters | targeted (xattn = text paths) | text on GPU | expected peak per GPU | trim peak |")
+    print("| model | parameters | targeted (xattn = the token stream) | text on GPU | expected peak per GPU | trim peak |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['targeted'] / 1e6:.0f} M | {'yes (robust)' if r['text_on_gpu'] else 'no'} "
