@@ -174,6 +174,9 @@ class ClosedFormMethod(Method):
     uses_forget = False
     uses_retain = False
     closed_form = True
+    # an editor edits the layers the prompt enters through: on an MMDiT both embedders, the token stream's and the
+    # pooled one (the authors' UCE-Flux script), where the trained methods' xattn is the token stream alone
+    transformer_targets = "text_pooled"
 
     def edit(self, ctx) -> dict:
         """Edit the text-input layers in place; return what to record, with ``concepts`` (how many were erased)."""

@@ -62,6 +62,9 @@ class Method:
     #: a closed-form editor (UCE, SPEED) makes its whole edit in ``prepare`` from prompts alone: the run takes no
     #: repair steps (``max_train_steps`` must be 0; the engine refuses more), reads no data streams and needs no images
     closed_form: ClassVar[bool] = False
+    #: the target preset the default ``--targets xattn`` means for this method on a transformer denoiser (SD3 / Flux),
+    #: when it is not the family's own ``xattn`` (None: the family's)
+    transformer_targets: ClassVar[str | None] = None
 
     def __init__(self, config):
         self.config = config

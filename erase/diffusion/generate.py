@@ -421,7 +421,9 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {**describe(cfg, pipe), "weights_sha256": weights_fingerprint(pipe)}
     resolution = settings["resolution"]
-    call_kwargs = {k: settings[k] for k in ("max_sequence_length",) if k in settings}
+    from erase.diffusion.families import family_of_pipeline
+
+    call_kwargs = family_of_pipeline(pipe).call_kwargs(pipe)  # recorded in the settings too (describe)
     settings_key = settings_hash({**settings, "model": model_fingerprint(cfg.model)})
     items = _items(rows, cfg, settings_key)
     if rank == 0:

@@ -81,10 +81,9 @@ def apply_family(config, family) -> None:
         allowed = "flow_euler" if family.objective == "flow" else "a DDPM sampler (ddim, pndm, lms, euler, euler_a, dpm)"
         raise UserError(f"--data_scheduler {d.data_scheduler} cannot sample from {family.title}; use {allowed}")
     targets = config.objective.targets
-    if targets == "xattn" and family.denoiser == "transformer" and get_method_class(config.method, "diffusion").closed_form:
-        # a closed-form editor edits the layers the prompt enters through: on an MMDiT both embedders, the token stream's
-        # and the pooled one (the authors' UCE-Flux script); the trained methods' xattn is the token stream alone
-        targets = config.objective.targets = "text_pooled"
+    own = get_method_class(config.method, "diffusion").transformer_targets
+    if targets == "xattn" and family.denoiser == "transformer" and own:  # the method's own default there (UCE, SPEED)
+        targets = config.objective.targets = own
     if targets not in TARGET_PRESET_NAMES and targets not in family.target_presets:
         try:
             re.compile(targets)

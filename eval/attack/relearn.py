@@ -36,7 +36,7 @@ from eval.attack.utils.checks import PASS_RATE, check_seeds, draw, first_step_ov
 from eval.attack.utils.config import ConceptImagesConfig, cast_fields, int_list, str_list
 from eval.attack.utils.images import concept_images, describe_images
 from eval.attack.utils.losses import Denoising, FixedBatch, endless_batches
-from eval.attack.utils.models import load_attacked, pipeline_family, pipeline_text, resolution_of, set_denoiser
+from eval.attack.utils.models import load_attacked, pipeline_text, resolution_of, set_denoiser
 from eval.attack.utils.records import begin, prepare_cells, read_cell, versions
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,9 @@ def run_relearn(cfg: RelearnConfig, accelerator=None) -> dict | None:
 
     judge = load_judge(cfg.concept)
     pipe, unet = load_attacked(info, cfg.scheduler, device)
-    family = pipeline_family(pipe)
+    from erase.diffusion.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
     selections = {"all": dict(unet.named_parameters())}
     if "targets" in param_sets:
         try:  # the family's presets (an MMDiT's text paths, SDXL's noxattn), as erase/sd.py named them

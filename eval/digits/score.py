@@ -57,7 +57,9 @@ def resolve_world_model(model: str, kind: str, read_card) -> tuple[dict, str, di
 
         erase_config = read_record(path)  # with this machine's local paths (erase_local.json) put back
         base = erase_config.get("pretrained_model_name_or_path") or ""
-        if not any((path / d).is_dir() for d in ("unet", "transformer")):
+        from erase.export.formats import DENOISERS
+
+        if not any((path / d).is_dir() for d in DENOISERS):
             raise UserError(f"{model} has an erase_config.json but no unet/ or transformer/ folder")
     card = read_card(base) if base and Path(base).is_dir() else None
     if card is None:

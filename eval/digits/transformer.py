@@ -70,13 +70,18 @@ def sd3_condition(encoders, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tup
 
 def flow_loss(transformer, encoders, clip_ids, t5_ids, gen: torch.Generator, shift: float = FLOW_SHIFT):
     """``loss(z, rows)`` of :func:`eval.digits.model.train_denoiser`: the rectified-flow velocity loss of one batch of
-    scaled latents ``z`` under the prompt rows ``rows``; noise, then σ, drawn from ``gen`` in that order."""
+    scaled latents ``z`` under the prompt rows ``rows``; noise, then σ, drawn from ``gen`` in that order. σ is shifted
+    as the erasure's objective shifts it (``erase.diffusion.objectives.FlowObjective.shifted``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from erase.diffusion.objectives import FlowObjective
+
+    objective = FlowObjective(FlowMatchEulerDiscreteScheduler(shift=shift), ())
 
     def loss(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         hidden, pooled = sd3_condition(encoders, clip_ids[rows], t5_ids[rows])
         noise = torch.randn(z.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(z.shape[0], generator=gen))
-        sigma = shift * sigma / (1 + (shift - 1) * sigma)  # the scheduler's shift of the logit-normal draw
+        sigma = objective.shifted(torch.sigmoid(torch.randn(z.shape[0], generator=gen)))  # logit-normal, shifted
         s = sigma.view(-1, 1, 1, 1)
         pred = transformer(hidden_states=(1 - s) * z + s * noise, timestep=sigma * 1000, encoder_hidden_states=hidden,
                            pooled_projections=pooled, return_dict=False)[0]

@@ -31,7 +31,7 @@ DETECTION_ORDER = ("sd3", "flux", "sdxl", "sd2", "sd1")
 FAMILIES: dict[str, Family] = {name: importlib.import_module(f"{__name__}.{name}").FAMILY for name in ("sd1", "sd2", "sdxl", "sd3", "flux")}
 
 __all__ = ["DETECTION_ORDER", "FAMILIES", "UNET_PRESETS", "ConfigUnreadable", "Conditioner", "Family", "TextStack", "build_pipeline",
-           "detect", "family_of", "family_of_pipeline", "load_text", "pack", "supported", "text_from_pipeline"]
+           "denoiser_name", "detect", "family_of", "family_of_pipeline", "load_text", "pack", "supported", "text_from_pipeline"]
 
 
 class ConfigUnreadable(UserError):
@@ -74,9 +74,14 @@ def family_of(config: dict, denoiser: str = "unet") -> str | None:
     return next((n for n in DETECTION_ORDER if FAMILIES[n].denoiser == denoiser and FAMILIES[n].matches(config)), None)
 
 
+def denoiser_name(pipe) -> str:
+    """The pipeline component that denoises: ``unet`` (SD 1.x / 2.x / XL) or ``transformer`` (SD3, Flux)."""
+    return "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+
+
 def family_of_pipeline(pipe) -> Family:
     """The family of a loaded pipeline, from its denoiser's config (its ``unet`` or ``transformer``)."""
-    kind = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    kind = denoiser_name(pipe)
     found = family_of(dict(getattr(pipe, kind).config), kind)
     if found is None:
         raise UserError(f"the pipeline's {kind} is none this toolkit knows; supported families: {supported()}")

@@ -7,7 +7,9 @@ from pathlib import Path
 
 from erase.utils.errors import UserError
 
-DENOISERS = ("unet", "transformer")  # the denoiser folder of an erase/sd.py output (erase.diffusion.families)
+# an erase/sd.py output's denoiser folder: erase.export.formats.DENOISERS, restated so that resolving a model on the
+# command line does not import torch
+DENOISERS = ("unet", "transformer")
 
 
 @dataclass
@@ -78,7 +80,9 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
     pipe.set_progress_bar_config(disable=True)
     if not info.erased:
         return pipe, denoiser_of(pipe)
-    family = pipeline_family(pipe)
+    from erase.diffusion.families import family_of_pipeline
+
+    family = family_of_pipeline(pipe)
     try:
         model = family.denoiser_cls().from_pretrained(info.model, subfolder=family.denoiser, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -91,20 +95,17 @@ def load_attacked(info: ModelInfo, scheduler: str, device):
 
 def denoiser_of(pipe):
     """The pipeline's denoiser: its ``unet`` (SD 1.x / 2.x / XL) or ``transformer`` (SD3, Flux)."""
-    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    from erase.diffusion.families import denoiser_name
+
+    return getattr(pipe, denoiser_name(pipe))
 
 
 def set_denoiser(pipe, model) -> None:
     """Put ``model`` into the pipeline as its denoiser (a no-op when it already is)."""
+    from erase.diffusion.families import denoiser_name
+
     if denoiser_of(pipe) is not model:
-        pipe.register_modules(**{"unet" if getattr(pipe, "unet", None) is not None else "transformer": model})
-
-
-def pipeline_family(pipe):
-    """The model family (erase.diffusion.families) of a loaded pipeline, from its denoiser's config."""
-    from erase.diffusion.families import family_of_pipeline
-
-    return family_of_pipeline(pipe)
+        pipe.register_modules(**{denoiser_name(pipe): model})
 
 
 def resolution_of(pipe) -> int:
@@ -113,15 +114,17 @@ def resolution_of(pipe) -> int:
     sample = denoiser_of(pipe).config.get("sample_size")
     if getattr(pipe, "unet", None) is not None or sample:
         return sample * pipe.vae_scale_factor
-    return int(pipe.vae.config.get("sample_size") or pipeline_family(pipe).native_resolution)
+    from erase.diffusion.families import family_of_pipeline
+
+    return int(pipe.vae.config.get("sample_size") or family_of_pipeline(pipe).native_resolution)
 
 
 def pipeline_text(pipe):
     """(family, text stack) of a loaded pipeline: prompts encoded as its family conditions the denoiser
     (erase.diffusion.families)."""
-    from erase.diffusion.families import text_from_pipeline
+    from erase.diffusion.families import family_of_pipeline, text_from_pipeline
 
-    family = pipeline_family(pipe)
+    family = family_of_pipeline(pipe)
     return family, text_from_pipeline(family, pipe)
 
 

@@ -101,16 +101,14 @@ class PrefixSearch:
 
     def nearest(self, rows=None):
         """(R', k) candidate indices nearest (cosine; summed over the encoders) to the current embeddings of ``rows``."""
+        import torch
         import torch.nn.functional as F
 
         sims = []
         for adv, unit in zip(self.adv, self.cand_unit):
             x = adv.detach() if rows is None else adv.detach()[rows]
             sims.append(F.normalize(x, dim=-1) @ unit.T)
-        total = sims[0]
-        for more in sims[1:]:
-            total = total + more
-        return total.argmax(-1)
+        return torch.stack(sims).sum(0).argmax(-1)
 
     def token_ids(self, rows=None) -> list[list[int]]:
         return self.cand_ids[self.nearest(rows)].tolist()
