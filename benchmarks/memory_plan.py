@@ -17,6 +17,11 @@ gradient checkpointing on, native resolution 1024 px):
   through PyTorch's fused kernels keeps no tokens x tokens matrix. This part is an estimate, not a measurement.
 
     python benchmarks/memory_plan.py [--processes 8] [--json OUT]
+    python benchmarks/memory_plan.py --fsdp [--processes 8]     # sharded (docs/accelerate/fsdp_bf16.yaml): 2, 4, 8 GPUs
+
+Under FSDP (erase/core/sharding.py) the untrained weights are divided over the processes, the targeted ones and all
+that goes with them stay whole on each (their gradients are averaged in place: no bucket copy), and each process holds
+up to two blocks gathered whole at a time (the one running and the next, prefetched) in bf16.
 
 The trim's peak (saliency accumulator + the top-k's one boolean of the largest tensor, before Adam's moments exist) is
 below the repair's and is printed for completeness.
@@ -40,7 +45,8 @@ def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def plan(name: str, processes: int = 1, batch: int = 1, resolution: int = 1024, prompts: int = 120, keep_text: bool = False) -> dict:
+def plan(name: str, processes: int = 1, batch: int = 1, resolution: int = 1024, prompts: int = 120, keep_text: bool = False,
+         fsdp: bool = False) -> dict:
     import diffusers
     import transformers
     from accelerate import init_empty_weights
@@ -61,10 +67,13 @@ def plan(name: str, processes: int = 1, batch: int = 1, resolution: int = 1024, 
     blocks = cfg["num_layers"] + cfg.get("num_single_layers", 0)
     img_tokens = (resolution // 8 // 2) ** 2  # 8x VAE, 2x2 patches (SD3's patch_size 2, Flux's packing)
     tokens = batch * (img_tokens + t5_tokens + clip_tokens)
+    blocks_of = [m for m in denoiser.modules() if type(m).__name__ in set(denoiser._no_split_modules)]
+    largest_block = max(count(m) for m in blocks_of)
     b = {
-        "untrained weights (bf16)": (total - targeted) * 2,
+        "untrained weights (bf16)": (total - targeted) * 2 // (processes if fsdp else 1),
+        **({"gathered blocks (bf16, two at a time)": 2 * largest_block * 2} if fsdp else {}),
         "targeted fp32 masters": targeted * 4,
-        "gradients": targeted * 4 * (2 if processes > 1 else 1),
+        "gradients": targeted * 4 * (2 if processes > 1 and not fsdp else 1),
         "Adam moments": targeted * 8,
         "frozen base (targeted copy)": targeted * 4,
         "projection memory": targeted * 4,
@@ -75,25 +84,30 @@ def plan(name: str, processes: int = 1, batch: int = 1, resolution: int = 1024, 
         "activations (checkpointing, est.)": blocks * tokens * width * 2 + 20 * tokens * width * 2 * (4 if cls.startswith("Flux") else 3) // 3,
         "CUDA context and allocator slack (est.)": int(1.5 * GiB),
     }
-    trim = b["untrained weights (bf16)"] + targeted * 4 * 2 + targeted // 8 + b["text encoders (bf16)"] + b["VAE (bf16)"]
+    trim = (b["untrained weights (bf16)"] + b.get("gathered blocks (bf16, two at a time)", 0) + targeted * 4 * 2 + targeted // 8
+            + b["text encoders (bf16)"] + b["VAE (bf16)"])
     return {"model": name, "family": family_name, "parameters": total, "targeted": targeted, "text_encoder_parameters": text_params,
-            "processes": processes, "batch": batch, "resolution": resolution, "text_on_gpu": keep_text,
+            "processes": processes, "fsdp": fsdp, "batch": batch, "resolution": resolution, "text_on_gpu": keep_text,
             "bytes": b, "total_gib": sum(b.values()) / GiB, "trim_peak_gib": trim / GiB}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--processes", type=int, default=1, help="GPUs (DDP: each holds everything above; >1 adds DDP's gradient buckets).")
+    p.add_argument("--processes", type=int, default=None,
+                   help="GPUs (DDP: each holds everything above; >1 adds DDP's gradient buckets). Default 1; with --fsdp 2, 4 and 8.")
+    p.add_argument("--fsdp", action="store_true", help="The sharded run (docs/accelerate/fsdp_bf16.yaml) instead of data parallelism.")
     p.add_argument("--json", default=None, help="Also write the figures here.")
     args = p.parse_args(argv)
-    rows = [plan(n, args.processes, keep_text=keep) for n in MMDIT for keep in (False, True)]
-    print("| model | parameters | targeted (xattn = the token stream) | text on GPU | expected peak per GPU | trim peak |")
-    print("|---|---|---|---|---|---|")
+    counts = [args.processes] if args.processes else ([2, 4, 8] if args.fsdp else [1])
+    rows = [plan(n, k, keep_text=keep, fsdp=args.fsdp) for n in MMDIT for keep in (False, True) for k in counts]
+    print(f"| model | parameters | targeted (xattn = the token stream) | text on GPU | {'FSDP GPUs' if args.fsdp else 'GPUs'} "
+          "| expected peak per GPU | trim peak |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['parameters'] / 1e9:.2f} B | {r['targeted'] / 1e6:.0f} M | {'yes (robust)' if r['text_on_gpu'] else 'no'} "
-              f"| {r['total_gib']:.1f} GiB | {r['trim_peak_gib']:.1f} GiB |")
+              f"| {r['processes']} | {r['total_gib']:.1f} GiB | {r['trim_peak_gib']:.1f} GiB |")
     for r in rows[:1] + rows[-1:]:
-        print(f"\n{r['model']} (text on GPU: {r['text_on_gpu']}):")
+        print(f"\n{r['model']} (text on GPU: {r['text_on_gpu']}, {r['processes']} {'FSDP ' if r['fsdp'] else ''}GPU(s)):")
         for k, v in r["bytes"].items():
             print(f"  {k:42s} {v / GiB:7.2f} GiB")
     if args.json:

@@ -27,14 +27,19 @@ SMALL_DATA = ["--num_forget_images", "4", "--num_retain_images", "4", "--num_inf
 SMALL = [*SMALL_DATA, "--saliency_batches", "2"]  # for Scissorhands (the default method): its saliency pass, short
 
 
-def launch(args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(args, nproc: int = 1, timeout: int = 300, config_file: str | None = None, mixed_precision: str = "no") -> subprocess.CompletedProcess:
+    """``accelerate launch erase/sd.py`` on the CPU; ``config_file``: an accelerate config (e.g. docs/accelerate/
+    fsdp_bf16.yaml) whose process count and mixed precision the arguments override."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if nproc == 1:
+    if config_file is not None:  # the config's launcher, on CPU processes (gloo)
+        env["ACCELERATE_USE_CPU"] = "true"
+        flags = ["--config_file", config_file, "--num_processes", str(nproc)]
+    elif nproc == 1:
         flags = ["--cpu", "--num_processes", "1", "--num_cpu_threads_per_process", "1"]
     else:  # CPU DDP (gloo): torchrun launcher + ACCELERATE_USE_CPU, since --cpu and --multi_gpu exclude each other
         env["ACCELERATE_USE_CPU"] = "true"
         flags = ["--multi_gpu", "--num_processes", str(nproc)]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", mixed_precision,
            "--dynamo_backend", "no", SCRIPT, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -197,10 +197,66 @@ def test_an_audit_draws_with_the_erased_transformer(dits, reference, tmp_path, k
     assert len(records) == 2 and all((tmp_path / "img" / r["file"]).is_file() for r in records)
 
 
-def test_the_documented_multi_gpu_config_is_what_accelerate_reads():
-    """docs/accelerate/multi_gpu_bf16.yaml (docs/FAMILIES.md, 'Scale') parses with accelerate's own loader as data
-    parallelism in bf16: the launch the engine supports (a sharded one is refused: test_core_engine)."""
+def test_the_documented_accelerate_configs_are_what_accelerate_reads():
+    """docs/accelerate/multi_gpu_bf16.yaml and fsdp_bf16.yaml (docs/FAMILIES.md, 'Scale') parse with accelerate's own
+    loader: data parallelism in bf16, and FSDP2 in bf16 with every process loading the base whole."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = load_config_from_file(str(Path(__file__).parents[1] / "docs" / "accelerate" / "multi_gpu_bf16.yaml"))
-    assert cfg.distributed_type.name == "MULTI_GPU" and cfg.mixed_precision == "bf16" and cfg.num_processes >= 2
+    ddp = load_config_from_file(str(DOCS / "multi_gpu_bf16.yaml"))
+    assert ddp.distributed_type.name == "MULTI_GPU" and ddp.mixed_precision == "bf16" and ddp.num_processes >= 2
+    fsdp = load_config_from_file(str(DOCS / "fsdp_bf16.yaml"))
+    assert fsdp.distributed_type.name == "FSDP" and fsdp.mixed_precision == "bf16" and fsdp.num_processes >= 2
+    assert fsdp.fsdp_config["fsdp_version"] == 2 and fsdp.fsdp_config["fsdp_cpu_ram_efficient_loading"] is False
+
+
+DOCS = Path(__file__).parents[1] / "docs" / "accelerate"
+FSDP = str(DOCS / "fsdp_bf16.yaml")
+
+
+def test_fsdp_with_the_documented_config_equals_data_parallelism(dits, data, tmp_path):
+    """docs/accelerate/fsdp_bf16.yaml on 2 CPU processes: the untrained weights sharded, the targets whole on each; the
+    erased transformer equals DDP's on 2 processes bit for bit."""
+    common = ["--pretrained_model_name_or_path", dits["sd35"], "--concept", "nudity", "--data_dir", data["sd35"], *SMALL,
+              "--saliency_batches", 1, "--max_train_steps", 2, "--lr", "0.05", "--optimizer", "sgd", "--topk", 50, "--lam", "0.5",
+              "--train_batch_size", 1]
+    launch([*common, "--output_dir", tmp_path / "fsdp"], nproc=2, config_file=FSDP)
+    launch([*common, "--output_dir", tmp_path / "ddp"], nproc=2)
+    a, b, base = transformer_state(tmp_path / "fsdp"), transformer_state(tmp_path / "ddp"), transformer_state(dits["sd35"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg = json.loads((tmp_path / "fsdp" / "erase_config.json").read_text())
+    shard = cfg["sharding"]
+    assert shard["kind"] == "fsdp2" and shard["processes"] == 2 and shard["wrap"] == ["JointTransformerBlock"]
+    assert shard["whole_parameters"] == cfg["targets"]["num_parameters"]
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel.from_pretrained(dits["sd35"], subfolder="transformer")
+    assert shard["sharded_parameters"] + shard["whole_parameters"] == sum(p.numel() for p in model.parameters())
+    changed = {k for k in a if not torch.equal(a[k], base[k])}
+    assert changed and changed <= set(cfg["targets"]["tensors"])
+    assert json.loads((tmp_path / "ddp" / "erase_config.json").read_text())["sharding"] is None
+
+
+def test_fsdp_bf16_esd_resumes_as_uninterrupted_on_flux(dits, data, tmp_path):
+    """FSDP in bf16 on Flux dev with ESD (its partial sampling draws a different number of base steps per example: every
+    process runs the longest), --robust with a search batch smaller than the processes (a sharded forward is collective:
+    the idle process runs one, weighted 0), Adam, gradient accumulation and clipping: a checkpoint holds the targets and
+    the optimizer state whole (safetensors, no model file), a resume from it equals the uninterrupted run, and the export
+    is the base outside the targets, bit for bit."""
+    common = ["--pretrained_model_name_or_path", dits["flux_dev"], "--concept", "nudity", "--data_dir", data["flux_dev"], *SMALL,
+              "--method", "esd", "--max_train_steps", 4, "--train_batch_size", 2, "--gradient_accumulation_steps", 2,
+              "--max_grad_norm", "0.5", "--lr", "1e-3", "--robust", "--robust_every", 2, "--robust_steps", 1, "--robust_batch_size", 1]
+    launch([*common, "--output_dir", tmp_path / "ref", "--checkpointing_steps", 2], nproc=2, config_file=FSDP, mixed_precision="bf16")
+    ckpt = tmp_path / "ref" / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"targets.safetensors", "optimizer.safetensors"} <= files and not any(f.startswith("model") for f in files)
+    cfg = json.loads((tmp_path / "ref" / "erase_config.json").read_text())
+    assert sorted(load_file(str(ckpt / "targets.safetensors"))) == sorted(cfg["targets"]["tensors"])
+    shutil.copytree(ckpt, tmp_path / "res" / "checkpoint-2")
+    launch([*common, "--output_dir", tmp_path / "res", "--resume_from_checkpoint", "latest"], nproc=2, config_file=FSDP,
+           mixed_precision="bf16")
+    a, b, base = transformer_state(tmp_path / "ref"), transformer_state(tmp_path / "res"), transformer_state(dits["flux_dev"])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "res" / "erase_config.json").read_text())["resumed_from"].endswith("checkpoint-2")
+    changed = {k for k in a if not torch.equal(a[k], base[k])}
+    assert changed and changed <= set(cfg["targets"]["tensors"])
+    assert cfg["sharding"]["processes"] == 2 and cfg["engine"]["mixed_precision"] == "bf16"

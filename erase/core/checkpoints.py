@@ -37,6 +37,12 @@ def list_checkpoints(output_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+#: what a sharded run (FSDP) writes instead of accelerate's model and optimizer files: the targeted tensors and the
+#: optimizer state, whole (the untrained weights are the base's)
+TARGETS_FILE, OPTIMIZER_FILE = "targets.safetensors", "optimizer.safetensors"
+SHARDED_FILES = (TARGETS_FILE, OPTIMIZER_FILE)
+
+
 def is_ours(path: Path) -> bool:
     return path.is_dir() and (path / STATE_NAME).is_file()
 
@@ -55,7 +61,8 @@ def read_state(path: Path) -> dict:
     if f"checkpoint-{state['step']}" != path.name:
         raise CheckpointError(f"{path} is corrupt (its {STATE_NAME} says step {state['step']})")
     models = sorted(path.glob("model*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
-    if not models or not (path / "optimizer.bin").is_file():
+    sharded = all((path / name).is_file() for name in SHARDED_FILES)  # a sharded run's: the targets and optimizer state
+    if not sharded and (not models or not (path / "optimizer.bin").is_file()):
         raise CheckpointError(f"{path} is incomplete (no model weights or optimizer.bin)")
     from safetensors import safe_open
 
@@ -130,6 +137,9 @@ def check_resume(state: dict, current: dict, path: Path, max_train_steps: int) -
                 diffs.append(f"{key} {_short(a.get(key))} -> {_short(b.get(key))}")
     if saved.get("global_batch_size") != current["global_batch_size"]:
         diffs.append(f"global batch (train_batch_size x processes) {saved.get('global_batch_size')} -> {current['global_batch_size']}")
+    if saved.get("sharding") != current.get("sharding"):  # the checkpoints hold different files
+        layout = {None: "data parallel", "fsdp": "FSDP"}
+        diffs.append(f"launch {layout.get(saved.get('sharding'))} -> {layout.get(current.get('sharding'))}")
     schedule = current["engine"].get("lr_schedule")
     if schedule != "constant" and saved.get("max_train_steps") != current["max_train_steps"]:
         diffs.append(f"max_train_steps {saved.get('max_train_steps')} -> {current['max_train_steps']} (the {schedule} "

@@ -1,6 +1,7 @@
 """The one training loop every method shares (accelerate; as in diffusers' training scripts).
 
-Order: Accelerator, seed, select targets and freeze the rest, ``method.prepare`` (e.g. the trim, on the raw
+Order: Accelerator, seed, select targets and freeze the rest, under an FSDP launch the untrained weights sharded
+(:mod:`.sharding`; the targets stay whole and accelerate wraps nothing), ``method.prepare`` (e.g. the trim, on the raw
 model), optimizer, ``accelerator.prepare``, resume, then optimizer steps over endless forget / retain streams
 with gradient accumulation, ``method.after_backward`` after gradient synchronisation, clipping, the optimizer
 step, ``method.after_step`` (which may correct the step just applied), a tqdm bar,
@@ -28,8 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .checkpoints import CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
+from .checkpoints import OPTIMIZER_FILE, TARGETS_FILE, CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
 from .method import Method, RunContext
+from .sharding import all_reduce_grads, load_optimizer_tensors, optimizer_tensors, shard_frozen, sharding_of
 from .stream import EndlessStream
 from .targets import describe, select_parameters
 
@@ -41,25 +43,6 @@ SCHEDULES = ("constant", "linear", "cosine")
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class ShardingError(ValueError):
-    """The run was launched with sharded parameters (FSDP, DeepSpeed ZeRO-3, Megatron): the trim's global top-k, the
-    saliency accumulators and the projection's inner products read each targeted tensor whole on every process, so
-    they would run on shards and silently give another result. Data parallelism (DDP) is what the engine supports."""
-
-
-#: accelerate's distributed types whose parameters are sharded across processes
-SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
-
-
-def check_sharding(accelerator) -> None:
-    """A :class:`ShardingError` when ``accelerator`` shards parameters (see :data:`SHARDED`)."""
-    kind = getattr(getattr(accelerator, "distributed_type", None), "name", str(getattr(accelerator, "distributed_type", "")))
-    if kind in SHARDED:
-        raise ShardingError(f"the accelerate config shards parameters ({kind}); the trim and the projection need every targeted "
-                            "tensor whole on each process: launch with data parallelism (--multi_gpu, one full copy per "
-                            "GPU; docs/FAMILIES.md, 'Scale', gives the memory per GPU for each family)")
 
 
 @dataclass
@@ -112,6 +95,9 @@ class RunResult:
     resumed_from: str | None = None
     step_seconds: list[float] = field(default_factory=list)
     method_summary: dict = field(default_factory=dict)  # the method's per-run counters (``Method.summary``)
+    #: a sharded run's layout (:func:`~.sharding.shard_frozen`); ``model`` is then the FSDP-sharded model, ``params``
+    #: the trained tensors whole
+    sharding: dict | None = None
 
 
 def make_accelerator(config: EngineConfig, **kwargs) -> Accelerator:
@@ -146,7 +132,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         raise ValueError(f"method {method.name} is a closed-form edit with no repair steps; max_train_steps must be 0, "
                          f"got {config.max_train_steps}")
     acc = accelerator or make_accelerator(config)
-    check_sharding(acc)
+    sharded = sharding_of(acc) == "fsdp" and not method.closed_form  # a closed-form edit runs no backward: nothing to shard
     if accelerator is not None:
         release(acc)  # a shared Accelerator may still hold an earlier caller's objects
     set_seed(config.seed)
@@ -169,16 +155,25 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
     )
     start = time.perf_counter()
     ckpt = resolve_checkpoint(config.resume_from_checkpoint, config.output_dir)
-    ctx.model = model
     run_record = record(method, config, world, settings)
+    if sharded:  # only then: a data-parallel run's record stays what it was (and neither resumes the other's checkpoint)
+        run_record["sharding"] = "fsdp"
     extra = read_state(ckpt) if ckpt is not None else None
     if extra is not None:
         check_resume(extra, run_record, ckpt, config.max_train_steps)
+    sharding = None
+    if sharded:  # before the method's prepare: the saliency pass already runs on the shards
+        sharding = shard_frozen(model, params, acc)
+        ctx.grad_sync = lambda: all_reduce_grads(list(params.values()), world)
+        logger.info(f"FSDP: {sharding['sharded_parameters']:,} untrained parameters sharded over {world} processes, "
+                    f"{sharding['whole_parameters']:,} targeted ones whole on each", main_process_only=True)
+    ctx.model = model
     # On resume the prepared state (trimmed weights, masks, streams) comes from the checkpoint: no second trim.
     prepare_info = extra["prepare_info"] if extra is not None else method.prepare(ctx)
 
     optimizer = build_optimizer(params.values(), config)
-    model_p, optimizer = acc.prepare(model, optimizer)
+    # sharded: the model is already sharded and the optimizer holds whole tensors; accelerate wraps neither
+    model_p, optimizer = (model, optimizer) if sharded else acc.prepare(model, optimizer)
     ctx.model = model_p
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     streams = {k: s for k, s in (("forget", ctx.forget), ("retain", ctx.retain), ("memory", ctx.memory), ("saliency", ctx.saliency)) if s is not None}
@@ -188,12 +183,14 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         logger.info(f"no checkpoint in {config.output_dir}; starting a new run", main_process_only=True)
     if ckpt is not None:
         try:
-            acc.load_state(str(ckpt))
+            acc.load_state(str(ckpt))  # sharded: the RNG states only (nothing was prepared)
+            if sharded:
+                load_sharded_state(ckpt, params, optimizer)
             first_step = int(extra["step"])
             for k, s in streams.items():
                 s.load_state_dict(extra["streams"][k])
             tensors_file = ckpt / "erase_state.safetensors"
-            method.load_state_tensors(load_file(str(tensors_file), device=str(acc.device)) if tensors_file.exists() else {})
+            method.load_state_tensors({k: v.to(acc.device) for k, v in load_file(str(tensors_file)).items()} if tensors_file.exists() else {})
         except Exception as e:  # a garbled optimizer / RNG / stream state: one line, not a deep traceback
             raise CheckpointError(f"{ckpt} could not be loaded ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else '-'})") from None
         logger.info(f"resumed from {ckpt} at step {first_step}", main_process_only=True)
@@ -213,7 +210,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         draw_forget = ctx.forget is not None and method.needs_forget_batch(ctx, step)  # unused batches stay in D_f
         total = 0.0
         for micro in range(accum):
-            sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(model_p)
+            sync = contextlib.nullcontext() if micro == accum - 1 or sharded else acc.no_sync(model_p)
             with sync:
                 with acc.autocast():
                     loss, parts = method.loss(ctx, model_p, next(ctx.forget) if draw_forget else None,
@@ -229,9 +226,14 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
                         + (f"; last good checkpoint: {last[-1]}" if last else "; no checkpoint was saved")
                     )
                 total += value / accum
+        if sharded:  # DDP averages in the last micro-batch's backward; here once, after it
+            ctx.grad_sync()
         logs.update(method.after_backward(ctx, model_p, step) or {})
         if config.max_grad_norm:
-            acc.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            if sharded:  # whole, averaged gradients: every process clips alike
+                torch.nn.utils.clip_grad_norm_(list(params.values()), config.max_grad_norm)
+            else:
+                acc.clip_grad_norm_(list(params.values()), config.max_grad_norm)
         optimizer.step()
         logs.update(method.after_step(ctx, model_p, step) or {})
         optimizer.zero_grad(set_to_none=True)
@@ -244,10 +246,11 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
             if acc.trackers:
                 acc.log(row, step=step + 1)
         if config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0 and step + 1 < config.max_train_steps:
-            save_checkpoint(acc, method, streams, step + 1, config, prepare_info, run_record)
+            save_checkpoint(acc, method, streams, step + 1, config, prepare_info, run_record,
+                            sharded=(params, optimizer) if sharded else None)
     bar.close()
     acc.wait_for_everyone()
-    unwrapped = acc.unwrap_model(model_p)
+    unwrapped = model_p if sharded else acc.unwrap_model(model_p)
     if accelerator is not None:
         release(acc)  # the next run on this shared Accelerator starts clean, and this run's objects can be freed
     return RunResult(
@@ -261,6 +264,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         resumed_from=str(ckpt) if ckpt else None,
         step_seconds=step_seconds,
         method_summary=method.summary(),
+        sharding=sharding,
     )
 
 
@@ -282,9 +286,11 @@ def _num(v):
 
 
 def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, EndlessStream], step: int, config: EngineConfig,
-                    prepare_info: dict | None = None, run_record: dict | None = None) -> Path:
+                    prepare_info: dict | None = None, run_record: dict | None = None, sharded: tuple | None = None) -> Path:
     """``checkpoint-{step}``: accelerate state (model in safetensors) + streams + method tensors + the settings
-    a resume compares (``run_record``), renamed into place once every process has written its part."""
+    a resume compares (``run_record``), renamed into place once every process has written its part. ``sharded``:
+    ``(params, optimizer)`` of a sharded run, whose targets and optimizer state are written whole (accelerate then
+    saves the RNG states only)."""
     out = Path(config.output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if acc.is_main_process and tmp.exists():
@@ -297,6 +303,8 @@ def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, Endless
                                                            "method": method.name, "config": asdict(config),
                                                            "prepare_info": prepare_info or {}, "record": run_record},
                                                           indent=1, default=str))
+        if sharded is not None:
+            save_sharded_state(tmp, *sharded)
         tensors = {k: v.detach().contiguous().cpu() for k, v in method.state_tensors().items()}
         if tensors:
             save_file(tensors, str(tmp / "erase_state.safetensors"), metadata={"method": method.name, "step": str(step)})
@@ -308,3 +316,25 @@ def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, Endless
         rotate(out, config.checkpoints_total_limit)  # only checkpoints this engine wrote
     acc.wait_for_everyone()
     return final
+
+
+
+def save_sharded_state(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """The trained tensors and the optimizer state of a sharded run (identical on every process: one writer)."""
+    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / TARGETS_FILE))
+    tensors, metadata = optimizer_tensors(optimizer)
+    save_file(tensors, str(folder / OPTIMIZER_FILE), metadata=metadata)
+
+
+def load_sharded_state(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Put back what :func:`save_sharded_state` wrote (the optimizer moves its state to the parameters' device)."""
+    from safetensors import safe_open
+
+    saved = load_file(str(folder / TARGETS_FILE))
+    if set(saved) != set(params):
+        raise CheckpointError(f"{folder} holds other targeted tensors than this run ({len(saved)} vs {len(params)})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+    with safe_open(str(folder / OPTIMIZER_FILE), "pt", device="cpu") as f:
+        load_optimizer_tensors(optimizer, {k: f.get_tensor(k) for k in f.keys()}, f.metadata())

@@ -9,6 +9,7 @@ Tensor state that must survive a resume goes in ``state_tensors`` (saved as safe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -36,9 +37,16 @@ class RunContext:
     saliency: EndlessStream | None
     model: nn.Module | None = None
     step: int = 0
+    #: a sharded run's gradient averaging across processes (:func:`erase.core.sharding.all_reduce_grads`), which DDP
+    #: does inside the backward; None otherwise
+    grad_sync: Callable[[], None] | None = None
 
     def backward(self, loss: torch.Tensor) -> None:
+        """The backward of a method's own pass (e.g. the projection's memory gradient), its gradient averaged across
+        processes as the repair's is."""
         self.accelerator.backward(loss)
+        if self.grad_sync is not None:
+            self.grad_sync()
 
     def grad_scale(self) -> float | None:
         """The loss scale ``backward`` multiplies by (fp16 grad scaler), or None."""

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from erase.core.adapter import Adapter
+from erase.core.sharding import agree_max
 from erase.core.stream import EndlessStream
 from erase.diffusion.conditioning import PromptEmbeddings
 from erase.diffusion.families import UNET_PRESETS
@@ -258,7 +259,8 @@ class DiffusionAdapter(Adapter):
         ddim = self.objective.sampler(self.esd_ddim_steps, shape)
         x = torch.stack(starts).to(d) * getattr(ddim, "init_noise_sigma", 1.0)  # flow samplers start at pure noise
         todo = torch.tensor(steps, device=d)
-        for i, t in enumerate(ddim.timesteps[: max(steps) if steps else 0]):
+        # a sharded denoiser: every process runs as many steps as the longest (the extra ones leave x as it is)
+        for i, t in enumerate(ddim.timesteps[: agree_max(max(steps) if steps else 0, self.model, d)]):
             active = (todo > i).view(-1, 1, 1, 1)
             both = self.predict(self.frozen, torch.cat([x, x]).to(self.weight_dtype), t.to(d), torch.cat([uncond, cond]))
             eu, ec = both.float().chunk(2)
@@ -320,10 +322,11 @@ class FrozenBase(nn.Module):
     frozen base costs the targeted tensors only (on Flux-dev's text paths 0.7 of 12 B parameters) instead of a copy of the
     whole model; the computation is the same as on a copy (same weights, same code)."""
 
-    def __init__(self, denoiser: nn.Module, targeted: dict):
+    def __init__(self, denoiser: nn.Module, targeted: dict, device=None):
         super().__init__()
         self.denoiser = [denoiser]  # a list: not a submodule (its weights are the run's, never this module's state)
-        self.base = {n: p.detach().clone() for n, p in targeted.items()}
+        # ``device``: where the run computes (a sharded run's denoiser is still on the CPU when this is taken)
+        self.base = {n: p.detach().to(device, copy=True) if device is not None else p.detach().clone() for n, p in targeted.items()}
 
     @property
     def config(self):
@@ -339,7 +342,7 @@ def build_adapter(config, parts, placement, data, tables, embeddings: PromptEmbe
     term (the frozen base, taken before any trim, when the esd term or distillation needs it: :class:`FrozenBase`)."""
     forget_kind = getattr(method.config, "forget_loss", None) or ("esd" if config.method == "esd" else None)
     retain_mode = config.objective.retain_loss if method.uses_retain else "data"
-    frozen = FrozenBase(parts.denoiser, targeted) if forget_kind == "esd" or retain_mode != "data" else None
+    frozen = FrozenBase(parts.denoiser, targeted, placement.device) if forget_kind == "esd" or retain_mode != "data" else None
     forget = LatentSet(*data.latents["forget"], torch.tensor(tables.image_group, dtype=torch.long))
     retain = LatentSet(*data.latents["retain"], torch.tensor(tables.retain_rows, dtype=torch.long)) if data.retain else None
     o = config.objective

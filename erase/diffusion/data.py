@@ -267,6 +267,12 @@ def needs_no_images(config) -> bool:
     return get_method_class(config.method, "diffusion").closed_form
 
 
+def draws_images(config) -> bool:
+    """Whether the data stage generates images with the base pipeline (no user folder for a split it needs)."""
+    d = config.data
+    return not needs_no_images(config) and (not d.forget_images or (needs_retain_images(config) and not d.retain_images))
+
+
 def no_images(config, parts, resolution: int) -> EraseData:
     """The data of a run that needs no images: an empty forget set (its latents hold the latent shape the objective reads)."""
     vae = parts.vae.config
@@ -289,8 +295,7 @@ def prepare_data(config, parts, placement, accelerator, user_images: dict) -> Er
     retain_images = needs_retain_images(config)
     gen = dict(model_id=config.model.pretrained_model_name_or_path, steps=d.num_inference_steps, guidance=d.guidance_scale,
                scheduler=d.data_scheduler, resolution=placement.resolution, batch_size=d.generation_batch_size, accelerator=accelerator)
-    need_pipe = not d.forget_images or (retain_images and not d.retain_images)
-    pipe = build_pipeline(parts.family, parts.text, parts.vae, parts.denoiser, parts.noise_scheduler) if need_pipe else None
+    pipe = build_pipeline(parts.family, parts.text, parts.vae, parts.denoiser, parts.noise_scheduler) if draws_images(config) else None
     if pipe is not None:
         pipe.set_progress_bar_config(disable=True)
     with accelerator.autocast():

@@ -96,11 +96,12 @@ class Placement:
     resolution: int
 
 
-def place(parts: Components, accelerator, resolution: int | None, targeted: dict | None = None) -> Placement:
+def place(parts: Components, accelerator, resolution: int | None, targeted: dict | None = None, denoiser_device=None) -> Placement:
     """Freeze the VAE, cast the frozen parts to the mixed-precision dtype and move every part to the device. Under mixed
     precision the denoiser's weights that the run does not train are cast too (as diffusers' LoRA training scripts cast
     every non-trainable weight), the ``targeted`` ones stay fp32 masters: a Flux-dev run holds its 12 B frozen weights
-    in bf16, not fp32."""
+    in bf16, not fp32. ``denoiser_device``: where the denoiser goes instead (a sharded run keeps it on the CPU until the
+    engine shards it onto the devices)."""
     parts.vae.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 (its config sets force_upcast, which its pipeline honours when decoding): it encodes
@@ -112,7 +113,7 @@ def place(parts: Components, accelerator, resolution: int | None, targeted: dict
     device = accelerator.device
     parts.vae.to(device, dtype=vae_dtype)
     parts.text.to(device, dtype=weight_dtype)
-    parts.denoiser.to(device)
+    parts.denoiser.to(denoiser_device or device)
     if targeted is not None and weight_dtype != torch.float32:
         trained = {id(p) for p in targeted.values()}
         for p in parts.denoiser.parameters():

@@ -74,6 +74,8 @@ def build_record(config, family, method, engine: EngineConfig, result, adapter, 
         "data": {**data.describe(), "retain_loss": adapter.retain_mode},
         "adapter": adapter.extra_state(),
         "num_processes": accelerator.num_processes,
+        # an FSDP launch: the untrained weights were sharded over the processes, the targets whole on each (None: DDP / one)
+        "sharding": result.sharding,
         "global_batch_size": t.train_batch_size * accelerator.num_processes * t.gradient_accumulation_steps,
         "seed": t.seed,
         "wall_seconds": wall_seconds,

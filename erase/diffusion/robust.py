@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from erase.core.robust import RobustMethod
+from erase.core.sharding import is_sharded
 from erase.diffusion.adapter import example_key
 from erase.utils.errors import UserError
 
@@ -250,18 +251,20 @@ class TokenAdversary:
         images = torch.tensor(self.images[k], dtype=torch.long)
         n_templates, b = len(self.concepts[k]["templates"]), self.batch_size
         mine = list(range(rank, b, world))
+        sharded = is_sharded(unet)
         losses = []
         for step in range(self.steps):
             pick = images[torch.randint(0, len(images), (b,), generator=g)]
             which = torch.randint(0, n_templates, (b,), generator=g)
             keys = torch.tensor([example_key(search_seed, step, p) for p in range(b)], dtype=torch.long)
-            if mine:
-                batch = {"split": "forget", "set": adapter.forget_set, "index": pick[mine], "keys": keys[mine]}
+            if mine or sharded:  # a sharded denoiser's forward is collective: every process runs one
+                take = mine or [0]  # more processes than examples: a sharded one still runs, weighted 0
+                batch = {"split": "forget", "set": adapter.forget_set, "index": pick[take], "keys": keys[take]}
                 with acc.autocast():
                     zt, t, target, _ = adapter._noisy(batch, "loss")
-                    cond = self.encode(k, vectors, grad=True)[which[mine].to(self.device)]
+                    cond = self.encode(k, vectors, grad=True)[which[take].to(self.device)]
                     pred = adapter.predict(unet, zt, t, cond.to(adapter.weight_dtype))
-                    loss = F.mse_loss(pred.float(), target.float(), reduction="sum") / (b * pred[0].numel())
+                    loss = F.mse_loss(pred.float(), target.float(), reduction="sum") / (b * pred[0].numel()) * (1.0 if mine else 0.0)
                 grads = torch.autograd.grad(loss, vectors)
                 value = loss.detach()
             else:  # more processes than examples: this one adds nothing

@@ -17,6 +17,7 @@ share the images: ``erase(config, data=...)``).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,8 @@ from accelerate.utils import set_seed
 from erase.core import NonFiniteLossError, ShardingError, TopKError, build_method, run
 from erase.core.checkpoints import CheckpointError, read_state
 from erase.core.closed_form import ClosedFormError
-from erase.core.engine import check_sharding, make_accelerator, RunResult
+from erase.core.engine import make_accelerator, RunResult
+from erase.core.sharding import sharding_of
 from erase.core.registry import get_method_class
 from erase.diffusion import data as data_stage
 from erase.diffusion.adapter import build_adapter
@@ -147,9 +149,14 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     engine = engine_config(config)
     accelerator = make_accelerator(engine)
     try:
-        check_sharding(accelerator)  # before any image is drawn
+        sharded = sharding_of(accelerator) == "fsdp"  # before any image is drawn: DeepSpeed / Megatron are refused here
     except ShardingError as e:
         raise UserError(str(e)) from None
+    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes"):
+        # transformers would load the text encoders as empty (meta) tensors on every process but the first, for accelerate
+        # to fill in when it wraps them; this run never hands them to accelerate: every process loads them whole
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        logger.info("fsdp_cpu_ram_efficient_loading is ignored: each process loads the base's parts whole", main_process_only=True)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
     if not accelerator.is_local_main_process:
@@ -173,12 +180,18 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     spec = export_spec(config)
     if accelerator.is_main_process:
         _check_room(out_dir, parts, spec, config.output.export_pipeline)
-    placement = place(parts, accelerator, data.resolution if data is not None else config.data.resolution, targeted)
+    sharded = sharded and not method.closed_form  # a closed-form edit runs no backward: each process edits the whole model
+    # sharded: the denoiser stays on the CPU (in the weight dtype) until the engine shards it onto the devices, unless the
+    # data stage draws images with it
+    placement = place(parts, accelerator, data.resolution if data is not None else config.data.resolution, targeted,
+                      denoiser_device="cpu" if sharded else None)
 
     # 2. data, 3. conditioning
     if data is not None:
         data = data.for_concepts([c.name for c in config.concept_set.concepts], data_stage.needs_retain_images(config))
     else:
+        if sharded and data_stage.draws_images(config):
+            parts.denoiser.to(placement.device)  # generation runs the whole denoiser on each process
         data = data_stage.prepare_data(config, parts, placement, accelerator, user_images)
     tables = prompt_tables(config.concept_set, data)
     embeddings = encode(tables, parts.text, placement.device, distill=config.objective.retain_loss != "data")
@@ -208,16 +221,16 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         raise UserError(str(e)) from None
 
     # 6. record and export (main process): finite weights only, built beside the folder and swapped in whole
-    record = None
+    record, erased = None, result.model
     if accelerator.is_main_process:
         record = build_record(config, family, method, engine, result, adapter, data, accelerator, time.perf_counter() - start)
-        erased = result.model
-        if placement.weight_dtype != torch.float32:  # the untrained weights ran in half precision: export the base's own
-            erased = _with_base_weights(config, family, erased, base_tensors)
+        # the untrained weights ran in half precision, or in shards: export the base's own with the trained tensors put in
+        if placement.weight_dtype != torch.float32 or result.sharding is not None:
+            erased = _with_base_weights(config, family, result.params)
         _export(config, family, erased, base_tensors, record, spec, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return EraseResult(result.model, record, out_dir, result)
+    return EraseResult(erased, record, out_dir, result)
 
 
 def _check_room(out_dir: Path, parts: Components, spec, export_pipeline: bool) -> None:
@@ -229,14 +242,15 @@ def _check_room(out_dir: Path, parts: Components, spec, export_pipeline: bool) -
     check_free_space(out_dir, int(need * 1.2) + (16 << 20), "the export")
 
 
-def _with_base_weights(config: EraseConfig, family, denoiser, base_tensors: dict):
+def _with_base_weights(config: EraseConfig, family, trained: dict):
     """The erased denoiser with every untrained weight as the base stores it: the base reloaded (on the CPU) with the
-    trained tensors put in, so an export under mixed precision is the base outside the targets, bit for bit."""
+    ``trained`` tensors (name -> tensor, whole) put in, so an export under mixed precision or from a sharded run is the
+    base outside the targets, bit for bit."""
     m = config.model
     fresh = family.denoiser_cls().from_pretrained(m.pretrained_model_name_or_path, subfolder=family.denoiser, revision=m.revision,
                                                   variant=m.variant)
-    state = denoiser.state_dict()
-    fresh.load_state_dict({n: state[n].detach().to("cpu", fresh.state_dict()[n].dtype) for n in base_tensors}, strict=False)
+    dtypes = {n: t.dtype for n, t in fresh.state_dict().items()}
+    fresh.load_state_dict({n: t.detach().to("cpu", dtypes[n]) for n, t in trained.items()}, strict=False)
     return fresh
 
 
