@@ -318,7 +318,6 @@ def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, Endless
     return final
 
 
-
 def save_sharded_state(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
     """The trained tensors and the optimizer state of a sharded run (identical on every process: one writer)."""
     save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / TARGETS_FILE))

@@ -31,8 +31,8 @@ from erase.core import NonFiniteLossError, ShardingError, TopKError, build_metho
 from erase.core.checkpoints import CheckpointError, read_state
 from erase.core.closed_form import ClosedFormError
 from erase.core.engine import make_accelerator, RunResult
-from erase.core.sharding import sharding_of
 from erase.core.registry import get_method_class
+from erase.core.sharding import sharding_of
 from erase.diffusion import data as data_stage
 from erase.diffusion.adapter import build_adapter
 from erase.diffusion.conditioning import encode, prompt_tables
@@ -53,7 +53,7 @@ class EraseResult:
     """What a run gives back: the erased UNet, its record (``erase_config.json``; ``None`` on other processes than the
     main one), the output folder and the engine's own result (history, timings)."""
 
-    unet: torch.nn.Module  # the erased denoiser (a UNet, or the transformer of an SD3 / Flux model)
+    unet: torch.nn.Module  # the erased denoiser (a UNet, or an SD3 / Flux transformer; FSDP: the export on the main process)
     record: dict | None
     output_dir: Path
     engine: RunResult
@@ -230,7 +230,8 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         _export(config, family, erased, base_tensors, record, spec, out_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return EraseResult(erased, record, out_dir, result)
+    # a sharded run's model is in shards: the main process gives back the exported one (the base with the trained tensors)
+    return EraseResult(erased if result.sharding is not None else result.model, record, out_dir, result)
 
 
 def _check_room(out_dir: Path, parts: Components, spec, export_pipeline: bool) -> None:
