@@ -202,6 +202,25 @@ def test_the_api_takes_robust(tiny, tmp_path):
         EraseConfig.from_options(tiny, "three", output_dir=str(tmp_path), robust_tokens=3).validate()
 
 
+def test_robust_cuts_the_self_attention_too_by_default(tiny, tmp_path):
+    """--robust without --targets on a UNet: self- and cross-attention (`attn`, the rule's choice on the tuning digits,
+    docs/ROBUST.md); a given --targets is kept; a plain run keeps the cross-attention; an MMDiT keeps its token stream."""
+    from erase.diffusion.config import EraseConfig
+    from erase.diffusion.load import list_targets
+    from eval.tiny import build_tiny_pipeline
+
+    def targets(base, **kw):
+        return EraseConfig.from_options(base, "three", output_dir=str(tmp_path / "out"), **kw).validate().objective.targets
+
+    assert targets(tiny, robust=True) == "attn" and targets(tiny) == "xattn" and targets(tiny, robust=True, targets="xattn") == "xattn"
+    config = EraseConfig.from_options(tiny, "three", output_dir=str(tmp_path / "out"), robust=True)
+    names = list(list_targets(config)["tensors"])  # --list_targets reads the unvalidated config: the same default
+    assert config.objective.targets == "attn" and {n.split(".attn")[1][0] for n in names} == {"1", "2"}
+    assert all(".attn1." in n or ".attn2." in n for n in names)
+    flux = build_tiny_pipeline(tmp_path / "flux", family="flux_dev")
+    assert targets(flux, robust=True) == "xattn"
+
+
 class _CountingAdversary:
     """A model-agnostic stand-in: records when it is asked to search and what the weights were then."""
 

@@ -63,9 +63,10 @@ class ConceptConfig:
 class ObjectiveConfig:
     """The diffusion objective around the method: targets, retain term, ESD's sampling (the adapter's settings)."""
 
-    targets: str = field(default="xattn", metadata=_help(
+    targets: str | None = field(default=None, metadata=_help(
         f"Trainable denoiser parameters: a preset ({', '.join(TARGET_PRESET_NAMES)}; SD3 / Flux also text, pooled, text_pooled, "
-        "joint_attn, and xattn means their token stream, text) or a regex over parameter names."))
+        "joint_attn, and xattn means their token stream, text) or a regex over parameter names. Default xattn; with "
+        "--robust on a UNet, attn (self- and cross-attention)."))
     exclude: str | None = field(default=None, metadata=_help("Preset or regex of parameters never touched (wins over --targets)."))
     retain_loss: str | None = field(default=None, metadata=_help(
         "What keeps the rest: distill (match the frozen base's prediction for the retain prompts at fresh pure-noise latents: "

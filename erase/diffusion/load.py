@@ -147,7 +147,7 @@ def list_targets(config) -> dict:
     ``describe()`` of the selection plus the family, what the preset means and the denoiser's parameter count."""
     from accelerate import init_empty_weights
 
-    family = resolve_family(config)
+    family = resolve_family(config)  # an unvalidated config's default targets are the family's (validate.apply_family)
     m = config.model
     cls = family.denoiser_cls()
     try:

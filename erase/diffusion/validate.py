@@ -26,7 +26,16 @@ from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load
 DEFAULT_REPAIR_STEPS = 100
 GENERIC_RETAIN = "nudity"  # a free-form concept without --retain_prompts borrows this preset's varied safe prompts
 FORGET_LOSSES = ("ascent", "redirect", "esd")
-TARGET_PRESET_NAMES = ("xattn", "selfattn", "noxattn", "full")
+TARGET_PRESET_NAMES = ("xattn", "selfattn", "attn", "noxattn", "full")
+#: --targets when none is given: the cross-attention; with --robust on a UNet, the self-attention too (the adversary's
+#: conditions then meet the layers that draw the concept; chosen on the tuning digits seven and one, docs/ROBUST.md).
+#: An MMDiT keeps its token stream under --robust (measured on the transformer digits, benchmarks/RESULTS.md).
+DEFAULT_TARGETS, ROBUST_TARGETS = "xattn", "attn"
+
+
+def default_targets(robust: bool, family=None) -> str:
+    """``--targets`` when none is given (:data:`DEFAULT_TARGETS`, :data:`ROBUST_TARGETS`); ``family`` None: not known yet."""
+    return ROBUST_TARGETS if robust and (family is None or family.denoiser != "transformer") else DEFAULT_TARGETS
 # Scissorhands on a diffusion UNet: trim 2 % of the cross-attention, forget term weight 0.3 (with the redirect term and the
 # distill retain term), chosen on the digits model's tuning digits seven and one (docs/DIGITS.md)
 SD_DEFAULTS = {"topk": 2.0, "lam": 0.3}
@@ -81,6 +90,9 @@ def apply_family(config, family) -> None:
         allowed = "flow_euler" if family.objective == "flow" else "a DDPM sampler (ddim, pndm, lms, euler, euler_a, dpm)"
         raise UserError(f"--data_scheduler {d.data_scheduler} cannot sample from {family.title}; use {allowed}")
     targets = config.objective.targets
+    if targets is None or getattr(config, "targets_defaulted", False):  # an MMDiT keeps its token stream under --robust too
+        targets = config.objective.targets = default_targets(config.robustness.robust, family)
+        config.targets_defaulted = True
     own = get_method_class(config.method, "diffusion").transformer_targets
     if targets == "xattn" and family.denoiser == "transformer" and own:  # the method's own default there (UCE, SPEED)
         targets = config.objective.targets = own
@@ -187,6 +199,9 @@ def _method_defaults(config) -> None:
     """Targets, then the defaults that depend on the method and the concepts: the retain term, the forget term and
     its bound, Scissorhands' diffusion defaults."""
     o, opts, method = config.objective, config.method_options, config.method
+    if o.targets is None:
+        o.targets = default_targets(config.robustness.robust, config.family)
+        config.targets_defaulted = True  # a family found later (a hub id) settles it (apply_family)
     presets = set(TARGET_PRESET_NAMES) | (set(config.family.target_presets) if config.family is not None else set())
     if o.targets not in presets:
         try:

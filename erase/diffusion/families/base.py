@@ -21,6 +21,8 @@ _ATTN_PROJ = r"(to_q|to_k|to_v|to_out\.0)\.(weight|bias)"
 UNET_PRESETS: dict[str, str] = {
     "xattn": rf".*\.attn2\.{_ATTN_PROJ}",  # ESD-x / Scissorhands SD default: cross-attention q, k, v, out
     "selfattn": rf".*\.attn1\.{_ATTN_PROJ}",
+    # self- and cross-attention: --robust's default on a UNet (chosen on the tuning digits, docs/ROBUST.md)
+    "attn": rf".*\.attn[12]\.{_ATTN_PROJ}",
     # ESD-u (as ESD's train_method "noxattn"): all but cross-attention, the time embedding and the output layers
     "noxattn": r"(?!.*\.attn2\.|time_embedding\.|conv_norm_out\.|conv_out\.).*",
     "full": r".*",
