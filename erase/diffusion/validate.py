@@ -36,6 +36,8 @@ DEFAULT_TARGETS, ROBUST_TARGETS = "xattn", "attn"
 def default_targets(robust: bool, family=None) -> str:
     """``--targets`` when none is given (:data:`DEFAULT_TARGETS`, :data:`ROBUST_TARGETS`); ``family`` None: not known yet."""
     return ROBUST_TARGETS if robust and (family is None or family.denoiser != "transformer") else DEFAULT_TARGETS
+
+
 # Scissorhands on a diffusion UNet: trim 2 % of the cross-attention, forget term weight 0.3 (with the redirect term and the
 # distill retain term), chosen on the digits model's tuning digits seven and one (docs/DIGITS.md)
 SD_DEFAULTS = {"topk": 2.0, "lam": 0.3}
