@@ -283,3 +283,20 @@ def test_a_full_disk_is_found_before_any_work_and_a_failed_export_leaves_the_fol
     assert "No space left on device" in error_text(err) and "nothing was exported" in error_text(err)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_claim_in_progress_is_ours_to_the_other_processes_of_a_launch(tmp_path):
+    """Every process of a launch checks the output folder before the main one claims it; caught mid-claim (the lock,
+    then the marker under its temporary name) the folder is ours, while a stranger's file beside them still is not."""
+    from erase.utils.errors import UserError
+    from erase.utils.folders import LOCK_NAME, MARKER_NAME, check_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text('{"pid": 1}')
+    check_output_dir(out)
+    (out / f".{MARKER_NAME}.{os.getpid()}.tmp").write_text("{")
+    check_output_dir(out)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files this tool did not write"):
+        check_output_dir(out)

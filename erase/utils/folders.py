@@ -50,7 +50,10 @@ def is_ours(folder: Path) -> bool:
         except (OSError, ValueError):
             pass
     entries = [p for p in folder.iterdir()]
-    return bool(entries) and all(p.name == LOCK_NAME or is_our_checkpoint(p) for p in entries)
+    # what a claim in progress shows another process of the same launch (its preflight): the lock, then the marker
+    # being written under its temporary name
+    claiming = re.compile(rf"{re.escape(LOCK_NAME)}|\.{re.escape(MARKER_NAME)}\.\d+\.tmp")
+    return bool(entries) and all(claiming.fullmatch(p.name) or is_our_checkpoint(p) for p in entries)
 
 
 def is_our_checkpoint(path: Path) -> bool:
