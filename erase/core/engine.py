@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .checkpoints import OPTIMIZER_FILE, TARGETS_FILE, CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
+from .checkpoints import CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
 from .method import Method, RunContext
-from .sharding import all_reduce_grads, load_optimizer_tensors, optimizer_tensors, shard_frozen, sharding_of
+from .sharding import all_reduce_grads, load_sharded_state, save_sharded_state, shard_frozen, shards
 from .stream import EndlessStream
 from .targets import describe, select_parameters
 
@@ -132,7 +132,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         raise ValueError(f"method {method.name} is a closed-form edit with no repair steps; max_train_steps must be 0, "
                          f"got {config.max_train_steps}")
     acc = accelerator or make_accelerator(config)
-    sharded = sharding_of(acc) == "fsdp" and not method.closed_form  # a closed-form edit runs no backward: nothing to shard
+    sharded = shards(acc, method)
     if accelerator is not None:
         release(acc)  # a shared Accelerator may still hold an earlier caller's objects
     set_seed(config.seed)
@@ -317,23 +317,3 @@ def save_checkpoint(acc: Accelerator, method: Method, streams: dict[str, Endless
     acc.wait_for_everyone()
     return final
 
-
-def save_sharded_state(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """The trained tensors and the optimizer state of a sharded run (identical on every process: one writer)."""
-    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / TARGETS_FILE))
-    tensors, metadata = optimizer_tensors(optimizer)
-    save_file(tensors, str(folder / OPTIMIZER_FILE), metadata=metadata)
-
-
-def load_sharded_state(folder: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
-    """Put back what :func:`save_sharded_state` wrote (the optimizer moves its state to the parameters' device)."""
-    from safetensors import safe_open
-
-    saved = load_file(str(folder / TARGETS_FILE))
-    if set(saved) != set(params):
-        raise CheckpointError(f"{folder} holds other targeted tensors than this run ({len(saved)} vs {len(params)})")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n].to(p.device, p.dtype))
-    with safe_open(str(folder / OPTIMIZER_FILE), "pt", device="cpu") as f:
-        load_optimizer_tensors(optimizer, {k: f.get_tensor(k) for k in f.keys()}, f.metadata())

@@ -27,16 +27,16 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from accelerate.utils import parse_flag_from_env
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from .checkpoints import OPTIMIZER_FILE, TARGETS_FILE, CheckpointError
 
 
 class ShardingError(ValueError):
     """The launch shards parameters in a way the engine cannot run (DeepSpeed ZeRO, Megatron-LM), or an FSDP launch asks
     for something a sharded run does not support (fp16's loss scaler)."""
-
-
-def _flag(name: str, default: bool = False) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
 def _kind(accelerator) -> str:
@@ -53,13 +53,19 @@ def sharding_of(accelerator) -> str | None:
         raise ShardingError(f"the accelerate config shards parameters with {kind}, which this engine does not run; launch with "
                             "FSDP (docs/accelerate/fsdp_bf16.yaml: the untrained weights sharded, the targets whole) or with "
                             "--multi_gpu (one full copy per GPU); docs/FAMILIES.md, 'Scale', gives the memory per GPU")
-    wants = kind == "FSDP" or (_flag("ACCELERATE_USE_FSDP") and getattr(accelerator, "num_processes", 1) > 1)
+    wants = kind == "FSDP" or (parse_flag_from_env("ACCELERATE_USE_FSDP") and getattr(accelerator, "num_processes", 1) > 1)
     if not wants:
         return None
     if getattr(accelerator, "mixed_precision", "no") == "fp16":
         raise ShardingError("mixed precision 'fp16' is not supported with FSDP (its loss scaler would need the sharded "
                             "gradients); use --mixed_precision bf16 or no")
     return "fsdp"
+
+
+def shards(accelerator, method) -> bool:
+    """Whether a run of ``method`` under ``accelerator`` is sharded (:func:`sharding_of`; a closed-form edit runs no
+    backward, so each process edits the whole model)."""
+    return sharding_of(accelerator) == "fsdp" and not method.closed_form
 
 
 @dataclass
@@ -83,7 +89,7 @@ class ShardSettings:
             reshard = str(getattr(reshard, "name", reshard)).strip().upper() not in _KEEP_GATHERED
         offload = getattr(plugin, "cpu_offload", None)
         if offload is None:
-            offload = _flag("FSDP_OFFLOAD_PARAMS")
+            offload = parse_flag_from_env("FSDP_OFFLOAD_PARAMS")
         elif not isinstance(offload, bool):  # FSDP2's CPUOffloadPolicy / OffloadPolicy, FSDP1's CPUOffload(offload_params)
             from torch.distributed.fsdp import CPUOffloadPolicy
 
@@ -203,3 +209,22 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     for group in groups:  # JSON has no tuples: torch's optimizers keep their pairs (Adam's betas) as tuples
         group.update({k: tuple(v) for k, v in group.items() if k != "params" and isinstance(v, list)})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_sharded_state(folder, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """The trained tensors and the optimizer state of a sharded run (identical on every process: one writer)."""
+    save_file({n: p.detach().contiguous().cpu() for n, p in params.items()}, str(folder / TARGETS_FILE))
+    tensors, metadata = optimizer_tensors(optimizer)
+    save_file(tensors, str(folder / OPTIMIZER_FILE), metadata=metadata)
+
+
+def load_sharded_state(folder, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> None:
+    """Put back what :func:`save_sharded_state` wrote (the optimizer moves its state to the parameters' device)."""
+    saved = load_file(str(folder / TARGETS_FILE))
+    if set(saved) != set(params):
+        raise CheckpointError(f"{folder} holds other targeted tensors than this run ({len(saved)} vs {len(params)})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n].to(p.device, p.dtype))
+    with safe_open(str(folder / OPTIMIZER_FILE), "pt", device="cpu") as f:
+        load_optimizer_tensors(optimizer, {k: f.get_tensor(k) for k in f.keys()}, f.metadata())

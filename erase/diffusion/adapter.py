@@ -322,11 +322,11 @@ class FrozenBase(nn.Module):
     frozen base costs the targeted tensors only (on Flux-dev's text paths 0.7 of 12 B parameters) instead of a copy of the
     whole model; the computation is the same as on a copy (same weights, same code)."""
 
-    def __init__(self, denoiser: nn.Module, targeted: dict, device=None):
+    def __init__(self, denoiser: nn.Module, targeted: dict, device):
         super().__init__()
         self.denoiser = [denoiser]  # a list: not a submodule (its weights are the run's, never this module's state)
         # ``device``: where the run computes (a sharded run's denoiser is still on the CPU when this is taken)
-        self.base = {n: p.detach().to(device, copy=True) if device is not None else p.detach().clone() for n, p in targeted.items()}
+        self.base = {n: p.detach().to(device, copy=True) for n, p in targeted.items()}
 
     @property
     def config(self):

@@ -32,7 +32,7 @@ from erase.core.checkpoints import CheckpointError, read_state
 from erase.core.closed_form import ClosedFormError
 from erase.core.engine import make_accelerator, RunResult
 from erase.core.registry import get_method_class
-from erase.core.sharding import sharding_of
+from erase.core.sharding import sharding_of, shards
 from erase.diffusion import data as data_stage
 from erase.diffusion.adapter import build_adapter
 from erase.diffusion.conditioning import encode, prompt_tables
@@ -149,7 +149,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     engine = engine_config(config)
     accelerator = make_accelerator(engine)
     try:
-        sharded = sharding_of(accelerator) == "fsdp"  # before any image is drawn: DeepSpeed / Megatron are refused here
+        sharding_of(accelerator)  # before any image is drawn: DeepSpeed / Megatron and fp16 under FSDP are refused here
     except ShardingError as e:
         raise UserError(str(e)) from None
     if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes"):
@@ -180,7 +180,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     spec = export_spec(config)
     if accelerator.is_main_process:
         _check_room(out_dir, parts, spec, config.output.export_pipeline)
-    sharded = sharded and not method.closed_form  # a closed-form edit runs no backward: each process edits the whole model
+    sharded = shards(accelerator, method)
     # sharded: the denoiser stays on the CPU (in the weight dtype) until the engine shards it onto the devices, unless the
     # data stage draws images with it
     placement = place(parts, accelerator, data.resolution if data is not None else config.data.resolution, targeted,
