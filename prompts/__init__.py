@@ -14,7 +14,7 @@ A preset is one JSON file in ``prompts/presets/<name>.json``::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -76,6 +76,71 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {str(path)!r} holds no prompts (one per line expected)")
     return prompts
+
+
+def is_concept_file(name: str) -> bool:
+    """Whether a ``--concept`` entry names a concept file (``*.json``) rather than a preset or a free-form name."""
+    return name.strip().lower().endswith(".json")
+
+
+def check_concept_name(name) -> str:
+    """A concept name from a file: it names data folders (``data/concept-<j>-<name>``), so it must be a plain name."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"concept name {name!r} must be a non-empty string")
+    name = name.strip()
+    bad = next((ch for ch in name if ch in '/\\:*?"<>|,' or ord(ch) < 32), None)
+    if bad is not None or name.startswith(".") or len(name) > 100:
+        why = f"it holds {bad!r}" if bad is not None else "it starts with '.'" if name.startswith(".") else "it is over 100 characters"
+        raise ValueError(f"concept name {name!r} is not allowed ({why}); use letters, digits, spaces, '-', '_' or '.', "
+                         "at most 100 characters, no leading '.'")
+    return name
+
+
+def load_concept_file(path: str | Path) -> list[Concept]:
+    """Concepts from a JSON file: one preset object or a list of them, with the fields of ``prompts/presets/*.json``
+    (``name`` and ``forget_prompts`` required in a list; a single object's name defaults to the file's stem). Every
+    mistake raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the file, the entry and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"concept file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError:
+        raise ValueError(f"concept file {str(path)!r} is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"concept file {str(path)!r} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    single = isinstance(data, dict)
+    entries = [data] if single else data
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"concept file {str(path)!r} must hold one concept object or a non-empty list of them, "
+                         f"got {type(data).__name__}" + (" (empty)" if isinstance(data, list) else ""))
+    allowed = [f.name for f in fields(Concept)]
+    concepts = []
+    for i, entry in enumerate(entries):
+        where = f"concept file {str(path)!r}, entry {i}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} is a {type(entry).__name__}; each concept is an object with {', '.join(allowed)}")
+        unknown = sorted(set(entry) - set(allowed))
+        if unknown:
+            raise ValueError(f"{where} has an unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        entry = dict(entry)
+        if single:
+            entry.setdefault("name", path.stem)
+        if "name" not in entry:
+            raise ValueError(f"{where} has no 'name'")
+        try:
+            entry["name"] = check_concept_name(entry["name"])
+            for key in ("forget_prompts", "retain_prompts", "generation_prompts"):
+                value = entry.get(key, [])
+                if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+                    raise ValueError(f"{key!r} must be a list of strings")
+            for key in ("anchor_prompt", "description", "category"):
+                if not isinstance(entry.get(key, ""), str):
+                    raise ValueError(f"{key!r} must be a string")
+            concepts.append(Concept(**entry))
+        except ValueError as e:
+            raise ValueError(f"{where} ({entry.get('name')!r}): {e}") from None
+    return concepts
 
 
 def custom_concept(name: str, forget_prompts, anchor_prompt: str = "", retain_prompts=None) -> Concept:

@@ -89,6 +89,47 @@ def test_several_concepts_checks(tiny, capsys):
     assert len(cs.retain_prompts) == 7 * 6
 
 
+def test_concept_file_erases_free_form_concepts_together(tiny, tmp_path, capsys):
+    """--concept FILE.json: free-form concepts with their own prompts and anchors, mixed with presets; every mistake in
+    the file is one line naming the file, the entry and the field."""
+    import json
+
+    from erase.sd import parse_args
+
+    listed = tmp_path / "many.json"
+    listed.write_text(json.dumps([
+        {"name": "red star", "forget_prompts": ["a red star", "two red stars"], "anchor_prompt": "a red circle",
+         "retain_prompts": ["a blue star", "a red circle", "a red star on grey"]},
+        {"name": "teal", "forget_prompts": ["a teal moon"], "anchor_prompt": "a green moon", "retain_prompts": ["a blue moon"]}]))
+    cs = parse_args(["--pretrained_model_name_or_path", tiny, "--concept", f"{listed},three"]).concept_set
+    assert [c.name for c in cs.concepts] == ["red star", "teal", "three"]
+    assert cs.concepts[0].forget_prompts == ["a red star", "two red stars"] and cs.concepts[1].anchor_prompt == "a green moon"
+    assert "a blue star" in cs.retain_prompts and "a red star on grey" in cs.retain_prompts  # kept: not a forget prompt
+    assert not {"a red star", "two red stars", "a teal moon"} & set(cs.retain_prompts)
+
+    one = tmp_path / "cube.json"  # one object: its name defaults to the file's stem; --forget_prompts still overrides
+    one.write_text(json.dumps({"forget_prompts": ["a cube"], "anchor_prompt": "a ball"}))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a glowing cube\n")
+    args = parse_args(["--pretrained_model_name_or_path", tiny, "--concept", str(one), "--forget_prompts", str(prompts)])
+    assert [(c.name, c.forget_prompts, c.anchor_prompt) for c in args.concept_set.concepts] == [("cube", ["a glowing cube"], "a ball")]
+
+    base = ["--pretrained_model_name_or_path", tiny, "--concept"]
+    bad = tmp_path / "bad.json"
+    for content, expect in [("[{", "not valid JSON"), ("[]", "non-empty list"), ('"x"', "one concept object"),
+                            ('[{"name": "a", "forget_prompts": ["x"], "colour": 1}]', "unknown field 'colour'"),
+                            ('[{"forget_prompts": ["x"]}]', "entry 0 has no 'name'"),
+                            ('[{"name": "../up", "forget_prompts": ["x"]}]', "'../up' is not allowed"),
+                            ('[{"name": "a", "forget_prompts": "x"}]', "'forget_prompts' must be a list of strings"),
+                            ('[{"name": "a", "forget_prompts": []}]', "has no forget prompts"),
+                            ('[{"name": "a", "forget_prompts": ["x"]}, {"name": "a", "forget_prompts": ["y"]}]', "listed twice")]:
+        bad.write_text(content)
+        line = fails(base + [str(bad)], capsys)
+        assert expect in line and "\n" not in line.strip(), (content, line)
+    assert "does not exist" in fails(base + [str(tmp_path / "nope.json")], capsys)
+    assert "--forget_prompts applies to one concept" in fails(base + [str(listed), "--forget_prompts", str(prompts)], capsys)
+
+
 def test_default_forget_term_is_never_unbounded_ascent(tiny, tmp_path):
     """Scissorhands redirects when the concept has an anchor; without one (and for ga) the ascent is bounded."""
     from erase.sd import DEFAULT_FORGET_BOUND, parse_args

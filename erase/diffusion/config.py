@@ -50,8 +50,9 @@ class ConceptConfig:
     """What is erased and what is kept."""
 
     concept: str | None = field(default=None, metadata=_help(
-        "A preset name (see --list_concepts) or a free-form name used with --forget_prompts; several presets at once as a "
-        "comma-separated list (--concept three,five,eight), each with its own prompts and anchor."))
+        "A preset name (see --list_concepts), a free-form name used with --forget_prompts, or a concept file NAME.json (one "
+        "preset-style object or a list of them: name, forget_prompts, anchor_prompt, retain_prompts, ...); several at once as "
+        "a comma-separated list (--concept three,five,eight or --concept my_fifty.json), each with its own prompts and anchor."))
     forget_prompts: str | None = field(default=None, metadata=_help(
         "File with one forget prompt per line (free-form concept, or overrides a preset's)."))
     anchor_prompt: str | None = field(default=None, metadata=_help("Prompt the concept is redirected to (overrides the preset's)."))

@@ -20,7 +20,8 @@ from erase.core.registry import get_method_class
 from erase.diffusion.adapter import RETAIN_MODES  # noqa: F401  (re-exported for the config)
 from erase.utils.checks import check_int, check_numbers
 from erase.utils.errors import UserError
-from prompts import ConceptSet, concept_set, custom_concept, list_concepts, load_concept, read_prompt_file
+from prompts import (ConceptSet, concept_set, custom_concept, is_concept_file, list_concepts, load_concept, load_concept_file,
+                     read_prompt_file)
 
 #: repair steps of a trained method when --max_train_steps is not given (a closed-form method takes 0)
 DEFAULT_REPAIR_STEPS = 100
@@ -136,21 +137,25 @@ def _concepts(config) -> ConceptSet:
     if any(not n for n in names):
         raise UserError(f"--concept {c.concept!r} has an empty name in its comma-separated list")
     try:
-        concepts = []
+        concepts, from_prompt_file = [], False
         for name in names:
             if name in list_concepts():
                 concepts.append(load_concept(name))
+            elif is_concept_file(name):
+                concepts += load_concept_file(name)
             elif len(names) > 1:
-                raise UserError(f"unknown concept {name!r} in --concept {c.concept!r}; several concepts must each be a preset: "
-                                f"{', '.join(list_concepts())}")
+                raise UserError(f"unknown concept {name!r} in --concept {c.concept!r}; several concepts must each be a preset "
+                                f"({', '.join(list_concepts())}) or a concept file (*.json)")
             elif c.forget_prompts:
                 concepts.append(custom_concept(name, read_prompt_file(c.forget_prompts)))
+                from_prompt_file = True
             else:
                 raise UserError(f"unknown concept {name!r}; presets: {', '.join(list_concepts())} (or give --forget_prompts FILE for a "
-                                "free-form concept)")
+                                "free-form concept, or a concept file NAME.json)")
         if c.forget_prompts and len(concepts) > 1:
-            raise UserError("--forget_prompts applies to one concept; with several concepts each preset's own prompts are used")
-        if c.forget_prompts and concepts[0].name in list_concepts():
+            raise UserError("--forget_prompts applies to one concept; with several concepts each one's own prompts are used "
+                            "(put them in a concept file)")
+        if c.forget_prompts and not from_prompt_file:
             concepts[0].forget_prompts = read_prompt_file(c.forget_prompts)
         if c.anchor_prompt is not None:
             for k in concepts:
@@ -161,8 +166,8 @@ def _concepts(config) -> ConceptSet:
         found = concept_set(concepts, retain)
     except UserError:
         raise
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        raise UserError(str(e).strip("'\"")) from None
+    except (FileNotFoundError, ValueError, KeyError) as e:  # a KeyError's text is its message, not its repr
+        raise UserError(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)) from None
     if not found.retain_prompts:
         raise UserError(f"no retain prompts are left for --concept {c.concept!r} (give --retain_prompts FILE)")
     return found
