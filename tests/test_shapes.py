@@ -166,6 +166,35 @@ def test_concept_names_are_checked():
             parse_concepts(bad)
 
 
+def test_many_concepts_are_a_fixed_mix_that_leaves_every_audit_group_possible():
+    """many:N: the same draw every time, nested (many:10 is the start of many:24), kinds in proportion; 24 (the most
+    the world holds while two-object prompts stay possible) builds every erasure input and audit group, and no retain or
+    forget prompt names another erased concept."""
+    from eval.shapes import concepts, world
+
+    ten, most = concepts.mixed_concepts(10), concepts.mixed_concepts(24)
+    assert ten == concepts.mixed_concepts(10) and most[:10] == ten and len(set(most)) == 24
+    kinds = [world.concept_kind(c) for c in ten]
+    assert (kinds.count("shape"), kinds.count("colour"), kinds.count("texture")) == (5, 4, 1)
+    world.parse_concepts(",".join(most))  # a legal set
+    with pytest.raises(ValueError, match="between 1 and 24"):
+        concepts.mixed_concepts(25)
+    def said(prompt, c):  # as an object's value: "on a black background" names the background, kept on purpose
+        words = prompt.split(" on a ")[0].split()
+        return c in words or world.PLURALS.get(c) in words
+
+    entries, retain = concepts.presets(most), concepts.retain_prompts(most)
+    assert retain and not any(said(p, c) for p in retain for c in most)
+    for e in entries:
+        assert e["forget_prompts"] and not any(said(p, c) for p in e["forget_prompts"] for c in most if c != e["name"])
+        assert not any(said(e["anchor_prompt"], c) for c in most)
+    items = concepts.audit_items(most, 2)
+    assert {it.group for it in items} == set(concepts.GROUPS)
+    for it in items:
+        if it.group in ("retain", "retain_heldout", "composition", "neighbour"):
+            assert not any(said(it.prompt, c) for c in most), it
+
+
 # ----------------------------------------------------------------------------------------------- model and retrain
 def test_tiny_model_is_a_loadable_sd_pipeline_over_clips_vocabulary(tiny_model):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -284,7 +313,9 @@ def test_score_writes_every_column_and_setting(tiny_model, tiny_judges, tmp_path
     (["score", "--concept", "star", "--guidance", "nan", "--output_dir", "o"], "--guidance nan is not a finite number"),
     (["score", "--concept", "star", "--seeds", "a", "--output_dir", "o"], "--seeds must be comma-separated integers"),
     (["retrain", "--concepts", "star,star"], "names a concept twice"),
-    (["bench", "--concept", "star,red", "--output_dir", "o"], "erases one concept"),
+    (["quickstart", "--concept", "star,red", "--output_dir", "o"], "quickstart erases one concept"),
+    (["bench", "--concept", "many:25", "--output_dir", "o"], "between 1 and 24 concepts"),
+    (["bench", "--concept", "many:ten", "--output_dir", "o"], "many:N takes a whole number"),
     (["train", "--resolution", "20"], "resolution must be a multiple of 8"),
     (["train", "--lr", "-1"], "--lr -1 is outside the allowed range"),
     (["score", "--concept", "star", "--model", "/nonexistent/x", "--output_dir", "o"], "model folder not found"),
@@ -349,7 +380,8 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
     run = r["runs"]["scissorhands"][0]
     assert run["seed"] == 0 and run["erase_seconds"] > 0 and run["peak_rss_mb"] > 50
     assert 0 < run["method_seconds"] < run["erase_seconds"]  # the method's own part, without start-up and data
-    assert "--forget_prompts" in run["command"] and "--anchor_prompt" in run["command"] and "a heart" in run["command"]
+    concept_file = str((out / "concept" / "concepts.json").absolute())
+    assert run["command"][run["command"].index("--concept") + 1] == concept_file and "--forget_prompts" not in run["command"]
     for col in ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc", "retain_fd", "erase_seconds",
                 "method_seconds"):
         assert r["methods"]["scissorhands"][col] == {"mean": run[col], "std": 0.0, "n": 1}, col
@@ -366,8 +398,11 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
 
     cfg = read_record(out / "runs" / "scissorhands-seed0")  # with the local record's paths
     assert cfg["method"] == "scissorhands" and cfg["pretrained_model_name_or_path"] == str(tiny_model.absolute())
-    forget = (out / "concept" / "forget.txt").read_text().splitlines()
+    (entry,) = json.loads((out / "concept" / "concepts.json").read_text())
+    forget = entry["forget_prompts"]
+    assert entry["name"] == "star" and entry["anchor_prompt"] == "a heart" and cfg["concepts"][0]["anchor_prompt"] == "a heart"
     assert len(forget) == 24 and all("star" in p.split() or "stars" in p.split() for p in forget)
+    assert cfg["concepts"][0]["forget_prompts"] == forget and cfg["retain_prompts"] == (out / "concept" / "retain.txt").read_text().split("\n")[:-1]
     scored = json.loads((out / "scores" / "scissorhands-seed0" / "summary.json").read_text())
     assert scored["settings"]["erased"] is True and scored["forget_acc"] == run["forget_acc"]
     md = (out / "results.md").read_text()
@@ -378,3 +413,28 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
     with Image.open(out / "grid_base.png") as im:  # the forget row is marked red, a kept row is not
         assert im.convert("RGB").getpixel((2, 2)) == (150, 20, 20)
         assert im.convert("RGB").getpixel((2, im.size[1] - 2)) == (60, 60, 60)
+
+
+def test_bench_erases_several_concepts_in_one_run(tiny_model, tiny_judges, tmp_path, monkeypatch):
+    """bench --concept a,b: one erasure of both through a concept file (each its own prompts and anchor), one audit of
+    both, the worst concept's forget figure and the method's seconds per concept, the every-concept target."""
+    import eval.shapes.judges
+    from eval.shapes.__main__ import main
+
+    monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--concept", "star,red", "--model", str(tiny_model), "--output_dir", "two", "--methods",
+                 "scissorhands", "--seeds", "0", "--no_retrain", "--max_train_steps", "1", "--num_images", "1", "--steps", "2",
+                 "--num_forget_images", "1", "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python"]) == 0
+    out = tmp_path / "two"
+    r = json.loads((out / "results.json").read_text())
+    run = r["runs"]["scissorhands"][0]
+    assert r["concepts"] == ["star", "red"] and r["kind"] == "mixed" and r["concept"] == "star,red"
+    cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
+    assert [(c["name"], c["anchor_prompt"]) for c in cfg["concepts"]] == [("star", "a heart"), ("red", "a yellow circle")]
+    assert run["seconds_per_concept"] == pytest.approx(run["method_seconds"] / 2)
+    scored = json.loads((out / "scores" / "scissorhands-seed0" / "summary.json").read_text())
+    assert scored["concepts"] == ["star", "red"] and set(scored["forget_acc_per_concept"]) == {"star", "red"}
+    assert run["forget_worst_acc"] == max(scored["forget_acc_per_concept"].values())
+    assert any(t["target"] == "every concept's forget_acc <= 2%" for t in r["targets"])
+    assert "# Erasing 2 concepts at once (star,red)" in (out / "results.md").read_text()

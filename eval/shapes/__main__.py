@@ -42,6 +42,18 @@ def _audit_args(p, score_defaults) -> None:
     p.add_argument("--guidance", type=float, default=score_defaults["guidance"], help="classifier-free guidance")
 
 
+def read_concepts(text: str, flag: str = "--concept") -> list[str]:
+    """A comma-separated list of concepts, or ``many:N`` (:func:`eval.shapes.concepts.mixed_concepts`); ValueError if bad."""
+    from eval.shapes.concepts import mixed_concepts
+
+    if str(text).strip().lower().startswith("many:"):
+        count = str(text).strip()[5:]
+        if not count.isdigit():
+            raise ValueError(f"{flag} {text!r}: many:N takes a whole number of concepts, e.g. many:10")
+        return parse_concepts(",".join(mixed_concepts(int(count))), flag)
+    return parse_concepts(text, flag)
+
+
 @cli_errors
 def parse_args(input_args=None):
     from eval.shapes.score import SCORE_DEFAULTS
@@ -79,7 +91,9 @@ def parse_args(input_args=None):
             ("quickstart", "the whole loop offline: train if absent, erase star with Scissorhands, audit before and "
                            "after, table, chart and grids", "scissorhands", "0", "shapes-quickstart")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("--concept", required=name == "bench", default="star", help="the concept to erase (a shape, colour or texture)")
+        p.add_argument("--concept", required=name == "bench", default="star", help="the concept to erase (a shape, colour or "
+                       "texture)" + ("; several comma-separated, or many:N (N concepts mixed over the kinds, at most 24), "
+                                     "are erased together in one run" if name == "bench" else ""))
         p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods")
         p.add_argument("--seeds", default=seeds, help="comma-separated erasure seeds")
         p.add_argument("--output_dir", required=out is None, default=out, help="folder for results.json, results.md, "
@@ -106,19 +120,18 @@ def parse_args(input_args=None):
 
     if args.command == "retrain":
         try:
-            args.concepts = parse_concepts(args.concepts, "--concepts")
+            args.concepts = read_concepts(args.concepts, "--concepts")
         except ValueError as e:
             raise UserError(str(e)) from None
         if args.seed is not None:
             check_int("--seed", args.seed, 0, 2**32 - 1)
     if args.command in ("score", "bench", "quickstart"):
         try:
-            args.concepts = parse_concepts(args.concept)
+            args.concepts = read_concepts(args.concept)
         except ValueError as e:
             raise UserError(str(e)) from None
-        if args.command != "score" and len(args.concepts) > 1:
-            raise UserError(f"--concept {args.concept!r}: {args.command} erases one concept (erase/sd.py takes one "
-                            "free-form concept); score audits several")
+        if args.command == "quickstart" and len(args.concepts) > 1:
+            raise UserError(f"--concept {args.concept!r}: quickstart erases one concept; bench erases several at once")
         try:
             args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
         except ValueError:

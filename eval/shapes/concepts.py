@@ -29,6 +29,7 @@ AUDIT_SEED_OFFSET = 10**8  # audit image seeds: erase/sd.py's data seeds are see
 GROUPS = ("forget", "forget_heldout", "neighbour", "cooccur", "composition", "retain", "retain_heldout")
 NUM_FORGET_PROMPTS = 24
 NUM_RETAIN_PROMPTS = 80
+MAX_DRAWS = 500  # draws for one distinct forget prompt before the concept is taken to have no more
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,8 @@ def forget_items(concept: str, avoid=()) -> list[Item]:
         plan.append((single_item, True) if kind == "colour" else
                     (count_item, False) if kind == "shape" and len(plan) % 2 else (single_item, False))
     items: dict[str, Item] = {}
-    for maker, coloured in plan:  # distinct prompts (a repeat is drawn again)
-        while True:
+    for maker, coloured in plan:  # distinct prompts (a repeat is drawn again; with many concepts erased together
+        for _ in range(MAX_DRAWS):  # the world may hold fewer than 24 prompts of this one: then fewer are kept)
             it = maker(rng, "forget", "train", concept, others, colour_named=coloured)
             if it.prompt not in items:
                 items[it.prompt] = it
@@ -133,19 +134,20 @@ def forget_items(concept: str, avoid=()) -> list[Item]:
 def anchor_prompt(concept: str, avoid=()) -> str:
     """Where an erased concept's prompts are redirected: a one-object prompt of another value of its kind that is
     not a look-alike ("star" -> "a circle", "red" -> "a yellow circle"); a texture goes to a plain solid circle.
-    A prompt without the concept's kind ("a circle" for "red") would still draw it in 1 of 11 images."""
+    A prompt without the concept's kind ("a circle" for "red") would still draw it in 1 of 11 images. ``avoid``:
+    the other erased concepts (never an anchor); when they leave no value that is not a look-alike, a look-alike
+    that is not erased is taken."""
     avoid = set(avoid) | {concept}
     kind = world.concept_kind(concept)
     values = world.KINDS[kind]
     start = values.index(concept)
-    ordered = values[start + 1:] + values[:start]
-    anchor = next(v for v in ordered if v not in avoid and v not in world.NEIGHBOURS.get(concept, ())
-                  and concept not in world.NEIGHBOURS.get(v, ()) and v != "solid")
+    ordered = [v for v in values[start + 1:] + values[:start] if v not in avoid and v != "solid"]
+    far = [v for v in ordered if v not in world.NEIGHBOURS.get(concept, ()) and concept not in world.NEIGHBOURS.get(v, ())]
     shape = next(s for s in world.SHAPES if s not in avoid)
     if kind == "shape":
-        return Obj(anchor, "").phrase(colour=False)
+        return Obj((far or ordered)[0], "").phrase(colour=False)
     if kind == "colour":
-        return Obj(shape, anchor).phrase()
+        return Obj(shape, (far or ordered)[0]).phrase()
     return Obj(shape, "").phrase(colour=False)
 
 
@@ -159,20 +161,50 @@ def retain_prompts(concepts) -> list[str]:
     return list(dict.fromkeys(it.prompt for it in items))
 
 
+def presets(concepts) -> list[dict]:
+    """The erasure inputs of concepts erased together, in ``prompts`` preset form (name, forget / generation prompts,
+    anchor; no retain prompts: those are :func:`retain_prompts` of them all), as ``bench`` writes them into the
+    concept file it hands to ``erase/sd.py --concept FILE.json``. No concept's prompts or anchor name another."""
+    concepts = list(concepts)
+    out = []
+    for c in concepts:
+        forget = [it.prompt for it in forget_items(c, concepts)]
+        held = [it.prompt for it in audit_items([c], 4) if it.group == "forget_heldout"]
+        out.append({
+            "name": c, "category": f"shapes-{world.concept_kind(c)}",
+            "description": (f"The {world.concept_kind(c)} {c} of the shapes world (python -m eval.shapes). forget_prompts "
+                            f"are training phrasings; held-out phrasings such as {held[:2]} are never used in training or "
+                            f"erasure and are audited by `score`."),
+            "forget_prompts": forget, "generation_prompts": forget, "anchor_prompt": anchor_prompt(c, concepts)})
+    return out
+
+
 def preset(concept: str) -> dict:
-    """The erasure inputs of one concept in ``prompts`` preset form (name, forget / generation / retain prompts,
-    anchor), as ``bench`` hands them to ``erase/sd.py`` (``--forget_prompts``, ``--anchor_prompt``,
-    ``--retain_prompts``)."""
-    forget = [it.prompt for it in forget_items(concept)]
-    held = [it.prompt for it in audit_items([concept], 4) if it.group == "forget_heldout"]
-    return {
-        "name": concept, "category": f"shapes-{world.concept_kind(concept)}",
-        "description": (f"The {world.concept_kind(concept)} {concept} of the shapes world (python -m eval.shapes). "
-                        f"forget_prompts are training phrasings; held-out phrasings such as {held[:2]} are never used "
-                        f"in training or erasure and are audited by `score`."),
-        "forget_prompts": forget, "generation_prompts": forget, "anchor_prompt": anchor_prompt(concept),
-        "retain_prompts": retain_prompts([concept]),
-    }
+    """One concept's erasure inputs with its retain prompts: a complete ``prompts/presets`` entry."""
+    return {**presets([concept])[0], "retain_prompts": retain_prompts([concept])}
+
+
+def mixed_concepts(n: int) -> list[str]:
+    """``n`` concepts for a many-concept run (``--concept many:N``): shapes, colours and textures in proportion to how
+    many each kind has (solid never), each kind in a fixed shuffled order (seeded by the kind's name), so ``many:10``
+    is always the same ten and is part of ``many:24``. Two shapes and two colours are kept (a two-object prompt names
+    two of each) and one texture besides solid (:func:`eval.shapes.world.parse_concepts`): at most 24 of the world's
+    29 erasable values."""
+    erasable = {k: [v for v in vs if v != "solid"] for k, vs in world.KINDS.items()}
+    room = {"shape": len(erasable["shape"]) - 2, "colour": len(erasable["colour"]) - 2, "texture": len(erasable["texture"]) - 1}
+    if not 1 <= n <= sum(room.values()):
+        raise ValueError(f"many:{n}: between 1 and {sum(room.values())} concepts can be erased at once "
+                         "(two shapes, two colours and one texture besides solid are kept)")
+    order = {k: [vs[i] for i in _rng("many", k).permutation(len(vs))] for k, vs in erasable.items()}
+    total = sum(len(vs) for vs in erasable.values())
+    taken = {k: 0 for k in erasable}
+    picked = []
+    for _ in range(n):  # the kind furthest below its share of the picks so far takes the next one
+        kind = max((k for k in erasable if taken[k] < room[k]),
+                   key=lambda k: ((len(picked) + 1) * len(erasable[k]) / total - taken[k], -list(erasable).index(k)))
+        picked.append(order[kind][taken[kind]])
+        taken[kind] += 1
+    return picked
 
 
 # ----------------------------------------------------------------------------------------------- audit
@@ -199,12 +231,27 @@ def audit_items(concepts, num_images: int) -> list[Item]:
     rng = _rng("composition", key)
     items += [(pair_item if i % 2 == 0 else count_item)(rng, "composition", "train", None, concepts)
               for i in range(num_images)]
-    avoid = concepts + [v for v in neighbours if v != "solid"]
+    avoid = retain_avoid(concepts, neighbours)
     rng = _rng("retain", key)
     items += [single_item(rng, "retain", "train", None, avoid) for _ in range(3 * num_images)]
     rng = _rng("retain_heldout", key)
     items += [single_item(rng, "retain_heldout", "heldout", None, avoid) for _ in range(num_images)]
     return items
+
+
+def retain_avoid(concepts, neighbours) -> list[str]:
+    """What retain prompts leave out: the erased concepts and their look-alikes (those have their own group), except the
+    look-alikes of a kind whose every other value is erased (with many concepts erased at once); colours must leave
+    one visible on every background."""
+    avoid = list(concepts)
+    for kind, values in world.KINDS.items():
+        near = [v for v in neighbours if v != "solid" and world.concept_kind(v) == kind]
+        left = [v for v in values if v not in avoid + near]
+        if kind == "colour":
+            left = [v for v in left if not any(v in hidden for hidden in world.HIDDEN_ON.values())]
+        if left:
+            avoid += near
+    return avoid
 
 
 def item_seed(group: str, position: int, seed: int) -> int:
