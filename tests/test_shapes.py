@@ -361,6 +361,31 @@ def test_table_prints_a_measured_zero_and_says_when_a_target_cannot_be_measured(
     assert targets(r)[0]["met"] is None
 
 
+def test_shapes_tuning_rule_admits_then_ranks_by_the_mean_drop_then_fd():
+    """benchmarks/shapes_tune.py's fixed rule: forget / held-out forget <= 2 % on each concept the base draws, FD <= 1.15x
+    on each; then the lowest mean of the three drops; within 1 point the lowest FD ratio, then grid order."""
+    from benchmarks.shapes_tune import choose
+
+    bases = {c: {"forget_acc": f, "neighbour_acc": 0.5, "cooccur_acc": 0.4, "composition_acc": 0.3, "retain_acc": 0.6,
+                 "retain_fd": fd} for c, f, fd in (("star", 0.6, 100.0), ("red", 0.01, 200.0))}  # red: the base hardly draws it
+
+    def runs(point, kept, fd_ratio, forget=0.0):
+        return [{"point": point, "concept": c, "seed": s, "forget_acc": forget, "forget_heldout_acc": forget,
+                 "neighbour_acc": kept, "cooccur_acc": kept - 0.1, "composition_acc": kept - 0.2, "retain_acc": kept,
+                 "retain_fd": fd_ratio * bases[c]["retain_fd"]} for c in ("star", "red") for s in (0, 1)]
+
+    points = ["a", "b", "c", "d", "e"]
+    all_runs = (runs("a", 0.45, 1.10) + runs("b", 0.441, 1.02)  # b is 0.9 points behind a: tied, lower FD wins
+                + runs("c", 0.50, 1.0, forget=0.05)  # no drop at all, but does not forget
+                + runs("d", 0.50, 1.20)  # no drop, FD past 1.15x
+                + runs("e", 0.40, 1.0))  # admissible, 5 points behind a
+    agg, chosen = choose(points, all_runs, bases)
+    assert chosen == "b" and [agg[p]["admissible"] for p in points] == [True, True, False, False, True]
+    assert agg["a"]["mean_drop"] == pytest.approx(5.0) and agg["a"]["per_concept"]["star"]["fd_ratio"] == pytest.approx(1.1)
+    assert agg["c"]["per_concept"]["red"]["forget_measurable"] is False  # red's forget is not judged; star's is
+    assert choose(["c", "d"], runs("c", 0.5, 1.0, forget=0.05) + runs("d", 0.5, 1.2), bases)[1] is None
+
+
 def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_path, monkeypatch):
     """The quick start, reduced, with the retrain row: erase/sd.py runs through its command line on the shapes model,
     every row is audited, results.json has the digits bench's schema, the chart and the marked grids are drawn."""
