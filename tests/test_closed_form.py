@@ -267,3 +267,35 @@ def test_speeds_augmentation_direction_is_the_least_right_singular_vector(shape)
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0]), dtype=torch.float64)
     v, ref = least_right_singular_vector(w), torch.linalg.svd(w, full_matrices=False).Vh[-1:]
     assert v.shape == (1, shape[1]) and float((v @ ref.T).abs()) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux_dev"])
+def test_null_space_repair_keeps_the_preserved_prompts_inputs_to_text_layers(bases, family, tmp_path):
+    """Scissorhands --null_space: the trim and every repair step (Adam's) change the text-input layers only off the span
+    of the preserved prompts' inputs, so W x is the base's for every preserved x, while the layers still change; the
+    projection's guarantee holds as before. Without it the same run moves W x there."""
+    from erase.core.closed_form import positions
+
+    part, base = DENOISER[family], bases[family]
+    common = ["--pretrained_model_name_or_path", base, "--concept", "three", "--max_train_steps", 3, "--num_forget_images", 2,
+              "--num_retain_images", 2, "--num_inference_steps", 2, "--train_batch_size", 1, "--topk", 20,
+              "--export_dtype", "fp32"]
+    run(common + ["--null_space", "--output_dir", tmp_path / "null"])
+    run(common + ["--output_dir", tmp_path / "plain"])
+    text_view, _, _ = view(base, "three", "scissorhands", tmp_path)
+    f = text_view.features("preserve", "tokens")
+    x = torch.cat([f.values[i, positions(f, i, "every")] for i in range(len(f))]).double()
+    evals, evecs = torch.linalg.eigh(x.T @ x / x.shape[0])
+    span = evecs[:, evals >= 0.01 * evals.max()]
+    assert 0 < span.shape[1] < span.shape[0]
+    before, null, plain = state(base, part), state(tmp_path / "null", part), state(tmp_path / "plain", part)
+    layers = [n for n in before if re.fullmatch(r".*\.attn2\.to_[kv]\.weight|context_embedder\.weight", n)]
+    assert layers
+    for n in layers:
+        moved, moved_plain = (null[n] - before[n]).double(), (plain[n] - before[n]).double()
+        assert moved.norm() > 0 and (moved @ span).norm() <= 1e-5 * moved.norm(), n
+        assert (moved_plain @ span).norm() > 0.1 * moved_plain.norm(), n
+    cfg = json.loads((tmp_path / "null" / "erase_config.json").read_text())
+    assert cfg["method_config"]["null_space"] is True
+    assert set(cfg["prepare"]["null_space"]["layers"]) == {n.rsplit(".", 1)[0] for n in layers}
+    assert cfg["repair"]["update_violated_after"] == 0 and cfg["repair"]["update_checked"] == 3

@@ -82,7 +82,7 @@ OPTION_RANGES: dict[str, Range] = {
     "topk": PERCENT, "mask_ratio": PERCENT, "lam": NON_NEGATIVE, "margin": NON_NEGATIVE, "forget_bound": POSITIVE,
     "alpha": NON_NEGATIVE, "negative_guidance": NON_NEGATIVE, "distill_empty_fraction": UNIT, "relearn_lr": POSITIVE, "inversion_lr": POSITIVE, "robust_lr": POSITIVE,
     "lamb": POSITIVE, "erase_scale": NON_NEGATIVE, "preserve_scale": NON_NEGATIVE, "null_threshold": POSITIVE, "retain_scale": POSITIVE,
-    "invariance_lamb": NON_NEGATIVE,
+    "invariance_lamb": NON_NEGATIVE, "null_space_threshold": Range(0, 1, lo_open=True, hi_open=True),
     # sampling and audits
     "guidance": NON_NEGATIVE, "guidance_scale": NON_NEGATIVE, "esd_start_guidance": NON_NEGATIVE, "threshold": UNIT,
     # data and models

@@ -20,6 +20,7 @@ from accelerate.logging import get_logger
 
 from ..method import Method
 from ..norms import frozen_norm_stats
+from ..nullspace import NullSpace
 from ..inner import add_and_measure_, inner_products
 from ..projection import dual_coefficients, project_
 from ..registry import register_method
@@ -55,6 +56,8 @@ class ScissorhandsConfig:
     num_memories: int = field(default=1, metadata={"help": "Forget memory batches, one constraint each."})
     forget_steps: str = field(default="every", metadata={"help": "every: forget term and projection on each step; first_per_epoch: only on the steps holding the first ⌈|D_f|/batch⌉ retain micro-batches of each retain epoch (reference).", "choices": ("every", "first_per_epoch")})
     ablation: str = field(default="none", metadata={"help": "Drop one part to measure what it contributes.", "choices": ABLATIONS})
+    null_space: bool = field(default=False, metadata={"help": "Null-space repair: the trim and every step change the text-input layers (cross-attention keys / values, MMDiT text embedders) only off the span of the preserved prompts' inputs, so those prompts' keys and values stay the base's (erase/core/nullspace.py)."})
+    null_space_threshold: float = field(default=0.01, metadata={"help": "With --null_space: input directions whose second-moment eigenvalue is at least this share of the largest are preserved."})
 
     def __post_init__(self):
         check_k(self.topk)
@@ -68,6 +71,8 @@ class ScissorhandsConfig:
             raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
         if self.memory_refresh < 1 or self.num_memories < 1 or self.saliency_batches < 1:
             raise ValueError("memory_refresh, num_memories and saliency_batches must be >= 1")
+        if not 0.0 < self.null_space_threshold < 1.0:
+            raise ValueError(f"null_space_threshold must lie in (0, 1), got {self.null_space_threshold}")
 
 
 @register_method
@@ -81,15 +86,26 @@ class Scissorhands(Method):
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self._pending: _Pending | None = None  # what after_step needs to check the applied step
         self._unchecked = False  # memories refreshed and not yet checked for non-finite entries
+        self.null: NullSpace | None = None  # --null_space: built in prepare, or on the first step of a resumed run
+
+    def _null(self, ctx) -> NullSpace | None:
+        if self.config.null_space and self.null is None:
+            self.null = NullSpace.build(ctx.adapter, ctx.params, self.config.null_space_threshold)
+        return self.null
 
     # -- trim ---------------------------------------------------------------------------------------------
     def prepare(self, ctx) -> dict:
         c = self.config
         info = {"config": asdict(c)}
+        null = self._null(ctx)
+        if null is not None:
+            info["null_space"] = null.info
         if c.ablation == "no_trim":
             info["trim"] = {"skipped": "ablation no_trim"}
             return info
         params = ctx.params
+        if null is not None:
+            null.remember(list(params.values()))
         with ctx.accelerator.autocast():
             scores = saliency_scores(lambda b: ctx.adapter.forget_loss(ctx.model, b), ctx.saliency, params,
                                      num_batches=c.saliency_batches, kind="snip", backward=ctx.accelerator.backward,
@@ -105,6 +121,8 @@ class Scissorhands(Method):
         stats = trim_(params, ((n, m) for n, m in masks if n in resettable), init=c.init, seed=ctx.config.seed,
                       kinds=module_kinds(ctx.model), fan_ins=bias_fan_ins(ctx.model))
         info["trim"] = {"summary": summarize(stats), "selection": selection, "per_tensor": stats}
+        if null is not None:  # the re-initialised entries act only off the preserved span
+            null.restore_(list(params.values()))
         return info
 
     # -- repair -------------------------------------------------------------------------------------------
@@ -144,6 +162,8 @@ class Scissorhands(Method):
                 ctx.backward(loss)
                 memories.append([(p.grad.detach().clone() if copy else p.grad.detach()) if p.grad is not None else torch.zeros_like(p)
                                  for p in ctx.params.values()])
+                if self._null(ctx) is not None:  # corrections made of memories then stay off the preserved span
+                    self.null.project_(memories[-1])
                 ctx.zero_grad()
         self.memories = memories
         self._unchecked = True  # after_backward drops those that are not finite (from the norms it computes anyway)
@@ -163,6 +183,10 @@ class Scissorhands(Method):
 
     def after_backward(self, ctx, model, step: int) -> dict:
         self._pending = None
+        null = self._null(ctx)
+        if null is not None:  # the step's gradient off the preserved span; after_step projects the applied step too
+            null.project_([p.grad for p in ctx.params.values()])
+            null.remember(list(ctx.params.values()))
         if not self._projecting(ctx, step) or not self.memories:
             return {}
         params = list(ctx.params.values())
@@ -214,6 +238,8 @@ class Scissorhands(Method):
         correction) and copies nothing.
         """
         pending, self._pending = self._pending, None
+        if self.null is not None and self.config.null_space:  # Adam's step moved the weights on the span too: undo that part
+            self.null.restore_(list(ctx.params.values()))
         if pending is None:
             return {}
         params = list(ctx.params.values())
