@@ -378,6 +378,23 @@ def test_tuning_rule_admits_then_ranks_then_breaks_ties_by_fd():
     assert choose(["c", "d"], runs("c", 0.999, 1.0, forget=0.05) + runs("d", 0.999, 1.35), bases)[1] is None
 
 
+def _grid_job(name, case, seed):
+    return {"point": name, "case": case, "seed": seed}
+
+
+def test_tuning_waves_run_the_first_point_first_and_every_cell():
+    """benchmarks/grid.py: every (point, case, seed) once, the first point's jobs before the others (they make each data
+    folder), the base of each case alongside, each row reported in order."""
+    from benchmarks.grid import parse_points, run_waves
+
+    assert parse_points(["a=--lr 1e-3", "b = --topk 5 "]) == {"a": "--lr 1e-3", "b": "--topk 5"}
+    seen = []
+    runs, bases = run_waves(2, ["a", "b"], [(1, 0), (2, 0), (1, 1)], _grid_job, str, [1, 2], seen.append)
+    assert [(r["point"], r["case"], r["seed"]) for r in runs] == [("a", 1, 0), ("a", 2, 0), ("a", 1, 1), ("b", 1, 0),
+                                                                   ("b", 2, 0), ("b", 1, 1)]
+    assert seen == runs and bases == {1: "1", 2: "2"}
+
+
 # ----------------------------------------------------------------------------------------------- retrain and attacks
 def test_retrain_model_never_saw_the_erased_digit(tiny_digits_model, digits_cache, capsys):
     """eval.digits retrain: the base settings trained without the digit's images; cached by settings + held-out digits."""
