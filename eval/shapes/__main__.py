@@ -43,14 +43,16 @@ def _audit_args(p, score_defaults) -> None:
 
 
 def read_concepts(text: str, flag: str = "--concept") -> list[str]:
-    """A comma-separated list of concepts, or ``many:N`` (:func:`eval.shapes.concepts.mixed_concepts`); ValueError if bad."""
-    from eval.shapes.concepts import mixed_concepts
+    """A comma-separated list of concepts, ``many:N`` (:func:`eval.shapes.concepts.mixed_concepts`: shapes, colours and
+    textures) or ``pairs:N`` (:func:`eval.shapes.concepts.compound_concepts`: "red star"...); ValueError if bad."""
+    from eval.shapes.concepts import compound_concepts, mixed_concepts
 
-    if str(text).strip().lower().startswith("many:"):
-        count = str(text).strip()[5:]
+    draw = {"many": mixed_concepts, "pairs": compound_concepts}
+    head, sep, count = str(text).strip().lower().partition(":")
+    if sep and head in draw:
         if not count.isdigit():
-            raise ValueError(f"{flag} {text!r}: many:N takes a whole number of concepts, e.g. many:10")
-        return parse_concepts(",".join(mixed_concepts(int(count))), flag)
+            raise ValueError(f"{flag} {text!r}: {head}:N takes a whole number of concepts, e.g. {head}:10")
+        return parse_concepts(",".join(draw[head](int(count))), flag)
     return parse_concepts(text, flag)
 
 
@@ -92,8 +94,9 @@ def parse_args(input_args=None):
                            "after, table, chart and grids", "scissorhands", "0", "shapes-quickstart")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("--concept", required=name == "bench", default="star", help="the concept to erase (a shape, colour or "
-                       "texture)" + ("; several comma-separated, or many:N (N concepts mixed over the kinds, at most 24), "
-                                     "are erased together in one run" if name == "bench" else ""))
+                       "texture)" + ("; a compound colour + shape (\"red star\"); several comma-separated, many:N (N concepts "
+                                     "mixed over the kinds, at most 24) or pairs:N (N compounds, at most 60) are erased "
+                                     "together in one run" if name == "bench" else ""))
         p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods")
         p.add_argument("--seeds", default=seeds, help="comma-separated erasure seeds")
         p.add_argument("--output_dir", required=out is None, default=out, help="folder for results.json, results.md, "

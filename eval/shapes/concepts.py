@@ -8,7 +8,7 @@ Audit groups (each ``num_images`` images unless said otherwise):
 
 * ``forget``: the erasure's own forget prompts (training phrasings), cycled;
 * ``forget_heldout``: fresh prompts of the concept in held-out phrasings;
-* ``neighbour``: one-object prompts of its look-alikes (``world.NEIGHBOURS``), without any erased concept;
+* ``neighbour``: one-object prompts of its look-alikes (``world.neighbours``), without any erased concept;
 * ``cooccur``: two-object prompts where one object has the concept and the other has none ("a red star left of a
   blue circle"): the other one is what must stay;
 * ``composition``: two-object (relation, "and") and count prompts without the concept;
@@ -52,22 +52,31 @@ def _pick(rng, seq):
 
 
 def _obj(rng, bg: str, avoid, need: str | None = None, p_solid: float = 0.4, solid: bool = False) -> Obj:
-    """A random object visible on ``bg`` with ``need`` as one of its values and none of ``avoid``."""
+    """A random object visible on ``bg`` with ``need`` as one of its values (a compound: its colour and shape) and
+    none of ``avoid`` (a compound there: not that colour and shape together; drawn again until so)."""
     kind = world.concept_kind(need) if need else None
-    shapes = [s for s in world.SHAPES if s not in avoid] if kind != "shape" else [need]
-    colours = [c for c in world.COLOURS if c not in avoid and c not in world.HIDDEN_ON[bg]] if kind != "colour" else [need]
+    colour_need, shape_need = world.compound_parts(need) if kind == "compound" else (need, need)
+    shapes = [s for s in world.SHAPES if s not in avoid] if kind not in ("shape", "compound") else [shape_need]
+    colours = ([c for c in world.COLOURS if c not in avoid and c not in world.HIDDEN_ON[bg]]
+               if kind not in ("colour", "compound") else [colour_need])
     textures = [t for t in world.TEXTURES if t not in avoid]
-    if kind == "texture":
-        texture = need
-    elif solid:
-        texture = "solid"
-    else:
-        texture = "solid" if rng.random() < p_solid or len(textures) == 1 else _pick(rng, [t for t in textures if t != "solid"])
-    return Obj(_pick(rng, shapes), _pick(rng, colours), texture)
+    pairs = [v for v in avoid if " " in v]
+    for _ in range(MAX_DRAWS):
+        if kind == "texture":
+            texture = need
+        elif solid:
+            texture = "solid"
+        else:
+            texture = "solid" if rng.random() < p_solid or len(textures) == 1 else _pick(rng, [t for t in textures if t != "solid"])
+        o = Obj(_pick(rng, shapes), _pick(rng, colours), texture)
+        if not any(o.has(v) for v in pairs):  # always true without compounds to avoid: one draw, as before
+            return o
+    raise ValueError(f"no object with {need or 'any value'} avoids {', '.join(pairs)}")
 
 
 def _background(rng, need: str | None) -> str:
-    return _pick(rng, [b for b in world.BACKGROUNDS if need not in world.HIDDEN_ON[b]])
+    colour = world.compound_parts(need)[0] if need and world.concept_kind(need) == "compound" else need
+    return _pick(rng, [b for b in world.BACKGROUNDS if colour not in world.HIDDEN_ON[b]])
 
 
 def single_item(rng, group: str, split: str, need: str | None, avoid, colour_named: bool = True) -> Item:
@@ -118,8 +127,8 @@ def forget_items(concept: str, avoid=()) -> list[Item]:
     kind = world.concept_kind(concept)
     others = [v for v in avoid if v != concept]
     plan = [(single_item, True)] * 16 + ([(count_item, True)] * 4 if kind != "texture" else [])
-    while len(plan) < NUM_FORGET_PROMPTS:
-        plan.append((single_item, True) if kind == "colour" else
+    while len(plan) < NUM_FORGET_PROMPTS:  # a colour (and a compound, which names its colour) has no colourless prompt
+        plan.append((single_item, True) if kind in ("colour", "compound") else
                     (count_item, False) if kind == "shape" and len(plan) % 2 else (single_item, False))
     items: dict[str, Item] = {}
     for maker, coloured in plan:  # distinct prompts (a repeat is drawn again; with many concepts erased together
@@ -139,6 +148,12 @@ def anchor_prompt(concept: str, avoid=()) -> str:
     that is not erased is taken."""
     avoid = set(avoid) | {concept}
     kind = world.concept_kind(concept)
+    if kind == "compound":  # the same colour on the shape's anchor shape, neither erased alone nor as a compound
+        colour, shape = world.compound_parts(concept)
+        erased = {v for v in avoid if " " not in v} | {world.compound_parts(v)[1] for v in avoid if " " in v
+                                                        and world.compound_parts(v)[0] == colour}
+        to = anchor_prompt(shape, erased).split()[-1]
+        return Obj(to, colour).phrase()
     values = world.KINDS[kind]
     start = values.index(concept)
     ordered = [v for v in values[start + 1:] + values[:start] if v not in avoid and v != "solid"]
@@ -207,6 +222,19 @@ def mixed_concepts(n: int) -> list[str]:
     return picked
 
 
+MAX_COMPOUNDS = 60
+
+
+def compound_concepts(n: int) -> list[str]:
+    """``n`` compound concepts ("red star") for a many-concept run (``--concept pairs:N``): the world's 154 colour-shape
+    pairs in one fixed shuffled order, so ``pairs:25`` is the start of ``pairs:50``. At most 60, so every colour keeps
+    shapes to be redirected to."""
+    if not 1 <= n <= MAX_COMPOUNDS:
+        raise ValueError(f"pairs:{n}: between 1 and {MAX_COMPOUNDS} compound concepts can be erased at once")
+    every = [f"{c} {s}" for c in world.COLOURS for s in world.SHAPES]
+    return [every[i] for i in _rng("pairs").permutation(len(every))[:n]]
+
+
 # ----------------------------------------------------------------------------------------------- audit
 def audit_items(concepts, num_images: int) -> list[Item]:
     """The items ``score`` generates, group by group (see the module docstring)."""
@@ -221,7 +249,7 @@ def audit_items(concepts, num_images: int) -> list[Item]:
             others = [v for v in concepts if v != c]
             maker = count_item if world.concept_kind(c) != "texture" and i % 4 == 3 else single_item
             items.append(maker(rng, "forget_heldout", "heldout", c, others))
-    neighbours = [v for c in concepts for v in world.NEIGHBOURS.get(c, ()) if v not in concepts]
+    neighbours = [v for c in concepts for v in world.neighbours(c) if v not in concepts]
     neighbours = list(dict.fromkeys(neighbours))
     rng = _rng("neighbour", key)
     items += [single_item(rng, "neighbour", "train", neighbours[i % len(neighbours)], concepts) for i in range(num_images)] \
@@ -243,7 +271,7 @@ def retain_avoid(concepts, neighbours) -> list[str]:
     """What retain prompts leave out: the erased concepts and their look-alikes (those have their own group), except the
     look-alikes of a kind whose every other value is erased (with many concepts erased at once); colours must leave
     one visible on every background."""
-    avoid = list(concepts)
+    avoid = list(concepts) + [v for v in neighbours if " " in v]  # a compound's look-alikes: plenty is left
     for kind, values in world.KINDS.items():
         near = [v for v in neighbours if v != "solid" and world.concept_kind(v) == kind]
         left = [v for v in values if v not in avoid + near]

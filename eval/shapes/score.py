@@ -4,7 +4,7 @@ Generates the audit groups of :func:`eval.shapes.concepts.audit_items` through `
 SD v1.4 audits), reads every image with the judges (:mod:`eval.shapes.judges`) and writes ``OUT/summary.json``:
 
 * ``forget_acc``: share of the concept's prompts (the erasure's own) in which the judges still find it (any object
-  with that shape / colour / texture); ``forget_heldout_acc`` the same under held-out phrasings;
+  with that shape / colour / texture; a compound "red star": an object both red and a star); ``forget_heldout_acc`` the same under held-out phrasings;
 * ``neighbour_acc``: look-alike prompts drawn correctly (every named attribute, one object);
 * ``cooccur_acc``: two-object prompts naming the concept and another object: share where that other object (shape,
   colour, texture) is still drawn, anywhere;
@@ -75,10 +75,11 @@ def _mean(flags) -> float | None:
 def metrics(items, readings, concepts) -> dict:
     """Every column of the summary from the items and what the judges read (no images needed)."""
     by = {g: [(it, r) for it, r in zip(items, readings) if it.group == g] for g in GROUPS}
+    seen = lambda it, r: any(o.has(it.value) for o in r.objects)  # noqa: E731  (a compound: on one object)
     out = {
-        "forget_acc": _mean(it.value in r.values() for it, r in by["forget"]),
-        "forget_acc_per_concept": {c: _mean(it.value in r.values() for it, r in by["forget"] if it.value == c) for c in concepts},
-        "forget_heldout_acc": _mean(it.value in r.values() for it, r in by["forget_heldout"]),
+        "forget_acc": _mean(seen(it, r) for it, r in by["forget"]),
+        "forget_acc_per_concept": {c: _mean(seen(it, r) for it, r in by["forget"] if it.value == c) for c in concepts},
+        "forget_heldout_acc": _mean(seen(it, r) for it, r in by["forget_heldout"]),
         "neighbour_acc": _mean(correct(it, r) for it, r in by["neighbour"]),
         "neighbour_acc_per_value": {v: _mean(correct(it, r) for it, r in by["neighbour"] if it.value == v)
                                     for v in dict.fromkeys(it.value for it, _ in by["neighbour"])},

@@ -83,6 +83,10 @@ class Obj:
         return (("an " if text[0] in "aeiou" else "a ") + text) if article else text
 
     def has(self, value: str) -> bool:
+        """Whether the object shows ``value``: a shape, colour or texture, or a compound "red star" (both at once)."""
+        if " " in value:
+            colour, shape = compound_parts(value)
+            return self.colour == colour and self.shape == shape
         return value in (self.shape, self.colour, self.texture)
 
 
@@ -107,19 +111,41 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------------------------- concepts
+def compound_parts(name: str) -> tuple[str, str]:
+    """``"red star"`` -> ("red", "star"); anything else raises ``ValueError``."""
+    words = name.split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"unknown concept {name!r}; a compound concept is a colour and a shape (\"red star\")")
+    return words[0], words[1]
+
+
 def concept_kind(name: str) -> str:
-    """``"star"`` -> ``"shape"``; an unknown name raises ``ValueError`` listing every concept."""
+    """``"star"`` -> ``"shape"``; ``"red star"`` -> ``"compound"`` (one object both red and a star: erasing it keeps
+    red objects of other shapes and stars of other colours); an unknown name raises ``ValueError`` listing every concept."""
     for kind, values in KINDS.items():
         if name in values:
             return kind
+    if " " in name.strip():
+        compound_parts(name)
+        return "compound"
     raise ValueError(f"unknown concept {name!r}; shapes: {', '.join(SHAPES)}; colours: {', '.join(COLOURS)}; "
-                     f"textures: {', '.join(t for t in TEXTURES if t != 'solid')}")
+                     f"textures: {', '.join(t for t in TEXTURES if t != 'solid')}; or a colour and a shape (\"red star\")")
+
+
+def neighbours(name: str) -> tuple[str, ...]:
+    """A concept's look-alikes: ``NEIGHBOURS`` for a value; for a compound the same shape in the colour's look-alike
+    colours and the same colour on the shape's look-alike shapes ("red star" -> orange star, pink star, red flower,
+    red cross): what binding must keep."""
+    if concept_kind(name) != "compound":
+        return NEIGHBOURS.get(name, ())
+    colour, shape = compound_parts(name)
+    return tuple(f"{c} {shape}" for c in NEIGHBOURS[colour]) + tuple(f"{colour} {s}" for s in NEIGHBOURS[shape])
 
 
 def parse_concepts(text: str, flag: str = "--concept") -> list[str]:
     """``"star,red"`` -> ["star", "red"]; empty items, unknown names, repeats, "solid" or erasing a whole kind
     raise ``ValueError``."""
-    items = [n.strip().lower() for n in str(text).split(",")]
+    items = [" ".join(n.split()).lower() for n in str(text).split(",")]
     if not items or any(not n for n in items):
         raise ValueError(f"{flag} {text!r}: expected concept names separated by commas (star,red,striped)")
     for n in items:
