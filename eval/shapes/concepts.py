@@ -161,8 +161,9 @@ def anchor_prompt(concept: str, avoid=()) -> str:
     shape = next(s for s in world.SHAPES if s not in avoid)
     if kind == "shape":
         return Obj((far or ordered)[0], "").phrase(colour=False)
-    if kind == "colour":
-        return Obj(shape, (far or ordered)[0]).phrase()
+    if kind == "colour":  # on a shape that is not, with that colour, an erased compound
+        colour = (far or ordered)[0]
+        return Obj(next(s for s in world.SHAPES if s not in avoid and f"{colour} {s}" not in avoid), colour).phrase()
     return Obj(shape, "").phrase(colour=False)
 
 
