@@ -51,7 +51,7 @@ def main(argv=None) -> dict:
     for g in [float(x) for x in args.guidance.split(",")]:
         for c in parse_concepts(args.concepts):
             ns = SimpleNamespace(model=str(model), concepts=[c], num_images=args.num_images, seeds=[0], steps=args.steps,
-                                 guidance=g, scheduler="ddim", batch_size=SCORE_DEFAULTS["batch_size"],
+                                 guidance=g, scheduler=None, batch_size=SCORE_DEFAULTS["batch_size"],
                                  output_dir=str(out / f"g{g:g}" / c))
             s = score(ns, judges=judges)
             result["audits"][f"{c} g{g:g}"] = {**{k: s[k] for k in COLUMNS}, "attribute_acc": s["attribute_acc"],

@@ -369,3 +369,33 @@ def test_bench_erases_several_concepts_in_one_run(tiny_model, tiny_judges, tmp_p
     assert run["forget_worst_acc"] == max(scored["forget_acc_per_concept"].values())
     assert any(t["target"] == "every concept's forget_acc <= 2%" for t in r["targets"])
     assert "# Erasing 2 concepts at once (star,red)" in (out / "results.md").read_text()
+
+
+def test_the_world_on_an_sd3_transformer_trains_audits_and_erases(shapes_cache, tiny_judges, tmp_path, monkeypatch):
+    """train --denoiser sd3: the same world on an SD3-kind MMDiT (rectified flow, CLIP-L + CLIP-G + T5, the 16-channel
+    VAE with a shift factor), saved as a StableDiffusion3Pipeline; score samples it with the family's own sampler and
+    bench erases on it through erase/sd.py. A UNet model's settings keep their fingerprint."""
+    import eval.shapes.judges
+    from eval.shapes.__main__ import main
+    from eval.shapes.model import ShapesModelConfig
+    from eval.shapes.train import train_shapes_model
+
+    assert "denoiser" not in ShapesModelConfig(**TINY_MODEL).to_dict()  # UNet models: the fingerprint they had
+    cfg = ShapesModelConfig(**{**TINY_MODEL, "denoiser": "sd3", "dit_layers": 1})
+    assert cfg.fingerprint() != ShapesModelConfig(**TINY_MODEL).fingerprint()
+    model = train_shapes_model(cfg, tmp_path / "sd3", progress=False)
+    index = json.loads((model / "model_index.json").read_text())
+    card = json.loads((model / "shapes_model.json").read_text())
+    assert index["_class_name"] == "StableDiffusion3Pipeline" and card["denoiser"] == "sd3" and card["vae_shift_factor"] is not None
+    assert json.loads((model / "vae" / "config.json").read_text())["latent_channels"] == 16
+    monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--concept", "red", "--model", str(model), "--output_dir", "b", "--methods", "scissorhands",
+                 "--seeds", "0", "--no_retrain", "--max_train_steps", "1", "--num_images", "1", "--steps", "2",
+                 "--num_forget_images", "1", "--num_retain_images", "1", "--train_batch_size", "1", "--launcher", "python"]) == 0
+    base = json.loads((tmp_path / "b" / "scores" / "base" / "summary.json").read_text())
+    assert base["settings"]["generation"]["scheduler"] == "flow_euler" and base["retain_fd"] is not None
+    cfg_run = json.loads((tmp_path / "b" / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())
+    assert cfg_run["model_family"] == "sd3" and cfg_run["concepts"][0]["name"] == "red"
+    erased = json.loads((tmp_path / "b" / "scores" / "scissorhands-seed0" / "summary.json").read_text())
+    assert erased["settings"]["erased"] is True and erased["settings"]["generation"]["scheduler"] == "flow_euler"

@@ -137,7 +137,7 @@ def _score(model: str, concepts: list[str], out: Path, args) -> dict:
             logger.info("audit: %s already done, reused", out.name)
             return summary
     ns = SimpleNamespace(model=str(model), concepts=list(concepts), num_images=args.num_images, seeds=[0], steps=args.steps,
-                         guidance=args.guidance, scheduler="ddim", batch_size=SCORE_DEFAULTS["batch_size"], output_dir=str(out))
+                         guidance=args.guidance, scheduler=None, batch_size=SCORE_DEFAULTS["batch_size"], output_dir=str(out))
     return score(ns)
 
 
@@ -354,7 +354,7 @@ def bench(args) -> dict:
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
         "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images, "steps": args.steps,
-        "guidance": args.guidance, "scheduler": "ddim", "concept_inputs": p,
+        "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"].get("scheduler"), "concept_inputs": p,
         "retrain": retrain_info, "audit": base_summary["settings"]["generation"], "judges": base_summary["settings"]["judges"],
         "audit_seeds": base_summary["settings"]["image_seed_rule"],
     }

@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eval.digits.model import cache_root  # one cache for every world: $ERASE_CACHE or ~/.cache/scissorhands
+from eval.digits.model import DENOISERS, cache_root  # one cache for every world: $ERASE_CACHE or ~/.cache/scissorhands
 from eval.shapes import world
 from eval.shapes.render import RENDER_VERSION
 from eval.shapes.tokenizer import vocab_sha256
@@ -49,6 +49,10 @@ class ShapesModelConfig:
     max_length: int = field(default=24, metadata={"help": "tokenizer model_max_length (longest caption: 20 tokens)"})
     held_out: tuple = field(default=(), metadata={
         "help": "concepts whose scenes are left out of training (the benchmark's retrain reference); none by default"})
+    denoiser: str = field(default="unet", metadata={
+        "help": "unet: SD v1.4's kind (noise prediction); sd3: an SD3-kind MMDiT transformer with CLIP-L, CLIP-G and T5 and "
+                "the 16-channel VAE, trained with rectified flow (eval/digits/transformer.py, the digits model's)"})
+    dit_layers: int = field(default=3, metadata={"help": "sd3 denoiser only: joint blocks (as many heads of 64)"})
 
     def __post_init__(self):
         self.unet_channels = tuple(int(c) for c in self.unet_channels)
@@ -68,6 +72,10 @@ class ShapesModelConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.text_width % 4:
             raise ValueError(f"text_width must be a multiple of 4 (attention heads), got {self.text_width}")
+        if self.denoiser not in DENOISERS:
+            raise ValueError(f"denoiser {self.denoiser!r} is not one of {', '.join(DENOISERS)}")
+        if not 1 <= int(self.dit_layers) <= 24:
+            raise ValueError(f"dit_layers must lie in 1..24, got {self.dit_layers}")
 
     @property
     def latent_size(self) -> int:
@@ -76,6 +84,8 @@ class ShapesModelConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["unet_channels"], d["vae_channels"], d["held_out"] = list(self.unet_channels), list(self.vae_channels), list(self.held_out)
+        if self.denoiser == "unet":  # a UNet model keeps the fingerprint (and cache folder) it had before these fields
+            d.pop("denoiser"), d.pop("dit_layers")
         return d
 
     def fingerprint(self) -> str:
@@ -112,6 +122,22 @@ def read_model_card(model_dir: str | Path) -> dict | None:
 def is_trained(model_dir: str | Path, cfg: ShapesModelConfig) -> bool:
     card = read_model_card(model_dir)
     return bool(card) and card.get("fingerprint") == cfg.fingerprint() and (Path(model_dir) / "model_index.json").is_file()
+
+
+def build_flow_models(cfg: ShapesModelConfig, tokenizer):
+    """(vae, transformer, [clip_l, clip_g, t5], t5 tokenizer) of the ``sd3`` denoiser: the digits model's MMDiT parts
+    (:func:`eval.digits.transformer.build_mmdit_models`) over SD's CLIP vocabulary and a T5 tokenizer of the world's
+    words, the posterior's log-variance started at -6 as the UNet model's."""
+    import torch
+
+    from eval.digits.transformer import build_mmdit_models
+    from eval.tiny import build_t5_tokenizer
+
+    t5_tokenizer = build_t5_tokenizer(world.vocabulary_words(), cfg.max_length)
+    vae, transformer, encoders = build_mmdit_models(cfg, tokenizer, t5_tokenizer)
+    with torch.no_grad():
+        vae.encoder.conv_out.bias[vae.config.latent_channels:].fill_(-6.0)
+    return vae, transformer, encoders, t5_tokenizer
 
 
 def build_models(cfg: ShapesModelConfig, tokenizer):

@@ -36,7 +36,9 @@ from eval.shapes.concepts import AUDIT_SEED_OFFSET, GROUPS, audit_items, item_se
 
 logger = logging.getLogger(__name__)
 
-SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler="ddim", batch_size=100)
+# scheduler None: the model family's own sampler (erase.diffusion.generate.family_sampler): DDIM for the UNet model,
+# flow-matching Euler for the sd3 one
+SCORE_DEFAULTS = dict(num_images=40, steps=20, guidance=4.0, scheduler=None, batch_size=100)
 
 
 # ----------------------------------------------------------------------------------------------- model folders
@@ -154,7 +156,7 @@ def score(args, judges=None) -> dict:
     :class:`eval.shapes.judges.Judges` (default: the cached default judges, trained first if absent)."""
     from PIL import Image
 
-    from erase.diffusion.generate import describe, generate, GenerationConfig, load_pipeline
+    from erase.diffusion.generate import describe, family_sampler, generate, GenerationConfig, load_pipeline
     from eval.digits.judge import frechet_distance
     from eval.shapes.judges import load_judges
     from eval.shapes.render import render_many
@@ -162,11 +164,12 @@ def score(args, judges=None) -> dict:
     model, card, base, erase_config = score_inputs(args)
     concepts = list(args.concepts)
     out = Path(args.output_dir)
-    gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+    scheduler = args.scheduler or family_sampler(model)
+    gen_cfg = GenerationConfig(model=model, steps=args.steps, guidance=args.guidance, scheduler=scheduler,
                                batch_size=args.batch_size)
     start = time.time()
     judges = judges or load_judges(progress=True)
-    pipe = load_pipeline(model, scheduler=args.scheduler, dtype="fp32", device="cpu")
+    pipe = load_pipeline(model, scheduler=scheduler, dtype="fp32", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     items = audit_items(concepts, args.num_images)
     rows = rows_for(items, args.seeds)

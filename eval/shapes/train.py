@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from eval.digits.model import sd_scheduler_config, train_denoiser
 from eval.shapes import world
-from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_models, cache_root,
-                               is_trained, read_model_card, world_signature)
+from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
+                               cache_root, is_trained, read_model_card, world_signature)
 from eval.shapes.render import cached_renders, render_many
 from eval.shapes.tokenizer import build_clip_tokenizer, vocab_sha256
 
@@ -65,8 +65,9 @@ def _cosine(opt, steps: int):
         1 + math.cos(math.pi * min(1.0, s / steps))))
 
 
-def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: torch.Generator, bar) -> dict:
-    """Phase 1 on uint8 images ``(N, 3, R, R)``; fits the latent scaling factor (unit std); returns stats."""
+def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: torch.Generator, bar, shift: bool = False) -> dict:
+    """Phase 1 on uint8 images ``(N, 3, R, R)``; fits the latent scaling factor (unit std) and, with ``shift`` (SD3's
+    VAE: latents are ``(z - shift) * scale``), the shift factor (the latents' mean); returns stats, ``mean`` shifted."""
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     sched = _cosine(opt, cfg.vae_steps)
@@ -92,9 +93,12 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: to
             if i < 2048:
                 mse += F.mse_loss(vae.decode(post.mean).sample, x, reduction="sum").item()
     mean, std = torch.cat(means), torch.cat(stds)
+    shift_factor = float(mean.mean()) if shift else None
+    if shift:
+        mean = mean - shift_factor
     scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=scaling)
-    return {"mean": mean, "std": std, "scaling_factor": scaling,
+    vae.register_to_config(scaling_factor=scaling, **({"shift_factor": shift_factor} if shift else {}))
+    return {"mean": mean, "std": std, "scaling_factor": scaling, "shift_factor": shift_factor,
             "reconstruction_mse": mse / (min(2048, len(images)) * images[0].numel())}
 
 
@@ -123,10 +127,15 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     images = torch.from_numpy(images[keep]).permute(0, 3, 1, 2).contiguous()
     render_seconds = time.time() - start
     tokenizer = build_clip_tokenizer(cfg.max_length)
-    vae, unet, text_encoder = build_models(cfg, tokenizer)
+    flow = cfg.denoiser == "sd3"
+    if flow:  # an SD3-kind transformer, trained with rectified flow
+        vae, unet, encoders, t5_tokenizer = build_flow_models(cfg, tokenizer)
+    else:
+        vae, unet, text_encoder = build_models(cfg, tokenizer)
+        encoders = [text_encoder]
     bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, desc="train shapes model", disable=not progress, unit="step")
 
-    ae = train_autoencoder(vae, images, cfg, gen, bar)
+    ae = train_autoencoder(vae, images, cfg, gen, bar, shift=flow)
     mean, std, scaling = ae["mean"], ae["std"], ae["scaling_factor"]
 
     # Phase 2: UNet + text encoder on scaled latents; each draw of a scene picks one of its training captions.
@@ -136,16 +145,27 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
         pick = (torch.rand(cfg.batch_size, generator=gen) * n_caps[idx]).long()
         return table[idx, pick]
 
-    loss = train_denoiser(unet, text_encoder, ids, (mean, std, scaling), draw_rows, empty_row, cfg, gen,
-                          lambda opt: _cosine(opt, cfg.unet_steps), bar)
+    loss_fn = None
+    if flow:
+        from eval.digits.transformer import flow_loss, token_ids
+
+        loss_fn = flow_loss(unet, encoders, *token_ids(tokenizer, t5_tokenizer, texts), gen)
+    loss = train_denoiser(unet, encoders, ids, (mean, std, scaling), draw_rows, empty_row, cfg, gen,
+                          lambda opt: _cosine(opt, cfg.unet_steps), bar, loss_fn=loss_fn)
 
     from erase.utils.checks import check_weights
 
-    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):  # never save a broken model
+    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if flow else ("unet", "text_encoder")
+    for part, module in list(zip(names, [unet] + encoders)) + [("vae", vae)]:  # never save a broken model
         check_weights(module.state_dict().items(), f"the trained shapes {part}", "; nothing was saved (lower --lr / --vae_lr)")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if flow:
+        from eval.digits.transformer import flow_pipeline
+
+        pipe = flow_pipeline(vae, unet, encoders, tokenizer, t5_tokenizer)
+    else:
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -154,7 +174,9 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     card = {
         "kind": KIND, "format_version": FORMAT_VERSION, "fingerprint": cfg.fingerprint(), "config": cfg.to_dict(),
         "world": world_signature(), "vocab_sha256": vocab_sha256(), "vocab_size": len(tokenizer),
-        "vae_scaling_factor": scaling, "vae_reconstruction_mse": ae["reconstruction_mse"],
+        "denoiser": cfg.denoiser, "vae_scaling_factor": scaling, "vae_reconstruction_mse": ae["reconstruction_mse"],
+        **({"vae_shift_factor": ae["shift_factor"], "objective": "rectified flow (velocity), logit-normal sigma, shift 1.0"}
+           if flow else {}),
         "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "render_seconds": round(render_seconds, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
