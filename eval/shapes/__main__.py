@@ -113,10 +113,10 @@ def parse_args(input_args=None):
         p.add_argument("--erase_args", default="", help="extra erase/sd.py flags for every method, as one string")
         if name == "bench":
             p.add_argument("--no_retrain", action="store_true", help="skip the retrain row (the base settings trained "
-                           "without the concept's scenes, one model per seed, cached; ~20 CPU minutes each)")
+                           "without the concept's scenes, one model per seed, cached; ~45 CPU minutes each)")
         else:
             p.add_argument("--retrain", dest="no_retrain", action="store_false",
-                           help="add the retrain row (one more model to train, ~20 CPU minutes, cached)")
+                           help="add the retrain row (one more model to train, ~45 CPU minutes, cached)")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     args = parser.parse_args(input_args)
     check_numbers(args)  # every float finite and in range (erase.utils.checks.OPTION_RANGES)

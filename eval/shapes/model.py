@@ -3,8 +3,8 @@
 Same parts as SD v1.4 (AutoencoderKL, UNet2DConditionModel with self- and cross-attention, CLIPTextModel over CLIP's
 full 49,408-token vocabulary with SD's own tokenizer, a DDIM scheduler with SD's beta schedule), saved with
 ``StableDiffusionPipeline.save_pretrained`` so every tool that loads SD v1.4 loads it, small enough to train on
-two CPU cores in under 20 minutes. 32-px images and a 2x autoencoder (16x16x4 latents): a texture's 2-px stripe is one
-latent pixel, and a 2x autoencoder learns the world's colours and textures in a few hundred steps where a 4x one did
+one CPU core in about 45 minutes (3,000 UNet steps; 1,200 fit 20 minutes but drew the right shape 23-29 % of the
+time). 32-px images and a 2x autoencoder (16x16x4 latents): a texture's 2-px stripe is one latent pixel, and a 2x autoencoder learns the world's colours and textures in a few hundred steps where a 4x one did
 not (test MSE 0.031 after 250 steps against 0.056; benchmarks/RESULTS.md, "Shapes world"). The UNet has three
 levels (16, 8, 4) with self- and cross-attention below the top one, as SD has none at its coarsest: the 8x8
 cross-attention is where an object's place and colour are decided.
@@ -37,7 +37,7 @@ class ShapesModelConfig:
     vae_batch_size: int = field(default=32, metadata={"help": "autoencoder batch size"})
     vae_lr: float = field(default=3e-3, metadata={"help": "autoencoder learning rate (cosine decay)"})
     vae_kl_weight: float = field(default=1e-6, metadata={"help": "weight of the KL term of the autoencoder"})
-    unet_steps: int = field(default=1200, metadata={"help": "UNet + text encoder training steps"})
+    unet_steps: int = field(default=3000, metadata={"help": "UNet + text encoder training steps"})
     lr: float = field(default=1e-3, metadata={"help": "UNet + text encoder peak learning rate (cosine decay)"})
     batch_size: int = field(default=64, metadata={"help": "UNet + text encoder batch size"})
     cond_dropout: float = field(default=0.1, metadata={"help": "share of prompts replaced by '' (for CFG)"})
