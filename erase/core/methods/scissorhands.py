@@ -21,6 +21,7 @@ from accelerate.logging import get_logger
 from ..method import Method
 from ..norms import frozen_norm_stats
 from ..nullspace import NullSpace
+from ..relearn import relearned
 from ..inner import add_and_measure_, inner_products
 from ..projection import dual_coefficients, project_
 from ..registry import register_method
@@ -58,6 +59,7 @@ class ScissorhandsConfig:
     ablation: str = field(default="none", metadata={"help": "Drop one part to measure what it contributes.", "choices": ABLATIONS})
     null_space: bool = field(default=False, metadata={"help": "Null-space repair: the trim and every step change the text-input layers (cross-attention keys / values, MMDiT text embedders) only off the span of the preserved prompts' inputs, so those prompts' keys and values stay the base's (erase/core/nullspace.py)."})
     null_space_threshold: float = field(default=0.01, metadata={"help": "With --null_space: input directions whose second-moment eigenvalue is at least this share of the largest are preserved."})
+    relearn_radius: float = field(default=0.0, metadata={"help": "Weight-space adversary: take the forget term's gradient at the weights one relearning step reaches (a step down the concept's loss of this length, relative to the targets' norm; erase/core/relearn.py). 0: off."})
 
     def __post_init__(self):
         check_k(self.topk)
@@ -71,6 +73,8 @@ class ScissorhandsConfig:
             raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
         if self.memory_refresh < 1 or self.num_memories < 1 or self.saliency_batches < 1:
             raise ValueError("memory_refresh, num_memories and saliency_batches must be >= 1")
+        if not 0.0 <= self.relearn_radius < 1.0:
+            raise ValueError(f"relearn_radius must lie in [0, 1), got {self.relearn_radius}")
         if not 0.0 < self.null_space_threshold < 1.0:
             raise ValueError(f"null_space_threshold must lie in (0, 1), got {self.null_space_threshold}")
 
@@ -173,6 +177,14 @@ class Scissorhands(Method):
         return self._forget_active(ctx, step)
 
     def loss(self, ctx, model, forget_batch, retain_batch):
+        if self.config.relearn_radius > 0 and self._forget_active(ctx, ctx.step):
+            # the forget term one relearning step ahead, its backward taken here, before the retain term's forward at θ
+            with relearned(ctx, model, forget_batch, self.config.relearn_radius) as info:
+                term = ctx.adapter.forget_term(self.config.forget_loss, model, forget_batch, bound=self.config.forget_bound)
+                ctx.backward(self.config.lam * term)
+            lr = ctx.adapter.retain_loss(model, retain_batch)
+            parts = {"retain_loss": lr.detach(), "forget_term": term.detach(), **{k: torch.tensor(v) for k, v in info.items()}}
+            return lr + self.config.lam * term.detach(), parts  # the total is logged and checked; its gradient is L_r's
         lr = ctx.adapter.retain_loss(model, retain_batch)
         parts = {"retain_loss": lr.detach()}
         if not self._forget_active(ctx, ctx.step):
