@@ -82,7 +82,8 @@ def parse_args(input_args=None):
     p.add_argument("--concept", required=True, help="the erased concept(s): a shape, colour or texture, several comma-separated")
     _audit_args(p, SCORE_DEFAULTS)
     p.add_argument("--seeds", default="0", help="comma-separated audit seeds; each adds num_images per group")
-    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"], help="sampler (erase.diffusion.generate names; default: the family's own, ddim for the UNet model, flow_euler for sd3)")
+    p.add_argument("--scheduler", default=SCORE_DEFAULTS["scheduler"],
+                   help="sampler (erase.diffusion.generate names; default: the family's own, ddim for the UNet model, flow_euler for sd3)")
     p.add_argument("--batch_size", type=int, default=SCORE_DEFAULTS["batch_size"], help="images per pipeline call")
     p.add_argument("--output_dir", required=True, help="folder for summary.json, predictions.jsonl and images")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")

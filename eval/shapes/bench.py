@@ -3,9 +3,9 @@ tabulate.
 
 Every method gets the same step budget, batch size, forget / anchor / retain prompts (``OUT/concept/concepts.json``
 and ``retain.txt``, from :func:`eval.shapes.concepts.presets`; several concepts are one erasure of them all, each with
-its own prompts and anchor, ``seconds_per_concept`` its method time over their number) and forget / retain images (generated once per seed by the base model into
-``OUT/data/seed-<s>`` and shared). Each erasure is its own ``accelerate launch erase/sd.py`` process, so its wall time,
-CPU time and peak resident memory are measured alone (``erase_seconds`` is the process's wall time;
+its own prompts and anchor, ``seconds_per_concept`` its method time over their number) and forget / retain images
+(generated once per seed by the base model into ``OUT/data/seed-<s>`` and shared). Each erasure is its own
+``accelerate launch erase/sd.py`` process, so its wall time, CPU time and peak resident memory are measured alone (``erase_seconds`` is the process's wall time;
 ``method_seconds`` the method's own part, erase_config.json's ``train_seconds``). The ``retrain`` row is the
 base settings trained from scratch without any scene of the concept (one model per seed, the seed as training seed,
 cached). Writes ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``),
@@ -184,7 +184,8 @@ def markdown(results: dict) -> str:
     lines = [f"# Erasing {title}: shapes benchmark", "",
              f"Base model `{results['base_model']}`; {st['max_train_steps']} steps per trained method (closed-form editors: "
              f"one edit, no step), seeds {st['seeds']}; audit: "
-             f"{st['num_images']} images per group (retain {3 * st['num_images']}), {st['steps']} DDIM steps, guidance "
+             f"{st['num_images']} images per group (retain {3 * st['num_images']}), {st['steps']} steps of "
+             f"{st.get('scheduler') or 'ddim'}, guidance "
              f"{st['guidance']}. Accuracies in %, mean ± std over seeds; FD = Fréchet distance of the retain generations "
              "to renders of their prompts in the judges' features (lower is better). erase s: the whole erase/sd.py "
              "process (start-up, model load, data generation, method); method s: the method's own part (its prepare "
