@@ -5,9 +5,9 @@ Every method gets the same step budget, batch size, forget / anchor / retain pro
 and ``retain.txt``, from :func:`eval.shapes.concepts.presets`; several concepts are one erasure of them all, each with
 its own prompts and anchor, ``seconds_per_concept`` its method time over their number) and forget / retain images
 (generated once per seed by the base model into ``OUT/data/seed-<s>`` and shared). Each erasure is its own
-``accelerate launch erase/sd.py`` process, so its wall time, CPU time and peak resident memory are measured alone (``erase_seconds`` is the process's wall time;
-``method_seconds`` the method's own part, erase_config.json's ``train_seconds``). The ``retrain`` row is the
-base settings trained from scratch without any scene of the concept (one model per seed, the seed as training seed,
+``accelerate launch erase/sd.py`` process, so its wall time, CPU time and peak resident memory are measured alone
+(``erase_seconds`` is the process's wall time; ``method_seconds`` the method's own part, erase_config.json's
+``train_seconds``). The ``retrain`` row is the base settings trained from scratch without any scene of the concept (one model per seed, the seed as training seed,
 cached). Writes ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``),
 ``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<row>.png`` (sample images per audit group, the erased
 concept's rows marked).
