@@ -25,6 +25,13 @@ def run_waves(workers: int, names: list[str], cells: list[tuple], job, base_row,
     per case alongside. ``report(row)`` is called as each job finishes, in order. Returns (runs, bases by case)."""
     waves = [[(names[0], c, s) for c, s in cells], [(n, c, s) for n in names[1:] for c, s in cells]]
     runs = []
+    if workers <= 1:  # in this process, in the same order (no fork of a large process for one lane)
+        bases = {c: base_row(c) for c in cases}
+        for wave in waves:
+            for n, c, s in wave:
+                runs.append(job(n, c, s))
+                report(runs[-1])
+        return runs, bases
     with ProcessPoolExecutor(max_workers=workers) as pool:
         bases = {c: pool.submit(base_row, c) for c in cases}
         for wave in waves:

@@ -63,3 +63,21 @@ def test_engine_run_with_the_adversary_keeps_the_guarantee_and_forgets(mlp, digi
     with torch.no_grad():
         acc = float((res.model(forget[0]).argmax(1) == forget[1]).float().mean())
     assert acc < 0.5
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(tmp_path):
+    """A method option added after a checkpoint was written is absent from its record: the run resumes when it keeps
+    the option's default (the older version ran so), and is refused, naming the option, when it does not."""
+    from erase.core.checkpoints import CheckpointError, check_resume, method_defaults, record
+
+    old = record(build_method("scissorhands"), EngineConfig(), 1, {})
+    for added in ("relearn_radius", "null_space", "null_space_threshold"):
+        old["method_config"].pop(added)
+    state = {"step": 2, "record": old}
+    plain = build_method("scissorhands")
+    check_resume(state, record(plain, EngineConfig(), 1, {}), tmp_path, 4, defaults=method_defaults(plain))
+    moved = build_method("scissorhands", relearn_radius=0.01)
+    with pytest.raises(CheckpointError, match=r"relearn_radius \(not recorded\) -> 0.01"):
+        check_resume(state, record(moved, EngineConfig(), 1, {}), tmp_path, 4, defaults=method_defaults(moved))
+    with pytest.raises(CheckpointError, match="null_space"):  # without the defaults every unrecorded option differs
+        check_resume(state, record(plain, EngineConfig(), 1, {}), tmp_path, 4)

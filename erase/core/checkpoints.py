@@ -111,9 +111,20 @@ def _short(v) -> str:
     return s if len(s) <= 60 else s[:57] + "..."
 
 
-def check_resume(state: dict, current: dict, path: Path, max_train_steps: int) -> None:
+def method_defaults(method) -> dict:
+    """The JSON-normalised default of every field of ``method``'s config: what a checkpoint written before a field
+    existed ran with (:func:`check_resume`)."""
+    from dataclasses import MISSING, fields
+
+    out = {f.name: f.default for f in fields(method.config) if f.default is not MISSING}
+    return json.loads(json.dumps(out, sort_keys=True, default=str))
+
+
+def check_resume(state: dict, current: dict, path: Path, max_train_steps: int, defaults: dict | None = None) -> None:
     """Refuse to resume from ``path`` when its recorded settings differ from the run's in anything that
-    changes the result (one line naming every such setting), or when the run would end before its step."""
+    changes the result (one line naming every such setting), or when the run would end before its step. A method
+    option the checkpoint does not record (added since it was written) matches when the run keeps its default
+    (``defaults``: :func:`method_defaults`): the older version ran as that default does."""
     step = int(state["step"])
     if max_train_steps < step:
         raise CheckpointError(f"max_train_steps {max_train_steps} is below the step {step} of {path}; "
@@ -133,8 +144,11 @@ def check_resume(state: dict, current: dict, path: Path, max_train_steps: int) -
         if section == "method_config" and saved.get("method") != current["method"]:
             continue
         for key in sorted(set(a) | set(b)):
+            if section == "method_config" and key not in a and defaults and key in defaults and b.get(key) == defaults[key]:
+                continue
             if a.get(key) != b.get(key):
-                diffs.append(f"{key} {_short(a.get(key))} -> {_short(b.get(key))}")
+                was, now = (_short(d[key]) if key in d else "(not recorded)" for d in (a, b))
+                diffs.append(f"{key} {was} -> {now}")
     if saved.get("global_batch_size") != current["global_batch_size"]:
         diffs.append(f"global batch (train_batch_size x processes) {saved.get('global_batch_size')} -> {current['global_batch_size']}")
     if saved.get("sharding") != current.get("sharding"):  # the checkpoints hold different files

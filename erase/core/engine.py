@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .checkpoints import CheckpointError, check_resume, list_checkpoints, read_state, record, resolve_checkpoint, rotate
+from .checkpoints import (CheckpointError, check_resume, list_checkpoints, method_defaults, read_state, record,
+                          resolve_checkpoint, rotate)
 from .method import Method, RunContext
 from .sharding import all_reduce_grads, load_sharded_state, save_sharded_state, shard_frozen, shards
 from .stream import EndlessStream
@@ -160,7 +161,7 @@ def run(adapter: Adapter, method: Method, config: EngineConfig, accelerator: Acc
         run_record["sharding"] = "fsdp"
     extra = read_state(ckpt) if ckpt is not None else None
     if extra is not None:
-        check_resume(extra, run_record, ckpt, config.max_train_steps)
+        check_resume(extra, run_record, ckpt, config.max_train_steps, defaults=method_defaults(method))
     sharding = None
     if sharded:  # before the method's prepare: the saliency pass already runs on the shards
         sharding = shard_frozen(model, params, acc)

@@ -312,6 +312,26 @@ def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, 
     return float(loss.item())
 
 
+def world_pipeline(world: str, vae, denoiser, encoders, tokenizer, t5_tokenizer=None):
+    """A trained world model's pipeline (``t5_tokenizer`` given: the SD3 kind, else SD v1.4's with DDIM), after
+    checking that no weight is broken (a ``ValueError`` naming the part: nothing is saved)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from erase.utils.checks import check_weights
+
+    flow = t5_tokenizer is not None
+    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if flow else ("unet", "text_encoder")
+    for part, module in list(zip(names, [denoiser] + list(encoders))) + [("vae", vae)]:  # never save a broken model
+        check_weights(module.state_dict().items(), f"the trained {world} {part}", "; nothing was saved (lower --lr / --vae_lr)")
+    if flow:
+        from eval.digits.transformer import flow_pipeline
+
+        return flow_pipeline(vae, denoiser, encoders, tokenizer, t5_tokenizer)
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=denoiser,
+                                   scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress: bool = True,
                        force: bool = False) -> Path:
     """Train (or find cached) a digits pipeline in ``output_dir``; returns the folder.
@@ -323,7 +343,6 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     if not force and is_trained(output_dir, cfg):
         logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
         return output_dir
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
@@ -393,23 +412,13 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
 
     loss_fn = None
     if flow:
-        from eval.digits.transformer import flow_loss, flow_pipeline, token_ids
+        from eval.digits.transformer import flow_loss, token_ids
 
         loss_fn = flow_loss(unet, encoders, *token_ids(tokenizer, t5_tokenizer, flat), gen)
     loss = train_denoiser(unet, encoders, ids, (mean, std, scaling_factor), draw_rows, empty_row, cfg, gen, schedule, bar,
                           loss_fn=loss_fn)
 
-    from erase.utils.checks import check_weights
-
-    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if flow else ("unet", "text_encoder")
-    for part, module in list(zip(names, [unet] + encoders)) + [("vae", vae)]:  # never save a broken model
-        check_weights(module.state_dict().items(), f"the trained digits {part}", "; nothing was saved (lower --lr / --vae_lr)")
-    if flow:
-        pipe = flow_pipeline(vae, unet, encoders, tokenizer, t5_tokenizer)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = world_pipeline("digits", vae, unet, encoders, tokenizer, t5_tokenizer if flow else None)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)

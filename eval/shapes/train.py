@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.digits.model import sd_scheduler_config, train_denoiser
+from eval.digits.model import train_denoiser, world_pipeline
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
                                cache_root, is_trained, read_model_card, world_signature)
@@ -113,7 +113,6 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
         return output_dir
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a shapes model folder; choose an empty path")
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     start, cpu_start, times_start = time.time(), time.process_time(), os.times()
@@ -153,19 +152,7 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     loss = train_denoiser(unet, encoders, ids, (mean, std, scaling), draw_rows, empty_row, cfg, gen,
                           lambda opt: _cosine(opt, cfg.unet_steps), bar, loss_fn=loss_fn)
 
-    from erase.utils.checks import check_weights
-
-    names = ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3") if flow else ("unet", "text_encoder")
-    for part, module in list(zip(names, [unet] + encoders)) + [("vae", vae)]:  # never save a broken model
-        check_weights(module.state_dict().items(), f"the trained shapes {part}", "; nothing was saved (lower --lr / --vae_lr)")
-    if flow:
-        from eval.digits.transformer import flow_pipeline
-
-        pipe = flow_pipeline(vae, unet, encoders, tokenizer, t5_tokenizer)
-    else:
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler(**sd_scheduler_config()), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+    pipe = world_pipeline("shapes", vae, unet, encoders, tokenizer, t5_tokenizer if flow else None)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
