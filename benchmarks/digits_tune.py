@@ -19,7 +19,6 @@ in ``--workers`` processes (one torch thread each); finished erasures and audits
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import partial
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.grid import parse_points, run_waves  # noqa: E402
+from benchmarks.grid import parse_points, run_waves, tuning_parser  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
 from erase.utils.errors import cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
@@ -45,15 +44,7 @@ RULE = ("admissible: mean forget <= 2% and mean held-out forget <= 2% on each tu
 
 @cli_errors
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="scissorhands", help="erase/sd.py method of every grid point")
-    p.add_argument("--digits", default="seven,one", help="tuning digits, comma-separated")
-    p.add_argument("--seeds", default="0,1,2", help="erasure seeds, comma-separated")
-    p.add_argument("--grid", action="append", required=True, help="NAME=erase/sd.py flags (repeat for each point)")
-    p.add_argument("--model", default=None, help="base digits model (default: the cached default)")
-    p.add_argument("--workers", type=int, default=2, help="parallel erase+audit jobs")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
+    p = tuning_parser(__doc__, "digits", "seven,one", "0,1,2", "digits")
     a = p.parse_args(argv)
     a.digits = [parse_digit(d) for d in a.digits.split(",") if d.strip()]
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

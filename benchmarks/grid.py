@@ -3,9 +3,25 @@ two waves of erase + audit jobs over every (point, case, seed)."""
 
 from __future__ import annotations
 
+import argparse
 from concurrent.futures import ProcessPoolExecutor
 
 from erase.utils.errors import UserError
+
+
+def tuning_parser(doc: str, cases: str, cases_default: str, seeds_default: str, world: str) -> argparse.ArgumentParser:
+    """The tuning scripts' shared command line: ``--method``, the tuning cases (``--digits`` / ``--concepts``),
+    ``--seeds``, ``--grid`` (repeated), ``--model``, ``--workers``, ``--output_dir``, ``--overwrite``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--method", default="scissorhands", help="erase/sd.py method of every grid point")
+    p.add_argument(f"--{cases}", default=cases_default, help=f"tuning {cases}, comma-separated")
+    p.add_argument("--seeds", default=seeds_default, help="erasure seeds, comma-separated")
+    p.add_argument("--grid", action="append", required=True, help="NAME=erase/sd.py flags (repeat for each point)")
+    p.add_argument("--model", default=None, help=f"base {world} model (default: the cached default)")
+    p.add_argument("--workers", type=int, default=2, help="parallel erase+audit jobs")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
+    return p
 
 
 def parse_points(grid: list[str]) -> dict[str, str]:

@@ -22,7 +22,6 @@ Writes ``OUT/tune.json`` (every run, per-point aggregates, the rule and its choi
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from functools import partial
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.grid import parse_points, run_waves  # noqa: E402
+from benchmarks.grid import parse_points, run_waves, tuning_parser  # noqa: E402
 from erase.utils.errors import cli_errors, UserError  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
@@ -50,15 +49,7 @@ DROPS = ("neighbour_acc", "cooccur_acc", "composition_acc")
 def parse_args(argv=None):
     from eval.shapes.world import parse_concepts
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--method", default="scissorhands", help="erase/sd.py method of every grid point")
-    p.add_argument("--concepts", default="star,red,striped", help="tuning concepts, comma-separated")
-    p.add_argument("--seeds", default="0", help="erasure seeds, comma-separated")
-    p.add_argument("--grid", action="append", required=True, help="NAME=erase/sd.py flags (repeat for each point)")
-    p.add_argument("--model", default=None, help="base shapes model (default: the cached default)")
-    p.add_argument("--workers", type=int, default=2, help="parallel erase+audit jobs")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
+    p = tuning_parser(__doc__, "concepts", "star,red,striped", "0", "shapes")
     a = p.parse_args(argv)
     try:
         a.concepts = parse_concepts(a.concepts, "--concepts")
