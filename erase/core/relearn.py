@@ -21,6 +21,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .inner import inner_products
+
 
 @contextmanager
 def relearned(ctx, model, batch, radius: float):
@@ -33,15 +35,15 @@ def relearned(ctx, model, batch, radius: float):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = [ctx.reduce_mean(g.detach().float()) if g is not None else torch.zeros_like(p, dtype=torch.float32)
              for g, p in zip(grads, params)]
-    g_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
-    w_norm = torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
+    g_sq, w_sq = inner_products([grads, [p.detach() for p in params]], [(0, 0), (1, 1)]).tolist()
+    g_norm, w_norm = g_sq ** 0.5, w_sq ** 0.5  # float64 sums of exact products, no float64 copy of a tensor
     saved = [p.detach().clone() for p in params]
-    step = float(radius * w_norm / g_norm) if float(g_norm) > 0 else 0.0
+    step = radius * w_norm / g_norm if g_norm > 0 else 0.0
     try:
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_((g * step).to(p.dtype))
-        yield {"relearn_step": step * float(g_norm), "relearn_grad_norm": float(g_norm)}
+        yield {"relearn_step": step * g_norm, "relearn_grad_norm": g_norm}
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):

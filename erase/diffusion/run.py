@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 
 from erase.core import NonFiniteLossError, ShardingError, TopKError, build_method, run
 from erase.core.checkpoints import CheckpointError, read_state
@@ -152,7 +152,7 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         sharding_of(accelerator)  # before any image is drawn: DeepSpeed / Megatron and fp16 under FSDP are refused here
     except ShardingError as e:
         raise UserError(str(e)) from None
-    if os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "").strip().lower() in ("1", "true", "yes"):
+    if parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING"):
         # transformers would load the text encoders as empty (meta) tensors on every process but the first, for accelerate
         # to fill in when it wraps them; this run never hands them to accelerate: every process loads them whole
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"

@@ -312,6 +312,18 @@ def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, 
     return float(loss.item())
 
 
+def fit_latent_scale(vae, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, shift: bool = False):
+    """Fit a trained world autoencoder's latent scaling factor (unit std of a posterior draw) and, with ``shift`` (SD3's
+    VAE: latents are ``(z - shift) * scale``), its shift factor (the latents' mean), into ``vae``'s config.
+    Returns (``mean`` shifted, scaling factor, shift factor or None)."""
+    shift_factor = float(mean.mean()) if shift else None
+    if shift:
+        mean = mean - shift_factor
+    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
+    vae.register_to_config(scaling_factor=scaling, **({"shift_factor": shift_factor} if shift else {}))
+    return mean, scaling, shift_factor
+
+
 def world_pipeline(world: str, vae, denoiser, encoders, tokenizer, t5_tokenizer=None):
     """A trained world model's pipeline (``t5_tokenizer`` given: the SD3 kind, else SD v1.4's with DDIM), after
     checking that no weight is broken (a ``ValueError`` naming the part: nothing is saved)."""
@@ -387,11 +399,7 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
         post = vae.encode(images).latent_dist
         mean, std = post.mean, post.std
         vae_mse = F.mse_loss(vae.decode(mean).sample, images).item()
-    shift_factor = float(mean.mean()) if flow else None  # SD3's VAE: latents are (z - shift) * scale
-    if flow:
-        mean = mean - shift_factor
-    scaling_factor = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=scaling_factor, **({"shift_factor": shift_factor} if flow else {}))
+    mean, scaling_factor, shift_factor = fit_latent_scale(vae, mean, std, gen, shift=flow)
 
     # Phase 2: UNet + text encoder on scaled latents, prompts drawn from the training templates.
     prompt_table = [[p for p in digit_prompts(d)] for d in range(10)]

@@ -4,10 +4,11 @@ Same parts as SD v1.4 (AutoencoderKL, UNet2DConditionModel with self- and cross-
 full 49,408-token vocabulary with SD's own tokenizer, a DDIM scheduler with SD's beta schedule), saved with
 ``StableDiffusionPipeline.save_pretrained`` so every tool that loads SD v1.4 loads it, small enough to train on
 one CPU core in about 45 minutes (3,000 UNet steps; 1,200 fit 20 minutes but drew the right shape 23-29 % of the
-time). 32-px images and a 2x autoencoder (16x16x4 latents): a texture's 2-px stripe is one latent pixel, and a 2x autoencoder learns the world's colours and textures in a few hundred steps where a 4x one did
-not (test MSE 0.031 after 250 steps against 0.056; benchmarks/RESULTS.md, "Shapes world"). The UNet has three
-levels (16, 8, 4) with self- and cross-attention below the top one, as SD has none at its coarsest: the 8x8
-cross-attention is where an object's place and colour are decided.
+time). 32-px images and a 2x autoencoder (16x16x4 latents): a texture's 2-px stripe is one latent pixel, and a 2x
+autoencoder learns the world's colours and textures in a few hundred steps where a 4x one did not (test MSE 0.031
+after 250 steps against 0.056; benchmarks/RESULTS.md, "Shapes world"). The UNet has three levels (16, 8, 4) with
+self- and cross-attention below the top one, as SD has none at its coarsest: the 8x8 cross-attention is where an
+object's place and colour are decided.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Generates the audit groups of :func:`eval.shapes.concepts.audit_items` through `
 SD v1.4 audits), reads every image with the judges (:mod:`eval.shapes.judges`) and writes ``OUT/summary.json``:
 
 * ``forget_acc``: share of the concept's prompts (the erasure's own) in which the judges still find it (any object
-  with that shape / colour / texture; a compound "red star": an object both red and a star); ``forget_heldout_acc`` the same under held-out phrasings;
+  with that shape / colour / texture; a compound "red star": an object both red and a star); ``forget_heldout_acc``
+  the same under held-out phrasings;
 * ``neighbour_acc``: look-alike prompts drawn correctly (every named attribute, one object);
 * ``cooccur_acc``: two-object prompts naming the concept and another object: share where that other object (shape,
   colour, texture) is still drawn, anywhere;

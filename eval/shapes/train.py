@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from eval.digits.model import train_denoiser, world_pipeline
+from eval.digits.model import fit_latent_scale, train_denoiser, world_pipeline
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
                                cache_root, is_trained, read_model_card, world_signature)
@@ -93,11 +93,7 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: to
             if i < 2048:
                 mse += F.mse_loss(vae.decode(post.mean).sample, x, reduction="sum").item()
     mean, std = torch.cat(means), torch.cat(stds)
-    shift_factor = float(mean.mean()) if shift else None
-    if shift:
-        mean = mean - shift_factor
-    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=scaling, **({"shift_factor": shift_factor} if shift else {}))
+    mean, scaling, shift_factor = fit_latent_scale(vae, mean, std, gen, shift)
     return {"mean": mean, "std": std, "scaling_factor": scaling, "shift_factor": shift_factor,
             "reconstruction_mse": mse / (min(2048, len(images)) * images[0].numel())}
 

@@ -155,7 +155,7 @@ class Scissorhands(Method):
         if self.memories and step % self.config.memory_refresh != 0:
             return {}
         ctx.zero_grad()
-        memories = []
+        memories, null = [], self._null(ctx)
         # DDP with gradient_as_bucket_view: .grad is a view of the bucket the next backward overwrites; else the
         # gradient tensor is handed over to the memory as it is (no copy)
         copy = bool(getattr(model, "gradient_as_bucket_view", False))
@@ -166,8 +166,8 @@ class Scissorhands(Method):
                 ctx.backward(loss)
                 memories.append([(p.grad.detach().clone() if copy else p.grad.detach()) if p.grad is not None else torch.zeros_like(p)
                                  for p in ctx.params.values()])
-                if self._null(ctx) is not None:  # corrections made of memories then stay off the preserved span
-                    self.null.project_(memories[-1])
+                if null is not None:  # corrections made of memories then stay off the preserved span
+                    null.project_(memories[-1])
                 ctx.zero_grad()
         self.memories = memories
         self._unchecked = True  # after_backward drops those that are not finite (from the norms it computes anyway)
@@ -250,7 +250,7 @@ class Scissorhands(Method):
         correction) and copies nothing.
         """
         pending, self._pending = self._pending, None
-        if self.null is not None and self.config.null_space:  # Adam's step moved the weights on the span too: undo that part
+        if self.null is not None:  # Adam's step moved the weights on the span too: undo that part
             self.null.restore_(list(ctx.params.values()))
         if pending is None:
             return {}
