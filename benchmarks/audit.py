@@ -7,7 +7,9 @@
 Generation: erase.diffusion.generate with `--gen_batch_size` vs. batch size 1, same prompts (I2P rows), random weights
 (`--arch tiny`: eval.tiny; `--arch sd14`: the full SD v1.4 UNet/VAE/CLIP-L text encoder shapes).
 Detection: eval.nudity (one ONNX session, stacked batches, vectorised post-processing, decoding in threads ahead of
-the detector) vs. the loop ESD/SalUn/MACE-style scripts run (`NudeDetector().detect(path)`, a new detector per image),
+the detector) and an audit's detection (eval.nudity_live: the images handed over by generation's writer as it
+writes them, then the detection stage over the folder) vs. the loop ESD/SalUn/MACE-style scripts run
+(`NudeDetector().detect(path)`, a new detector per image),
 and the bound: the ONNX forward passes alone, inputs decoded beforehand (naive / bound is the most any implementation
 can gain); also the decoding alone, one thread. Every timed method runs once per round, rounds interleaved, medians.
 Plan: the pipeline calls generation makes for a whole I2P table with each row's guidance (a count, stub pipeline).
@@ -24,10 +26,11 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.utils.errors import cli_errors, OneLineParser
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from erase.utils.errors import cli_errors, OneLineParser  # noqa: E402
 
 
 def build_sd14_random(path: Path) -> str:
@@ -166,9 +169,11 @@ def make_detection_images(folder: Path, n: int, size: int) -> list[Path]:
 
 
 def bench_detection(args, work: Path) -> dict:
-    """Three ways to score the same images, interleaved over ``--rounds`` rounds (medians of the per-image times):
+    """Four ways to score the same images, interleaved over ``--rounds`` rounds (medians of the per-image times):
     the naive loop of the reference scripts (a new ``NudeDetector`` per image, ``detect(path)``), ``eval.nudity``'s
-    ``score_images`` (reads, hashes, decodes and scores, writes its cache), and the bound: the ONNX forward passes
+    ``score_images`` (reads, hashes, decodes and scores, writes its cache), an audit's detection (the images handed
+    over as generation's writer holds them, ``eval.nudity_live``, then ``score_images`` over the folder, which finds
+    them scored), and the bound: the ONNX forward passes
     alone on inputs decoded beforehand, in eval.nudity's own session and batches. The naive loop pays the passes too,
     so naive / bound is the most any implementation can gain on this machine."""
     import statistics
@@ -177,9 +182,13 @@ def bench_detection(args, work: Path) -> dict:
     import numpy as np
     from nudenet import NudeDetector
 
+    from PIL import Image
+
     from eval.nudity import _decode, _read, NudityDetector, score_images
+    from eval.nudity_live import LiveDetection
 
     paths = make_detection_images(work / "det-images", args.detect_images, args.detect_size)
+    handed = [(p.name, p.read_bytes(), Image.open(p).convert("RGB")) for p in paths]  # what generation's writer holds
     NudeDetector().detect(str(paths[0]))  # warm the file cache and onnxruntime
     detector = NudityDetector()  # as score_images builds it
     bs = args.detect_batch_size
@@ -194,6 +203,13 @@ def bench_detection(args, work: Path) -> dict:
     def ours():  # a fresh output folder each time: nothing cached
         return score_images(paths, work / "det-out" / str(next(runs)), batch_size=bs)[0]
 
+    def live():  # an audit: each generated batch handed over as written (eval.nudity_live), nothing decoded
+        out = work / "det-out" / str(next(runs))
+        with LiveDetection(out, batch_size=bs, detector=detector) as scorer:  # an audit builds it once, beside the denoising
+            for i in range(0, len(handed), bs):
+                scorer(handed[i : i + bs])
+        return score_images(paths, out, batch_size=bs)[0]  # the audit's detection stage: every image found scored
+
     def bound():
         for batch in inputs:
             detector.session.run(None, {detector.input_name: batch})
@@ -202,14 +218,15 @@ def bench_detection(args, work: Path) -> dict:
         for p in paths:
             detector.preprocess(_decode(_read(p)[1])[0])
 
-    per_image = {"naive": [], "ours": [], "bound": [], "decode": []}
-    counts = {"naive": args.naive_images, "ours": len(paths), "bound": len(paths), "decode": len(paths)}
+    methods = {"naive": naive, "ours": ours, "live": live, "bound": bound, "decode": decode}
+    per_image = {name: [] for name in methods}
+    counts = {name: args.naive_images if name == "naive" else len(paths) for name in methods}
     results = {}
     for r in range(args.rounds):
-        order = list(per_image)[r % 4:] + list(per_image)[: r % 4]  # rotate, so no method always runs first
+        order = list(methods)[r % len(methods):] + list(methods)[: r % len(methods)]  # no method always runs first
         for name in order:
             start = time.perf_counter()
-            results[name] = {"naive": naive, "ours": ours, "bound": bound, "decode": decode}[name]()
+            results[name] = methods[name]()
             per_image[name].append((time.perf_counter() - start) / counts[name])
     med = {k: statistics.median(v) for k, v in per_image.items()}
     agree = all(results["ours"][p.name] == d for p, d in zip(paths, results["naive"]))
@@ -217,8 +234,9 @@ def bench_detection(args, work: Path) -> dict:
             "seconds_per_image_median": med, "seconds_per_image_all": per_image,
             "speedup": med["naive"] / med["ours"], "bound": med["naive"] / med["bound"],
             "share_of_bound": med["bound"] / med["ours"], "decode_over_bound": med["decode"] / med["bound"],
-            "same_detections_as_naive": agree, "batch_size": bs,
-            "providers": detector.session.get_providers()}
+            "live_speedup": med["naive"] / med["live"], "live_share_of_bound": med["bound"] / med["live"],
+            "same_detections_as_naive": agree, "live_same_as_files": results["live"] == results["ours"],
+            "batch_size": bs, "providers": detector.session.get_providers()}
 
 
 @cli_errors
@@ -279,6 +297,10 @@ def _bench(args, work: Path) -> dict:
           f"| eval.nudity {1 / m['ours']:.2f} img/s | {d['speedup']:.2f}x | bound (ONNX passes alone) {d['bound']:.2f}x, "
           f"ours at {100 * d['share_of_bound']:.0f}% of it; decoding alone {100 * d['decode_over_bound']:.0f}% of the passes "
           f"| same detections: {d['same_detections_as_naive']} |")
+    print(f"| detection in an audit (handed over by generation's writer, eval.nudity_live, then the detection stage) "
+          f"| naive {1 / m['naive']:.2f} img/s | {1 / m['live']:.2f} img/s | {d['live_speedup']:.2f}x | at "
+          f"{100 * d['live_share_of_bound']:.0f}% of the bound | same detections as scoring the files: "
+          f"{d['live_same_as_files']} |")
     if "generation" in result:
         g = result["generation"]
         rates = list(g["images_per_s"].values())

@@ -10,7 +10,8 @@ scheduler, resolution, dtype, threshold and classes; a flag that contradicts it 
 On machines without CUDA, `accelerate launch --multi_gpu --num_processes N -m eval.i2p ...` runs N CPU
 processes (gloo). Outputs: DIR/images/ (one PNG per prompt row, named by row index, plus generation.json),
 DIR/detections.jsonl, DIR/summary.json, DIR/report/. Rerunning the same command resumes: finished images
-and scored images are skipped, and the result equals an uninterrupted run's.
+and scored images are skipped, and the result equals an uninterrupted run's. NudeNet scores each image as it is
+written (eval/nudity_live.py: no decoding), so the detection stage only checks the files it has scores for.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from erase.utils.launch import make_accelerator, setup_logging
 from erase.diffusion.generate import add_generation_args, check_rows, config_from_args, generate
 from eval.models import load_for
 from eval.nudity import CLASS_SETS, check_threshold, detect_folder, resolve_classes
+from eval.nudity_live import LiveDetection
 from erase.diffusion.prompt_table import load_prompts, SUBSETS
 from eval.protocols import apply_to_i2p_args, check_table, protocol_names, record
 
@@ -104,7 +106,8 @@ def _audit(args, accelerator, table, output_dir: Path, images_dir: Path, pipe=No
     accelerator.wait_for_everyone()  # no process writes into the folder before the main one holds it
     if pipe is None:
         pipe = load_for(args.generation, accelerator)
-    records = generate(table.rows, images_dir, args.generation, accelerator, pipe=pipe)
+    with LiveDetection(output_dir, accelerator, args.detect_batch_size) as live:  # scored as written, never decoded
+        records = generate(table.rows, images_dir, args.generation, accelerator, pipe=pipe, on_saved=live)
     if accelerator.is_main_process:
         manifest = read_json(images_dir / "generation.json", "generation manifest")
         atomic_write_json(images_dir / "generation.json", {**manifest, "prompts": table.describe(),

@@ -38,13 +38,13 @@ from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json, atomic_write_text, sha256_file
 from erase.utils.images import list_inputs
 from erase.utils.launch import setup_logging
+from eval.nudity_cache import CacheLog, read_cache
 
 logger = logging.getLogger(__name__)
 
 PINNED_VERSION = "3.4.2"  # pyproject pins nudenet==3.4.2; preprocessing reuses its _read_image
 LIBRARY_MIN_SCORE = 0.2  # NudeNet's own floor in _postprocess
 INPUT_SIZE = 320  # 320n.onnx's input side
-CACHE_FORMAT = 3  # raw cache records of images checked for size and blankness (per channel) before scoring
 BLANK_RANGE = 2  # max - min of each channel at most this: a blank image
 BLANK_REASON = "blank image (one flat colour: a broken model?)"
 EXPOSED = (
@@ -148,6 +148,31 @@ def preprocess(image_bgr: np.ndarray, size: int = INPUT_SIZE):
     return blob, meta
 
 
+def detector_settings(model_path: str) -> dict:
+    """What an audit records about its detector (no session needed: a folder found scored builds none)."""
+    return {
+        "detector": "nudenet",
+        "nudenet_version": version("nudenet"),
+        "model_file": os.path.basename(model_path),
+        "model_sha256": model_sha256(model_path),
+        "inference_resolution": INPUT_SIZE,
+        "library_min_score": LIBRARY_MIN_SCORE,
+    }
+
+
+def preprocess_rgb(image_rgb: np.ndarray, size: int = INPUT_SIZE):
+    """:func:`preprocess` of the same pixels given as RGB (what a generated image is), without the two channel swaps:
+    NudeNet's ``_read_image`` turns its BGR input into RGB (``COLOR_RGBA2BGR`` on three channels swaps them) before
+    letterboxing, so its first step is this input. The same blob and box metadata, bit for bit (tests)."""
+    import cv2
+
+    height, width = image_rgb.shape[:2]
+    side = max(height, width)
+    padded = cv2.copyMakeBorder(image_rgb, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT)
+    blob = cv2.dnn.blobFromImage(padded, 1 / 255.0, (size, size), (0, 0, 0), swapRB=True, crop=False)
+    return blob, [side / width, side / height, side - width, side - height, width, height]
+
+
 class NudityDetector:
     """One NudeNet ONNX session; `detect(images)` scores a list of BGR uint8 arrays in one run."""
 
@@ -174,14 +199,7 @@ class NudityDetector:
                            PINNED_VERSION)
 
     def settings(self) -> dict:
-        return {
-            "detector": "nudenet",
-            "nudenet_version": version("nudenet"),
-            "model_file": os.path.basename(self.model_path),
-            "model_sha256": model_sha256(self.model_path),
-            "inference_resolution": self.size,
-            "library_min_score": LIBRARY_MIN_SCORE,
-        }
+        return detector_settings(self.model_path)
 
     def preprocess(self, image_bgr: np.ndarray):
         return preprocess(image_bgr, self.size)
@@ -243,19 +261,6 @@ def is_blank(image: np.ndarray) -> bool:
     return max(hi - lo for lo, hi, _, _ in ranges) <= BLANK_RANGE
 
 
-def _read_cache(raw_dir: Path, model_sha: str) -> dict[str, list]:
-    cache = {}
-    for part in sorted(raw_dir.glob("part-*.jsonl")):
-        for line in part.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill: ignore, the image is scored again
-                continue
-            if rec.get("model_sha256") == model_sha and rec.get("format") == CACHE_FORMAT:
-                cache[rec["sha256"]] = rec["detections"]
-    return cache
-
-
 def _chunks(items: list, batch_size: int, first: int = 4) -> list[list]:
     """``items`` in runs of ``batch_size``, the first one short: the detector starts on it while the next one is
     decoded (a detection does not depend on the batch it is scored in; tests/test_eval_nudity.py)."""
@@ -276,12 +281,6 @@ def _one_cv2_thread():
         cv2.setNumThreads(before)
 
 
-def _ends_a_line(path: Path) -> bool:
-    with open(path, "rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) == b"\n"
-
-
 def _decode_workers(world: int, detector=None) -> int:
     """Threads decoding images: one when the CPU scores (the detector needs the other cores), more for a GPU."""
     import onnxruntime as ort
@@ -294,8 +293,8 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     """Raw detections for `images` (list of paths), sharded across processes and cached under output_dir/raw.
 
     Decoding is overlapped with inference: decode threads read, hash, check and letterbox the next batches while
-    ONNX Runtime (which releases the GIL) scores this one, and the ONNX session itself is built while the first
-    batch decodes. Returns ({file name: raw detections}, skipped [{file, reason}], detector settings); every process
+    ONNX Runtime (which releases the GIL) scores this one, and the ONNX session itself is built while the next
+    batches decode (not at all when every image is cached, as after an audit's generation). Returns ({file name: raw detections}, skipped [{file, reason}], detector settings); every process
     gets the whole result.
     """
     from tqdm.auto import tqdm
@@ -306,7 +305,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     raw_dir = Path(output_dir) / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
     model_sha = model_sha256(detector.model_path if detector is not None else default_model_path())
-    cache = _read_cache(raw_dir, model_sha)
+    cache = read_cache(raw_dir, model_sha)
     mine = list(images)[rank::world]
     status = {}  # file name -> sha256 of its content, or {"reason": why it was skipped}
     bar = tqdm(total=len(mine), desc="nudenet", unit="img",
@@ -326,14 +325,8 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
 
     chunks = _chunks(mine, batch_size)
     workers = _decode_workers(world, detector)
-    log_path = raw_dir / f"part-{rank}.jsonl"
-    with open(log_path, "a", encoding="utf-8") as log, _one_cv2_thread(), ThreadPoolExecutor(workers) as pool:
-        if log.tell() and not _ends_a_line(log_path):
-            log.write("\n")  # a line cut by a kill or a full disk stays alone on its line (and is ignored)
+    with CacheLog(raw_dir, rank, model_sha) as log, _one_cv2_thread(), ThreadPoolExecutor(workers) as pool:
         futures = deque(pool.submit(prepare, chunk) for chunk in chunks[: workers + 1])
-        if detector is None:  # built while the first batches decode
-            threads = max(1, (os.cpu_count() or 1) // max(1, world)) if world > 1 else None
-            detector = NudityDetector(device_id=local, threads=threads)
         waiting = len(futures)
         while futures:
             prepared = futures.popleft().result()
@@ -345,14 +338,16 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
                 status[path.name] = sha if sha else {"reason": item}
                 if sha and item is not None:
                     todo.append((path, sha, item))
-            for (path, sha, _), dets in zip(todo, detector.run([item for _, _, item in todo]) if todo else []):
+            if todo and detector is None:  # built while the next batches decode; none when every image is cached
+                threads = max(1, (os.cpu_count() or 1) // max(1, world)) if world > 1 else None
+                detector = NudityDetector(device_id=local, threads=threads)
+            detections = detector.run([item for _, _, item in todo]) if todo else []
+            for (_, sha, _), dets in zip(todo, detections):
                 cache[sha] = dets
-                log.write(json.dumps({"file": path.name, "sha256": sha, "model_sha256": model_sha, "format": CACHE_FORMAT,
-                                      "detections": dets}) + "\n")
-            log.flush()  # a kill keeps every flushed line; the cache only saves work, so no fsync per batch
+            log.write([(path.name, sha, dets) for (path, sha, _), dets in zip(todo, detections)])
             bar.update(len(prepared))
     bar.close()
-    settings = detector.settings()
+    settings = detector_settings(detector.model_path if detector is not None else default_model_path())
     if accelerator is not None:
         from accelerate.utils import gather_object
 
@@ -361,7 +356,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
         for part in gather_object([status]):
             merged.update(part)
         status = merged
-        cache = _read_cache(raw_dir, model_sha)
+        cache = read_cache(raw_dir, model_sha)
     raw, skipped = {}, []
     for path in images:
         entry = status.get(path.name)

@@ -52,6 +52,33 @@ def reference(tmp_path_factory, model):
     return out
 
 
+def _cache_records(out) -> dict:
+    """{image sha256: raw detections} of an audit's raw cache, read as the audit reads it."""
+    from eval.nudity import default_model_path, model_sha256
+    from eval.nudity_cache import read_cache
+
+    return read_cache(out / "raw", model_sha256(default_model_path()))
+
+
+def _assert_same_audit(out, reference):
+    """Bit for bit the reference audit (tree_bytes leaves out the raw cache, whose lines follow the order the images
+    were scored in: while generated or afterwards), and a raw cache with the same records."""
+    assert tree_bytes(out) == tree_bytes(reference)
+    assert _cache_records(out) == _cache_records(reference) and len(_cache_records(out)) == N
+
+
+def test_the_audit_scores_each_image_as_it_is_written(tmp_path, model, reference, monkeypatch, fresh_accelerate,
+                                                      one_thread):
+    """NudeNet scores the images on generation's writer thread (eval.nudity_live): the detection stage decodes none,
+    and the audit equals the reference."""
+    from eval import nudity
+
+    monkeypatch.setattr(nudity, "_decode", lambda data: pytest.fail("decoded an image the audit had just generated"))
+    out = tmp_path / "audit"
+    _run(_argv(model, out))
+    _assert_same_audit(out, reference)
+
+
 def test_audit_outputs_record_every_setting(reference):
     from erase.diffusion.prompt_table import load_prompts
 
@@ -89,7 +116,7 @@ def test_killed_audit_resumes_to_the_uninterrupted_result(tmp_path, model, refer
     assert not (out / "summary.json").exists()
     (out / "images" / ".00999_0.png.x1.tmp").write_bytes(b"half")  # what a kill mid-write can leave
     _run(_argv(model, out))
-    assert tree_bytes(out) == tree_bytes(reference)
+    _assert_same_audit(out, reference)
 
 
 def test_resuming_with_another_batch_size_changes_images_by_rounding_only(tmp_path, model, reference, fresh_accelerate,
@@ -261,11 +288,11 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_pat
     from PIL import Image
 
     from erase.utils import files
-    from eval import nudity
+    from eval import nudity_cache
 
     disk = _FullDisk(after)
     monkeypatch.setattr(files, "os", types.SimpleNamespace(**{**vars(os), "fdopen": lambda *a, **k: disk.wrap(os.fdopen(*a, **k))}))
-    monkeypatch.setattr(nudity, "open", lambda *a, **k: disk.wrap(open(*a, **k)), raising=False)
+    monkeypatch.setattr(nudity_cache, "open", lambda *a, **k: disk.wrap(open(*a, **k)), raising=False)
     out = tmp_path / "audit"
     with pytest.raises(SystemExit) as err:
         _run(_argv(model, out))
@@ -281,4 +308,4 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_pat
             json.loads((out / done).read_text())
     monkeypatch.undo()
     _run(_argv(model, out))
-    assert tree_bytes(out) == tree_bytes(reference)
+    _assert_same_audit(out, reference)

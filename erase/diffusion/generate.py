@@ -340,7 +340,7 @@ def _is_done(path: Path, key: str) -> bool:
     return path.exists() and read_image_meta(path).get("key") == key
 
 
-def _save_png(image, path: Path, item: _Item, settings: str) -> None:
+def _save_png(image, path: Path, item: _Item, settings: str) -> bytes:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -353,6 +353,7 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> None:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
     atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _note_changed_weights(out_dir: Path, weights: dict) -> None:
@@ -368,10 +369,11 @@ def _note_changed_weights(out_dir: Path, weights: dict) -> None:
                        "drawn again", out_dir, ", ".join(changed))
 
 
-def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str) -> None:
-    for it, image in zip(batch, images):
-        if not _is_done(out_dir / it.name, it.key):
-            _save_png(image, out_dir / it.name, it, settings)
+def _save_batch(batch: list[_Item], images, out_dir: Path, settings: str, on_saved=None) -> None:
+    saved = [(it.name, _save_png(image, out_dir / it.name, it, settings), image)
+             for it, image in zip(batch, images) if not _is_done(out_dir / it.name, it.key)]
+    if on_saved is not None and saved:
+        on_saved(saved)
 
 
 def plan_batches(items: list[_Item], batch_size: int) -> list[list[_Item]]:
@@ -407,8 +409,12 @@ def generation_device(accelerator=None) -> torch.device:
     return accelerator.device if accelerator is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) -> list[dict]:
-    """Generate the images of `rows` into `out_dir`; returns one record per image of the whole table."""
+def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None, on_saved=None) -> list[dict]:
+    """Generate the images of `rows` into `out_dir`; returns one record per image of the whole table.
+
+    ``on_saved([(file name, the PNG's bytes as written, PIL image), ...])`` is called on the writer thread after each
+    batch's files are written (an audit scores the images there, without decoding them again: eval.nudity_live);
+    its errors surface here like a write error."""
     from tqdm.auto import tqdm
 
     rank = accelerator.process_index if accelerator is not None else 0
@@ -459,7 +465,7 @@ def generate(rows, out_dir, cfg: GenerationConfig, accelerator=None, pipe=None) 
                     output_type="pil",
                     **call_kwargs,
                 ).images
-            pending.append(writer.submit(_save_batch, batch, images, out_dir, settings_key))
+            pending.append(writer.submit(_save_batch, batch, images, out_dir, settings_key, on_saved))
             while len(pending) > 1:
                 pending.popleft().result()
             bar.update(len(batch))
