@@ -62,11 +62,12 @@ def parse_args(argv=None):
 
 def bench_args(out: Path, erase_args: str) -> SimpleNamespace:
     from eval.shapes.__main__ import BENCH_DEFAULTS
+    from eval.shapes.bench import UNTUNED_ARGS
     from eval.shapes.score import SCORE_DEFAULTS
 
     return SimpleNamespace(**BENCH_DEFAULTS, num_images=SCORE_DEFAULTS["num_images"], steps=SCORE_DEFAULTS["steps"],
                            guidance=SCORE_DEFAULTS["guidance"], launcher="accelerate", erase_args=erase_args,
-                           output_dir=str(out))
+                           output_dir=str(out), method_args=UNTUNED_ARGS)  # grid points start from the untuned settings
 
 
 def job(base: str, method: str, name: str, concept: str, seed: int, points: dict, out: str) -> dict:
