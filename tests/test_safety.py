@@ -447,8 +447,9 @@ def test_audit_benchmark_never_deletes_foreign_content(tmp_path, monkeypatch):
     (work / "det-out" / "stale").write_text("cache of an earlier run")
     monkeypatch.setattr(bench, "bench_detection", lambda args, w: {
         "images": 1, "image_size": 8, "rounds": 1, "speedup": 1.0, "bound": 1.0, "share_of_bound": 1.0,
-        "decode_over_bound": 0.1, "same_detections_as_naive": True,
-        "seconds_per_image_median": {"naive": 1.0, "ours": 1.0, "bound": 1.0, "decode": 0.1}})
+        "decode_over_bound": 0.1, "same_detections_as_naive": True, "live_speedup": 1.0, "live_share_of_bound": 1.0,
+        "live_same_as_files": True, "seconds_per_image_median": {"naive": 1.0, "ours": 1.0, "live": 1.0, "bound": 1.0,
+                                                                 "decode": 0.1}})
     bench.main(bench.parse_args(["--output_dir", str(work), "--skip_generation", "--overwrite"]))
     assert (work / "thesis.tex").read_text() == "years of work" and not (work / "det-out").exists()
     assert json.loads((work / "audit_bench.json").read_text())["detection"]["images"] == 1
