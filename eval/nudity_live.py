@@ -7,11 +7,11 @@
 Generation's writer thread hands over each written batch: the PNG's bytes as written (their sha256 is the file's, the
 raw cache's key) and the image it encoded. PNG is lossless, so the image's RGB pixels are exactly those ``cv2.imdecode``
 gives for the file (as BGR), letterboxed without the channel swaps (:func:`eval.nudity.preprocess_rgb`), and the
-detections are the ones scoring the file would give (tested). The
-records go to the audit's raw cache (:mod:`eval.nudity_cache`), batched to the detector's batch size. What costs an
-audit a decode per image (a third to a half of a forward pass on a CPU: benchmarks/RESULTS.md) is never done, and on
-a GPU machine the passes run on the host beside the GPU's denoising. Images the hand-over cannot vouch for (not RGB,
-over the pixel limit, blank) are left to the folder's scoring, which lists why it skips them.
+detections are the ones scoring the file would give (tested). The records go to the audit's raw cache
+(:mod:`eval.nudity_cache`), batched to the detector's batch size. What costs an audit a decode per image (a third to
+a half of a forward pass on a CPU: benchmarks/RESULTS.md) is never done, and on a GPU machine the detection runs
+beside the denoising. Images the hand-over cannot vouch for (not RGB, over the pixel limit, blank) are left to the
+folder's scoring, which lists why it skips them.
 """
 
 from __future__ import annotations
