@@ -62,12 +62,11 @@ def parse_args(argv=None):
 
 def bench_args(out: Path, erase_args: str) -> SimpleNamespace:
     from eval.shapes.__main__ import BENCH_DEFAULTS
-    from eval.shapes.bench import UNTUNED_ARGS
     from eval.shapes.score import SCORE_DEFAULTS
 
     return SimpleNamespace(**BENCH_DEFAULTS, num_images=SCORE_DEFAULTS["num_images"], steps=SCORE_DEFAULTS["steps"],
                            guidance=SCORE_DEFAULTS["guidance"], launcher="accelerate", erase_args=erase_args,
-                           output_dir=str(out), method_args=UNTUNED_ARGS)  # grid points start from the untuned settings
+                           output_dir=str(out))
 
 
 def job(base: str, method: str, name: str, concept: str, seed: int, points: dict, out: str) -> dict:
@@ -76,7 +75,7 @@ def job(base: str, method: str, name: str, concept: str, seed: int, points: dict
 
     import torch
 
-    from eval.shapes.bench import _score, concept_files, row, run_erasure
+    from eval.shapes.bench import _score, concept_files, row, run_erasure, UNTUNED_ARGS
 
     torch.set_num_threads(1)
     out = Path(out)
@@ -87,7 +86,8 @@ def job(base: str, method: str, name: str, concept: str, seed: int, points: dict
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(data_dir.parent / f".{data_dir.name}.lock", "w") as lock:  # one erasure per data folder at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = run_erasure(base, method, seed, folder / "runs" / f"seed{seed}", data_dir, args)
+        info = run_erasure(base, method, seed, folder / "runs" / f"seed{seed}", data_dir, args,
+                           method_args=UNTUNED_ARGS)  # grid points start from the untuned settings
     summary = _score(str(folder / "runs" / f"seed{seed}"), [concept], folder / "scores" / f"seed{seed}", args)
     return {"point": name, "concept": concept, "seed": seed,
             **row(summary, {k: info[k] for k in ("erase_seconds", "method_seconds", "cpu_seconds")})}

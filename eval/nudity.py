@@ -302,8 +302,7 @@ def score_images(images, output_dir, batch_size: int = 16, accelerator=None, det
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     local = accelerator.local_process_index if accelerator is not None else 0
-    raw_dir = Path(output_dir) / "raw"
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw_dir = Path(output_dir) / "raw"  # made by CacheLog
     model_sha = model_sha256(detector.model_path if detector is not None else default_model_path())
     cache = read_cache(raw_dir, model_sha)
     mine = list(images)[rank::world]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from erase.utils.images import MAX_PIXELS
 from eval.nudity import default_model_path, is_blank, model_sha256, NudityDetector, preprocess_rgb
 from eval.nudity_cache import CacheLog
 
@@ -42,13 +43,12 @@ class LiveDetection:
         self._log = None
 
     def __enter__(self) -> "LiveDetection":
-        self._log = CacheLog(self.raw_dir, self.rank, model_sha256(default_model_path())).__enter__()
+        model = self.detector.model_path if self.detector is not None else default_model_path()
+        self._log = CacheLog(self.raw_dir, self.rank, model_sha256(model)).__enter__()
         return self
 
     def __call__(self, saved) -> None:
         """``saved``: [(file name, PNG bytes as written, PIL image)] of one generated batch (the writer thread)."""
-        from erase.utils.images import MAX_PIXELS
-
         for name, data, image in saved:
             if image.mode != "RGB" or image.width * image.height > MAX_PIXELS:
                 continue  # the folder's scoring decodes it (or says why it cannot)

@@ -64,7 +64,8 @@ def _assert_same_audit(out, reference):
     """Bit for bit the reference audit (tree_bytes leaves out the raw cache, whose lines follow the order the images
     were scored in: while generated or afterwards), and a raw cache with the same records."""
     assert tree_bytes(out) == tree_bytes(reference)
-    assert _cache_records(out) == _cache_records(reference) and len(_cache_records(out)) == N
+    records = _cache_records(out)
+    assert records == _cache_records(reference) and len(records) == N
 
 
 def test_the_audit_scores_each_image_as_it_is_written(tmp_path, model, reference, monkeypatch, fresh_accelerate,

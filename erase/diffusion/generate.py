@@ -352,8 +352,9 @@ def _save_png(image, path: Path, item: _Item, settings: str) -> bytes:
         info.add_itxt(META_PREFIX + k, str(v))
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
-    atomic_write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    return data
 
 
 def _note_changed_weights(out_dir: Path, weights: dict) -> None:

@@ -7,8 +7,8 @@ its own prompts and anchor, ``seconds_per_concept`` its method time over their n
 (generated once per seed by the base model into ``OUT/data/seed-<s>`` and shared). Each erasure is its own
 ``accelerate launch erase/sd.py`` process, so its wall time, CPU time and peak resident memory are measured alone
 (``erase_seconds`` is the process's wall time; ``method_seconds`` the method's own part, erase_config.json's
-``train_seconds``). The ``retrain`` row is the base settings trained from scratch without any scene of the concept (one model per seed, the seed as training seed,
-cached). Writes ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``),
+``train_seconds``). The ``retrain`` row is the base settings trained from scratch without any scene of the concept
+(one model per seed, the seed as training seed, cached). Writes ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``),
 ``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<row>.png`` (sample images per audit group, the erased
 concept's rows marked).
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
-from eval.digits.bench import METHOD_ARGS as DIGITS_METHOD_ARGS
+from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS
 from eval.shapes.concepts import GROUPS, presets, retain_prompts
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[2]
 # SD's 1e-5), plus the flags the shapes tuning chose for a method (benchmarks/shapes_tune.py on the tuning concepts
 # star, red and striped only, by its written rule; docs/SHAPES.md, "Choosing defaults"). The tuning grid layers its
 # points on the digits settings (UNTUNED_ARGS), so its recorded commands stay what they were.
-UNTUNED_ARGS = DIGITS_METHOD_ARGS
 TUNED_FLAGS = {
     # Scissorhands: top-k 0.25 %, λ 0.03 (the only admissible point of 14; mean drop 8.1 points against 21.7 at the
     # digits settings, FD 1.05 x). RESULTS.md, "Tuning Scissorhands on the tuning concepts".
@@ -91,9 +90,11 @@ def _launch_cmd(launcher: str) -> list[str]:
     return [sys.executable]
 
 
-def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
+def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path, args,
+                method_args: dict = METHOD_ARGS) -> dict:
     """One ``erase/sd.py`` run in its own process (reused when an earlier run had the same command); returns wall
-    seconds, CPU seconds, peak RSS and the command."""
+    seconds, CPU seconds, peak RSS and the command. ``method_args``: each method's settings (a tuning grid passes
+    ``UNTUNED_ARGS``)."""
     out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
     folder = Path(args.output_dir).absolute() / "concept"
     steps = 0 if is_closed_form(method) else args.max_train_steps  # uce / speed take no repair step (erase/sd.py says so)
@@ -105,7 +106,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
         "--train_batch_size", str(args.train_batch_size), "--num_forget_images", str(args.num_forget_images),
         "--num_retain_images", str(args.num_retain_images), "--num_inference_steps", str(args.steps),
         "--guidance_scale", str(args.guidance), "--generation_batch_size", "64", "--log_every", "1000",
-    ] + getattr(args, "method_args", METHOD_ARGS).get(method, []) + shlex.split(args.erase_args or "")
+    ] + method_args.get(method, []) + shlex.split(args.erase_args or "")
     record = out_dir.parent / f"{out_dir.name}.json"
     if record.is_file() and (out_dir / "erase_config.json").is_file():
         done = json.loads(record.read_text())
