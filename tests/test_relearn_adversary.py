@@ -52,6 +52,56 @@ def test_forget_gradient_is_taken_one_relearning_step_ahead(forget_loss, mlp, di
     assert float(loss.detach()) == pytest.approx(float(parts["retain_loss"] + 0.7 * parts["forget_term"]), rel=1e-6)
 
 
+@pytest.mark.parametrize("which", ["rest", "all"])
+def test_the_relearning_step_can_move_the_weights_the_erasure_does_not_train(which, mlp, digits_tensors):
+    """relearn_params rest / all: the step down the concept's loss moves the untrained layer (and, for all, the target
+    too); the forget term's gradient still fills the targets alone; every tensor and requires_grad flag comes back."""
+    forget, retain = split(digits_tensors)
+    adapter = ClassifierAdapter(mlp, forget, retain, num_classes=10)
+    method = build_method("scissorhands", relearn_radius=0.04, relearn_params=which, lam=0.5, forget_loss="ascent",
+                          forget_bound=4.0)
+    mlp.requires_grad_(False)
+    params = {n: p for n, p in mlp.named_parameters() if n.startswith("2.")}  # the targets: the last layer
+    for p in params.values():
+        p.requires_grad_(True)
+    ctx = RunContext(adapter, Accelerator(cpu=True), EngineConfig(output_dir="unused"), params, None, None, None, None, model=mlp)
+    fb, rb = (forget[0][:24], forget[1][:24]), (retain[0][:40], retain[1][:40])
+    before = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+
+    ref = copy.deepcopy(mlp).requires_grad_(True)
+    names = [n for n, _ in ref.named_parameters()]
+    moving = [n for n in names if which == "all" or not n.startswith("2.")]
+    g = dict(zip(names, torch.autograd.grad(adapter.forget_loss(ref, fb), list(ref.parameters()))))
+    g_norm = torch.sqrt(sum((g[n].double() ** 2).sum() for n in moving))
+    w_norm = torch.sqrt(sum((dict(ref.named_parameters())[n].detach().double() ** 2).sum() for n in moving))
+    moved = copy.deepcopy(ref)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            if n in moving:
+                p.sub_(g[n] * float(0.04 * w_norm / g_norm))
+    targets_moved = [p for n, p in moved.named_parameters() if n.startswith("2.")]
+    targets_ref = [p for n, p in ref.named_parameters() if n.startswith("2.")]
+    expected = [a + b for a, b in zip(torch.autograd.grad(0.5 * adapter.forget_term("ascent", moved, fb, bound=4.0), targets_moved),
+                                      torch.autograd.grad(adapter.retain_loss(ref, rb), targets_ref))]
+
+    loss, parts = method.loss(ctx, mlp, fb, rb)
+    ctx.backward(loss)
+    for n, p in mlp.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        assert p.requires_grad == n.startswith("2."), n
+        assert (p.grad is None) != n.startswith("2."), n  # the untrained layer gets no gradient
+    for p, e in zip(params.values(), expected):
+        assert torch.allclose(p.grad, e, atol=1e-6, rtol=1e-5)
+    assert float(parts["relearn_step"]) == pytest.approx(0.04 * float(w_norm), rel=1e-6)
+
+
+def test_relearn_params_without_a_radius_is_refused():
+    with pytest.raises(ValueError, match="relearn_params 'rest' .* needs relearn_radius > 0"):
+        build_method("scissorhands", relearn_params="rest")
+    with pytest.raises(ValueError, match="relearn_params 'some' is not one of"):
+        build_method("scissorhands", relearn_radius=0.01, relearn_params="some")
+
+
 def test_engine_run_with_the_adversary_keeps_the_guarantee_and_forgets(mlp, digits_tensors, tmp_path):
     forget, retain = split(digits_tensors)
     adapter = ClassifierAdapter(mlp, forget, retain, num_classes=10, batch_size=32)
@@ -71,7 +121,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(
     from erase.core.checkpoints import CheckpointError, check_resume, method_defaults, record
 
     old = record(build_method("scissorhands"), EngineConfig(), 1, {})
-    for added in ("relearn_radius", "null_space", "null_space_threshold"):
+    for added in ("relearn_radius", "relearn_params", "null_space", "null_space_threshold"):
         old["method_config"].pop(added)
     state = {"step": 2, "record": old}
     plain = build_method("scissorhands")

@@ -21,7 +21,7 @@ from accelerate.logging import get_logger
 from ..method import Method
 from ..norms import frozen_norm_stats
 from ..nullspace import NullSpace
-from ..relearn import relearned
+from ..relearn import RELEARN_PARAMS, relearned
 from ..inner import add_and_measure_, inner_products
 from ..projection import dual_coefficients, project_
 from ..registry import register_method
@@ -60,6 +60,7 @@ class ScissorhandsConfig:
     null_space: bool = field(default=False, metadata={"help": "Null-space repair: the trim and every step change the text-input layers (cross-attention keys / values, MMDiT text embedders) only off the span of the preserved prompts' inputs, so those prompts' keys and values stay the base's (erase/core/nullspace.py)."})
     null_space_threshold: float = field(default=0.01, metadata={"help": "With --null_space: input directions whose second-moment eigenvalue is at least this share of the largest are preserved."})
     relearn_radius: float = field(default=0.0, metadata={"help": "Weight-space adversary: take the forget term's gradient at the weights one relearning step reaches (a step down the concept's loss of this length, relative to the targets' norm; erase/core/relearn.py). 0: off."})
+    relearn_params: str = field(default="targets", metadata={"help": "Which weights the relearning step of --relearn_radius moves: targets (the erasure's own), rest (every other weight of the model: those a relearning attack moves and the erasure never trains) or all; the radius is relative to their norm.", "choices": RELEARN_PARAMS})
 
     def __post_init__(self):
         check_k(self.topk)
@@ -75,6 +76,10 @@ class ScissorhandsConfig:
             raise ValueError("memory_refresh, num_memories and saliency_batches must be >= 1")
         if not 0.0 <= self.relearn_radius < 1.0:
             raise ValueError(f"relearn_radius must lie in [0, 1), got {self.relearn_radius}")
+        if self.relearn_params not in RELEARN_PARAMS:
+            raise ValueError(f"relearn_params {self.relearn_params!r} is not one of {RELEARN_PARAMS}")
+        if self.relearn_params != "targets" and self.relearn_radius == 0:
+            raise ValueError(f"relearn_params {self.relearn_params!r} sets what the weight-space adversary moves; it needs relearn_radius > 0")
         if not 0.0 < self.null_space_threshold < 1.0:
             raise ValueError(f"null_space_threshold must lie in (0, 1), got {self.null_space_threshold}")
 
@@ -179,7 +184,7 @@ class Scissorhands(Method):
     def loss(self, ctx, model, forget_batch, retain_batch):
         if self.config.relearn_radius > 0 and self._forget_active(ctx, ctx.step):
             # the forget term one relearning step ahead, its backward taken here, before the retain term's forward at θ
-            with relearned(ctx, model, forget_batch, self.config.relearn_radius) as info:
+            with relearned(ctx, model, forget_batch, self.config.relearn_radius, self.config.relearn_params) as info:
                 term = ctx.adapter.forget_term(self.config.forget_loss, model, forget_batch, bound=self.config.forget_bound)
                 ctx.backward(self.config.lam * term)
             lr = ctx.adapter.retain_loss(model, retain_batch)
