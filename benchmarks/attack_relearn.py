@@ -12,6 +12,15 @@ targets-only curve uses ``--base_targets`` (default xattn, erase/sd.py's default
 through ``eval.attack.relearn_audit`` with the defaults (8 images, Adam 1e-4, batch 8, seeds 0,1,2, steps
 0/10/25/50/100, 40 images per check) unless flags say otherwise; a rerun resumes finished cells. Writes
 OUTPUT_DIR/<name>/summary.json per model and OUTPUT_DIR/relearn_bench.json, and prints a markdown table.
+
+Where does the concept come back through? ``--split REGEX`` relearns, for each model, only the tensors whose names
+match REGEX (``inside``) and, separately, only every other UNet tensor (``outside``), instead of all / targets; with
+``--target_images`` (a robust_digits.py output's ``<digit>/base-concept-images/relearn``) on the same images as the
+robustness bench (RESULTS.md, "Where relearning comes back through"):
+
+    OMP_NUM_THREADS=1 python benchmarks/attack_relearn.py --concept seven --split '.*\.attn[12]\..*' --eval_steps 0,10,25 \
+        --target_images OUT/seven/base-concept-images/relearn --output_dir /tmp/routes \
+        --models plain=OUT/seven/runs/plain-seed0,RA2=OUT/seven/runs/RA2-seed0,retrain=<retrain model>
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from erase.utils.errors import cli_errors
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from erase.utils.errors import cli_errors  # noqa: E402
 
 
 @cli_errors
@@ -39,6 +50,12 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=None, help="images per check (default: the judge's, 40)")
     p.add_argument("--relearn_seeds", default="0,1,2", help="relearning seeds")
     p.add_argument("--eval_steps", default="0,10,25,50,100", help="checked relearning steps")
+    p.add_argument("--target_images", default=None, help="relearn on these images of the concept (default: drawn by the base)")
+    p.add_argument("--check_prompts", default=None, help="file of prompts the checks draw from, one a line (default: the "
+                                                         "concept's forget prompts); e.g. other concepts' prompts, to see "
+                                                         "whether relearning brings the concept back everywhere")
+    p.add_argument("--split", default=None, help="regex: relearn only the matching tensors (inside) and only the others "
+                                                 "(outside) instead of all / targets")
     return p.parse_args(argv)
 
 
@@ -60,18 +77,30 @@ def main(argv=None) -> dict:
         opts = dict(relearn_seeds=args.relearn_seeds, eval_steps=args.eval_steps)
         if args.num_images:
             opts["num_images"] = args.num_images
+        if args.target_images:
+            opts["target_images"] = args.target_images
+        if args.check_prompts:
+            opts["forget_prompts"] = args.check_prompts
         if not (Path(path) / "erase_config.json").is_file():
             opts["targets"] = args.base_targets
         t0, c0 = time.perf_counter(), time.process_time()
-        s = relearn_audit(path, args.concept, out / name, **opts)
+        if args.split:  # two targets-only audits: the matching tensors, then the complement
+            curves = {label: relearn_audit(path, args.concept, out / name / label, **{
+                **opts, "relearn_params": "targets", "targets": regex})["relearn_targets"]
+                for label, regex in (("inside", args.split), ("outside", f"^(?!.*(?:{args.split}))"))}
+            s = {"seconds": {"computed_cells": None}, "target_images_judged": None}
+        else:
+            s = relearn_audit(path, args.concept, out / name, **opts)
+            curves = {"relearn": s["relearn"], "relearn_targets": s["relearn_targets"]}
         rows.append({"name": name, "model": path, "wall_s": round(time.perf_counter() - t0, 1),
                      "cpu_s": round(time.process_time() - c0, 1), "computed_cells": s["seconds"]["computed_cells"],
-                     "relearn": s["relearn"], "relearn_targets": s["relearn_targets"],
-                     "target_images_judged": s["target_images_judged"]})
+                     **curves, "target_images_judged": s["target_images_judged"]})
     result = {"date": str(date.today()), "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
-              "concept": args.concept, "rows": rows}
+              "concept": args.concept, "split": args.split, "target_images": args.target_images,
+              "check_prompts": args.check_prompts, "rows": rows}
     (out / "relearn_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    steps = rows[0]["relearn"]["steps"] if rows else []
+    labels = (("inside", "inside"), ("outside", "outside")) if args.split else (("relearn", "all"), ("relearn_targets", "targets"))
+    steps = rows[0][labels[0][0]]["steps"] if rows else []
 
     def curve(c):
         return " | ".join(f"{100 * m:.0f} ± {100 * d:.0f}" for m, d in zip(c["hit_rate"], c["hit_rate_std"]))
@@ -81,13 +110,13 @@ def main(argv=None) -> dict:
     print("| model | params | " + " | ".join(f"step {s}" for s in steps) + " | first > 50 % | wall s | CPU s |")
     print("|---" * (len(steps) + 5) + "|")
     for r in rows:
-        for key, label in (("relearn", "all"), ("relearn_targets", "targets")):
+        for i, (key, label) in enumerate(labels):
             c = r[key]
             if c is None:
                 continue
-            spec = "" if label == "all" else f" ({c['params']['spec']})"
+            spec = "" if label == "all" else f" ({c['params']['spec']}: {c['params']['num_parameters']:,} parameters)"
             print(f"| {r['name']} | {label}{spec} | {curve(c)} | {c['first_step_over_50']} | "
-                  f"{r['wall_s'] if label == 'all' else ''} | {r['cpu_s'] if label == 'all' else ''} |")
+                  f"{r['wall_s'] if i == 0 else ''} | {r['cpu_s'] if i == 0 else ''} |")
     return result
 
 
