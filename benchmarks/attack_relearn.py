@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
         if args.split:  # two targets-only audits: the matching tensors, then the complement
             curves = {label: relearn_audit(path, args.concept, out / name / label, **{
                 **opts, "relearn_params": "targets", "targets": regex})["relearn_targets"]
-                for label, regex in (("inside", args.split), ("outside", f"^(?!.*(?:{args.split}))"))}
+                for label, regex in (("inside", args.split), ("outside", f"^(?!.*(?:{args.split})).*"))}
             s = {"seconds": {"computed_cells": None}, "target_images_judged": None}
         else:
             s = relearn_audit(path, args.concept, out / name, **opts)

@@ -481,3 +481,21 @@ def test_gaps_pair_each_erasure_with_the_retrain_model_of_its_seed():
     assert esd[1]["inversion_500_gap"] == pytest.approx(0.2)  # no retrain seed 2: against the retrain mean 0.3
     assert results["base_attacks"]["inversion_500_gap"] == pytest.approx(0.7)
     assert "inversion_500_gap" not in results["runs"]["retrain"][0]
+
+
+def test_the_digits_bench_runs_a_closed_form_editor_with_no_repair_steps(tiny_digits_model, tmp_path):
+    """uce / speed take no repair step: the bench asks erase/sd.py for 0 steps whatever its --max_train_steps (erase/sd.py
+    refuses more), so the robustness benchmark can put the closed-form editors beside the trained methods."""
+    from types import SimpleNamespace
+
+    from eval.digits.bench import is_closed_form, run_erasure
+
+    model, _ = tiny_digits_model
+    assert is_closed_form("uce") and is_closed_form("speed") and not is_closed_form("scissorhands")
+    args = SimpleNamespace(launcher="python", max_train_steps=7, train_batch_size=1, num_forget_images=2,
+                           num_retain_images=2, steps=2, guidance=4.0, erase_args=None)
+    info = run_erasure(str(model), 3, "uce", 0, tmp_path / "uce-seed0", tmp_path / "data", args)
+    cmd = info["command"]
+    assert cmd[cmd.index("--max_train_steps") + 1] == "0" and cmd[cmd.index("--method") + 1] == "uce"
+    record = json.loads((tmp_path / "uce-seed0" / "erase_config.json").read_text())
+    assert record["method"] == "uce" and record["settings"]["max_train_steps"] == 0

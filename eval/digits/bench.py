@@ -67,6 +67,13 @@ def concept_name(digit: int | list[int]) -> str:
     return ",".join(DIGIT_WORDS[d] for d in ([digit] if isinstance(digit, int) else digit))
 
 
+def is_closed_form(method: str) -> bool:
+    """Whether ``method`` is a closed-form editor (uce, speed): one edit from prompts, no repair steps, no images."""
+    from erase.core import get_method_class
+
+    return bool(getattr(get_method_class(method, "diffusion"), "closed_form", False))
+
+
 def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_dir: Path, data_dir: Path, args) -> dict:
     """One ``erase/sd.py`` run in its own process; returns wall seconds, peak RSS and the command."""
     # erase/sd.py runs in the repository root: every path it gets is absolute, so the caller's folder is what counts
@@ -74,7 +81,7 @@ def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_d
     base = str(Path(base).absolute()) if Path(base).exists() else str(base)
     cmd = _launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", concept_name(digit),
-        "--method", method, "--max_train_steps", str(args.max_train_steps), "--seed", str(seed),
+        "--method", method, "--max_train_steps", str(0 if is_closed_form(method) else args.max_train_steps), "--seed", str(seed),
         "--output_dir", str(out_dir), "--data_dir", str(data_dir), "--train_batch_size", str(args.train_batch_size),
         "--num_forget_images", str(args.num_forget_images), "--num_retain_images", str(args.num_retain_images),
         "--num_inference_steps", str(args.steps), "--guidance_scale", str(args.guidance),

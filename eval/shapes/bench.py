@@ -29,7 +29,7 @@ import numpy as np
 
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
-from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS
+from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS, is_closed_form
 from eval.shapes.concepts import GROUPS, presets, retain_prompts
 
 logger = logging.getLogger(__name__)
@@ -63,13 +63,6 @@ def check_methods(args) -> list[str]:
     if len(set(methods)) != len(methods):
         raise UserError(f"--methods {args.methods!r} names a method twice")
     return methods
-
-
-def is_closed_form(method: str) -> bool:
-    """Whether ``method`` is a closed-form editor (uce, speed): one edit from prompts, no repair steps, no images."""
-    from erase.core import get_method_class
-
-    return bool(getattr(get_method_class(method, "diffusion"), "closed_form", False))
 
 
 def concept_files(out: Path, concepts: list[str]) -> dict:
