@@ -1,7 +1,8 @@
 """The robust erasure on digits (issue 17): erase, audit and attack each grid point, against the retrain reference.
 
 Each grid point is a method and its ``erase/sd.py`` flags (``NAME=METHOD FLAGS``; a point without ``--robust`` is a
-plain erasure, the cost baseline). For every digit and seed the script runs, with the digits benchmark's shared budget
+plain erasure, the cost baseline). ``--pre_edit uce`` (or ``speed``) among a point's flags is this tool's own: the
+point's erasure then runs on top of that closed-form edit (``stacked_erasure``). For every digit and seed the script runs, with the digits benchmark's shared budget
 (``eval.digits bench`` defaults and its per-method flags, ``METHOD_ARGS``):
 
 * every point: ``erase/sd.py`` in its own process (CPU seconds and wall time of the whole erasure, by ``wait4``), the
@@ -77,7 +78,18 @@ def parse_args(argv=None):
         words = shlex.split(spec)
         if not sep or not name.strip() or not words:
             raise UserError(f"--grid {g!r} is not NAME=METHOD [FLAGS]")
-        a.points[name.strip()] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:])}
+        pre = None
+        if "--pre_edit" in words:  # this tool's flag: the point erases on top of a closed-form edit (job)
+            i = words.index("--pre_edit")
+            if i + 1 >= len(words):
+                raise UserError(f"--grid {g!r}: --pre_edit needs a closed-form method (uce, speed)")
+            pre = words[i + 1]
+            del words[i:i + 2]
+            from eval.digits.bench import is_closed_form
+
+            if not is_closed_form(pre):
+                raise UserError(f"--grid {g!r}: --pre_edit {pre!r} is not a closed-form method (uce, speed)")
+        a.points[name.strip()] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:]), "pre_edit": pre}
     options = json.loads(a.attack_options) if a.attack_options else {}
     inv = options.setdefault("inversion", {}) if "inversion" in a.attacks.split(",") else {}
     inv.setdefault("eval_steps", list(INVERSION_STEPS))
@@ -150,13 +162,30 @@ def job(kind: str, name: str | None, digit: int, seed: int, a) -> dict:
     run_dir = out / "runs" / f"{name}-seed{seed}"
     with open(data_dir.parent / f".seed{seed}.lock", "w") as lock:  # one erasure per data folder at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
-        info = run_erasure(base, digit, point["method"], seed, run_dir, data_dir, args)
+        if point.get("pre_edit"):
+            info = stacked_erasure(base, digit, point, seed, run_dir, data_dir, a)
+        else:
+            info = run_erasure(base, digit, point["method"], seed, run_dir, data_dir, args)
     record = json.loads((run_dir / "erase_config.json").read_text())
     r = row(audit(str(run_dir), digit, out / "scores" / f"{name}-seed{seed}"), cpu_seconds=info["cpu_seconds"],
             wall_seconds=info["wall_seconds"], train_seconds=record.get("train_seconds"),
             robust_search_seconds=(record.get("repair") or {}).get("robust_search_seconds"), command=info["command"])
     return {"kind": kind, "point": name, "method": point["method"], "digit": digit, "seed": seed, **r,
             **run_attacks(str(run_dir), args, out, f"{name}-seed{seed}")}
+
+
+def stacked_erasure(base: str, digit: int, point: dict, seed: int, run_dir: Path, data_dir: Path, a) -> dict:
+    """A point with ``--pre_edit M``: the closed-form edit ``M`` (its digits-bench settings) exported as a full pipeline,
+    then the point's erasure from that pipeline on the *base's* forget images of this seed (``--forget_images``: the
+    edited model no longer draws the digit); CPU and wall seconds are the two stages' sums."""
+    from eval.digits.bench import run_erasure
+
+    pre_dir = run_dir.parent / f"{run_dir.name}-pre"
+    first = run_erasure(base, digit, point["pre_edit"], seed, pre_dir, data_dir, bench_args(digit, a, "--export_pipeline"))
+    second = run_erasure(str(pre_dir), digit, point["method"], seed, run_dir, run_dir.parent / f"{run_dir.name}-data",
+                         bench_args(digit, a, f"{point['flags']} --forget_images {shlex.quote(str(data_dir / 'forget'))}"))
+    return {**second, "cpu_seconds": first["cpu_seconds"] + second["cpu_seconds"],
+            "wall_seconds": first["wall_seconds"] + second["wall_seconds"], "pre_edit": first["command"]}
 
 
 ATTACK_PREFIXES = ("inversion_", "relearn_", "uda_")

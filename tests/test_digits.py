@@ -499,3 +499,29 @@ def test_the_digits_bench_runs_a_closed_form_editor_with_no_repair_steps(tiny_di
     assert cmd[cmd.index("--max_train_steps") + 1] == "0" and cmd[cmd.index("--method") + 1] == "uce"
     record = json.loads((tmp_path / "uce-seed0" / "erase_config.json").read_text())
     assert record["method"] == "uce" and record["settings"]["max_train_steps"] == 0
+
+
+def test_an_erasure_stacked_on_an_exported_erasure_is_still_a_digits_model(tmp_path):
+    """A second erasure made on the first one's exported pipeline: the world card is found at the first base, the
+    model loads over its direct base; a folder chain that loops or ends outside a digits model is one clear line."""
+    from eval.digits.model import MODEL_CARD
+    from erase.utils.errors import UserError
+    from eval.digits.score import resolve_digits_model as resolve_model
+
+    base, first, second = tmp_path / "base", tmp_path / "first", tmp_path / "second"
+    for folder, parent in ((first, base), (second, first)):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(parent)}))
+    (first / "model_index.json").write_text("{}")  # exported with --export_pipeline: a pipeline of its own
+    base.mkdir()
+    (base / "model_index.json").write_text("{}")
+    (base / MODEL_CARD).write_text(json.dumps({"kind": "digits", "fingerprint": "f"}))
+    card, loads_over, record = resolve_model(str(second))
+    assert card["fingerprint"] == "f" and loads_over == str(first) and record["pretrained_model_name_or_path"] == str(first)
+
+    (base / MODEL_CARD).unlink()  # the chain ends outside a digits model
+    with pytest.raises(UserError, match=r"second \(base '.*first'\) is not a digits model"):
+        resolve_model(str(second))
+    (first / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(first)}))  # a loop
+    with pytest.raises(UserError, match="is not a digits model"):
+        resolve_model(str(second))

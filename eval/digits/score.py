@@ -62,10 +62,23 @@ def resolve_world_model(model: str, kind: str, read_card) -> tuple[dict, str, di
         if not any((path / d).is_dir() for d in DENOISERS):
             raise UserError(f"{model} has an erase_config.json but no unet/ or transformer/ folder")
     card = read_card(base) if base and Path(base).is_dir() else None
+    root, seen = base, set()
+    while card is None and root and root not in seen and _exported_erasure(Path(root)):
+        # an erasure stacked on another's exported pipeline: the world is its first base's
+        from erase.export.local import read_record
+
+        seen.add(root)
+        root = read_record(Path(root)).get("pretrained_model_name_or_path") or ""
+        card = read_card(root) if root and Path(root).is_dir() else None
     if card is None:
         what = f"{model} (base {base!r})" if erase_config is not None else model
         raise UserError(f"{what} is not a {kind} model (no {kind}_model.json); train one with `python -m eval.{kind} train`")
     return card, base, erase_config
+
+
+def _exported_erasure(folder: Path) -> bool:
+    """Whether ``folder`` is an erase/sd.py output written with ``--export_pipeline`` (a full pipeline and its record)."""
+    return (folder / "erase_config.json").is_file() and (folder / "model_index.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------- prompts
