@@ -525,3 +525,18 @@ def test_an_erasure_stacked_on_an_exported_erasure_is_still_a_digits_model(tmp_p
     (first / "erase_config.json").write_text(json.dumps({"pretrained_model_name_or_path": str(first)}))  # a loop
     with pytest.raises(UserError, match="is not a digits model"):
         resolve_model(str(second))
+
+
+def test_robust_benchmark_points_can_stack_on_a_closed_form_edit(tmp_path):
+    """robust_digits.py's own --pre_edit is taken out of the flags erase/sd.py gets; only a closed-form method is one."""
+    from benchmarks.robust_digits import parse_args
+
+    a = parse_args(["--output_dir", str(tmp_path), "--grid", "plain=scissorhands",
+                    "--grid", "u=scissorhands --robust --pre_edit uce --targets attn"])
+    assert a.points["u"] == {"method": "scissorhands", "flags": "--robust --targets attn", "pre_edit": "uce"}
+    assert a.points["plain"]["pre_edit"] is None
+    for bad, says in (("x=scissorhands --pre_edit esd", "'esd' is not a closed-form method"),
+                      ("x=scissorhands --pre_edit", "needs a closed-form method")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(["--output_dir", str(tmp_path), "--grid", bad])
+        assert says in error_text(e)
