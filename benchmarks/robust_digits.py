@@ -171,7 +171,9 @@ def job(kind: str, name: str | None, digit: int, seed: int, a) -> dict:
             wall_seconds=info["wall_seconds"], train_seconds=record.get("train_seconds"),
             robust_search_seconds=(record.get("repair") or {}).get("robust_search_seconds"), command=info["command"])
     return {"kind": kind, "point": name, "method": point["method"], "digit": digit, "seed": seed, **r,
-            **run_attacks(str(run_dir), args, out, f"{name}-seed{seed}")}
+            # a stacked point's own base is the closed-form edit, which no longer draws the digit: its attacks learn
+            # from the images the base model drew, as the retrain rows' do
+            **run_attacks(str(run_dir), args, out, f"{name}-seed{seed}", learn_from_base=bool(point.get("pre_edit")))}
 
 
 def stacked_erasure(base: str, digit: int, point: dict, seed: int, run_dir: Path, data_dir: Path, a) -> dict:
@@ -288,8 +290,10 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for n, v in result["verdict"].items():
             g, r, c = v["worst_inversion_gap"], v["worst_relearn_25_gap"], v["cost_ratio"]
-            lines.append(f"| {n}{' **chosen**' if n == result['chosen'] else ''} | `{result['points'][n]['method']} "
-                         f"{result['points'][n]['flags']}` | {'yes' if v['admissible'] else 'no'} | "
+            pt = result["points"][n]
+            pre = f" --pre_edit {pt['pre_edit']}" if pt.get("pre_edit") else ""
+            lines.append(f"| {n}{' **chosen**' if n == result['chosen'] else ''} | `{pt['method']} "
+                         f"{pt['flags']}{pre}` | {'yes' if v['admissible'] else 'no'} | "
                          f"{'–' if g is None else f'{100 * g:.1f}'} | {'–' if r is None else f'{100 * r:.1f}'} | "
                          f"{'–' if c is None else f'{c:.2f}'} |")
         lines += ["", f"Chosen: {result['chosen'] or 'none'}."]
