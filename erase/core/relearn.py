@@ -6,7 +6,7 @@ forget term ``F`` is already small *one such step later* does not come back afte
 minimisation does for its own loss (Foret et al., 2021; for unlearning, Fan et al., 2025), the forget term's gradient
 is taken at the weights a relearning step reaches:
 
-    δ = −ρ · ‖θ‖ · ∇L_f(θ) / ‖∇L_f(θ)‖        (over the targeted tensors; ρ relative to their norm)
+    δ = −ρ · ‖θ‖ · ∇L_f(θ) / ‖∇L_f(θ)‖        (over the moved tensors, by default the targeted ones; ρ relative to their norm)
     the step's forget gradient = ∇F(θ + δ)
 
 with ``∇L_f`` on the step's own forget batch, averaged over processes (every process moves by the same δ). The moved
