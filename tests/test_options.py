@@ -43,6 +43,10 @@ def test_build_method_rejects_keys_the_method_does_not_have():
     assert build_method("salun", "diffusion", mask_ratio=5, alpha=None).config.mask_ratio == 5  # None = config default
 
 
+#: options that only mean something beside another one (refused alone, one line): the companion flags they get here
+NEEDS = {"relearn_params": ("--relearn_radius", "0.01")}
+
+
 @pytest.mark.parametrize("method, field, kind", [c for c in _cases("diffusion")], ids=lambda x: getattr(x, "name", str(x)))
 def test_every_option_of_every_diffusion_method_is_a_flag_of_erase_sd(tiny, method, field, kind):
     if kind is bool:
@@ -52,7 +56,7 @@ def test_every_option_of_every_diffusion_method_is_a_flag_of_erase_sd(tiny, meth
         value = _value(field, kind)
         if value is None:
             pytest.skip(f"{method}.{field.name}: no second legal value to set")
-        args = _sd(tiny, "--method", method, f"--{field.name}", value)
+        args = _sd(tiny, "--method", method, *NEEDS.get(field.name, ()), f"--{field.name}", value)
         expected = kind(value)
     overrides = args.method_options
     assert overrides[field.name] == expected
