@@ -84,17 +84,17 @@ def main(argv=None) -> dict:
         if not (Path(path) / "erase_config.json").is_file():
             opts["targets"] = args.base_targets
         t0, c0 = time.perf_counter(), time.process_time()
-        if args.split:  # two targets-only audits: the matching tensors, then the complement
-            curves = {label: relearn_audit(path, args.concept, out / name / label, **{
-                **opts, "relearn_params": "targets", "targets": regex})["relearn_targets"]
-                for label, regex in (("inside", args.split), ("outside", f"^(?!.*(?:{args.split})).*"))}
-            s = {"seconds": {"computed_cells": None}, "target_images_judged": None}
+        if args.split:  # two targets-only audits: the matching tensors, then every other one (the attack's --exclude)
+            curves = {label: relearn_audit(path, args.concept, out / name / label, **opts, relearn_params="targets",
+                                           targets=spec, exclude=exclude)["relearn_targets"]
+                      for label, spec, exclude in (("inside", args.split, None), ("outside", "all", args.split))}
+            done = {"computed_cells": None, "target_images_judged": None}
         else:
             s = relearn_audit(path, args.concept, out / name, **opts)
             curves = {"relearn": s["relearn"], "relearn_targets": s["relearn_targets"]}
+            done = {"computed_cells": s["seconds"]["computed_cells"], "target_images_judged": s["target_images_judged"]}
         rows.append({"name": name, "model": path, "wall_s": round(time.perf_counter() - t0, 1),
-                     "cpu_s": round(time.process_time() - c0, 1), "computed_cells": s["seconds"]["computed_cells"],
-                     **curves, "target_images_judged": s["target_images_judged"]})
+                     "cpu_s": round(time.process_time() - c0, 1), **done, **curves})
     result = {"date": str(date.today()), "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
               "concept": args.concept, "split": args.split, "target_images": args.target_images,
               "check_prompts": args.check_prompts, "rows": rows}

@@ -2,8 +2,9 @@
 
 Each grid point is a method and its ``erase/sd.py`` flags (``NAME=METHOD FLAGS``; a point without ``--robust`` is a
 plain erasure, the cost baseline). ``--pre_edit uce`` (or ``speed``) among a point's flags is this tool's own: the
-point's erasure then runs on top of that closed-form edit (``stacked_erasure``). For every digit and seed the script runs, with the digits benchmark's shared budget
-(``eval.digits bench`` defaults and its per-method flags, ``METHOD_ARGS``):
+point's erasure then runs on top of that closed-form edit (``stacked_erasure``). For every digit and seed the script
+runs, with the digits benchmark's shared budget (``eval.digits bench`` defaults and its per-method flags,
+``METHOD_ARGS``):
 
 * every point: ``erase/sd.py`` in its own process (CPU seconds and wall time of the whole erasure, by ``wait4``), the
   audit (``eval.digits score``: forget / retain / FD, main and held-out phrasings), and each ``--attacks`` attack with

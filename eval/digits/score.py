@@ -68,8 +68,9 @@ def resolve_world_model(model: str, kind: str, read_card) -> tuple[dict, str, di
         from erase.export.local import read_record
 
         seen.add(root)
-        root = read_record(Path(root)).get("pretrained_model_name_or_path") or ""
-        card = read_card(root) if root and Path(root).is_dir() else None
+        record = read_record(Path(root))  # a folder this tool did not write: its record may be anything
+        root = (record.get("pretrained_model_name_or_path") if isinstance(record, dict) else None) or ""
+        card = read_card(root) if isinstance(root, str) and root and Path(root).is_dir() else None
     if card is None:
         what = f"{model} (base {base!r})" if erase_config is not None else model
         raise UserError(f"{what} is not a {kind} model (no {kind}_model.json); train one with `python -m eval.{kind} train`")
