@@ -5,6 +5,7 @@ processes in tests/test_transformer_families.py and tests/test_sd.py (FSDP == DD
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -135,3 +136,49 @@ def test_a_sharded_checkpoint_is_intact_and_resumes_only_a_sharded_run(tmp_path)
         check_resume(state, current, ckpt, 4)
     with pytest.raises(CheckpointError, match=r"launch data parallel -> FSDP"):
         check_resume({**state, "record": current}, sharded, ckpt, 4)
+
+
+RELEASE_SCRIPT = r"""
+import os, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from erase.core.sharding import release_meshes
+
+def gloo_threads():
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n]
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+fully_shard(model[0]), fully_shard(model)
+model(torch.randn(3, 4)).sum().backward()
+del model
+if sys.argv[2] == "release":
+    release_meshes()
+dist.destroy_process_group()
+print("gloo threads after the groups ended:", len(gloo_threads()))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_a_sharded_run_lets_its_process_groups_end_before_the_interpreter_does(tmp_path):
+    """After a sharded run the device mesh lives on in DTensor's caches (and with it its process groups' gloo worker
+    threads, which otherwise end during the interpreter's shutdown, where a process aborted once in CI):
+    ``release_meshes`` frees it, so that ending the process groups joins those threads. Without it they outlive the
+    groups (the control run), which is what the test would miss if it could not fail."""
+    import socket
+    import subprocess
+    import sys
+
+    def gloo_left(mode):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(port), mode], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.strip().rsplit(" ", 1)[-1])
+
+    assert gloo_left("keep") > 0  # the mesh outlives destroy_process_group: its threads are still there
+    assert gloo_left("release") == 0

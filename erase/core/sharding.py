@@ -21,6 +21,8 @@ DeepSpeed and Megatron-LM launches are refused in one line.
 
 from __future__ import annotations
 
+import gc
+
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -159,6 +161,24 @@ def all_reduce_grads(params, world: int) -> None:
     for h, p in zip(handles, params):
         h.wait()
         p.grad.div_(world)
+
+
+def release_meshes() -> None:
+    """Free what a sharded run leaves behind (call once its modules are dropped, before its process groups end): the
+    device mesh lives on in DTensor's sharding-propagation caches, and with it the mesh's process groups and their gloo
+    worker threads, which would then end during the interpreter's shutdown, where they can abort the process."""
+    gc.collect()
+    try:
+        from torch.distributed.tensor._redistribute import _gen_transform_infos
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()  # the Python and the C++ fast path's
+        ShardingPropagator._propagate_tensor_meta_cached.cache_clear()
+        _gen_transform_infos.cache_clear()
+    except (ImportError, AttributeError):  # another torch: its caches are its own
+        pass
+    gc.collect()
 
 
 def is_sharded(module: nn.Module) -> bool:

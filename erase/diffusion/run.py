@@ -32,7 +32,7 @@ from erase.core.checkpoints import CheckpointError, read_state
 from erase.core.closed_form import ClosedFormError
 from erase.core.engine import make_accelerator, RunResult
 from erase.core.registry import get_method_class
-from erase.core.sharding import sharding_of, shards
+from erase.core.sharding import release_meshes, sharding_of, shards
 from erase.diffusion import data as data_stage
 from erase.diffusion.adapter import build_adapter
 from erase.diffusion.conditioning import encode, prompt_tables
@@ -53,7 +53,8 @@ class EraseResult:
     """What a run gives back: the erased UNet, its record (``erase_config.json``; ``None`` on other processes than the
     main one), the output folder and the engine's own result (history, timings)."""
 
-    unet: torch.nn.Module  # the erased denoiser (a UNet, or an SD3 / Flux transformer; FSDP: the export on the main process)
+    unet: torch.nn.Module | None  # the erased denoiser (a UNet, or an SD3 / Flux transformer; FSDP: the export on the main
+    # process, None on the others)
     record: dict | None
     output_dir: Path
     engine: RunResult
@@ -148,6 +149,20 @@ def _claimed(config: EraseConfig):
 def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
     engine = engine_config(config)
     accelerator = make_accelerator(engine)
+    out = _run_stages(config, engine, accelerator, components, data, user_images)
+    accelerator.wait_for_everyone()
+    if out.engine.sharding is not None:
+        # The shards' device mesh (held by the sharded modules and by DTensor's caches) keeps its process groups, and
+        # their gloo threads, alive past end_training: left to the interpreter's shutdown, a process that had finished
+        # its work aborted once in CI. Drop the shards (the main process keeps the export) so that ending the groups
+        # below joins their threads.
+        out.unet = out.engine.model = out.unet if accelerator.is_main_process else None
+        release_meshes()
+    accelerator.end_training()
+    return out
+
+
+def _run_stages(config: EraseConfig, engine, accelerator, components, data, user_images) -> EraseResult:
     try:
         sharding_of(accelerator)  # before any image is drawn: DeepSpeed / Megatron and fp16 under FSDP are refused here
     except ShardingError as e:
@@ -228,8 +243,6 @@ def _stages(config: EraseConfig, components, data, user_images) -> EraseResult:
         if placement.weight_dtype != torch.float32 or result.sharding is not None:
             erased = _with_base_weights(config, family, result.params)
         _export(config, family, erased, base_tensors, record, spec, out_dir)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     # a sharded run's model is in shards: the main process gives back the exported one (the base with the trained tensors)
     return EraseResult(erased if result.sharding is not None else result.model, record, out_dir, result)
 
