@@ -13,6 +13,11 @@ the rule picks one point:
 
 No point admissible: nothing is chosen (the table says so); the method keeps its setting.
 
+With ``--margin NAME=GENTLER`` (repeat; the forget-margin rule, docs/SHAPES.md): a point is admissible only if it
+names a gentler partner (the same flags one step weaker on forgetting, e.g. its forget weight divided by 3), that
+partner is in the grid, and the partner too meets 1.'s forget bars on each tuning concept: the point sits at least
+one step past the edge of forgetting, not on it. Points without a partner may still be partners.
+
     python benchmarks/shapes_tune.py --method esd --concepts star,red,striped --seeds 0 \\
         --grid "lr1e-4=--lr 1e-4" --grid "lr3e-5=--lr 3e-5" --output_dir OUT
 
@@ -42,6 +47,8 @@ from erase.utils.folders import hold_output_dir  # noqa: E402
 RULE = ("admissible: mean forget <= 2% and mean held-out forget <= 2% on each tuning concept the base draws (> 2%), "
         "mean retain FD <= 1.15x base on each; then the lowest mean of the neighbour / co-occurrence / composition "
         "drops; within 1 point: lowest mean FD ratio, then grid order")
+MARGIN_RULE = ("; forget margin: only points with a gentler partner (--margin) whose forget and held-out forget are "
+               "also <= 2% on each tuning concept")
 DROPS = ("neighbour_acc", "cooccur_acc", "composition_acc")
 
 
@@ -50,6 +57,7 @@ def parse_args(argv=None):
     from eval.shapes.world import parse_concepts
 
     p = tuning_parser(__doc__, "concepts", "star,red,striped", "0", "shapes")
+    p.add_argument("--margin", action="append", default=[], help="NAME=GENTLER: the forget-margin rule (repeat)")
     a = p.parse_args(argv)
     try:
         a.concepts = parse_concepts(a.concepts, "--concepts")
@@ -57,6 +65,12 @@ def parse_args(argv=None):
     except ValueError as e:
         raise UserError(str(e)) from None
     a.points = parse_points(a.grid)
+    a.margins = {}
+    for m in a.margin:
+        name, sep, gentler = (x.strip() for x in m.partition("="))
+        if not sep or name not in a.points or gentler not in a.points or name == gentler:
+            raise UserError(f"--margin {m!r} is not NAME=GENTLER with two different --grid point names")
+        a.margins[name] = gentler
     return a
 
 
@@ -99,8 +113,13 @@ def base_row(base: str, concept: str, out: Path) -> dict:
     return row(_score(base, [concept], out / "base" / concept, bench_args(out / "base", "")))
 
 
-def choose(points: list[str], runs: list[dict], bases: dict[str, dict]) -> tuple[dict, str | None]:
-    """Aggregate per point and concept, then apply RULE."""
+def forgets(per: dict) -> bool:
+    """Rule 1's forget bars, on each tuning concept the base draws."""
+    return all(not v["forget_measurable"] or (v["forget_acc"] <= 0.02 and v["forget_heldout_acc"] <= 0.02) for v in per.values())
+
+
+def choose(points: list[str], runs: list[dict], bases: dict[str, dict], margins: dict | None = None) -> tuple[dict, str | None]:
+    """Aggregate per point and concept, then apply RULE (and, with ``margins`` {point: gentler partner}, MARGIN_RULE)."""
     agg = {}
     for name in points:
         mine = [r for r in runs if r["point"] == name]
@@ -114,17 +133,31 @@ def choose(points: list[str], runs: list[dict], bases: dict[str, dict]) -> tuple
                       "fd_ratio": float(np.mean([r["retain_fd"] / b["retain_fd"] for r in rs])),
                       "forget_measurable": b["forget_acc"] > 0.02, "n": len(rs)}
         pc = list(per.values())
-        admissible = bool(pc) and all((not v["forget_measurable"] or (v["forget_acc"] <= 0.02 and v["forget_heldout_acc"] <= 0.02))
-                                      and v["fd_ratio"] <= 1.15 for v in pc)
+        admissible = bool(pc) and forgets(per) and all(v["fd_ratio"] <= 1.15 for v in pc)
         agg[name] = {"per_concept": per, "admissible": admissible,
                      "mean_drop": float(np.mean([v["mean_drop"] for v in pc])) if pc else None,
                      "fd_ratio": float(np.mean([v["fd_ratio"] for v in pc])) if pc else None}
+    if margins:  # a point on the edge of forgetting is not admissible: its gentler partner must forget too
+        for name in points:
+            partner = margins.get(name)
+            held = partner is not None and bool(agg[partner]["per_concept"]) and forgets(agg[partner]["per_concept"])
+            agg[name]["margin"] = {"partner": partner, "partner_forgets": held}
+            agg[name]["admissible"] = agg[name]["admissible"] and held
     ok = [n for n in points if agg[n]["admissible"]]
     if not ok:
         return agg, None
     best = min(agg[n]["mean_drop"] for n in ok)
     tied = [n for n in ok if agg[n]["mean_drop"] <= best + 1.0]
     return agg, min(tied, key=lambda n: (agg[n]["fd_ratio"], points.index(n)))
+
+
+def margin_note(agg: dict) -> str:
+    m = agg.get("margin")
+    if m is None:
+        return ""
+    if m["partner"] is None:
+        return " (no gentler partner)"
+    return f" (gentler {m['partner']}: {'forgets' if m['partner_forgets'] else 'does not forget'})"
 
 
 def markdown(result: dict) -> str:
@@ -145,7 +178,7 @@ def markdown(result: dict) -> str:
                          + " / ".join(f"{100 * v[k]:.1f}" for k in DROPS + ("retain_acc",)) + f" / {v['mean_drop']:+.1f} / {v['fd_ratio']:.2f}")
         mark = " **chosen**" if name == result["chosen"] else ""
         lines.append(f"| {name}{mark} | `{result['flags'][name]}` | " + " | ".join(cells)
-                     + f" | {a['mean_drop']:+.1f} | {a['fd_ratio']:.2f} | {'yes' if a['admissible'] else 'no'} |")
+                     + f" | {a['mean_drop']:+.1f} | {a['fd_ratio']:.2f} | {'yes' if a['admissible'] else 'no'}{margin_note(a)} |")
     lines += ["", f"Chosen: {result['chosen'] or 'none admissible (the method keeps its setting)'}."]
     return "\n".join(lines) + "\n"
 
@@ -172,11 +205,12 @@ def _main(a) -> dict:
     runs, bases = run_waves(a.workers, names, [(c, s) for c in a.concepts for s in a.seeds],
                             partial(job, base, a.method, points=a.points, out=str(out)), partial(base_row, base, out=out),
                             a.concepts, report)
-    agg, chosen = choose(names, runs, bases)
+    agg, chosen = choose(names, runs, bases, a.margins)
     from eval.shapes.__main__ import BENCH_DEFAULTS
     from eval.shapes.score import SCORE_DEFAULTS
 
-    result = {"method": a.method, "concepts": a.concepts, "seeds": a.seeds, "flags": a.points, "rule": RULE,
+    result = {"method": a.method, "concepts": a.concepts, "seeds": a.seeds, "flags": a.points,
+              "rule": RULE + (MARGIN_RULE if a.margins else ""), "margins": a.margins,
               "points": agg, "chosen": chosen, "runs": runs, "base": bases, "base_model": base,
               "budget": {**BENCH_DEFAULTS, "audit": SCORE_DEFAULTS}, "seconds": round(time.time() - start, 1)}
     atomic_write_json(out / "tune.json", result)

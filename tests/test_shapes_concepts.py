@@ -154,3 +154,30 @@ def test_shapes_tuning_rule_admits_then_ranks_by_the_mean_drop_then_fd():
     assert agg["a"]["mean_drop"] == pytest.approx(5.0) and agg["a"]["per_concept"]["star"]["fd_ratio"] == pytest.approx(1.1)
     assert agg["c"]["per_concept"]["red"]["forget_measurable"] is False  # red's forget is not judged; star's is
     assert choose(["c", "d"], runs("c", 0.5, 1.0, forget=0.05) + runs("d", 0.5, 1.2), bases)[1] is None
+
+
+def test_the_forget_margin_admits_only_points_whose_gentler_partner_forgets_too():
+    """--margin NAME=GENTLER: a point admissible by the rule is kept only if its named partner (one step gentler) also
+    meets the forget bars; a point without a partner is out; a partner that itself forgets at the edge may still be
+    the partner. The command line refuses a margin naming a point not in the grid."""
+    from benchmarks.shapes_tune import choose, margin_note, parse_args
+
+    bases = {"star": {"forget_acc": 0.9, "neighbour_acc": 0.5, "cooccur_acc": 0.4, "composition_acc": 0.3,
+                      "retain_acc": 0.6, "retain_fd": 100.0}}
+
+    def runs(point, kept, forget=0.0):
+        return [{"point": point, "concept": "star", "seed": 0, "forget_acc": forget, "forget_heldout_acc": forget,
+                 "neighbour_acc": kept, "cooccur_acc": kept - 0.1, "composition_acc": kept - 0.2, "retain_acc": kept,
+                 "retain_fd": 100.0}]
+
+    points = ["strong", "edge", "gentle", "loose"]
+    all_runs = runs("strong", 0.40) + runs("edge", 0.48) + runs("gentle", 0.50, forget=0.1) + runs("loose", 0.45)
+    assert choose(points, all_runs, bases)[1] == "edge"  # without margins: the gentlest point that forgets
+    agg, chosen = choose(points, all_runs, bases, {"strong": "edge", "edge": "gentle"})
+    assert chosen == "strong"  # edge's gentler partner does not forget; loose names none
+    assert [agg[p]["admissible"] for p in points] == [True, False, False, False]
+    assert margin_note(agg["edge"]) == " (gentler gentle: does not forget)" and margin_note(agg["loose"]) == " (no gentler partner)"
+    a = parse_args(["--grid", "x=--lam 0.1", "--grid", "y=--lam 0.03", "--margin", "x=y", "--output_dir", "o"])
+    assert a.margins == {"x": "y"}
+    with pytest.raises(SystemExit, match="error: --margin 'x=z' is not NAME=GENTLER"):
+        parse_args(["--grid", "x=--lam 0.1", "--margin", "x=z", "--output_dir", "o"])
