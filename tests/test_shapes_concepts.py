@@ -4,6 +4,7 @@ benchmarks/shapes_tune.py. Pure functions: no model, no judge."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -181,3 +182,36 @@ def test_the_forget_margin_admits_only_points_whose_gentler_partner_forgets_too(
     assert a.margins == {"x": "y"}
     with pytest.raises(SystemExit, match="error: --margin 'x=z' is not NAME=GENTLER"):
         parse_args(["--grid", "x=--lam 0.1", "--margin", "x=z", "--output_dir", "o"])
+
+
+def test_the_evaluation_ranking_puts_the_forget_bar_first_then_the_drop_then_fd(tmp_path):
+    """benchmarks/shapes_rank.py: methods under the 2 % forget bar first, by mean drop, then FD; the rest by forget;
+    with two seeds a method whose paired drop difference from the first is within its standard error is tied-best; a
+    file that is not a bench's results is one line."""
+    from benchmarks.shapes_rank import main, place, rank
+
+    base = {"forget_acc": 0.9, "neighbour_acc": 0.8, "cooccur_acc": 0.6, "composition_acc": 0.4, "retain_fd": 100.0}
+
+    def run(seed, kept, forget=0.0, fd=100.0):  # each kept column `kept` below the base: a drop of 100 * kept points
+        return {"seed": seed, "forget_acc": forget, "neighbour_acc": 0.8 - kept, "cooccur_acc": 0.6 - kept,
+                "composition_acc": 0.4 - kept, "retain_fd": fd}
+
+    results = {"concept": "oval", "base": base, "runs": {
+        "gentle": [run(0, 0.01), run(1, 0.05)],  # mean drop 3, first
+        "close": [run(0, 0.05), run(1, 0.02)],  # mean 3.5; paired differences +4, -3: within their standard error
+        "harsh": [run(0, 0.20), run(1, 0.22)],  # under the bar, far behind
+        "leaky": [run(0, 0.0, forget=0.05), run(1, 0.0, forget=0.0)],  # no drop, but 2.5 % forget on average
+        "retrain": [run(0, 0.0)]}}
+    r = rank(results)
+    assert r["order"] == ["gentle", "close", "harsh", "leaky"] and r["first"] == "gentle" and r["tied_best"] == ["close"]
+    assert r["rows"]["gentle"]["mean_drop"] == pytest.approx(3.0) and r["rows"]["harsh"]["fd_ratio"] == pytest.approx(1.0)
+    assert [place(r, m) for m in ("gentle", "close", "harsh", "leaky", "esd")] == [
+        "first", "tied first", "3 of 3 under the bar", "above the forget bar", "not run"]
+    one_seed = rank({**results, "runs": {m: runs[:1] for m, runs in results["runs"].items()}})
+    assert one_seed["first"] == "gentle" and one_seed["tied_best"] == []  # one seed: no tie can be shown
+    (tmp_path / "r.json").write_text(json.dumps(results))
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert main([str(tmp_path / "r.json"), "--method", "close", "--json", str(tmp_path / "out.json")])[0]["first"] == "gentle"
+    assert json.loads((tmp_path / "out.json").read_text())["rankings"][0]["tied_best"] == ["close"]
+    with pytest.raises(SystemExit, match="bad.json is not an eval.shapes bench results.json"):
+        main([str(tmp_path / "bad.json")])
