@@ -96,8 +96,9 @@ class RunResult:
     resumed_from: str | None = None
     step_seconds: list[float] = field(default_factory=list)
     method_summary: dict = field(default_factory=dict)  # the method's per-run counters (``Method.summary``)
-    #: a sharded run's layout (:func:`~.sharding.shard_frozen`); ``model`` is then the FSDP-sharded model, ``params``
-    #: the trained tensors whole
+    #: a sharded run's layout (:func:`~.sharding.shard_frozen`); ``model`` is then the FSDP-sharded model (until the
+    #: caller frees it: erase.diffusion.run keeps the export on the main process, None elsewhere), ``params`` the
+    #: trained tensors whole
     sharding: dict | None = None
 
 

@@ -22,7 +22,6 @@ DeepSpeed and Megatron-LM launches are refused in one line.
 from __future__ import annotations
 
 import gc
-
 import json
 import os
 from dataclasses import asdict, dataclass
