@@ -162,11 +162,11 @@ print("gloo threads after the groups ended:", len(gloo_threads()))
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
-def test_a_sharded_run_lets_its_process_groups_end_before_the_interpreter_does(tmp_path):
+def test_a_sharded_run_lets_its_process_groups_end_before_the_interpreter_does():
     """After a sharded run the device mesh lives on in DTensor's caches (and with it its process groups' gloo worker
     threads, which otherwise end during the interpreter's shutdown, where a process aborted once in CI):
-    ``release_meshes`` frees it, so that ending the process groups joins those threads. Without it they outlive the
-    groups (the control run), which is what the test would miss if it could not fail."""
+    ``release_meshes`` frees it, so that ending the process groups joins those threads. The control run, without it,
+    shows the threads outliving the groups."""
     import socket
     import subprocess
     import sys
