@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.shapes_tune import DROPS  # noqa: E402  (the tuning rule's kept-concept columns)
 from erase.utils.errors import cli_errors, UserError  # noqa: E402
 from erase.utils.files import atomic_write_json  # noqa: E402
 
 BAR = 0.02
-DROPS = ("neighbour_acc", "cooccur_acc", "composition_acc")
 
 
 def drop(run: dict, base: dict) -> float:
@@ -86,19 +86,33 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--method", default="scissorhands", help="the method whose place the last column gives")
     p.add_argument("--json", default=None, help="also write the rankings here")
     a = p.parse_args(argv)
+    if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
+        raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
     ranks = []
-    for f in a.results:
+    for f in a.results:  # files this tool did not write: anything in them may be wrong
         try:
             results = json.loads(Path(f).read_text())
         except (OSError, ValueError) as e:
             raise UserError(f"{f} is not a readable results.json ({e})") from None
         if not isinstance(results, dict) or not {"base", "runs"} <= results.keys():
             raise UserError(f"{f} is not an eval.shapes bench results.json (no 'base' and 'runs')")
-        ranks.append(rank(results))
+        try:
+            ranks.append(rank(results))
+        except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
+            raise UserError(f"{f} is not an eval.shapes bench results.json ({type(e).__name__}: {e})") from None
     print(markdown(ranks, a.method), end="")
     if a.json:
         atomic_write_json(Path(a.json), {"bar": BAR, "drops": list(DROPS), "rankings": ranks, "files": a.results})
     return ranks
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a rankings file this tool wrote (the only kind ``--json`` replaces)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and {"bar", "drops", "rankings", "files"} <= old.keys()
 
 
 if __name__ == "__main__":

@@ -496,4 +496,5 @@ def test_the_digits_bench_runs_a_closed_form_editor_with_no_repair_steps(tiny_di
     info = run_erasure(str(model), 3, "uce", 0, tmp_path / "uce-seed0", tmp_path / "data", args)
     cmd = info["command"]
     assert cmd[cmd.index("--max_train_steps") + 1] == "0" and cmd[cmd.index("--method") + 1] == "uce"
-    assert json.loads((tmp_path / "uce-seed0" / "erase_config.json").read_text())["settings"]["max_train_steps"] == 0
+    record = json.loads((tmp_path / "uce-seed0" / "erase_config.json").read_text())
+    assert record["method"] == "uce" and record["settings"]["max_train_steps"] == 0

@@ -215,3 +215,10 @@ def test_the_evaluation_ranking_puts_the_forget_bar_first_then_the_drop_then_fd(
     assert json.loads((tmp_path / "out.json").read_text())["rankings"][0]["tied_best"] == ["close"]
     with pytest.raises(SystemExit, match="bad.json is not an eval.shapes bench results.json"):
         main([str(tmp_path / "bad.json")])
+    (tmp_path / "thin.json").write_text(json.dumps({"base": {}, "runs": {"x": [{"seed": 0}]}}))
+    with pytest.raises(SystemExit, match=r"thin.json is not an eval.shapes bench results.json \(KeyError"):
+        main([str(tmp_path / "thin.json")])
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(SystemExit, match="--json .*notes.txt exists and was not written by this tool"):
+        main([str(tmp_path / "r.json"), "--json", str(tmp_path / "notes.txt")])
+    assert (tmp_path / "notes.txt").read_text() == "keep"

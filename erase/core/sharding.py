@@ -166,7 +166,6 @@ def release_meshes() -> None:
     """Free what a sharded run leaves behind (call once its modules are dropped, before its process groups end): the
     device mesh lives on in DTensor's sharding-propagation caches, and with it the mesh's process groups and their gloo
     worker threads, which would then end during the interpreter's shutdown, where they can abort the process."""
-    gc.collect()
     try:
         from torch.distributed.tensor._redistribute import _gen_transform_infos
         from torch.distributed.tensor._sharding_prop import ShardingPropagator
