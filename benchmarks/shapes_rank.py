@@ -7,6 +7,10 @@ several seeds the drops are also compared paired, seed by seed, between the firs
 method is *tied-best* when it passes the bar and its paired mean difference from the first is within the paired
 differences' standard error (with one seed: never; the table says how many seeds each concept had).
 
+Several files of one concept are ranked together when their base rows agree (the same base model and audits): a
+bench run with other seeds adds its seeds, one run with ``--erase_args`` adds its methods as rows of their own,
+named with those flags (``scissorhands --robust``).
+
     python benchmarks/shapes_rank.py OUT/bench-circle/results.json OUT/bench-orange/results.json ... [--json FILE]
 """
 
@@ -82,20 +86,14 @@ def markdown(ranks: list[dict], method: str = "scissorhands") -> str:
 @cli_errors
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="eval.shapes bench results.json files, one per concept")
+    p.add_argument("results", nargs="+", help="eval.shapes bench results.json files (several of one concept are joined)")
     p.add_argument("--method", default="scissorhands", help="the method whose place the last column gives")
     p.add_argument("--json", default=None, help="also write the rankings here")
     a = p.parse_args(argv)
     if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
         raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
     ranks = []
-    for f in a.results:  # files this tool did not write: anything in them may be wrong
-        try:
-            results = json.loads(Path(f).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"{f} is not a readable results.json ({e})") from None
-        if not isinstance(results, dict) or not {"base", "runs"} <= results.keys():
-            raise UserError(f"{f} is not an eval.shapes bench results.json (no 'base' and 'runs')")
+    for f, results in merged(a.results).items():  # files this tool did not write: anything in them may be wrong
         try:
             ranks.append(rank(results))
         except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
@@ -104,6 +102,42 @@ def main(argv=None) -> list[dict]:
     if a.json:
         atomic_write_json(Path(a.json), {"bar": BAR, "drops": list(DROPS), "rankings": ranks, "files": a.results})
     return ranks
+
+
+def merged(files: list[str]) -> dict[str, dict]:
+    """The files' results, one per concept (keyed by the first file of each): runs of several files of one concept
+    are joined when their base rows agree on the ranked columns; a method run with ``--erase_args`` is a row of its
+    own, named ``"<method> <erase_args>"``; the same row and seed twice is refused."""
+    out, first = {}, {}
+    for f in files:
+        try:
+            results = json.loads(Path(f).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{f} is not a readable results.json ({e})") from None
+        if not isinstance(results, dict) or not isinstance(results.get("base"), dict) or not isinstance(results.get("runs"), dict):
+            raise UserError(f"{f} is not an eval.shapes bench results.json (no 'base' and 'runs')")
+        settings = results.get("settings") if isinstance(results.get("settings"), dict) else {}
+        flags = str(settings.get("erase_args") or "").strip()
+        runs = {(f"{m} {flags}" if flags and m != "retrain" else m): rs for m, rs in results["runs"].items()}
+        concept = results.get("concept")
+        if concept not in first:
+            first[concept] = f
+            out[f] = {**results, "runs": runs}
+            continue
+        into = out[first[concept]]
+        cols = ("forget_acc", "retain_fd") + DROPS
+        if any(into["base"].get(k) != results["base"].get(k) for k in cols):
+            raise UserError(f"{f} and {first[concept]} rank {concept!r} from different base rows (another model or "
+                            "audit): give one of them")
+        for m, rs in runs.items():
+            seen = {r.get("seed") for r in into["runs"].get(m, []) if isinstance(r, dict)}
+            if m == "retrain":  # not ranked: the reference per seed is the same model in every bench
+                rs = [r for r in rs if isinstance(r, dict) and r.get("seed") not in seen]
+            again = sorted(str(r.get("seed")) for r in rs if isinstance(r, dict) and r.get("seed") in seen)
+            if again:
+                raise UserError(f"{f} repeats {m!r} seed {', '.join(again)} of {first[concept]} for {concept!r}: give one of them")
+            into["runs"][m] = list(into["runs"].get(m, [])) + list(rs)
+    return out
 
 
 def _ours(path: Path) -> bool:

@@ -222,3 +222,36 @@ def test_the_evaluation_ranking_puts_the_forget_bar_first_then_the_drop_then_fd(
     with pytest.raises(SystemExit, match="--json .*notes.txt exists and was not written by this tool"):
         main([str(tmp_path / "r.json"), "--json", str(tmp_path / "notes.txt")])
     assert (tmp_path / "notes.txt").read_text() == "keep"
+
+
+def test_the_ranking_joins_the_files_of_one_concept_seeds_and_flagged_rows_alike(tmp_path):
+    """Several results.json of one concept rank together when their base rows agree: another file's seeds join a
+    method's runs (and its paired test), a bench run with --erase_args adds its rows under a name with those flags; a
+    different base or the same row and seed twice is one line."""
+    from benchmarks.shapes_rank import main
+
+    base = {"forget_acc": 0.9, "neighbour_acc": 0.8, "cooccur_acc": 0.6, "composition_acc": 0.4, "retain_fd": 100.0}
+
+    def run(seed, kept, forget=0.0):
+        return {"seed": seed, "forget_acc": forget, "neighbour_acc": 0.8 - kept, "cooccur_acc": 0.6 - kept,
+                "composition_acc": 0.4 - kept, "retain_fd": 100.0}
+
+    def write(name, runs, erase_args="", concept="oval", b=base):
+        (tmp_path / name).write_text(json.dumps({"concept": concept, "base": b, "runs": runs,
+                                                 "settings": {"erase_args": erase_args}}))
+        return str(tmp_path / name)
+
+    seed0 = write("s0.json", {"uce": [run(0, 0.05)], "scissorhands": [run(0, 0.02)], "retrain": [run(0, 0.0)]})
+    seed1 = write("s1.json", {"uce": [run(1, 0.03)], "scissorhands": [run(1, 0.10)], "retrain": [run(0, 0.0)]})
+    robust = write("r.json", {"scissorhands": [run(0, 0.01), run(1, 0.01)]}, erase_args="--robust")
+    other = write("c.json", {"uce": [run(0, 0.0, forget=0.5)]}, concept="circle")
+    r, c = main([seed0, seed1, robust, other, "--method", "scissorhands --robust"])
+    assert r["concept"] == "oval" and r["seeds"] == [0, 1] and c["concept"] == "circle" and c["first"] is None
+    assert r["rows"]["uce"]["drops_by_seed"] == pytest.approx({0: 5.0, 1: 3.0})  # seed 1 came from the second file
+    assert r["order"] == ["scissorhands --robust", "uce", "scissorhands"] and r["first"] == "scissorhands --robust"
+    assert r["rows"]["scissorhands"]["mean_drop"] == pytest.approx(6.0)
+    moved = write("moved.json", {"esd": [run(0, 0.0)]}, b={**base, "neighbour_acc": 0.7})
+    with pytest.raises(SystemExit, match="moved.json and .*s0.json rank 'oval' from different base rows"):
+        main([seed0, moved])
+    with pytest.raises(SystemExit, match=r"s0.json repeats 'uce' seed 0 of .*s0.json for 'oval'"):
+        main([seed0, seed0])
