@@ -4,9 +4,14 @@ Run once on the commit before the refactor (a5c2219), from a checkout of it:
 
     OMP_NUM_THREADS=1 python tests/data/make_legacy_reference.py tests/data/legacy
 
+(The references were remade on 2026-12-07 from a checkout of a898d37, which is a5c2219's code plus this script, on a
+host whose kernels gave other bits than the first one's, with this file's ``kernel_fingerprint`` added to each; a
+host with another fingerprint compares them within float rounding, checked against the first references.)
+
 For each case it builds the tiny pipeline of tests/conftest.py (eval.tiny, seed 0), runs erase/sd.py in-process with
 the case's flags and writes ``<case>.json``: every changed UNet tensor's sha256 and float64 sum / sum of squares (with
-the CPU capability and torch version that made them: bitwise equality is only promised on the same kernels), the
+the torch version and a fingerprint of the CPU kernels that made them: bitwise equality is only promised on kernels
+that give the same bits; two hosts that both report AVX512 did not), the
 per-tensor trim counts, the projection counters, the loss history and the settings a resume compares (the ``record``
 of the run's checkpoint, temporary paths replaced by ``<base>`` / ``<data>``).
 tests/test_legacy_reference.py reruns every case with today's code and compares.
@@ -68,6 +73,29 @@ def run_case(name: str, family: str, flags: list[str], work: Path, pipes: dict) 
     return delta, facts, {"family": family}
 
 
+def kernel_fingerprint() -> str:
+    """sha256 of a small UNet's forward and backward and of a large matmul on fixed inputs, at the current thread
+    count: two machines with equal fingerprints run the cases' kernels to the same bits (the CPU capability alone does
+    not tell: the references of 2026-12-06 and a host of 2026-12-07 both report AVX512 and differ in every tensor)."""
+    import hashlib
+
+    from diffusers import UNet2DConditionModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+                                    cross_attention_dim=16, attention_head_dim=2,
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        x, c, a = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.randn(256, 256)
+    out = unet(x, torch.tensor([10, 500]), c).sample
+    out.square().mean().backward()
+    h = hashlib.sha256(out.detach().numpy().tobytes() + (a @ a).numpy().tobytes())
+    for _, q in sorted(unet.named_parameters()):
+        h.update(q.grad.numpy().tobytes())
+    return h.hexdigest()
+
+
 def tensor_facts(tensors: dict) -> dict:
     """Per tensor: sha256 of its bytes, float64 sum and sum of squares (what tests/test_legacy_reference.py compares)."""
     import hashlib
@@ -87,7 +115,8 @@ def main(out_dir: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, flags) in CASES.items():
             delta, facts, meta = run_case(name, family, flags, Path(tmp), pipes)
-            meta.update(commit=commit, torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability())
+            meta.update(commit=commit, torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                        kernels=kernel_fingerprint())
             facts["delta"] = tensor_facts(delta)
             (out / f"{name}.json").write_text(json.dumps({**facts, **meta}, indent=1, sort_keys=True) + "\n")
             print(name, len(delta), "tensors")
