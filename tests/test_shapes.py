@@ -246,6 +246,7 @@ def test_score_writes_every_column_and_setting(tiny_model, tiny_judges, tmp_path
     (["bench", "--concept", "many:25", "--output_dir", "o"], "between 1 and 24 concepts"),
     (["bench", "--concept", "many:ten", "--output_dir", "o"], "many:N takes a whole number"),
     (["bench", "--concept", "pairs:61", "--output_dir", "o"], "between 1 and 60 compound"),
+    (["bench", "--concept", "star", "--methods", "uce,scissorhands+robus", "--output_dir", "o"], "--robus is not an erase/sd.py flag"),
     (["score", "--concept", "red unicorn", "--output_dir", "o"], "a colour and a shape"),
     (["train", "--resolution", "20"], "resolution must be a multiple of 8"),
     (["train", "--lr", "-1"], "--lr -1 is outside the allowed range"),
@@ -348,14 +349,15 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
 
 def test_bench_erases_several_concepts_in_one_run(tiny_model, tiny_judges, tmp_path, monkeypatch):
     """bench --concept a,b: one erasure of both through a concept file (each its own prompts and anchor), one audit of
-    both, the worst concept's forget figure and the method's seconds per concept, the every-concept target."""
+    both, the worst concept's forget figure and the method's seconds per concept, the every-concept target; a
+    --methods entry with flags of its own (+lam=0) is a row of its own on the same images."""
     import eval.shapes.judges
     from eval.shapes.__main__ import main
 
     monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--concept", "star,red", "--model", str(tiny_model), "--output_dir", "two", "--methods",
-                 "scissorhands", "--seeds", "0", "--no_retrain", "--max_train_steps", "1", "--num_images", "1", "--steps", "2",
+                 "scissorhands,scissorhands+lam=0", "--seeds", "0", "--no_retrain", "--max_train_steps", "1", "--num_images", "1", "--steps", "2",
                  "--num_forget_images", "1", "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python"]) == 0
     out = tmp_path / "two"
     r = json.loads((out / "results.json").read_text())
@@ -369,6 +371,11 @@ def test_bench_erases_several_concepts_in_one_run(tiny_model, tiny_judges, tmp_p
     assert run["forget_worst_acc"] == max(scored["forget_acc_per_concept"].values())
     assert any(t["target"] == "every concept's forget_acc <= 2%" for t in r["targets"])
     assert "# Erasing 2 concepts at once (star,red)" in (out / "results.md").read_text()
+    own = r["runs"]["scissorhands+lam=0"][0]
+    assert own["command"][-2:] == ["--lam", "0"] and r["settings"]["method_args"]["scissorhands+lam=0"][-2:] == ["--lam", "0"]
+    assert own["command"][own["command"].index("--data_dir") + 1] == run["command"][run["command"].index("--data_dir") + 1]
+    own_cfg = json.loads((out / "runs" / "scissorhands+lam=0-seed0" / "erase_config.json").read_text())
+    assert own_cfg["method_config"]["lam"] == 0 and cfg["method_config"]["lam"] != 0
 
 
 def test_the_world_on_an_sd3_transformer_trains_audits_and_erases(shapes_cache, tiny_judges, tmp_path, monkeypatch):

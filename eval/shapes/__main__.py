@@ -98,7 +98,7 @@ def parse_args(input_args=None):
                        "texture)" + ("; a compound colour + shape (\"red star\"); several comma-separated, many:N (N concepts "
                                      "mixed over the kinds, at most 24) or pairs:N (N compounds, at most 60) are erased "
                                      "together in one run" if name == "bench" else ""))
-        p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods")
+        p.add_argument("--methods", default=methods, help="comma-separated erase/sd.py methods; an entry may add flags of its own: scissorhands+robust")
         p.add_argument("--seeds", default=seeds, help="comma-separated erasure seeds")
         p.add_argument("--output_dir", required=out is None, default=out, help="folder for results.json, results.md, "
                        "chart.png, grid_<row>.png and the runs")

@@ -10,7 +10,9 @@ its own prompts and anchor, ``seconds_per_concept`` its method time over their n
 ``train_seconds``). The ``retrain`` row is the base settings trained from scratch without any scene of the concept
 (one model per seed, the seed as training seed, cached). Writes ``OUT/results.json`` (``base``, ``retrain``,
 ``methods.<method>.<column>.mean/std``, ``runs``), ``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<row>.png``
-(sample images per audit group, the erased concept's rows marked).
+(sample images per audit group, the erased concept's rows marked). A ``--methods`` entry may add erase/sd.py flags
+of its own with ``+``: ``scissorhands,scissorhands+robust`` puts plain and robust Scissorhands in one table, on the
+same images and base row (``+robust_every=10`` gives ``--robust_every 10``); the entry is the row's name.
 """
 
 from __future__ import annotations
@@ -58,14 +60,32 @@ PERCENT = {c for c in COLUMNS if c.endswith("_acc")}
 TARGETS = {"forget": 0.02, "drop": 0.02, "fd_ratio": 1.15}  # issue 19, section 5
 
 
+def split_entry(entry: str) -> tuple[str, list[str]]:
+    """A ``--methods`` entry -> (method, its own erase/sd.py flags): ``"scissorhands+robust+robust_every=10"`` ->
+    ``("scissorhands", ["--robust", "--robust_every", "10"])``."""
+    method, *flags = entry.split("+")
+    extra = []
+    for f in flags:
+        name, sep, value = f.partition("=")
+        extra += [f"--{name}"] + ([value] if sep else [])
+    return method, extra
+
+
 def check_methods(args) -> list[str]:
     from erase.core import available_methods
+    from erase.sd import build_parser
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     known = available_methods("diffusion")
-    bad = [m for m in methods if m not in known]
+    bad = [m for m in methods if split_entry(m)[0] not in known]
     if bad or not methods:
-        raise UserError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from: {', '.join(known)}")
+        raise UserError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from: {', '.join(known)} "
+                        "(each may add erase/sd.py flags as +flag or +flag=value)")
+    options = build_parser()._option_string_actions
+    for m in methods:
+        wrong = [f for f in split_entry(m)[1] if f.startswith("--") and (f not in options or f == "--")]
+        if wrong:
+            raise UserError(f"--methods entry {m!r}: {wrong[0]} is not an erase/sd.py flag (erase/sd.py --help lists them)")
     if len(set(methods)) != len(methods):
         raise UserError(f"--methods {args.methods!r} names a method twice")
     return methods
@@ -96,6 +116,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
     ``UNTUNED_ARGS``)."""
     out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
     folder = Path(args.output_dir).absolute() / "concept"
+    method, own = split_entry(method)  # a --methods entry: the method and the flags of its own row
     steps = 0 if is_closed_form(method) else args.max_train_steps  # uce / speed take no repair step (erase/sd.py says so)
     cmd = _launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(Path(base).absolute()),
@@ -105,7 +126,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
         "--train_batch_size", str(args.train_batch_size), "--num_forget_images", str(args.num_forget_images),
         "--num_retain_images", str(args.num_retain_images), "--num_inference_steps", str(args.steps),
         "--guidance_scale", str(args.guidance), "--generation_batch_size", "64", "--log_every", "1000",
-    ] + method_args.get(method, []) + shlex.split(args.erase_args or "")
+    ] + method_args.get(method, []) + own + shlex.split(args.erase_args or "")
     record = out_dir.parent / f"{out_dir.name}.json"
     if record.is_file() and (out_dir / "erase_config.json").is_file():
         done = json.loads(record.read_text())
@@ -359,9 +380,9 @@ def bench(args) -> dict:
     grid(out / "scores" / "base", out / "grid_base.png")
     results["settings"] = {
         "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
-        "closed_form": [m for m in methods if is_closed_form(m)],  # run with --max_train_steps 0
+        "closed_form": [m for m in methods if is_closed_form(split_entry(m)[0])],  # run with --max_train_steps 0
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
-        "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(m, []) for m in methods},
+        "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(split_entry(m)[0], []) + split_entry(m)[1] for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images, "steps": args.steps,
         "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"].get("scheduler"), "concept_inputs": p,
         "retrain": retrain_info, "audit": base_summary["settings"]["generation"], "judges": base_summary["settings"]["judges"],
