@@ -51,6 +51,8 @@ TUNED_FLAGS = {
     # SPEED: no directed prior augmentation (2 admissible points of 7; mean drop 3.1 points against the paper
     # default's 17.5, FD 1.02 x). Same section.
     "speed": ["--aug_num", "0"],
+    # ESD and SalUn: their learning-rate screens (2026-12-07) found no admissible point; the digits settings stay.
+    # RESULTS.md, "The ESD screen and the robust mode's λ screen" and the SalUn screen before it.
 }
 METHOD_ARGS = {m: UNTUNED_ARGS.get(m, []) + TUNED_FLAGS.get(m, []) for m in {**UNTUNED_ARGS, **TUNED_FLAGS}}
 COLUMNS = ("forget_acc", "forget_worst_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc",
