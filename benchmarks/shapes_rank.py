@@ -93,7 +93,7 @@ def main(argv=None) -> list[dict]:
     if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
         raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
     ranks = []
-    for f, results in merged(a.results).items():  # files this tool did not write: anything in them may be wrong
+    for f, results in merged(a.results).values():  # files this tool did not write: anything in them may be wrong
         try:
             ranks.append(rank(results))
         except (KeyError, TypeError, AttributeError, ValueError, ZeroDivisionError) as e:
@@ -104,11 +104,11 @@ def main(argv=None) -> list[dict]:
     return ranks
 
 
-def merged(files: list[str]) -> dict[str, dict]:
-    """The files' results, one per concept (keyed by the first file of each): runs of several files of one concept
+def merged(files: list[str]) -> dict[str, tuple[str, dict]]:
+    """The files' results per concept, as (the concept's first file, results): runs of several files of one concept
     are joined when their base rows agree on the ranked columns; a method run with ``--erase_args`` is a row of its
     own, named ``"<method> <erase_args>"``; the same row and seed twice is refused."""
-    out, first = {}, {}
+    out: dict[str, tuple[str, dict]] = {}
     for f in files:
         try:
             results = json.loads(Path(f).read_text())
@@ -120,22 +120,20 @@ def merged(files: list[str]) -> dict[str, dict]:
         flags = str(settings.get("erase_args") or "").strip()
         runs = {(f"{m} {flags}" if flags and m != "retrain" else m): rs for m, rs in results["runs"].items()}
         concept = results.get("concept")
-        if concept not in first:
-            first[concept] = f
-            out[f] = {**results, "runs": runs}
+        if concept not in out:
+            out[concept] = (f, {**results, "runs": runs})
             continue
-        into = out[first[concept]]
-        cols = ("forget_acc", "retain_fd") + DROPS
-        if any(into["base"].get(k) != results["base"].get(k) for k in cols):
-            raise UserError(f"{f} and {first[concept]} rank {concept!r} from different base rows (another model or "
-                            "audit): give one of them")
+        first, into = out[concept]
+        if any(into["base"].get(k) != results["base"].get(k) for k in ("forget_acc", "retain_fd") + DROPS):
+            raise UserError(f"{f} and {first} rank {concept!r} from different base rows (another model or audit): "
+                            "give one of them")
         for m, rs in runs.items():
             seen = {r.get("seed") for r in into["runs"].get(m, []) if isinstance(r, dict)}
             if m == "retrain":  # not ranked: the reference per seed is the same model in every bench
                 rs = [r for r in rs if isinstance(r, dict) and r.get("seed") not in seen]
             again = sorted(str(r.get("seed")) for r in rs if isinstance(r, dict) and r.get("seed") in seen)
             if again:
-                raise UserError(f"{f} repeats {m!r} seed {', '.join(again)} of {first[concept]} for {concept!r}: give one of them")
+                raise UserError(f"{f} repeats {m!r} seed {', '.join(again)} of {first} for {concept!r}: give one of them")
             into["runs"][m] = list(into["runs"].get(m, [])) + list(rs)
     return out
 

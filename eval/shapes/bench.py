@@ -73,6 +73,12 @@ def split_entry(entry: str) -> tuple[str, list[str]]:
     return method, extra
 
 
+def entry_args(entry: str, method_args: dict = METHOD_ARGS) -> tuple[str, list[str]]:
+    """A ``--methods`` entry -> (method, every erase/sd.py flag of its row: the method's settings, then its own)."""
+    method, own = split_entry(entry)
+    return method, method_args.get(method, []) + own
+
+
 def check_methods(args) -> list[str]:
     from erase.core import available_methods
     from erase.sd import build_parser
@@ -85,7 +91,7 @@ def check_methods(args) -> list[str]:
                         "(each may add erase/sd.py flags as +flag or +flag=value)")
     options = build_parser()._option_string_actions
     for m in methods:
-        wrong = [f for f in split_entry(m)[1] if f.startswith("--") and (f not in options or f == "--")]
+        wrong = [f for f in split_entry(m)[1] if f.startswith("--") and f not in options]
         if wrong:
             raise UserError(f"--methods entry {m!r}: {wrong[0]} is not an erase/sd.py flag (erase/sd.py --help lists them)")
     if len(set(methods)) != len(methods):
@@ -118,7 +124,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
     ``UNTUNED_ARGS``)."""
     out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
     folder = Path(args.output_dir).absolute() / "concept"
-    method, own = split_entry(method)  # a --methods entry: the method and the flags of its own row
+    method, flags = entry_args(method, method_args)  # a --methods entry: the method and every flag of its row
     steps = 0 if is_closed_form(method) else args.max_train_steps  # uce / speed take no repair step (erase/sd.py says so)
     cmd = _launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(Path(base).absolute()),
@@ -128,7 +134,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
         "--train_batch_size", str(args.train_batch_size), "--num_forget_images", str(args.num_forget_images),
         "--num_retain_images", str(args.num_retain_images), "--num_inference_steps", str(args.steps),
         "--guidance_scale", str(args.guidance), "--generation_batch_size", "64", "--log_every", "1000",
-    ] + method_args.get(method, []) + own + shlex.split(args.erase_args or "")
+    ] + flags + shlex.split(args.erase_args or "")
     record = out_dir.parent / f"{out_dir.name}.json"
     if record.is_file() and (out_dir / "erase_config.json").is_file():
         done = json.loads(record.read_text())
@@ -384,7 +390,7 @@ def bench(args) -> dict:
         "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
         "closed_form": [m for m in methods if is_closed_form(split_entry(m)[0])],  # run with --max_train_steps 0
         "train_batch_size": args.train_batch_size, "num_forget_images": args.num_forget_images,
-        "num_retain_images": args.num_retain_images, "method_args": {m: METHOD_ARGS.get(split_entry(m)[0], []) + split_entry(m)[1] for m in methods},
+        "num_retain_images": args.num_retain_images, "method_args": {m: entry_args(m)[1] for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images, "steps": args.steps,
         "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"].get("scheduler"), "concept_inputs": p,
         "retrain": retrain_info, "audit": base_summary["settings"]["generation"], "judges": base_summary["settings"]["judges"],

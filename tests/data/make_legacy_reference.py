@@ -112,11 +112,12 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     pipes: dict = {}
+    kernels = kernel_fingerprint()  # the machine's, once
     with tempfile.TemporaryDirectory() as tmp:
         for name, (family, flags) in CASES.items():
             delta, facts, meta = run_case(name, family, flags, Path(tmp), pipes)
             meta.update(commit=commit, torch=torch.__version__, cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                        kernels=kernel_fingerprint())
+                        kernels=kernels)
             facts["delta"] = tensor_facts(delta)
             (out / f"{name}.json").write_text(json.dumps({**facts, **meta}, indent=1, sort_keys=True) + "\n")
             print(name, len(delta), "tensors")
