@@ -196,7 +196,8 @@ def test_two_processes_match_one(tiny, data_dir, tmp_path):
     ["--forget_loss", "redirect", "--gradient_checkpointing", "--gradient_accumulation_steps", "2"],
     ["--forget_loss", "esd", "--esd_ddim_steps", "2", "--targets", "selfattn", "--num_memories", "2"],
     ["--targets", r"up_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn2\.to_[kv]\.weight", "--memory_refresh", "2"],
-], ids=["ft", "ga", "l1sparse", "salun", "esd", "redirect+ckpt+accum", "esd-term+2mem", "regex"])
+    ["--forget_target", "0.2", "--forget_gain", "0.5", "--max_train_steps", "7"],
+], ids=["ft", "ga", "l1sparse", "salun", "esd", "redirect+ckpt+accum", "esd-term+2mem", "regex", "adaptive-lam"])
 def test_methods(tiny, data_dir, tmp_path, row):
     method = row[row.index("--method") + 1] if "--method" in row else "scissorhands"
     saliency = ["--saliency_batches", 1] if method in ("scissorhands", "salun") else []  # an option of these two only
@@ -204,6 +205,9 @@ def test_methods(tiny, data_dir, tmp_path, row):
                 *SMALL_DATA, "--max_train_steps", 2, *saliency, "--lr", "1e-3", *row])
     cfg = json.loads((tmp_path / "erase_config.json").read_text())
     assert cfg["delta"]["tensors_changed"] > 0
+    if "--forget_target" in row:  # the redirect term's λ follows its target after the warm-up, recorded per step
+        assert cfg["repair"]["forget_weight"]["forget_steps"] == 7 and cfg["method_config"]["forget_target"] == 0.2
+        assert [r["lam"] for r in cfg["history"][:5]] == [0.3] * 5 and cfg["history"][-1]["lam"] != 0.3
     assert all(all(isinstance(v, str) or v == v for v in r.values()) for r in cfg["history"])  # finite logs (no NaN)
     new, base = unet_state(tmp_path), load_file(f"{tiny}/unet/diffusion_pytorch_model.safetensors")
     for n in cfg["delta"]["per_tensor"]:

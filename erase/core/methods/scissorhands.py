@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from accelerate.logging import get_logger
 
+from ..forget_weight import ForgetWeight
 from ..method import Method
 from ..norms import frozen_norm_stats
 from ..nullspace import NullSpace
@@ -60,6 +61,8 @@ class ScissorhandsConfig:
     null_space: bool = field(default=False, metadata={"help": "Null-space repair: the trim and every step change the text-input layers (cross-attention keys / values, MMDiT text embedders) only off the span of the preserved prompts' inputs, so those prompts' keys and values stay the base's (erase/core/nullspace.py)."})
     null_space_threshold: float = field(default=0.01, metadata={"help": "With --null_space: input directions whose second-moment eigenvalue is at least this share of the largest are preserved."})
     relearn_radius: float = field(default=0.0, metadata={"help": "Weight-space adversary: take the forget term's gradient at the weights one relearning step reaches (a step down the concept's loss of this length, relative to the targets' norm; erase/core/relearn.py). 0: off."})
+    forget_target: float | None = field(default=None, metadata={"help": "Adaptive λ: hold the forget term's running mean at most this share of its mean over the first 5 forget steps, raising λ while it is above and lowering it while below (dual ascent; --lam is the starting weight; erase/core/forget_weight.py). In (0, 1); None: λ fixed."})
+    forget_gain: float = field(default=0.05, metadata={"help": "With --forget_target: the step of log λ per optimizer step at full error (the relative error is clipped to [-1, 1])."})
     relearn_params: str = field(default="targets", metadata={"help": "Which weights the relearning step of --relearn_radius moves: targets (the erasure's own), rest (every other weight of the model: those a relearning attack moves and the erasure never trains) or all; the radius is relative to their norm.", "choices": RELEARN_PARAMS})
 
     def __post_init__(self):
@@ -80,6 +83,14 @@ class ScissorhandsConfig:
             raise ValueError(f"relearn_params {self.relearn_params!r} is not one of {RELEARN_PARAMS}")
         if self.relearn_params != "targets" and self.relearn_radius == 0:
             raise ValueError(f"relearn_params {self.relearn_params!r} sets what the weight-space adversary moves; it needs relearn_radius > 0")
+        if self.forget_target is not None:
+            if not 0.0 < self.forget_target < 1.0:
+                raise ValueError(f"forget_target must lie in (0, 1), got {self.forget_target}")
+            if self.lam <= 0 or self.forget_loss == "ascent":
+                raise ValueError(f"forget_target adapts λ of a forget term that falls as the concept is forgotten: it needs lam > 0 "
+                                 f"and a forget_loss other than ascent (got lam {self.lam}, forget_loss {self.forget_loss!r})")
+        if not 0.0 < self.forget_gain <= 1.0:
+            raise ValueError(f"forget_gain must lie in (0, 1], got {self.forget_gain}")
         if not 0.0 < self.null_space_threshold < 1.0:
             raise ValueError(f"null_space_threshold must lie in (0, 1), got {self.null_space_threshold}")
 
@@ -96,6 +107,7 @@ class Scissorhands(Method):
         self._pending: _Pending | None = None  # what after_step needs to check the applied step
         self._unchecked = False  # memories refreshed and not yet checked for non-finite entries
         self.null: NullSpace | None = None  # --null_space: built in prepare, or on the first step of a resumed run
+        self.weight = ForgetWeight(config.lam, config.forget_target, config.forget_gain)  # λ, fixed or adaptive
 
     def _null(self, ctx) -> NullSpace | None:
         if self.config.null_space and self.null is None:
@@ -186,17 +198,19 @@ class Scissorhands(Method):
             # the forget term one relearning step ahead, its backward taken here, before the retain term's forward at θ
             with relearned(ctx, model, forget_batch, self.config.relearn_radius, self.config.relearn_params) as info:
                 term = ctx.adapter.forget_term(self.config.forget_loss, model, forget_batch, bound=self.config.forget_bound)
-                ctx.backward(self.config.lam * term)
+                ctx.backward(self.weight.lam * term)
+            self.weight.observe(term)
             lr = ctx.adapter.retain_loss(model, retain_batch)
             parts = {"retain_loss": lr.detach(), "forget_term": term.detach(), **{k: torch.tensor(v) for k, v in info.items()}}
-            return lr + self.config.lam * term.detach(), parts  # the total is logged and checked; its gradient is L_r's
+            return lr + self.weight.lam * term.detach(), parts  # the total is logged and checked; its gradient is L_r's
         lr = ctx.adapter.retain_loss(model, retain_batch)
         parts = {"retain_loss": lr.detach()}
         if not self._forget_active(ctx, ctx.step):
             return lr, parts
         term = ctx.adapter.forget_term(self.config.forget_loss, model, forget_batch, bound=self.config.forget_bound)
         parts["forget_term"] = term.detach()
-        return lr + self.config.lam * term, parts
+        self.weight.observe(term)
+        return lr + self.weight.lam * term, parts
 
     def after_backward(self, ctx, model, step: int) -> dict:
         self._pending = None
@@ -255,10 +269,11 @@ class Scissorhands(Method):
         correction) and copies nothing.
         """
         pending, self._pending = self._pending, None
+        weight = self.weight.update(ctx.reduce_mean)  # λ for the next step, from this step's forget terms
         if self.null is not None:  # Adam's step moved the weights on the span too: undo that part
             self.null.restore_(list(ctx.params.values()))
         if pending is None:
-            return {}
+            return weight
         params = list(ctx.params.values())
         dots = pending.dots(params, self.memories)
         corrected = bool(self.config.project_update) and min(dots) < 0
@@ -277,10 +292,10 @@ class Scissorhands(Method):
         self.counts["update_violated"] += int(violated)
         self.counts["update_corrected"] += int(corrected)
         self.counts["update_violated_after"] += int(still)
-        return {"update_projected": float(corrected), "update_dot_before": min(dots), "update_dot_after": min(after)}
+        return {**weight, "update_projected": float(corrected), "update_dot_before": min(dots), "update_dot_after": min(after)}
 
     def summary(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, **self.weight.summary()}
 
     # -- resume -------------------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -288,11 +303,15 @@ class Scissorhands(Method):
         # (a checkpoint that holds them still loads: they are replaced before use)
         out = {f"memory.{j}.{i}": t for j, mem in enumerate(self.memories) for i, t in enumerate(mem)} if self.config.memory_refresh > 1 else {}
         out["counts"] = torch.tensor([self.counts[k] for k in COUNTS], dtype=torch.int64)
+        if self.weight.adaptive:
+            out["forget_weight"] = self.weight.state_tensor()
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         counts = tensors.get("counts")
         self.counts = dict(zip(COUNTS, (int(c) for c in counts.tolist()))) if counts is not None else dict.fromkeys(COUNTS, 0)
+        if self.weight.adaptive and "forget_weight" in tensors:
+            self.weight.load_state_tensor(tensors["forget_weight"])
         mems = [k for k in tensors if k.startswith("memory.")]
         if not mems:
             self.memories = []
