@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # points on the digits settings (UNTUNED_ARGS), so its recorded commands stay what they were.
 TUNED_FLAGS = {
     # Scissorhands: top-k 0.25 %, λ 0.03 (the only admissible point of 14; mean drop 8.1 points against 21.7 at the
-    # digits settings, FD 1.05 x). RESULTS.md, "Tuning Scissorhands on the tuning concepts".
+    # digits settings, FD 1.05 x). RESULTS.md, "Tuning Scissorhands on the tuning concepts". Screens since (the forget
+    # margin, the robust mode, the null space past the edge, --forget_target, --retain_loss both) found nothing admissible.
     "scissorhands": ["--topk", "0.25", "--lam", "0.03"],
     # UCE: preserve scale 1 (the one admissible point of its 7-point screen: mean drop 9.2 points against the paper
     # default's 30.6, FD 0.99 x). RESULTS.md, "Retuning UCE and SPEED on the tuning concepts".
