@@ -159,18 +159,22 @@ def test_resume_equals_uninterrupted(tiny, reference, data_dir, tmp_path):
 def test_two_processes_match_one(tiny, data_dir, tmp_path):
     """DDP on 2 CPU processes with batch 1 == 1 process with batch 2 (same examples, same per-example noise), and FSDP on
     2 processes (docs/accelerate/fsdp_bf16.yaml: the UNet's blocks sharded, the cross-attention targets whole) == DDP.
+    The forget weight is adaptive (`--forget_target`): it moves after the warm-up, alike on every process.
 
     --topk 100 makes the trim independent of the saliency values (each batch's gradient is averaged across
     processes before |.|, but float rounding can still reorder near ties); SGD keeps tiny float differences of the
     gradient mean tiny in the weights.
     """
     common = ["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--data_dir", data_dir, *SMALL,
-              "--max_train_steps", 3, "--lr", "0.05", "--optimizer", "sgd", "--topk", 100, "--lam", "0.5"]
+              "--max_train_steps", 7, "--lr", "0.05", "--optimizer", "sgd", "--topk", 100, "--lam", "0.5",
+              "--forget_target", "0.9", "--forget_gain", "0.5"]  # λ moves after 5 steps: every process must move it alike
     launch([*common, "--output_dir", tmp_path / "two", "--train_batch_size", 1], nproc=2)
     in_process([*common, "--output_dir", tmp_path / "one", "--train_batch_size", 2])
     two, one, base = unet_state(tmp_path / "two"), unet_state(tmp_path / "one"), load_file(f"{tiny}/unet/diffusion_pytorch_model.safetensors")
     cfg = json.loads((tmp_path / "two" / "erase_config.json").read_text())
     assert cfg["num_processes"] == 2 and cfg["global_batch_size"] == 2
+    lam = json.loads((tmp_path / "one" / "erase_config.json").read_text())["repair"]["forget_weight"]["lam_final"]
+    assert lam != 0.5 and cfg["repair"]["forget_weight"]["lam_final"] == pytest.approx(lam, rel=1e-4)
     for n in two:
         if ".attn2." not in n:
             assert torch.equal(two[n], base[n]), n
