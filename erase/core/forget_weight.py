@@ -1,7 +1,7 @@
 """An adaptive forget weight: λ raised while the forget term stays above a target share of where it started.
 
 A fixed λ sets how hard the repair pushes, and where forgetting starts moves with the concept: on the shapes world the
-λ that erased the tuning concepts left 5-42 % of others (docs/SHAPES.md). With a target ρ the repair holds a
+λ that erased the tuning concepts left 2.5-42.5 % of others (docs/SHAPES.md). With a target ρ the repair holds a
 constraint instead of a weight: minimise the retain loss subject to ``F̄ ≤ ρ·F₀``, where F is the forget term (a
 distance the erasure drives down: redirect, esd, relabel), F̄ its running mean and F₀ its mean over the first
 ``WARMUP`` forget steps. λ is the constraint's multiplier and follows it by dual ascent (the basic differential
