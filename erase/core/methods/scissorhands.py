@@ -61,9 +61,9 @@ class ScissorhandsConfig:
     null_space: bool = field(default=False, metadata={"help": "Null-space repair: the trim and every step change the text-input layers (cross-attention keys / values, MMDiT text embedders) only off the span of the preserved prompts' inputs, so those prompts' keys and values stay the base's (erase/core/nullspace.py)."})
     null_space_threshold: float = field(default=0.01, metadata={"help": "With --null_space: input directions whose second-moment eigenvalue is at least this share of the largest are preserved."})
     relearn_radius: float = field(default=0.0, metadata={"help": "Weight-space adversary: take the forget term's gradient at the weights one relearning step reaches (a step down the concept's loss of this length, relative to the targets' norm; erase/core/relearn.py). 0: off."})
+    relearn_params: str = field(default="targets", metadata={"help": "Which weights the relearning step of --relearn_radius moves: targets (the erasure's own), rest (every other weight of the model: those a relearning attack moves and the erasure never trains) or all; the radius is relative to their norm.", "choices": RELEARN_PARAMS})
     forget_target: float | None = field(default=None, metadata={"help": "Adaptive λ: hold the forget term's running mean at most this share of its mean over the first 5 forget steps, raising λ while it is above and lowering it while below (dual ascent; --lam is the starting weight; erase/core/forget_weight.py). In (0, 1); None: λ fixed."})
     forget_gain: float = field(default=0.05, metadata={"help": "With --forget_target: the step of log λ per optimizer step at full error (the relative error is clipped to [-1, 1])."})
-    relearn_params: str = field(default="targets", metadata={"help": "Which weights the relearning step of --relearn_radius moves: targets (the erasure's own), rest (every other weight of the model: those a relearning attack moves and the erasure never trains) or all; the radius is relative to their norm.", "choices": RELEARN_PARAMS})
 
     def __post_init__(self):
         check_k(self.topk)
