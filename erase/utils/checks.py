@@ -83,7 +83,8 @@ OPTION_RANGES: dict[str, Range] = {
     "alpha": NON_NEGATIVE, "negative_guidance": NON_NEGATIVE, "distill_empty_fraction": UNIT, "relearn_lr": POSITIVE, "inversion_lr": POSITIVE, "robust_lr": POSITIVE,
     "lamb": POSITIVE, "erase_scale": NON_NEGATIVE, "preserve_scale": NON_NEGATIVE, "null_threshold": POSITIVE, "retain_scale": POSITIVE,
     "invariance_lamb": NON_NEGATIVE, "null_space_threshold": Range(0, 1, lo_open=True, hi_open=True),
-    "relearn_radius": Range(0, 1, hi_open=True),
+    "relearn_radius": Range(0, 1, hi_open=True), "forget_target": Range(0, 1, lo_open=True, hi_open=True),
+    "forget_gain": Range(0, 1, lo_open=True),
     # sampling and audits
     "guidance": NON_NEGATIVE, "guidance_scale": NON_NEGATIVE, "esd_start_guidance": NON_NEGATIVE, "threshold": UNIT,
     # data and models
