@@ -248,6 +248,8 @@ def test_score_writes_every_column_and_setting(tiny_model, tiny_judges, tmp_path
     (["bench", "--concept", "pairs:61", "--output_dir", "o"], "between 1 and 60 compound"),
     (["bench", "--concept", "star", "--methods", "uce,scissorhands+robus", "--output_dir", "o"], "--robus is not an erase/sd.py flag"),
     (["score", "--concept", "red unicorn", "--output_dir", "o"], "a colour and a shape"),
+    (["bench", "--concept", "star", "--seeds", "0,1", "--retrain_seeds", "2", "--output_dir", "o"], "--retrain_seeds 2 is not among --seeds 0,1"),
+    (["bench", "--concept", "star", "--retrain_seeds", "0", "--no_retrain", "--output_dir", "o"], "drop --no_retrain or --retrain_seeds"),
     (["train", "--resolution", "20"], "resolution must be a multiple of 8"),
     (["train", "--lr", "-1"], "--lr -1 is outside the allowed range"),
     (["score", "--concept", "star", "--model", "/nonexistent/x", "--output_dir", "o"], "model folder not found"),
@@ -350,17 +352,21 @@ def test_quickstart_reduced_runs_the_whole_loop(tiny_model, tiny_judges, tmp_pat
 def test_bench_erases_several_concepts_in_one_run(tiny_model, tiny_judges, tmp_path, monkeypatch):
     """bench --concept a,b: one erasure of both through a concept file (each its own prompts and anchor), one audit of
     both, the worst concept's forget figure and the method's seconds per concept, the every-concept target; a
-    --methods entry with flags of its own (+lam=0) is a row of its own on the same images."""
+    --methods entry with flags of its own (+lam=0) is a row of its own on the same images; --retrain_seeds 1 trains and
+    audits the never-trained reference of seed 1 only, beside methods run on seeds 0 and 1."""
     import eval.shapes.judges
     from eval.shapes.__main__ import main
 
     monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "--concept", "star,red", "--model", str(tiny_model), "--output_dir", "two", "--methods",
-                 "scissorhands,scissorhands+lam=0", "--seeds", "0", "--no_retrain", "--max_train_steps", "1", "--num_images", "1", "--steps", "2",
-                 "--num_forget_images", "1", "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python"]) == 0
+                 "scissorhands,scissorhands+lam=0", "--seeds", "0,1", "--retrain_seeds", "1", "--max_train_steps", "1", "--num_images", "1",
+                 "--steps", "2", "--num_forget_images", "1", "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python"]) == 0
     out = tmp_path / "two"
     r = json.loads((out / "results.json").read_text())
+    assert [x["seed"] for x in r["runs"]["retrain"]] == [1] and [x["seed"] for x in r["runs"]["scissorhands"]] == [0, 1]
+    assert r["settings"]["retrain"]["seeds"] == [1] and list(r["settings"]["retrain"]["models"]) == ["1"]
+    assert r["retrain"]["forget_acc"]["n"] == 1 and (out / "grid_retrain.png").is_file() and not (out / "scores" / "retrain-seed0").exists()
     run = r["runs"]["scissorhands"][0]
     assert r["concepts"] == ["star", "red"] and r["kind"] == "mixed" and r["concept"] == "star,red"
     cfg = json.loads((out / "runs" / "scissorhands-seed0" / "erase_config.json").read_text())

@@ -115,6 +115,8 @@ def parse_args(input_args=None):
         if name == "bench":
             p.add_argument("--no_retrain", action="store_true", help="skip the retrain row (the base settings trained "
                            "without the concept's scenes, one model per seed, cached; ~45 CPU minutes each)")
+            p.add_argument("--retrain_seeds", default=None, help="comma-separated seeds of the retrain row, among --seeds "
+                           "(default: every one): a model per seed is ~45 CPU minutes, so a reference may cover fewer seeds")
         else:
             p.add_argument("--retrain", dest="no_retrain", action="store_false",
                            help="add the retrain row (one more model to train, ~45 CPU minutes, cached)")
@@ -144,6 +146,17 @@ def parse_args(input_args=None):
             raise UserError("--seeds is empty")
         for s in args.seeds:
             check_int("--seeds", s, 0, 9999)  # audit image seeds are 10**8 + 10**6 * seed + ...: distinct per seed
+    if getattr(args, "retrain_seeds", None) is not None:
+        if args.no_retrain:
+            raise UserError("--retrain_seeds chooses the retrain row's seeds; drop --no_retrain or --retrain_seeds")
+        try:
+            args.retrain_seeds = [int(s) for s in str(args.retrain_seeds).split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"--retrain_seeds must be comma-separated integers, got {args.retrain_seeds!r}") from None
+        stray = [s for s in args.retrain_seeds if s not in args.seeds]
+        if stray or not args.retrain_seeds:
+            raise UserError(f"--retrain_seeds {stray[0] if stray else '(empty)'} is not among --seeds "
+                            f"{','.join(map(str, args.seeds))}: the retrain row pairs with the methods' seeds")
     if args.command != "train":
         for name in COUNT_OPTIONS:
             if getattr(args, name, 1) < 1:

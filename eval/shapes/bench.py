@@ -8,7 +8,7 @@ its own prompts and anchor, ``seconds_per_concept`` its method time over their n
 ``accelerate launch erase/sd.py`` process, so its wall time, CPU time and peak resident memory are measured alone
 (``erase_seconds`` is the process's wall time; ``method_seconds`` the method's own part, erase_config.json's
 ``train_seconds``). The ``retrain`` row is the base settings trained from scratch without any scene of the concept
-(one model per seed, the seed as training seed, cached). Writes ``OUT/results.json`` (``base``, ``retrain``,
+(one model per seed, the seed as training seed, cached; ``--retrain_seeds`` limits it to some of the seeds). Writes ``OUT/results.json`` (``base``, ``retrain``,
 ``methods.<method>.<column>.mean/std``, ``runs``), ``OUT/results.md``, ``OUT/chart.png`` and ``OUT/grid_<row>.png``
 (sample images per audit group, the erased concept's rows marked). A ``--methods`` entry may add erase/sd.py flags
 of its own with ``+``: ``scissorhands,scissorhands+robust`` puts plain and robust Scissorhands in one table, on the
@@ -368,7 +368,8 @@ def bench(args) -> dict:
         retrain_info = {"held_out": concepts, "models": {}, "fingerprints": {},
                         "seed_rule": "retrain row of seed s: the base settings with seed s (scenes and initialisation), "
                                      "trained without any scene that has the concept (eval.shapes retrain)"}
-        for s in tqdm(args.seeds, desc="retrain + audit", unit="model"):
+        retrain_info["seeds"] = list(getattr(args, "retrain_seeds", None) or args.seeds)
+        for s in tqdm(retrain_info["seeds"], desc="retrain + audit", unit="model"):
             cfg = retrain_config(args.model, concepts, s)
             model = retrain_model(args.model, concepts, s, progress=True)
             retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
@@ -385,7 +386,7 @@ def bench(args) -> dict:
         grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
     results["retrain"] = aggregate(results["runs"]["retrain"]) if retrain_info else None
     if retrain_info:
-        grid(out / "scores" / f"retrain-seed{args.seeds[0]}", out / "grid_retrain.png")
+        grid(out / "scores" / f"retrain-seed{retrain_info['seeds'][0]}", out / "grid_retrain.png")
     grid(out / "scores" / "base", out / "grid_base.png")
     results["settings"] = {
         "methods": methods, "seeds": args.seeds, "max_train_steps": args.max_train_steps,
