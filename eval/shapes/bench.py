@@ -11,8 +11,9 @@ its own prompts and anchor, ``seconds_per_concept`` its method time over their n
 (one model per seed, the seed as training seed, cached; ``--retrain_seeds`` limits it to some of the seeds). Writes
 ``OUT/results.json`` (``base``, ``retrain``, ``methods.<method>.<column>.mean/std``, ``runs``), ``OUT/results.md``,
 ``OUT/chart.png`` and ``OUT/grid_<row>.png`` (sample images per audit group, the erased concept's rows marked). A
-``--methods`` entry may add erase/sd.py flags of its own with ``+``: ``scissorhands,scissorhands+robust`` puts plain and robust Scissorhands in one table, on the
-same images and base row (``+robust_every=10`` gives ``--robust_every 10``); the entry is the row's name.
+``--methods`` entry may add erase/sd.py flags of its own with ``+``: ``scissorhands,scissorhands+robust`` puts plain
+and robust Scissorhands in one table, on the same images and base row (``+robust_every=10`` gives
+``--robust_every 10``); the entry is the row's name.
 """
 
 from __future__ import annotations
