@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from classify.adapter import ClassifierAdapter
 from erase.core import EngineConfig, build_method, run
 from erase.core.engine import list_checkpoints
 from erase.core.forget_weight import EMA, WARMUP, ForgetWeight
+from test_core_engine import trained_adapter as adapter  # a fresh copy of the trained digits MLP, forgetting the threes
 
 
 def feed(w: ForgetWeight, values) -> list[dict]:
@@ -75,16 +75,6 @@ def test_the_flags_reach_the_command_line():
 @pytest.fixture(scope="module")
 def accelerator():
     return Accelerator(cpu=True)
-
-
-def adapter(trained_mlp, digits_tensors):
-    import torch.nn as nn
-
-    x, y = digits_tensors
-    m = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
-    m.load_state_dict(trained_mlp)
-    f = y == 3
-    return ClassifierAdapter(m, (x[f], y[f]), (x[~f], y[~f]), num_classes=10, batch_size=16)
 
 
 def config(out, steps, resume=None):

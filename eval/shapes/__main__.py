@@ -149,14 +149,13 @@ def parse_args(input_args=None):
     if getattr(args, "retrain_seeds", None) is not None:
         if args.no_retrain:
             raise UserError("--retrain_seeds chooses the retrain row's seeds; drop --no_retrain or --retrain_seeds")
-        try:
-            args.retrain_seeds = [int(s) for s in str(args.retrain_seeds).split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--retrain_seeds must be comma-separated integers, got {args.retrain_seeds!r}") from None
+        from eval.attack.utils.config import int_list
+
+        args.retrain_seeds = list(int_list(args.retrain_seeds, "retrain_seeds"))  # integers, none repeated, not empty
         stray = [s for s in args.retrain_seeds if s not in args.seeds]
-        if stray or not args.retrain_seeds:
-            raise UserError(f"--retrain_seeds {stray[0] if stray else '(empty)'} is not among --seeds "
-                            f"{','.join(map(str, args.seeds))}: the retrain row pairs with the methods' seeds")
+        if stray:
+            raise UserError(f"--retrain_seeds {stray[0]} is not among --seeds {','.join(map(str, args.seeds))}: "
+                            "the retrain row pairs with the methods' seeds")
     if args.command != "train":
         for name in COUNT_OPTIONS:
             if getattr(args, name, 1) < 1:

@@ -368,8 +368,8 @@ def bench(args) -> dict:
 
         retrain_info = {"held_out": concepts, "models": {}, "fingerprints": {},
                         "seed_rule": "retrain row of seed s: the base settings with seed s (scenes and initialisation), "
-                                     "trained without any scene that has the concept (eval.shapes retrain)"}
-        retrain_info["seeds"] = list(getattr(args, "retrain_seeds", None) or args.seeds)
+                                     "trained without any scene that has the concept (eval.shapes retrain)",
+                        "seeds": list(getattr(args, "retrain_seeds", None) or args.seeds)}
         for s in tqdm(retrain_info["seeds"], desc="retrain + audit", unit="model"):
             cfg = retrain_config(args.model, concepts, s)
             model = retrain_model(args.model, concepts, s, progress=True)
