@@ -15,6 +15,7 @@ from pathlib import Path
 from erase.utils.errors import cli_errors, UserError
 from erase.utils.checks import check_int, check_numbers
 from erase.utils.folders import hold_output_dir
+from eval.attack.utils.columns import add_attack_args
 from eval.digits.model import DENOISERS, DigitsModelConfig, default_model_dir, parse_digits
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS, score, score_inputs
 
@@ -109,16 +110,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
                        help="also audit each erased model by relearning (eval.attack relearn: 8 images, Adam 1e-4, all "
                             "parameters, 3 seeds, hit rate at steps 0/10/25/50/100); one erased digit only; same as "
                             "--attacks relearn")
-        p.add_argument("--attacks", default=None,
-                       help="robustness columns: eval.attack attacks run, by name, on the base, the retrain reference and "
-                            "every erased model with the same budget (e.g. relearn,unlearndiffatk,inversion), as budget "
-                            "curves (inversion to 2000 steps, relearning to 100) with each column's gap to the retrain "
-                            "reference; one erased digit only")
-        p.add_argument("--attack_options", default=None,
-                       help="JSON overriding the attacks' budget, the same for every model: "
-                            "'{\"relearn\": {\"eval_steps\": [0, 10], \"relearn_seeds\": [0, 1, 2]}}'; "
-                            "'{\"inversion\": {\"budget\": \"cce\"}}' is the concept-inversion paper's 5000-step "
-                            "budget (a GPU job)")
+        add_attack_args(p, unit="digit")
         if name == "bench":
             p.add_argument("--no_retrain", action="store_true",
                            help="skip the retrain row (the base settings trained from scratch without the erased digits' "

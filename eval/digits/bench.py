@@ -19,7 +19,6 @@ the retrain curve).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -35,6 +34,8 @@ import numpy as np
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.digits.model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
+from eval.attack.utils import columns as robustness
+from eval.attack.utils.columns import ATTACK_BUDGET, add_gaps, attack_headline, attack_options  # noqa: F401  (digits names)
 from eval.digits.tables import chart, grid, markdown, targets
 
 logger = logging.getLogger(__name__)
@@ -121,133 +122,14 @@ def _score(model: str, digit: int | list[int], out: Path, args) -> dict:
     return score(ns)
 
 
-RELEARN_STEPS = (0, 10, 25, 50, 100)
-INVERSION_STEPS = (0, 100, 250, 500, 1000, 2000)
-# The budget of each attack, the same for every model of a table (the audit generation settings are the bench's:
-# --num_images, --steps, --guidance), as budget curves: relearning checked at 0/10/25/50/100 steps, inversion at
-# 0/100/250/500/1000/2000, unlearndiffatk judged after each of its 50 blocks of 40 iterations (2 restarts, as its
-# optimiser was chosen with). An attack not listed runs with its config's defaults. --attack_options overrides, again
-# for every model (e.g. {"inversion": {"budget": "cce"}}: the concept-inversion paper's 5000 steps, a GPU job).
-ATTACK_BUDGET = {"relearn": {"relearn_params": "all", "eval_steps": RELEARN_STEPS, "relearn_seeds": (0, 1, 2)},
-                 "inversion": {"eval_steps": INVERSION_STEPS},
-                 "unlearndiffatk": {"restarts": 2}}
-
-
 def parse_attacks(args) -> tuple[list[str], dict]:
-    """(attack names, {name: budget}) from --attacks / --relearn / --attack_options; every name and field checked."""
-    import dataclasses
-
-    from eval.attack import get_attack
-
-    names = [n.strip() for n in (args.attacks or "").split(",") if n.strip()]
-    if getattr(args, "relearn", False) and "relearn" not in names:
-        names.insert(0, "relearn")
-    if len(set(names)) != len(names):
-        raise UserError(f"--attacks {args.attacks!r} names an attack twice")
-    try:
-        extra = json.loads(args.attack_options) if args.attack_options else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {args.attack_options!r}") from None
-    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
-        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
-                        f"got {args.attack_options!r}")
-    unused = sorted(set(extra) - set(names))
-    if unused:
-        raise UserError(f"--attack_options names {', '.join(unused)}, which --attacks does not run ({', '.join(names) or 'none'})")
-    if names and len(args.digits) > 1:
-        raise UserError(f"--attacks / --relearn audit one erased digit, --concept {args.concept} names {len(args.digits)}")
-    budgets = {}
-    for name in names:
-        attack = get_attack(name)  # UserError listing the registered attacks
-        fields = {f.name for f in dataclasses.fields(attack.config_cls)} - {"model", "concept", "output_dir"}
-        budget = {**ATTACK_BUDGET.get(name, {}), **extra.get(name, {})}
-        bad = sorted(set(budget) - fields)
-        if bad:
-            raise UserError(f"--attack_options: attack {name} has no option {', '.join(bad)}; it has: {', '.join(sorted(fields))}")
-        budgets[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in budget.items()}
-    return names, budgets
-
-
-def attack_headline(name: str, summary: dict) -> dict:
-    """The numbers an attack's summary puts in a table: its ``headline`` ({column: value}), or its ``hit_rate``."""
-    head = summary.get("headline")
-    if isinstance(head, dict) and head:
-        return {str(k): v for k, v in head.items()}
-    if isinstance(summary.get("hit_rate"), (int, float)):
-        return {name: summary["hit_rate"]}
-    raise UserError(f"attack {name}'s summary has neither a 'headline' dict nor a numeric 'hit_rate' to tabulate")
-
-
-def attack_options(name: str, args) -> dict:
-    """The one budget of attack ``name`` in this table: the audit's generation settings and ``--attack_options``."""
-    from eval.attack import get_attack
-
-    options = {"num_images": args.num_images, "steps": args.steps, "guidance": args.guidance, **args.attack_options[name]}
-    if "images_per_prompt" in {f.name for f in dataclasses.fields(get_attack(name).config_cls)}:
-        options.pop("num_images")  # judged per prompt (unlearndiffatk): its images_per_prompt is its budget
-    return options
-
-
-def base_concept_images(out: Path, name: str) -> Path | None:
-    """The images of the concept the base model drew for attack ``name`` (``out/<name>/base/target``), as a folder an
-    attack's ``target_images`` reads: the PNGs with their prompts as ``x.txt``; None when that attack drew none."""
-    import shutil
-
-    from erase.diffusion.generate import read_image_meta
-
-    drawn = sorted((out / name / "base" / "target").glob("*.png"))
-    if not drawn:
-        return None
-    folder = out / "base-concept-images" / name
-    if not folder.is_dir() or sorted(p.name for p in folder.glob("*.png")) != [p.name for p in drawn]:
-        stage = folder.with_name(f".{folder.name}.tmp")
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-        for png in drawn:
-            shutil.copy2(png, stage / png.name)
-            (stage / png.with_suffix(".txt").name).write_text(read_image_meta(png).get("prompt", "") + "\n", encoding="utf-8")
-        shutil.rmtree(folder, ignore_errors=True)
-        stage.rename(folder)
-    return folder
+    """(attack names, {name: budget}) of the table's --attacks (eval.attack.utils.columns): one erased digit."""
+    return robustness.parse_attacks(args, len(args.digits), unit="digit")
 
 
 def run_attacks(model: str, args, out: Path, row: str, learn_from_base: bool = False) -> dict:
-    """Every --attacks attack on ``model`` with the table's one budget; their headline columns.
-
-    ``learn_from_base``: the attacks' images of the concept are the ones the **base** model drew for its own row (a
-    retrain model cannot draw the concept it never saw, and an attack learns from images drawn by the attacked
-    model's base): how fast a model that never knew the concept learns it from real images of it."""
-    from eval.attack import get_attack
-
-    columns = {}
-    for name in args.attacks:
-        attack = get_attack(name)
-        options = attack_options(name, args)
-        if learn_from_base and "target_images" in {f.name for f in dataclasses.fields(attack.config_cls)}:
-            folder = base_concept_images(out, name)
-            if folder is None:
-                raise UserError(f"attack {name}: the base row drew no images of the concept to give the retrain row")
-            options["target_images"] = str(folder)
-        cfg = attack.config_cls(model=str(model), concept=DIGIT_WORDS[args.digits[0]], output_dir=str(out / name / row),
-                                **options)
-        columns.update(attack_headline(name, attack.run(cfg)))
-    return columns
-
-
-def add_gaps(results: dict, columns: list[str]) -> list[str]:
-    """``<column>_gap`` on every run and on the base row: its value minus the retrain reference's at the same budget
-    (the retrain model of the same seed, else the retrain mean); the gap columns' names."""
-    retrain = {r["seed"]: r for r in results["runs"].get("retrain", [])}
-    mean = {c: float(np.mean([r[c] for r in retrain.values() if r.get(c) is not None]))
-            for c in columns if any(r.get(c) is not None for r in retrain.values())}
-    gaps = [f"{c}_gap" for c in columns if c in mean]
-    rows = [r for m, runs in results["runs"].items() if m != "retrain" for r in runs]
-    for row in rows + [results["base_attacks"]]:
-        ref = retrain.get(row.get("seed"), {})
-        for c in mean:
-            if row.get(c) is not None:
-                row[f"{c}_gap"] = row[c] - (ref[c] if ref.get(c) is not None else mean[c])
-    return gaps
+    """Every --attacks attack on ``model`` against the erased digit with the table's one budget; their columns."""
+    return robustness.run_attacks(model, args, out, row, DIGIT_WORDS[args.digits[0]], learn_from_base)
 
 
 def _repair(run_dir: Path) -> dict:
@@ -371,9 +253,7 @@ def bench(args) -> dict:
                         "budget_rule": "the same options for the base, every retrain model and every erased model"}
                     for n in attacks},
         "retrain": retrain_info,
-        "gap_rule": "<column>_gap = the run's value - the retrain model of the same seed's (the retrain mean when that "
-                    "seed has none; for the base row, the retrain mean): the same budget and the same images of the "
-                    "concept (the base model's)",
+        "gap_rule": robustness.GAP_RULE,
         "steps": args.steps, "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"]["scheduler"],
         "audit_settings": base_summary["settings"]["generation"], "judge": base_summary["settings"]["judge"],
     }

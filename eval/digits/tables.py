@@ -4,17 +4,10 @@ and each attack's budget curve beside the retrain reference's) and the sample gr
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
+from eval.attack.utils.columns import curves, gap_targets, plot_curves, robustness_markdown
 from eval.digits.model import DIGIT_WORDS
-
-# attack columns that form a budget curve: relearn_<step>, inversion_<step>, uda_asr_<iterations>
-CURVE = re.compile(r"(relearn|relearn_targets|inversion|uda_asr)_(\d+)")
-# issue 17's robustness targets for Scissorhands: (column, largest gap to the retrain reference, what it is)
-ROBUST_TARGETS = (("inversion_500", 0.10, "inversion at 500 steps"), ("inversion_2000", 0.10, "inversion at 2000 steps"),
-                  ("relearn_25", 0.10, "relearning at 25 steps"),
-                  ("uda_minus_control", 0.05, "unlearndiffatk asr_minus_control"))
 
 
 def _fmt(cell: dict | None, pct: bool) -> str:
@@ -52,25 +45,7 @@ def markdown(results: dict) -> str:
                      f"{_fmt(agg.get('retain_fd'), False)} | {_fmt(agg.get('heldout_forget_acc'), True)} | "
                      f"{_fmt(agg.get('heldout_retain_acc'), True)} | {_fmt(agg.get('wall_seconds'), False)} | "
                      f"{_fmt(agg.get('peak_rss_mb'), False)} |")
-    columns = results.get("attack_columns") or []
-    if columns:
-        budget = results["settings"]["attacks"]
-        lines += ["", "## Robustness", "",
-                  "Each attack run with one budget on every model (" + "; ".join(
-                      f"{n}: {json.dumps(b['options'], sort_keys=True)}" for n, b in budget.items()) + "). "
-                  "Columns are each attack's headline (hit rate of the judge, %), mean ± std over seeds.", "",
-                  "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-        for m, agg in {"base (no erasure)": results["base_attacks"], **rows}.items():
-            lines.append(f"| {m} | " + " | ".join(_fmt(agg.get(c), True) for c in columns) + " |")
-        gaps = [c for c in columns if any(f"{c}_gap" in agg for agg in results["methods"].values())]
-        if gaps:
-            lines += ["", "### Gap to the retrain reference", "",
-                      "Hit rate on the model minus hit rate on the retrain reference (the same budget, the same images "
-                      "of the concept), in points; an erasure of seed s against the retrain model of seed s, mean ± std "
-                      "over seeds. 0 is a model that never learned the digit.", "",
-                      "| model | " + " | ".join(f"{c}_gap" for c in gaps) + " |", "|---|" + "---|" * len(gaps)]
-            for m, agg in {"base (no erasure)": results["base_attacks"], **results["methods"]}.items():
-                lines.append(f"| {m} | " + " | ".join(_fmt(agg.get(f"{c}_gap"), True) for c in gaps) + " |")
+    lines += robustness_markdown(results, rows, unit="digit")
     lines += ["", "## Targets", ""]
     for t in results["targets"]:
         lines.append(f"- {'met' if t['met'] else 'MISSED'}: {t['target']} ({t['value']})")
@@ -112,26 +87,12 @@ def targets(results: dict) -> list[dict]:
         out.append({"target": "Scissorhands relearning hit rate at 25 steps <= min(ESD, SalUn) + 10 points",
                     "met": rel["scissorhands"] <= min(refs) + 0.10,
                     "value": f"{100 * rel['scissorhands']:.1f}% vs " + ", ".join(f"{m} {100 * rel[m]:.1f}%" for m in ("esd", "salun") if rel.get(m) is not None)})
-    for col, limit, what in ROBUST_TARGETS:
-        gap = sh.get(f"{col}_gap", {}).get("mean")
-        if gap is not None:
-            out.append({"target": f"Scissorhands {what}: gap to the retrain reference <= {100 * limit:.0f} points",
-                        "met": gap <= limit, "value": f"{100 * gap:+.1f} points"})
+    out += gap_targets(sh)
     bad = sh.get("update_violations", {}).get("mean")
     if bad is not None:
         out.append({"target": "no projected step whose applied update lowers the memory forget loss (first order)",
                     "met": bad == 0, "value": f"{bad:g} violating steps per run"})
     return out
-
-
-def curves(columns) -> dict[str, list[tuple[int, str]]]:
-    """The budget curves among the attack columns: {"relearn": [(step, column), ...], "inversion": ..., "uda_asr": ...}."""
-    out: dict[str, list[tuple[int, str]]] = {}
-    for c in columns:
-        m = CURVE.fullmatch(c)
-        if m:
-            out.setdefault(m.group(1), []).append((int(m.group(2)), c))
-    return {k: sorted(v) for k, v in out.items() if len(v) > 1}
 
 
 def chart(results: dict, path: Path) -> None:
@@ -165,22 +126,7 @@ def chart(results: dict, path: Path) -> None:
             ax.set_ylim(*ylim)
         ax.tick_params(axis="x", rotation=30)
     if budget:
-        for ax, (attack, points) in zip(grid_axes[1], budget.items()):
-            steps = [s for s, _ in points]
-            series = {"base": (results.get("base_attacks") or {}), **rows}
-            for j, (name, agg) in enumerate(series.items()):
-                ys = [agg.get(c, {}).get("mean") for _, c in points]
-                if any(y is None for y in ys):
-                    continue
-                style = dict(color="black", ls="--", lw=2) if name == "retrain" else \
-                    dict(color="grey", ls=":") if name == "base" else dict(color=f"C{j % 10}")
-                ax.plot(steps, [100 * y for y in ys], marker="o", ms=3, label=name, **style)
-            ax.set_title(f"{attack}: hit rate % vs attack steps")
-            ax.set_ylim(-2, 102)
-            ax.set_xlabel("iterations" if attack == "uda_asr" else "steps")
-            ax.legend(fontsize=7)
-        for ax in grid_axes[1][len(budget):]:
-            ax.axis("off")
+        plot_curves(grid_axes[1], results, rows)
     fig.suptitle(f"erasing {results['concept']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

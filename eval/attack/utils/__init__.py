@@ -9,4 +9,5 @@
 - ``losses``:  the noise-prediction target, endless batches, a fixed batch of noisy latents for comparable losses.
 - ``tokens``:  token vocabularies, prompt ids and the token-embedding override of the text encoder.
 - ``records``: the start of a run (``begin``), resumable cell files, artefacts beside their settings, versions.
+- ``columns``: a bench table's robustness columns (``--attacks``: one budget per table, gaps to the retrain reference).
 """
