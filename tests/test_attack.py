@@ -357,6 +357,7 @@ def test_judges_are_one_file_each_on_the_registry():
 
     assert eval.attack.register_judge is eval.judges.register_judge
     files = sorted(p.stem for p in (ROOT / "eval" / "judges").glob("*.py"))
-    assert files == ["__init__", "digits", "nudity", "registry"]
+    assert files == ["__init__", "digits", "nudity", "registry", "shapes"]
     assert judge_entry("3").concept == "three" and judge_entry("three").words == ("three", "3")
+    assert judge_entry("star").words == ("star",) and judge_entry("checkered").generation["steps"] == 20
     assert {"topless", "breast", "nude", "lingerie"} <= set(judge_entry("nudity").words)

@@ -412,3 +412,74 @@ def test_the_world_on_an_sd3_transformer_trains_audits_and_erases(shapes_cache, 
     assert cfg_run["model_family"] == "sd3" and cfg_run["concepts"][0]["name"] == "red"
     erased = json.loads((tmp_path / "b" / "scores" / "scissorhands-seed0" / "summary.json").read_text())
     assert erased["settings"]["erased"] is True and erased["settings"]["generation"]["scheduler"] == "flow_euler"
+
+
+def test_every_shapes_value_has_a_judge_that_reads_what_score_reads(tiny_judges, tmp_path, monkeypatch):
+    """eval/judges/shapes.py: each shape, colour and texture is a judged concept with score's generation settings; a hit
+    is an object read with the value (score's forget test), agreeing with the renders' truth as the judges do; a model
+    that is not a shapes model is refused in one line."""
+    import eval.judges.registry as registry
+    import eval.shapes.judges
+    from erase.utils.errors import UserError
+    from eval.judges import judge_entry, load_judge
+    from eval.shapes import world
+    from eval.shapes.judges import judge_data
+    from eval.shapes.score import SCORE_DEFAULTS
+
+    monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
+    monkeypatch.setattr(registry, "_BUILT", {})  # built here with the tiny judges: not kept for later tests
+    for value in ("star", "red", "striped", "oval", "checkered"):
+        entry = judge_entry(value)
+        assert entry.words == (value,) and entry.generation["guidance"] == SCORE_DEFAULTS["guidance"] == 4.0
+        assert entry.generation["num_images"] == 40 and entry.generation["scheduler"] is None
+    assert {v for vs in world.KINDS.values() for v in vs} <= set(registry.judged_concepts())
+    scenes, images = judge_data(tiny_judges.config, "test")
+    readings = tiny_judges.read(images[:120])
+    for value in ("red", "blue"):
+        flags, labels = load_judge(value)(images[:120])
+        assert flags == [any(o.has(value) for o in r.objects) for r in readings]
+        assert len(labels) == 120 and all(isinstance(x, list) for x in labels)
+        truth = [s is not None and any(o.has(value) for o in s.objects) for s in scenes[:120]]
+        assert any(truth) and np.mean([f == t for f, t in zip(flags, truth)]) >= 0.8
+    with pytest.raises(UserError, match="shapes"):
+        judge_entry("star").check_model(str(tmp_path))
+
+
+def test_bench_attacks_give_robustness_columns_and_gaps_on_shapes(tiny_model, tiny_judges, tmp_path, monkeypatch):
+    """bench --attacks inversion,relearn: each attack runs with one budget on the base, the retrain reference (learning
+    from the base's images of the concept) and each erasure, checked on the concept's forget prompts by the shapes
+    judges; budget-curve columns, their gaps to the retrain model of the same seed, the robustness tables and targets."""
+    import eval.judges.registry as registry
+    import eval.shapes.judges
+    from eval.shapes.__main__ import main
+
+    monkeypatch.setattr(eval.shapes.judges, "load_judges", lambda *a, **k: tiny_judges)
+    monkeypatch.setattr(registry, "_BUILT", {})
+    monkeypatch.chdir(tmp_path)
+    budget = {"inversion": {"eval_steps": [0, 2], "num_target_images": 2, "inversion_batch_size": 2},
+              "relearn": {"relearn_seeds": [0], "eval_steps": [0, 1], "num_target_images": 2}}
+    assert main(["bench", "--concept", "red", "--model", str(tiny_model), "--output_dir", "att", "--methods", "scissorhands",
+                 "--seeds", "0", "--max_train_steps", "1", "--num_images", "2", "--steps", "2", "--num_forget_images", "1",
+                 "--num_retain_images", "2", "--train_batch_size", "1", "--launcher", "python",
+                 "--attacks", "inversion,relearn", "--attack_options", json.dumps(budget)]) == 0
+    out = tmp_path / "att"
+    r = json.loads((out / "results.json").read_text())
+    assert {"inversion_0", "inversion_2", "relearn_0", "relearn_1"} <= set(r["attack_columns"])
+    run, ref = r["runs"]["scissorhands"][0], r["runs"]["retrain"][0]
+    for col in ("inversion_2", "relearn_1"):
+        assert 0 <= run[col] <= 1 and run[f"{col}_gap"] == pytest.approx(run[col] - ref[col])
+        assert r["methods"]["scissorhands"][f"{col}_gap"]["mean"] == pytest.approx(run[f"{col}_gap"])
+        assert r["base_attacks"][f"{col}_gap"]["mean"] == pytest.approx(r["base_attacks"][col]["mean"] - ref[col])
+    assert r["settings"]["attacks"]["inversion"]["options"]["eval_steps"] == [0, 2]
+    forget = (out / "concept" / "forget.txt").read_text().split("\n")[:-1]
+    assert forget == json.loads((out / "concept" / "concepts.json").read_text())[0]["forget_prompts"]
+    inv = json.loads((out / "inversion" / "scissorhands-seed0" / "summary.json").read_text())
+    assert inv["settings"]["judge"]["name"] == "shapes-judges" and inv["settings"]["forget_prompts"] == forget
+    assert inv["settings"]["concept_words"] == ["red"] and all("<red-ci>" in q for q in inv["settings"]["check_prompts"])
+    learned = json.loads((out / "inversion" / "retrain-seed0" / "summary.json").read_text())["settings"]["target_images"]
+    assert learned["source"].endswith("base-concept-images/inversion")  # a model that never saw red learns from the base's
+    md = (out / "results.md").read_text()
+    assert "## Robustness" in md and "### Gap to the retrain reference" in md and "| retrain (never saw it) |" in md
+    with pytest.raises(SystemExit) as err:  # a compound has no judge: one line before anything runs
+        main(["bench", "--concept", "red star", "--output_dir", "x", "--attacks", "inversion"])
+    assert "compound 'red star' has no judge" in str(err.value.code) and not (tmp_path / "x").exists()

@@ -15,6 +15,7 @@ from pathlib import Path
 from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.checks import check_int, check_numbers
 from erase.utils.folders import hold_output_dir
+from eval.attack.utils.columns import add_attack_args
 from eval.shapes.model import ShapesModelConfig, default_model_dir
 from eval.shapes.world import parse_concepts
 
@@ -112,6 +113,7 @@ def parse_args(input_args=None):
         p.add_argument("--launcher", default="accelerate", choices=("accelerate", "python"),
                        help="run erase/sd.py under `accelerate launch` (default) or plain python")
         p.add_argument("--erase_args", default="", help="extra erase/sd.py flags for every method, as one string")
+        add_attack_args(p)
         if name == "bench":
             p.add_argument("--no_retrain", action="store_true", help="skip the retrain row (the base settings trained "
                            "without the concept's scenes, one model per seed, cached; ~45 CPU minutes each)")
@@ -146,6 +148,12 @@ def parse_args(input_args=None):
             raise UserError("--seeds is empty")
         for s in args.seeds:
             check_int("--seeds", s, 0, 9999)  # audit image seeds are 10**8 + 10**6 * seed + ...: distinct per seed
+    if args.command in ("bench", "quickstart"):
+        from eval.attack.utils.columns import parse_attacks
+
+        args.attacks, args.attack_options = parse_attacks(args, len(args.concepts))
+        if args.attacks and " " in args.concepts[0]:
+            raise UserError(f"--attacks audit a shape, colour or texture; the compound {args.concepts[0]!r} has no judge")
     if getattr(args, "retrain_seeds", None) is not None:
         if args.no_retrain:
             raise UserError("--retrain_seeds chooses the retrain row's seeds; drop --no_retrain or --retrain_seeds")

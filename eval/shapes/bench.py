@@ -13,7 +13,10 @@ its own prompts and anchor, ``seconds_per_concept`` its method time over their n
 ``OUT/chart.png`` and ``OUT/grid_<row>.png`` (sample images per audit group, the erased concept's rows marked). A
 ``--methods`` entry may add erase/sd.py flags of its own with ``+``: ``scissorhands,scissorhands+robust`` puts plain
 and robust Scissorhands in one table, on the same images and base row (``+robust_every=10`` gives
-``--robust_every 10``); the entry is the row's name.
+``--robust_every 10``); the entry is the row's name. ``--attacks inversion,relearn`` adds the robustness columns of
+``eval.digits bench`` (:mod:`eval.attack.utils.columns`: one budget for the base, every retrain model and every erased
+model, budget curves, each column's gap to the retrain reference), judged by the shapes judges and checked on the
+concept's forget prompts (``OUT/concept/forget.txt``); one erased shape, colour or texture.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
+from eval.attack.utils import columns as robustness
 from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS, is_closed_form
 from eval.shapes.concepts import GROUPS, presets, retain_prompts
 
@@ -109,6 +113,8 @@ def concept_files(out: Path, concepts: list[str]) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "concepts.json", entries)
     atomic_write_text(folder / "retain.txt", "\n".join(retain) + "\n")
+    forget = list(dict.fromkeys(q for e in entries for q in e["forget_prompts"]))
+    atomic_write_text(folder / "forget.txt", "\n".join(forget) + "\n")  # what the attacks' checks draw from
     return {"concepts": entries, "retain_prompts": retain}
 
 
@@ -195,9 +201,10 @@ def row(summary: dict, extra: dict | None = None) -> dict:
     return {**{k: summary.get(k) for k in keep}, "forget_worst_acc": max(per) if per else None, **(extra or {})}
 
 
-def aggregate(runs: list[dict]) -> dict:
+def aggregate(runs: list[dict], extra=()) -> dict:
+    """Mean, std and count over seeds of every column (``extra``: the attack columns and their gaps)."""
     out = {}
-    for k in COLUMNS:
+    for k in list(COLUMNS) + [c for c in extra if c not in COLUMNS]:
         vals = [r[k] for r in runs if isinstance(r.get(k), (int, float))]
         if vals:
             out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0, "n": len(vals)}
@@ -236,6 +243,7 @@ def markdown(results: dict) -> str:
     rows.update(results["methods"])
     for name, r in rows.items():
         lines.append(f"| {name} | " + " | ".join(_cell(r.get(c), c in PERCENT) for c in cols) + " |")
+    lines += robustness.robustness_markdown(results, {k: v for k, v in rows.items() if k != "base (no erasure)"})
     lines += ["", "## Targets (issue 19, Scissorhands)", ""]
     for t in results["targets"]:
         verdict = "NOT MEASURABLE" if t["met"] is None else "met" if t["met"] else "MISSED"
@@ -269,7 +277,7 @@ def targets(results: dict) -> list[dict]:
         ratio = sh["retain_fd"]["mean"] / base["retain_fd"]
         out.append({"target": "retain FD <= 1.15 x base", "met": ratio <= TARGETS["fd_ratio"],
                     "value": f"{sh['retain_fd']['mean']:.2f} vs {base['retain_fd']:.2f} ({ratio:.2f}x)"})
-    return out
+    return out + robustness.gap_targets(sh)  # issue 17's gaps, where --attacks measured them
 
 
 def chart(results: dict, path: Path) -> None:
@@ -283,7 +291,13 @@ def chart(results: dict, path: Path) -> None:
         rows["retrain"] = results["retrain"]
     rows.update(results["methods"])
     acc_cols = ("forget_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc")
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    budget = robustness.curves(results.get("attack_columns") or [])
+    fig = plt.figure(figsize=(13, 7.6 if budget else 3.8))
+    top = fig.add_gridspec(2 if budget else 1, 1)
+    ax, ax2 = top[0].subgridspec(1, 2, width_ratios=[3, 1]).subplots()
+    if budget:  # each attack's budget curve, the retrain reference's dashed black
+        robustness.plot_curves(top[1].subgridspec(1, len(budget)).subplots(squeeze=False)[0],
+                               results, {n: r for n, r in rows.items() if n != "base"})
     width = 0.8 / len(rows)
     x = np.arange(len(acc_cols))
     for i, (name, r) in enumerate(rows.items()):
@@ -362,6 +376,15 @@ def bench(args) -> dict:
     kinds = sorted({concept_kind(c) for c in concepts})
     results = {"concept": ",".join(concepts), "concepts": concepts, "kind": kinds[0] if len(kinds) == 1 else "mixed",
                "base_model": str(base), "base": row(base_summary), "runs": {}, "methods": {}}
+    attacks, columns = list(getattr(args, "attacks", None) or []), []
+
+    def attacked(model, name: str, learn_from_base: bool = False) -> dict:
+        found = robustness.run_attacks(model, args, out, name, concepts[0], learn_from_base,
+                                       shared={"forget_prompts": str(out / "concept" / "forget.txt")}) if attacks else {}
+        columns.extend(c for c in found if c not in columns)
+        return found
+
+    results["base_attacks"] = attacked(base, "base")
     retrain_info = None
     if not getattr(args, "no_retrain", False):
         from eval.shapes.retrain import retrain_config, retrain_model
@@ -375,17 +398,22 @@ def bench(args) -> dict:
             model = retrain_model(args.model, concepts, s, progress=True)
             retrain_info["models"][str(s)], retrain_info["fingerprints"][str(s)] = str(model), cfg.fingerprint()
             summary = _score(str(model), concepts, out / "scores" / f"retrain-seed{s}", args)
-            results["runs"].setdefault("retrain", []).append(row(summary, {"seed": s}))
+            results["runs"].setdefault("retrain", []).append(
+                row(summary, {"seed": s, **attacked(model, f"retrain-seed{s}", learn_from_base=True)}))
     for m, s in tqdm([(m, s) for m in methods for s in args.seeds], desc="erase + audit", unit="run"):
         run_dir = out / "runs" / f"{m}-seed{s}"
         info = run_erasure(str(base), m, s, run_dir, out / "data" / f"seed-{s}", args)
         summary = _score(str(run_dir), concepts, out / "scores" / f"{m}-seed{s}", args)
         per_concept = info["method_seconds"] / len(concepts) if info.get("method_seconds") is not None else None
-        results["runs"].setdefault(m, []).append(row(summary, {"seed": s, **info, "seconds_per_concept": per_concept}))
+        results["runs"].setdefault(m, []).append(row(summary, {"seed": s, **info, "seconds_per_concept": per_concept,
+                                                               **attacked(run_dir, f"{m}-seed{s}")}))
+    gap_columns = robustness.add_gaps(results, columns) if retrain_info else []
     for m in methods:
-        results["methods"][m] = aggregate(results["runs"][m])
+        results["methods"][m] = aggregate(results["runs"][m], columns + gap_columns)
         grid(out / "scores" / f"{m}-seed{args.seeds[0]}", out / f"grid_{m}.png")
-    results["retrain"] = aggregate(results["runs"]["retrain"]) if retrain_info else None
+    results["retrain"] = aggregate(results["runs"]["retrain"], columns) if retrain_info else None
+    results["base_attacks"] = aggregate([results["base_attacks"]], columns + gap_columns)
+    results["attack_columns"] = columns
     if retrain_info:
         grid(out / "scores" / f"retrain-seed{retrain_info['seeds'][0]}", out / "grid_retrain.png")
     grid(out / "scores" / "base", out / "grid_base.png")
@@ -396,7 +424,11 @@ def bench(args) -> dict:
         "num_retain_images": args.num_retain_images, "method_args": {m: entry_args(m)[1] for m in methods},
         "erase_args": args.erase_args, "launcher": args.launcher, "num_images": args.num_images, "steps": args.steps,
         "guidance": args.guidance, "scheduler": base_summary["settings"]["generation"].get("scheduler"), "concept_inputs": p,
-        "retrain": retrain_info, "audit": base_summary["settings"]["generation"], "judges": base_summary["settings"]["judges"],
+        "retrain": retrain_info, "audit": base_summary["settings"]["generation"],
+        "attacks": {n: {"options": robustness.attack_options(n, args), "forget_prompts": "concept/forget.txt",
+                        "budget_rule": "the same options for the base, every retrain model and every erased model"}
+                    for n in attacks},
+        "gap_rule": robustness.GAP_RULE, "judges": base_summary["settings"]["judges"],
         "audit_seeds": base_summary["settings"]["image_seed_rule"],
     }
     results["targets"] = targets(results)
