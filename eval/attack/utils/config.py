@@ -85,7 +85,7 @@ class AttackConfig:
 
     model: str = field(metadata={"help": "attacked model: erase/sd.py output (unet/ + erase_config.json), "
                                          "pipeline folder or hub id"})
-    concept: str = field(metadata={"help": "concept to bring back; needs a judge (zero..nine, nudity, or registered)"})
+    concept: str = field(metadata={"help": "concept to bring back; needs a judge (zero..nine, nudity, a shapes value such as star or red, or registered)"})
     output_dir: str = field(metadata={"help": "folder for summary.json, attacks.jsonl, the learned artefacts and the "
                                               "resumable cells (never the model's or its base's folder)"})
     forget_prompts: str | None = field(default=None, metadata={
