@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:
 def audits(folder: Path) -> list[tuple[str, list[str], int, dict]]:
     """(concept, concepts, images per group, {row: score folder}) for a bench folder (``results.json``, ``scores/``)
     or a ``benchmarks/shapes_tune.py`` folder (``tune.json``; ``base/<concept>``, ``<point>/<concept>/scores/seed<s>``)."""
+    if not ((folder / "results.json").is_file() or (folder / "tune.json").is_file()):
+        raise SystemExit(f"{folder}: neither an eval.shapes bench folder (results.json) nor a shapes_tune.py one (tune.json)")
     if (folder / "results.json").is_file():
         r = json.loads((folder / "results.json").read_text())
         dirs = {p.name: p for p in sorted((folder / "scores").iterdir()) if (p / "predictions.jsonl").is_file()}
@@ -67,7 +69,8 @@ def retain_features(concepts: list[str], num_images: int, dirs: dict, judges) ->
     return feats, judges.features(reference), recorded
 
 
-def intervals(feats: dict, ref: np.ndarray, n: int, seed: int) -> dict:
+def intervals(feats: dict, ref: np.ndarray, point: dict, n: int, seed: int) -> dict:
+    """Each row's FD ratio to the base (``point``: every row's FD on all prompts) and its paired bootstrap spread."""
     from eval.digits.judge import frechet_distance
 
     rng = np.random.default_rng(seed)
@@ -75,8 +78,8 @@ def intervals(feats: dict, ref: np.ndarray, n: int, seed: int) -> dict:
     base_fd = [frechet_distance(feats["base"][d], ref[d]) for d in draws]
     out = {}
     for name, f in feats.items():
-        ratio = frechet_distance(f, ref) / frechet_distance(feats["base"], ref)
-        boot = np.array([frechet_distance(f[d], ref[d]) / b for d, b in zip(draws, base_fd)])
+        ratio = point[name] / point["base"]
+        boot = np.ones(n) if name == "base" else np.array([frechet_distance(f[d], ref[d]) / b for d, b in zip(draws, base_fd)])
         lo, hi = np.percentile(boot, [5, 95])
         out[name] = {"ratio": float(ratio), "p05": float(lo), "p95": float(hi), "sd": float(boot.std(ddof=1))}
     return out
@@ -100,11 +103,12 @@ def main(argv=None) -> int:
     for folder in map(Path, a.folders):
         for concept, concepts, num_images, dirs in audits(folder):
             feats, ref, recorded = retain_features(concepts, num_images, dirs, judges)
-            for name, f in feats.items():  # the features reproduce the audit's own figure
-                if not np.isclose(frechet_distance(f, ref), recorded[name], rtol=1e-4):
-                    raise SystemExit(f"{dirs[name]}: FD {frechet_distance(f, ref):.3f} here, {recorded[name]:.3f} in its "
-                                     "summary.json (other judges than the audit's?)")
-            rows = intervals(feats, ref, a.bootstrap, a.seed)
+            point = {name: frechet_distance(f, ref) for name, f in feats.items()}
+            for name, fd in point.items():  # the features reproduce the audit's own figure
+                if not np.isclose(fd, recorded[name], rtol=1e-4):
+                    raise SystemExit(f"{dirs[name]}: FD {fd:.3f} here, {recorded[name]:.3f} in its summary.json "
+                                     "(other judges than the audit's?)")
+            rows = intervals(feats, ref, point, a.bootstrap, a.seed)
             report["concepts"].setdefault(concept, {}).update(rows)
             for name, r in rows.items():
                 if name != "base":
