@@ -45,9 +45,9 @@ from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
 from eval.digits.model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
+from eval.attack.utils.columns import INVERSION_STEPS  # noqa: E402  (issue 17's inversion budget curve, the benches')
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
 
-INVERSION_STEPS = (0, 100, 250, 500, 1000, 2000)  # issue 17's inversion budget curve
 RULE = ("admissible: on each tuning digit (mean over seeds) forget <= 2 %, held-out forget <= 2 %, retain >= base - 1 point, "
         "retain FD <= 1.15 x base, cost <= 5 x plain Scissorhands; among them the smallest worst inversion gap (max over the "
         "tuning digits and over 500 and 2000 attack steps); within 5 points of it: the smallest worst relearning gap at 25 "

@@ -8,9 +8,9 @@ are measured alone. Writes ``OUT/results.json`` (every run and, per method, mean
 
 The ``retrain`` row is the reference every erasure is measured against: the base model's settings trained from
 scratch without the erased digits' images (``eval.digits retrain``; one model per seed, the seed as training seed,
-cached by settings + held-out digits). ``--attacks NAME,...`` adds robustness columns: each attack of the
-``eval.attack`` registry is run by name, with one budget (``ATTACK_BUDGET`` + ``--attack_options``), on the base,
-every retrain model and every erased model; its columns are the ``headline`` of its summary.json, budget curves
+cached by settings + held-out digits). ``--attacks NAME,...`` adds robustness columns (:mod:`eval.attack.utils.columns`):
+each attack of the ``eval.attack`` registry is run by name, with one budget (``ATTACK_BUDGET`` + ``--attack_options``),
+on the base, every retrain model and every erased model; its columns are the ``headline`` of its summary.json, budget curves
 (``relearn_<step>``, ``inversion_<step>``, ``uda_asr_<iterations>``), and for each column ``<column>_gap``: the
 model's value minus the retrain reference's at the same budget with the same images of the concept (the base
 model's). ``eval/digits/tables.py`` writes results.md, the targets and chart.png (each attack's budget curve beside
@@ -35,7 +35,7 @@ from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.digits.model import DIGIT_WORDS, DigitsModelConfig, default_model_dir, train_digits_model
 from eval.attack.utils import columns as robustness
-from eval.attack.utils.columns import ATTACK_BUDGET, add_gaps, attack_headline, attack_options  # noqa: F401  (digits names)
+from eval.attack.utils.columns import add_gaps, attack_headline, attack_options  # noqa: F401  (attack_headline: imported from here)
 from eval.digits.tables import chart, grid, markdown, targets
 
 logger = logging.getLogger(__name__)
