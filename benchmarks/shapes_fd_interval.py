@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     p.add_argument("--json", default=None, help="also write every interval to this file")
     a = p.parse_args(argv)
+    if a.bootstrap < 2:
+        p.error(f"--bootstrap must be >= 2 (a spread needs two resamples), got {a.bootstrap}")
     from eval.digits.judge import frechet_distance
     from eval.shapes.judges import load_judges
 
