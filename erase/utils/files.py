@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from erase.utils.errors import UserError
@@ -15,6 +17,7 @@ from erase.utils.errors import UserError
 # 0600, which would hide a shared export or results file from the other users of a machine)
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
+logger = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -64,3 +67,29 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
         raise UserError(f"{what} not found: {path}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{what} is not valid JSON: {path} ({e.msg}, line {e.lineno})") from None
+
+
+@contextmanager
+def build_lock(path: str | os.PathLike):
+    """Held while one process builds the cache entry ``path`` (a model trained into the user's cache): an exclusive
+    ``flock`` on the hidden file ``.<name>.lock`` beside it. A second process that wants the same entry waits here,
+    then finds it built, instead of training it again and replacing the folder under the first one's readers. The
+    kernel drops the lock when its process dies, so a killed build never blocks the next one. Without ``flock`` (not
+    POSIX) nothing is locked."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another process is building %s; waiting for it", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

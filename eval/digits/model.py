@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erase.utils.files import build_lock
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when training code changes what a given config produces
@@ -349,12 +351,18 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     """Train (or find cached) a digits pipeline in ``output_dir``; returns the folder.
 
     Cached: a folder whose ``digits_model.json`` has this config's fingerprint is returned as it is.
-    The folder is written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written.
+    The folder is written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written; one
+    process trains a folder at a time (``build_lock``): another that asks for it meanwhile waits, then finds it cached.
     """
     output_dir = Path(output_dir)
-    if not force and is_trained(output_dir, cfg):
-        logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
-        return output_dir
+    with build_lock(output_dir):
+        if not force and is_trained(output_dir, cfg):
+            logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
+            return output_dir
+        return _train_digits_model(cfg, output_dir, progress)
+
+
+def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:

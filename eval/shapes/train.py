@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from erase.utils.files import build_lock
 from eval.digits.model import fit_latent_scale, train_denoiser, world_pipeline
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
@@ -102,11 +103,17 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     """Train (or find cached) a shapes pipeline in ``output_dir``; returns the folder.
 
     Cached: a folder whose ``shapes_model.json`` has this config's fingerprint is returned as it is. The folder is
-    written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written."""
+    written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written; one process trains a
+    folder at a time (``build_lock``): another that asks for it meanwhile waits, then finds it cached."""
     output_dir = Path(output_dir)
-    if not force and is_trained(output_dir, cfg):
-        logger.info("shapes model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
-        return output_dir
+    with build_lock(output_dir):
+        if not force and is_trained(output_dir, cfg):
+            logger.info("shapes model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
+            return output_dir
+        return _train_shapes_model(cfg, output_dir, progress)
+
+
+def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool) -> Path:
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a shapes model folder; choose an empty path")
     from tqdm.auto import tqdm
