@@ -88,11 +88,15 @@ _BACKGROUND: dict = {}
 
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the trained digits model run last, and the model (when the cache has none, as on a fresh machine)
-    trains meanwhile in a background process, on the core the single-threaded tests leave idle."""
+    trains meanwhile in a background process. With pytest-xdist (README's command: two workers) every worker collects
+    and reorders alike, and only the first starts the training: a worker whose test needs the model meanwhile waits on
+    the cache entry's build lock (erase/utils/files.build_lock), then finds it cached."""
     needs = [it for it in items if "digits_base_model" in getattr(it, "fixturenames", ())]
     if not needs:
         return
     items[:] = [it for it in items if "digits_base_model" not in getattr(it, "fixturenames", ())] + needs
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") != "gw0":
+        return
     from eval.digits.model import is_trained
 
     cfg, path = _digits_model()
@@ -111,8 +115,11 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A background training still running when the session ends (-x, a deselection) is stopped, its folder removed."""
+    """A background training still running when the session ends (-x, a deselection) is stopped, its folder removed;
+    under xdist a worker whose tests all passed waits for it instead, since another worker's test may need it."""
     proc = _BACKGROUND.pop("proc", None)
+    if proc is not None and "PYTEST_XDIST_WORKER" in os.environ and not (session.shouldstop or session.shouldfail):
+        proc.wait()
     if proc is not None and proc.poll() is None:
         import shutil
 

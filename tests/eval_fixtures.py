@@ -107,6 +107,16 @@ def fresh_accelerate():
         PartialState._reset_state()
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a multi-process launch's rendezvous: two launches at once (two test
+    workers) on accelerate's default port 29500 would meet each other."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     """Run a command from the repo root with a single-threaded BLAS, capturing output."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO),

@@ -2,7 +2,7 @@
 and the replay of what they learned on another model.
 
 Mechanics on the tiny random pipeline with a real registered judge ("bright" images are hits, as test_attack.py);
-one check on the real digits model: on the base model the attack brings the digit back on the forget prompts.
+the check on the real digits model is tests/test_attack_base_digits.py.
 """
 
 from __future__ import annotations
@@ -409,18 +409,6 @@ def test_replay_refuses_what_it_cannot_apply(inverted, erased, tmp_path):
                                                          str(tmp_path / "b")])
     assert "give --attack NAME" in fails(["--replay", str(out), "--attack", "inversion"])
     assert not (tmp_path / "a").exists()
-
-
-# ----------------------------------------------------------------------------------------------- the digits model
-def test_attack_brings_a_digit_back_on_the_base_digits_model(digits_base_model, tmp_path):
-    """On the base digits model (no erasure), the adversarial prompts draw the digit: ASR >= 95 % of forget prompts
-    within 10 blocks of 40 iterations (all 6 by block 6 when measured; a fifth of the reference's 50 blocks)."""
-    from eval.attack.unlearndiffatk import unlearndiffatk_audit
-
-    s = unlearndiffatk_audit(str(digits_base_model), "three", tmp_path / "o", random_tries=1, timestep_blocks=10)
-    assert s["prompts"] == 6 and s["base_pre_asr"] == 1.0
-    assert s["asr"] >= 0.95, s["asr_per_restart"]
-    assert s["reencode_share"] == 1.0 and s["asr_curve"]["asr"] == sorted(s["asr_curve"]["asr"])
 
 
 def test_prompt_attacks_have_a_headline_for_tables(atk):

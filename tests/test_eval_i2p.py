@@ -5,13 +5,12 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-from eval_fixtures import DATA, REPO, fresh_accelerate, one_thread, run_cli, tiny_pipeline, tree_bytes  # noqa: F401
+from eval_fixtures import DATA, REPO, free_port, fresh_accelerate, one_thread, run_cli, tiny_pipeline, tree_bytes  # noqa: F401
 
 from eval import i2p
 
@@ -141,9 +140,7 @@ def test_resuming_with_another_batch_size_changes_images_by_rounding_only(tmp_pa
 
 
 def test_two_process_audit_equals_one_process(tmp_path, model, reference):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "audit"
     result = run_cli(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                       "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from eval_fixtures import USER_FACING, error_text
+from eval_fixtures import USER_FACING, error_text, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "erase" / "sd.py")
@@ -39,6 +39,8 @@ def launch(args, nproc: int = 1, timeout: int = 300, config_file: str | None = N
     else:  # CPU DDP (gloo): torchrun launcher + ACCELERATE_USE_CPU, since --cpu and --multi_gpu exclude each other
         env["ACCELERATE_USE_CPU"] = "true"
         flags = ["--multi_gpu", "--num_processes", str(nproc)]
+    if nproc > 1:
+        flags += ["--main_process_port", str(free_port())]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_machines", "1", "--mixed_precision", mixed_precision,
            "--dynamo_backend", "no", SCRIPT, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
