@@ -86,6 +86,7 @@ def _digits_model():
 _BACKGROUND: dict = {}
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselect, so a deselected test starts no training
 def pytest_collection_modifyitems(session, config, items):
     """Tests that need the trained digits model run last, and the model (when the cache has none, as on a fresh machine)
     trains meanwhile in a background process. With pytest-xdist (README's command: two workers) every worker collects
@@ -115,8 +116,9 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A background training still running when the session ends (-x, a deselection) is stopped, its folder removed;
-    under xdist a worker whose tests all passed waits for it instead, since another worker's test may need it."""
+    """A background training still running when the session ends early (-x, an interrupt) is stopped, its folder
+    removed; under xdist a worker that ran its share to the end waits for it instead, since the test that needs it
+    may be the other worker's."""
     proc = _BACKGROUND.pop("proc", None)
     if proc is not None and "PYTEST_XDIST_WORKER" in os.environ and not (session.shouldstop or session.shouldfail):
         proc.wait()
