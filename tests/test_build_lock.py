@@ -37,15 +37,24 @@ def test_two_processes_asking_for_one_model_train_it_once(tmp_path):
 
     path = tmp_path / "cache" / "model"
     logs = [tmp_path / f"ask-{i}.log" for i in range(2)]
-    with build_lock(path):  # held here until both processes wait on it: the waiting path, not a lucky order
-        procs = [subprocess.Popen([sys.executable, "-c", ASK, str(ROOT), str(path), json.dumps(TINY)], cwd=ROOT,
-                                  stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-                 for log in logs]
-        deadline = time.time() + 120
-        while not all("waiting for it" in log.read_text() for log in logs):
-            assert time.time() < deadline and all(p.poll() is None for p in procs), [log.read_text() for log in logs]
-            time.sleep(0.2)
-    assert [p.wait(timeout=300) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    outs = [log.open("w") for log in logs]
+    procs = []
+    try:
+        with build_lock(path):  # held here until both processes wait on it: the waiting path, not a lucky order
+            procs = [subprocess.Popen([sys.executable, "-c", ASK, str(ROOT), str(path), json.dumps(TINY)], cwd=ROOT,
+                                      stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                     for out in outs]
+            deadline = time.time() + 120
+            while not all("waiting for it" in log.read_text() for log in logs):
+                assert time.time() < deadline and all(p.poll() is None for p in procs), [log.read_text() for log in logs]
+                time.sleep(0.2)
+        assert [p.wait(timeout=300) for p in procs] == [0, 0], [log.read_text()[-2000:] for log in logs]
+    finally:
+        for p in procs:  # a failed check leaves no process behind
+            p.kill()
+            p.wait()
+        for out in outs:
+            out.close()
     said = [log.read_text().split() for log in logs]
     assert sum(words.count("TRAINED") for words in said) == 1 and all("DONE" in words for words in said), said
     assert is_trained(path, DigitsModelConfig(**TINY))
