@@ -122,6 +122,7 @@ def pytest_sessionfinish(session, exitstatus):
     proc = _BACKGROUND.pop("proc", None)
     if proc is not None and "PYTEST_XDIST_WORKER" in os.environ and not (session.shouldstop or session.shouldfail):
         proc.wait()
+        Path(_BACKGROUND["log"]).unlink(missing_ok=True)
     if proc is not None and proc.poll() is None:
         import shutil
 

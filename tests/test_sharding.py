@@ -167,15 +167,13 @@ def test_a_sharded_run_lets_its_process_groups_end_before_the_interpreter_does()
     threads, which otherwise end during the interpreter's shutdown, where a process aborted once in CI):
     ``release_meshes`` frees it, so that ending the process groups joins those threads. The control run, without it,
     shows the threads outliving the groups."""
-    import socket
     import subprocess
     import sys
 
+    from eval_fixtures import free_port
+
     def gloo_left(mode):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(port), mode], capture_output=True, text=True, timeout=120,
+        out = subprocess.run([sys.executable, "-c", RELEASE_SCRIPT, str(free_port()), mode], capture_output=True, text=True, timeout=120,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stderr[-2000:]
         return int(out.stdout.strip().rsplit(" ", 1)[-1])

@@ -10,6 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from erase.utils.errors import UserError
 
@@ -93,3 +94,12 @@ def build_lock(path: str | os.PathLike):
         yield
     finally:
         os.close(fd)
+
+
+def build_once(path: str | os.PathLike, is_built: Callable[[], bool], build: Callable[[], Path], what: str) -> Path:
+    """The cache entry ``path``: under its ``build_lock``, returned as it is when ``is_built()``, else ``build()``'s."""
+    with build_lock(path):
+        if is_built():
+            logger.info("%s found in %s", what, path)
+            return Path(path)
+        return build()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from erase.utils.files import build_lock
+from erase.utils.files import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -352,14 +352,11 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
 
     Cached: a folder whose ``digits_model.json`` has this config's fingerprint is returned as it is.
     The folder is written to ``<output_dir>.tmp-<pid>`` and renamed at the end, so it is never half-written; one
-    process trains a folder at a time (``build_lock``): another that asks for it meanwhile waits, then finds it cached.
+    process trains a folder at a time (``build_once``): another that asks for it meanwhile waits, then finds it cached.
     """
     output_dir = Path(output_dir)
-    with build_lock(output_dir):
-        if not force and is_trained(output_dir, cfg):
-            logger.info("digits model with fingerprint %s found in %s", cfg.fingerprint(), output_dir)
-            return output_dir
-        return _train_digits_model(cfg, output_dir, progress)
+    return build_once(output_dir, lambda: not force and is_trained(output_dir, cfg),
+                      lambda: _train_digits_model(cfg, output_dir, progress), f"digits model with fingerprint {cfg.fingerprint()}")
 
 
 def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool) -> Path:
