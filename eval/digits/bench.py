@@ -56,11 +56,43 @@ METRICS = ("forget_acc", "forget_acc_max", "retain_acc", "retain_fd", "heldout_f
            "relearn_0", "relearn_10", "relearn_25", "update_violations", "wall_seconds", "cpu_seconds", "peak_rss_mb")
 
 
-def _launch_cmd(launcher: str) -> list[str]:
+def launch_cmd(launcher: str) -> list[str]:
+    """The start of a bench's ``erase/sd.py`` command: ``accelerate launch`` on one process, or plain python."""
     if launcher == "accelerate":
         return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no"]
     return [sys.executable]
+
+
+def run_recorded(cmd: list[str], out_dir: Path, what: str, describe=None) -> dict:
+    """Run ``cmd`` (an erasure writing ``out_dir``) in its own process, its log at ``out_dir``'s name + ``.log``, and
+    record what it cost in ``<out_dir>.json``: wall seconds, CPU seconds and peak resident memory (``wait4``'s, the
+    largest process of the launch), the command and the log; ``describe(info)`` may rename or add fields (the shapes
+    bench's). A record of the same command beside a finished ``erase_config.json`` is returned instead of running
+    again (a rerun resumes the table). A failed run: UserError naming ``what``, the exit code and the log's last line."""
+    record = out_dir.parent / f"{out_dir.name}.json"
+    if record.is_file() and (out_dir / "erase_config.json").is_file():
+        done = json.loads(record.read_text())
+        if done.get("command") == cmd:
+            logger.info("erase: %s already done, reused", out_dir.name)
+            return done
+    logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
+    log = out_dir.parent / f"{out_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - start
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        raise UserError(f"{what} failed (exit {code}): {tail[0]} (log: {log})")
+    info = {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0,
+            "command": cmd, "log": str(log)}
+    info = describe(info) if describe else info
+    atomic_write_json(record, info)
+    return info
 
 
 def concept_name(digit: int | list[int]) -> str:
@@ -80,7 +112,7 @@ def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_d
     # erase/sd.py runs in the repository root: every path it gets is absolute, so the caller's folder is what counts
     out_dir, data_dir = Path(out_dir).absolute(), Path(data_dir).absolute()
     base = str(Path(base).absolute()) if Path(base).exists() else str(base)
-    cmd = _launch_cmd(args.launcher) + [
+    cmd = launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(base), "--concept", concept_name(digit),
         "--method", method, "--max_train_steps", str(0 if is_closed_form(method) else args.max_train_steps), "--seed", str(seed),
         "--output_dir", str(out_dir), "--data_dir", str(data_dir), "--train_batch_size", str(args.train_batch_size),
@@ -88,28 +120,7 @@ def run_erasure(base: str, digit: int | list[int], method: str, seed: int, out_d
         "--num_inference_steps", str(args.steps), "--guidance_scale", str(args.guidance),
         "--generation_batch_size", "64", "--log_every", "1000",
     ] + METHOD_ARGS.get(method, []) + shlex.split(args.erase_args or "")
-    record = out_dir.parent / f"{out_dir.name}.json"
-    if record.is_file() and (out_dir / "erase_config.json").is_file():
-        done = json.loads(record.read_text())
-        if done.get("command") == cmd:  # finished earlier with the same command: reuse (a rerun resumes the table)
-            logger.info("erase: %s already done, reused", out_dir.name)
-            return done
-    logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
-    log = out_dir.parent / f"{out_dir.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
-        raise UserError(f"erase/sd.py --method {method} --seed {seed} failed (exit {code}): {tail[0]} (log: {log})")
-    info = {"wall_seconds": wall, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0,
-            "command": cmd, "log": str(log)}
-    atomic_write_json(record, info)
-    return info
+    return run_recorded(cmd, out_dir, f"erase/sd.py --method {method} --seed {seed}")
 
 
 def _score(model: str, digit: int | list[int], out: Path, args) -> dict:

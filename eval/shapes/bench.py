@@ -23,10 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +33,7 @@ import numpy as np
 from erase.utils.errors import UserError
 from erase.utils.files import atomic_write_json, atomic_write_text
 from eval.attack.utils import columns as robustness
-from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS, is_closed_form
+from eval.digits.bench import METHOD_ARGS as UNTUNED_ARGS, is_closed_form, launch_cmd, run_recorded
 from eval.shapes.concepts import GROUPS, presets, retain_prompts
 
 logger = logging.getLogger(__name__)
@@ -118,13 +115,6 @@ def concept_files(out: Path, concepts: list[str]) -> dict:
     return {"concepts": entries, "retain_prompts": retain}
 
 
-def _launch_cmd(launcher: str) -> list[str]:
-    if launcher == "accelerate":
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return [sys.executable]
-
-
 def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path, args,
                 method_args: dict = METHOD_ARGS) -> dict:
     """One ``erase/sd.py`` run in its own process (reused when an earlier run had the same command); returns wall
@@ -134,7 +124,7 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
     folder = Path(args.output_dir).absolute() / "concept"
     method, flags = entry_args(method, method_args)  # a --methods entry: the method and every flag of its row
     steps = 0 if is_closed_form(method) else args.max_train_steps  # uce / speed take no repair step (erase/sd.py says so)
-    cmd = _launch_cmd(args.launcher) + [
+    cmd = launch_cmd(args.launcher) + [
         str(ROOT / "erase" / "sd.py"), "--pretrained_model_name_or_path", str(Path(base).absolute()),
         "--concept", str(folder / "concepts.json"), "--retain_prompts", str(folder / "retain.txt"),
         "--method", method, "--max_train_steps", str(steps),
@@ -143,29 +133,12 @@ def run_erasure(base: str, method: str, seed: int, out_dir: Path, data_dir: Path
         "--num_retain_images", str(args.num_retain_images), "--num_inference_steps", str(args.steps),
         "--guidance_scale", str(args.guidance), "--generation_batch_size", "64", "--log_every", "1000",
     ] + flags + shlex.split(args.erase_args or "")
-    record = out_dir.parent / f"{out_dir.name}.json"
-    if record.is_file() and (out_dir / "erase_config.json").is_file():
-        done = json.loads(record.read_text())
-        if done.get("command") == cmd:
-            logger.info("erase: %s already done, reused", out_dir.name)
-            return done
-    logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
-    log = out_dir.parent / f"{out_dir.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        tail = [ln for ln in log.read_text().splitlines() if ln.strip()][-1:] or ["(no output)"]
-        raise UserError(f"erase/sd.py --method {method} --seed {seed} failed (exit {code}): {tail[0]} (log: {log})")
-    record_in = json.loads((out_dir / "erase_config.json").read_text())
-    info = {"erase_seconds": time.time() - start, "method_seconds": record_in.get("train_seconds"),
-            "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0, "command": cmd,
-            "log": str(log)}
-    atomic_write_json(record, info)
-    return info
+
+    def describe(info: dict) -> dict:  # this table's names: the wall time is erase_seconds, the method's own part beside it
+        train_seconds = json.loads((out_dir / "erase_config.json").read_text()).get("train_seconds")
+        return {"erase_seconds": info.pop("wall_seconds"), "method_seconds": train_seconds, **info}
+
+    return run_recorded(cmd, out_dir, f"erase/sd.py --method {method} --seed {seed}", describe)
 
 
 def _score(model: str, concepts: list[str], out: Path, args) -> dict:
