@@ -29,6 +29,10 @@ def test_a_run_is_recorded_then_reused_for_the_same_command_only(tmp_path):
     (out / "erase_config.json").unlink()  # a record without the finished erasure beside it is not trusted
     run_recorded(other, out, "again")
     assert (tmp_path / "runs" / "runs.txt").read_text() == "xxx"
+    for garbage in ("{not json", "[1, 2]"):  # a record that is not one of ours is not trusted either: run again
+        (tmp_path / "runs" / "scissorhands-seed0.json").write_text(garbage)
+        assert run_recorded(other, out, "again")["command"] == other
+    assert (tmp_path / "runs" / "runs.txt").read_text() == "xxxxx"
 
 
 def test_a_bench_names_its_own_fields(tmp_path):

@@ -72,8 +72,11 @@ def run_recorded(cmd: list[str], out_dir: Path, what: str, describe=None) -> dic
     again (a rerun resumes the table). A failed run: UserError naming ``what``, the exit code and the log's last line."""
     record = out_dir.parent / f"{out_dir.name}.json"
     if record.is_file() and (out_dir / "erase_config.json").is_file():
-        done = json.loads(record.read_text())
-        if done.get("command") == cmd:
+        try:
+            done = json.loads(record.read_text())
+        except (OSError, ValueError):
+            done = None  # an unreadable record is no record: the erasure runs again and replaces it
+        if isinstance(done, dict) and done.get("command") == cmd:
             logger.info("erase: %s already done, reused", out_dir.name)
             return done
     logger.info("erase: %s", " ".join(shlex.quote(c) for c in cmd))
