@@ -13,7 +13,13 @@ The counts say on how many digit-seeds each target (and every measured gap toget
 join (one per seed, or per group of digits); a (point, digit, seed) that appears twice is refused, since the two
 could disagree. Nothing is recomputed: every figure is a row of the files given.
 
+``eval.shapes bench`` / ``eval.digits bench`` results files with attack columns (``--attacks``) are read too: there
+each method's run is a (method, concept, seed) row, its gaps are the bench's own ``<column>_gap`` (the retrain
+reference of the same seed, else the retrain mean: ``columns.GAP_RULE``) and the forget bar is its ``forget_acc``
+(the per-row drop and FD targets of issue 19 are ``shapes_rank.py``'s, not repeated here).
+
     python benchmarks/robust_targets.py OUT/seed0/results.json OUT/seed1/results.json OUT/seed2/results.json [--json FILE]
+    python benchmarks/robust_targets.py OUT/attack-circle/results.json OUT/attack-oval/results.json ...
 """
 
 from __future__ import annotations
@@ -43,17 +49,38 @@ def load_rows(paths: list[str]) -> tuple[list[dict], dict]:
             result = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read robust_digits results {path}: {e}") from None
-        if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
-            raise UserError(f"{path} is not a benchmarks/robust_digits.py results.json (no 'rows' list)")
-        points.update(result.get("points") or {})
-        for r in result["rows"]:
-            key = (r["point"], r["digit"], r["seed"])
+        if isinstance(result, dict) and isinstance(result.get("runs"), dict) and "attack_columns" in result:
+            new = bench_rows(result)
+        elif isinstance(result, dict) and isinstance(result.get("rows"), list):
+            points.update(result.get("points") or {})
+            new = [{**r, "unit": DIGIT_ORDER[r["digit"]]} for r in result["rows"]]
+        else:
+            raise UserError(f"{path} is neither a benchmarks/robust_digits.py results.json (a 'rows' list) nor an "
+                            f"eval.shapes / eval.digits bench results.json run with --attacks")
+        for r in new:
+            key = (r["point"], r["unit"], r["seed"])
             if r["point"] != "base" and key in seen:
-                raise UserError(f"point {r['point']} digit {DIGIT_ORDER[r['digit']]} seed {r['seed']} is in both "
-                                f"{seen[key]} and {path}; give each (point, digit, seed) once")
+                raise UserError(f"point {r['point']} {r['unit']} seed {r['seed']} is in both {seen[key]} and {path}; "
+                                f"give each (point, digit or concept, seed) once")
             seen[key] = path
-            rows.append({**r, "digit_word": DIGIT_ORDER[r["digit"]]})
+            rows.append(r)
     return rows, points
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """The runs of a bench results file as rows: the bench's own gaps (``<column>_gap``) stand for the columns, against
+    a zero reference, so :func:`check_row` reads them unchanged."""
+    concept = result.get("concept") or ",".join(result.get("concepts") or [])
+    rows = []
+    for method, runs in result["runs"].items():
+        if method == "retrain":
+            continue
+        for run in runs:
+            row = {"point": method, "method": method.split("+")[0], "unit": concept, "seed": run["seed"],
+                   "forget_acc": run.get("forget_acc"), "bench_gaps": True}
+            row.update({col: run[f"{col}_gap"] for col, _, _ in ROBUST_TARGETS if run.get(f"{col}_gap") is not None})
+            rows.append(row)
+    return rows
 
 
 def check_row(r: dict, ref: dict | None, base: dict | None, plain: dict | None) -> dict:
@@ -82,24 +109,31 @@ def check_row(r: dict, ref: dict | None, base: dict | None, plain: dict | None) 
 
 def tally(rows: list[dict], points: dict, cost_baseline: str = "plain") -> dict:
     """Per point: every (digit, seed) checked, and per target how many met it of how many measured."""
-    def find(point, digit, seed=None):
-        return next((x for x in rows if x["point"] == point and x["digit"] == digit and (seed is None or x["seed"] == seed)), None)
+    def find(point, unit, seed=None):
+        return next((x for x in rows if x["point"] == point and x["unit"] == unit and (seed is None or x["seed"] == seed)), None)
+
+    zero = {col: 0.0 for col, _, _ in ROBUST_TARGETS}  # a bench row's columns are already its gaps
 
     gaps = [what for _, _, what in ROBUST_TARGETS]
     result = {}
     for name in [p for p in dict.fromkeys(r["point"] for r in rows) if p not in ("base", "retrain")]:
-        method = (points.get(name) or {}).get("method", "scissorhands")
+        first = next(x for x in rows if x["point"] == name)
+        method = (points.get(name) or {}).get("method") or first.get("method", "scissorhands")
         plain_name = cost_baseline if method == "scissorhands" else f"{cost_baseline}-{method}"
         cells, counts = [], {}
-        for r in sorted((x for x in rows if x["point"] == name), key=lambda x: (x["digit"], x["seed"])):
-            checks = check_row(r, find("retrain", r["digit"], r["seed"]), find("base", r["digit"]),
-                               find(plain_name, r["digit"], r["seed"]))
+        order = {u: i for i, u in enumerate(DIGIT_ORDER)}
+        for r in sorted((x for x in rows if x["point"] == name), key=lambda x: (order.get(x["unit"], 99), x["unit"], x["seed"])):
+            if r.get("bench_gaps"):
+                checks = check_row(r, zero, None, None)
+            else:
+                checks = check_row(r, find("retrain", r["unit"], r["seed"]), find("base", r["unit"]),
+                                   find(plain_name, r["unit"], r["seed"]))
             measured = [g for g in gaps if g in checks]
             if measured:
                 checks["every gap measured"] = {"met": all(checks[g]["met"] for g in measured),
                                                 "value": f"{sum(checks[g]['met'] for g in measured)}/{len(measured)}",
                                                 "limit": "all of the gaps measured on the row"}
-            cells.append({"digit": r["digit_word"], "seed": r["seed"], "checks": checks})
+            cells.append({"unit": r["unit"], "seed": r["seed"], "checks": checks})
             for what, c in checks.items():
                 n = counts.setdefault(what, {"met": 0, "of": 0})
                 n["met"] += int(c["met"])
@@ -112,14 +146,14 @@ def markdown(result: dict) -> str:
     lines = []
     for name, t in result.items():
         targets = list(t["counts"])
-        lines += [f"## {name} ({t['method']})", "", "| digit | seed | " + " | ".join(targets) + " |",
+        lines += [f"## {name} ({t['method']})", "", "| digit or concept | seed | " + " | ".join(targets) + " |",
                   "|---|---:|" + "---|" * len(targets)]
         for c in t["cells"]:
-            lines.append(f"| {c['digit']} | {c['seed']} | " + " | ".join(
+            lines.append(f"| {c['unit']} | {c['seed']} | " + " | ".join(
                 (f"{c['checks'][w]['value']} {'ok' if c['checks'][w]['met'] else '**miss**'}" if w in c["checks"] else "–")
                 for w in targets) + " |")
         lines += ["", "| target | met on |", "|---|---|"]
-        lines += [f"| {w} | {n['met']} of {n['of']} digit-seeds |" for w, n in t["counts"].items()]
+        lines += [f"| {w} | {n['met']} of {n['of']} rows |" for w, n in t["counts"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -127,7 +161,8 @@ def markdown(result: dict) -> str:
 @cli_errors
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="benchmarks/robust_digits.py results.json files (e.g. one per seed)")
+    p.add_argument("results", nargs="+", help="benchmarks/robust_digits.py results.json files (e.g. one per seed), or "
+                                              "eval.shapes / eval.digits bench results.json files run with --attacks")
     p.add_argument("--cost_baseline", default="plain", help="the plain point costs are measured against (as robust_digits.py)")
     p.add_argument("--json", default=None, help="also write the tally here")
     a = p.parse_args(argv)
