@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from erase.utils.files import build_once
+from eval.digits.training import (TrainingState, _ema_update, autoencoder_state, fit_latent_scale,  # noqa: F401 (their
+                                  resume_autoencoder, train_denoiser)  # old home: eval.shapes and benchmarks import them here)
 
 logger = logging.getLogger(__name__)
 
@@ -250,82 +252,6 @@ def sd_scheduler_config() -> dict:
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
-def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
-    with torch.no_grad():
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
-            else:
-                ema[k].copy_(v)
-
-
-# ----------------------------------------------------------------------------------------------- training
-def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, cfg, gen, schedule, bar, loss_fn=None) -> float:
-    """Phase 2 of a world model (the digits model here, eval.shapes too): the denoiser and the text encoder(s) trained
-    together on scaled latents, ``cfg.cond_dropout`` of the prompts replaced by the empty one (row ``empty_row``), an
-    EMA of every module loaded at the end. ``latents`` = (mean, std, scaling factor) of the images (the mean already
-    shifted for a VAE with a shift factor); ``draw_rows(idx)`` gives the prompt rows of the drawn images (it may draw
-    from ``gen``); ``schedule(opt)`` the learning-rate scheduler; ``text_encoder`` one module or a list of them;
-    ``loss_fn(z, rows)`` the loss of a batch (default: the UNet's noise-prediction loss over the first encoder's ``ids[rows]``).
-    Every draw comes from ``gen`` in a fixed order. Returns the last loss."""
-    mean, std, scaling = latents
-    encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    if loss_fn is None:
-        from diffusers import DDPMScheduler
-
-        noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
-                                       if k not in ("set_alpha_to_one", "steps_offset")})
-
-        def loss_fn(z, rows):
-            cond = encoders[0](ids[rows])[0]
-            noise = torch.randn(z.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-            return F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
-
-    modules = [unet] + encoders
-    params = [p for m in modules for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
-    sched = schedule(opt)
-    emas = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
-    for m in modules:
-        m.train()
-    loss = torch.zeros(())
-    for step in range(cfg.unet_steps):
-        idx = torch.randint(0, len(mean), (cfg.batch_size,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        rows = draw_rows(idx)
-        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.cond_dropout
-        rows = torch.where(drop, torch.full_like(rows, empty_row), rows)
-        loss = loss_fn(z, rows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        for ema, m in zip(emas, modules):
-            _ema_update(ema, m, decay)
-        bar.update(1)
-        bar.set_postfix(phase="denoiser", loss=f"{loss.item():.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-    bar.close()
-    for ema, m in zip(emas, modules):
-        m.load_state_dict(ema)
-        m.eval().requires_grad_(False)
-    return float(loss.item())
-
-
-def fit_latent_scale(vae, mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator, shift: bool = False):
-    """Fit a trained world autoencoder's latent scaling factor (unit std of a posterior draw) and, with ``shift`` (SD3's
-    VAE: latents are ``(z - shift) * scale``), its shift factor (the latents' mean), into ``vae``'s config.
-    Returns (``mean`` shifted, scaling factor, shift factor or None)."""
-    shift_factor = float(mean.mean()) if shift else None
-    if shift:
-        mean = mean - shift_factor
-    scaling = float(1.0 / (mean + std * torch.randn(mean.shape, generator=gen)).std())
-    vae.register_to_config(scaling_factor=scaling, **({"shift_factor": shift_factor} if shift else {}))
-    return mean, scaling, shift_factor
-
-
 def world_pipeline(world: str, vae, denoiser, encoders, tokenizer, t5_tokenizer=None):
     """A trained world model's pipeline (``t5_tokenizer`` given: the SD3 kind, else SD v1.4's with DDIM), after
     checking that no weight is broken (a ``ValueError`` naming the part: nothing is saved)."""
@@ -356,10 +282,11 @@ def train_digits_model(cfg: DigitsModelConfig, output_dir: str | Path, progress:
     """
     output_dir = Path(output_dir)
     return build_once(output_dir, lambda: not force and is_trained(output_dir, cfg),
-                      lambda: _train_digits_model(cfg, output_dir, progress), f"digits model with fingerprint {cfg.fingerprint()}")
+                      lambda: _train_digits_model(cfg, output_dir, progress, force),
+                      f"digits model with fingerprint {cfg.fingerprint()}")
 
 
-def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool) -> Path:
+def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool, force: bool = False) -> Path:
     from tqdm.auto import tqdm
 
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
@@ -385,26 +312,37 @@ def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool
     total = cfg.vae_steps + cfg.unet_steps
     bar = tqdm(total=total, desc="train digits model", disable=not progress, unit="step")
 
-    # Phase 1: the autoencoder.
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    for step in range(cfg.vae_steps):
-        idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-        x = images[idx]
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
-        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(1)
-        bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
+    # Phase 1: the autoencoder (or the one a saved state holds: eval/digits/training.py).
+    state = TrainingState(output_dir, cfg.fingerprint(), fresh=force)
+    record = state.load()
+    if record is None:
+        vae.train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        for step in range(cfg.vae_steps):
+            idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
+            x = images[idx]
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=gen)).sample
+            loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(1)
+            bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
+        vae.eval().requires_grad_(False)
+    else:
+        latent = resume_autoencoder(state, record, vae, gen)
+        bar.update(cfg.vae_steps)
     with torch.no_grad():
         post = vae.encode(images).latent_dist
         mean, std = post.mean, post.std
         vae_mse = F.mse_loss(vae.decode(mean).sample, images).item()
-    mean, scaling_factor, shift_factor = fit_latent_scale(vae, mean, std, gen, shift=flow)
+    if record is None:
+        mean, scaling_factor, shift_factor = fit_latent_scale(vae, mean, std, gen, shift=flow)
+        autoencoder_state(state, vae, gen, {"scaling_factor": scaling_factor, "shift_factor": shift_factor})
+    else:
+        scaling_factor, shift_factor = latent["scaling_factor"], latent["shift_factor"]
+        mean = mean - shift_factor if shift_factor is not None else mean
 
     # Phase 2: UNet + text encoder on scaled latents, prompts drawn from the training templates.
     prompt_table = [[p for p in digit_prompts(d)] for d in range(10)]
@@ -429,7 +367,7 @@ def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool
 
         loss_fn = flow_loss(unet, encoders, *token_ids(tokenizer, t5_tokenizer, flat), gen)
     loss = train_denoiser(unet, encoders, ids, (mean, std, scaling_factor), draw_rows, empty_row, cfg, gen, schedule, bar,
-                          loss_fn=loss_fn)
+                          loss_fn=loss_fn, state=state, record=record)
 
     pipe = world_pipeline("digits", vae, unet, encoders, tokenizer, t5_tokenizer if flow else None)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
@@ -444,6 +382,9 @@ def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool
            if flow else {}),
         "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1), "torch_threads": torch.get_num_threads(),
+        **({"resumed_from": {"phase": record["phase"], "step": record["step"],
+                             "seconds": "train_seconds and train_cpu_seconds are the resumed process's only"}}
+           if record is not None else {}),
         "training_data": {"held_out_digits": list(cfg.held_out_digits), "num_images": int(len(keep)),
                           "images_per_digit": np.bincount(labels.numpy(), minlength=10).tolist(),
                           "indices_sha256": hashlib.sha256(keep.astype(np.int64).tobytes()).hexdigest(),
@@ -455,6 +396,7 @@ def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool
 
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
+    state.clear()
     logger.info("digits model trained in %.0f s -> %s", card["train_seconds"], output_dir)
     return output_dir
 

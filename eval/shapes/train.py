@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from erase.utils.files import build_once
-from eval.digits.model import fit_latent_scale, train_denoiser, world_pipeline
+from eval.digits.model import world_pipeline
+from eval.digits.training import (TrainingState, autoencoder_state, fit_latent_scale, resume_autoencoder,
+                                  train_denoiser)
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
                                cache_root, is_trained, read_model_card, world_signature)
@@ -84,6 +86,13 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: to
         bar.update(1)
         bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
     vae.eval().requires_grad_(False)
+    mean, std, mse = latent_stats(vae, images)
+    mean, scaling, shift_factor = fit_latent_scale(vae, mean, std, gen, shift)
+    return {"mean": mean, "std": std, "scaling_factor": scaling, "shift_factor": shift_factor, "reconstruction_mse": mse}
+
+
+def latent_stats(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The frozen autoencoder's posterior mean and std of every image, and its reconstruction error (first 2048)."""
     means, stds, mse = [], [], 0.0
     with torch.no_grad():
         for i in range(0, len(images), 512):
@@ -93,10 +102,7 @@ def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: to
             stds.append(post.std)
             if i < 2048:
                 mse += F.mse_loss(vae.decode(post.mean).sample, x, reduction="sum").item()
-    mean, std = torch.cat(means), torch.cat(stds)
-    mean, scaling, shift_factor = fit_latent_scale(vae, mean, std, gen, shift)
-    return {"mean": mean, "std": std, "scaling_factor": scaling, "shift_factor": shift_factor,
-            "reconstruction_mse": mse / (min(2048, len(images)) * images[0].numel())}
+    return torch.cat(means), torch.cat(stds), mse / (min(2048, len(images)) * images[0].numel())
 
 
 def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress: bool = True, force: bool = False) -> Path:
@@ -107,10 +113,11 @@ def train_shapes_model(cfg: ShapesModelConfig, output_dir: str | Path, progress:
     folder at a time (``build_once``): another that asks for it meanwhile waits, then finds it cached."""
     output_dir = Path(output_dir)
     return build_once(output_dir, lambda: not force and is_trained(output_dir, cfg),
-                      lambda: _train_shapes_model(cfg, output_dir, progress), f"shapes model with fingerprint {cfg.fingerprint()}")
+                      lambda: _train_shapes_model(cfg, output_dir, progress, force),
+                      f"shapes model with fingerprint {cfg.fingerprint()}")
 
 
-def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool) -> Path:
+def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool, force: bool = False) -> Path:
     if output_dir.exists() and any(output_dir.iterdir()) and read_model_card(output_dir) is None:
         raise FileExistsError(f"{str(output_dir)!r} exists and is not a shapes model folder; choose an empty path")
     from tqdm.auto import tqdm
@@ -134,7 +141,16 @@ def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool
         encoders = [text_encoder]
     bar = tqdm(total=cfg.vae_steps + cfg.unet_steps, desc="train shapes model", disable=not progress, unit="step")
 
-    ae = train_autoencoder(vae, images, cfg, gen, bar, shift=flow)
+    state = TrainingState(output_dir, cfg.fingerprint(), fresh=force)  # an interrupted training resumes (training.py)
+    record = state.load()
+    if record is None:
+        ae = train_autoencoder(vae, images, cfg, gen, bar, shift=flow)
+        autoencoder_state(state, vae, gen, {k: ae[k] for k in ("scaling_factor", "shift_factor", "reconstruction_mse")})
+    else:
+        ae = resume_autoencoder(state, record, vae, gen)
+        ae["mean"], ae["std"], _ = latent_stats(vae, images)
+        ae["mean"] = ae["mean"] - ae["shift_factor"] if ae["shift_factor"] is not None else ae["mean"]
+        bar.update(cfg.vae_steps)
     mean, std, scaling = ae["mean"], ae["std"], ae["scaling_factor"]
 
     # Phase 2: UNet + text encoder on scaled latents; each draw of a scene picks one of its training captions.
@@ -150,7 +166,7 @@ def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool
 
         loss_fn = flow_loss(unet, encoders, *token_ids(tokenizer, t5_tokenizer, texts), gen)
     loss = train_denoiser(unet, encoders, ids, (mean, std, scaling), draw_rows, empty_row, cfg, gen,
-                          lambda opt: _cosine(opt, cfg.unet_steps), bar, loss_fn=loss_fn)
+                          lambda opt: _cosine(opt, cfg.unet_steps), bar, loss_fn=loss_fn, state=state, record=record)
 
     pipe = world_pipeline("shapes", vae, unet, encoders, tokenizer, t5_tokenizer if flow else None)
     tmp = output_dir.parent / f"{output_dir.name}.tmp-{os.getpid()}"
@@ -166,6 +182,9 @@ def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool
            if flow else {}),
         "final_unet_loss": loss, "train_seconds": round(time.time() - start, 1),
         "render_seconds": round(render_seconds, 1),
+        **({"resumed_from": {"phase": record["phase"], "step": record["step"],
+                             "seconds": "train_seconds and the CPU seconds are the resumed process's only"}}
+           if record is not None else {}),
         "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "train_user_cpu_seconds": round(times_end.user - times_start.user, 1), "torch_threads": torch.get_num_threads(),
         "training_data": {
@@ -180,5 +199,6 @@ def _train_shapes_model(cfg: ShapesModelConfig, output_dir: Path, progress: bool
     if output_dir.exists():
         shutil.rmtree(output_dir)
     tmp.rename(output_dir)
+    state.clear()
     logger.info("shapes model trained in %.0f s (%.0f CPU s) -> %s", card["train_seconds"], card["train_cpu_seconds"], output_dir)
     return output_dir
