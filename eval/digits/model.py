@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from erase.utils.files import build_once
 from eval.digits.training import (TrainingState, _ema_update, autoencoder_state, fit_latent_scale,  # noqa: F401 (their
-                                  resume_autoencoder, train_denoiser)  # old home: eval.shapes and benchmarks import them here)
+                                  resume_autoencoder, train_autoencoder_steps, train_denoiser)  # old home: benchmarks)
 
 logger = logging.getLogger(__name__)
 
@@ -316,20 +316,7 @@ def _train_digits_model(cfg: DigitsModelConfig, output_dir: Path, progress: bool
     state = TrainingState(output_dir, cfg.fingerprint(), fresh=force)
     record = state.load()
     if record is None:
-        vae.train()
-        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-        for step in range(cfg.vae_steps):
-            idx = torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)
-            x = images[idx]
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample(generator=gen)).sample
-            loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(1)
-            bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
-        vae.eval().requires_grad_(False)
+        train_autoencoder_steps(vae, len(images), lambda idx: images[idx], cfg, gen, bar)
     else:
         latent = resume_autoencoder(state, record, vae, gen)
         bar.update(cfg.vae_steps)

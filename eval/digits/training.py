@@ -147,6 +147,28 @@ def resume_autoencoder(state: TrainingState, record: dict, vae, gen: torch.Gener
     return dict(latent)
 
 
+def train_autoencoder_steps(vae, n_images: int, batch, cfg, gen: torch.Generator, bar, schedule=None) -> None:
+    """Phase 1 of a world model: ``cfg.vae_steps`` steps of reconstruction + ``cfg.vae_kl_weight`` x KL on batches
+    ``batch(idx)`` of ``cfg.vae_batch_size`` images drawn from ``gen`` (AdamW ``cfg.vae_lr``; ``schedule(opt)`` an
+    optional learning-rate scheduler); the autoencoder is left frozen."""
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = schedule(opt) if schedule is not None else None
+    for _ in range(cfg.vae_steps):
+        x = batch(torch.randint(0, n_images, (cfg.vae_batch_size,), generator=gen))
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        bar.update(1)
+        bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+
+
 def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
     with torch.no_grad():
         for k, v in module.state_dict().items():

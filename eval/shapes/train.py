@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from erase.utils.files import build_once
 from eval.digits.model import world_pipeline
 from eval.digits.training import (TrainingState, autoencoder_state, fit_latent_scale, resume_autoencoder,
-                                  train_denoiser)
+                                  train_autoencoder_steps, train_denoiser)
 from eval.shapes import world
 from eval.shapes.model import (FORMAT_VERSION, KIND, MODEL_CARD, ShapesModelConfig, build_flow_models, build_models,
                                cache_root, is_trained, read_model_card, world_signature)
@@ -71,21 +71,8 @@ def _cosine(opt, steps: int):
 def train_autoencoder(vae, images: torch.Tensor, cfg: ShapesModelConfig, gen: torch.Generator, bar, shift: bool = False) -> dict:
     """Phase 1 on uint8 images ``(N, 3, R, R)``; fits the latent scaling factor (unit std) and, with ``shift`` (SD3's
     VAE: latents are ``(z - shift) * scale``), the shift factor (the latents' mean); returns stats, ``mean`` shifted."""
-    vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = _cosine(opt, cfg.vae_steps)
-    for _ in range(cfg.vae_steps):
-        x = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=gen)].float() / 127.5 - 1
-        post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample(generator=gen)).sample
-        loss = F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        bar.update(1)
-        bar.set_postfix(phase="vae", loss=f"{loss.item():.4f}")
-    vae.eval().requires_grad_(False)
+    train_autoencoder_steps(vae, len(images), lambda idx: images[idx].float() / 127.5 - 1, cfg, gen, bar,
+                            lambda opt: _cosine(opt, cfg.vae_steps))
     mean, std, mse = latent_stats(vae, images)
     mean, scaling, shift_factor = fit_latent_scale(vae, mean, std, gen, shift)
     return {"mean": mean, "std": std, "scaling_factor": scaling, "shift_factor": shift_factor, "reconstruction_mse": mse}
