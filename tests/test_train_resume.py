@@ -86,7 +86,7 @@ def test_an_interrupted_digits_training_resumes_bit_identical(digits_reference, 
     assert not partial.exists()
 
 
-def test_a_state_of_other_settings_or_a_forced_training_starts_over(digits_reference, tmp_path, monkeypatch):
+def test_a_state_of_other_settings_a_damaged_state_or_a_forced_training_starts_over(digits_reference, tmp_path, monkeypatch):
     import eval.digits.training as training
     from eval.digits.model import DigitsModelConfig, train_digits_model
 
@@ -102,6 +102,17 @@ def test_a_state_of_other_settings_or_a_forced_training_starts_over(digits_refer
     train_digits_model(cfg, out, progress=False)  # the other settings' state is discarded, not resumed
     _same(reference, out)
     assert "resumed_from" not in json.loads((out / "digits_model.json").read_text()) and not partial.exists()
+    # a damaged state (a cut file) is discarded too
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
+    _stop_at_denoiser_step(monkeypatch, 3, 2)
+    with pytest.raises(Stop):
+        train_digits_model(cfg, tmp_path / "cut" / "model", progress=False)
+    monkeypatch.undo()
+    (state_file,) = (tmp_path / "cut" / ".model.partial").glob("state-*.safetensors")
+    state_file.write_bytes(state_file.read_bytes()[:100])
+    train_digits_model(cfg, tmp_path / "cut" / "model", progress=False)
+    _same(reference, tmp_path / "cut" / "model")
+    assert "resumed_from" not in json.loads((tmp_path / "cut" / "model" / "digits_model.json").read_text())
     # a forced training discards a state of its own settings too
     monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0)
     _stop_at_denoiser_step(monkeypatch, 3, 2)

@@ -8,7 +8,8 @@ safetensors file and a JSON record, each written to a temporary name and renamed
 the newer one is complete. A training that is interrupted (a killed process, a full disk, a reboot) and asked for
 again resumes from the last state and ends **bit-identical** to an uninterrupted one on the same machine and thread
 count (tests/test_train_resume.py); the state is removed once the model folder is in place. A state of other
-settings (another fingerprint) is discarded, and so is any state when the training is forced (``--force``).
+settings (another fingerprint) or a damaged one is discarded, and so is any state when the training is forced
+(``--force``).
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ class TrainingState:
             return None
         from safetensors.torch import load_file
 
+        try:
+            tensors = load_file(self.dir / r["file"])
+        except Exception as e:  # a cut or damaged file (safetensors raises its own error type): start over
+            logger.warning("discarding the saved training state in %s (%s: %s)", self.dir, type(e).__name__, e)
+            self.clear()
+            return None
         logger.info("resuming the training from its state after %s step %d (%s)", r["phase"], r["step"], self.dir)
-        return {"phase": r["phase"], "step": int(r["step"]), "meta": r["meta"], "tensors": load_file(self.dir / r["file"])}
+        return {"phase": r["phase"], "step": int(r["step"]), "meta": r["meta"], "tensors": tensors}
 
     def due(self) -> bool:
         return time.monotonic() - self.last_save >= CHECKPOINT_SECONDS
