@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from erase.utils.files import build_once
 from eval.digits.training import (TrainingState, _ema_update, autoencoder_state, fit_latent_scale,  # noqa: F401 (their
-                                  resume_autoencoder, train_autoencoder_steps, train_denoiser)  # old home: benchmarks)
+                                  resume_autoencoder, sd_scheduler_config, train_autoencoder_steps,  # old home)
+                                  train_denoiser)
 
 logger = logging.getLogger(__name__)
 
@@ -244,12 +245,6 @@ def build_models(cfg: DigitsModelConfig, tokenizer):
         text_layers=cfg.text_layers, text_heads=2, max_length=cfg.max_length, norm_num_groups=8,
         vae_mid_attention=False,
     )
-
-
-def sd_scheduler_config() -> dict:
-    """SD v1.4's noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps)."""
-    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
 
 
 def world_pipeline(world: str, vae, denoiser, encoders, tokenizer, t5_tokenizer=None):

@@ -101,6 +101,12 @@ class TrainingState:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def sd_scheduler_config() -> dict:
+    """SD v1.4's noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps)."""
+    return dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+
+
 def generators_state(gen: torch.Generator) -> dict:
     """The data generator's and torch's global generator's states, as tensors."""
     return {"rng.data": gen.get_state(), "rng.torch": torch.get_rng_state()}
@@ -199,8 +205,6 @@ def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, 
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     if loss_fn is None:
         from diffusers import DDPMScheduler
-
-        from eval.digits.model import sd_scheduler_config
 
         noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
                                        if k not in ("set_alpha_to_one", "steps_offset")})
