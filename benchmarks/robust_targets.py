@@ -48,7 +48,7 @@ def load_rows(paths: list[str]) -> tuple[list[dict], dict]:
         try:
             result = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read robust_digits results {path}: {e}") from None
+            raise UserError(f"cannot read the results file {path}: {e}") from None
         if isinstance(result, dict) and isinstance(result.get("runs"), dict) and "attack_columns" in result:
             new = bench_rows(result)
         elif isinstance(result, dict) and isinstance(result.get("rows"), list):
