@@ -50,14 +50,19 @@ def load_rows(paths: list[str]) -> tuple[list[dict], dict]:
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read the results file {path}: {e}") from None
         if isinstance(result, dict) and isinstance(result.get("runs"), dict) and "attack_columns" in result:
-            new = bench_rows(result)
+            new = bench_rows(result, path)
         elif isinstance(result, dict) and isinstance(result.get("rows"), list):
             points.update(result.get("points") or {})
+            bad = [r for r in result["rows"] if not isinstance(r, dict) or r.get("digit") not in range(10)]
+            if bad:
+                raise UserError(f"{path}: a row without a digit 0-9: {str(bad[0])[:120]}")
             new = [{**r, "unit": DIGIT_ORDER[r["digit"]]} for r in result["rows"]]
         else:
             raise UserError(f"{path} is neither a benchmarks/robust_digits.py results.json (a 'rows' list) nor an "
                             f"eval.shapes / eval.digits bench results.json run with --attacks")
         for r in new:
+            if not isinstance(r.get("point"), str) or not isinstance(r.get("seed"), int):
+                raise UserError(f"{path}: a row without a point name and an integer seed: {str(r)[:120]}")
             key = (r["point"], r["unit"], r["seed"])
             if r["point"] != "base" and key in seen:
                 raise UserError(f"point {r['point']} {r['unit']} seed {r['seed']} is in both {seen[key]} and {path}; "
@@ -67,7 +72,7 @@ def load_rows(paths: list[str]) -> tuple[list[dict], dict]:
     return rows, points
 
 
-def bench_rows(result: dict) -> list[dict]:
+def bench_rows(result: dict, path: str = "results") -> list[dict]:
     """The runs of a bench results file as rows: the bench's own gaps (``<column>_gap``) stand for the columns, against
     a zero reference, so :func:`check_row` reads them unchanged."""
     concept = result.get("concept") or ",".join(result.get("concepts") or [])
@@ -75,6 +80,8 @@ def bench_rows(result: dict) -> list[dict]:
     for method, runs in result["runs"].items():
         if method == "retrain":
             continue
+        if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+            raise UserError(f"{path}: runs.{method} is not a list of runs")
         for run in runs:
             row = {"point": method, "method": method.split("+")[0], "unit": concept, "seed": run["seed"],
                    "forget_acc": run.get("forget_acc"), "bench_gaps": True}

@@ -1,7 +1,7 @@
 """Seconds per training step of the default shapes model (issue 19: "trained on 2 CPU cores in <= 20 minutes"), by
 torch thread count and precision, and the training time they imply.
 
-Times the UNet + text-encoder step of ``eval.shapes train`` (``eval.digits.model.train_denoiser``'s work: forward,
+Times the UNet + text-encoder step of ``eval.shapes train`` (``eval.digits.training.train_denoiser``'s work: forward,
 noise-prediction loss, backward, gradient clipping, AdamW, the EMA update) and the autoencoder step, at the default
 ``ShapesModelConfig`` on random data (the step's cost does not depend on the data), each a median over ``--steps``
 timed steps after two warm-up steps; ``bf16`` runs the forward under CPU autocast. Implied minutes = vae_steps x
@@ -46,7 +46,6 @@ def step_seconds(threads: int, precision: str, steps: int, denoiser: str = "unet
 
         vae, unet, encoders, t5_tokenizer = build_flow_models(cfg, tokenizer)
         t5_ids = torch.randint(0, len(t5_tokenizer), (cfg.batch_size, t5_tokenizer.model_max_length))
-        z = torch.randn(cfg.batch_size, unet.config.in_channels, side, side)
         flow = flow_loss(unet, encoders, ids, t5_ids, torch.Generator().manual_seed(0))
         rows = torch.arange(cfg.batch_size)
 
@@ -56,13 +55,13 @@ def step_seconds(threads: int, precision: str, steps: int, denoiser: str = "unet
     else:
         vae, unet, text_encoder = build_models(cfg, tokenizer)
         encoders = [text_encoder]
-        z = torch.randn(cfg.batch_size, unet.config.in_channels, side, side)
 
         def denoiser_loss():
             t = torch.randint(0, 1000, (cfg.batch_size,))
             with autocast:
                 out = unet(z, t, text_encoder(ids)[0]).sample
             return F.mse_loss(out.float(), z)
+    z = torch.randn(cfg.batch_size, unet.config.in_channels, side, side)
     modules = [unet] + encoders
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)

@@ -30,9 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from erase.utils.files import build_once
-from eval.digits.training import (TrainingState, _ema_update, autoencoder_state, fit_latent_scale,  # noqa: F401 (their
-                                  resume_autoencoder, sd_scheduler_config, train_autoencoder_steps,  # old home)
-                                  train_denoiser)
+from eval.digits.training import (TrainingState, autoencoder_state, fit_latent_scale, resume_autoencoder,
+                                  sd_scheduler_config, train_autoencoder_steps, train_denoiser)
 
 logger = logging.getLogger(__name__)
 

@@ -54,6 +54,8 @@ class TrainingState:
         try:
             r = json.loads(record.read_text())
             ok = (isinstance(r, dict) and r.get("format") == STATE_FORMAT and r.get("fingerprint") == self.fingerprint
+                  and r.get("phase") in ("autoencoder", "denoiser") and isinstance(r.get("step"), int)
+                  and isinstance(r.get("meta"), dict) and isinstance(r["meta"].get("latent"), dict)
                   and (self.dir / str(r.get("file"))).is_file())
         except (OSError, json.JSONDecodeError):
             ok = False
@@ -96,6 +98,10 @@ class TrainingState:
             if old.name != name:
                 old.unlink(missing_ok=True)
         self.last_save = time.monotonic()
+
+    def hold_autoencoder(self, vae, latent: dict) -> None:
+        """Carry the frozen autoencoder and its phase's figures in every later state."""
+        self.carry = {"tensors": {f"vae.{k}": v for k, v in vae.state_dict().items()}, "meta": {"latent": latent}}
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -142,7 +148,7 @@ def autoencoder_state(state: TrainingState | None, vae, gen: torch.Generator, la
     ``latent``: JSON-able figures of the phase (scaling and shift factors, reconstruction error)."""
     if state is None:
         return
-    state.carry = {"tensors": {f"vae.{k}": v for k, v in vae.state_dict().items()}, "meta": {"latent": latent}}
+    state.hold_autoencoder(vae, latent)
     state.save("autoencoder", 0, generators_state(gen), {})
 
 
@@ -156,7 +162,7 @@ def resume_autoencoder(state: TrainingState, record: dict, vae, gen: torch.Gener
     vae.register_to_config(scaling_factor=latent["scaling_factor"], **({"shift_factor": shift} if shift is not None else {}))
     if record["phase"] == "autoencoder":
         restore_generators(record["tensors"], gen)
-    state.carry = {"tensors": {f"vae.{k}": v for k, v in vae.state_dict().items()}, "meta": {"latent": latent}}
+    state.hold_autoencoder(vae, latent)
     return dict(latent)
 
 

@@ -69,7 +69,7 @@ def sd3_condition(encoders, clip_ids: torch.Tensor, t5_ids: torch.Tensor) -> tup
 
 
 def flow_loss(transformer, encoders, clip_ids, t5_ids, gen: torch.Generator, shift: float = FLOW_SHIFT):
-    """``loss(z, rows)`` of :func:`eval.digits.model.train_denoiser`: the rectified-flow velocity loss of one batch of
+    """``loss(z, rows)`` of :func:`eval.digits.training.train_denoiser`: the rectified-flow velocity loss of one batch of
     scaled latents ``z`` under the prompt rows ``rows``; noise, then σ, drawn from ``gen`` in that order. σ is shifted
     as the erasure's objective shifts it (``erase.diffusion.objectives.FlowObjective.shifted``)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
