@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
+
 
 def step_seconds(threads: int, precision: str, steps: int, denoiser: str = "unet") -> dict:
     import torch
@@ -166,7 +168,6 @@ def trained_seconds(model: str, threads: int, steps: int, warmup: int = 2) -> di
     the loop time them, never make denormals; a trained model's activations and gradients can."""
     import numpy as np
     import torch
-    import torch.nn.functional as F
 
     from erase.diffusion.generate import family_sampler, load_pipeline
     from eval.shapes import world
@@ -174,10 +175,10 @@ def trained_seconds(model: str, threads: int, steps: int, warmup: int = 2) -> di
     from eval.shapes.train import scene_images
 
     torch.set_num_threads(threads)
-    card = read_model_card(model)
-    if card is None:
-        raise SystemExit(f"--trained {model!r}: not a shapes model folder (no shapes_model.json)")
-    c = card["config"]
+    card = read_model_card(model)  # a folder this tool did not write: its card is checked before use
+    c = card.get("config") if card else None
+    if not isinstance(c, dict) or not all(isinstance(c.get(k), int) for k in ("num_scenes", "seed", "resolution")):
+        raise UserError(f"--trained {model!r}: not a shapes model folder (no shapes_model.json with its config)")
     scenes, images = scene_images(c["num_scenes"], c["seed"], c["resolution"])
     x = torch.from_numpy(np.array(images[:64])).permute(0, 3, 1, 2).float() / 127.5 - 1
     captions = [world.captions(s, "train")[0] for s in scenes[:64]]
@@ -192,18 +193,12 @@ def trained_seconds(model: str, threads: int, steps: int, warmup: int = 2) -> di
         encoders = [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3]
         denoiser, loss = pipe.transformer, flow_loss(pipe.transformer, encoders, *token_ids(pipe.tokenizer, pipe.tokenizer_3, captions), gen)
     else:
-        from diffusers import DDPMScheduler
-
-        from eval.digits.training import sd_scheduler_config
+        from eval.digits.training import noise_loss
 
         encoders, denoiser = [pipe.text_encoder], pipe.unet
-        noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")})
         ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids
-
-        def loss(z, rows):
-            noise, t = torch.randn(z.shape, generator=gen), torch.randint(0, 1000, (len(z),), generator=gen)
-            return F.mse_loss(denoiser(noise_sched.add_noise(z, noise, t), t, encoders[0](ids[rows])[0]).sample, noise)
+        loss = noise_loss(denoiser, encoders[0], ids, gen)
     modules = [denoiser] + encoders
     for m in modules:
         m.train().requires_grad_(True)
@@ -212,7 +207,7 @@ def trained_seconds(model: str, threads: int, steps: int, warmup: int = 2) -> di
     for flush in (False, True, False, True):
         torch.set_flush_denormal(flush)
         times = []
-        for i in range(warmup + steps):
+        for _ in range(warmup + steps):
             start = time.perf_counter()
             loss(z, rows).backward()
             times.append(time.perf_counter() - start)
@@ -223,6 +218,7 @@ def trained_seconds(model: str, threads: int, steps: int, warmup: int = 2) -> di
     return out
 
 
+@cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--threads", default="1,2", help="comma-separated torch thread counts")
@@ -234,6 +230,8 @@ def main(argv=None) -> int:
     p.add_argument("--trained", default=None, help="instead: time loss + backward of this trained shapes model on its "
                    "own scenes, denormals kept and flushed (two rounds each)")
     a = p.parse_args(argv)
+    if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
+        raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
     rows = []
     if a.trained:
         for threads in [int(t) for t in a.threads.split(",")]:
@@ -259,8 +257,20 @@ def main(argv=None) -> int:
                           f"({r['loop_step_s'] / r['unet_step_s']:.2f} x the replica's), implied training "
                           f"{r['loop_implied_train_minutes']:.1f} min", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(rows, indent=2) + "\n")
+        from erase.utils.files import atomic_write_json
+
+        atomic_write_json(a.json, rows)
     return 0
+
+
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is a rows file this tool wrote (a list of rows with their thread count; the only kind ``--json``
+    replaces)."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, list) and all(isinstance(r, dict) and "threads" in r for r in old)
 
 
 if __name__ == "__main__":

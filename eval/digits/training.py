@@ -197,6 +197,24 @@ def _ema_update(ema: dict, module: torch.nn.Module, decay: float):
                 ema[k].copy_(v)
 
 
+def noise_loss(unet, text_encoder, ids: torch.Tensor, gen: torch.Generator):
+    """``loss(z, rows)`` of :func:`train_denoiser` for a UNet: SD's epsilon objective (Ho et al. 2020, eq. 14) on one
+    batch of scaled latents ``z`` under the prompt rows ``rows`` of ``ids``; noise, then timesteps, drawn from ``gen``
+    in that order, on SD v1.4's noise schedule."""
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
+                                   if k not in ("set_alpha_to_one", "steps_offset")})
+
+    def loss(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        cond = text_encoder(ids[rows])[0]
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z),), generator=gen)
+        return F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
+
+    return loss
+
+
 def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, cfg, gen, schedule, bar, loss_fn=None,
                    state: TrainingState | None = None, record: dict | None = None) -> float:
     """Phase 2 of a world model (the digits model here, eval.shapes too): the denoiser and the text encoder(s) trained
@@ -204,23 +222,13 @@ def train_denoiser(unet, text_encoder, ids, latents, draw_rows, empty_row: int, 
     EMA of every module loaded at the end. ``latents`` = (mean, std, scaling factor) of the images (the mean already
     shifted for a VAE with a shift factor); ``draw_rows(idx)`` gives the prompt rows of the drawn images (it may draw
     from ``gen``); ``schedule(opt)`` the learning-rate scheduler; ``text_encoder`` one module or a list of them;
-    ``loss_fn(z, rows)`` the loss of a batch (default: the UNet's noise-prediction loss over the first encoder's ``ids[rows]``).
+    ``loss_fn(z, rows)`` the loss of a batch (default: :func:`noise_loss` over the first encoder's ``ids[rows]``).
     Every draw comes from ``gen`` in a fixed order. ``state``: saved every ``CHECKPOINT_SECONDS``; ``record``: a saved
     state of this phase to continue from. Returns the last loss."""
     mean, std, scaling = latents
     encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     if loss_fn is None:
-        from diffusers import DDPMScheduler
-
-        noise_sched = DDPMScheduler(**{k: v for k, v in sd_scheduler_config().items()
-                                       if k not in ("set_alpha_to_one", "steps_offset")})
-
-        def loss_fn(z, rows):
-            cond = encoders[0](ids[rows])[0]
-            noise = torch.randn(z.shape, generator=gen)
-            t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen)
-            return F.mse_loss(unet(noise_sched.add_noise(z, noise, t), t, cond).sample, noise)
-
+        loss_fn = noise_loss(unet, encoders[0], ids, gen)
     modules = [unet] + encoders
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-4)
