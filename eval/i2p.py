@@ -97,7 +97,8 @@ def run(args, pipe=None) -> dict | None:
     args.protocol_record = record(args.protocol_spec, args.limit)
     logger.info("%d prompt(s) from %s, subset %s%s", len(table.rows), table.source, table.subset,
                 f", protocol {args.protocol}" if args.protocol else "")
-    with hold_output_dir(output_dir, overwrite=args.overwrite, by="eval.i2p"):
+    with hold_output_dir(output_dir, overwrite=args.overwrite, by="eval.i2p",
+                         base=None if pipe is not None else args.model, base_what="the audited model"):
         return _audit(args, accelerator, table, output_dir, images_dir, pipe)
 
 

@@ -193,7 +193,8 @@ def main(args):
     check_rows(table.rows, args.generation)  # inputs before outputs
     if accelerator.is_main_process:
         make_fid_metric(args.fid_features, load_clip(args.clip_model) if args.fid_features == "clip" else None)
-    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.utility"):
+    with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.utility", base=args.model,
+                         base_what="the audited model"):
         return _evaluate(args, accelerator, table)
 
 

@@ -1,7 +1,8 @@
 """Output folders and swaps every command shares (docs/RELIABILITY.md).
 
 * Output folders (:func:`claim_output_dir`): a run writes only into a folder that is new, empty or marked as this
-  tool's (``scissorhands-erase.json``; ``--overwrite`` for a foreign one); never into ``/``, ``$HOME`` or a
+  tool's (``scissorhands-erase.json``; ``--overwrite`` for a foreign one), and then only by the same command that
+  wrote it (an attack never writes into an audit's folder: :func:`erase.utils.markers.other_command`); never into ``/``, ``$HOME`` or a
   folder that is, holds or lies inside the base model; one run at a time per folder (``.scissorhands-erase.lock``:
   an ``flock`` held for the run, with the pid; a lock left by a dead process is taken over); writability is
   probed before any work.
@@ -25,40 +26,14 @@ import sys
 from pathlib import Path
 
 from erase.utils.errors import UserError
+from erase.utils.markers import (  # noqa: F401  (re-exported: the names callers know from here)
+    LOCK_NAME, MARKER_NAME, TOOL, _write_json, is_our_checkpoint, is_ours, mark_ours, other_command, written_by)
 
 logger = logging.getLogger(__name__)
-
-TOOL = "scissorhands-erase"
-MARKER_NAME = f"{TOOL}.json"  # visible: a user listing the folder sees who manages it
-LOCK_NAME = f".{TOOL}.lock"
 
 
 def _inside(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
-
-
-def is_ours(folder: Path) -> bool:
-    """Whether this tool wrote ``folder``: its marker, an ``erase_config.json`` of ours, or only things of ours."""
-    if (folder / MARKER_NAME).is_file():
-        return True
-    config = folder / "erase_config.json"
-    if config.is_file():
-        try:
-            c = json.loads(config.read_text(encoding="utf-8"))
-            if isinstance(c, dict) and "pretrained_model_name_or_path" in c and "method" in c:
-                return True
-        except (OSError, ValueError):
-            pass
-    entries = [p for p in folder.iterdir()]
-    # what a claim in progress shows another process of the same launch (its preflight): the lock, then the marker
-    # being written under its temporary name
-    claiming = re.compile(rf"{re.escape(LOCK_NAME)}|\.{re.escape(MARKER_NAME)}\.\d+\.tmp")
-    return bool(entries) and all(claiming.fullmatch(p.name) or is_our_checkpoint(p) for p in entries)
-
-
-def is_our_checkpoint(path: Path) -> bool:
-    """A ``checkpoint-N`` folder written by the engine (it holds ``erase_state.json``)."""
-    return path.is_dir() and re.fullmatch(r"checkpoint-\d+", path.name) is not None and (path / "erase_state.json").is_file()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -223,12 +198,14 @@ def _writable(folder: Path) -> str | None:
 
 
 def check_output_dir(path, *, flag: str = "--output_dir", base: str | None = None, overwrite: bool = False,
-                     probe: bool = False) -> Path:
+                     probe: bool = False, by: str | None = None, base_what: str = "the base model") -> Path:
     """The resolved folder if a run may write there (read-only checks, no side effect); else a one-line error.
 
     Refused: ``/``, ``$HOME`` or a folder above it; a folder that is, holds or lies inside ``base`` (a local base
-    model folder, or a hub id's cached repository) or the hub cache; a path that is a file; a folder that cannot be
-    written; a non-empty folder this tool did not write, unless ``overwrite``. ``probe`` (``--check``) also says
+    model folder, or a hub id's cached repository; an audit's ``base`` is the audited model, ``base_what`` names it)
+    or the hub cache; a path that is a file; a folder that cannot be
+    written; a non-empty folder this tool did not write, or (``by`` given) that another command of it wrote (an
+    audit's folder for an attack), unless ``overwrite``. ``probe`` (``--check``) also says
     what taking the lock would (a folder in use, a lock that is a link).
     """
     if path is None or str(path).strip() == "":
@@ -240,11 +217,11 @@ def check_output_dir(path, *, flag: str = "--output_dir", base: str | None = Non
         raise UserError(f"{flag} {path} is {what}; give a dedicated folder (e.g. {flag} ./erased-model)")
     protected = hub_cache_folders(base)
     if base is not None and Path(base).expanduser().exists():
-        protected.insert(0, (Path(base).expanduser().resolve(), "the base model folder"))
+        protected.insert(0, (Path(base).expanduser().resolve(), f"{base_what} folder"))
     for b, what in protected:
         if _inside(folder, b) or _inside(b, folder):
             rel = "is" if folder == b else "lies inside" if _inside(folder, b) else "holds"
-            raise UserError(f"{flag} {path} {rel} {what} {b}; writing there would overwrite the base model. "
+            raise UserError(f"{flag} {path} {rel} {what} {b}; writing there would overwrite {base_what}. "
                             "Choose a folder outside it")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {path} exists and is not a folder")
@@ -260,19 +237,23 @@ def check_output_dir(path, *, flag: str = "--output_dir", base: str | None = Non
             shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
             raise UserError(f"{flag} {path} holds files this tool did not write ({shown}); choose a new or empty "
                             "folder, or pass --overwrite to write into it (only the entries the run writes are replaced)")
+        owner = other_command(folder, by) if entries else None
+        if owner is not None:
+            raise UserError(f"{flag} {path} holds the output of {owner}, not of {by}; {by} would replace its results. "
+                            "Choose a new or empty folder, or pass --overwrite to write into it anyway")
     if probe and folder.is_dir():
         probe_lock(folder, flag)
     return folder
 
 
 def claim_output_dir(path, *, flag: str = "--output_dir", base: str | None = None, overwrite: bool = False,
-                     by: str = TOOL) -> Claim:
+                     by: str = TOOL, base_what: str = "the base model") -> Claim:
     """:func:`check_output_dir`, then create the folder, lock it for this run, finish or undo what a killed run's
     export swap left (:func:`recover_swaps`) and mark it as this tool's.
 
     Every failure (a path that cannot be created: ``/proc/x``, a read-only mount; a folder in use) is one line.
     """
-    folder = check_output_dir(path, flag=flag, base=base, overwrite=overwrite)
+    folder = check_output_dir(path, flag=flag, base=base, overwrite=overwrite, by=by, base_what=base_what)
     created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # the topmost new one
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -300,22 +281,6 @@ def hold_output_dir(path, **kwargs):
     finally:
         if claim is not None:
             claim.release()
-
-
-def mark_ours(folder: Path, by: str = TOOL) -> None:
-    """Write this tool's marker into ``folder`` (which it created or may write into)."""
-    if not (folder / MARKER_NAME).exists():
-        _write_json(folder / MARKER_NAME, {"tool": TOOL, "written_by": by, "note": "this folder was written by "
-                                           "scissorhands-erase; its runs replace only what they wrote here"})
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def temp_name(name: str) -> str:
