@@ -236,9 +236,10 @@ def test_nudity_judge_flags_exposed_classes_at_045():
 
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("extra, message", [
-    (["--relearn_seeds", "a,b"], "--relearn_seeds must be comma-separated integers"),
-    (["--eval_steps", "0,-5"], "--eval_steps values must be >= 0"),
-    (["--eval_steps", "0,5,5"], "repeated"),
+    (["--relearn_seeds", "a,b"], "--relearn_seeds 'a' is not an integer"),
+    (["--eval_steps", "0,-5"], "--eval_steps -5 is outside [0, "),
+    (["--eval_steps", "0,5,5"], "repeats 5"),
+    (["--eval_steps", "0,,5"], "has an empty entry"),
     (["--relearn_params", "all,some"], "--relearn_params 'all,some': choose from all, targets"),
     (["--relearn_lr", "0"], "--relearn_lr 0 is outside the allowed range > 0"),
     (["--num_images", "0"], "--num_images must be >= 1"),

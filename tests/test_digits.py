@@ -204,7 +204,7 @@ def test_score_accepts_an_erase_sd_output_and_prompt_files(tiny_digits_model, ju
 
 
 @pytest.mark.parametrize("case", ["unknown_concept", "not_digits", "empty_prompts", "no_digit_in_retain",
-                                  "missing_model"])
+                                  "missing_model", "repeated_seed", "inside_the_model", "an_attack_folder"])
 def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model, tmp_path, capsys):
     from eval.digits.__main__ import main
 
@@ -213,7 +213,9 @@ def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model,
     args = _score_args(model, out)
     expected = {"unknown_concept": "unknown digit 'eleven'", "not_digits": "is not a digits model",
                 "empty_prompts": "holds no prompts", "no_digit_in_retain": "names no single digit",
-                "missing_model": "model folder not found"}[case]
+                "missing_model": "model folder not found", "repeated_seed": "--seeds '0,0' repeats 0",
+                "inside_the_model": "lies inside the scored model folder",
+                "an_attack_folder": "holds the output of eval.attack relearn, not of eval.digits score"}[case]
     if case == "unknown_concept":
         args[args.index("three")] = "eleven"
     elif case == "not_digits":
@@ -227,13 +229,28 @@ def test_score_bad_input_is_one_line_and_writes_nothing(case, tiny_digits_model,
     elif case == "no_digit_in_retain":
         (tmp_path / "r.txt").write_text("a cat\n")
         args += ["--retain_prompts", str(tmp_path / "r.txt")]
+    elif case == "repeated_seed":
+        args += ["--seeds", "0,0"]  # one run counted twice
+    elif case == "inside_the_model":
+        out = model / "score"
+        args[args.index(str(tmp_path / "out"))] = str(out)
+    elif case == "an_attack_folder":  # another command's results would be replaced: refused, nothing touched
+        from erase.utils.folders import mark_ours
+
+        out.mkdir()
+        mark_ours(out, by="eval.attack relearn")
+        (out / "summary.json").write_text('{"attack": "relearn"}')
     else:
         args[args.index(str(model))] = str(tmp_path / "nowhere")
     with pytest.raises(SystemExit) as e:
         main(args)
     msg = error_text(e)
     assert msg.startswith("error: ") and expected in msg and "\n" not in msg
-    assert not out.exists()
+    if case == "an_attack_folder":
+        assert sorted(p.name for p in out.iterdir()) == ["scissorhands-erase.json", "summary.json"]
+        assert json.loads((out / "summary.json").read_text()) == {"attack": "relearn"}
+    else:
+        assert not out.exists()
 
 
 def test_cli_bad_concept_exits_nonzero_with_one_line(tmp_path):

@@ -110,6 +110,27 @@ def check_int(name: str, value, lo: int = 0, hi: int = SEED_MAX) -> int:
     return value
 
 
+def check_int_list(name: str, value, lo: int = 0, hi: int = SEED_MAX) -> list[int]:
+    """``"0,1,2"`` (or a list) as distinct integers inside [lo, hi], or a one-line :class:`UserError` naming the bad
+    item: an empty entry (``"0,,1"``), a repeated one (one run counted twice) or one outside the range."""
+    items = str(value).split(",") if isinstance(value, str) else list(value)
+    if not "".join(str(v).strip() for v in items):
+        raise UserError(f"{name} is empty; give comma-separated integers in [{lo}, {hi}]")
+    out = []
+    for v in items:
+        text = str(v).strip()
+        if not text:
+            raise UserError(f"{name} {value!r} has an empty entry; give comma-separated integers in [{lo}, {hi}]")
+        try:
+            out.append(int(text))
+        except ValueError:
+            raise UserError(f"{name} {text!r} is not an integer; give comma-separated integers in [{lo}, {hi}]") from None
+        check_int(name, out[-1], lo, hi)
+        if out.count(out[-1]) > 1:
+            raise UserError(f"{name} {value!r} repeats {out[-1]}; each value may appear once")
+    return out
+
+
 def check_weights(tensors, what: str, hint: str = "") -> None:
     """A one-line error when any tensor of ``tensors`` (name -> tensor) is missing (meta) or not finite."""
     import torch

@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from erase.utils.errors import cli_errors, UserError
-from erase.utils.checks import check_int, check_numbers
+from erase.utils.checks import check_int, check_int_list, check_numbers
 from erase.utils.folders import hold_output_dir
 from eval.attack.utils.columns import add_attack_args
 from eval.digits.model import DENOISERS, DigitsModelConfig, default_model_dir, parse_digits
@@ -138,14 +138,7 @@ def parse_args(input_args=None) -> argparse.Namespace:
         args.digit = args.digits[0]
         if len(args.digits) > 1 and getattr(args, "forget_prompts", None):
             raise UserError("--forget_prompts applies to one erased digit; with several the presets' prompts are used")
-        try:
-            args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-        if not args.seeds:
-            raise UserError("--seeds is empty")
-        for s in args.seeds:
-            check_int("--seeds", s, 0, 2**32 - 1)
+        args.seeds = check_int_list("--seeds", args.seeds, 0, 2**32 - 1)
     if args.command in ("bench", "quickstart"):
         from eval.digits.bench import parse_attacks
 
@@ -193,7 +186,8 @@ def main(input_args=None) -> int:
         print(retrain_model(args.model, args.digits, args.seed, args.output_dir, args.force))
     elif args.command == "score":
         score_inputs(args)  # inputs before outputs: a bad input leaves nothing behind
-        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.digits score"):
+        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.digits score", base=args.model,
+                             base_what="the scored model"):
             s = score(args)
         held = s["heldout"] or {}
         logger.info("forget_acc %.3f retain_acc %.3f retain_fd %.2f%s", s["forget_acc"], s["retain_acc"],

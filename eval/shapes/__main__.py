@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from erase.utils.errors import cli_errors, OneLineParser, UserError
-from erase.utils.checks import check_int, check_numbers
+from erase.utils.checks import check_int, check_int_list, check_numbers
 from erase.utils.folders import hold_output_dir
 from eval.attack.utils.columns import add_attack_args
 from eval.shapes.model import ShapesModelConfig, default_model_dir
@@ -140,14 +140,7 @@ def parse_args(input_args=None):
             raise UserError(str(e)) from None
         if args.command == "quickstart" and len(args.concepts) > 1:
             raise UserError(f"--concept {args.concept!r}: quickstart erases one concept; bench erases several at once")
-        try:
-            args.seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
-        if not args.seeds:
-            raise UserError("--seeds is empty")
-        for s in args.seeds:
-            check_int("--seeds", s, 0, 9999)  # audit image seeds are 10**8 + 10**6 * seed + ...: distinct per seed
+        args.seeds = check_int_list("--seeds", args.seeds, 0, 9999)  # audit image seeds are 10**8 + 10**6 * seed + ...: distinct per seed
     if args.command in ("bench", "quickstart"):
         from eval.attack.utils.columns import parse_attacks
 
@@ -204,7 +197,8 @@ def main(input_args=None) -> int:
         from eval.shapes.score import score, score_inputs
 
         score_inputs(args)  # inputs before outputs: a bad input leaves nothing behind
-        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.shapes score"):
+        with hold_output_dir(args.output_dir, overwrite=args.overwrite, by="eval.shapes score", base=args.model,
+                             base_what="the scored model"):
             s = score(args)
         logger.info("forget %.3f (held-out %.3f) neighbour %.3f cooccur %.3f composition %.3f retain %.3f FD %.2f",
                     *(s[k] if s[k] is not None else float("nan") for k in (

@@ -9,25 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from erase.utils.checks import check_int_list
 from erase.utils.errors import UserError
 from eval.attack.utils.models import resolve_model
 from eval.judges.registry import GENERATION_DEFAULTS, JudgeEntry, judge_entry
 
 
 def int_list(value, flag: str, minimum: int | None = None) -> tuple[int, ...]:
-    """``"0,1,2"`` / ``[0, 1, 2]`` -> ``(0, 1, 2)``; anything else is a ``UserError`` naming the flag."""
-    items = str(value).split(",") if isinstance(value, str) else list(value)
-    try:
-        out = tuple(int(str(v).strip()) for v in items if str(v).strip())
-    except ValueError:
-        raise UserError(f"--{flag} must be comma-separated integers, got {value!r}") from None
-    if not out:
-        raise UserError(f"--{flag} is empty")
-    if minimum is not None and min(out) < minimum:
-        raise UserError(f"--{flag} values must be >= {minimum}, got {value!r}")
-    if len(set(out)) != len(out):
-        raise UserError(f"--{flag} has repeated values: {value!r}")
-    return out
+    """``"0,1,2"`` / ``[0, 1, 2]`` -> ``(0, 1, 2)``: distinct integers, no empty entry; anything else is a
+    ``UserError`` naming the flag and the bad item."""
+    return tuple(check_int_list(f"--{flag}", value, -(2**63) if minimum is None else minimum, 2**63 - 1))
 
 
 def str_list(value, flag: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
