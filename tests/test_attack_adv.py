@@ -346,6 +346,25 @@ def test_inversion_learns_an_embedding(inverted, erased, tmp_path):
     assert not (tmp_path / "p").exists()
 
 
+def test_a_word_of_the_vocabulary_is_refused_as_the_new_token(tiny):
+    """An added token is matched before the word pieces: 'three' as --token would take the word over in every prompt
+    (CLIP stores it as 'three</w>'); refused, in any case, with the tokenizer and the text encoder left as they were."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from eval.attack.inversion import add_token
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny, subfolder="tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny, subfolder="text_encoder")
+    word = next(w[:-4] for w in sorted(tokenizer.get_vocab()) if w.endswith("</w>") and len(w) > 6 and w[:-4].isalpha())
+    rows, size = encoder.get_input_embeddings().weight.shape[0], len(tokenizer)
+    for token in (word, word.upper()):
+        with pytest.raises(UserError, match=f"--token '{token}' is already in the vocabulary \\('{word}</w>'\\)"):
+            add_token(tokenizer, encoder, token, "a")
+    assert len(tokenizer) == size and encoder.get_input_embeddings().weight.shape[0] == rows
+    new_id, _ = add_token(tokenizer, encoder, f"<{word}>", "a")
+    assert new_id == size
+
+
 def test_the_cce_budget_pins_the_papers_script(stub_judge, erased, tmp_path):
     from eval.attack.__main__ import parse_args
 

@@ -116,8 +116,13 @@ def add_token(tokenizer, text_encoder, token: str, init_word: str | None = None,
     init = tokenizer(init_word, add_special_tokens=False).input_ids if init_word is not None else None
     if init is not None and len(init) != 1:
         raise UserError(f"--init_word {init_word!r} is {len(init)} tokens for this tokenizer; pick a one-token word")
-    if token in tokenizer.get_vocab():
-        raise UserError(f"--token {token!r} is already in the vocabulary; pick a new string")
+    vocab = tokenizer.get_vocab()
+    # a whole word of the vocabulary (CLIP's ``word</w>``, T5's ``▁word``; CLIP lower-cases) is refused too: an added
+    # token is matched before the word pieces, so it would take the word over in every prompt, controls included
+    known = [v for w in dict.fromkeys((token, token.lower())) for v in (w, f"{w}</w>", f"\u2581{w}") if v in vocab]
+    if known:
+        raise UserError(f"--token {token!r} is already in the vocabulary ({known[0]!r}); adding it would change every "
+                        "prompt that uses it: pick a new string, e.g. '<concept>'")
     tokenizer.add_tokens([token])
     new_id = tokenizer.convert_tokens_to_ids(token)
     if new_id >= text_encoder.get_input_embeddings().weight.shape[0]:  # T5's table has spare rows: no shrinking
