@@ -21,7 +21,7 @@ from erase.core import available_methods  # noqa: E402
 from erase.core.options import add_method_options  # noqa: E402
 from erase.diffusion.config import EraseConfig, add_config_arguments  # noqa: E402
 from erase.diffusion.families import FAMILIES  # noqa: E402
-from erase.diffusion.validate import DEFAULT_FORGET_BOUND, SD_DEFAULTS  # noqa: E402
+from erase.diffusion.validate import DEFAULT_FORGET_BOUND, SD_DEFAULTS, is_local  # noqa: E402
 from erase.utils.errors import OneLineParser, UserError, cli_errors  # noqa: E402
 from prompts import list_concepts, load_concept  # noqa: E402
 
@@ -93,6 +93,10 @@ def main(config: EraseConfig):
         return print_targets(config)
     if cli.check:
         user_images = preflight(config, probe=True)
+        if is_local(config.model.pretrained_model_name_or_path):  # what --targets / --exclude select, from the config
+            from erase.diffusion.load import list_targets
+
+            list_targets(config)
         print(f"ok: {config.method} on {config.concept_set.name!r} would write to {Path(config.output.output_dir).resolve()}"
               + "".join(f"; {k} images: {len(v.files)}" for k, v in user_images.items()))
         return None

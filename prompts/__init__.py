@@ -64,6 +64,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """One prompt per line of UTF-8 text (blank lines and ``#`` comments skipped); an empty or non-UTF-8 file
     raises ``ValueError``. Prompts longer than the text encoder's window (77 tokens for SD) are cut by its tokenizer."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"prompt file {str(path)!r} is a folder; give a text file with one prompt per line")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
     data = path.read_bytes()

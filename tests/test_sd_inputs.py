@@ -31,14 +31,19 @@ def test_unknown_concept_lists_presets(tiny, capsys):
         assert name in line
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_diffusers"])
+@pytest.mark.parametrize("kind", ["missing", "not_diffusers", "a_file", "empty"])
 def test_bad_model_path(tmp_path, capsys, kind):
     path = tmp_path / "nothing-here"
     if kind == "not_diffusers":
         path.mkdir()
         (path / "weights.bin").write_bytes(b"x")
-    line = fails(["--pretrained_model_name_or_path", path, "--concept", "nudity", "--output_dir", tmp_path / "out"], capsys)
-    assert str(path) in line and ("does not exist" if kind == "missing" else "not a diffusers") in line
+    elif kind == "a_file":
+        path.write_bytes(b"x")
+    line = fails(["--pretrained_model_name_or_path", "" if kind == "empty" else path, "--concept", "nudity",
+                  "--output_dir", tmp_path / "out"], capsys)
+    expected = {"missing": "does not exist", "not_diffusers": "not a diffusers", "a_file": "is a file, not a folder",
+                "empty": "--pretrained_model_name_or_path is empty"}[kind]
+    assert (kind == "empty" or str(path) in line) and expected in line, line
     assert not (tmp_path / "out").exists()
 
 
@@ -70,6 +75,21 @@ def test_other_cross_flag_checks(tiny, tmp_path, capsys):
     assert "--resume_from_checkpoint" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                 "--resume_from_checkpoint", tmp_path / "nope"], capsys)
     assert "--concept is required" in fails(["--pretrained_model_name_or_path", tiny], capsys)
+    assert "--anchor_prompt is empty" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+                                                "--anchor_prompt", "  "], capsys)
+    assert f"prompt file {str(tmp_path)!r} is a folder" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "cube",
+                                                               "--forget_prompts", tmp_path], capsys)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    assert "are the same images" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--forget_images",
+                                           tmp_path / "imgs", "--retain_images", tmp_path / "imgs" / "sub"], capsys)
+
+
+def test_check_names_targets_that_select_nothing(tiny, tmp_path, capsys):
+    """--check reads the denoiser's config (no weights) and refuses a --targets / --exclude that selects no weight."""
+    base = ["--pretrained_model_name_or_path", tiny, "--concept", "nudity", "--output_dir", tmp_path / "o", "--check"]
+    assert "'zzz' (exclude None) match no parameter" in fails(base + ["--targets", "zzz"], capsys)
+    assert "(exclude '.*') match no parameter" in fails(base + ["--exclude", ".*"], capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def test_several_concepts_checks(tiny, capsys):

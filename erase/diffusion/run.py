@@ -66,7 +66,7 @@ def preflight(config: EraseConfig, probe: bool = False) -> dict:
     and an explicit checkpoint; ``probe`` (``--check``) also what taking the folder's lock would say. Returns the user
     image sets."""
     base, out = config.model.pretrained_model_name_or_path, config.output  # a local folder or a hub id (its cache)
-    folder = check_output_dir(out.output_dir, base=base, overwrite=out.overwrite, probe=probe)
+    folder = check_output_dir(out.output_dir, base=base, overwrite=out.overwrite, probe=probe, by="erase/sd.py")
     d = config.data
     if d.data_dir and not Path(d.data_dir).expanduser().resolve().is_relative_to(folder):
         check_output_dir(d.data_dir, flag="--data_dir", base=base, overwrite=out.overwrite)

@@ -158,6 +158,9 @@ def _concepts(config) -> ConceptSet:
         if c.forget_prompts and not from_prompt_file:
             concepts[0].forget_prompts = read_prompt_file(c.forget_prompts)
         if c.anchor_prompt is not None:
+            if not c.anchor_prompt.strip():
+                raise UserError("--anchor_prompt is empty; give the prompt the concept is steered to (e.g. 'a photo "
+                                "of a person'), or leave the flag out for the concept's own anchor")
             for k in concepts:
                 k.anchor_prompt = c.anchor_prompt.strip()
         retain = read_prompt_file(c.retain_prompts) if c.retain_prompts else None
@@ -183,9 +186,15 @@ def _family(config):
     from erase.diffusion.families import detect
 
     m = config.model
+    if not str(m.pretrained_model_name_or_path).strip():
+        raise UserError("--pretrained_model_name_or_path is empty (give a diffusers Stable Diffusion folder or a hub id)")
     if not is_local(m.pretrained_model_name_or_path):
         return None
     path = Path(m.pretrained_model_name_or_path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--pretrained_model_name_or_path {str(path)!r} is a file, not a folder (give a diffusers Stable "
+                        "Diffusion folder or a hub id; load a single-file checkpoint with diffusers' from_single_file and "
+                        "save_pretrained it first)")
     if not path.exists():
         raise UserError(f"--pretrained_model_name_or_path {str(path)!r} does not exist (give a diffusers Stable Diffusion folder or a hub id)")
     try:  # the family from the folder's configs: a Flux / SD3 folder, or a forced family the UNet contradicts, is one line
@@ -288,6 +297,11 @@ def _data(config) -> None:
         folder = getattr(d, flag)
         if folder and not Path(folder).is_dir():
             raise UserError(f"--{flag} {folder!r} is not a folder")
+    if d.forget_images and d.retain_images:
+        f, r = (Path(x).expanduser().resolve() for x in (d.forget_images, d.retain_images))
+        if f == r or f in r.parents or r in f.parents:
+            raise UserError(f"--forget_images {d.forget_images!r} and --retain_images {d.retain_images!r} are the same "
+                            "images (one folder holds the other); give two separate folders")
     if not d.forget_images and d.num_forget_images < 1:
         raise UserError(f"--num_forget_images must be >= 1 (or give --forget_images DIR), got {d.num_forget_images}")
     if (not d.retain_images and d.num_retain_images < 1 and get_method_class(config.method, "diffusion").uses_retain
