@@ -216,6 +216,20 @@ def test_read_only_output_folder_fails_up_front(tmp_path):
         ro.chmod(0o755)
 
 
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    from erase.utils.errors import cli_errors
+
+    @cli_errors
+    def main():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as err:
+        main()
+    assert err.value.code == 130
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ")
+
+
 def test_a_command_writes_only_into_its_own_folders(tmp_path):
     """One command never replaces another's results: an audit folder is refused to an attack (and the other way
     round) unless --overwrite; the same command reruns; erase.export adds formats to an erase/sd.py export."""

@@ -24,7 +24,8 @@ class OneLineParser(argparse.ArgumentParser):
 def cli_errors(main):
     """Decorate a command line's ``main``: a :class:`UserError` (or another ``ValueError`` subclass listed by the
     library as a user-facing error, see ``USER_ERRORS``) becomes ``SystemExit("error: ...")``, one line, status 1;
-    so does a full disk or quota (:func:`disk_full_message`), wherever the write that hit it was."""
+    so does a full disk or quota (:func:`disk_full_message`), wherever the write that hit it was. Ctrl-C is one line
+    too, status 130 (every output is written whole under a temporary name, so nothing half-written is left)."""
     import functools
 
     @functools.wraps(main)
@@ -39,6 +40,12 @@ def cli_errors(main):
             if message is None:
                 raise
             raise SystemExit(f"error: {message}") from None
+        except KeyboardInterrupt:
+            import sys
+
+            print("interrupted: what was finished is kept, written whole; rerun the same command to reuse it",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper
 
