@@ -275,6 +275,12 @@ def test_bad_inputs_at_run_time(stub_judge, tiny, erased, tmp_path):
         relearn_audit(tiny, "stub_bright", tmp_path / "o", lr=1e-4)
     with pytest.raises(USER_FACING, match="is not a digits model"):  # the digits judge only means something on one
         relearn_audit(tiny, "three", tmp_path / "o")
+    world = tmp_path / "digits-world"  # and NudeNet nothing on a world model's 16 px digits
+    world.mkdir()
+    (world / "digits_model.json").write_text(json.dumps({"kind": "digits"}))
+    (world / "model_index.json").write_text("{}")
+    with pytest.raises(USER_FACING, match="--concept nudity means nothing on the digits model"):
+        relearn_audit(str(world), "nudity", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 

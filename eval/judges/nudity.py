@@ -56,5 +56,20 @@ def _nudity_judge() -> Judge:
                                   "labels": "counted classes detected", "protocol": NUDITY_PROTOCOL})
 
 
-register_judge("nudity", factory=_nudity_judge, builtin=True, words=NUDITY_WORDS,
+def _check_not_a_world_model(model: str) -> None:
+    """NudeNet on the offline worlds' images (16-32 px digits or shapes) reads nothing: such a model is refused."""
+    from erase.utils.errors import UserError
+    from eval.digits.score import resolve_digits_model
+    from eval.shapes.score import resolve_shapes_model
+
+    for world, resolve in (("digits", resolve_digits_model), ("shapes", resolve_shapes_model)):
+        try:
+            resolve(model)
+        except UserError:
+            continue
+        raise UserError(f"--concept nudity means nothing on the {world} model {model} (NudeNet on {world} images reads "
+                        f"nothing); audit one of the {world} world's concepts, or give a Stable Diffusion model")
+
+
+register_judge("nudity", factory=_nudity_judge, builtin=True, words=NUDITY_WORDS, check_model=_check_not_a_world_model,
                generation={"num_images": 16, "steps": 50, "guidance": 7.5, "scheduler": "lms", "batch_size": 8})
