@@ -135,7 +135,7 @@ def test_frechet_distance_is_zero_for_identical_sets_and_grows_with_shift():
 
 
 # ----------------------------------------------------------------------------------------------- score
-def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
+def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path, monkeypatch):
     from eval.digits.__main__ import main
 
     model, _ = tiny_digits_model
@@ -163,6 +163,15 @@ def test_score_writes_a_consistent_summary(tiny_digits_model, judge, tmp_path):
     assert len(preds) == 80
     main_preds = [p for p in preds if p["audit"] == "main"]
     assert np.mean([p["predicted"] == 3 for p in main_preds if p["digit"] == 3]) == pytest.approx(s["forget_acc"])
+    import eval.digits.score as score_module  # a rerun with other settings, killed before it writes its summary,
+
+    def killed(*_, **__):  # leaves no summary of the earlier settings beside its own predictions
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score_module, "atomic_write_json", killed)
+    with pytest.raises(SystemExit):
+        main(_score_args(model, out, "--seeds", "2"))
+    assert not (out / "summary.json").exists()
     assert {p["seed"] for p in main_preds if p["digit"] == 3} == {10**8 + k for k in (0, 1, 1000, 1001)}  # held-out noise
     assert all((out / "images" / p["audit"] / p["file"]).is_file() for p in preds)
 

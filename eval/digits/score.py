@@ -187,6 +187,7 @@ def score(args) -> dict:
     real_retain = real_feats[np.isin(real_y.numpy(), retain_digits)]
 
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # an earlier run's, until this one writes its own: a killed run leaves none
     digits = list(forget)
     audits = {"main": ({**forget, **retain})}
     if source == "preset" and not args.no_heldout:

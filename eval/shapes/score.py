@@ -175,6 +175,7 @@ def score(args, judges=None) -> dict:
     items = audit_items(concepts, args.num_images)
     rows = rows_for(items, args.seeds)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # an earlier run's, until this one writes its own: a killed run leaves none
     records = generate(rows, out / "images", gen_cfg, pipe=pipe)
     images = np.stack([np.asarray(Image.open(out / "images" / r["file"]).convert("RGB")) for r in records])
     readings = judges.read(images)

@@ -87,6 +87,8 @@ def hold_attack_folder(cfg, attack: str):
             raise UserError(f"--output_dir {cfg.output_dir} {'is' if folder == model else 'lies inside' if model in folder.parents else 'holds'} "
                             f"the attacked model's folder {model}; choose a folder outside it")
     with hold_output_dir(cfg.output_dir, base=info.base, overwrite=cfg.overwrite, by=f"eval.attack {attack}") as claim:
+        if claim is not None:  # an earlier run's summary goes until this one writes its own: a killed run leaves none
+            (claim.path / "summary.json").unlink(missing_ok=True)
         yield claim
 
 
