@@ -20,6 +20,7 @@ import datetime
 import io
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -33,12 +34,13 @@ import torch
 from erase.core import available_methods, get_method_class
 from erase.core.options import add_method_options, option_names
 from erase.core.topk import TopKError
-from erase.utils.checks import check_numbers, OPTION_RANGES, Range, SEED_MAX
+from erase.utils.checks import check_numbers, FLOAT32_MAX, SEED_MAX
 from erase.utils.folders import claim_output_dir
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 from erase.utils.launch import setup_logging
 
+from .adapter import ClassifierAdapter
 from .data import DATASETS, DataError, forget_indices, load_data, num_classes_of, parse_forget
 from .hparams import load_hparams, tuned_path
 from .metrics import METRICS, MIA_SVC, summary
@@ -79,7 +81,7 @@ def parse_seeds(text: str) -> list[int]:
 
 @cli_errors
 def parse_args(input_args=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m classify.run", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help=f"One of {', '.join(DATASETS)} (digits is offline).")
     p.add_argument("--forget", default="random:0.1", help="random:F (a random fraction F of D_train) or class:K (every example of class K).")
     p.add_argument("--methods", default="retrain,ft,ga,salun,l1sparse,scissorhands", help="Comma-separated unlearning methods.")
@@ -98,7 +100,8 @@ def parse_args(input_args=None) -> argparse.Namespace:
                 "(e.g. --alpha for salun and l1sparse); one that no chosen method has is an error.")
     add_method_options(p, "classify", exclude=CLASSIFY_OWN)
     args = p.parse_args(input_args)
-    check_numbers(args, {k: Range() for k in OPTION_RANGES})  # finite first; the ranges below
+    # Non-finite / huge values first, with their real range (the method configs below word the in-range check).
+    check_numbers({k: v for k, v in vars(args).items() if isinstance(v, float) and not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)})
     try:
         method_overrides(args)  # an option of no chosen method, or a value its config refuses: before any work
         if args.trim_only is not None:
@@ -120,11 +123,65 @@ def method_overrides(args) -> dict[str, dict]:
         owners = sorted(m for m, ns in names.items() if n in ns)
         raise UserError(f"--{n} is an option of {', '.join(owners)}, none of which is in --methods {args.methods}")
     for m, kw in out.items():
+        check_forget_loss(kw.get("forget_loss"), f"--forget_loss (of {m})")
         try:
             get_method_class(m, "classify").config_cls(**kw)
         except (TypeError, ValueError) as err:
             raise UserError(f"--methods {m}: {err}") from None
     return out
+
+
+def check_forget_loss(value, name: str) -> None:
+    """A forget term the classification adapter has (the method configs take any string; the adapter refuses it only
+    mid-run)."""
+    kinds = ClassifierAdapter.forget_kinds
+    if value is not None and value not in kinds:
+        raise UserError(f"{name} {value!r} is not a classification forget term; allowed: {', '.join(kinds)}")
+
+
+def duplicates(items: list[str], flag: str) -> None:
+    """A one-line error naming the first item given twice in a comma-separated flag."""
+    seen = set()
+    for item in items:
+        if item in seen:
+            raise DataError(f"{flag}: {item!r} is given twice; name each once")
+        seen.add(item)
+
+
+def check_cache_dir(path) -> None:
+    """``--cache_dir`` is a folder or can be made one: neither it nor a parent is a file."""
+    if str(path).strip() == "":
+        raise DataError("--cache_dir is empty; give a folder for the trained reference models")
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise DataError(f"--cache_dir {str(path)!r}: {str(p)!r} is a file, not a folder; give a folder for the trained reference models")
+
+
+def check_hparams_file(path: str, spec) -> None:
+    """A ``--hparams`` file the user named must hold tuned values for the run's forget kind (as written by
+    ``python -m classify.tune``): never a silent fallback to the built-in values."""
+    kind = spec.kind
+    shape = f"{{{kind!r}: {{'methods': {{method: {{name: value}}}}}}}} (as written by python -m classify.tune)"
+    if not str(path).strip():
+        raise DataError("--hparams is empty; give a tuned-values JSON file, or leave --hparams out for classify/tuned_<dataset>.json")
+    if not Path(path).is_file():
+        raise DataError(f"hyperparameter file {path!r} does not exist" if not Path(path).exists()
+                        else f"hyperparameter file {path!r} is not a file")
+    content = read_json(path, "hyperparameter file")
+    if not isinstance(content, dict):
+        raise DataError(f"hyperparameter file {path!r} holds no JSON object; it needs {shape}")
+    entry = content.get(kind)
+    if entry is None:
+        keys = [repr(k) for k in content]
+        has = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "") if keys else "none"
+        raise DataError(f"hyperparameter file {path!r} has no {kind!r} entry for --forget {spec} (its entries: {has}); it needs {shape}")
+    methods = entry.get("methods") if isinstance(entry, dict) else None
+    if not isinstance(methods, dict) or not methods or not all(isinstance(h, dict) for h in methods.values()):
+        raise DataError(f"hyperparameter file {path!r}: entry {kind!r} has no tuned methods; it needs {shape}")
+    for m, hp in methods.items():
+        check_forget_loss(hp.get("forget_loss"), f"hyperparameter file {path!r}: {m}: forget_loss")
 
 
 def check_hparams(rows: dict[str, tuple[str, dict]]) -> None:
@@ -142,6 +199,7 @@ def check_hparams(rows: dict[str, tuple[str, dict]]) -> None:
         if unknown:
             raise UserError(f"hyperparameter(s) {', '.join(unknown)} of {name!r} are not options of {method!r} or the engine")
         check_numbers(hp, prefix=f"{name}: ")
+        check_forget_loss(hp.get("forget_loss"), f"{name}: forget_loss")
         try:
             EngineConfig(**{k: v for k, v in hp.items() if k in ENGINE_FIELDS})
             cls(**{k: v for k, v in hp.items() if k in fields})
@@ -163,20 +221,21 @@ def resolve(args) -> dict:
             raise DataError(f"unknown method {m!r}; allowed: {', '.join(allowed)}")
     if not methods:
         raise DataError(f"no method given; allowed: {', '.join(allowed)}")
+    duplicates(methods, "--methods")
     ablations = [] if args.ablations.strip() in ("", "none") else [a.strip() for a in args.ablations.split(",") if a.strip()]
     for a in ablations:
         if a not in ABLATIONS:
             raise DataError(f"unknown ablation {a!r}; allowed: {', '.join(ABLATIONS)} or none")
+    duplicates(ablations, "--ablations")
     spec = parse_forget(args.forget, num_classes_of(args.dataset))
     seeds = parse_seeds(args.seeds)
     for name in ("max_train_steps", "ref_epochs", "batch_size", "num_threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise DataError(f"--{name} {v} must be a positive integer")
-    if args.hparams and not Path(args.hparams).is_file():
-        raise DataError(f"hyperparameter file {args.hparams!r} does not exist")
-    if args.hparams and not isinstance(read_json(args.hparams, "hyperparameter file"), dict):
-        raise DataError(f"hyperparameter file {args.hparams!r} holds no JSON object")
+    if args.hparams is not None:  # named by the user: it must hold this kind's values (the default file may not)
+        check_hparams_file(args.hparams, spec)
+    check_cache_dir(args.cache_dir)
     return {"methods": methods, "ablations": ablations, "spec": spec, "seeds": seeds}
 
 

@@ -26,14 +26,14 @@ import torch
 from accelerate import Accelerator
 
 from erase.utils.checks import check_numbers
-from erase.utils.errors import cli_errors, UserError
+from erase.utils.errors import cli_errors, OneLineParser, UserError
 from erase.utils.files import atomic_write_json, read_json
 from erase.utils.launch import setup_logging
 
 from .data import DataError, load_data, num_classes_of, parse_forget, stratified_split
 from .hparams import GRIDS, RANDOM_GRIDS, grid_points, tuned_path
 from .protocol import TrainSettings, run_seed
-from .run import DEFAULT_CACHE, parse_seeds
+from .run import DEFAULT_CACHE, check_cache_dir, duplicates, parse_seeds
 
 logger = logging.getLogger("classify.tune")
 TIE_BREAK = "lowest mean Avg.Gap over tuning seeds; means equal to 0.01 -> fewer max_train_steps, then lower lr, then grid order"
@@ -41,7 +41,7 @@ TIE_BREAK = "lowest mean Avg.Gap over tuning seeds; means equal to 0.01 -> fewer
 
 @cli_errors
 def parse_args(input_args=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m classify.tune", description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help="Dataset (digits offline; cifar10, cifar100, svhn from the hub).")
     p.add_argument("--forget", default="random:0.1", help="random:F or class:K; the choice is stored under its kind.")
     p.add_argument("--methods", default=",".join(RANDOM_GRIDS), help=f"Comma-separated methods to tune; allowed: {', '.join(RANDOM_GRIDS)}.")
@@ -84,6 +84,8 @@ def main(args) -> dict:
         bad = [m for m in methods if m not in RANDOM_GRIDS]
         if bad:
             raise DataError(f"unknown method {bad[0]!r} to tune; allowed: {', '.join(RANDOM_GRIDS)}")
+        duplicates(methods, "--methods")
+        check_cache_dir(args.cache_dir)
         if not 0.0 < args.validation_fraction < 1.0:
             raise DataError(f"validation fraction {args.validation_fraction} is outside (0, 1)")
         data = load_data(args.dataset)

@@ -17,8 +17,14 @@ docs/ARCHITECTURE.md). It runs in the current process under the current accelera
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from pathlib import Path
+
+from erase.utils.errors import UserError
+
+#: Options of erase_concept that name a prompt file (one prompt per line), as the command line's flags do.
+PROMPT_FILE_OPTIONS = ("forget_prompts", "retain_prompts")
 
 
 def allowed_options() -> list[str]:
@@ -31,8 +37,10 @@ def allowed_options() -> list[str]:
 
 def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissorhands", output_dir: str | None = None,
                   **options):
-    """Erase ``concept`` (a preset name, a list of presets, or a free-form name with ``forget_prompts=FILE``) from a
-    Stable Diffusion pipeline with ``method``; returns the erased ``UNet2DConditionModel``.
+    """Erase ``concept`` (a preset name, a list of presets, a concept file ``NAME.json``, or a free-form name with
+    ``forget_prompts=FILE``: the path of a prompt file, one prompt per line, as the command line takes it) from a
+    Stable Diffusion pipeline with ``method``; returns the erased ``UNet2DConditionModel``. A value of the wrong kind
+    (a concept that is not a string, a list of prompts for a prompt file) is a ``UserError`` (a ``ValueError``).
 
     ``pipe_or_path``: a diffusers folder, a hub id, or a loaded pipeline (its components are used in-process and left
     unchanged; it must still be what its ``name_or_path`` holds, which the export records as the base). With
@@ -44,9 +52,11 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
     from erase.diffusion.load import components_from_pipeline
     from erase.diffusion.run import erase
 
+    _check_arguments(pipe_or_path, concept, options)
+    concept = [os.fspath(c) for c in concept] if isinstance(concept, (list, tuple)) else os.fspath(concept)
     components = None
-    if isinstance(pipe_or_path, (str, Path)):
-        base = str(pipe_or_path)
+    if isinstance(pipe_or_path, (str, os.PathLike)):
+        base = os.fspath(pipe_or_path)
     else:
         pipe = pipe_or_path
         base = getattr(pipe, "name_or_path", None) or getattr(getattr(pipe, "config", None), "_name_or_path", None)
@@ -63,15 +73,36 @@ def erase_concept(pipe_or_path, concept: str | list[str], method: str = "scissor
         return erase(config, components=components).unet
 
 
-def _config(folder: Path) -> dict:
-    from erase.export.local import read_record
+def _kind(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
 
-    if not (folder / "erase_config.json").is_file():
-        raise ValueError(f"{folder} has no erase_config.json; give a folder written by erase/sd.py or erase_concept")
+
+def _check_arguments(pipe_or_path, concept, options: dict) -> None:
+    """One ``UserError`` line naming a value of the wrong kind and what is allowed, before any work."""
+    if not isinstance(pipe_or_path, (str, os.PathLike)) and not hasattr(pipe_or_path, "components"):
+        raise UserError(f"pipe_or_path {_kind(pipe_or_path)} is not allowed; allowed: a hub id, a diffusers folder path, "
+                        "or a loaded diffusers pipeline")
+    concepts = list(concept) if isinstance(concept, (list, tuple)) else [concept]
+    bad = [c for c in concepts if not isinstance(c, (str, os.PathLike))]
+    if bad or not concepts:
+        raise UserError(f"concept {_kind(bad[0] if bad else concept)} is not allowed; allowed: a preset name, a free-form "
+                        "name with forget_prompts=FILE, a concept file NAME.json, or a non-empty list of these")
+    for name in PROMPT_FILE_OPTIONS:
+        value = options.get(name)
+        if value is not None and not isinstance(value, (str, os.PathLike)):
+            what = f"a {type(value).__name__} of {len(value)} prompt(s)" if isinstance(value, (list, tuple)) else _kind(value)
+            raise UserError(f"{name} takes the path of a prompt file (one prompt per line), not {what}; write the prompts to "
+                            f"a UTF-8 text file, one per line, and pass {name}='that_file.txt'")
+
+
+def _config(path) -> tuple[Path, dict]:
+    from erase.export.local import check_export_folder, read_record
+
+    folder = check_export_folder(path)  # empty, missing, a file, no record: one line each
     config = read_record(folder)  # with this machine's local paths (erase_local.json) put back
     if not isinstance(config, dict) or "method" not in config:
         raise ValueError(f"{folder / 'erase_config.json'} is not an erase/sd.py export record")
-    return config
+    return folder, config
 
 
 def load_erased(path, format: str | None = None, base: str | None = None, **kwargs):
@@ -80,7 +111,9 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
 
     ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
     with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
-    ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order.
+    ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order, once
+    every format its ``erase_config.json`` lists is there (a listed format whose files are missing is a ``ValueError``
+    naming them, never a quiet load of another format; an explicit ``format`` loads that format or fails).
     ``base``: the base model's folder or hub id, where the export's record does not lead to it (a shared copy of an
     export made on a local base: its path stays in the maker's ``erase_local.json``, :mod:`erase.export.local`).
     ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``). A weight
@@ -90,8 +123,7 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
 
     from erase.export.formats import DENOISERS, LORA_NAME, SINGLE_FILE_NAME, delta_name
 
-    folder = Path(path).expanduser()
-    config = _config(folder)
+    folder, config = _config(path)
     recorded = config.get("base_model") if isinstance(config.get("base_model"), dict) else {}
     if base is not None:  # the digests stay: the base given must hold the weights the export was made from
         config["base_model"] = {"path": str(base), "weights_sha256": recorded.get("weights_sha256")}
@@ -108,14 +140,23 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
     has = {"diffusers": (folder / denoiser / "config.json").is_file() or (folder / "model_index.json").is_file(),
            "single_file": (folder / SINGLE_FILE_NAME).is_file(), "lora": (folder / LORA_NAME).is_file(),
            "delta": (folder / delta).is_file()}
-    if format is None:
+    parts = {"diffusers": f"{denoiser}/", "single_file": SINGLE_FILE_NAME, "lora": LORA_NAME, "delta": delta}
+    present = ", ".join(f for f, ok in has.items() if ok) or "none"
+    listed = [f for f in export.get("formats") or [] if f in has]
+    if format is None:  # never a quiet fallback: a format the record lists but the folder lacks is a damaged export
+        lost = [f for f in listed if not has[f]]
+        if lost:
+            raise ValueError(f"{folder} is incomplete: its erase_config.json lists the {lost[0]} export but {parts[lost[0]]} is "
+                             f"missing; copy the folder again or re-export (python -m erase.export {folder} --export_format "
+                             f"{lost[0]}), or load one it has with format= ({present})")
         format = next((f for f in ("diffusers", "single_file", "lora", "delta") if has[f]), None)
         if format is None:
             raise ValueError(f"{folder} holds no export ({denoiser}/, {SINGLE_FILE_NAME}, {LORA_NAME} or {delta})")
     elif format not in has:
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:
-        raise ValueError(f"{folder} has no {format} export; it has {', '.join(f for f, ok in has.items() if ok) or 'none'}")
+        why = f" (its erase_config.json lists it: {parts[format]} is missing)" if format in listed else ""
+        raise ValueError(f"{folder} has no {format} export{why}; it has {present}")
     if format != "single_file" and not (format == "diffusers" and (folder / "model_index.json").is_file()):
         from erase.export.folder import check_base_weights
 
@@ -124,8 +165,10 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
     if file is not None:  # the file itself: a NaN a loader would drop or fold into a scale (a LoRA's alpha) is still a broken file
         from safetensors import safe_open
 
+        from erase.export.formats import check_readable
         from erase.utils.checks import check_weights
 
+        check_readable(folder / file)  # a file cut short: one line, not the reader's traceback
         with safe_open(str(folder / file), "pt") as f:
             check_weights(((k, f.get_tensor(k)) for k in f.keys()), f"{folder / file}", "; re-export the model")
     return _finite(_load(folder, format, config, export, denoiser, denoiser_cls, kwargs), folder, format)

@@ -75,6 +75,8 @@ def test_other_cross_flag_checks(tiny, tmp_path, capsys):
     assert "--resume_from_checkpoint" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                 "--resume_from_checkpoint", tmp_path / "nope"], capsys)
     assert "--concept is required" in fails(["--pretrained_model_name_or_path", tiny], capsys)
+    assert "names 'lora' twice" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
+                                          "--export_format", "lora,lora"], capsys)
     assert "--anchor_prompt is empty" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "nudity",
                                                 "--anchor_prompt", "  "], capsys)
     assert f"prompt file {str(tmp_path)!r} is a folder" in fails(["--pretrained_model_name_or_path", tiny, "--concept", "cube",

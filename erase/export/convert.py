@@ -8,12 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from erase.export.folder import finish_stage, previous_export, staged_export
-from erase.export.local import read_record
-from erase.export.formats import (CONFIG_NAME, DEFAULT_LORA_ENERGY, DTYPES, EXPORT_FORMATS, ExportSpec, base_kwargs, delta_name,
-                                  spec_from_args, write_formats)
+from erase.export.local import check_export_folder, read_record
+from erase.export.formats import (CONFIG_NAME, DEFAULT_LORA_ENERGY, DTYPES, EXPORT_FORMATS, ExportSpec, base_kwargs, check_readable,
+                                  delta_name, load_tensors, spec_from_args, write_formats)
 from erase.utils.errors import OneLineParser, UserError, cli_errors
 
 
@@ -60,7 +58,7 @@ def erased_denoiser(folder: Path, config: dict):
         return cls.from_pretrained(str(folder), subfolder=part)
     name, kw = base_kwargs(config)
     model = cls.from_pretrained(name, subfolder=part, **kw)
-    delta = load_file(str(folder / delta_name(part)))
+    delta = load_tensors(folder / delta_name(part))
     missing = model.load_state_dict(delta, strict=False).unexpected_keys
     if missing:
         raise UserError(f"{folder / delta_name(part)} names tensors the base {part} does not have (first: {missing[0]})")
@@ -86,19 +84,19 @@ def convert(folder: str | os.PathLike, spec: ExportSpec) -> dict:
     from erase.utils.checks import check_weights
     from erase.utils.folders import hold_output_dir
 
-    out = Path(folder).expanduser()
-    if not (out / CONFIG_NAME).is_file():
-        raise UserError(f"{folder} has no {CONFIG_NAME}; give a folder written by erase/sd.py")
+    out = check_export_folder(folder)
     config = read_record(out)  # with this machine's local paths (erase_local.json) put back
     part = ((config.get("export") or {}).get("denoiser") or "unet") if isinstance(config, dict) else "unet"
     if not isinstance(config, dict) or "method" not in config or not (out / delta_name(part)).is_file():
         raise UserError(f"{folder} is not an erase/sd.py export (needs {CONFIG_NAME} and {delta_name(part)})")
+    for file in [out / delta_name(part), *sorted((out / part).glob("*.safetensors"))]:  # a file cut short: before any work
+        check_readable(file)
     base_path = (config.get("base_model") or {}).get("path") or (config.get("base_model") or {}).get("hub_id")
     with hold_output_dir(out, base=base_path, by="erase.export") as claim:
         out = claim.path
         model = erased_denoiser(out, config)
         check_weights(model.state_dict().items(), f"the erased {part} of {out}", "; nothing was converted")
-        delta = load_file(str(out / delta_name(part)))
+        delta = load_tensors(out / delta_name(part))
         name, kw = base_kwargs(config)
         base_model = denoiser_of(config)[1].from_pretrained(name, subfolder=part, **kw)
         base_state = base_model.state_dict()

@@ -82,6 +82,9 @@ def parse_formats(text: str) -> tuple[str, ...]:
     bad = [n for n in names if n not in EXPORT_FORMATS]
     if bad:
         raise UserError(f"--export_format {bad[0]!r} is not an export format; allowed: a comma list of {', '.join(EXPORT_FORMATS)}")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice:
+        raise UserError(f"--export_format {text!r} names {twice!r} twice; name each format once")
     return tuple(f for f in EXPORT_FORMATS if f in names)
 
 
@@ -116,6 +119,35 @@ def spec_from_args(args) -> ExportSpec:
     if energy is not None:
         check_finite("--lora_energy", energy, ENERGY_RANGE)
     return ExportSpec(formats, dtype, rank, DEFAULT_LORA_ENERGY if energy is None else float(energy))
+
+
+def damaged(path, error: Exception) -> UserError:
+    """The one line for a safetensors file that cannot be read (cut short by a killed copy or a full disk)."""
+    return UserError(f"{path} is damaged or incomplete (not a readable safetensors file: {str(error).splitlines()[0]}); "
+                     "copy it again or re-export the model")
+
+
+def check_readable(path) -> None:
+    """A :func:`damaged` line, before any work, when the header of the safetensors file ``path`` cannot be read (the
+    header check covers the whole file: a file cut short fails it)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except SafetensorError as e:
+        raise damaged(path, e) from None
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with a :func:`damaged` line instead of a traceback for a file cut short."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise damaged(path, e) from None
 
 
 def save_tensors(tensors: dict, path: Path, metadata: dict) -> None:

@@ -81,6 +81,21 @@ def _put(config: dict, key: str, value: str) -> None:
             return
 
 
+def check_export_folder(folder) -> Path:
+    """The export folder as a path, or one line saying what ``folder`` is instead (empty, missing, a file, a folder
+    without the record)."""
+    if not str(folder).strip():
+        raise UserError("the export folder path is empty (''); give a folder written by erase/sd.py or erase_concept (it holds erase_config.json)")
+    out = Path(folder).expanduser()
+    if not out.exists():
+        raise UserError(f"export folder {str(folder)!r} does not exist; give a folder written by erase/sd.py or erase_concept")
+    if not out.is_dir():
+        raise UserError(f"export folder {str(folder)!r} is a file, not a folder; give a folder written by erase/sd.py or erase_concept")
+    if not (out / CONFIG_NAME).is_file():
+        raise UserError(f"{str(folder)!r} has no {CONFIG_NAME}: not a folder written by erase/sd.py or erase_concept")
+    return out
+
+
 def read_record(folder) -> dict:
     """``erase_config.json`` of an export with the local record's paths put back (where the record is present and
     readable); one :class:`UserError` line when the config is missing or not JSON."""
