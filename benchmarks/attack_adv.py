@@ -26,6 +26,8 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -35,7 +37,30 @@ def parse_args(argv=None):
     p.add_argument("--blocks", type=int, default=50, help="unlearndiffatk timestep blocks (40 iterations each)")
     p.add_argument("--erasures", default="ga:100,esd:100", help="erased models to attack, comma-separated METHOD:STEPS")
     p.add_argument("--no_inversion", action="store_true", help="skip concept inversion on the erased models")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_args(a)
+    return a
+
+
+def check_args(a) -> None:
+    """Every check before the folder is made or a model erased: the digit, the counts and each METHOD:STEPS."""
+    from benchmarks.inputs import check_counts, check_output_dir, name_list
+    from erase.core import available_methods
+    from eval.digits.model import DIGIT_WORDS
+
+    if a.concept not in DIGIT_WORDS:
+        raise UserError(f"--concept {a.concept!r} is not a digit word; choose from {', '.join(DIGIT_WORDS)}")
+    check_counts(a, restarts=1, blocks=1)
+    for item in name_list("--erasures", a.erasures, what="METHOD:STEPS item"):
+        method, _, steps = item.partition(":")
+        if method not in available_methods("diffusion"):
+            raise UserError(f"--erasures item {item!r}: unknown method {method!r}; choose from {', '.join(available_methods('diffusion'))}")
+        if steps and not (steps.isdigit() and int(steps) >= 1):
+            raise UserError(f"--erasures item {item!r}: STEPS {steps!r} is not an integer >= 1")
+    names = [f"{m}{s or ''}" for m, _, s in (i.partition(":") for i in name_list("--erasures", a.erasures))]
+    if len(set(names)) != len(names):
+        raise UserError(f"--erasures {a.erasures!r} names one erasure twice (its folder is METHOD and STEPS)")
+    check_output_dir("--output_dir", a.output_dir)
 
 
 def digits_part(args, out: Path) -> dict:
@@ -92,13 +117,14 @@ def digits_part(args, out: Path) -> dict:
     return {"concept": args.concept, "erasures": erasures, "rows": rows, "checks": checks}
 
 
+@cli_errors
 def main(argv=None) -> dict:
+    args = parse_args(argv)
     import torch
 
     from erase.utils.launch import setup_logging
 
     setup_logging()
-    args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {"date": str(date.today()), "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
@@ -106,7 +132,9 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     result["digits"] = digits_part(args, out)
     result["wall_s"] = round(time.perf_counter() - t0, 1)
-    (out / "attack_adv.json").write_text(json.dumps(result, indent=2) + "\n")
+    from erase.utils.files import atomic_write_json
+
+    atomic_write_json(out / "attack_adv.json", result)
     print(json.dumps(result, indent=2))
     return result
 

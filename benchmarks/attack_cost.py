@@ -45,6 +45,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.inputs import check_counts, check_json_output, check_number, check_output_dir, has_keys, name_list, write_json  # noqa: E402
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
+
+PARTS = ("digits", "sd", "cce")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -59,7 +64,16 @@ def parse_args(argv=None):
                    help="assumed seconds of one batch-1 fp32 SD v1.4 UNet forward at 512 px on an H100 (estimate)")
     p.add_argument("--fwd_bwd_factor", type=float, default=3.0,
                    help="forward + backward in forwards, when the sd part does not measure it")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.part_list = name_list("--parts", a.parts, PARTS, what="part")  # every check before the folder or a timing
+    check_counts(a, reps=1, sd_reps=1, cce_steps=1, threads=1)
+    if a.sd_latent < 8 or a.sd_latent % 8:
+        raise UserError(f"--sd_latent {a.sd_latent} is not allowed: give a positive multiple of 8 (the UNet halves it three times)")
+    check_number("--gpu_forward_s", a.gpu_forward_s)  # > 0 (these two have no range in OPTION_RANGES)
+    check_number("--fwd_bwd_factor", a.fwd_bwd_factor)
+    check_output_dir("--output_dir", a.output_dir)
+    check_json_output("--output_dir", Path(a.output_dir) / "attack_cost.json", has_keys("machine", "load_average_start"))
+    return a
 
 
 def paired(unit, bare, reps: int) -> dict:
@@ -235,15 +249,16 @@ def protocol_cost(args, sd: dict | None) -> dict:
             "note": "worst case: every prompt fails every check; a success stops a prompt's blocks and checks early"}
 
 
+@cli_errors
 def main(argv=None) -> dict:
+    args = parse_args(argv)
     import torch
 
-    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = args.part_list
     result = {"date": str(date.today()), "machine": platform.platform(), "cpu_count": os.cpu_count(),
               "threads": args.threads, "torch": torch.__version__, "command": " ".join(sys.argv),
               "load_average_start": os.getloadavg()}
@@ -252,10 +267,10 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             result[name] = fn(args)
             result[name]["wall_s"] = round(time.perf_counter() - t, 1)
-            (out / "attack_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+            write_json(out / "attack_cost.json", result)
     result["protocol"] = protocol_cost(args, result.get("sd"))
     result["load_average_end"] = os.getloadavg()
-    (out / "attack_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "attack_cost.json", result)
     for name in ("digits", "sd"):
         for unit, r in (result.get(name) or {}).items():
             if isinstance(r, dict) and "ratio" in r:

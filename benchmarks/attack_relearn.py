@@ -18,7 +18,7 @@ match REGEX (``inside``) and, separately, only every other UNet tensor (``outsid
 ``--target_images`` (a robust_digits.py output's ``<digit>/base-concept-images/relearn``) on the same images as the
 robustness bench (RESULTS.md, "Where relearning comes back through"):
 
-    OMP_NUM_THREADS=1 python benchmarks/attack_relearn.py --concept seven --split '.*\.attn[12]\..*' --eval_steps 0,10,25 \
+    OMP_NUM_THREADS=1 python benchmarks/attack_relearn.py --concept seven --split '.*\\.attn[12]\\..*' --eval_steps 0,10,25 \
         --target_images OUT/seven/base-concept-images/relearn --output_dir /tmp/routes \
         --models plain=OUT/seven/runs/plain-seed0,RA2=OUT/seven/runs/RA2-seed0,retrain=<retrain model>
 """
@@ -26,7 +26,6 @@ robustness bench (RESULTS.md, "Where relearning comes back through"):
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -37,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from erase.utils.errors import cli_errors  # noqa: E402
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 
 @cli_errors
@@ -56,7 +55,39 @@ def parse_args(argv=None):
                                                          "whether relearning brings the concept back everywhere")
     p.add_argument("--split", default=None, help="regex: relearn only the matching tensors (inside) and only the others "
                                                  "(outside) instead of all / targets")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_args(a)
+    return a
+
+
+def check_args(a) -> None:
+    """Every check before an audit starts: the digit, the counts, the seed and step lists, --split, and --models
+    (each NAME once: it names the audit folder; each PATH a folder)."""
+    import re
+
+    from benchmarks.inputs import check_counts, check_output_dir, int_list, name_list
+    from eval.digits.model import DIGIT_WORDS
+
+    if a.concept not in DIGIT_WORDS:
+        raise UserError(f"--concept {a.concept!r} is not a digit word; choose from {', '.join(DIGIT_WORDS)}")
+    check_counts(a, num_images=1)
+    int_list("--relearn_seeds", a.relearn_seeds)
+    int_list("--eval_steps", a.eval_steps, lo=0, hi=10**6)
+    if a.split is not None:
+        try:
+            re.compile(a.split)
+        except re.error as e:
+            raise UserError(f"--split {a.split!r} is not a valid regex: {e}") from None
+    names = []
+    for item in name_list("--models", a.models, what="NAME=PATH item"):
+        name, sep, path = item.partition("=")
+        if not name or name in names or (sep and "/" in name) or Path(name).is_absolute():
+            raise UserError(f"--models item {item!r}: each NAME once, relative, without '/' in NAME=PATH (it names the "
+                            "audit folder under --output_dir)")
+        if (path or name != "base") and not Path(path or name).is_dir():
+            raise UserError(f"--models item {item!r}: {path or name} is not a model folder")
+        names.append(name)
+    check_output_dir("--output_dir", a.output_dir)
 
 
 @cli_errors
@@ -98,7 +129,9 @@ def main(argv=None) -> dict:
     result = {"date": str(date.today()), "machine": platform.platform(), "torch_threads": torch.get_num_threads(),
               "concept": args.concept, "split": args.split, "target_images": args.target_images,
               "check_prompts": args.check_prompts, "rows": rows}
-    (out / "relearn_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    from erase.utils.files import atomic_write_json
+
+    atomic_write_json(out / "relearn_bench.json", result)
     labels = (("inside", "inside"), ("outside", "outside")) if args.split else (("relearn", "all"), ("relearn_targets", "targets"))
     steps = rows[0][labels[0][0]]["steps"] if rows else []
 

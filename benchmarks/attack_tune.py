@@ -44,6 +44,10 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.inputs import check_counts, check_output_dir, name_list  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
+
 CANDIDATES = {"ref": ("adam", 0.01, 0.1), "nodecay": ("adam", 0.01, 0.0), "pez": ("adamw", 0.1, 0.1)}
 TUNING_DIGITS = ("seven", "one")
 METHODS = ("scissorhands", "esd")
@@ -59,7 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=3, help="the first N forget prompts of the digit's preset")
     p.add_argument("--jobs", type=int, default=1, help="attack runs at once (each one torch thread)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one (candidate, model) audit
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.candidate_list = name_list("--candidates", a.candidates, CANDIDATES, what="candidate")  # before any folder or job
+    check_counts(a, restarts=1, blocks=1, prompts=1, jobs=1)
+    check_output_dir("--output_dir", a.output_dir)
+    return a
 
 
 def erase_models(out: Path) -> dict[str, str]:
@@ -114,21 +122,22 @@ def choose(rows: dict) -> dict:
     return {"mean_asr": mean, "mean_auc": auc, "tied": tied, "choice": choice, "setting": CANDIDATES[choice]}
 
 
+@cli_errors
 def main(argv=None) -> dict:
+    args = parse_args(argv)
     from erase.utils.launch import setup_logging
 
     setup_logging()
-    args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
         candidate, model = args.one.split(":")
         (out / "rows").mkdir(exist_ok=True)
-        (out / "rows" / f"{candidate}-{model}.json").write_text(json.dumps(audit_one(out, candidate, model, args.restarts, args.blocks, args.prompts)))
+        atomic_write_json(out / "rows" / f"{candidate}-{model}.json", audit_one(out, candidate, model, args.restarts, args.blocks, args.prompts))
         return {}
     t0 = time.perf_counter()
     models = erase_models(out)
-    cands = [c.strip() for c in args.candidates.split(",") if c.strip()]
+    cands = args.candidate_list
     jobs = [(c, m) for m in models for c in cands if not (out / "rows" / f"{c}-{m}.json").is_file()]
     running: list[subprocess.Popen] = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -146,7 +155,7 @@ def main(argv=None) -> dict:
               "command": " ".join(sys.argv), "candidates": {c: CANDIDATES[c] for c in cands}, "models": models,
               "restarts": args.restarts, "blocks": args.blocks, "prompts": args.prompts, "rows": rows, "decision": choose(rows),
               "wall_s": round(time.perf_counter() - t0, 1)}
-    (out / "attack_tune.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_json(out / "attack_tune.json", result)
     print("| candidate | " + " | ".join(models) + " | mean ASR | mean of the ASR curve | decay / gradient (median) |")
     print("|---|" + "---|" * (len(models) + 3))
     for c in cands:

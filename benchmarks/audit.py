@@ -19,7 +19,6 @@ Writes OUTPUT_DIR/audit_bench.json and prints a markdown table.
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import shutil
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from erase.utils.errors import cli_errors, OneLineParser  # noqa: E402
+from erase.utils.errors import cli_errors, OneLineParser, UserError  # noqa: E402
 
 
 def build_sd14_random(path: Path) -> str:
@@ -261,7 +260,20 @@ def parse_args(input_args=None):
     p.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of every timed method (medians reported).")
     p.add_argument("--skip_generation", action="store_true", help="Only time detection (no generation, no call count).")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty --output_dir this tool did not create.")
-    return p.parse_args(input_args)
+    a = p.parse_args(input_args)
+    from benchmarks.inputs import check_counts, check_number, name_list
+    from erase.utils.checks import OPTION_RANGES
+
+    check_counts(a, gen_prompts=1, gen_batch_size=1, plan_batch_size=1, steps=1, detect_images=1, naive_images=1,
+                 detect_size=1, detect_batch_size=1, rounds=1)  # every check before the folder is claimed
+    if a.resolution is not None and (a.resolution < 8 or a.resolution % 8):
+        raise UserError(f"--resolution {a.resolution} is not allowed: give a positive multiple of 8")
+    name_list("--dtype", a.dtype, ("auto", "fp32", "fp16", "bf16"), what="dtype")
+    name_list("--gen_subset", a.gen_subset, ("all", "sexual", "nudity"), what="subset")
+    name_list("--plan_subset", a.plan_subset, ("all", "sexual", "nudity"), what="subset")
+    if a.gen_guidance != "row":
+        check_number("--gen_guidance", a.gen_guidance, OPTION_RANGES["guidance"])
+    return a
 
 
 #: What a run writes into --output_dir; a rerun removes these (and only these) for a cold measurement.
@@ -290,7 +302,9 @@ def _bench(args, work: Path) -> dict:
     if not args.skip_generation:
         result["generation"] = bench_generation(args, work)
         result["plan"] = bench_plan(args, work)
-    (work / "audit_bench.json").write_text(json.dumps(result, indent=2))
+    from erase.utils.files import atomic_write_json
+
+    atomic_write_json(work / "audit_bench.json", result)
     d = result["detection"]
     m = d["seconds_per_image_median"]
     print(f"| detection ({d['images']} x {d['image_size']} px, {d['rounds']} rounds) | naive {1 / m['naive']:.2f} img/s "

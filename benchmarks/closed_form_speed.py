@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from benchmarks.architectures import FLUX_DEV, SD35_MEDIUM
-from benchmarks.gpu_figures import SDXL_UNET
+from benchmarks.architectures import FLUX_DEV, SD35_MEDIUM, SDXL_UNET
+from benchmarks.inputs import check_counts, check_json_output, check_output_dir, has_keys, int_list, name_list, write_json
 from benchmarks.sd_step import MID_UNET, SD14_UNET, build_unet, engine_steps
 from erase.core.adapter import Adapter
 from erase.core.closed_form import TextFeatures
@@ -135,8 +135,14 @@ def repair_step(unet, tmp: str) -> tuple[float, float]:
     return statistics.median(steps), (time.process_time() - cpu) / (args.warmup + args.steps + 1)
 
 
+def closed_form_methods() -> list[str]:
+    from erase.core import available_methods, get_method_class
+
+    return [m for m in available_methods("diffusion") if getattr(get_method_class(m, "diffusion"), "closed_form", False)]
+
+
 @cli_errors
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default="sd14,sdxl,sd35_medium,flux_dev")
     p.add_argument("--methods", default="uce,speed")
@@ -147,13 +153,17 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: more oversubscribe a shared machine).")
     p.add_argument("--tmp", default="/tmp/closed_form_bench")
     p.add_argument("--json", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    archs = name_list("--archs", args.archs, ARCHS, what="architecture")
+    methods = name_list("--methods", args.methods, closed_form_methods(), what="closed-form method")
+    counts = int_list("--concepts", args.concepts, lo=1, hi=10_000)
+    check_counts(args, max_concepts_mmdit=1, preserve=1, repeats=1, threads=1)
+    check_output_dir("--tmp", args.tmp)
+    check_json_output("--json", args.json, has_keys("rows", "mid_unet_repair_step_s_median"))  # never over a file this tool did not write
     torch.set_num_threads(args.threads)
     import logging
 
     logging.disable(logging.WARNING)
-    archs, methods = args.archs.split(","), args.methods.split(",")
-    counts = [int(c) for c in args.concepts.split(",")]
     models = {a: text_layer_stub(a) for a in archs}
     unet = build_unet(MID_UNET)
     rows: dict = {}
@@ -184,7 +194,7 @@ def main():
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

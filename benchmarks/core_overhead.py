@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.inputs import check_counts, check_json_output, has_keys, write_json  # noqa: E402
 from erase.utils.errors import cli_errors  # noqa: E402
 
 
@@ -179,6 +180,8 @@ def main(argv=None):
     from erase.utils.checks import check_numbers
 
     check_numbers(args)  # --topk in (0, 100], finite (erase.utils.checks.OPTION_RANGES)
+    check_counts(args, width=1, depth=1, batch=1, steps=1, repeats=1, mem_width=1, mem_depth=1, threads=1)
+    check_json_output("--json", args.json, has_keys("step", "trim_memory"))  # never over a file this tool did not write
     torch.set_num_threads(args.threads)
 
     engine, bare = [], []
@@ -204,7 +207,7 @@ def main(argv=None):
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return result
 
 

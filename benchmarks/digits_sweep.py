@@ -25,7 +25,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from erase.utils.folders import hold_output_dir  # noqa: E402
-from erase.utils.errors import cli_errors
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -40,7 +40,51 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     p.add_argument("extra", nargs="*", help="more eval.digits bench flags, after --")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_args(a)
+    return a
+
+
+def check_args(a) -> None:
+    """Every check before the output folder is claimed or a bench starts: --lanes, the concepts (each item digits
+    joined by +, no item twice), --methods, --seeds, and each bench's whole command line as eval.digits reads it."""
+    import contextlib
+    import io
+
+    from benchmarks.inputs import check_counts, check_output_dir, int_list, name_list
+    from erase.core import available_methods
+    from eval.digits.__main__ import parse_args as bench_args
+    from eval.digits.model import DIGIT_WORDS, parse_digits
+
+    check_counts(a, lanes=1)
+    a.concept_list, seen = [], {}
+    for item in name_list("--concepts", a.concepts, what="concept"):
+        try:
+            digits = parse_digits(item.replace("+", ","))
+        except ValueError as e:
+            raise UserError(f"--concepts item {item!r}: {str(e).removeprefix('error: ')}") from None
+        key = frozenset(digits)
+        if key in seen:
+            raise UserError(f"--concepts {a.concepts!r} names {'+'.join(DIGIT_WORDS[d] for d in sorted(key))} twice "
+                            f"({seen[key]!r} and {item!r}); each concept may appear once")
+        seen[key] = item
+        a.concept_list.append(item.replace("+", ","))
+    name_list("--methods", a.methods, available_methods("diffusion"), what="method")
+    int_list("--seeds", a.seeds)
+    check_output_dir("--output_dir", a.output_dir)
+    for concept in a.concept_list:
+        argv = ["bench", "--concept", concept, "--methods", a.methods, "--seeds", a.seeds, "--output_dir",
+                str(Path(a.output_dir) / concept.replace(",", "+"))] + (["--relearn"] if a.relearn else []) + list(a.extra)
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                bench_args(argv)
+        except SystemExit as e:  # a one-line error (its message), or argparse's (its last line names the flag)
+            if e.code in (0, None):  # -- --help: the bench's help, printed
+                raise
+            lines = [x for x in [*said.getvalue().strip().splitlines(), str(e.code or "")] if x.strip() and x != "2"]
+            message = lines[-1].split("error: ", 1)[-1] if lines else "refused"
+            raise UserError(f"eval.digits bench --concept {concept} with these flags: {message}") from None
 
 
 def run_bench(concept: str, a, out: Path) -> dict:
@@ -91,7 +135,7 @@ def main(argv=None) -> dict:
 
 def _main(a) -> dict:
     out = Path(a.output_dir)
-    concepts = [c.strip().replace("+", ",") for c in a.concepts.split(",") if c.strip()]
+    concepts = a.concept_list
     start = time.time()
     with ThreadPoolExecutor(max_workers=a.lanes) as pool:
         results = dict(zip(concepts, pool.map(lambda c: run_bench(c, a, out), concepts)))

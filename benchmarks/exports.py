@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.inputs import check_counts, check_output_dir  # noqa: E402
+from erase.utils.checks import check_int  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
@@ -45,7 +48,11 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=SCORE_DEFAULTS["num_images"], help="Audit images per digit.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the erasure and of the audit rows.")
     p.add_argument("--overwrite", action="store_true", help="Write into a non-empty folder this tool did not create.")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_counts(a, num_images=1)  # before the folder is claimed or the model trained
+    check_int("--seed", a.seed)
+    check_output_dir("--output_dir", a.output_dir)
+    return a
 
 
 def size(path: Path) -> int:
@@ -76,7 +83,9 @@ def audit(pipe, name: str, out: Path, args, judge, real_retain) -> dict:
             "audit_seconds": round(time.time() - start, 1)}
 
 
+@cli_errors
 def main(argv=None) -> dict:
+    args = parse_args(argv)  # every check first: nothing is claimed, trained or run on a bad value
     import torch
 
     from erase import load_erased
@@ -86,7 +95,6 @@ def main(argv=None) -> dict:
     from eval.digits.judge import load_judge
     from eval.digits.model import DigitsModelConfig, default_model_dir, load_digit_images, train_digits_model
 
-    args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.output_dir).absolute()
     with hold_output_dir(out, overwrite=args.overwrite, by="benchmarks/exports.py"):

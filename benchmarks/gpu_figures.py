@@ -42,6 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.architectures import ARCHS, MMDIT, SMOKE_ARCHS  # noqa: E402
+from benchmarks.inputs import check_json_output, check_number, has_keys  # noqa: E402
+from erase.utils.checks import Range  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 MMDIT_ORDER = ("sd35_medium", "sd35_large", "flux_dev")
@@ -290,6 +292,7 @@ def main(argv=None) -> dict:
                    help=f"Skip a piece that would end past this many seconds from the start (default {DEFAULT_BUDGET_S} on a GPU, none with --smoke).")
     p.add_argument("--resume", action="store_true", help="Keep the pieces an earlier run finished in --output (same mode) and run the rest.")
     args = p.parse_args(argv)
+    check_number("--budget_s", args.budget_s, Range())  # finite (no range in OPTION_RANGES; > 0 is checked below)
     started = time.perf_counter()
     pieces = select(args.only, args.skip)
     mode = "smoke" if args.smoke else "gpu"
@@ -302,6 +305,7 @@ def main(argv=None) -> dict:
         return planned
     if not args.output:
         raise UserError("--output is required (the JSON file the figures go to), unless --list")
+    check_json_output("--output", args.output, has_keys("mode", "pieces", "plan"))  # never over a file this tool did not write
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise UserError("no CUDA GPU (torch.cuda.is_available() is False); use --smoke to check the script on a CPU")

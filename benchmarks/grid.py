@@ -31,8 +31,29 @@ def parse_points(grid: list[str]) -> dict[str, str]:
         name, sep, flags = g.partition("=")
         if not sep or not name.strip() or "/" in name:
             raise UserError(f"--grid {g!r} is not NAME=FLAGS (a NAME without '/')")
+        if name.strip() in points:
+            raise UserError(f"--grid {g!r}: the point name {name.strip()!r} is given twice; each point needs its own name")
         points[name.strip()] = flags.strip()
     return points
+
+
+def check_tuning_args(a, concept: str, model: str | None, fixed: list[str] = ()) -> None:
+    """The tuning scripts' checks before any folder or job: ``--method``, ``--workers``, ``--seeds`` (distinct),
+    ``--model`` (a folder when given) and every grid point's erase/sd.py flags for ``--method`` (erase/sd.py's own
+    parser and validation, on ``concept``; ``fixed``: the benchmark's own flags before the point's)."""
+    from pathlib import Path
+
+    from benchmarks.inputs import check_counts, check_erase_flags, int_list
+    from erase.core import available_methods
+
+    if a.method not in available_methods("diffusion"):
+        raise UserError(f"--method {a.method!r} is not an erase/sd.py method; choose from {', '.join(available_methods('diffusion'))}")
+    check_counts(a, workers=1)
+    a.seeds = int_list("--seeds", a.seeds)
+    if a.model is not None and not Path(a.model).is_dir():
+        raise UserError(f"--model {a.model!r} is not a folder (give a base model folder, or leave it out for the default)")
+    for name, flags in a.points.items():
+        check_erase_flags(f"--grid {name}={flags}", a.method, flags, concept, model, fixed)
 
 
 def run_waves(workers: int, names: list[str], cells: list[tuple], job, base_row, cases: list, report) -> tuple[list, dict]:

@@ -30,13 +30,14 @@ below the repair's and is printed for completeness.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.architectures import FLOW_VAE, MMDIT  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, write_json  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 
 GiB = 2**30
 
@@ -91,6 +92,7 @@ def plan(name: str, processes: int = 1, batch: int = 1, resolution: int = 1024, 
             "bytes": b, "total_gib": sum(b.values()) / GiB, "trim_peak_gib": trim / GiB}
 
 
+@cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--processes", type=int, default=None,
@@ -98,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--fsdp", action="store_true", help="The sharded run (docs/accelerate/fsdp_bf16.yaml) instead of data parallelism.")
     p.add_argument("--json", default=None, help="Also write the figures here.")
     args = p.parse_args(argv)
+    check_counts(args, processes=1)
+    check_json_output("--json", args.json, _ours)  # never over a file this tool did not write
     counts = [args.processes] if args.processes else ([2, 4, 8] if args.fsdp else [1])
     rows = [plan(n, k, keep_text=keep, fsdp=args.fsdp) for n in MMDIT for keep in (False, True) for k in counts]
     print(f"| model | parameters | targeted (xattn = the token stream) | text on GPU | {'FSDP GPUs' if args.fsdp else 'GPUs'} "
@@ -111,8 +115,13 @@ def main(argv=None) -> int:
         for k, v in r["bytes"].items():
             print(f"  {k:42s} {v / GiB:7.2f} GiB")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        write_json(args.json, rows)
     return 0
+
+
+def _ours(old) -> bool:
+    """Whether an existing --json file is a plan this tool wrote (a list of rows with a model and its total)."""
+    return isinstance(old, list) and all(isinstance(r, dict) and {"model", "total_gib"} <= r.keys() for r in old)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.inputs import check_counts, check_erase_flags, int_list, name_list  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
@@ -71,14 +72,28 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     a = p.parse_args(argv)
-    a.digit_list = [parse_digit(d) for d in a.digits.split(",") if d.strip()]
-    a.seed_list = [int(s) for s in a.seeds.split(",") if s.strip()]
+    names = name_list("--digits", a.digits, what="digit")
+    try:
+        a.digit_list = [parse_digit(d) for d in names]
+    except ValueError as e:
+        raise UserError(f"--digits {a.digits!r}: {e}") from None
+    if len(set(a.digit_list)) != len(a.digit_list):
+        raise UserError(f"--digits {a.digits!r} names a digit twice; each may appear once")
+    a.seed_list = int_list("--seeds", a.seeds)
+    check_counts(a, workers=1)
+    if a.model is not None and not Path(a.model).is_dir():
+        raise UserError(f"--model {a.model!r} is not a folder (give a base digits model folder, or leave it out for the default)")
     a.points = {}
     for g in a.grid:
         name, sep, spec = g.partition("=")
-        words = shlex.split(spec)
-        if not sep or not name.strip() or not words:
-            raise UserError(f"--grid {g!r} is not NAME=METHOD [FLAGS]")
+        try:
+            words = shlex.split(spec)
+        except ValueError as e:
+            raise UserError(f"--grid {g!r}: cannot split its flags ({e})") from None
+        if not sep or not name.strip() or not words or "/" in name:
+            raise UserError(f"--grid {g!r} is not NAME=METHOD [FLAGS] (a NAME without '/')")
+        if name.strip() in a.points:
+            raise UserError(f"--grid {g!r}: the point name {name.strip()!r} is given twice; each point needs its own name")
         pre = None
         if "--pre_edit" in words:  # this tool's flag: the point erases on top of a closed-form edit (job)
             i = words.index("--pre_edit")
@@ -86,16 +101,45 @@ def parse_args(argv=None):
                 raise UserError(f"--grid {g!r}: --pre_edit needs a closed-form method (uce, speed)")
             pre = words[i + 1]
             del words[i:i + 2]
+            from erase.core import available_methods
             from eval.digits.bench import is_closed_form
 
-            if not is_closed_form(pre):
+            if pre not in available_methods("diffusion") or not is_closed_form(pre):
                 raise UserError(f"--grid {g!r}: --pre_edit {pre!r} is not a closed-form method (uce, speed)")
         a.points[name.strip()] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:]), "pre_edit": pre}
-    options = json.loads(a.attack_options) if a.attack_options else {}
+    try:
+        options = json.loads(a.attack_options) if a.attack_options else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {a.attack_options!r}") from None
+    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
+                        f"got {a.attack_options!r}")
     inv = options.setdefault("inversion", {}) if "inversion" in a.attacks.split(",") else {}
     inv.setdefault("eval_steps", list(INVERSION_STEPS))
     a.attack_options = json.dumps(options)
+    check_points(a)
     return a
+
+
+def check_points(a) -> None:
+    """Before the output folder is claimed or a job starts: the attacks and their budgets as the jobs read them, and
+    every point's method and erase/sd.py flags (erase/sd.py's own parser and validation, with the bench's flags)."""
+    from erase.core import available_methods
+    from eval.digits.bench import METHOD_ARGS, is_closed_form
+
+    bench_args(a.digit_list[0], a)  # --attacks, --attack_options: one line naming a bad attack or option
+    model = a.model or (str(default_model_dir()) if default_model_dir().is_dir() else None)
+    for name, point in a.points.items():
+        what = f"--grid {name}={point['method']} {point['flags']}".rstrip()
+        if point["method"] not in available_methods("diffusion"):
+            raise UserError(f"{what}: {point['method']!r} is not an erase/sd.py method; choose from "
+                            f"{', '.join(available_methods('diffusion'))}")
+        if point["pre_edit"]:  # its erasure starts from the edit's exported pipeline, on the base's images
+            check_erase_flags(what, point["pre_edit"], "--export_pipeline", DIGIT_WORDS[a.digit_list[0]], model,
+                              METHOD_ARGS.get(point["pre_edit"], []))
+        steps = ["--max_train_steps", "0"] if is_closed_form(point["method"]) else []
+        check_erase_flags(what, point["method"], point["flags"], DIGIT_WORDS[a.digit_list[0]], model,
+                          METHOD_ARGS.get(point["method"], []) + steps)
 
 
 def bench_args(digit: int, a, erase_args: str = "") -> SimpleNamespace:

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.inputs import check_json_output, has_keys, write_json  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from eval.attack.utils.columns import ROBUST_TARGETS  # noqa: E402
 
@@ -173,13 +174,12 @@ def main(argv=None) -> dict:
     p.add_argument("--cost_baseline", default="plain", help="the plain point costs are measured against (as robust_digits.py)")
     p.add_argument("--json", default=None, help="also write the tally here")
     a = p.parse_args(argv)
+    check_json_output("--json", a.json, has_keys("results", "tally"))  # never over a file this tool did not write
     rows, points = load_rows(a.results)
     result = tally(rows, points, a.cost_baseline)
     print(markdown(result))
     if a.json:
-        from erase.utils.files import atomic_write_json
-
-        atomic_write_json(a.json, {"results": a.results, "tally": result})
+        write_json(a.json, {"results": a.results, "tally": result})
     return result
 
 

@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from erase.utils.errors import cli_errors  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, has_keys, write_json  # noqa: E402
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 # UNet2DConditionModel config of CompVis/stable-diffusion-v1-4 (unet/config.json), written out.
 SD14_UNET = dict(
@@ -276,7 +277,7 @@ def mode_cuda(args) -> dict:
 
 
 @cli_errors
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("ratio", "trim", "cuda"), default="ratio")
     p.add_argument("--targets", default=None, help="Target preset (default: xattn for ratio/cuda, full for trim).")
@@ -295,10 +296,23 @@ def main():
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--tmp", default="/tmp/sd_step_bench")
     p.add_argument("--json", default=None, help="Also write the result here.")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from erase.utils.checks import check_numbers
 
     check_numbers(args)  # --topk in (0, 100], finite (erase.utils.checks.OPTION_RANGES)
+    check_counts(args, batch=1, batch_sizes=1, steps=1, warmup=0, repeats=1, saliency_batches=1, threads=1)
+    if args.latent is not None and (args.latent < 8 or args.latent % 8):
+        raise UserError(f"--latent {args.latent} is not allowed: give a positive multiple of 8 (the UNet halves it three times)")
+    if args.targets is not None:
+        import re
+
+        from erase.diffusion.adapter import TARGET_PRESETS
+
+        try:
+            args.targets in TARGET_PRESETS or re.compile(args.targets)
+        except re.error as e:
+            raise UserError(f"--targets {args.targets!r} is neither a preset ({', '.join(TARGET_PRESETS)}) nor a valid regex: {e}") from None
+    check_json_output("--json", args.json, has_keys("mode", "command"))  # never over a file this tool did not write
     args.targets = args.targets or ("full" if args.mode == "trim" else "xattn")
     args.latent = args.latent or (8 if args.mode == "trim" else 16)
     import logging
@@ -308,7 +322,7 @@ def main():
     result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv))
     print(json.dumps(result, indent=1))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,38 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
+
+def check_args(args, base) -> list[tuple]:
+    """Every check before the scenes are rendered: counts, --lr, --output_dir, and each --channels as the shapes model
+    takes it (positive widths, a downsampling that divides the resolution, each set once); the widths per set."""
+    from benchmarks.inputs import check_counts, check_output_dir
+    from erase.utils.checks import check_numbers
+
+    check_counts(args, steps=1, every=1, batch_size=1)
+    check_numbers(args)  # --lr: finite and > 0 (erase.utils.checks.OPTION_RANGES)
+    if args.output_dir is not None:
+        check_output_dir("--output_dir", args.output_dir)
+    widths = []
+    for text in args.channels:
+        try:
+            channels = tuple(int(c) for c in text.split(","))
+        except ValueError:
+            raise UserError(f"--channels {text!r} is not comma-separated integers (widths, e.g. 16,32)") from None
+        if min(channels) < 1:
+            raise UserError(f"--channels {text!r}: every width must be >= 1")
+        try:
+            dataclasses.replace(base, vae_channels=channels)
+        except ValueError as e:
+            raise UserError(f"--channels {text!r}: {e}") from None
+        if channels in widths:
+            raise UserError(f"--channels {text!r} is given twice; each set of widths may appear once")
+        widths.append(channels)
+    return widths
+
+
+@cli_errors
 def main(argv=None) -> None:
     import numpy as np
     import torch
@@ -38,8 +69,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--output_dir", default=None)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
     base = ShapesModelConfig()
+    check_args(args, base)
+    torch.set_num_threads(1)
     _, images = scene_images(base.num_scenes, base.seed, base.resolution)
     images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     train, test = images[:-256], images[-256:].float() / 127.5 - 1

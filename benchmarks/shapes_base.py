@@ -18,11 +18,16 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
+
 COLUMNS = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "composition_acc", "retain_acc",
            "retain_heldout_acc", "retain_fd")
 
 
+@cli_errors
 def main(argv=None) -> dict:
+    from benchmarks.inputs import check_counts, check_number, check_output_dir, name_list
+    from erase.utils.checks import OPTION_RANGES
     from erase.utils.files import atomic_write_json, atomic_write_text
     from erase.utils.launch import setup_logging
     from eval.shapes.judges import load_judges
@@ -39,6 +44,18 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=SCORE_DEFAULTS["steps"])
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
+    try:  # every check before the model is trained or an audit runs
+        concepts = parse_concepts(args.concepts, "--concepts")
+    except ValueError as e:
+        raise UserError(str(e) if str(e).startswith("--concepts") else f"--concepts {args.concepts!r}: {e}") from None
+    guidances = name_list("--guidance", args.guidance, what="guidance scale")
+    guidances = [check_number("--guidance", g, OPTION_RANGES["guidance"]) for g in guidances]
+    if len(set(guidances)) != len(guidances):
+        raise UserError(f"--guidance {args.guidance!r} names a scale twice; each may appear once")
+    check_counts(args, num_images=1, steps=1)
+    if args.model is not None and not Path(args.model).is_dir():
+        raise UserError(f"--model {args.model!r} is not a folder (give a shapes model folder, or leave it out for the default)")
+    check_output_dir("--output_dir", args.output_dir)
     setup_logging()
     model = Path(args.model) if args.model else train_shapes_model(ShapesModelConfig(), default_model_dir())
     card = read_model_card(model)
@@ -48,8 +65,8 @@ def main(argv=None) -> dict:
               "training": {k: card[k] for k in ("train_seconds", "train_cpu_seconds", "train_user_cpu_seconds",
                                                 "render_seconds", "torch_threads", "vae_reconstruction_mse", "final_unet_loss")},
               "judges": judges.describe(), "audits": {}}
-    for g in [float(x) for x in args.guidance.split(",")]:
-        for c in parse_concepts(args.concepts):
+    for g in guidances:
+        for c in concepts:
             ns = SimpleNamespace(model=str(model), concepts=[c], num_images=args.num_images, seeds=[0], steps=args.steps,
                                  guidance=g, scheduler=None, batch_size=SCORE_DEFAULTS["batch_size"],
                                  output_dir=str(out / f"g{g:g}" / c))

@@ -24,6 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.inputs import check_json_output, has_keys, write_json  # noqa: E402
+from erase.utils.checks import check_int  # noqa: E402
+from erase.utils.errors import UserError, cli_errors  # noqa: E402
+
 
 def audits(folder: Path) -> list[tuple[str, list[str], int, dict]]:
     """(concept, concepts, images per group, {row: score folder}) for a bench folder (``results.json``, ``scores/``)
@@ -85,6 +89,7 @@ def intervals(feats: dict, ref: np.ndarray, point: dict, n: int, seed: int) -> d
     return out
 
 
+@cli_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("folders", nargs="+", help="eval.shapes bench output folders (results.json, scores/)")
@@ -94,6 +99,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.bootstrap < 2:
         p.error(f"--bootstrap must be >= 2 (a spread needs two resamples), got {a.bootstrap}")
+    check_int("--seed", a.seed)
+    for folder in a.folders:
+        if not Path(folder).is_dir():
+            raise UserError(f"{folder} is not a folder (give eval.shapes bench output folders)")
+    check_json_output("--json", a.json, has_keys("bootstrap", "concepts"))  # never over a file this tool did not write
     from eval.digits.judge import frechet_distance
     from eval.shapes.judges import load_judges
 
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
                 if name != "base":
                     print(f"| {concept} | {name} | {r['ratio']:.2f} | {r['sd']:.2f} |", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        write_json(a.json, report)
     return 0
 
 

@@ -28,6 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.shapes_tune import DROPS  # noqa: E402  (the tuning rule's kept-concept columns)
+from benchmarks.inputs import check_json_output  # noqa: E402
 from erase.utils.errors import cli_errors, UserError  # noqa: E402
 from erase.utils.files import atomic_write_json  # noqa: E402
 
@@ -90,8 +91,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--method", default="scissorhands", help="the method whose place the last column gives")
     p.add_argument("--json", default=None, help="also write the rankings here")
     a = p.parse_args(argv)
-    if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
-        raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
+    check_json_output("--json", a.json, _ours)  # never over a file this tool did not write
     ranks = []
     for f, results in merged(a.results).values():  # files this tool did not write: anything in them may be wrong
         try:
@@ -138,12 +138,8 @@ def merged(files: list[str]) -> dict[str, tuple[str, dict]]:
     return out
 
 
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is a rankings file this tool wrote (the only kind ``--json`` replaces)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
+def _ours(old) -> bool:
+    """Whether an existing ``--json`` file's JSON is a rankings file this tool wrote (the only kind it replaces)."""
     return isinstance(old, dict) and {"bar", "drops", "rankings", "files"} <= old.keys()
 
 

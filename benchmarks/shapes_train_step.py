@@ -19,7 +19,6 @@ random weights never show). Run it on a quiet machine:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.inputs import check_counts, check_json_output, int_list, name_list  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 
@@ -230,22 +230,21 @@ def main(argv=None) -> int:
     p.add_argument("--trained", default=None, help="instead: time loss + backward of this trained shapes model on its "
                    "own scenes, denormals kept and flushed (two rounds each)")
     a = p.parse_args(argv)
-    if a.json and Path(a.json).exists() and not _ours(Path(a.json)):
-        raise UserError(f"--json {a.json} exists and was not written by this tool; give a new file")
+    threads_list = int_list("--threads", a.threads, lo=1, hi=1024)  # every value checked before the first step
+    precisions = name_list("--precisions", a.precisions, ("fp32", "bf16"), what="precision")
+    denoisers = name_list("--denoisers", a.denoisers, ("unet", "sd3"), what="denoiser")
+    check_counts(a, steps=1)
+    check_json_output("--json", a.json, _ours)  # never over a file this tool did not write
     rows = []
     if a.trained:
-        for threads in [int(t) for t in a.threads.split(",")]:
+        for threads in threads_list:
             r = trained_seconds(a.trained, threads, a.steps)
             rows.append(r)
             print(f"{r['denoiser']} model {r['model']}, threads {threads}: loss + backward {' / '.join(f'{v:.3f}' for v in r['kept_s'])} s "
                   f"with denormals, {' / '.join(f'{v:.3f}' for v in r['flushed_s'])} s flushed", flush=True)
-    for denoiser in a.denoisers.split(",") if not a.trained else ():
-        if denoiser not in ("unet", "sd3"):
-            p.error(f"--denoisers {denoiser!r}: choose unet or sd3")
-        for threads in [int(t) for t in a.threads.split(",")]:
-            for precision in a.precisions.split(","):
-                if precision not in ("fp32", "bf16"):
-                    p.error(f"--precisions {precision!r}: choose fp32 or bf16")
+    for denoiser in denoisers if not a.trained else ():
+        for threads in threads_list:
+            for precision in precisions:
                 r = step_seconds(threads, precision, a.steps, denoiser)
                 rows.append(r)
                 print(f"{denoiser}, threads {threads} {precision}: denoiser step {r['unet_step_s']:.3f} s, autoencoder step "
@@ -263,13 +262,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _ours(path: Path) -> bool:
-    """Whether ``path`` is a rows file this tool wrote (a list of rows with their thread count; the only kind ``--json``
-    replaces)."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
+def _ours(old) -> bool:
+    """Whether an existing ``--json`` file's JSON is a rows file this tool wrote (a list of rows with their thread
+    count; the only kind ``--json`` replaces)."""
     return isinstance(old, list) and all(isinstance(r, dict) and "threads" in r for r in old)
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.grid import parse_points, run_waves, tuning_parser  # noqa: E402
+from benchmarks.grid import check_tuning_args, parse_points, run_waves, tuning_parser  # noqa: E402
 from erase.utils.errors import cli_errors, UserError  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
@@ -61,10 +61,16 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     try:
         a.concepts = parse_concepts(a.concepts, "--concepts")
-        a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(str(e) if str(e).startswith("--concepts") else f"--concepts {a.concepts!r}: {e}") from None
     a.points = parse_points(a.grid)
+    # every check before the output folder is claimed or a job starts; the points' flags as erase/sd.py reads them (on a
+    # preset concept: the world's concept files are written by the jobs)
+    from eval.shapes.bench import UNTUNED_ARGS
+    from eval.shapes.model import default_model_dir
+
+    model = a.model or (str(default_model_dir()) if default_model_dir().is_dir() else None)
+    check_tuning_args(a, "three", model, UNTUNED_ARGS.get(a.method, []))
     a.margins = {}
     for m in a.margin:
         name, sep, gentler = (x.strip() for x in m.partition("="))
