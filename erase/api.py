@@ -17,12 +17,17 @@ docs/ARCHITECTURE.md). It runs in the current process under the current accelera
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 from erase.utils.errors import UserError
 
+logger = logging.getLogger(__name__)
+
+#: load_erased's default order of formats
+ORDER = ("diffusers", "single_file", "lora", "delta")
 #: Options of erase_concept that name a prompt file (one prompt per line), as the command line's flags do.
 PROMPT_FILE_OPTIONS = ("forget_prompts", "retain_prompts")
 
@@ -111,9 +116,9 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
 
     ``format``: ``diffusers`` (``unet/`` / ``transformer/`` or a full pipeline), ``single_file`` (``from_single_file``
     with the base's configs), ``lora`` (``load_lora_weights`` on the base) or ``delta`` (the base with
-    ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order, once
-    every format its ``erase_config.json`` lists is there (a listed format whose files are missing is a ``ValueError``
-    naming them, never a quiet load of another format; an explicit ``format`` loads that format or fails).
+    ``unet_delta.safetensors`` / ``transformer_delta.safetensors``); default: the first the folder has in that order (a
+    format its ``erase_config.json`` lists but whose files are missing, as in a shared copy of the LoRA alone, is named
+    in a warning with the format loaded instead; an explicit ``format`` loads that format or fails).
     ``base``: the base model's folder or hub id, where the export's record does not lead to it (a shared copy of an
     export made on a local base: its path stays in the maker's ``erase_local.json``, :mod:`erase.export.local`).
     ``kwargs`` go to ``from_pretrained`` / ``from_single_file`` (e.g. ``torch_dtype``, ``local_files_only``). A weight
@@ -143,15 +148,15 @@ def load_erased(path, format: str | None = None, base: str | None = None, **kwar
     parts = {"diffusers": f"{denoiser}/", "single_file": SINGLE_FILE_NAME, "lora": LORA_NAME, "delta": delta}
     present = ", ".join(f for f, ok in has.items() if ok) or "none"
     listed = [f for f in export.get("formats") or [] if f in has]
-    if format is None:  # never a quiet fallback: a format the record lists but the folder lacks is a damaged export
-        lost = [f for f in listed if not has[f]]
-        if lost:
-            raise ValueError(f"{folder} is incomplete: its erase_config.json lists the {lost[0]} export but {parts[lost[0]]} is "
-                             f"missing; copy the folder again or re-export (python -m erase.export {folder} --export_format "
-                             f"{lost[0]}), or load one it has with format= ({present})")
-        format = next((f for f in ("diffusers", "single_file", "lora", "delta") if has[f]), None)
+    if format is None:
+        format = next((f for f in ORDER if has[f]), None)
         if format is None:
             raise ValueError(f"{folder} holds no export ({denoiser}/, {SINGLE_FILE_NAME}, {LORA_NAME} or {delta})")
+        lost = [f for f in listed if not has[f] and ORDER.index(f) < ORDER.index(format)]
+        if lost:  # a shared subset (the LoRA and the record) is fine, but never a quiet change of format
+            logger.warning("%s: its erase_config.json lists the %s export but %s is missing (a copy of part of the "
+                           "folder?); loading its %s export instead (format= chooses; python -m erase.export %s "
+                           "--export_format %s rebuilds it)", folder, lost[0], parts[lost[0]], format, folder, lost[0])
     elif format not in has:
         raise ValueError(f"format {format!r} is not one of diffusers, single_file, lora, delta")
     elif not has[format]:

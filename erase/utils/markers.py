@@ -50,7 +50,7 @@ def written_by(folder: Path) -> str | None:
 def other_command(folder: Path, by: str | None) -> str | None:
     """The other command that wrote ``folder``, where ``by`` may not write into it: its runs would replace that
     command's results (``summary.json``, ``results.json``) with its own. None where ``by`` may."""
-    if by is None:
+    if by in (None, TOOL):  # a claim that names no command: the older rule (any folder of ours)
         return None
     owner = written_by(folder)
     if owner is None and not (folder / MARKER_NAME).is_file() and (folder / "erase_config.json").is_file():
