@@ -32,12 +32,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.grid import check_tuning_args, parse_points, run_waves, tuning_parser  # noqa: E402
-from benchmarks.inputs import name_list  # noqa: E402
+from benchmarks.inputs import digit_list  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
-from erase.utils.errors import UserError, cli_errors  # noqa: E402
+from erase.utils.errors import cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
-from eval.digits.model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
+from eval.digits.model import DIGIT_WORDS, default_model_dir  # noqa: E402
 
 RULE = ("admissible: mean forget <= 2% and mean held-out forget <= 2% on each tuning digit, mean retain FD <= 1.3x base "
         "on each; then highest mean retain acc; within 0.25 points: lowest mean FD ratio, then grid order")
@@ -47,13 +47,7 @@ RULE = ("admissible: mean forget <= 2% and mean held-out forget <= 2% on each tu
 def parse_args(argv=None):
     p = tuning_parser(__doc__, "digits", "seven,one", "0,1,2", "digits")
     a = p.parse_args(argv)
-    names = name_list("--digits", a.digits, what="digit")
-    try:
-        a.digits = [parse_digit(d) for d in names]
-    except ValueError as e:
-        raise UserError(f"--digits {a.digits!r}: {e}") from None
-    if len(set(a.digits)) != len(a.digits):
-        raise UserError(f"--digits {','.join(DIGIT_WORDS[d] for d in a.digits)!r} names a digit twice; each may appear once")
+    a.digits = digit_list("--digits", a.digits)
     a.points = parse_points(a.grid)
     # every check before the output folder is claimed or a job starts: the grid points' flags as erase/sd.py reads them
     from eval.digits.bench import METHOD_ARGS

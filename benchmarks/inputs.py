@@ -62,6 +62,19 @@ def name_list(flag: str, text: str, allowed: Iterable[str] | None = None, what: 
     return items
 
 
+def digit_list(flag: str, text: str) -> list[int]:
+    """``"seven,1"`` -> [7, 1]: digit words or numerals, none empty, none named twice (``seven,7`` included)."""
+    from eval.digits.model import parse_digit
+
+    try:
+        digits = [parse_digit(d) for d in name_list(flag, text, what="digit")]
+    except ValueError as e:
+        raise UserError(f"{flag} {text!r}: {e}") from None
+    if len(set(digits)) != len(digits):
+        raise UserError(f"{flag} {text!r} names a digit twice; each may appear once")
+    return digits
+
+
 def _writable_place(flag: str, path: Path) -> None:
     """``path`` can be created: its nearest existing parent is a folder this user may write into."""
     parent = path.absolute().parent

@@ -41,12 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import check_counts, check_erase_flags, int_list, name_list  # noqa: E402
+from benchmarks.inputs import check_counts, check_erase_flags, digit_list, int_list  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
-from eval.digits.model import DIGIT_WORDS, default_model_dir, parse_digit  # noqa: E402
-from eval.attack.utils.columns import INVERSION_STEPS  # noqa: E402  (issue 17's inversion budget curve, the benches')
+from eval.digits.model import DIGIT_WORDS, default_model_dir  # noqa: E402
+from eval.attack.utils.columns import INVERSION_STEPS, read_attack_options  # noqa: E402  (issue 17's inversion budget curve, the benches')
 from eval.digits.score import BENCH_DEFAULTS, SCORE_DEFAULTS  # noqa: E402
 
 RULE = ("admissible: on each tuning digit (mean over seeds) forget <= 2 %, held-out forget <= 2 %, retain >= base - 1 point, "
@@ -72,13 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", required=True)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     a = p.parse_args(argv)
-    names = name_list("--digits", a.digits, what="digit")
-    try:
-        a.digit_list = [parse_digit(d) for d in names]
-    except ValueError as e:
-        raise UserError(f"--digits {a.digits!r}: {e}") from None
-    if len(set(a.digit_list)) != len(a.digit_list):
-        raise UserError(f"--digits {a.digits!r} names a digit twice; each may appear once")
+    a.digit_list = digit_list("--digits", a.digits)
     a.seed_list = int_list("--seeds", a.seeds)
     check_counts(a, workers=1)
     if a.model is not None and not Path(a.model).is_dir():
@@ -107,13 +101,7 @@ def parse_args(argv=None):
             if pre not in available_methods("diffusion") or not is_closed_form(pre):
                 raise UserError(f"--grid {g!r}: --pre_edit {pre!r} is not a closed-form method (uce, speed)")
         a.points[name.strip()] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:]), "pre_edit": pre}
-    try:
-        options = json.loads(a.attack_options) if a.attack_options else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {a.attack_options!r}") from None
-    if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
-        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
-                        f"got {a.attack_options!r}")
+    options = read_attack_options(a.attack_options)
     inv = options.setdefault("inversion", {}) if "inversion" in a.attacks.split(",") else {}
     inv.setdefault("eval_steps", list(INVERSION_STEPS))
     a.attack_options = json.dumps(options)

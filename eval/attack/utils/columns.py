@@ -41,6 +41,18 @@ GAP_RULE = ("<column>_gap = the run's value - the retrain model of the same seed
             "none; for the base row, the retrain mean): the same budget and the same images of the concept (the base model's)")
 
 
+def read_attack_options(text: str | None) -> dict:
+    """``--attack_options`` (a JSON object of objects, one per attack) as a dict; anything else is one line."""
+    try:
+        extra = json.loads(text) if text else {}
+    except json.JSONDecodeError as e:
+        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {text!r}") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
+        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
+                        f"got {text!r}")
+    return extra
+
+
 def parse_attacks(args, erased: int, unit: str = "concept") -> tuple[list[str], dict]:
     """(attack names, {name: budget}) from --attacks / --relearn / --attack_options; every name and field checked.
     ``erased``: how many concepts the table erases at once (the attacks audit one)."""
@@ -51,13 +63,7 @@ def parse_attacks(args, erased: int, unit: str = "concept") -> tuple[list[str], 
         names.insert(0, "relearn")
     if len(set(names)) != len(names):
         raise UserError(f"--attacks {args.attacks!r} names an attack twice")
-    try:
-        extra = json.loads(args.attack_options) if args.attack_options else {}
-    except json.JSONDecodeError as e:
-        raise UserError(f"--attack_options is not valid JSON ({e.msg}): {args.attack_options!r}") from None
-    if not isinstance(extra, dict) or not all(isinstance(v, dict) for v in extra.values()):
-        raise UserError(f"--attack_options must be a JSON object of objects ({{\"relearn\": {{\"eval_steps\": [0, 10]}}}}), "
-                        f"got {args.attack_options!r}")
+    extra = read_attack_options(args.attack_options)
     unused = sorted(set(extra) - set(names))
     if unused:
         raise UserError(f"--attack_options names {', '.join(unused)}, which --attacks does not run ({', '.join(names) or 'none'})")
