@@ -44,7 +44,7 @@ def parse_args(argv=None):
 
 def check_args(a) -> None:
     """Every check before the folder is made or a model erased: the digit, the counts and each METHOD:STEPS."""
-    from benchmarks.inputs import check_counts, check_output_dir, name_list
+    from benchmarks.inputs import check_counts, check_folder_path, name_list
     from erase.core import available_methods
     from eval.digits.model import DIGIT_WORDS
 
@@ -60,7 +60,7 @@ def check_args(a) -> None:
     names = [f"{m}{s or ''}" for m, _, s in (i.partition(":") for i in name_list("--erasures", a.erasures))]
     if len(set(names)) != len(names):
         raise UserError(f"--erasures {a.erasures!r} names one erasure twice (its folder is METHOD and STEPS)")
-    check_output_dir("--output_dir", a.output_dir)
+    check_folder_path("--output_dir", a.output_dir)
 
 
 def digits_part(args, out: Path) -> dict:

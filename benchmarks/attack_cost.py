@@ -45,7 +45,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.inputs import check_counts, check_json_output, check_number, check_output_dir, has_keys, name_list, write_json  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, check_number, check_folder_path, has_keys, name_list  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 PARTS = ("digits", "sd", "cce")
@@ -71,7 +72,7 @@ def parse_args(argv=None):
         raise UserError(f"--sd_latent {a.sd_latent} is not allowed: give a positive multiple of 8 (the UNet halves it three times)")
     check_number("--gpu_forward_s", a.gpu_forward_s)  # > 0 (these two have no range in OPTION_RANGES)
     check_number("--fwd_bwd_factor", a.fwd_bwd_factor)
-    check_output_dir("--output_dir", a.output_dir)
+    check_folder_path("--output_dir", a.output_dir)
     check_json_output("--output_dir", Path(a.output_dir) / "attack_cost.json", has_keys("machine", "load_average_start"))
     return a
 
@@ -267,10 +268,10 @@ def main(argv=None) -> dict:
             t = time.perf_counter()
             result[name] = fn(args)
             result[name]["wall_s"] = round(time.perf_counter() - t, 1)
-            write_json(out / "attack_cost.json", result)
+            atomic_write_json(out / "attack_cost.json", result)
     result["protocol"] = protocol_cost(args, result.get("sd"))
     result["load_average_end"] = os.getloadavg()
-    write_json(out / "attack_cost.json", result)
+    atomic_write_json(out / "attack_cost.json", result)
     for name in ("digits", "sd"):
         for unit, r in (result.get(name) or {}).items():
             if isinstance(r, dict) and "ratio" in r:

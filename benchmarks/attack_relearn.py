@@ -65,14 +65,15 @@ def check_args(a) -> None:
     (each NAME once: it names the audit folder; each PATH a folder)."""
     import re
 
-    from benchmarks.inputs import check_counts, check_output_dir, int_list, name_list
+    from benchmarks.inputs import check_counts, check_folder_path, name_list
+    from erase.utils.checks import check_int_list
     from eval.digits.model import DIGIT_WORDS
 
     if a.concept not in DIGIT_WORDS:
         raise UserError(f"--concept {a.concept!r} is not a digit word; choose from {', '.join(DIGIT_WORDS)}")
     check_counts(a, num_images=1)
-    int_list("--relearn_seeds", a.relearn_seeds)
-    int_list("--eval_steps", a.eval_steps, lo=0, hi=10**6)
+    check_int_list("--relearn_seeds", a.relearn_seeds)
+    check_int_list("--eval_steps", a.eval_steps, lo=0, hi=10**6)
     if a.split is not None:
         try:
             re.compile(a.split)
@@ -87,7 +88,7 @@ def check_args(a) -> None:
         if (path or name != "base") and not Path(path or name).is_dir():
             raise UserError(f"--models item {item!r}: {path or name} is not a model folder")
         names.append(name)
-    check_output_dir("--output_dir", a.output_dir)
+    check_folder_path("--output_dir", a.output_dir)
 
 
 @cli_errors

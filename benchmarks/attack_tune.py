@@ -44,7 +44,7 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.inputs import check_counts, check_output_dir, name_list  # noqa: E402
+from benchmarks.inputs import check_counts, check_folder_path, name_list  # noqa: E402
 from erase.utils.errors import cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json  # noqa: E402
 
@@ -66,7 +66,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.candidate_list = name_list("--candidates", a.candidates, CANDIDATES, what="candidate")  # before any folder or job
     check_counts(a, restarts=1, blocks=1, prompts=1, jobs=1)
-    check_output_dir("--output_dir", a.output_dir)
+    check_folder_path("--output_dir", a.output_dir)
     return a
 
 

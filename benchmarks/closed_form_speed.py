@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from benchmarks.architectures import FLUX_DEV, SD35_MEDIUM, SDXL_UNET
-from benchmarks.inputs import check_counts, check_json_output, check_output_dir, has_keys, int_list, name_list, write_json
+from benchmarks.inputs import check_counts, check_json_output, check_folder_path, has_keys, name_list
 from benchmarks.sd_step import MID_UNET, SD14_UNET, build_unet, engine_steps
+from erase.utils.checks import check_int_list
+from erase.utils.files import atomic_write_json
 from erase.core.adapter import Adapter
 from erase.core.closed_form import TextFeatures
 from erase.utils.errors import cli_errors
@@ -156,9 +158,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     archs = name_list("--archs", args.archs, ARCHS, what="architecture")
     methods = name_list("--methods", args.methods, closed_form_methods(), what="closed-form method")
-    counts = int_list("--concepts", args.concepts, lo=1, hi=10_000)
+    counts = check_int_list("--concepts", args.concepts, lo=1, hi=10_000)
     check_counts(args, max_concepts_mmdit=1, preserve=1, repeats=1, threads=1)
-    check_output_dir("--tmp", args.tmp)
+    check_folder_path("--tmp", args.tmp)
     check_json_output("--json", args.json, has_keys("rows", "mid_unet_repair_step_s_median"))  # never over a file this tool did not write
     torch.set_num_threads(args.threads)
     import logging
@@ -194,7 +196,7 @@ def main(argv=None):
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
     print(json.dumps(result, indent=1))
     if args.json:
-        write_json(args.json, result)
+        atomic_write_json(args.json, result)
 
 
 if __name__ == "__main__":

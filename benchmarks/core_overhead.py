@@ -30,7 +30,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.inputs import check_counts, check_json_output, has_keys, write_json  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, has_keys  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.errors import cli_errors  # noqa: E402
 
 
@@ -207,7 +208,7 @@ def main(argv=None):
     }
     print(json.dumps(result, indent=1))
     if args.json:
-        write_json(args.json, result)
+        atomic_write_json(args.json, result)
     return result
 
 

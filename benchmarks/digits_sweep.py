@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from erase.utils.folders import hold_output_dir  # noqa: E402
+from erase.utils.folders import check_output_dir, hold_output_dir  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -51,7 +51,8 @@ def check_args(a) -> None:
     import contextlib
     import io
 
-    from benchmarks.inputs import check_counts, check_output_dir, int_list, name_list
+    from benchmarks.inputs import check_counts, name_list
+    from erase.utils.checks import check_int_list
     from erase.core import available_methods
     from eval.digits.__main__ import parse_args as bench_args
     from eval.digits.model import DIGIT_WORDS, parse_digits
@@ -70,8 +71,8 @@ def check_args(a) -> None:
         seen[key] = item
         a.concept_list.append(item.replace("+", ","))
     name_list("--methods", a.methods, available_methods("diffusion"), what="method")
-    int_list("--seeds", a.seeds)
-    check_output_dir("--output_dir", a.output_dir)
+    check_int_list("--seeds", a.seeds)
+    check_output_dir(a.output_dir, overwrite=a.overwrite, by="benchmarks/digits_sweep.py")  # the claim's rules, read-only
     for concept in a.concept_list:
         argv = ["bench", "--concept", concept, "--methods", a.methods, "--seeds", a.seeds, "--output_dir",
                 str(Path(a.output_dir) / concept.replace(",", "+"))] + (["--relearn"] if a.relearn else []) + list(a.extra)

@@ -43,13 +43,14 @@ def check_tuning_args(a, concept: str, model: str | None, fixed: list[str] = ())
     parser and validation, on ``concept``; ``fixed``: the benchmark's own flags before the point's)."""
     from pathlib import Path
 
-    from benchmarks.inputs import check_counts, check_erase_flags, int_list
+    from benchmarks.inputs import check_counts, check_erase_flags
+    from erase.utils.checks import check_int_list
     from erase.core import available_methods
 
     if a.method not in available_methods("diffusion"):
         raise UserError(f"--method {a.method!r} is not an erase/sd.py method; choose from {', '.join(available_methods('diffusion'))}")
     check_counts(a, workers=1)
-    a.seeds = int_list("--seeds", a.seeds)
+    a.seeds = check_int_list("--seeds", a.seeds)
     if a.model is not None and not Path(a.model).is_dir():
         raise UserError(f"--model {a.model!r} is not a folder (give a base model folder, or leave it out for the default)")
     for name, flags in a.points.items():

@@ -4,7 +4,8 @@ the grid points' ``erase/sd.py`` flags. A bad value is one :class:`erase.utils.e
 what is allowed (``cli_errors`` makes it exit 1); nothing is created until every check has passed.
 
 A ``--json`` file is never written over a file the script did not write (``ours`` reads the old file's JSON), and is
-written atomically (:func:`write_json`)."""
+written atomically (``erase.utils.files.atomic_write_json``); integer lists are
+``erase.utils.checks.check_int_list``'s."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import shlex
 from pathlib import Path
 from typing import Callable, Iterable
 
-from erase.utils.checks import SEED_MAX, Range, check_finite, check_int_list
+from erase.utils.checks import Range, check_finite
 from erase.utils.errors import UserError
 
 POSITIVE = Range(0, lo_open=True)
@@ -38,11 +39,6 @@ def check_number(flag: str, value, allowed: Range = POSITIVE) -> float | None:
         except ValueError:
             raise UserError(f"{flag} {value!r} is not a number (allowed: {allowed})") from None
     return check_finite(flag, value, allowed)
-
-
-def int_list(flag: str, text, lo: int = 0, hi: int = SEED_MAX) -> list[int]:
-    """``"0,1,2"`` as distinct integers in [lo, hi] (``erase.utils.checks.check_int_list``)."""
-    return check_int_list(flag, text, lo, hi)
 
 
 def name_list(flag: str, text: str, allowed: Iterable[str] | None = None, what: str = "name") -> list[str]:
@@ -86,8 +82,9 @@ def _writable_place(flag: str, path: Path) -> None:
         raise UserError(f"{flag} {path}: the folder {parent} is not writable; give another path")
 
 
-def check_output_dir(flag: str, path) -> Path:
-    """An output folder that is a folder or can be made (not a file, nor under one)."""
+def check_folder_path(flag: str, path) -> Path:
+    """An output folder that is a folder or can be made (not a file, nor under one), for a script that does not claim
+    it; a script that claims its folder checks it with ``erase.utils.folders.check_output_dir`` (the claim's rules)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{flag} {path} is a file; give a folder")
@@ -113,13 +110,6 @@ def check_json_output(flag: str, path, ours: Callable[[object], bool]) -> Path |
             raise UserError(f"{flag} {path} exists and was not written by this tool; give a new file")
     _writable_place(flag, path)
     return path
-
-
-def write_json(path, obj) -> None:
-    """Write ``obj`` to ``path`` atomically (a temporary name in the same folder, then one rename)."""
-    from erase.utils.files import atomic_write_json
-
-    atomic_write_json(path, obj)
 
 
 def has_keys(*keys: str) -> Callable[[object], bool]:

@@ -36,7 +36,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.architectures import FLOW_VAE, MMDIT  # noqa: E402
-from benchmarks.inputs import check_counts, check_json_output, write_json  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.errors import cli_errors  # noqa: E402
 
 GiB = 2**30
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
         for k, v in r["bytes"].items():
             print(f"  {k:42s} {v / GiB:7.2f} GiB")
     if args.json:
-        write_json(args.json, rows)
+        atomic_write_json(args.json, rows)
     return 0
 
 

@@ -41,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import check_counts, check_erase_flags, digit_list, int_list  # noqa: E402
+from benchmarks.grid import parse_points  # noqa: E402
+from benchmarks.inputs import check_counts, check_erase_flags, digit_list  # noqa: E402
+from erase.utils.checks import check_int_list  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from erase.utils.files import atomic_write_json, atomic_write_text  # noqa: E402
 from erase.utils.folders import hold_output_dir  # noqa: E402
@@ -73,21 +75,19 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir this tool did not create")
     a = p.parse_args(argv)
     a.digit_list = digit_list("--digits", a.digits)
-    a.seed_list = int_list("--seeds", a.seeds)
+    a.seed_list = check_int_list("--seeds", a.seeds)
     check_counts(a, workers=1)
     if a.model is not None and not Path(a.model).is_dir():
         raise UserError(f"--model {a.model!r} is not a folder (give a base digits model folder, or leave it out for the default)")
     a.points = {}
-    for g in a.grid:
-        name, sep, spec = g.partition("=")
+    for name, spec in parse_points(a.grid).items():  # NAME=..., a NAME without '/', none twice
+        g = f"{name}={spec}"
         try:
             words = shlex.split(spec)
         except ValueError as e:
             raise UserError(f"--grid {g!r}: cannot split its flags ({e})") from None
-        if not sep or not name.strip() or not words or "/" in name:
-            raise UserError(f"--grid {g!r} is not NAME=METHOD [FLAGS] (a NAME without '/')")
-        if name.strip() in a.points:
-            raise UserError(f"--grid {g!r}: the point name {name.strip()!r} is given twice; each point needs its own name")
+        if not words:
+            raise UserError(f"--grid {g!r} is not NAME=METHOD [FLAGS]")
         pre = None
         if "--pre_edit" in words:  # this tool's flag: the point erases on top of a closed-form edit (job)
             i = words.index("--pre_edit")
@@ -100,7 +100,7 @@ def parse_args(argv=None):
 
             if pre not in available_methods("diffusion") or not is_closed_form(pre):
                 raise UserError(f"--grid {g!r}: --pre_edit {pre!r} is not a closed-form method (uce, speed)")
-        a.points[name.strip()] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:]), "pre_edit": pre}
+        a.points[name] = {"method": words[0], "flags": " ".join(shlex.quote(w) for w in words[1:]), "pre_edit": pre}
     options = read_attack_options(a.attack_options)
     inv = options.setdefault("inversion", {}) if "inversion" in a.attacks.split(",") else {}
     inv.setdefault("eval_steps", list(INVERSION_STEPS))

@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import check_json_output, has_keys, write_json  # noqa: E402
+from benchmarks.inputs import check_json_output, has_keys  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 from eval.attack.utils.columns import ROBUST_TARGETS  # noqa: E402
 
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
     result = tally(rows, points, a.cost_baseline)
     print(markdown(result))
     if a.json:
-        write_json(a.json, {"results": a.results, "tally": result})
+        atomic_write_json(a.json, {"results": a.results, "tally": result})
     return result
 
 

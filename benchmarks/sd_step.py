@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.inputs import check_counts, check_json_output, has_keys, write_json  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, has_keys  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 # UNet2DConditionModel config of CompVis/stable-diffusion-v1-4 (unet/config.json), written out.
@@ -322,7 +323,7 @@ def main(argv=None):
     result.update(torch=torch.__version__, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), command=" ".join(sys.argv))
     print(json.dumps(result, indent=1))
     if args.json:
-        write_json(args.json, result)
+        atomic_write_json(args.json, result)
 
 
 if __name__ == "__main__":

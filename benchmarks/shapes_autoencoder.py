@@ -25,13 +25,13 @@ from erase.utils.errors import UserError, cli_errors  # noqa: E402
 def check_args(args, base) -> list[tuple]:
     """Every check before the scenes are rendered: counts, --lr, --output_dir, and each --channels as the shapes model
     takes it (positive widths, a downsampling that divides the resolution, each set once); the widths per set."""
-    from benchmarks.inputs import check_counts, check_output_dir
+    from benchmarks.inputs import check_counts, check_folder_path
     from erase.utils.checks import check_numbers
 
     check_counts(args, steps=1, every=1, batch_size=1)
     check_numbers(args)  # --lr: finite and > 0 (erase.utils.checks.OPTION_RANGES)
     if args.output_dir is not None:
-        check_output_dir("--output_dir", args.output_dir)
+        check_folder_path("--output_dir", args.output_dir)
     widths = []
     for text in args.channels:
         try:

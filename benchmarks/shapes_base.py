@@ -26,7 +26,7 @@ COLUMNS = ("forget_acc", "forget_heldout_acc", "neighbour_acc", "cooccur_acc", "
 
 @cli_errors
 def main(argv=None) -> dict:
-    from benchmarks.inputs import check_counts, check_number, check_output_dir, name_list
+    from benchmarks.inputs import check_counts, check_number, check_folder_path, name_list
     from erase.utils.checks import OPTION_RANGES
     from erase.utils.files import atomic_write_json, atomic_write_text
     from erase.utils.launch import setup_logging
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     check_counts(args, num_images=1, steps=1)
     if args.model is not None and not Path(args.model).is_dir():
         raise UserError(f"--model {args.model!r} is not a folder (give a shapes model folder, or leave it out for the default)")
-    check_output_dir("--output_dir", args.output_dir)
+    check_folder_path("--output_dir", args.output_dir)
     setup_logging()
     model = Path(args.model) if args.model else train_shapes_model(ShapesModelConfig(), default_model_dir())
     card = read_model_card(model)

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import check_json_output, has_keys, write_json  # noqa: E402
+from benchmarks.inputs import check_json_output, has_keys  # noqa: E402
+from erase.utils.files import atomic_write_json  # noqa: E402
 from erase.utils.checks import check_int  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
@@ -126,7 +127,7 @@ def main(argv=None) -> int:
                 if name != "base":
                     print(f"| {concept} | {name} | {r['ratio']:.2f} | {r['sd']:.2f} |", flush=True)
     if a.json:
-        write_json(a.json, report)
+        atomic_write_json(a.json, report)
     return 0
 
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.inputs import check_counts, check_json_output, int_list, name_list  # noqa: E402
+from benchmarks.inputs import check_counts, check_json_output, name_list  # noqa: E402
+from erase.utils.checks import check_int_list  # noqa: E402
 from erase.utils.errors import UserError, cli_errors  # noqa: E402
 
 
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     p.add_argument("--trained", default=None, help="instead: time loss + backward of this trained shapes model on its "
                    "own scenes, denormals kept and flushed (two rounds each)")
     a = p.parse_args(argv)
-    threads_list = int_list("--threads", a.threads, lo=1, hi=1024)  # every value checked before the first step
+    threads_list = check_int_list("--threads", a.threads, lo=1, hi=1024)  # every value checked before the first step
     precisions = name_list("--precisions", a.precisions, ("fp32", "bf16"), what="precision")
     denoisers = name_list("--denoisers", a.denoisers, ("unet", "sd3"), what="denoiser")
     check_counts(a, steps=1)

@@ -88,10 +88,11 @@ def test_a_json_file_the_script_did_not_write_is_refused(tmp_path, capsys, monke
 
 
 def test_a_json_file_the_script_wrote_is_replaced_atomically(tmp_path, capsys):
-    from benchmarks.inputs import check_json_output, has_keys, write_json
+    from benchmarks.inputs import check_json_output, has_keys
+    from erase.utils.files import atomic_write_json
 
     out = tmp_path / "plan.json"
-    write_json(out, {"rows": [], "mid_unet_repair_step_s_median": 1.0})
+    atomic_write_json(out, {"rows": [], "mid_unet_repair_step_s_median": 1.0})
     assert check_json_output("--json", str(out), has_keys("rows", "mid_unet_repair_step_s_median")) == out
     assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary left beside it
 
